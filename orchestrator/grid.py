@@ -1,0 +1,153 @@
+"""The data scientist's entry point: connect to a grid, find data, compute on it remotely.
+
+    >>> from orchestrator import Grid
+    >>> grid = Grid.connect("redis://localhost:6379/0", identity="~/.gridq/alice.key")  # doctest: +SKIP
+    >>> births = grid.search("#birth-records", "#february")["hospital"][0]             # doctest: +SKIP
+    >>> births["weight"].mean().get()                                                   # doctest: +SKIP
+    tensor(3.4127)
+
+Everything the grid answers is signed: gateway answers with the gateway's key (read from
+Redis at connect, or pinned with ``gateway_key=``), node answers with the node's key as
+registered at the gateway.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery
+
+from orchestrator.app import make_celery
+from orchestrator.pointer import DataPointer
+from orchestrator.ticket import JobTicket
+from protocol.contract import (
+    GATEWAY,
+    GATEWAY_IDENTITY_KEY,
+    GATEWAY_QUEUE,
+    MAX_CLAIM_CHECK_BYTES,
+    Tasks,
+    node_queue,
+)
+from protocol.envelope import Envelope, MemoryNonceStore, open_envelope, seal_envelope
+from protocol.errors import LimitExceeded, NodeUnavailable, NotFound, error_from_wire
+from protocol.identity import Identity, PublicIdentity
+from protocol.messages import DatasetMeta, GatewayReply, NodeInfo, RunJob, SearchQuery, parse_body
+from protocol.plan import InputRef, TensorSpec
+
+
+class Grid:
+    """A connection to a grid, acting as one identity."""
+
+    def __init__(self, app: Celery, broker: redis.Redis, identity: Identity,
+                 gateway_key: PublicIdentity, timeout: float = 60.0) -> None:
+        self.app = app
+        self.identity = identity
+        self.timeout = timeout
+        self._redis = broker
+        self._gateway = gateway_key
+        self._nonces = MemoryNonceStore()
+        self._node_keys: dict[str, PublicIdentity] = {}
+
+    @classmethod
+    def connect(cls, url: str, identity: str | Path | Identity, *, gateway_key: str | None = None,
+                timeout: float = 60.0) -> Grid:
+        """Connect to the grid whose broker is at ``url``, as the identity in the key file."""
+        me = identity if isinstance(identity, Identity) else \
+            Identity.from_json(Path(identity).expanduser().read_text())
+        client = redis.Redis.from_url(url)
+        if gateway_key is None:
+            posted = client.get(GATEWAY_IDENTITY_KEY)
+            if posted is None:
+                raise NodeUnavailable(f"no gateway has started on {url}: run `gridq gateway start` "
+                                      "(or `gridq up`) first")
+            gateway_key = json.loads(posted)["public_key"]
+        return cls(make_celery(url), client, me, PublicIdentity.parse(GATEWAY, gateway_key), timeout)
+
+    def close(self) -> None:
+        self._redis.close()
+        self.app.close()
+
+    def __enter__(self) -> Grid:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the registry -----------------------------------------------------------------------
+
+    def search(self, *tags: str, words: tuple[str, ...] | list[str] = (), node: str | None = None
+               ) -> dict[str, list[DataPointer]]:
+        """Datasets carrying every tag (``"#february"``) and every word of their description."""
+        reply = self._ask_gateway(Tasks.SEARCH, SearchQuery(tags=list(tags), words=list(words), node=node)
+                                  .model_dump(mode="json"))
+        found: dict[str, list[DataPointer]] = {}
+        for meta in reply.datasets:
+            found.setdefault(meta.node, []).append(self._pointer(meta))
+        return found
+
+    def datasets(self) -> list[DataPointer]:
+        return [p for ptrs in self.search().values() for p in ptrs]
+
+    def nodes(self) -> list[NodeInfo]:
+        return list(self._ask_gateway(Tasks.NODES).nodes)
+
+    def ticket(self, job_id: str) -> JobTicket:
+        """Pick up a job submitted earlier (by this process or another one)."""
+        return JobTicket(self, job_id)
+
+    # --- internals used by pointers and tickets -------------------------------------------
+
+    def _pointer(self, meta: DatasetMeta) -> DataPointer:
+        return DataPointer(self, meta.node, InputRef(kind="dataset", name=meta.name),
+                           TensorSpec(shape=meta.shape, dtype=meta.dtype), meta)
+
+    def _submit(self, node: str, job: RunJob) -> JobTicket:
+        job_id = f"{node}:{uuid.uuid4().hex}"
+        env = seal_envelope(self.identity, recipient=node, kind=job.kind, job_id=job_id,
+                            body=job.model_dump(mode="json"), now=time.time())
+        self.app.send_task(Tasks.RUN_JOB, args=[env.model_dump(mode="json")], queue=node_queue(node),
+                           task_id=job_id)
+        return JobTicket(self, job_id)
+
+    def _ask_gateway(self, task: str, *args: Any) -> GatewayReply:
+        job_id = uuid.uuid4().hex
+        result = self.app.send_task(task, args=list(args), queue=GATEWAY_QUEUE, task_id=job_id)
+        try:
+            raw = result.get(timeout=self.timeout, interval=0.05)
+        except Exception as exc:  # celery's TimeoutError, or a crash reported by the worker
+            raise NodeUnavailable(f"the gateway did not answer in {self.timeout:.0f} s ({exc!r:.200}); "
+                                  "is `gridq gateway start` running?") from None
+        env = open_envelope(raw, recipient="public", keyring={GATEWAY: self._gateway}, nonces=self._nonces,
+                            delivery_id=job_id, now=time.time())
+        body = parse_body(env.body_json())
+        assert isinstance(body, GatewayReply)
+        if body.error is not None:
+            raise error_from_wire(body.error.model_dump())
+        for info in body.nodes:
+            self._node_keys[info.node] = PublicIdentity.parse(info.node, info.public_key)
+        return body
+
+    def _verify_reply(self, raw: Any, node: str, job_id: str) -> Envelope:
+        if node not in self._node_keys:
+            self.nodes()
+        if node not in self._node_keys:
+            raise NotFound(f"node {node!r} is not registered at the gateway")
+        return open_envelope(raw, recipient=self.identity.name, keyring={node: self._node_keys[node]},
+                             nonces=self._nonces, delivery_id=job_id, now=time.time())
+
+    def _claim(self, key: str) -> bytes:
+        """Fetch (and delete) a sealed value left by claim-check."""
+        pipe = self._redis.pipeline()
+        pipe.get(key)
+        pipe.delete(key)
+        data, _ = pipe.execute()
+        if data is None:
+            raise NotFound(f"the released value {key!r} has expired from the broker; run the job again")
+        if len(data) > MAX_CLAIM_CHECK_BYTES:
+            raise LimitExceeded(f"released value of {len(data)} bytes exceeds {MAX_CLAIM_CHECK_BYTES}")
+        return bytes(data)

@@ -1,0 +1,215 @@
+"""Pointers and lazy expressions: the data scientist's handle on data that stays remote.
+
+Every operation on a pointer returns a new :class:`Expression` and sends nothing: a chain
+of operations becomes one plan, one job, one round trip, when you call ``.submit()`` (keep
+the result at the node, get a :class:`~orchestrator.ticket.JobTicket`) or ``.get()``
+(release the value, if the node's policy allows).
+
+    births = grid.search("#birth-records")["hospital"][0]
+    births["weight"].mean().get()          # one job
+    (births[:, 1] / 100).max().submit()    # one job, result kept at the node
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from protocol.messages import DatasetMeta, KeepRelease, RawRelease, RunJob
+from protocol.plan import Const, InputRef, Plan, Ref, Step, TensorSpec, validate
+
+if TYPE_CHECKING:
+    from orchestrator.grid import Grid
+    from orchestrator.ticket import JobTicket
+
+class Expression:
+    """A lazy computation on one node's data; nothing runs until submit() or get()."""
+
+    def __init__(self, grid: Grid, node: str, inputs: Sequence[tuple[InputRef, TensorSpec]],
+                 steps: Sequence[Step] = (), columns: Sequence[str] = ()) -> None:
+        self._grid = grid
+        self.node = node
+        self._inputs = tuple(inputs)
+        self._steps = tuple(steps)
+        self.columns = tuple(columns)
+        specs = validate(self.plan, [spec for _, spec in self._inputs])  # fail early, client side
+        self.spec = specs[-1]
+
+    # --- what it is ------------------------------------------------------------------------
+
+    @property
+    def plan(self) -> Plan:
+        return Plan(inputs=[ref for ref, _ in self._inputs], steps=list(self._steps))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.spec.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.spec.dtype
+
+    def __repr__(self) -> str:
+        return f"<Expression on {self.node}: {self.plan.describe()} shape={self.shape} {self.dtype}>"
+
+    # --- running it -----------------------------------------------------------------------
+
+    def submit(self) -> JobTicket:
+        """Run at the node and keep the result there; returns a ticket at once."""
+        return self._grid._submit(self.node, RunJob(plan=self.plan, release=KeepRelease()))
+
+    def get(self, timeout: float | None = None) -> torch.Tensor:
+        """Run at the node and release the exact value (allowed users only, as policy says)."""
+        return self._grid._submit(self.node, RunJob(plan=self.plan, release=RawRelease())).value(timeout)
+
+    # --- building it ------------------------------------------------------------------------
+
+    def _apply(self, op: str, *others: Any, **params: Any) -> Expression:
+        exprs = [self] + [o for o in others if isinstance(o, Expression)]
+        if any(e.node != self.node for e in exprs):
+            raise ValueError(f"cannot combine data of nodes {sorted({e.node for e in exprs})} in one plan: "
+                             "a plan runs at one node")
+        inputs: list[tuple[InputRef, TensorSpec]] = []
+        for e in exprs:
+            inputs.extend(i for i in e._inputs if i not in inputs)
+        steps: list[Step] = []
+        outs: dict[int, int] = {}
+        for e in exprs:
+            mapping = {i: inputs.index(item) for i, item in enumerate(e._inputs)}
+            for j, step in enumerate(e._steps):
+                mapping[len(e._inputs) + j] = len(inputs) + len(steps)
+                steps.append(_remap(step, mapping))
+            outs[id(e)] = mapping[len(e._inputs) + len(e._steps) - 1]
+        args: list[Ref | Const] = [Ref(ref=outs[id(self)])]
+        for o in others:
+            args.append(Ref(ref=outs[id(o)]) if isinstance(o, Expression) else Const(const=o))
+        steps.append(Step(op=op, args=args, params={k: v for k, v in params.items() if v is not None}))
+        return Expression(self._grid, self.node, inputs, steps)
+
+    def __getitem__(self, index: Any) -> Expression:
+        if isinstance(index, str):  # a column name selects that column of a table
+            if index not in self.columns:
+                raise KeyError(f"no column {index!r}; columns are {list(self.columns)}")
+            index = (slice(None), self.columns.index(index))
+        items = index if isinstance(index, tuple) else (index,)
+        return self._apply("getitem", index=[_index_item(i) for i in items])
+
+    def __add__(self, o: Any) -> Expression: return self._apply("add", o)
+    def __radd__(self, o: Any) -> Expression: return _const_first("add", o, self)
+    def __sub__(self, o: Any) -> Expression: return self._apply("sub", o)
+    def __rsub__(self, o: Any) -> Expression: return _const_first("sub", o, self)
+    def __mul__(self, o: Any) -> Expression: return self._apply("mul", o)
+    def __rmul__(self, o: Any) -> Expression: return _const_first("mul", o, self)
+    def __truediv__(self, o: Any) -> Expression: return self._apply("div", o)
+    def __rtruediv__(self, o: Any) -> Expression: return _const_first("div", o, self)
+    def __pow__(self, o: Any) -> Expression: return self._apply("pow", o)
+    def __matmul__(self, o: Expression) -> Expression: return self._apply("matmul", o)
+    def __neg__(self) -> Expression: return self._apply("neg")
+    def __abs__(self) -> Expression: return self._apply("abs")
+    def __lt__(self, o: Any) -> Expression: return self._apply("lt", o)
+    def __le__(self, o: Any) -> Expression: return self._apply("le", o)
+    def __gt__(self, o: Any) -> Expression: return self._apply("gt", o)
+    def __ge__(self, o: Any) -> Expression: return self._apply("ge", o)
+    # == stays identity, so expressions can be dict keys; use .eq()/.ne() for elementwise tests
+    def eq(self, o: Any) -> Expression: return self._apply("eq", o)
+    def ne(self, o: Any) -> Expression: return self._apply("ne", o)
+
+    def sum(self, dim: int | list[int] | None = None, keepdim: bool = False) -> Expression:
+        return self._apply("sum", dim=dim, keepdim=keepdim)
+
+    def mean(self, dim: int | list[int] | None = None, keepdim: bool = False) -> Expression:
+        return self._apply("mean", dim=dim, keepdim=keepdim)
+
+    def min(self, dim: int | list[int] | None = None, keepdim: bool = False) -> Expression:
+        return self._apply("min", dim=dim, keepdim=keepdim)
+
+    def max(self, dim: int | list[int] | None = None, keepdim: bool = False) -> Expression:
+        return self._apply("max", dim=dim, keepdim=keepdim)
+
+    def std(self, dim: int | list[int] | None = None, keepdim: bool = False, correction: int = 1) -> Expression:
+        return self._apply("std", dim=dim, keepdim=keepdim, correction=correction)
+
+    def var(self, dim: int | list[int] | None = None, keepdim: bool = False, correction: int = 1) -> Expression:
+        return self._apply("var", dim=dim, keepdim=keepdim, correction=correction)
+
+    def count(self, dim: int | list[int] | None = None) -> Expression:
+        """Number of non-zero (true) elements: ``(x > 4).count()`` counts rows above 4."""
+        return self._apply("count", dim=dim)
+
+    def clamp(self, min: float | None = None, max: float | None = None) -> Expression:
+        return self._apply("clamp", min=min, max=max)
+
+    def where(self, a: Any, b: Any) -> Expression:
+        """Elementwise ``a if self else b``."""
+        return self._apply("where", a, b)
+
+    def to(self, dtype: str) -> Expression:
+        return self._apply("cast", dtype=dtype)
+
+    def reshape(self, *shape: int) -> Expression:
+        return self._apply("reshape", shape=list(shape[0] if len(shape) == 1 and isinstance(shape[0], tuple | list)
+                                                  else shape))
+
+    def transpose(self, dim0: int = 0, dim1: int = 1) -> Expression:
+        return self._apply("transpose", dim0=dim0, dim1=dim1)
+
+    @property
+    def T(self) -> Expression:  # noqa: N802 - torch's name
+        return self.transpose(0, 1)
+
+    def abs(self) -> Expression: return self._apply("abs")
+    def exp(self) -> Expression: return self._apply("exp")
+    def log(self) -> Expression: return self._apply("log")
+    def sqrt(self) -> Expression: return self._apply("sqrt")
+
+
+class DataPointer(Expression):
+    """A dataset published on a node, or a result kept at a node: metadata here, values there."""
+
+    def __init__(self, grid: Grid, node: str, ref: InputRef, spec: TensorSpec,
+                 meta: DatasetMeta | None = None) -> None:
+        super().__init__(grid, node, [(ref, spec)], columns=meta.columns if meta else ())
+        self.name = ref.name
+        self.kind = ref.kind
+        self.description = meta.description if meta else ""
+        self.tags = tuple(meta.tags) if meta else ()
+
+    def __repr__(self) -> str:
+        tags = " ".join(self.tags)
+        return f"<DataPointer {self.node}/{self.name} shape={self.shape} {self.dtype}{' ' + tags if tags else ''}>"
+
+
+def cat(exprs: Sequence[Expression], dim: int = 0) -> Expression:
+    return exprs[0]._apply("cat", *exprs[1:], dim=dim)
+
+
+def stack(exprs: Sequence[Expression], dim: int = 0) -> Expression:
+    return exprs[0]._apply("stack", *exprs[1:], dim=dim)
+
+
+def _const_first(op: str, const: Any, expr: Expression) -> Expression:
+    """``2 - x``: the plan's arguments keep their order, the constant comes first."""
+    step = expr._apply(op, const)
+    last = step._steps[-1]
+    swapped = Step(op=last.op, args=[last.args[1], last.args[0]], params=last.params)
+    return Expression(expr._grid, expr.node, step._inputs, step._steps[:-1] + (swapped,))
+
+
+def _remap(step: Step, mapping: dict[int, int]) -> Step:
+    args = [Ref(ref=mapping[a.ref]) if isinstance(a, Ref) else a for a in step.args]
+    return Step(op=step.op, args=args, params=step.params)
+
+
+def _index_item(item: Any) -> Any:
+    if isinstance(item, slice):
+        return {"start": item.start, "stop": item.stop, "step": item.step}
+    if item is Ellipsis:
+        return "..."
+    if item is None:
+        return "newaxis"
+    if isinstance(item, int):
+        return item
+    raise TypeError(f"cannot index a remote tensor with {type(item).__name__}; use ints, slices or column names")
+

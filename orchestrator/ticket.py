@@ -1,0 +1,101 @@
+"""Job tickets: the handle a data scientist holds on a job while it runs at a node.
+
+A ticket comes back at once from ``expr.submit()``. Its ``status`` moves through
+``queued → running → done | failed | denied``; ``wait()`` blocks until the end;
+``result()`` gives a :class:`~orchestrator.pointer.DataPointer` to the result kept at the
+node. ``grid.ticket(ticket.id)`` picks a ticket up again, from any process.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import TYPE_CHECKING
+
+import torch
+from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult
+
+from protocol.codec import decode_tensor
+from protocol.errors import JobFailed, NodeUnavailable, error_from_wire
+from protocol.messages import JobReply, parse_body
+from protocol.plan import InputRef, TensorSpec
+
+if TYPE_CHECKING:
+    from orchestrator.grid import Grid
+    from orchestrator.pointer import DataPointer
+
+_STATES = {"PENDING": "queued", "RECEIVED": "queued", "STARTED": "running", "RETRY": "queued"}
+
+
+class JobTicket:
+    def __init__(self, grid: Grid, job_id: str) -> None:
+        self._grid = grid
+        self.id = job_id
+        self.node = job_id.split(":", 1)[0]
+        self._reply: JobReply | None = None
+
+    def __repr__(self) -> str:
+        return f"<JobTicket {self.id} {self.status}>"
+
+    @property
+    def status(self) -> str:
+        if self._reply is None:
+            async_result = AsyncResult(self.id, app=self._grid.app)
+            if not async_result.ready():
+                return _STATES.get(async_result.state, "queued")
+            self._reply = self._open(async_result)
+        return self._reply.status
+
+    def wait(self, timeout: float | None = None) -> JobTicket:
+        """Block until the job ends; raise its typed error if it failed or was denied."""
+        if self._reply is None:
+            timeout = self._grid.timeout if timeout is None else timeout
+            async_result = AsyncResult(self.id, app=self._grid.app)
+            try:  # the Redis backend wakes us by pub/sub: no polling delay
+                async_result.get(timeout=timeout, propagate=False, interval=0.05)
+            except CeleryTimeout:
+                state = _STATES.get(async_result.state, "queued")
+                hint = ("no worker of this node took it: is the node running?" if state == "queued"
+                        else "it is still running")
+                raise NodeUnavailable(
+                    f"job {self.id} on {self.node!r} is {state} after {timeout:.0f} s; {hint}. "
+                    f"Pick it up later with grid.ticket({self.id!r})", job_id=self.id) from None
+            self._reply = self._open(async_result)
+        if self._reply.error is not None:
+            raise error_from_wire(self._reply.error.model_dump())
+        return self
+
+    def result(self, timeout: float | None = None) -> DataPointer:
+        """A pointer to the result kept at the node."""
+        from orchestrator.pointer import DataPointer
+
+        reply = self.wait(timeout)._reply
+        assert reply is not None
+        if reply.ticket is None:
+            raise JobFailed(f"job {self.id} released a value; it kept no result at the node", job_id=self.id)
+        t = reply.ticket
+        return DataPointer(self._grid, t.node, InputRef(kind="object", name=t.object_id),
+                           TensorSpec(shape=t.shape, dtype=t.dtype))
+
+    def value(self, timeout: float | None = None) -> torch.Tensor:
+        """The released value, opened with the requester's key."""
+        reply = self.wait(timeout)._reply
+        assert reply is not None
+        if reply.value is None:
+            raise JobFailed(f"job {self.id} kept its result at the node; use .result()", job_id=self.id)
+        if reply.value.claim_check is not None:
+            sealed = self._grid._claim(reply.value.claim_check)
+        else:
+            sealed = base64.b64decode(reply.value.sealed or "")
+        return decode_tensor(self._grid.identity.unseal(sealed))
+
+    def _open(self, async_result: AsyncResult) -> JobReply:
+        if async_result.state != "SUCCESS":
+            raise JobFailed(f"the worker of {self.node!r} crashed on job {self.id}: {async_result.result!r}",
+                            job_id=self.id)
+        env = self._grid._verify_reply(async_result.result, self.node, self.id)
+        body = parse_body(env.body_json(), self.id)
+        if not isinstance(body, JobReply):
+            raise JobFailed(f"node {self.node!r} answered job {self.id} with a {body.kind!r}", job_id=self.id)
+        return body
+

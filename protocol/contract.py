@@ -1,0 +1,83 @@
+"""The wire contract between the client, the gateway and the nodes, as plain data.
+
+Both sides build their own Celery app from these names and settings; the client sends
+tasks by name. Nothing here imports Celery.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+GATEWAY = "gateway"
+GATEWAY_QUEUE = "gateway"
+GATEWAY_IDENTITY_KEY = "gridq:gateway:identity"  # Redis key where the gateway posts its public key
+
+
+def node_queue(node_id: str) -> str:
+    return f"node.{node_id}"
+
+
+class Tasks:
+    """Task names: the only way the sides address each other's code."""
+
+    RUN_JOB = "gridq.node.run_job"
+    REGISTER = "gridq.gateway.register"
+    PUBLISH = "gridq.gateway.publish"
+    UNPUBLISH = "gridq.gateway.unpublish"
+    SEARCH = "gridq.gateway.search"
+    NODES = "gridq.gateway.nodes"
+
+
+CLAIM_CHECK_PREFIX = "gridq:blob:"
+CLAIM_CHECK_THRESHOLD = 256 * 1024  # sealed values above this travel by claim-check
+CLAIM_CHECK_TTL_SECONDS = 3600
+MAX_CLAIM_CHECK_BYTES = 1024 * 1024 * 1024
+
+
+def celery_settings(
+    *, time_limit: float = 300.0, visibility_timeout: float | None = None, restore_interval: float = 10.0
+) -> dict[str, Any]:
+    """Celery settings chosen on purpose; every gridq process uses these.
+
+    * ``task_acks_late`` + ``task_reject_on_worker_lost``: a job is acknowledged only once
+      it has finished, so a worker killed mid-job gives it back to the queue instead of
+      losing it. Jobs run twice then, so every job is idempotent by its job id.
+    * ``worker_prefetch_multiplier=1``: a worker holds one job at a time; the default (4)
+      would strand jobs behind a long one and lose more to a crash.
+    * ``visibility_timeout`` longer than the hard time limit: Redis hands an unacknowledged
+      job out again after this long, so a job still running must never reach it.
+    * ``unacked_restore_interval``/``throttle``: how often kombu looks for jobs abandoned by
+      a dead worker (default ~100 s); we look every ``restore_interval`` seconds.
+    * ``task_time_limit``/``task_soft_time_limit``: a runaway plan is stopped, not waited on.
+    * JSON and msgpack only: nothing pickled crosses the broker (kombu refuses the rest).
+    * ``worker_send_task_events``/``task_send_sent_event``: Flower sees every job.
+      Task arguments are envelopes (plans and ids): Flower shows nothing secret.
+    * ``task_track_started``: a ticket can tell ``queued`` from ``running``.
+    """
+    visibility = visibility_timeout if visibility_timeout is not None else max(2 * time_limit, 600.0)
+    if visibility <= time_limit:
+        raise ValueError(f"visibility_timeout {visibility} must exceed the time limit {time_limit}")
+    return {
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": time_limit,
+        "task_soft_time_limit": max(1.0, time_limit - 5.0),
+        "broker_transport_options": {
+            "visibility_timeout": visibility,
+            "unacked_restore_interval": restore_interval,
+            "unacked_restore_throttle": 1,
+        },
+        "result_backend_transport_options": {"visibility_timeout": visibility},
+        "task_serializer": "msgpack",
+        "result_serializer": "json",
+        "accept_content": ["msgpack", "json"],
+        "result_accept_content": ["msgpack", "json"],
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "result_expires": 24 * 3600,
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "enable_utc": True,
+    }

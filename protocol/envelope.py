@@ -1,0 +1,178 @@
+"""Signed envelopes: every job, registration and reply that crosses the broker is one.
+
+An envelope names its protocol version, sender, recipient, kind and job id, carries a
+fresh nonce, an issue time and an expiry, and a body (JSON text, parsed only after the
+signature checks out). The Ed25519 signature covers every other field.
+
+Verification (:func:`open_envelope`) rejects, each with its own error type: an
+incompatible protocol version, an unknown sender, a bad signature, a wrong recipient, an
+expired message and a replayed nonce. A replay is a nonce seen before under *another*
+delivery: a broker redelivering the same message (``acks_late``) is not an attack, and the
+job's idempotency makes the second delivery harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Mapping
+from typing import Annotated, Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from protocol.errors import (
+    BadSignature,
+    IncompatibleProtocol,
+    InvalidRequest,
+    LimitExceeded,
+    MessageExpired,
+    ReplayedNonce,
+    UnknownSender,
+    WrongRecipient,
+)
+from protocol.identity import Identity, PublicIdentity, _b64, _unb64
+
+PROTOCOL_VERSION = "1.0"
+MAX_BODY_CHARS = 2 * 1024 * 1024
+MAX_TTL_SECONDS = 24 * 3600.0
+CLOCK_SKEW_SECONDS = 60.0
+
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
+
+
+class Envelope(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Annotated[str, Field(max_length=16)]
+    sender: Name
+    recipient: Name
+    kind: Annotated[str, Field(max_length=64)]
+    job_id: Annotated[str, Field(min_length=1, max_length=80)]
+    nonce: Annotated[str, Field(min_length=16, max_length=64)]
+    issued_at: float
+    expires_at: float
+    body: Annotated[str, Field(max_length=MAX_BODY_CHARS)]
+    signature: Annotated[str, Field(max_length=128)] = ""
+
+    def signed_bytes(self) -> bytes:
+        fields = self.model_dump(exclude={"signature"})
+        return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+    def body_json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except ValueError as exc:
+            raise InvalidRequest(f"envelope body is not JSON: {exc}", job_id=self.job_id) from None
+
+
+class NonceStore(Protocol):
+    """Remembers nonces until their envelope expires."""
+
+    def remember(self, sender: str, nonce: str, delivery_id: str, expires_at: float) -> bool:
+        """True if the nonce is new, or was seen before under this same delivery id."""
+        ...
+
+
+class MemoryNonceStore:
+    """A process-local nonce store, for clients, tests and single-process workers."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str], tuple[str, float]] = {}
+
+    def remember(self, sender: str, nonce: str, delivery_id: str, expires_at: float) -> bool:
+        seen = self._seen.get((sender, nonce))
+        if seen is not None:
+            return seen[0] == delivery_id
+        self._seen[(sender, nonce)] = (delivery_id, expires_at)
+        return True
+
+    def forget_expired(self, now: float) -> None:
+        self._seen = {k: v for k, v in self._seen.items() if v[1] >= now}
+
+
+def seal_envelope(
+    identity: Identity,
+    *,
+    recipient: str,
+    kind: str,
+    job_id: str,
+    body: Any,
+    now: float,
+    ttl: float = 600.0,
+) -> Envelope:
+    """Build and sign an envelope from ``identity`` to ``recipient``."""
+    text = json.dumps(body, separators=(",", ":"))
+    if len(text) > MAX_BODY_CHARS:
+        raise LimitExceeded(f"message body of {len(text)} characters exceeds {MAX_BODY_CHARS}")
+    unsigned = Envelope(
+        v=PROTOCOL_VERSION,
+        sender=identity.name,
+        recipient=recipient,
+        kind=kind,
+        job_id=job_id,
+        nonce=secrets.token_hex(16),
+        issued_at=now,
+        expires_at=now + min(ttl, MAX_TTL_SECONDS),
+        body=text,
+    )
+    return unsigned.model_copy(update={"signature": _b64(identity.sign(unsigned.signed_bytes()))})
+
+
+def _major(version: str) -> str:
+    return version.split(".", 1)[0]
+
+
+def open_envelope(
+    raw: Any,
+    *,
+    recipient: str,
+    keyring: Mapping[str, PublicIdentity],
+    nonces: NonceStore,
+    delivery_id: str,
+    now: float,
+) -> Envelope:
+    """Verify an envelope as received from the wire and return it, or raise why not."""
+    if isinstance(raw, dict) and "v" in raw and _major(str(raw["v"])) != _major(PROTOCOL_VERSION):
+        raise IncompatibleProtocol(
+            f"message speaks protocol {raw['v']!s:.16}, this side speaks {PROTOCOL_VERSION}",
+            job_id=str(raw.get("job_id", ""))[:80] or None,
+        )
+    try:
+        env = Envelope.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "envelope"
+        raise InvalidRequest(f"malformed envelope: {where}: {first['msg']}") from None
+    sender = keyring.get(env.sender)
+    if sender is None:
+        raise UnknownSender(
+            f"{env.sender!r} is not a known user of {recipient!r}; the owner must add its "
+            "public key to the node config", job_id=env.job_id,
+        )
+    try:
+        signature = _unb64(env.signature)
+    except ValueError:
+        signature = b""
+    try:
+        sender.verify(env.signed_bytes(), signature)
+    except BadSignature as exc:
+        raise BadSignature(exc.message, job_id=env.job_id) from None
+    if env.recipient != recipient:
+        raise WrongRecipient(
+            f"message is addressed to {env.recipient!r}, not {recipient!r}", job_id=env.job_id
+        )
+    if env.expires_at < now or env.expires_at - env.issued_at > MAX_TTL_SECONDS:
+        raise MessageExpired(
+            f"message expired {now - env.expires_at:.1f} s ago; send the job again",
+            job_id=env.job_id,
+        )
+    if env.issued_at > now + CLOCK_SKEW_SECONDS:
+        raise MessageExpired(
+            f"message is issued {env.issued_at - now:.0f} s in the future; check the clocks",
+            job_id=env.job_id,
+        )
+    if not nonces.remember(env.sender, env.nonce, delivery_id, env.expires_at):
+        raise ReplayedNonce(
+            f"nonce {env.nonce[:8]}… of {env.sender!r} was already used", job_id=env.job_id
+        )
+    return env

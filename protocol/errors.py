@@ -1,0 +1,129 @@
+"""The typed error hierarchy of gridq, with stable wire codes.
+
+Every error a user can meet is a :class:`GridError`. Errors cross the broker as data
+(``{"code", "message", "job_id"}``), never as pickled exceptions; the receiving side turns
+the code back into the matching type with :func:`error_from_wire`.
+
+    GridError
+    ├── AuthenticationError            the message could not be trusted
+    │   ├── BadSignature
+    │   ├── UnknownSender
+    │   ├── MessageExpired
+    │   ├── ReplayedNonce
+    │   ├── WrongRecipient
+    │   └── IncompatibleProtocol
+    ├── PermissionDenied               trusted sender, but no door of the release policy opens
+    ├── ApprovalRequired               the owner must approve this job first (ticket parked)
+    ├── BudgetExhausted                the privacy budget does not cover the request
+    ├── InvalidRequest                 malformed or oversized input
+    │   ├── ForbiddenOperation         a plan names something not on the allow-list
+    │   └── LimitExceeded              an element-count, size or length cap
+    ├── NotFound                       no such node, dataset, object or job
+    ├── NodeUnavailable                the node did not answer in time (retryable)
+    └── JobFailed                      the job was valid but failed while running
+
+Retry is a property of the type: only ``retryable`` errors are worth sending again.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class GridError(Exception):
+    """Root of every gridq error. ``code`` is stable on the wire; ``message`` is for people."""
+
+    code: ClassVar[str] = "grid_error"
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.job_id = job_id
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "job_id": self.job_id}
+
+    def __str__(self) -> str:
+        return self.message if self.job_id is None else f"{self.message} (job {self.job_id})"
+
+
+class AuthenticationError(GridError):
+    code = "authentication"
+
+
+class BadSignature(AuthenticationError):
+    code = "bad_signature"
+
+
+class UnknownSender(AuthenticationError):
+    code = "unknown_sender"
+
+
+class MessageExpired(AuthenticationError):
+    code = "expired"
+
+
+class ReplayedNonce(AuthenticationError):
+    code = "replayed_nonce"
+
+
+class WrongRecipient(AuthenticationError):
+    code = "wrong_recipient"
+
+
+class IncompatibleProtocol(AuthenticationError):
+    code = "incompatible_protocol"
+
+
+class PermissionDenied(GridError):
+    code = "permission_denied"
+
+
+class ApprovalRequired(GridError):
+    code = "approval_required"
+
+
+class BudgetExhausted(GridError):
+    code = "budget_exhausted"
+
+
+class InvalidRequest(GridError):
+    code = "invalid_request"
+
+
+class ForbiddenOperation(InvalidRequest):
+    code = "forbidden_operation"
+
+
+class LimitExceeded(InvalidRequest):
+    code = "limit_exceeded"
+
+
+class NotFound(GridError):
+    code = "not_found"
+
+
+class NodeUnavailable(GridError):
+    code = "node_unavailable"
+    retryable = True
+
+
+class JobFailed(GridError):
+    code = "job_failed"
+
+
+def _all_subclasses(cls: type[GridError]) -> list[type[GridError]]:
+    out: list[type[GridError]] = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+ERRORS_BY_CODE: dict[str, type[GridError]] = {c.code: c for c in _all_subclasses(GridError)}
+
+
+def error_from_wire(data: dict[str, Any]) -> GridError:
+    """Rebuild the typed error from its wire form; an unknown code becomes a plain GridError."""
+    cls = ERRORS_BY_CODE.get(str(data.get("code")), GridError)
+    return cls(str(data.get("message", "")), job_id=data.get("job_id"))

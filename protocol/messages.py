@@ -1,0 +1,155 @@
+"""Message bodies: a pydantic v2 discriminated union on ``kind``, every growable field capped.
+
+The envelope (:mod:`protocol.envelope`) carries one of these as its body. Bodies are
+parsed with :func:`parse_body` only after the envelope is verified.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from protocol.errors import InvalidRequest
+from protocol.plan import Plan
+
+Text = Annotated[str, Field(max_length=4096)]
+Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-#]+$")]
+Tag = Annotated[str, Field(min_length=2, max_length=64, pattern=r"^#[A-Za-z0-9_.\-]+$")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class DatasetMeta(_Model):
+    """What the grid may know about a dataset: never its values."""
+
+    node: Name
+    name: Name
+    shape: Annotated[tuple[int, ...], Field(max_length=8)]
+    dtype: Annotated[str, Field(max_length=16)]
+    columns: Annotated[list[Annotated[str, Field(max_length=128)]], Field(max_length=4096)] = []
+    description: Text = ""
+    tags: Annotated[list[Tag], Field(max_length=32)] = []
+
+
+class PointerTicket(_Model):
+    """A reference to a result kept at its node: the value stays there."""
+
+    node: Name
+    object_id: Annotated[str, Field(max_length=80)]
+    job_id: Annotated[str, Field(max_length=80)]
+    shape: Annotated[tuple[int, ...], Field(max_length=8)]
+    dtype: Annotated[str, Field(max_length=16)]
+    sources: Annotated[list[Name], Field(max_length=16)]
+
+
+# --- releases: which door of the release policy a job asks to leave by ----------------
+
+class KeepRelease(_Model):
+    """Release nothing: keep the result at the node and answer with a pointer ticket."""
+
+    door: Literal["keep"] = "keep"
+
+
+class RawRelease(_Model):
+    """Release the exact value, sealed to the requester (allowed users, approved jobs)."""
+
+    door: Literal["raw"] = "raw"
+
+
+Release = Annotated[KeepRelease | RawRelease, Field(discriminator="door")]
+
+
+# --- bodies -----------------------------------------------------------------------------
+
+class RunJob(_Model):
+    """Data scientist → node: run this plan on local data."""
+
+    kind: Literal["run"] = "run"
+    plan: Plan
+    release: Release = KeepRelease()
+
+
+class SealedValue(_Model):
+    """A released tensor, sealed to the requester: inline, or by claim-check key in Redis."""
+
+    sealed: Annotated[str, Field(max_length=512 * 1024)] | None = None
+    claim_check: Annotated[str, Field(max_length=128)] | None = None
+    size: int = 0
+
+
+class WireError(_Model):
+    code: Annotated[str, Field(max_length=64)]
+    message: Text
+    job_id: Annotated[str, Field(max_length=80)] | None = None
+
+
+class JobReply(_Model):
+    """Node → data scientist: how the job ended."""
+
+    kind: Literal["job_reply"] = "job_reply"
+    status: Literal["done", "failed", "denied"]
+    ticket: PointerTicket | None = None
+    value: SealedValue | None = None
+    error: WireError | None = None
+
+
+class RegisterNode(_Model):
+    """Node → gateway: here I am, with my public key and my datasets' metadata."""
+
+    kind: Literal["register"] = "register"
+    public_key: Annotated[str, Field(max_length=256)]
+    datasets: Annotated[list[DatasetMeta], Field(max_length=1024)] = []
+
+
+class PublishDataset(_Model):
+    kind: Literal["publish"] = "publish"
+    dataset: DatasetMeta
+
+
+class UnpublishDataset(_Model):
+    kind: Literal["unpublish"] = "unpublish"
+    name: Name
+
+
+class NodeInfo(_Model):
+    node: Name
+    public_key: Annotated[str, Field(max_length=256)]
+    queue: Annotated[str, Field(max_length=160)]
+    last_seen: float
+
+
+class GatewayReply(_Model):
+    """Gateway → anyone: the answer to a registration, a search or a listing."""
+
+    kind: Literal["gateway_reply"] = "gateway_reply"
+    datasets: Annotated[list[DatasetMeta], Field(max_length=100_000)] = []
+    nodes: Annotated[list[NodeInfo], Field(max_length=10_000)] = []
+    error: WireError | None = None
+
+
+Body = Annotated[
+    RunJob | JobReply | RegisterNode | PublishDataset | UnpublishDataset | GatewayReply,
+    Field(discriminator="kind"),
+]
+_BODY = TypeAdapter(Body)
+
+
+class SearchQuery(_Model):
+    """Anyone → gateway: find datasets carrying all ``tags`` and all ``words``."""
+
+    tags: Annotated[list[Tag], Field(max_length=16)] = []
+    words: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=16)] = []
+    node: Name | None = None
+
+
+def parse_body(data: object, job_id: str | None = None) -> Body:
+    """Parse a verified envelope's body into its message type, or raise InvalidRequest."""
+    try:
+        return _BODY.validate_python(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidRequest(f"malformed message: {where}: {first['msg']}", job_id=job_id) from None

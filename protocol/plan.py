@@ -1,0 +1,139 @@
+"""Plans: the op graph that lazy pointer operations build, and its validator/interpreter.
+
+A plan names its inputs (datasets or stored objects at one node), then a list of steps.
+Values are numbered: inputs first, then one value per step. A step's positional
+arguments are references to earlier values or finite constants; its keyword parameters
+are checked against the operation's schema in :mod:`protocol.ops`.
+
+:func:`validate` runs the whole plan on ``meta`` tensors (no data, no memory) before
+anything runs, so every op is on the allow-list, every argument has the right type,
+every shape is inferred and no value exceeds the element cap. :func:`evaluate` then runs
+the same steps on real tensors.
+
+    >>> plan = Plan(inputs=[InputRef(kind="dataset", name="births")],
+    ...             steps=[Step(op="getitem", args=[Ref(ref=0)],
+    ...                         params={"index": [{"start": None}, 0]}),
+    ...                    Step(op="mean", args=[Ref(ref=1)])])
+    >>> validate(plan, [TensorSpec(shape=(31, 2), dtype="float32")])[-1]
+    TensorSpec(shape=(), dtype='float32')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from protocol.codec import MAX_ELEMENTS, check_size, dtype_name, parse_dtype
+from protocol.errors import ForbiddenOperation, InvalidRequest
+from protocol.ops import REGISTRY, Value
+
+MAX_STEPS = 256
+MAX_INPUTS = 16
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class Ref(_Model):
+    ref: Annotated[int, Field(ge=0)]
+
+
+class Const(_Model):
+    const: float | int | bool
+
+
+Arg = Ref | Const
+
+
+class InputRef(_Model):
+    kind: Literal["dataset", "object"]
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class Step(_Model):
+    op: Annotated[str, Field(min_length=1, max_length=128)]
+    args: Annotated[list[Arg], Field(max_length=16)] = []
+    params: Annotated[dict[str, Any], Field(max_length=16)] = {}
+
+
+class Plan(_Model):
+    inputs: Annotated[list[InputRef], Field(min_length=1, max_length=MAX_INPUTS)]
+    steps: Annotated[list[Step], Field(max_length=MAX_STEPS)] = []
+
+    def describe(self) -> str:
+        """The plan as readable operations, e.g. for an owner judging a request."""
+        names = [f"{i.kind}:{i.name}" for i in self.inputs]
+        for step in self.steps:
+            args = [names[a.ref] if isinstance(a, Ref) and a.ref < len(names) else
+                    repr(getattr(a, "const", "?")) for a in step.args]
+            params = ", ".join(f"{k}={v!r}" for k, v in step.params.items())
+            names.append(f"{step.op}({', '.join(args + ([params] if params else []))})")
+        return names[-1]
+
+
+class TensorSpec(_Model):
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def _run(plan: Plan, inputs: Sequence[torch.Tensor], limit: int) -> list[Value]:
+    values: list[Value] = list(inputs)
+    for number, step in enumerate(plan.steps):
+        spec = REGISTRY.get(step.op)
+        if spec is None:
+            raise ForbiddenOperation(
+                f"operation {step.op!r} is not on the allow-list of plan operations; "
+                f"allowed: {', '.join(sorted(REGISTRY))}"
+            )
+        where = f"step {number} ({step.op})"
+        low, high = spec.arity
+        if not low <= len(step.args) <= high:
+            raise InvalidRequest(f"{where} takes {low}..{high} arguments, got {len(step.args)}")
+        args: list[Value] = []
+        for arg in step.args:
+            if isinstance(arg, Ref):
+                if arg.ref >= len(values):
+                    raise InvalidRequest(f"{where} refers to value {arg.ref}, which is not defined yet")
+                args.append(values[arg.ref])
+            else:
+                args.append(arg.const)
+        if not any(isinstance(a, torch.Tensor) for a in args) or (
+            spec.tensors_only and not all(isinstance(a, torch.Tensor) for a in args)
+        ):
+            raise InvalidRequest(f"{where} needs tensor arguments, not only constants")
+        try:
+            params = spec.params.model_validate(step.params)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            raise InvalidRequest(f"{where}: parameter {field}: {first['msg']}") from None
+        try:
+            out = spec.fn(args, params)
+        except (RuntimeError, IndexError, ValueError, TypeError) as exc:
+            raise InvalidRequest(f"{where} cannot run on these inputs: {exc}") from None
+        if not isinstance(out, torch.Tensor):
+            raise InvalidRequest(f"{where} did not produce a tensor")
+        check_size(out.shape, limit)
+        dtype_name(out.dtype)
+        values.append(out)
+    return values
+
+
+def validate(plan: Plan, inputs: Sequence[TensorSpec], limit: int = MAX_ELEMENTS) -> list[TensorSpec]:
+    """Check the plan without running it on data; return the spec of every value."""
+    if len(inputs) != len(plan.inputs):
+        raise InvalidRequest(f"plan has {len(plan.inputs)} inputs, {len(inputs)} were given")
+    metas = [torch.empty(s.shape, dtype=parse_dtype(s.dtype), device="meta") for s in inputs]
+    values = _run(plan, metas, limit)
+    return [TensorSpec(shape=tuple(v.shape), dtype=dtype_name(v.dtype)) for v in values]  # type: ignore[union-attr]
+
+
+def evaluate(plan: Plan, inputs: Sequence[torch.Tensor], limit: int = MAX_ELEMENTS) -> torch.Tensor:
+    """Run a plan on real tensors (validate first: this is the same walk, for real)."""
+    out = _run(plan, inputs, limit)[-1]
+    assert isinstance(out, torch.Tensor)
+    return out

@@ -1,0 +1,158 @@
+"""A node's configuration, read from its TOML file.
+
+String values may name environment variables (``${GRIDQ_HOME}``); relative paths are
+taken relative to the config file. See ``ops/nodes/hospital.toml`` for an example::
+
+    [node]
+    id = "hospital"
+    broker = "redis://localhost:6379/0"
+    store = "./data/hospital"            # object store + node database live here
+    identity = "./keys/hospital.key"
+
+    [users.alice]
+    public_key = "gridq1:…"              # or public_key_file = "./keys/alice.pub"
+
+    [[datasets]]
+    name = "birth-records-feb"
+    path = "./private/births_feb.csv"
+    tags = ["#february", "#birth-records"]
+    allowed_users = ["alice", "bob", "ana"]
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from protocol.errors import InvalidRequest
+from protocol.identity import Identity, PublicIdentity
+
+NAME = r"^[A-Za-z0-9_.\-]+$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NodeSection(_Section):
+    id: Annotated[str, Field(pattern=NAME, max_length=64)]
+    broker: str = "redis://127.0.0.1:6379/0"
+    store: Path
+    identity: Path
+    database: str | None = None  # any SQLAlchemy URL; default: SQLite inside the store
+
+
+class UserSection(_Section):
+    public_key: str | None = None
+    public_key_file: Path | None = None
+    role: str = "scientist"
+
+    @model_validator(mode="after")
+    def _one_key(self) -> UserSection:
+        if (self.public_key is None) == (self.public_key_file is None):
+            raise ValueError("give exactly one of public_key or public_key_file")
+        return self
+
+
+class DatasetSection(_Section):
+    name: Annotated[str, Field(pattern=NAME, max_length=128)]
+    path: Path
+    description: str = ""
+    tags: list[str] = []
+    allowed_users: list[str] = []
+    columns: list[str] | None = None
+
+
+class WorkerSection(_Section):
+    concurrency: Annotated[int, Field(ge=1, le=64)] = 1
+    time_limit: Annotated[float, Field(gt=0)] = 300.0
+    visibility_timeout: float | None = None
+    restore_interval: Annotated[float, Field(gt=0)] = 10.0
+
+
+class NodeConfig(_Section):
+    node: NodeSection
+    users: dict[str, UserSection] = {}
+    datasets: list[DatasetSection] = []
+    worker: WorkerSection = WorkerSection()
+
+    @property
+    def id(self) -> str:
+        return self.node.id
+
+    @property
+    def database_url(self) -> str:
+        return self.node.database or f"sqlite:///{self.node.store / 'node.db'}"
+
+    def identity(self) -> Identity:
+        return Identity.from_json(self.node.identity.read_text())
+
+    def keyring(self) -> dict[str, PublicIdentity]:
+        """The users this node knows, by name."""
+        ring = {}
+        for name, user in self.users.items():
+            text = user.public_key
+            if text is None:
+                assert user.public_key_file is not None
+                text = _public_text(user.public_key_file.read_text())
+            ring[name] = PublicIdentity.parse(name, text.strip())
+        return ring
+
+
+def _public_text(file_text: str) -> str:
+    """A public key file holds the key itself; a secret key file also carries it."""
+    stripped = file_text.strip()
+    if stripped.startswith("{"):
+        return Identity.from_json(stripped).public.text()
+    return stripped
+
+
+def _expand(value: Any) -> Any:
+    if isinstance(value, str):
+        expanded = os.path.expandvars(os.path.expanduser(value))
+        missing = re.search(r"\$\{?(\w+)", expanded)
+        if missing:
+            raise InvalidRequest(f"the config uses ${{{missing.group(1)}}}, which is not set in the environment")
+        return expanded
+    if isinstance(value, list):
+        return [_expand(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand(v) for k, v in value.items()}
+    return value
+
+
+def _anchor(config: NodeConfig, base: Path) -> NodeConfig:
+    def at(p: Path) -> Path:
+        return p if p.is_absolute() else (base / p).resolve()
+
+    config.node.store = at(config.node.store)
+    config.node.identity = at(config.node.identity)
+    for user in config.users.values():
+        if user.public_key_file is not None:
+            user.public_key_file = at(user.public_key_file)
+    for ds in config.datasets:
+        ds.path = at(ds.path)
+    return config
+
+
+def load_config(path: str | Path) -> NodeConfig:
+    """Read a node config; errors name the file and the offending field."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise InvalidRequest(f"node config {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidRequest(f"node config {path} is not valid TOML: {exc}") from None
+    try:
+        config = NodeConfig.model_validate(_expand(raw))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InvalidRequest(f"node config {path}: {where}: {first['msg']}") from None
+    return _anchor(config, path.parent.resolve())

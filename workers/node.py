@@ -1,0 +1,150 @@
+"""The data owner's node: its datasets, its store, and its link to the gateway.
+
+    >>> node = Node.from_config("hospital.toml")                       # doctest: +SKIP
+    >>> node.publish("births-mar", table, columns=["weight", "height"],
+    ...              tags=["#march", "#birth-records"], allowed_users=["alice"])
+    >>> [d.name for d in node.datasets()]
+    ['birth-records-feb', 'births-mar']
+
+Only metadata (name, shape, dtype, columns, description, tags) ever leaves the node.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+import torch
+from celery import Celery
+
+from protocol.codec import dtype_name
+from protocol.contract import (
+    CLAIM_CHECK_PREFIX,
+    CLAIM_CHECK_TTL_SECONDS,
+    GATEWAY,
+    GATEWAY_QUEUE,
+    Tasks,
+    celery_settings,
+    node_queue,
+)
+from protocol.envelope import seal_envelope
+from protocol.errors import InvalidRequest
+from protocol.messages import DatasetMeta, PublishDataset, RegisterNode, UnpublishDataset
+from workers.config import NodeConfig, load_config
+from workers.datasets import load_table
+from workers.jobs import JobRunner
+from workers.store import Store
+
+
+def make_celery(config: NodeConfig) -> Celery:
+    """The node's Celery app: the shared settings, its own queue as default."""
+    app = Celery(f"gridq-node-{config.id}", broker=config.node.broker, backend=config.node.broker,
+                 set_as_current=False)
+    w = config.worker
+    app.conf.update(celery_settings(time_limit=w.time_limit, visibility_timeout=w.visibility_timeout,
+                                    restore_interval=w.restore_interval))
+    app.conf.task_default_queue = node_queue(config.id)
+    return app
+
+
+class Node:
+    """A data owner's node, for use from Python (the worker uses the same object)."""
+
+    def __init__(self, config: NodeConfig, app: Celery | None = None) -> None:
+        self.config = config
+        self.id = config.id
+        self.identity = config.identity()
+        self.store = Store(config.node.store, config.database_url)
+        self._app = app
+        self._redis: redis.Redis | None = None
+
+    @classmethod
+    def from_config(cls, path: str | Path) -> Node:
+        return cls(load_config(path))
+
+    @property
+    def app(self) -> Celery:
+        if self._app is None:
+            self._app = make_celery(self.config)
+        return self._app
+
+    def close(self) -> None:
+        self.store.close()
+        if self._redis is not None:
+            self._redis.close()
+
+    # --- the owner's API -----------------------------------------------------------------
+
+    def publish(self, name: str, data: torch.Tensor | np.ndarray | str | Path, *, description: str = "",
+                tags: list[str] | tuple[str, ...] = (), allowed_users: list[str] | tuple[str, ...] = (),
+                columns: list[str] | None = None, notify: bool = True) -> DatasetMeta:
+        """Publish a dataset: the values stay here, the metadata goes to the gateway."""
+        if isinstance(data, str | Path):
+            tensor, file_columns = load_table(Path(data))
+            columns = columns or file_columns
+        else:
+            tensor = torch.as_tensor(data)
+        if columns and (tensor.ndim != 2 or tensor.shape[1] != len(columns)):
+            raise InvalidRequest(f"{len(columns)} column names given for data of shape {tuple(tensor.shape)}")
+        meta = DatasetMeta(node=self.id, name=name, shape=tuple(tensor.shape), dtype=dtype_name(tensor.dtype),
+                           columns=list(columns or []), description=description, tags=list(tags))
+        self.store.put_dataset(meta, tensor, list(allowed_users))
+        if notify:
+            self._tell_gateway(PublishDataset(dataset=meta))
+        return meta
+
+    def datasets(self) -> list[DatasetMeta]:
+        return [DatasetMeta.model_validate(row.meta) for row in self.store.dataset_rows()]
+
+    def unpublish(self, name: str) -> None:
+        self.store.remove_dataset(name)
+        self._tell_gateway(UnpublishDataset(name=name))
+
+    def load_config_datasets(self) -> list[DatasetMeta]:
+        """(Re)load the datasets the config names from their files, without telling anyone."""
+        return [self.publish(ds.name, ds.path, description=ds.description, tags=ds.tags,
+                             allowed_users=ds.allowed_users, columns=ds.columns, notify=False)
+                for ds in self.config.datasets]
+
+    def register(self) -> None:
+        """Announce this node, its public key and its datasets' metadata to the gateway."""
+        self._tell_gateway(RegisterNode(public_key=self.identity.public.text(), datasets=self.datasets()))
+
+    # --- the worker's side -----------------------------------------------------------------
+
+    def runner(self) -> JobRunner:
+        return JobRunner(self.id, self.identity, self.config.keyring(), self.store, self._claim_check)
+
+    def _claim_check(self, sealed: bytes) -> str:
+        """Keep sealed bytes in Redis under a random key with a TTL; return the key."""
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(self.config.node.broker)
+        key = CLAIM_CHECK_PREFIX + secrets.token_urlsafe(24)
+        self._redis.set(key, sealed, ex=CLAIM_CHECK_TTL_SECONDS)
+        return key
+
+    def _tell_gateway(self, body: RegisterNode | PublishDataset | UnpublishDataset) -> None:
+        # Fire and forget: the message waits in the gateway's queue if the gateway is down.
+        job_id = uuid.uuid4().hex
+        env = seal_envelope(self.identity, recipient=GATEWAY, kind=body.kind, job_id=job_id,
+                            body=body.model_dump(mode="json"), now=time.time(), ttl=24 * 3600)
+        task = {"register": Tasks.REGISTER, "publish": Tasks.PUBLISH, "unpublish": Tasks.UNPUBLISH}[body.kind]
+        self.app.send_task(task, args=[env.model_dump(mode="json")], queue=GATEWAY_QUEUE, task_id=job_id)
+
+
+def worker_tasks(app: Celery, config: NodeConfig) -> None:
+    """Register the node's task on ``app``. The Node is built lazily, inside the worker
+    process that runs the job (after the prefork fork), so no database connection is shared
+    across processes."""
+    holder: dict[str, Any] = {}
+
+    @app.task(name=Tasks.RUN_JOB, bind=True)
+    def run_job(self: Any, envelope: Any) -> dict[str, Any]:
+        if "runner" not in holder:
+            holder["runner"] = Node(config, app).runner()
+        return holder["runner"].handle(envelope, delivery_id=self.request.id)

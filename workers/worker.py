@@ -1,0 +1,26 @@
+"""Starting a node's Celery worker from its config (``gridq node start CONFIG``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from protocol.contract import node_queue
+from workers.config import load_config
+from workers.node import Node, make_celery, worker_tasks
+
+
+def start_node(config_path: str | Path, loglevel: str = "INFO") -> None:
+    """Load the config's datasets, register with the gateway, then serve the node's queue
+    (and only it) until stopped."""
+    config = load_config(config_path)
+    app = make_celery(config)
+    node = Node(config, app)
+    node.load_config_datasets()
+    node.register()
+    node.close()  # the worker processes open their own connections after the fork
+    worker_tasks(app, config)
+    app.worker_main([
+        "worker", "--queues", node_queue(config.id), "--hostname", f"{config.id}@%h",
+        "--pool", "prefork", "--concurrency", str(config.worker.concurrency),
+        "--task-events", "--without-mingle", "--without-gossip", "--loglevel", loglevel,
+    ])

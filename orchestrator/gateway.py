@@ -18,7 +18,7 @@ from celery import Celery
 
 from orchestrator.app import make_celery
 from orchestrator.registry import Registry
-from protocol.contract import GATEWAY, GATEWAY_IDENTITY_KEY, GATEWAY_QUEUE, Tasks
+from protocol.contract import GATEWAY, GATEWAY_IDENTITY_KEY, GATEWAY_QUEUE, PUBLIC, Tasks
 from protocol.envelope import MemoryNonceStore, open_envelope, seal_envelope
 from protocol.errors import GridError, InvalidRequest
 from protocol.identity import Identity, PublicIdentity
@@ -76,7 +76,7 @@ class Gateway:
         return self._sign(delivery_id, GatewayReply(nodes=self.registry.nodes()))
 
     def _sign(self, job_id: str, reply: GatewayReply) -> dict[str, Any]:
-        env = seal_envelope(self.identity, recipient="public", kind=reply.kind, job_id=job_id,
+        env = seal_envelope(self.identity, recipient=PUBLIC, kind=reply.kind, job_id=job_id,
                             body=reply.model_dump(mode="json"), now=time.time())
         return env.model_dump(mode="json")
 

@@ -29,12 +29,12 @@ from protocol.contract import (
     GATEWAY,
     GATEWAY_IDENTITY_KEY,
     GATEWAY_QUEUE,
-    MAX_CLAIM_CHECK_BYTES,
+    PUBLIC,
     Tasks,
     node_queue,
 )
 from protocol.envelope import Envelope, MemoryNonceStore, open_envelope, seal_envelope
-from protocol.errors import LimitExceeded, NodeUnavailable, NotFound, error_from_wire
+from protocol.errors import NodeUnavailable, NotFound, error_from_wire
 from protocol.identity import Identity, PublicIdentity
 from protocol.messages import DatasetMeta, GatewayReply, NodeInfo, RunJob, SearchQuery, parse_body
 from protocol.plan import InputRef, TensorSpec
@@ -122,7 +122,7 @@ class Grid:
         except Exception as exc:  # celery's TimeoutError, or a crash reported by the worker
             raise NodeUnavailable(f"the gateway did not answer in {self.timeout:.0f} s ({exc!r:.200}); "
                                   "is `gridq gateway start` running?") from None
-        env = open_envelope(raw, recipient="public", keyring={GATEWAY: self._gateway}, nonces=self._nonces,
+        env = open_envelope(raw, recipient=PUBLIC, keyring={GATEWAY: self._gateway}, nonces=self._nonces,
                             delivery_id=job_id, now=time.time())
         body = parse_body(env.body_json())
         assert isinstance(body, GatewayReply)
@@ -137,7 +137,9 @@ class Grid:
             self.nodes()
         if node not in self._node_keys:
             raise NotFound(f"node {node!r} is not registered at the gateway")
-        return open_envelope(raw, recipient=self.identity.name, keyring={node: self._node_keys[node]},
+        # a refusal of a message that named no sender is addressed to anyone; it carries no value
+        recipient = PUBLIC if isinstance(raw, dict) and raw.get("recipient") == PUBLIC else self.identity.name
+        return open_envelope(raw, recipient=recipient, keyring={node: self._node_keys[node]},
                              nonces=self._nonces, delivery_id=job_id, now=time.time())
 
     def _claim(self, key: str) -> bytes:
@@ -148,6 +150,4 @@ class Grid:
         data, _ = pipe.execute()
         if data is None:
             raise NotFound(f"the released value {key!r} has expired from the broker; run the job again")
-        if len(data) > MAX_CLAIM_CHECK_BYTES:
-            raise LimitExceeded(f"released value of {len(data)} bytes exceeds {MAX_CLAIM_CHECK_BYTES}")
         return bytes(data)

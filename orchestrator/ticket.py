@@ -16,6 +16,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
 from protocol.codec import decode_tensor
+from protocol.contract import PUBLIC
 from protocol.errors import JobFailed, NodeUnavailable, error_from_wire
 from protocol.messages import JobReply, parse_body
 from protocol.plan import InputRef, TensorSpec
@@ -95,7 +96,7 @@ class JobTicket:
                             job_id=self.id)
         env = self._grid._verify_reply(async_result.result, self.node, self.id)
         body = parse_body(env.body_json(), self.id)
-        if not isinstance(body, JobReply):
+        if not isinstance(body, JobReply) or (env.recipient == PUBLIC and body.error is None):
             raise JobFailed(f"node {self.node!r} answered job {self.id} with a {body.kind!r}", job_id=self.id)
         return body
 

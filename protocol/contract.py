@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 GATEWAY = "gateway"
+PUBLIC = "public"  # recipient of answers meant for anyone: gateway answers, refusals of anonymous junk
 GATEWAY_QUEUE = "gateway"
 GATEWAY_IDENTITY_KEY = "gridq:gateway:identity"  # Redis key where the gateway posts its public key
 
@@ -31,7 +32,6 @@ class Tasks:
 CLAIM_CHECK_PREFIX = "gridq:blob:"
 CLAIM_CHECK_THRESHOLD = 256 * 1024  # sealed values above this travel by claim-check
 CLAIM_CHECK_TTL_SECONDS = 3600
-MAX_CLAIM_CHECK_BYTES = 1024 * 1024 * 1024
 
 
 def celery_settings(

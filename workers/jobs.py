@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from protocol.codec import dtype_name, encode_tensor
-from protocol.contract import CLAIM_CHECK_THRESHOLD
+from protocol.contract import CLAIM_CHECK_THRESHOLD, PUBLIC
 from protocol.envelope import open_envelope, seal_envelope
 from protocol.errors import AuthenticationError, GridError, InvalidRequest, JobFailed, PermissionDenied
 from protocol.identity import Identity, PublicIdentity
@@ -47,7 +47,7 @@ class JobRunner:
         """Answer one delivered message with a signed reply (as a dict for the wire)."""
         claimed = raw.get("sender") if isinstance(raw, dict) else None
         # refusals go back to whoever the message claims to be: they carry no secret
-        requester = claimed if isinstance(claimed, str) and _NAME.fullmatch(claimed) else "unknown"
+        requester = claimed if isinstance(claimed, str) and _NAME.fullmatch(claimed) else PUBLIC
         job_id = (str(raw.get("job_id") or "")[:80] if isinstance(raw, dict) else "") or delivery_id
         try:
             env = open_envelope(raw, recipient=self.node_id, keyring=self.keyring,

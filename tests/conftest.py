@@ -1,0 +1,32 @@
+"""Shared fixtures. Integration tests run a real local grid: its own redis-server on a free
+loopback port (never 6379) and real Celery worker processes — no fakeredis, no eager mode."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ops.demo import prepare
+from ops.local import LocalGrid
+
+
+@pytest.fixture(scope="session")
+def local_grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGrid]:
+    """The demo grid (gateway, hospital, clinic), shared by the integration tests."""
+    home = tmp_path_factory.mktemp("grid")
+    configs = prepare(home)
+    with LocalGrid(home) as lg:
+        lg.start(configs)
+        yield lg
+
+
+@pytest.fixture(scope="session")
+def births_feb(local_grid: LocalGrid):  # type: ignore[no-untyped-def]
+    """The hospital's February table, as the hospital itself reads it."""
+    from workers.datasets import load_table
+
+    table, columns = load_table(Path(local_grid.home) / "data" / "hospital_births_feb.csv")
+    assert columns == ["weight", "height"]
+    return table

@@ -30,3 +30,16 @@ def births_feb(local_grid: LocalGrid):  # type: ignore[no-untyped-def]
     table, columns = load_table(Path(local_grid.home) / "data" / "hospital_births_feb.csv")
     assert columns == ["weight", "height"]
     return table
+
+
+@pytest.fixture()
+def hospital_admin(local_grid: LocalGrid, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """The hospital's admin API (workers.Node), as the owner uses it from Python."""
+    from ops.local import NODE_CONFIGS
+    from workers import Node
+
+    monkeypatch.setenv("GRIDQ_HOME", str(local_grid.home))
+    monkeypatch.setenv("GRIDQ_BROKER", local_grid.url)
+    node = Node.from_config(NODE_CONFIGS / "hospital.toml")
+    yield node
+    node.close()

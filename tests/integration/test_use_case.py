@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ops.local import NODE_CONFIGS, LocalGrid
+from ops.local import LocalGrid
 from orchestrator.pointer import DataPointer
 from protocol.errors import NotFound, PermissionDenied, WrongRecipient
 from protocol.plan import InputRef
-from workers import Node
 
 
 def test_search_finds_the_dataset_by_tags_and_shows_metadata_only(local_grid: LocalGrid, births_feb):
@@ -71,26 +70,20 @@ def test_allowed_user_gets_exactly_what_the_hospital_computes(local_grid: LocalG
         assert stats.item() == int((births_feb[:, 0] > 4.0).sum())
 
 
-def test_a_dataset_published_from_python_is_searchable_and_computable(local_grid: LocalGrid):
-    import os
-
-    os.environ.update({"GRIDQ_HOME": str(local_grid.home), "GRIDQ_BROKER": local_grid.url})
-    node = Node.from_config(NODE_CONFIGS / "hospital.toml")
-    try:
-        data = torch.arange(12, dtype=torch.float32).reshape(6, 2)
-        meta = node.publish("tiny", data, columns=["a", "b"], tags=["#tiny"], allowed_users=["bob"],
-                            description="six rows")
-        assert meta.shape == (6, 2)
-        assert "tiny" in [d.name for d in node.datasets()]
-        with local_grid.connect("bob") as grid:
-            ptr = _eventually(lambda: grid.search("#tiny").get("hospital"))[0]
-            assert torch.equal(ptr["b"].sum().get(), torch.tensor(36.0))  # 1 + 3 + 5 + 7 + 9 + 11
-            node.unpublish("tiny")
-            _eventually(lambda: grid.search("#tiny") == {})
-            with pytest.raises(NotFound):
-                ptr.get()
-    finally:
-        node.close()
+def test_a_dataset_published_from_python_is_searchable_and_computable(local_grid: LocalGrid, hospital_admin):
+    node = hospital_admin
+    data = torch.arange(12, dtype=torch.float32).reshape(6, 2)
+    meta = node.publish("tiny", data, columns=["a", "b"], tags=["#tiny"], allowed_users=["bob"],
+                        description="six rows")
+    assert meta.shape == (6, 2)
+    assert "tiny" in [d.name for d in node.datasets()]
+    with local_grid.connect("bob") as grid:
+        ptr = _eventually(lambda: grid.search("#tiny").get("hospital"))[0]
+        assert torch.equal(ptr["b"].sum().get(), torch.tensor(36.0))  # 1 + 3 + 5 + 7 + 9 + 11
+        node.unpublish("tiny")
+        _eventually(lambda: grid.search("#tiny") == {})
+        with pytest.raises(NotFound):
+            ptr.get()
 
 
 def _eventually(check, timeout: float = 10.0):  # type: ignore[no-untyped-def]

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import redis
 
-from orchestrator.grid import Grid
 from ops.keys import read_identity, write_identity
+from orchestrator.grid import Grid
 from protocol.errors import NodeUnavailable
 
 NODE_CONFIGS = Path(__file__).parent / "nodes"

@@ -1,0 +1,26 @@
+# gridq: one image for the gateway, the nodes, Flower and the one-shot init (docker-compose.yml).
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    GRIDQ_HOME=/var/lib/gridq
+
+# torch first, pinned and CPU-only: an unpinned torch would pull gigabytes of CUDA packages.
+# Its own layer, so a change to gridq's source does not reinstall it.
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+
+WORKDIR /app
+COPY . /app
+RUN pip install . \
+ && useradd --system --uid 10001 --home-dir /var/lib/gridq gridq \
+ && mkdir -p /var/lib/gridq \
+ && chown gridq:gridq /var/lib/gridq
+
+# Keys, data, node stores and the gateway's registry live in the volume mounted here;
+# a named volume takes this folder's owner on first use, so the services run unprivileged.
+VOLUME ["/var/lib/gridq"]
+USER gridq
+
+CMD ["gridq", "--help"]

@@ -25,6 +25,9 @@ up: $(STAMP)
 	$(BIN)/gridq up
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy --strict protocol
+	$(BIN)/mypy orchestrator workers ops
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)

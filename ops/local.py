@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -93,7 +94,7 @@ class LocalGrid:
         self.ensure_keys(name)
         self._spawn(name, [sys.executable, "-m", "ops.cli", "node", "start", str(config)])
 
-    def start(self, configs: list[Path | str], timeout: float = 60.0) -> None:
+    def start(self, configs: Sequence[Path | str], timeout: float = 60.0) -> None:
         """Redis, the gateway and the given nodes; returns once every node serves."""
         if not self.url:
             self.start_redis()

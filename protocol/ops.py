@@ -135,7 +135,7 @@ class OpSpec:
 
 
 def _specs() -> list[OpSpec]:
-    unary = {
+    unary: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "neg": torch.neg, "abs": torch.abs, "exp": torch.exp, "log": torch.log,
         "sqrt": torch.sqrt, "square": torch.square, "sign": torch.sign, "floor": torch.floor,
         "ceil": torch.ceil, "round": torch.round, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
@@ -148,7 +148,7 @@ def _specs() -> list[OpSpec]:
         "gt": operator.gt, "ge": operator.ge,
         "logical_and": torch.logical_and, "logical_or": torch.logical_or,
     }
-    reductions = {"sum": torch.sum, "mean": torch.mean, "min": torch.amin, "max": torch.amax}
+    reductions: dict[str, Callable[..., torch.Tensor]] = {"sum": torch.sum, "mean": torch.mean, "min": torch.amin, "max": torch.amax}
     specs = [OpSpec(n, (1, 1), NoParams, _unary(f), True) for n, f in unary.items()]
     specs += [OpSpec(n, (2, 2), NoParams, _binary(f)) for n, f in binary.items()]
     specs += [OpSpec(n, (1, 1), ReduceParams, _reduce(f), True) for n, f in reductions.items()]
@@ -156,10 +156,10 @@ def _specs() -> list[OpSpec]:
         OpSpec("std", (1, 1), SpreadParams, _spread(torch.std), True),
         OpSpec("var", (1, 1), SpreadParams, _spread(torch.var), True),
         OpSpec("count", (1, 1), CountParams,
-               lambda a, p: torch.count_nonzero(a[0], dim=_dim(p.dim)), True,
+               lambda a, p: torch.count_nonzero(a[0], dim=_dim(p.dim)), True,  # type: ignore[arg-type]
                "number of non-zero (true) elements; with a comparison, a histogram count"),
         OpSpec("matmul", (2, 2), NoParams, _binary(torch.matmul), True),
-        OpSpec("clamp", (1, 1), ClampParams, lambda a, p: torch.clamp(a[0], p.min, p.max), True),
+        OpSpec("clamp", (1, 1), ClampParams, lambda a, p: torch.clamp(a[0], p.min, p.max), True),  # type: ignore[arg-type]
         OpSpec("where", (3, 3), NoParams, lambda a, _p: torch.where(a[0], a[1], a[2])),  # type: ignore[arg-type]
         OpSpec("cast", (1, 1), CastParams, lambda a, p: a[0].to(ALLOWED_DTYPES[p.dtype]), True),  # type: ignore[union-attr]
         OpSpec("reshape", (1, 1), ReshapeParams, lambda a, p: a[0].reshape(p.shape), True),  # type: ignore[union-attr]

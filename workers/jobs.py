@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from celery.exceptions import SoftTimeLimitExceeded
 
 from protocol.codec import dtype_name, encode_tensor
 from protocol.contract import CLAIM_CHECK_THRESHOLD, PUBLIC
@@ -66,6 +67,9 @@ class JobRunner:
             reply = self._run(env.sender, env.job_id, body)
         except GridError as exc:
             reply = _failure(exc, env.job_id)
+        except SoftTimeLimitExceeded:
+            reply = _failure(JobFailed("the job ran past this node's time limit; split it into smaller plans"),
+                             env.job_id)
         except Exception:  # a bug or a resource problem: the owner's log has the details
             log.exception("job %s failed", env.job_id)
             reply = _failure(JobFailed("the job failed at the node; the owner's log has details"),
@@ -110,6 +114,7 @@ class JobRunner:
 
 
 def _failure(exc: GridError, job_id: str) -> JobReply:
-    status = "denied" if isinstance(exc, PermissionDenied | AuthenticationError) else "failed"
     error = WireError(code=exc.code, message=exc.message[:4096], job_id=job_id)
-    return JobReply(status=status, error=error)
+    if isinstance(exc, PermissionDenied | AuthenticationError):
+        return JobReply(status="denied", error=error)
+    return JobReply(status="failed", error=error)

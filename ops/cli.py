@@ -69,10 +69,11 @@ def gateway_start(broker: str = BROKER, identity: Path = typer.Option(..., help=
 @app.command()
 def flower(broker: str = BROKER, port: int = 5555, address: str = "127.0.0.1") -> None:
     """Open Celery Flower on the grid's broker (http://127.0.0.1:5555)."""
-    os.environ.setdefault("FLOWER_UNAUTHENTICATED_API", "true")
+    os.environ.setdefault("FLOWER_UNAUTHENTICATED_API", "true")  # its JSON API, for scripts on this host
+    os.environ["GRIDQ_BROKER"] = broker
     from celery.bin.celery import main as celery_main
 
-    sys.argv = ["celery", "--broker", broker, "flower", f"--address={address}", f"--port={port}"]
+    sys.argv = ["celery", "-A", "ops.flower_app:app", "flower", f"--address={address}", f"--port={port}"]
     celery_main()
 
 

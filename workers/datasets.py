@@ -24,7 +24,10 @@ def load_table(path: Path) -> tuple[torch.Tensor, list[str]]:
     if suffix == ".csv":
         return _load_csv(path)
     if suffix == ".npy":
-        array = np.load(path, allow_pickle=False)
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as exc:  # e.g. an object array, which only pickle could read
+            raise InvalidRequest(f"{path}: cannot be read without pickle, which gridq never uses: {exc}") from None
         tensor = torch.from_numpy(np.ascontiguousarray(array))
         dtype_name(tensor.dtype)
         return tensor, []

@@ -52,7 +52,8 @@ class Expression:
         return self.spec.dtype
 
     def __repr__(self) -> str:
-        return f"<Expression on {self.node}: {self.plan.describe()} shape={self.shape} {self.dtype}>"
+        chain = " → ".join([", ".join(r.name for r, _ in self._inputs)] + [s.op for s in self._steps])
+        return f"<Expression on {self.node}: {chain} shape={self.shape} {self.dtype}>"
 
     # --- running it -----------------------------------------------------------------------
 

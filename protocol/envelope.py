@@ -41,7 +41,7 @@ Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.
 
 
 class Envelope(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     v: Annotated[str, Field(max_length=16)]
     sender: Name
@@ -61,7 +61,7 @@ class Envelope(BaseModel):
     def body_json(self) -> Any:
         try:
             return json.loads(self.body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise InvalidRequest(f"envelope body is not JSON: {exc}", job_id=self.job_id) from None
 
 

@@ -32,7 +32,7 @@ def _b64(data: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text.encode("ascii"))
+    return base64.b64decode(text.encode("ascii"), altchars=b"-_", validate=True)
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,10 @@ class Identity:
     def from_json(cls, text: str) -> Identity:
         try:
             data = json.loads(text)
-            return cls(data["name"], _unb64(data["signing_key"]), _unb64(data["box_secret"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidRequest(f"not a gridq key file: {exc}") from None
+            keys = _unb64(data["signing_key"]), _unb64(data["box_secret"])
+            name = data["name"]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise InvalidRequest(f"not a gridq key file: {exc!r}") from None
+        if not isinstance(name, str) or any(len(k) != 32 for k in keys):
+            raise InvalidRequest("not a gridq key file: a name and two 32-byte keys are needed")
+        return cls(name, *keys)

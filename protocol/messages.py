@@ -15,6 +15,7 @@ from protocol.plan import Plan
 
 Text = Annotated[str, Field(max_length=4096)]
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-#]+$")]
+Shape = Annotated[tuple[Annotated[int, Field(ge=0)], ...], Field(max_length=8)]
 Tag = Annotated[str, Field(min_length=2, max_length=64, pattern=r"^#[A-Za-z0-9_.\-]+$")]
 
 
@@ -27,7 +28,7 @@ class DatasetMeta(_Model):
 
     node: Name
     name: Name
-    shape: Annotated[tuple[int, ...], Field(max_length=8)]
+    shape: Shape
     dtype: Annotated[str, Field(max_length=16)]
     columns: Annotated[list[Annotated[str, Field(max_length=128)]], Field(max_length=4096)] = []
     description: Text = ""
@@ -40,7 +41,7 @@ class PointerTicket(_Model):
     node: Name
     object_id: Annotated[str, Field(max_length=80)]
     job_id: Annotated[str, Field(max_length=80)]
-    shape: Annotated[tuple[int, ...], Field(max_length=8)]
+    shape: Shape
     dtype: Annotated[str, Field(max_length=16)]
     sources: Annotated[list[Name], Field(max_length=16)]
 

@@ -46,8 +46,8 @@ class CountParams(Params):
 
 
 class ClampParams(Params):
-    min: float | None = None
-    max: float | None = None
+    min: int | float | None = None  # an int bound keeps an integer tensor integer
+    max: int | float | None = None
 
 
 class CastParams(Params):
@@ -99,9 +99,11 @@ def _dim(dim: int | list[int] | None) -> Any:
 def _reduce(fn: Callable[..., torch.Tensor]) -> Callable[[Sequence[Value], Any], torch.Tensor]:
     def run(args: Sequence[Value], p: ReduceParams) -> torch.Tensor:
         (x,) = args
-        if p.dim is None:
+        assert isinstance(x, torch.Tensor)
+        if p.dim is None and (not p.keepdim or x.ndim == 0):
             return fn(x)
-        return fn(x, dim=_dim(p.dim), keepdim=p.keepdim)
+        dim = tuple(range(x.ndim)) if p.dim is None else _dim(p.dim)
+        return fn(x, dim=dim, keepdim=p.keepdim)
 
     return run
 
@@ -148,7 +150,9 @@ def _specs() -> list[OpSpec]:
         "gt": operator.gt, "ge": operator.ge,
         "logical_and": torch.logical_and, "logical_or": torch.logical_or,
     }
-    reductions: dict[str, Callable[..., torch.Tensor]] = {"sum": torch.sum, "mean": torch.mean, "min": torch.amin, "max": torch.amax}
+    reductions: dict[str, Callable[..., torch.Tensor]] = {
+        "sum": torch.sum, "mean": torch.mean, "min": torch.amin, "max": torch.amax,
+    }
     specs = [OpSpec(n, (1, 1), NoParams, _unary(f), True) for n, f in unary.items()]
     specs += [OpSpec(n, (2, 2), NoParams, _binary(f)) for n, f in binary.items()]
     specs += [OpSpec(n, (1, 1), ReduceParams, _reduce(f), True) for n, f in reductions.items()]

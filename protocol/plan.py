@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from protocol.codec import MAX_ELEMENTS, check_size, dtype_name, parse_dtype
 from protocol.errors import ForbiddenOperation, InvalidRequest
@@ -43,7 +43,15 @@ class Ref(_Model):
 
 
 class Const(_Model):
-    const: float | int | bool
+    const: bool | int | float
+
+    @field_validator("const", mode="before")
+    @classmethod
+    def _fits_int64(cls, value: Any) -> Any:
+        # an int too big for int64 is refused, not silently rounded to a float
+        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+            raise ValueError(f"integer constant {value} does not fit in int64")
+        return value
 
 
 Arg = Ref | Const
@@ -65,18 +73,23 @@ class Plan(_Model):
     steps: Annotated[list[Step], Field(max_length=MAX_STEPS)] = []
 
     def describe(self) -> str:
-        """The plan as readable operations, e.g. for an owner judging a request."""
-        names = [f"{i.kind}:{i.name}" for i in self.inputs]
-        for step in self.steps:
-            args = [names[a.ref] if isinstance(a, Ref) and a.ref < len(names) else
-                    repr(getattr(a, "const", "?")) for a in step.args]
-            params = ", ".join(f"{k}={v!r}" for k, v in step.params.items())
-            names.append(f"{step.op}({', '.join(args + ([params] if params else []))})")
-        return names[-1]
+        """The plan as readable operations, one line per value, e.g. for an owner judging a
+        request::
+
+            v0 = dataset:births
+            v1 = getitem(v0, index=[…, 0])
+            v2 = mean(v1)
+        """
+        lines = [f"v{i} = {ref.kind}:{ref.name}" for i, ref in enumerate(self.inputs)]
+        for number, step in enumerate(self.steps, start=len(self.inputs)):
+            args = [f"v{a.ref}" if isinstance(a, Ref) else repr(a.const) for a in step.args]
+            args += [f"{k}={v!r}" for k, v in step.params.items()]
+            lines.append(f"v{number} = {step.op}({', '.join(args)})")
+        return "\n".join(lines)
 
 
 class TensorSpec(_Model):
-    shape: tuple[int, ...]
+    shape: tuple[Annotated[int, Field(ge=0)], ...]
     dtype: str
 
 
@@ -113,7 +126,7 @@ def _run(plan: Plan, inputs: Sequence[torch.Tensor], limit: int) -> list[Value]:
             raise InvalidRequest(f"{where}: parameter {field}: {first['msg']}") from None
         try:
             out = spec.fn(args, params)
-        except (RuntimeError, IndexError, ValueError, TypeError) as exc:
+        except (RuntimeError, IndexError, ValueError, TypeError, OverflowError) as exc:
             raise InvalidRequest(f"{where} cannot run on these inputs: {exc}") from None
         if not isinstance(out, torch.Tensor):
             raise InvalidRequest(f"{where} did not produce a tensor")

@@ -3,6 +3,7 @@ against it as a data scientist would, step by step."""
 
 from __future__ import annotations
 
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -74,7 +75,16 @@ def private_statistics(lg: LocalGrid) -> None:
                   + ("[green]identical[/]" if same else "[red]DIFFERENT[/]"))
 
 
+def _stop_on_sigterm() -> None:
+    """``docker stop`` and process managers send SIGTERM: stop as cleanly as on Ctrl-C."""
+    def handler(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def run(stay_up: bool = False, home: Path | None = None) -> None:
+    _stop_on_sigterm()
     with tempfile.TemporaryDirectory(prefix="gridq-") as tmp:
         home = home or Path(tmp)
         configs = prepare(home)

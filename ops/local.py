@@ -23,6 +23,7 @@ import redis
 
 from ops.keys import read_identity, write_identity
 from orchestrator.grid import Grid
+from protocol.contract import GATEWAY_IDENTITY_KEY
 from protocol.errors import NodeUnavailable
 
 NODE_CONFIGS = Path(__file__).parent / "nodes"
@@ -107,8 +108,8 @@ class LocalGrid:
         """Until the gateway lists ``nodes`` and a worker of each answers a ping."""
         self.ensure_keys("operator")
         deadline = time.monotonic() + timeout
-        _until(lambda: redis.Redis.from_url(self.url).exists("gridq:gateway:identity"), timeout,
-               "the gateway did not start", self._crashed)
+        with redis.Redis.from_url(self.url) as client:
+            _until(lambda: client.exists(GATEWAY_IDENTITY_KEY), timeout, "the gateway did not start", self._crashed)
         with self.connect("operator", timeout=max(1.0, deadline - time.monotonic())) as grid:
             _until(lambda: set(nodes) <= {n.node for n in grid.nodes()}, deadline - time.monotonic(),
                    f"nodes {nodes} did not register", self._crashed)

@@ -71,9 +71,9 @@ class LocalGrid:
     def start_redis(self, port: int | None = None) -> str:
         port = port or free_port()
         self.home.mkdir(parents=True, exist_ok=True)
+        self.url = f"redis://127.0.0.1:{port}/0"
         self._spawn("redis", [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
                               "--save", "", "--appendonly", "no", "--dir", str(self.home)])
-        self.url = f"redis://127.0.0.1:{port}/0"
         client = redis.Redis.from_url(self.url)
         _until(lambda: _pings(client), 10, "redis-server did not start")
         client.close()

@@ -1,0 +1,35 @@
+"""The README's first command: `gridq demo` runs the first use case on a grid it starts
+itself, and leaves nothing running."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def test_demo_runs_the_use_case_and_cleans_up() -> None:
+    env = {**os.environ, "COLUMNS": "200"}
+    done = subprocess.run([sys.executable, "-m", "ops.cli", "demo"], capture_output=True, text=True,
+                          timeout=180, env=env)
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    assert out.count("refused: PermissionDenied") == 2  # carol: the dataset, then the derived mean
+    assert "hospital: <DataPointer hospital/birth-records-feb shape=(240, 2) float32" in out
+    assert "identical" in out and "DIFFERENT" not in out
+    broker = next(line.split("broker ")[1].split(",")[0] for line in out.splitlines() if "broker redis://" in line)
+    assert _processes_with(f"GRIDQ_BROKER={broker}".encode()) == [], "the demo left processes running"
+
+
+def _processes_with(variable: bytes) -> list[int]:
+    """Processes whose environment holds ``variable`` (the grid's workers and its Redis)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if variable in f.read().split(b"\0"):
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found

@@ -24,8 +24,11 @@ def main() -> None:
     configs = prepare(home_path)
     keys = sorted(p.name for p in (home_path / "keys").glob("*.pub"))
     data = sorted(p.name for p in (home_path / "data").iterdir())
-    print(f"gridq init: {home_path}: public keys {', '.join(keys)}; data {', '.join(data)}; "
-          f"node configs {', '.join(str(c) for c in configs)}", flush=True)
+    print(
+        f"gridq init: {home_path}: public keys {', '.join(keys)}; data {', '.join(data)}; "
+        f"node configs {', '.join(str(c) for c in configs)}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -73,6 +73,10 @@ class WorkerSection(_Section):
     time_limit: Annotated[float, Field(gt=0)] = 300.0
     visibility_timeout: float | None = None
     restore_interval: Annotated[float, Field(gt=0)] = 10.0
+    # torch threads per worker process. One by default: a small job's parallel region
+    # otherwise leaves a spinning thread on the core that Redis and Celery need next
+    # (measured: 6.7 → 5.3 ms per job, 12.8 → 5.9 ms on a busy machine; ops/bench/RESULTS.md).
+    torch_threads: Annotated[int, Field(ge=1, le=256)] = 1
 
 
 class NodeConfig(_Section):

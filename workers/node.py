@@ -146,5 +146,6 @@ def worker_tasks(app: Celery, config: NodeConfig) -> None:
     @app.task(name=Tasks.RUN_JOB, bind=True)
     def run_job(self: Any, envelope: Any) -> dict[str, Any]:
         if "runner" not in holder:
+            torch.set_num_threads(config.worker.torch_threads)
             holder["runner"] = Node(config, app).runner()
         return holder["runner"].handle(envelope, delivery_id=self.request.id)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from sqlalchemy import JSON, Float, Integer, String, Text, create_engine, delete, event, select
+from sqlalchemy import JSON, Float, Integer, String, Text, create_engine, delete, event, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -93,6 +93,7 @@ class Store:
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._cache: dict[str, tuple[float, torch.Tensor]] = {}
+        self._remembered = 0
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -186,9 +187,8 @@ class Store:
 
     def finish_job(self, job_id: str, status: str, reply: dict[str, Any]) -> None:
         with self.session() as s:
-            row = s.get(JobRow, job_id)
-            assert row is not None
-            row.status, row.reply, row.updated_at = status, reply, time.time()
+            s.execute(update(JobRow).where(JobRow.job_id == job_id)
+                      .values(status=status, reply=reply, updated_at=time.time()))
 
     def job(self, job_id: str) -> JobRow | None:
         with self.session() as s:
@@ -197,13 +197,15 @@ class Store:
     # --- nonces (protocol.envelope.NonceStore) ----------------------------------------------
 
     def remember(self, sender: str, nonce: str, delivery_id: str, expires_at: float) -> bool:
-        try:
+        self._remembered += 1
+        if self._remembered % 512 == 1:  # sweep expired nonces now and then, not on every job
             with self.session() as s:
                 s.execute(delete(NonceRow).where(NonceRow.expires_at < time.time()))
+        try:
+            with self.session() as s:
                 s.add(NonceRow(sender=sender, nonce=nonce, delivery_id=delivery_id, expires_at=expires_at))
         except IntegrityError:
             with self.session() as s:
                 row = s.get(NonceRow, (sender, nonce))
                 return row is not None and row.delivery_id == delivery_id
         return True
-

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from protocol.contract import node_queue
 from workers.config import load_config
 from workers.node import Node, make_celery, worker_tasks
@@ -13,6 +15,7 @@ def start_node(config_path: str | Path, loglevel: str = "INFO") -> None:
     """Load the config's datasets, register with the gateway, then serve the node's queue
     (and only it) until stopped."""
     config = load_config(config_path)
+    torch.set_num_threads(config.worker.torch_threads)  # also before the fork: see WorkerSection
     app = make_celery(config)
     node = Node(config, app)
     node.load_config_datasets()

@@ -2,7 +2,6 @@
 
     python -m ops.bench.latency                     # ~30 s on 2 cores (+ up to 60 s waiting for a quiet CPU)
     python -m ops.bench.latency --n 1000            # more samples
-    python -m ops.bench.latency --torch-threads 1   # experiment: OMP_NUM_THREADS=1 in every process
 
 One run, one :class:`~ops.local.LocalGrid` in a temp dir (its own redis-server on a free
 port, a gateway and the ``hospital`` node), plus a bare Celery worker
@@ -126,7 +125,7 @@ def node_breakdown(grid: Grid, ptr: DataPointer, n: int) -> Breakdown:
     for _ in range(10):
         one()
     with phases((jobs, "open_envelope", "node: verify envelope (incl. nonce row)"),
-                (runner.store, "remember", "node:   of which nonce DELETE expired + INSERT + commit"),
+                (runner.store, "remember", "node:   of which nonce INSERT + commit"),
                 (runner.store, "begin_job", "node: job row SELECT + INSERT + commit"),
                 (runner.store, "dataset", "node: dataset row SELECT (tensor cached)"),
                 (jobs, "authorize", "node: authorize"),
@@ -134,7 +133,7 @@ def node_breakdown(grid: Grid, ptr: DataPointer, n: int) -> Breakdown:
                 (jobs, "evaluate", "node: run plan (mean of 1M)"),
                 (runner, "_seal", "node: seal value for requester"),
                 (runner, "_sign", "node: sign reply envelope"),
-                (runner.store, "finish_job", "node: job row SELECT + UPDATE + commit (reply)"),
+                (runner.store, "finish_job", "node: job row UPDATE + commit (reply)"),
                 (runner, "handle", "node: JobRunner.handle total (in-process)")) as found:
         for _ in range(n):
             one()
@@ -234,16 +233,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=300, help="timed round trips for (a) and (b)")
     parser.add_argument("--warmup", type=int, default=30, help="unrecorded round trips before each of (a), (b)")
     parser.add_argument("--big-runs", type=int, default=10, help="timed 10 MiB transfers for each of (c)")
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="experiment: OMP_NUM_THREADS for every process of the grid and torch's threads "
-                             "here (default: torch's own default, as gridq runs)")
     parser.add_argument("--wait-quiet", type=float, default=60.0, metavar="SECONDS",
                         help="first wait up to this long for other processes to leave the CPU idle (0: don't)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.torch_threads is not None:
-        os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # inherited through LocalGrid.env()
-        torch.set_num_threads(args.torch_threads)
     if args.wait_quiet > 0:
         wait_quiet(args.wait_quiet, console.print)
     rows, breakdown, seconds = run(args)

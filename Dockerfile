@@ -7,9 +7,11 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     GRIDQ_HOME=/var/lib/gridq
 
-# torch first, pinned and CPU-only: an unpinned torch would pull gigabytes of CUDA packages.
-# Its own layer, so a change to gridq's source does not reinstall it.
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# torch first and pinned: an unpinned torch would pull gigabytes of CUDA packages. Pass
+# PyTorch's CPU wheel index as TORCH_INDEX_URL for a CPU-only image. Its own layer, so a
+# change to gridq's source does not reinstall it.
+ARG TORCH_INDEX_URL=""
+RUN pip install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 
 WORKDIR /app
 COPY . /app

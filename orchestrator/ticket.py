@@ -56,6 +56,8 @@ class JobTicket:
                 async_result.get(timeout=timeout, propagate=False, interval=0.05)
             except CeleryTimeout:
                 state = _STATES.get(async_result.state, "queued")
+                # stop listening for it now, while the broker is there (not whenever it is collected)
+                self._grid.app.backend.remove_pending_result(async_result)
                 hint = ("no worker of this node took it: is the node running?" if state == "queued"
                         else "it is still running")
                 raise NodeUnavailable(

@@ -8,7 +8,7 @@ import torch
 
 from ops.local import LocalGrid
 from orchestrator.pointer import DataPointer
-from protocol.errors import NotFound, PermissionDenied, WrongRecipient
+from protocol.errors import NodeUnavailable, NotFound, PermissionDenied, WrongRecipient
 from protocol.plan import InputRef
 
 
@@ -96,3 +96,23 @@ def _eventually(check, timeout: float = 10.0):  # type: ignore[no-untyped-def]
             return value
         time.sleep(0.05)
     raise AssertionError("condition not met in time")
+
+
+def test_tickets_report_status_and_can_be_picked_up_again(local_grid: LocalGrid, births_feb):
+    with local_grid.connect("alice") as grid:
+        births = grid.search("#birth-records", "#february")["hospital"][0]
+        ticket = births.var(dim=0).submit()
+        assert ticket.status in {"queued", "running", "done"}
+        ticket.wait()
+        assert ticket.status == "done"
+        job_id = ticket.id
+        # a job for a node that no worker serves stays queued, and waiting says so
+        nowhere = DataPointer(grid, "nowhere", InputRef(kind="dataset", name="x"), births.spec)
+        stuck = nowhere.sum().submit()
+        assert stuck.status == "queued"
+        with pytest.raises(NodeUnavailable, match="queued after 1 s; no worker of this node took it"):
+            stuck.wait(timeout=1)
+    with local_grid.connect("alice") as again:  # as from a new process: only the id is needed
+        picked = again.ticket(job_id)
+        assert picked.status == "done"
+        assert torch.allclose(picked.result().get(), births_feb.var(dim=0))

@@ -17,6 +17,7 @@ the code back into the matching type with :func:`error_from_wire`.
     ├── BudgetExhausted                the privacy budget does not cover the request
     ├── InvalidRequest                 malformed or oversized input
     │   ├── ForbiddenOperation         a plan names something not on the allow-list
+    │   ├── SensitivityUnknown         a DP release of a plan whose sensitivity has no bound
     │   └── LimitExceeded              an element-count, size or length cap
     ├── NotFound                       no such node, dataset, object or job
     ├── NodeUnavailable                the node did not answer in time (retryable)
@@ -94,6 +95,10 @@ class InvalidRequest(GridError):
 
 class ForbiddenOperation(InvalidRequest):
     code = "forbidden_operation"
+
+
+class SensitivityUnknown(InvalidRequest):
+    code = "sensitivity_unknown"
 
 
 class LimitExceeded(InvalidRequest):

@@ -18,6 +18,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import opendp.prelude as dp
 import torch
@@ -38,7 +39,7 @@ class Charge:
     scale: float = 0.0
 
 
-def _space(size: int, metric: str) -> tuple[object, object]:
+def _space(size: int, metric: str) -> tuple[Any, Any]:
     domain = dp.vector_domain(dp.atom_domain(T=float, nan=False), size=size)
     return domain, (dp.l1_distance(T=float) if metric == "l1" else dp.l2_distance(T=float))
 
@@ -51,7 +52,7 @@ def laplace(values: torch.Tensor, l1: float, epsilon: float) -> tuple[torch.Tens
         return values.clone(), Charge("laplace", epsilon, 0.0, scale=0.0)
     flat = values.detach().to(torch.float64).flatten()
     measurement = dp.m.make_laplace(*_space(flat.numel(), "l1"), scale=scale)
-    spent = measurement.map(l1)
+    spent = measurement.map(l1)  # type: ignore[no-untyped-call]
     noisy = torch.tensor(measurement(flat.tolist()), dtype=torch.float64).reshape(values.shape)
     return noisy.to(values.dtype if values.is_floating_point() else torch.float64), \
         Charge("laplace", float(spent), 0.0, scale=scale)
@@ -62,7 +63,7 @@ def gaussian_scale(l2: float, epsilon: float, delta: float) -> float:
     """The smallest σ whose release is (ε, δ)-DP for sensitivity ``l2`` (binary search)."""
     space = _space(1, "l2")
 
-    def at(scale: float) -> object:
+    def at(scale: float) -> Any:
         return dp.c.make_fix_delta(dp.c.make_zCDP_to_approxDP(dp.m.make_gaussian(*space, scale=scale)), delta)
 
     return float(dp.binary_search_param(at, d_in=l2, d_out=(epsilon, delta)))
@@ -78,7 +79,7 @@ def gaussian(values: torch.Tensor, l2: float, epsilon: float, delta: float) -> t
     scale = gaussian_scale(l2, epsilon, delta)
     flat = values.detach().to(torch.float64).flatten()
     measurement = dp.m.make_gaussian(*_space(flat.numel(), "l2"), scale=scale)
-    rho = float(measurement.map(l2))
+    rho = float(measurement.map(l2))  # type: ignore[no-untyped-call]
     noisy = torch.tensor(measurement(flat.tolist()), dtype=torch.float64).reshape(values.shape)
     return noisy.to(values.dtype if values.is_floating_point() else torch.float64), \
         Charge("gaussian", epsilon, delta, rho=rho, scale=scale)
@@ -90,7 +91,7 @@ def rho_to_approx(rho: float, delta: float) -> float:
         return 0.0
     scale = 1.0 / math.sqrt(2.0 * rho)  # a Gaussian of sensitivity 1 with exactly this ρ
     measurement = dp.m.make_gaussian(*_space(1, "l2"), scale=scale)
-    epsilon, _ = dp.c.make_fix_delta(dp.c.make_zCDP_to_approxDP(measurement), delta).map(1.0)
+    epsilon, _ = dp.c.make_fix_delta(dp.c.make_zCDP_to_approxDP(measurement), delta).map(1.0)  # type: ignore[no-untyped-call]
     return float(epsilon)
 
 

@@ -24,6 +24,7 @@ from protocol.errors import (
     NotFound,
     PermissionDenied,
     ReplayedNonce,
+    SensitivityUnknown,
     UnknownSender,
     WrongRecipient,
     error_from_wire,
@@ -44,7 +45,7 @@ def test_registry_holds_every_documented_error() -> None:
         GridError, AuthenticationError, BadSignature, UnknownSender, MessageExpired,
         ReplayedNonce, WrongRecipient, IncompatibleProtocol, PermissionDenied,
         ApprovalRequired, BudgetExhausted, InvalidRequest, ForbiddenOperation,
-        LimitExceeded, NotFound, NodeUnavailable, JobFailed,
+        LimitExceeded, SensitivityUnknown, NotFound, NodeUnavailable, JobFailed,
     }
     assert set(ERRORS_BY_CODE.values()) == expected
 

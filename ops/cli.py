@@ -15,7 +15,9 @@ node = typer.Typer(help="Run a data owner's node.", no_args_is_help=True)
 gateway = typer.Typer(help="Run the grid's gateway (registry and search).", no_args_is_help=True)
 app.add_typer(keys, name="keys")
 app.add_typer(node, name="node")
+budget = typer.Typer(help="Privacy budgets of a node's users (owner side).", no_args_is_help=True)
 app.add_typer(gateway, name="gateway")
+app.add_typer(budget, name="budget")
 
 BROKER = typer.Option("redis://127.0.0.1:6379/0", "--broker", envvar="GRIDQ_BROKER", help="Redis URL")
 
@@ -64,6 +66,46 @@ def gateway_start(broker: str = BROKER, identity: Path = typer.Option(..., help=
     from orchestrator.gateway import start_gateway
 
     start_gateway(broker, read_identity(identity), database, loglevel)
+
+
+@budget.command("show")
+def budget_show(config: Path, user: str = typer.Option(None, help="one user (default: every user)"),
+                dataset: str = typer.Option(None, help="one dataset (default: every dataset)")) -> None:
+    """What each user has spent of their budget on each dataset."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from workers import Node
+
+    node = Node.from_config(config)
+    try:
+        table = Table("user", "dataset", "ε spent", "ε budget", "δ", "releases")
+        users = [user] if user else sorted(node.config.users)
+        datasets = [dataset] if dataset else [d.name for d in node.datasets()]
+        for u in users:
+            for d in datasets:
+                info = node.ledger.info(u, d)
+                table.add_row(u, d, f"{info.spent_epsilon:.4g}", f"{info.epsilon:g}", f"{info.delta:g}",
+                              str(info.releases))
+        Console().print(table)
+    finally:
+        node.close()
+
+
+@budget.command("set")
+def budget_set(config: Path, user: str, dataset: str, epsilon: float = typer.Option(..., min=0.0),
+               delta: float = typer.Option(1e-6, min=0.0, max=0.999)) -> None:
+    """Give USER a total budget of (ε, δ) on DATASET (what is spent stays spent)."""
+    from workers import Node
+
+    node = Node.from_config(config)
+    try:
+        node.store.dataset_row(dataset)
+        node.ledger.set(user, dataset, epsilon, delta)
+        info = node.ledger.info(user, dataset)
+        typer.echo(f"{user} on {dataset}: ε {info.spent_epsilon:.4g} spent of {info.epsilon:g}, δ = {info.delta:g}")
+    finally:
+        node.close()
 
 
 @app.command()

@@ -36,7 +36,16 @@ from protocol.contract import (
 from protocol.envelope import Envelope, MemoryNonceStore, open_envelope, seal_envelope
 from protocol.errors import NodeUnavailable, NotFound, error_from_wire
 from protocol.identity import Identity, PublicIdentity
-from protocol.messages import DatasetMeta, GatewayReply, NodeInfo, RunJob, SearchQuery, parse_body
+from protocol.messages import (
+    BudgetInfo,
+    BudgetQuery,
+    DatasetMeta,
+    GatewayReply,
+    NodeInfo,
+    RunJob,
+    SearchQuery,
+    parse_body,
+)
 from protocol.plan import InputRef, TensorSpec
 
 
@@ -96,6 +105,11 @@ class Grid:
     def nodes(self) -> list[NodeInfo]:
         return list(self._ask_gateway(Tasks.NODES).nodes)
 
+    def budget(self, node: str, dataset: str | None = None) -> list[BudgetInfo]:
+        """Your privacy budget at ``node``: on one dataset, or on each one it publishes."""
+        ticket = self._submit(node, BudgetQuery(dataset=dataset))
+        return list(ticket.reply().budgets)
+
     def ticket(self, job_id: str) -> JobTicket:
         """Pick up a job submitted earlier (by this process or another one)."""
         return JobTicket(self, job_id)
@@ -106,7 +120,7 @@ class Grid:
         return DataPointer(self, meta.node, InputRef(kind="dataset", name=meta.name),
                            TensorSpec(shape=meta.shape, dtype=meta.dtype), meta)
 
-    def _submit(self, node: str, job: RunJob) -> JobTicket:
+    def _submit(self, node: str, job: RunJob | BudgetQuery) -> JobTicket:
         job_id = f"{node}:{uuid.uuid4().hex}"
         env = seal_envelope(self.identity, recipient=node, kind=job.kind, job_id=job_id,
                             body=job.model_dump(mode="json"), now=time.time())

@@ -13,16 +13,18 @@ the result at the node, get a :class:`~orchestrator.ticket.JobTicket`) or ``.get
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
+from pydantic import ValidationError
 
-from protocol.messages import DatasetMeta, KeepRelease, RawRelease, RunJob
+from protocol.errors import InvalidRequest
+from protocol.messages import DatasetMeta, DPRelease, KeepRelease, RawRelease, RunJob
 from protocol.plan import Const, InputRef, Plan, Ref, Step, TensorSpec, validate
 
 if TYPE_CHECKING:
     from orchestrator.grid import Grid
-    from orchestrator.ticket import JobTicket
+    from orchestrator.ticket import JobTicket, PrivateValue
 
 class Expression:
     """A lazy computation on one node's data; nothing runs until submit() or get()."""
@@ -57,13 +59,25 @@ class Expression:
 
     # --- running it -----------------------------------------------------------------------
 
-    def submit(self) -> JobTicket:
-        """Run at the node and keep the result there; returns a ticket at once."""
-        return self._grid._submit(self.node, RunJob(plan=self.plan, release=KeepRelease()))
+    def submit(self, epsilon: float | None = None, delta: float = 0.0) -> JobTicket:
+        """Run at the node and keep the result there; returns a ticket at once. With
+        ``epsilon``, the job releases the value with DP instead: ``ticket.private_value()``."""
+        release = KeepRelease() if epsilon is None else _dp_release(epsilon, delta)
+        return self._grid._submit(self.node, RunJob(plan=self.plan, release=release))
 
-    def get(self, timeout: float | None = None) -> torch.Tensor:
-        """Run at the node and release the exact value (allowed users only, as policy says)."""
-        return self._grid._submit(self.node, RunJob(plan=self.plan, release=RawRelease())).value(timeout)
+    @overload
+    def get(self, *, timeout: float | None = None) -> torch.Tensor: ...
+    @overload
+    def get(self, epsilon: float, delta: float = 0.0, *, timeout: float | None = None) -> PrivateValue: ...
+
+    def get(self, epsilon: float | None = None, delta: float = 0.0, *,
+            timeout: float | None = None) -> torch.Tensor | PrivateValue:
+        """Run at the node and release the value: exactly (allowed users, as policy says),
+        or with differential privacy when ``epsilon`` is given — Laplace for a pure ε,
+        Gaussian with a ``delta`` — charged to your budget on each dataset involved."""
+        if epsilon is None:
+            return self._grid._submit(self.node, RunJob(plan=self.plan, release=RawRelease())).value(timeout)
+        return self.submit(epsilon, delta).private_value(timeout)
 
     # --- building it ------------------------------------------------------------------------
 
@@ -196,6 +210,14 @@ def _const_first(op: str, const: Any, expr: Expression) -> Expression:
     last = step._steps[-1]
     swapped = Step(op=last.op, args=[last.args[1], last.args[0]], params=last.params)
     return Expression(expr._grid, expr.node, step._inputs, step._steps[:-1] + (swapped,))
+
+
+def _dp_release(epsilon: float, delta: float) -> DPRelease:
+    try:
+        return DPRelease(epsilon=epsilon, delta=delta)
+    except ValidationError:
+        raise InvalidRequest(f"a DP release needs 0 < epsilon ≤ 100 and 0 ≤ delta < 1, not epsilon={epsilon}, "
+                             f"delta={delta}") from None
 
 
 def _remap(step: Step, mapping: dict[int, int]) -> Step:

@@ -9,6 +9,7 @@ node. ``grid.ticket(ticket.id)`` picks a ticket up again, from any process.
 from __future__ import annotations
 
 import base64
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,7 +19,7 @@ from celery.result import AsyncResult
 from protocol.codec import decode_tensor
 from protocol.contract import PUBLIC
 from protocol.errors import JobFailed, NodeUnavailable, error_from_wire
-from protocol.messages import JobReply, parse_body
+from protocol.messages import JobReply, NoiseInfo, parse_body
 from protocol.plan import InputRef, TensorSpec
 
 if TYPE_CHECKING:
@@ -26,6 +27,26 @@ if TYPE_CHECKING:
     from orchestrator.pointer import DataPointer
 
 _STATES = {"PENDING": "queued", "RECEIVED": "queued", "STARTED": "running", "RETRY": "queued"}
+
+
+@dataclass(frozen=True)
+class PrivateValue:
+    """A differentially private release: the noisy value, and how it was made."""
+
+    value: torch.Tensor
+    noise: NoiseInfo
+
+    def item(self) -> float:
+        return float(self.value.item())
+
+    def __float__(self) -> float:
+        return self.item()
+
+    def __repr__(self) -> str:
+        n = self.noise
+        shown = f"{self.item():.6g}" if self.value.numel() == 1 else f"tensor of shape {tuple(self.value.shape)}"
+        privacy = f"ε={n.epsilon:g}" + (f", δ={n.delta:g}" if n.delta else "")
+        return f"PrivateValue({shown}; {n.mechanism} noise of scale {n.scale:.4g}, {privacy})"
 
 
 class JobTicket:
@@ -91,6 +112,19 @@ class JobTicket:
         else:
             sealed = base64.b64decode(reply.value.sealed or "")
         return decode_tensor(self._grid.identity.unseal(sealed))
+
+    def private_value(self, timeout: float | None = None) -> PrivateValue:
+        """A DP release: the noisy value with its mechanism, ε, δ and noise scale."""
+        reply = self.wait(timeout)._reply
+        assert reply is not None
+        if reply.noise is None:
+            raise JobFailed(f"job {self.id} was not a differentially private release", job_id=self.id)
+        return PrivateValue(self.value(), reply.noise)
+
+    def reply(self, timeout: float | None = None) -> JobReply:
+        reply = self.wait(timeout)._reply
+        assert reply is not None
+        return reply
 
     def _open(self, async_result: AsyncResult) -> JobReply:
         if async_result.state != "SUCCESS":

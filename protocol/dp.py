@@ -44,18 +44,38 @@ def _space(size: int, metric: str) -> tuple[Any, Any]:
     return domain, (dp.l1_distance(T=float) if metric == "l1" else dp.l2_distance(T=float))
 
 
+def calibrate(l1: float, l2: float, epsilon: float, delta: float = 0.0) -> Charge:
+    """The mechanism and noise scale for an (ε, δ) release of a value with these
+    sensitivities, and what it will cost — decided before anything is computed."""
+    _check(epsilon, delta)
+    if delta == 0.0:
+        scale = l1 / epsilon
+        cost = float(dp.m.make_laplace(*_space(1, "l1"), scale=scale).map(l1)) if scale > 0 else epsilon  # type: ignore[no-untyped-call]
+        return Charge("laplace", cost, 0.0, scale=scale)
+    if not 0.0 < delta < 1.0:
+        raise InvalidRequest(f"delta must be in (0, 1), not {delta}")
+    if l2 == 0:
+        return Charge("gaussian", epsilon, delta, rho=0.0, scale=0.0)
+    scale = gaussian_scale(l2, epsilon, delta)
+    rho = float(dp.m.make_gaussian(*_space(1, "l2"), scale=scale).map(l2))  # type: ignore[no-untyped-call]
+    return Charge("gaussian", epsilon, delta, rho=rho, scale=scale)
+
+
+def add_noise(values: torch.Tensor, charge: Charge) -> torch.Tensor:
+    """Apply the calibrated mechanism to ``values`` with OpenDP's samplers (float64 out)."""
+    flat = values.detach().to(torch.float64).flatten()
+    if charge.scale == 0.0:
+        return flat.reshape(values.shape)
+    make = dp.m.make_laplace if charge.mechanism == "laplace" else dp.m.make_gaussian
+    metric = "l1" if charge.mechanism == "laplace" else "l2"
+    measurement = make(*_space(flat.numel(), metric), scale=charge.scale)
+    return torch.tensor(measurement(flat.tolist()), dtype=torch.float64).reshape(values.shape)
+
+
 def laplace(values: torch.Tensor, l1: float, epsilon: float) -> tuple[torch.Tensor, Charge]:
     """Release ``values`` with ε-DP, given their L1 sensitivity."""
-    _check(epsilon, 0.0)
-    scale = l1 / epsilon if l1 > 0 else 0.0
-    if scale == 0.0:
-        return values.clone(), Charge("laplace", epsilon, 0.0, scale=0.0)
-    flat = values.detach().to(torch.float64).flatten()
-    measurement = dp.m.make_laplace(*_space(flat.numel(), "l1"), scale=scale)
-    spent = measurement.map(l1)  # type: ignore[no-untyped-call]
-    noisy = torch.tensor(measurement(flat.tolist()), dtype=torch.float64).reshape(values.shape)
-    return noisy.to(values.dtype if values.is_floating_point() else torch.float64), \
-        Charge("laplace", float(spent), 0.0, scale=scale)
+    charge = calibrate(l1, 0.0, epsilon)
+    return add_noise(values, charge), charge
 
 
 @lru_cache(maxsize=1024)
@@ -71,18 +91,10 @@ def gaussian_scale(l2: float, epsilon: float, delta: float) -> float:
 
 def gaussian(values: torch.Tensor, l2: float, epsilon: float, delta: float) -> tuple[torch.Tensor, Charge]:
     """Release ``values`` with (ε, δ)-DP via zCDP, given their L2 sensitivity."""
-    _check(epsilon, delta)
     if not 0.0 < delta < 1.0:
-        raise InvalidRequest(f"delta must be in (0, 1), not {delta}")
-    if l2 == 0:
-        return values.clone(), Charge("gaussian", epsilon, delta, rho=0.0)
-    scale = gaussian_scale(l2, epsilon, delta)
-    flat = values.detach().to(torch.float64).flatten()
-    measurement = dp.m.make_gaussian(*_space(flat.numel(), "l2"), scale=scale)
-    rho = float(measurement.map(l2))  # type: ignore[no-untyped-call]
-    noisy = torch.tensor(measurement(flat.tolist()), dtype=torch.float64).reshape(values.shape)
-    return noisy.to(values.dtype if values.is_floating_point() else torch.float64), \
-        Charge("gaussian", epsilon, delta, rho=rho, scale=scale)
+        raise InvalidRequest(f"a Gaussian release needs delta in (0, 1), not {delta}")
+    charge = calibrate(0.0, l2, epsilon, delta)
+    return add_noise(values, charge), charge
 
 
 def rho_to_approx(rho: float, delta: float) -> float:

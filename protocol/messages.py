@@ -33,6 +33,8 @@ class DatasetMeta(_Model):
     columns: Annotated[list[Annotated[str, Field(max_length=128)]], Field(max_length=4096)] = []
     description: Text = ""
     tags: Annotated[list[Tag], Field(max_length=32)] = []
+    # declared value bounds, per column (or one pair for every value): public, they make DP possible
+    bounds: Annotated[list[tuple[float, float]], Field(max_length=4096)] | None = None
 
 
 class PointerTicket(_Model):
@@ -60,7 +62,43 @@ class RawRelease(_Model):
     door: Literal["raw"] = "raw"
 
 
-Release = Annotated[KeepRelease | RawRelease, Field(discriminator="door")]
+class DPRelease(_Model):
+    """Release with differential privacy, charged to the requester's budget: Laplace for a
+    pure ε, Gaussian (accounted in zCDP) when a δ is given."""
+
+    door: Literal["dp"] = "dp"
+    epsilon: Annotated[float, Field(gt=0, le=100)]
+    delta: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+
+Release = Annotated[KeepRelease | RawRelease | DPRelease, Field(discriminator="door")]
+
+
+class NoiseInfo(_Model):
+    """How a DP release was made: the released value says so."""
+
+    mechanism: Literal["laplace", "gaussian"]
+    epsilon: float
+    delta: float
+    scale: float
+    sensitivity: float
+
+
+class BudgetInfo(_Model):
+    """A user's privacy budget on one dataset: the total, and what is spent of it."""
+
+    node: Name
+    dataset: Name
+    user: Name
+    epsilon: float
+    delta: float
+    spent_epsilon: float
+    spent_delta: float
+    releases: int
+
+    @property
+    def remaining_epsilon(self) -> float:
+        return max(0.0, self.epsilon - self.spent_epsilon)
 
 
 # --- bodies -----------------------------------------------------------------------------
@@ -87,6 +125,13 @@ class WireError(_Model):
     job_id: Annotated[str, Field(max_length=80)] | None = None
 
 
+class BudgetQuery(_Model):
+    """Data scientist → node: what is left of my budget (on one dataset, or on all)?"""
+
+    kind: Literal["budget"] = "budget"
+    dataset: Name | None = None
+
+
 class JobReply(_Model):
     """Node → data scientist: how the job ended."""
 
@@ -94,6 +139,8 @@ class JobReply(_Model):
     status: Literal["done", "failed", "denied"]
     ticket: PointerTicket | None = None
     value: SealedValue | None = None
+    noise: NoiseInfo | None = None
+    budgets: Annotated[list[BudgetInfo], Field(max_length=1024)] = []
     error: WireError | None = None
 
 
@@ -132,7 +179,7 @@ class GatewayReply(_Model):
 
 
 Body = Annotated[
-    RunJob | JobReply | RegisterNode | PublishDataset | UnpublishDataset | GatewayReply,
+    RunJob | BudgetQuery | JobReply | RegisterNode | PublishDataset | UnpublishDataset | GatewayReply,
     Field(discriminator="kind"),
 ]
 _BODY = TypeAdapter(Body)

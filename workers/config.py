@@ -59,6 +59,9 @@ class UserSection(_Section):
         return self
 
 
+Bounds = dict[str, tuple[float, float]] | tuple[float, float]
+
+
 class DatasetSection(_Section):
     name: Annotated[str, Field(pattern=NAME, max_length=128)]
     path: Path
@@ -66,6 +69,25 @@ class DatasetSection(_Section):
     tags: list[str] = []
     allowed_users: list[str] = []
     columns: list[str] | None = None
+    # value bounds per column name, or one [lo, hi] for every value: what DP sensitivity rests on
+    bounds: Bounds | None = None
+
+
+class UserBudget(_Section):
+    epsilon: Annotated[float, Field(gt=0)]
+    delta: Annotated[float, Field(ge=0, lt=1)] = 1e-6
+
+
+class BudgetSection(_Section):
+    """Privacy budgets per user and dataset: a default, and per-user overrides."""
+
+    default_epsilon: Annotated[float, Field(ge=0)] = 1.0
+    default_delta: Annotated[float, Field(ge=0, lt=1)] = 1e-6
+    users: dict[str, UserBudget] = {}
+
+    def for_user(self, user: str) -> tuple[float, float]:
+        own = self.users.get(user)
+        return (own.epsilon, own.delta) if own else (self.default_epsilon, self.default_delta)
 
 
 class WorkerSection(_Section):
@@ -84,6 +106,7 @@ class NodeConfig(_Section):
     users: dict[str, UserSection] = {}
     datasets: list[DatasetSection] = []
     worker: WorkerSection = WorkerSection()
+    budget: BudgetSection = BudgetSection()
 
     @property
     def id(self) -> str:

@@ -35,9 +35,10 @@ from protocol.contract import (
 from protocol.envelope import seal_envelope
 from protocol.errors import InvalidRequest
 from protocol.messages import DatasetMeta, PublishDataset, RegisterNode, UnpublishDataset
-from workers.config import NodeConfig, load_config
+from workers.config import Bounds, NodeConfig, load_config
 from workers.datasets import load_table
 from workers.jobs import JobRunner
+from workers.ledger import Ledger
 from workers.store import Store
 
 
@@ -60,6 +61,7 @@ class Node:
         self.id = config.id
         self.identity = config.identity()
         self.store = Store(config.node.store, config.database_url)
+        self.ledger = Ledger(self.store, config.id, config.budget)
         self._app = app
         self._redis: redis.Redis | None = None
 
@@ -82,8 +84,12 @@ class Node:
 
     def publish(self, name: str, data: torch.Tensor | np.ndarray | str | Path, *, description: str = "",
                 tags: list[str] | tuple[str, ...] = (), allowed_users: list[str] | tuple[str, ...] = (),
-                columns: list[str] | None = None, notify: bool = True) -> DatasetMeta:
-        """Publish a dataset: the values stay here, the metadata goes to the gateway."""
+                columns: list[str] | None = None, bounds: Bounds | None = None,
+                notify: bool = True) -> DatasetMeta:
+        """Publish a dataset: the values stay here, the metadata goes to the gateway.
+
+        ``bounds`` (per column name, or one ``(lo, hi)`` for every value) are what DP
+        releases rest on; they are public, like the shape."""
         if isinstance(data, str | Path):
             tensor, file_columns = load_table(Path(data))
             columns = columns or file_columns
@@ -92,7 +98,8 @@ class Node:
         if columns and (tensor.ndim != 2 or tensor.shape[1] != len(columns)):
             raise InvalidRequest(f"{len(columns)} column names given for data of shape {tuple(tensor.shape)}")
         meta = DatasetMeta(node=self.id, name=name, shape=tuple(tensor.shape), dtype=dtype_name(tensor.dtype),
-                           columns=list(columns or []), description=description, tags=list(tags))
+                           columns=list(columns or []), description=description, tags=list(tags),
+                           bounds=_bounds_list(bounds, list(columns or []), name))
         self.store.put_dataset(meta, tensor, list(allowed_users))
         if notify:
             self._tell_gateway(PublishDataset(dataset=meta))
@@ -108,7 +115,7 @@ class Node:
     def load_config_datasets(self) -> list[DatasetMeta]:
         """(Re)load the datasets the config names from their files, without telling anyone."""
         return [self.publish(ds.name, ds.path, description=ds.description, tags=ds.tags,
-                             allowed_users=ds.allowed_users, columns=ds.columns, notify=False)
+                             allowed_users=ds.allowed_users, columns=ds.columns, bounds=ds.bounds, notify=False)
                 for ds in self.config.datasets]
 
     def register(self) -> None:
@@ -118,7 +125,7 @@ class Node:
     # --- the worker's side -----------------------------------------------------------------
 
     def runner(self) -> JobRunner:
-        return JobRunner(self.id, self.identity, self.config.keyring(), self.store, self._claim_check)
+        return JobRunner(self.id, self.identity, self.config.keyring(), self.store, self.ledger, self._claim_check)
 
     def _claim_check(self, sealed: bytes) -> str:
         """Keep sealed bytes in Redis under a random key with a TTL; return the key."""
@@ -135,6 +142,25 @@ class Node:
                             body=body.model_dump(mode="json"), now=time.time(), ttl=24 * 3600)
         task = {"register": Tasks.REGISTER, "publish": Tasks.PUBLISH, "unpublish": Tasks.UNPUBLISH}[body.kind]
         self.app.send_task(task, args=[env.model_dump(mode="json")], queue=GATEWAY_QUEUE, task_id=job_id)
+
+
+def _bounds_list(bounds: Bounds | None, columns: list[str], dataset: str) -> list[tuple[float, float]] | None:
+    """Declared bounds as one (lo, hi) per column, or a single pair for every value."""
+    if bounds is None:
+        return None
+    if isinstance(bounds, dict):
+        unknown = set(bounds) - set(columns)
+        missing = [c for c in columns if c not in bounds]
+        if unknown or missing:
+            raise InvalidRequest(f"bounds of {dataset!r} must name every column {columns} and no other "
+                                 f"(unknown: {sorted(unknown)}, missing: {missing})")
+        pairs = [tuple(bounds[c]) for c in columns]
+    else:
+        pairs = [tuple(bounds)]
+    for lo, hi in pairs:
+        if not lo <= hi:
+            raise InvalidRequest(f"bounds of {dataset!r}: lower bound {lo} is above upper bound {hi}")
+    return [(float(lo), float(hi)) for lo, hi in pairs]
 
 
 def worker_tasks(app: Celery, config: NodeConfig) -> None:

@@ -5,7 +5,7 @@ leaves only through a door, checked in order:
 
 1. **raw** — the requester is in ``allowed_users`` of every private input of the plan;
 2. **approved** — the owner approved this exact job (approval queue, next issue);
-3. **differentially private** — an (ε, δ) release charged to a budget (next issue).
+3. **differentially private** — an (ε, δ) release charged to a budget (:mod:`workers.ledger`).
 
 Everything else is :class:`PermissionDenied`, naming the datasets whose door was closed.
 """
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from protocol.errors import PermissionDenied
-from protocol.messages import KeepRelease, RawRelease
+from protocol.messages import DPRelease, KeepRelease, RawRelease
 
 
 @dataclass(frozen=True)
@@ -27,18 +27,21 @@ class Source:
     allowed_users: Sequence[str]
 
 
-def authorize(requester: str, release: KeepRelease | RawRelease, sources: Sequence[Source],
+def authorize(requester: str, release: KeepRelease | RawRelease | DPRelease, sources: Sequence[Source],
               node: str, job_id: str | None = None) -> str:
-    """Return the door the value leaves by (``keep`` or ``raw``), or raise why not."""
+    """Return the door the value leaves by (``keep``, ``raw`` or ``dp``), or raise why not.
+    A DP release is asked for explicitly; its budget is checked by the ledger."""
     if isinstance(release, KeepRelease):
         return "keep"
+    if isinstance(release, DPRelease):
+        return "dp"
     closed = sorted({s.dataset for s in sources if requester not in s.allowed_users})
     if not closed:
         return "raw"
     raise PermissionDenied(
         f"{requester!r} may not see raw values derived from {', '.join(closed)} on {node!r}: "
-        f"only its allowed users may. Keep the result at the node and compute further on it, "
-        f"or ask the owner for access",
+        f"only its allowed users may. Ask for a differentially private release (.get(epsilon=…)), "
+        f"keep the result at the node and compute further on it, or ask the owner for access",
         job_id=job_id,
     )
 

@@ -64,6 +64,31 @@ class JobRow(Base):
     updated_at: Mapped[float] = mapped_column(Float)
 
 
+class BudgetRow(Base):
+    """A budget the owner set for one user on one dataset (else the config's applies)."""
+
+    __tablename__ = "budgets"
+    user: Mapped[str] = mapped_column(String(64), primary_key=True)
+    dataset: Mapped[str] = mapped_column(String(128), primary_key=True)
+    epsilon: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+
+
+class ChargeRow(Base):
+    """The ledger: one row per DP release and dataset, keyed by job id (charged once)."""
+
+    __tablename__ = "charges"
+    job_id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    dataset: Mapped[str] = mapped_column(String(128), primary_key=True)
+    user: Mapped[str] = mapped_column(String(64), index=True)
+    mechanism: Mapped[str] = mapped_column(String(16))
+    epsilon: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+    rho: Mapped[float] = mapped_column(Float)
+    scale: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
 class NonceRow(Base):
     __tablename__ = "nonces"
     sender: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -73,11 +98,18 @@ class NonceRow(Base):
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None  # transactions are begun by _sqlite_begin, not by the driver
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")  # the admin API and the worker share the file
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=10000")
     cur.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    # Take the write lock when a transaction starts, not at its first write: a budget check
+    # and its charge can then never interleave with another process's (no lost updates).
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 class Store:
@@ -90,6 +122,7 @@ class Store:
         self.engine = create_engine(database_url)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "begin", _sqlite_begin)
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._cache: dict[str, tuple[float, torch.Tensor]] = {}

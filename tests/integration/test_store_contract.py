@@ -84,3 +84,32 @@ def test_nonces_tell_replays_from_redeliveries(store: Store) -> None:
     assert store.remember("alice", "n1", "delivery-1", far)  # the broker delivered it again
     assert not store.remember("alice", "n1", "delivery-2", far)  # the same envelope, another message
     assert store.remember("bob", "n1", "delivery-2", far)  # nonces are per sender
+
+
+def test_the_ledger_never_overspends_under_concurrent_charges(store: Store) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from protocol.dp import Charge
+    from protocol.errors import BudgetExhausted
+    from workers.config import BudgetSection
+    from workers.ledger import Ledger
+
+    ledger = Ledger(store, "n", BudgetSection(default_epsilon=1.0))
+    store.put_dataset(_meta("d", (3, 2)), torch.zeros(3, 2), [])
+
+    def charge(i: int) -> str:
+        job = f"job-{i}"
+        store.begin_job(job, "carol")
+        try:
+            ledger.charge_with_reply(job, "carol", ["d"], Charge("laplace", 0.1, 0.0), "done", {"i": i})
+            return "charged"
+        except BudgetExhausted:
+            return "refused"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(charge, range(32)))
+    assert outcomes.count("charged") == 10 and outcomes.count("refused") == 22
+    info = ledger.info("carol", "d")
+    assert info.releases == 10 and info.spent_epsilon == 1.0
+    ledger.set("carol", "d", 2.0, 1e-6)  # the owner raises the budget: what is spent stays spent
+    assert ledger.info("carol", "d").remaining_epsilon == 1.0

@@ -18,6 +18,8 @@ app.add_typer(node, name="node")
 budget = typer.Typer(help="Privacy budgets of a node's users (owner side).", no_args_is_help=True)
 app.add_typer(gateway, name="gateway")
 app.add_typer(budget, name="budget")
+requests_app = typer.Typer(help="The owner's approval queue.", no_args_is_help=True)
+app.add_typer(requests_app, name="requests")
 
 BROKER = typer.Option("redis://127.0.0.1:6379/0", "--broker", envvar="GRIDQ_BROKER", help="Redis URL")
 
@@ -108,6 +110,75 @@ def budget_set(config: Path, user: str, dataset: str, epsilon: float = typer.Opt
         node.close()
 
 
+@requests_app.command("list")
+def requests_list(config: Path, all_: bool = typer.Option(False, "--all", help="decided ones too")) -> None:
+    """Requests waiting for your decision."""
+    from datetime import datetime
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from workers import Node
+
+    node = Node.from_config(config)
+    try:
+        table = Table("id", "when", "who", "kind", "datasets", "release", "status")
+        for r in node.requests(None if all_ else "pending"):
+            when = datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M:%S")
+            table.add_row(r.job_id, when, r.requester, r.kind, ", ".join(r.datasets), r.release, r.status)
+        Console().print(table)
+    finally:
+        node.close()
+
+
+@requests_app.command("show")
+def requests_show(config: Path, request_id: str) -> None:
+    """Everything about one request: who, when, what it computes, what it releases."""
+    from datetime import datetime
+
+    from workers import Node
+
+    node = Node.from_config(config)
+    try:
+        r = node.request(request_id)
+        typer.echo(f"request  {r.job_id}\nfrom     {r.requester}\n"
+                   f"when     {datetime.fromtimestamp(r.created_at):%Y-%m-%d %H:%M:%S}\nkind     {r.kind}\n"
+                   f"datasets {', '.join(r.datasets)}\nrelease  {r.release}\nstatus   {r.status}"
+                   + (f" ({r.decision})" if r.decision else ""))
+        if r.reason:
+            typer.echo(f"reason   {r.reason}")
+        typer.echo("plan:\n  " + r.summary.replace("\n", "\n  "))
+    finally:
+        node.close()
+
+
+@requests_app.command("approve")
+def requests_approve(config: Path, request_id: str) -> None:
+    """Approve: the job runs as asked and the requester's ticket completes."""
+    from workers import Node
+
+    node = Node.from_config(config)
+    try:
+        node.approve(request_id)
+        typer.echo(f"approved {request_id}: its requester has the answer")
+    finally:
+        node.close()
+
+
+@requests_app.command("deny")
+def requests_deny(config: Path, request_id: str,
+                  reason: str = typer.Option(..., "--reason", help="the requester reads it")) -> None:
+    """Deny, with a reason: the requester's ticket raises RequestDenied."""
+    from workers import Node
+
+    node = Node.from_config(config)
+    try:
+        node.deny(request_id, reason)
+        typer.echo(f"denied {request_id}")
+    finally:
+        node.close()
+
+
 @app.command()
 def flower(broker: str = BROKER, port: int = 5555, address: str = "127.0.0.1") -> None:
     """Open Celery Flower on the grid's broker (http://127.0.0.1:5555)."""
@@ -144,7 +215,13 @@ def status(broker: str = BROKER, identity: Path = typer.Option(None, help="a key
 
 
 def main() -> None:
-    app()
+    from protocol.errors import GridError
+
+    try:
+        app()
+    except GridError as exc:  # a typed error is for people: its message, not a traceback
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from protocol.envelope import Envelope, MemoryNonceStore, open_envelope, seal_en
 from protocol.errors import NodeUnavailable, NotFound, error_from_wire
 from protocol.identity import Identity, PublicIdentity
 from protocol.messages import (
+    AccessRequest,
     BudgetInfo,
     BudgetQuery,
     DatasetMeta,
@@ -120,7 +121,7 @@ class Grid:
         return DataPointer(self, meta.node, InputRef(kind="dataset", name=meta.name),
                            TensorSpec(shape=meta.shape, dtype=meta.dtype), meta)
 
-    def _submit(self, node: str, job: RunJob | BudgetQuery) -> JobTicket:
+    def _submit(self, node: str, job: RunJob | BudgetQuery | AccessRequest) -> JobTicket:
         job_id = f"{node}:{uuid.uuid4().hex}"
         env = seal_envelope(self.identity, recipient=node, kind=job.kind, job_id=job_id,
                             body=job.model_dump(mode="json"), now=time.time())

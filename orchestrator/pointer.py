@@ -19,7 +19,7 @@ import torch
 from pydantic import ValidationError
 
 from protocol.errors import InvalidRequest
-from protocol.messages import DatasetMeta, DPRelease, KeepRelease, RawRelease, RunJob
+from protocol.messages import AccessRequest, DatasetMeta, DPRelease, KeepRelease, RawRelease, RunJob
 from protocol.plan import Const, InputRef, Plan, Ref, Step, TensorSpec, validate
 
 if TYPE_CHECKING:
@@ -190,6 +190,13 @@ class DataPointer(Expression):
         self.kind = ref.kind
         self.description = meta.description if meta else ""
         self.tags = tuple(meta.tags) if meta else ()
+
+    def request_access(self, reason: str) -> JobTicket:
+        """Ask the owner to make you an allowed user of this dataset; the ticket completes
+        when the owner approves (or raises RequestDenied with the owner's reason)."""
+        if self.kind != "dataset":
+            raise InvalidRequest("access is granted to datasets; this pointer is a kept result")
+        return self._grid._submit(self.node, AccessRequest(dataset=self.name, reason=reason))
 
     def __repr__(self) -> str:
         tags = " ".join(self.tags)

@@ -1,7 +1,7 @@
 """Job tickets: the handle a data scientist holds on a job while it runs at a node.
 
 A ticket comes back at once from ``expr.submit()``. Its ``status`` moves through
-``queued → running → done | failed | denied``; ``wait()`` blocks until the end;
+``queued → pending_approval → running → done | failed | denied``; ``wait()`` blocks until the end;
 ``result()`` gives a :class:`~orchestrator.pointer.DataPointer` to the result kept at the
 node. ``grid.ticket(ticket.id)`` picks a ticket up again, from any process.
 """
@@ -17,8 +17,8 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
 from protocol.codec import decode_tensor
-from protocol.contract import PUBLIC
-from protocol.errors import JobFailed, NodeUnavailable, error_from_wire
+from protocol.contract import PENDING_APPROVAL, PUBLIC
+from protocol.errors import ApprovalRequired, JobFailed, NodeUnavailable, error_from_wire
 from protocol.messages import JobReply, NoiseInfo, parse_body
 from protocol.plan import InputRef, TensorSpec
 
@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from orchestrator.grid import Grid
     from orchestrator.pointer import DataPointer
 
-_STATES = {"PENDING": "queued", "RECEIVED": "queued", "STARTED": "running", "RETRY": "queued"}
+_STATES = {"PENDING": "queued", "RECEIVED": "queued", "STARTED": "running", "RETRY": "queued",
+           PENDING_APPROVAL: "pending_approval"}
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,10 @@ class JobTicket:
                 state = _STATES.get(async_result.state, "queued")
                 # stop listening for it now, while the broker is there (not whenever it is collected)
                 self._grid.app.backend.remove_pending_result(async_result)
+                if state == "pending_approval":
+                    raise ApprovalRequired(
+                        f"job {self.id} waits for the approval of {self.node!r}'s owner; wait longer, or pick it "
+                        f"up later with grid.ticket({self.id!r})", job_id=self.id) from None
                 hint = ("no worker of this node took it: is the node running?" if state == "queued"
                         else "it is still running")
                 raise NodeUnavailable(

@@ -29,6 +29,8 @@ class Tasks:
     NODES = "gridq.gateway.nodes"
 
 
+PENDING_APPROVAL = "PENDING_APPROVAL"  # the Celery state of a job parked for the owner's approval
+
 CLAIM_CHECK_PREFIX = "gridq:blob:"
 CLAIM_CHECK_THRESHOLD = 256 * 1024  # sealed values above this travel by claim-check
 CLAIM_CHECK_TTL_SECONDS = 3600

@@ -13,6 +13,7 @@ the code back into the matching type with :func:`error_from_wire`.
     │   ├── WrongRecipient
     │   └── IncompatibleProtocol
     ├── PermissionDenied               trusted sender, but no door of the release policy opens
+    │   └── RequestDenied              the owner denied this request (with a reason)
     ├── ApprovalRequired               the owner must approve this job first (ticket parked)
     ├── BudgetExhausted                the privacy budget does not cover the request
     ├── InvalidRequest                 malformed or oversized input
@@ -79,6 +80,10 @@ class IncompatibleProtocol(AuthenticationError):
 
 class PermissionDenied(GridError):
     code = "permission_denied"
+
+
+class RequestDenied(PermissionDenied):
+    code = "request_denied"
 
 
 class ApprovalRequired(GridError):

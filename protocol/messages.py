@@ -132,11 +132,20 @@ class BudgetQuery(_Model):
     dataset: Name | None = None
 
 
+class AccessRequest(_Model):
+    """Data scientist → node: please make me an allowed user of this dataset (always
+    waits for the owner's decision)."""
+
+    kind: Literal["access"] = "access"
+    dataset: Name
+    reason: Annotated[str, Field(min_length=1, max_length=2000)]
+
+
 class JobReply(_Model):
     """Node → data scientist: how the job ended."""
 
     kind: Literal["job_reply"] = "job_reply"
-    status: Literal["done", "failed", "denied"]
+    status: Literal["done", "failed", "denied", "pending_approval"]
     ticket: PointerTicket | None = None
     value: SealedValue | None = None
     noise: NoiseInfo | None = None
@@ -179,7 +188,7 @@ class GatewayReply(_Model):
 
 
 Body = Annotated[
-    RunJob | BudgetQuery | JobReply | RegisterNode | PublishDataset | UnpublishDataset | GatewayReply,
+    RunJob | BudgetQuery | AccessRequest | JobReply | RegisterNode | PublishDataset | UnpublishDataset | GatewayReply,
     Field(discriminator="kind"),
 ]
 _BODY = TypeAdapter(Body)

@@ -25,7 +25,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -101,12 +101,41 @@ class WorkerSection(_Section):
     torch_threads: Annotated[int, Field(ge=1, le=256)] = 1
 
 
+JOB_KINDS = ("compute", "raw_if_allowed", "dp", "raw", "access")
+JobKind = Literal["compute", "raw_if_allowed", "dp"]  # the kinds that may be approved automatically
+
+
+class UserApproval(_Section):
+    auto: list[JobKind]
+
+
+class ApprovalSection(_Section):
+    """Which jobs wait for the owner. Kinds: ``compute`` (result kept at the node),
+    ``raw_if_allowed`` (exact value for an allowed user), ``dp`` (a DP release), ``raw``
+    (exact value for anyone else: the approved door) and ``access`` (a request to become
+    an allowed user). ``raw`` and ``access`` always wait; with ``default = "auto"`` the
+    others run at once, with ``"manual"`` only the ``auto`` kinds do."""
+
+    default: Literal["auto", "manual"] = "auto"
+    auto: list[JobKind] = ["compute", "raw_if_allowed", "dp"]
+    users: dict[str, UserApproval] = {}
+
+    def automatic(self, user: str, kind: str) -> bool:
+        if kind in ("raw", "access"):
+            return False
+        if self.default == "auto" and user not in self.users:
+            return True
+        own = self.users.get(user)
+        return kind in (own.auto if own else self.auto)
+
+
 class NodeConfig(_Section):
     node: NodeSection
     users: dict[str, UserSection] = {}
     datasets: list[DatasetSection] = []
     worker: WorkerSection = WorkerSection()
     budget: BudgetSection = BudgetSection()
+    approval: ApprovalSection = ApprovalSection()
 
     @property
     def id(self) -> str:

@@ -22,7 +22,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from protocol.codec import dtype_name, encode_tensor
 from protocol.contract import CLAIM_CHECK_THRESHOLD, PUBLIC
 from protocol.dp import add_noise
-from protocol.envelope import open_envelope, seal_envelope
+from protocol.envelope import Envelope, open_envelope, seal_envelope
 from protocol.errors import (
     AuthenticationError,
     BudgetExhausted,
@@ -33,18 +33,23 @@ from protocol.errors import (
 )
 from protocol.identity import Identity, PublicIdentity
 from protocol.messages import (
+    AccessRequest,
     BudgetQuery,
     DPRelease,
     JobReply,
+    KeepRelease,
     PointerTicket,
+    RawRelease,
     RunJob,
     SealedValue,
     WireError,
     parse_body,
 )
 from protocol.plan import TensorSpec, evaluate, validate
+from workers.approvals import Parked, Requests
+from workers.config import ApprovalSection
 from workers.ledger import Ledger
-from workers.policy import Source, authorize
+from workers.policy import Source, authorize, job_kind
 from workers.release import PendingCharge, calibrate_release
 from workers.store import Store
 
@@ -56,8 +61,10 @@ ClaimCheck = Callable[[bytes], str]  # stores sealed bytes, returns their key
 
 class JobRunner:
     def __init__(self, node_id: str, identity: Identity, keyring: dict[str, PublicIdentity],
-                 store: Store, ledger: Ledger, claim_check: ClaimCheck) -> None:
+                 store: Store, ledger: Ledger, approval: ApprovalSection, claim_check: ClaimCheck) -> None:
         self.node_id = node_id
+        self.approval = approval
+        self.requests = Requests(store)
         self.identity = identity
         self.keyring = keyring
         self.store = store
@@ -80,33 +87,63 @@ class JobRunner:
         if job.reply is not None:
             log.info("job %s delivered again; answering with its recorded reply", env.job_id)
             return job.reply
-        charge: PendingCharge | None = None
         try:
-            body = parse_body(env.body_json(), env.job_id)
+            reply, charge = self._execute(env.sender, env.job_id, env.body_json(), approved=False)
+        except Parked as parked:
+            self.requests.park(env.job_id, env.sender, env.model_dump(mode="json"), parked)
+            log.info("job %s of %r waits for the owner's approval (%s)", env.job_id, env.sender, parked.kind)
+            reply, charge = JobReply(status="pending_approval"), None
+        return self._record(env.sender, env.job_id, reply, charge)
+
+    def run_approved(self, job_id: str) -> dict[str, Any]:
+        """Run a job the owner approved, as it was asked (its envelope was verified on arrival)."""
+        env = Envelope.model_validate(self.requests.get(job_id).envelope)
+        reply, charge = self._execute(env.sender, env.job_id, env.body_json(), approved=True)
+        return self._record(env.sender, env.job_id, reply, charge)
+
+    def refuse(self, job_id: str, error: GridError) -> dict[str, Any]:
+        """Answer a parked job with the owner's refusal."""
+        request = self.requests.get(job_id)
+        return self._record(request.requester, job_id, _failure(error, job_id), None)
+
+    @staticmethod
+    def is_parked(signed: dict[str, Any]) -> bool:
+        return '"status":"pending_approval"' in str(signed.get("body", ""))
+
+    # --- the work ---------------------------------------------------------------------------
+
+    def _execute(self, requester: str, job_id: str, body_json: Any, *, approved: bool
+                 ) -> tuple[JobReply, PendingCharge | None]:
+        """Parse and run one verified message; every failure becomes a reply (Parked excepted)."""
+        try:
+            body = parse_body(body_json, job_id)
             if isinstance(body, BudgetQuery):
-                reply = self._budgets(env.sender, body)
-            elif isinstance(body, RunJob):
-                reply, charge = self._run(env.sender, env.job_id, body)
-            else:
-                raise InvalidRequest(f"a node runs jobs; it does not take {body.kind!r} messages")
-        except GridError as exc:
-            reply = _failure(exc, env.job_id)
-        except SoftTimeLimitExceeded:
-            reply = _failure(JobFailed("the job ran past this node's time limit; split it into smaller plans"),
-                             env.job_id)
+                return self._budgets(requester, body), None
+            if isinstance(body, AccessRequest):
+                return self._access(requester, job_id, body, approved), None
+            if isinstance(body, RunJob):
+                return self._run(requester, job_id, body, approved)
+            raise InvalidRequest(f"a node runs jobs; it does not take {body.kind!r} messages")
+        except (GridError, Parked, SoftTimeLimitExceeded) as exc:
+            if isinstance(exc, Parked):
+                raise
+            if isinstance(exc, SoftTimeLimitExceeded):
+                exc = JobFailed("the job ran past this node's time limit; split it into smaller plans")
+            return _failure(exc, job_id), None
         except Exception:  # a bug or a resource problem: the owner's log has the details
-            log.exception("job %s failed", env.job_id)
-            reply = _failure(JobFailed("the job failed at the node; the owner's log has details"),
-                             env.job_id)
-        signed = self._sign(env.sender, env.job_id, reply)
+            log.exception("job %s failed", job_id)
+            return _failure(JobFailed("the job failed at the node; the owner's log has details"), job_id), None
+
+    def _record(self, requester: str, job_id: str, reply: JobReply, charge: PendingCharge | None
+                ) -> dict[str, Any]:
+        signed = self._sign(requester, job_id, reply)
         if charge is not None:  # a DP release leaves only if its charge is recorded with it
             try:
-                self.ledger.charge_with_reply(env.job_id, env.sender, charge.datasets, charge.charge,
-                                              reply.status, signed)
+                self.ledger.charge_with_reply(job_id, requester, charge.datasets, charge.charge, reply.status, signed)
                 return signed
             except BudgetExhausted as exc:
-                signed = self._sign(env.sender, env.job_id, _failure(exc, env.job_id))
-        self.store.finish_job(env.job_id, reply.status, signed)
+                signed = self._sign(requester, job_id, _failure(exc, job_id))
+        self.store.finish_job(job_id, reply.status, signed)
         return signed
 
     def _budgets(self, requester: str, query: BudgetQuery) -> JobReply:
@@ -115,7 +152,18 @@ class JobRunner:
             self.store.dataset_row(name)  # NotFound for a dataset that is not here
         return JobReply(status="done", budgets=[self.ledger.info(requester, name) for name in names])
 
-    def _run(self, requester: str, job_id: str, job: RunJob) -> tuple[JobReply, PendingCharge | None]:
+    def _access(self, requester: str, job_id: str, request: AccessRequest, approved: bool) -> JobReply:
+        row = self.store.dataset_row(request.dataset)
+        if requester in row.allowed_users:
+            return JobReply(status="done")
+        if not approved:
+            raise Parked("access", [request.dataset], f"make {requester!r} an allowed user of {request.dataset}",
+                         "access", request.reason)
+        self.store.allow(request.dataset, requester)
+        return JobReply(status="done")
+
+    def _run(self, requester: str, job_id: str, job: RunJob, approved: bool
+             ) -> tuple[JobReply, PendingCharge | None]:
         inputs, specs, sources = [], [], []
         for ref in job.plan.inputs:
             if ref.kind == "dataset":
@@ -126,22 +174,26 @@ class JobRunner:
                 sources.extend(Source(n, self.store.dataset_row(n).allowed_users) for n in obj.sources)
             inputs.append(tensor)
             specs.append(TensorSpec(shape=tuple(tensor.shape), dtype=dtype_name(tensor.dtype)))
-        door = authorize(requester, job.release, sources, self.node_id, job_id)
-        if isinstance(job.release, DPRelease):
-            charge = calibrate_release(job.plan, job.release, [self.store.dataset_row(r.name).meta
-                                                               for r in job.plan.inputs if r.kind == "dataset"])
-            datasets = [r.name for r in job.plan.inputs]
-            self.ledger.precheck(requester, datasets, charge.charge, job_id)  # before any work
         validate(job.plan, specs)
-        result = evaluate(job.plan, inputs)
+        door = authorize(requester, job.release, sources, self.node_id, self.approval, approved=approved,
+                         job_id=job_id)
+        datasets = sorted({s.dataset for s in sources})
+        if door == "park":
+            raise Parked(job_kind(requester, job.release, sources), datasets, job.plan.describe(),
+                         _describe(job.release))
+        calibrated = None
         if isinstance(job.release, DPRelease):
-            noisy = add_noise(result, charge.charge)
-            return (JobReply(status="done", value=self._seal(requester, noisy), noise=charge.noise),
-                    PendingCharge(datasets, charge.charge))
+            calibrated = calibrate_release(job.plan, job.release, [self.store.dataset_row(r.name).meta
+                                                                   for r in job.plan.inputs if r.kind == "dataset"])
+            self.ledger.precheck(requester, datasets, calibrated.charge, job_id)  # before any work
+        result = evaluate(job.plan, inputs)
+        if calibrated is not None:
+            noisy = add_noise(result, calibrated.charge)
+            return (JobReply(status="done", value=self._seal(requester, noisy), noise=calibrated.noise),
+                    PendingCharge(datasets, calibrated.charge))
         if door == "keep":
             object_id = "obj-" + hashlib.sha256(job_id.encode()).hexdigest()[:32]  # safe as a file name
-            obj = self.store.put_object(object_id, job_id, requester, result,
-                                        [s.dataset for s in sources])
+            obj = self.store.put_object(object_id, job_id, requester, result, datasets)
             ticket = PointerTicket(node=self.node_id, object_id=obj.id, job_id=job_id,
                                    shape=tuple(obj.shape), dtype=obj.dtype, sources=obj.sources)
             return JobReply(status="done", ticket=ticket), None
@@ -157,6 +209,12 @@ class JobRunner:
         env = seal_envelope(self.identity, recipient=recipient, kind=reply.kind, job_id=job_id,
                             body=reply.model_dump(mode="json"), now=time.time())
         return env.model_dump(mode="json")
+
+
+def _describe(release: KeepRelease | RawRelease | DPRelease) -> str:
+    if isinstance(release, DPRelease):
+        return f"dp (ε={release.epsilon:g}" + (f", δ={release.delta:g})" if release.delta else ")")
+    return release.door
 
 
 def _failure(exc: GridError, job_id: str) -> JobReply:

@@ -21,6 +21,7 @@ import numpy as np
 import redis
 import torch
 from celery import Celery
+from celery.exceptions import Ignore
 
 from protocol.codec import dtype_name
 from protocol.contract import (
@@ -28,18 +29,20 @@ from protocol.contract import (
     CLAIM_CHECK_TTL_SECONDS,
     GATEWAY,
     GATEWAY_QUEUE,
+    PENDING_APPROVAL,
     Tasks,
     celery_settings,
     node_queue,
 )
 from protocol.envelope import seal_envelope
-from protocol.errors import InvalidRequest
+from protocol.errors import InvalidRequest, RequestDenied
 from protocol.messages import DatasetMeta, PublishDataset, RegisterNode, UnpublishDataset
+from workers.approvals import Requests
 from workers.config import Bounds, NodeConfig, load_config
 from workers.datasets import load_table
 from workers.jobs import JobRunner
 from workers.ledger import Ledger
-from workers.store import Store
+from workers.store import RequestRow, Store
 
 
 def make_celery(config: NodeConfig) -> Celery:
@@ -122,10 +125,36 @@ class Node:
         """Announce this node, its public key and its datasets' metadata to the gateway."""
         self._tell_gateway(RegisterNode(public_key=self.identity.public.text(), datasets=self.datasets()))
 
+    # --- the approval queue ----------------------------------------------------------------
+
+    def requests(self, status: str | None = "pending") -> list[RequestRow]:
+        """Requests waiting for a decision (``status=None``: every request, decided or not)."""
+        return Requests(self.store).list(status)
+
+    def request(self, job_id: str) -> RequestRow:
+        return Requests(self.store).get(job_id)
+
+    def approve(self, job_id: str) -> dict[str, Any]:
+        """Run the request as it was asked and complete the requester's ticket."""
+        Requests(self.store).decide(job_id, "approved")
+        signed = self.runner().run_approved(job_id)
+        self.app.backend.store_result(job_id, signed, "SUCCESS")
+        return signed
+
+    def deny(self, job_id: str, reason: str) -> None:
+        """Refuse the request; the requester's ticket raises RequestDenied with ``reason``."""
+        if not reason.strip():
+            raise InvalidRequest("say why the request is denied: the requester reads the reason")
+        request = Requests(self.store).decide(job_id, "denied", reason)
+        error = RequestDenied(f"the owner of {self.id!r} denied {request.requester!r}'s {request.kind} request "
+                              f"on {', '.join(request.datasets)}: {reason}", job_id=job_id)
+        self.app.backend.store_result(job_id, self.runner().refuse(job_id, error), "SUCCESS")
+
     # --- the worker's side -----------------------------------------------------------------
 
     def runner(self) -> JobRunner:
-        return JobRunner(self.id, self.identity, self.config.keyring(), self.store, self.ledger, self._claim_check)
+        return JobRunner(self.id, self.identity, self.config.keyring(), self.store, self.ledger,
+                         self.config.approval, self._claim_check)
 
     def _claim_check(self, sealed: bytes) -> str:
         """Keep sealed bytes in Redis under a random key with a TTL; return the key."""
@@ -174,4 +203,10 @@ def worker_tasks(app: Celery, config: NodeConfig) -> None:
         if "runner" not in holder:
             torch.set_num_threads(config.worker.torch_threads)
             holder["runner"] = Node(config, app).runner()
-        return holder["runner"].handle(envelope, delivery_id=self.request.id)
+        signed: dict[str, Any] = holder["runner"].handle(envelope, delivery_id=self.request.id)
+        if JobRunner.is_parked(signed):
+            # not finished: the ticket reads pending_approval until the owner decides, and
+            # the decision is stored under this job id by Node.approve / Node.deny
+            self.update_state(state=PENDING_APPROVAL, meta=signed)
+            raise Ignore()
+        return signed

@@ -1,12 +1,13 @@
 """The release policy (ARCHITECTURE.md §6): when may a value leave this node?
 
-Computing is always allowed: a result kept at the node (``keep``) leaves nothing. A value
-leaves only through a door, checked in order:
+Computing is allowed by default: a result kept at the node (``keep``) leaves nothing. A
+value leaves only through a door, checked in order:
 
 1. **raw** — the requester is in ``allowed_users`` of every private input of the plan;
-2. **approved** — the owner approved this exact job (approval queue, next issue);
+2. **approved** — the owner approved this exact job (:mod:`workers.approvals`);
 3. **differentially private** — an (ε, δ) release charged to a budget (:mod:`workers.ledger`).
 
+The node's ``[approval]`` policy decides which kinds of job wait for the owner first.
 Everything else is :class:`PermissionDenied`, naming the datasets whose door was closed.
 """
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from protocol.errors import PermissionDenied
 from protocol.messages import DPRelease, KeepRelease, RawRelease
+from workers.config import ApprovalSection
 
 
 @dataclass(frozen=True)
@@ -27,21 +29,28 @@ class Source:
     allowed_users: Sequence[str]
 
 
-def authorize(requester: str, release: KeepRelease | RawRelease | DPRelease, sources: Sequence[Source],
-              node: str, job_id: str | None = None) -> str:
-    """Return the door the value leaves by (``keep``, ``raw`` or ``dp``), or raise why not.
-    A DP release is asked for explicitly; its budget is checked by the ledger."""
+def job_kind(requester: str, release: KeepRelease | RawRelease | DPRelease, sources: Sequence[Source]) -> str:
+    """The kind of job, as the approval policy names it."""
     if isinstance(release, KeepRelease):
-        return "keep"
+        return "compute"
     if isinstance(release, DPRelease):
         return "dp"
-    closed = sorted({s.dataset for s in sources if requester not in s.allowed_users})
-    if not closed:
-        return "raw"
-    raise PermissionDenied(
-        f"{requester!r} may not see raw values derived from {', '.join(closed)} on {node!r}: "
-        f"only its allowed users may. Ask for a differentially private release (.get(epsilon=…)), "
-        f"keep the result at the node and compute further on it, or ask the owner for access",
-        job_id=job_id,
-    )
+    return "raw_if_allowed" if all(requester in s.allowed_users for s in sources) else "raw"
 
+
+def authorize(requester: str, release: KeepRelease | RawRelease | DPRelease, sources: Sequence[Source],
+              node: str, approval: ApprovalSection, *, approved: bool = False, job_id: str | None = None) -> str:
+    """The door the value leaves by (``keep``, ``raw``, ``approved`` or ``dp``), ``park``
+    if the job must wait for the owner, or PermissionDenied saying why not."""
+    kind = job_kind(requester, release, sources)
+    door = {"compute": "keep", "dp": "dp", "raw_if_allowed": "raw", "raw": "approved"}[kind]
+    if approved or approval.automatic(requester, kind):
+        return door
+    if kind == "raw" and approval.default == "auto":
+        closed = sorted({s.dataset for s in sources if requester not in s.allowed_users})
+        raise PermissionDenied(
+            f"{requester!r} may not see raw values derived from {', '.join(closed)} on {node!r}: only its "
+            "allowed users may. Ask for a differentially private release (.get(epsilon=…)), keep the result "
+            "at the node and compute further on it, or ask the owner for access (.request_access(reason))",
+            job_id=job_id)
+    return "park"

@@ -89,6 +89,25 @@ class ChargeRow(Base):
     created_at: Mapped[float] = mapped_column(Float)
 
 
+class RequestRow(Base):
+    """A job waiting for the owner's decision: what a person needs to judge it, and the
+    verified envelope to run once approved."""
+
+    __tablename__ = "requests"
+    job_id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    requester: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(24))
+    datasets: Mapped[list[str]] = mapped_column(JSON)
+    summary: Mapped[str] = mapped_column(Text)
+    release: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    envelope: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending | approved | denied
+    decision: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    decided_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
 class NonceRow(Base):
     __tablename__ = "nonces"
     sender: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -144,6 +163,15 @@ class Store:
         with self.session() as s:
             s.merge(DatasetRow(name=meta.name, file=str(file), meta=meta.model_dump(mode="json"),
                                allowed_users=sorted(allowed_users), updated_at=time.time()))
+
+    def allow(self, name: str, user: str) -> None:
+        """Make ``user`` an allowed user of dataset ``name`` (an approved access request)."""
+        with self.session() as s:
+            row = s.get(DatasetRow, name, with_for_update=True)
+            if row is None:
+                raise NotFound(f"no dataset {name!r} is published on this node")
+            row.allowed_users = sorted({*row.allowed_users, user})
+            row.updated_at = time.time()
 
     def remove_dataset(self, name: str) -> None:
         with self.session() as s:

@@ -24,6 +24,7 @@ from protocol.errors import (
     NotFound,
     PermissionDenied,
     ReplayedNonce,
+    RequestDenied,
     SensitivityUnknown,
     UnknownSender,
     WrongRecipient,
@@ -45,7 +46,7 @@ def test_registry_holds_every_documented_error() -> None:
         GridError, AuthenticationError, BadSignature, UnknownSender, MessageExpired,
         ReplayedNonce, WrongRecipient, IncompatibleProtocol, PermissionDenied,
         ApprovalRequired, BudgetExhausted, InvalidRequest, ForbiddenOperation,
-        LimitExceeded, SensitivityUnknown, NotFound, NodeUnavailable, JobFailed,
+        LimitExceeded, SensitivityUnknown, NotFound, NodeUnavailable, JobFailed, RequestDenied,
     }
     assert set(ERRORS_BY_CODE.values()) == expected
 

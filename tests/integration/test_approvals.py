@@ -1,0 +1,105 @@
+"""The owner's approval queue on a manual-approval node: parked jobs wait, approval from the
+CLI completes the scientist's ticket, a denial reaches her with its reason, an access request
+makes her an allowed user, and pending requests survive a worker restart."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ops.cli import app
+from ops.local import LocalGrid
+from protocol.errors import ApprovalRequired, RequestDenied
+
+CONFIG = """
+[node]
+id = "ward"
+broker = "${GRIDQ_BROKER}"
+store = "${GRIDQ_HOME}/ward"
+identity = "${GRIDQ_HOME}/keys/ward.key"
+
+[users.alice]
+public_key_file = "${GRIDQ_HOME}/keys/alice.pub"
+[users.carol]
+public_key_file = "${GRIDQ_HOME}/keys/carol.pub"
+
+[approval]
+default = "manual"            # every job waits for the owner …
+auto = ["raw_if_allowed"]     # … except allowed users' own data
+
+[[datasets]]
+name = "ward-births"
+path = "${GRIDQ_HOME}/data/hospital_births_feb.csv"
+tags = ["#ward"]
+allowed_users = ["alice"]
+bounds = { weight = [0.0, 7.0], height = [20.0, 65.0] }
+"""
+
+
+@pytest.fixture(scope="module")
+def ward(local_grid: LocalGrid):  # type: ignore[no-untyped-def]
+    config = local_grid.home / "ward.toml"
+    config.write_text(CONFIG)
+    local_grid.start_node(config, "ward")
+    local_grid.wait_ready(["ward"])
+    yield config
+    if "ward" in local_grid.procs:
+        local_grid.kill("ward")
+
+
+def _settled(ticket, timeout: float = 30.0) -> str:  # type: ignore[no-untyped-def]
+    """The ticket's status once the node has taken the job (it is queued until then)."""
+    deadline = time.monotonic() + timeout
+    while (status := ticket.status) in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return status
+
+
+def owner(local_grid: LocalGrid, config, *args: str) -> str:  # type: ignore[no-untyped-def]
+    env = {"GRIDQ_HOME": str(local_grid.home), "GRIDQ_BROKER": local_grid.url, "COLUMNS": "250"}
+    result = CliRunner().invoke(app, ["requests", *args[:1], str(config), *args[1:]], env=env)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_parked_jobs_wait_and_the_owner_decides(local_grid: LocalGrid, ward, births_feb):
+    with local_grid.connect("alice") as alice:
+        mine = alice.search("#ward")["ward"][0]
+        assert torch.equal(mine["weight"].mean().get(), births_feb[:, 0].mean())  # auto: her own data
+    with local_grid.connect("carol") as grid:
+        births = grid.search("#ward")["ward"][0]
+        dp_ticket = births["weight"].mean().submit(epsilon=0.5)
+        raw_ticket = births["height"].max().submit()  # compute is not automatic here either
+        assert _settled(dp_ticket) == "pending_approval" and _settled(raw_ticket) == "pending_approval"
+        with pytest.raises(ApprovalRequired, match="waits for the approval"):
+            dp_ticket.wait(timeout=1)
+        listing = owner(local_grid, ward, "list")
+        assert dp_ticket.id in listing and raw_ticket.id in listing and "carol" in listing
+        shown = owner(local_grid, ward, "show", dp_ticket.id)
+        assert "dp (ε=0.5)" in shown and "mean(" in shown and "ward-births" in shown
+        owner(local_grid, ward, "approve", dp_ticket.id)
+        value = dp_ticket.private_value(timeout=30)
+        assert value.noise.epsilon == pytest.approx(0.5)
+        owner(local_grid, ward, "deny", raw_ticket.id, "--reason", "not for this study")
+        with pytest.raises(RequestDenied, match="not for this study"):
+            raw_ticket.wait(timeout=30)
+        assert raw_ticket.status == "denied"
+        assert dp_ticket.id not in owner(local_grid, ward, "list")  # decided: off the queue
+
+
+def test_access_request_survives_a_restart_and_makes_an_allowed_user(local_grid: LocalGrid, ward, births_feb):
+    with local_grid.connect("carol") as grid:
+        births = grid.search("#ward")["ward"][0]
+        access = births.request_access("PhD thesis on birth weight; ethics approval 2026-117")
+        assert _settled(access) == "pending_approval"
+        local_grid.kill("ward")  # the worker dies with the request pending …
+        local_grid.start_node(ward, "ward")
+        local_grid.wait_ready(["ward"])
+        shown = owner(local_grid, ward, "show", access.id)  # … which is still there
+        assert "ethics approval 2026-117" in shown and "access" in shown
+        owner(local_grid, ward, "approve", access.id)
+        assert access.wait(timeout=30).status == "done"
+        assert torch.equal(births["weight"].mean().get(), births_feb[:, 0].mean())  # now she may

@@ -43,3 +43,40 @@ def hospital_admin(local_grid: LocalGrid, monkeypatch: pytest.MonkeyPatch):  # t
     node = Node.from_config(NODE_CONFIGS / "hospital.toml")
     yield node
     node.close()
+
+
+WARD_CONFIG = """
+[node]
+id = "ward"
+broker = "${GRIDQ_BROKER}"
+store = "${GRIDQ_HOME}/ward"
+identity = "${GRIDQ_HOME}/keys/ward.key"
+
+[users.alice]
+public_key_file = "${GRIDQ_HOME}/keys/alice.pub"
+[users.carol]
+public_key_file = "${GRIDQ_HOME}/keys/carol.pub"
+
+[approval]
+default = "manual"            # every job waits for the owner …
+auto = ["raw_if_allowed"]     # … except allowed users' own data
+
+[[datasets]]
+name = "ward-births"
+path = "${GRIDQ_HOME}/data/hospital_births_feb.csv"
+tags = ["#ward"]
+allowed_users = ["alice"]
+bounds = { weight = [0.0, 7.0], height = [20.0, 65.0] }
+"""
+
+
+@pytest.fixture(scope="session")
+def ward(local_grid: LocalGrid):  # type: ignore[no-untyped-def]
+    """A manual-approval node: every job waits for the owner, but an allowed user's own data."""
+    config = local_grid.home / "ward.toml"
+    config.write_text(WARD_CONFIG)
+    local_grid.start_node(config, "ward")
+    local_grid.wait_ready(["ward"])
+    yield config
+    if "ward" in local_grid.procs:
+        local_grid.kill("ward")

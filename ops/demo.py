@@ -8,6 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from ops.demo_data import write_demo_data
@@ -73,6 +74,37 @@ def private_statistics(lg: LocalGrid) -> None:
     same = bool(local[0] == weight and local[1] == height)
     console.print(f"  the hospital computes locally: {local[0]:.4f} kg, {local[1]:.4f} cm  "
                   + ("[green]identical[/]" if same else "[red]DIFFERENT[/]"))
+    private_releases(lg, local)
+
+
+def private_releases(lg: LocalGrid, local: torch.Tensor) -> None:
+    """The use case continues: DP releases against a budget, then the approval queue."""
+    step("carol asks for differentially private averages instead (ε = 0.1 each, charged to her budget)")
+    with lg.connect("carol") as grid:
+        births = grid.search("#birth-records", "#february")["hospital"][0]
+        for column, truth in zip(("weight", "height"), local.tolist(), strict=True):
+            released = births[column].mean().get(epsilon=0.1)
+            console.print(f"  {column}: {released!r}   (true value {truth:.4f})")
+        (budget,) = grid.budget("hospital", "birth-records-feb")
+        console.print(f"  her budget on hospital/birth-records-feb: ε {budget.spent_epsilon:.2f} spent of "
+                      f"{budget.epsilon:g} in {budget.releases} releases")
+        step("carol asks the hospital for raw access; the owner approves it from the approval queue")
+        ticket = births.request_access("PhD thesis on birth weight; ethics approval 2026-117")
+        while ticket.status in ("queued", "running"):
+            time.sleep(0.02)
+        console.print(f"  her ticket: {ticket.status}")
+        owner = lg.owner(NODE_CONFIGS / "hospital.toml")
+        try:
+            (request,) = owner.requests()
+            console.print(f"  the owner sees: {request.requester} asks '{request.kind}' on "
+                          f"{', '.join(request.datasets)}: {request.reason!r}")
+            console.print(f"  the owner runs: gridq requests approve hospital.toml {request.job_id}")
+            owner.approve(request.job_id)
+        finally:
+            owner.close()
+        console.print(f"  her ticket: {ticket.wait().status}")
+        weight = births["weight"].mean().get()
+        console.print(f"  now carol gets the exact average weight: {weight.item():.4f} kg")
 
 
 def _stop_on_sigterm() -> None:

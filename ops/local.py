@@ -25,6 +25,7 @@ from ops.keys import read_identity, write_identity
 from orchestrator.grid import Grid
 from protocol.contract import GATEWAY_IDENTITY_KEY
 from protocol.errors import NodeUnavailable
+from workers.node import Node
 
 NODE_CONFIGS = Path(__file__).parent / "nodes"
 
@@ -119,6 +120,11 @@ class LocalGrid:
     def connect(self, user: str, timeout: float = 60.0) -> Grid:
         self.ensure_keys(user)
         return Grid.connect(self.url, read_identity(self.keys / f"{user}.key"), timeout=timeout)
+
+    def owner(self, config: Path | str) -> Node:
+        """A node's admin API (the owner's side), for a config of this grid."""
+        os.environ.update({"GRIDQ_HOME": str(self.home), "GRIDQ_BROKER": self.url})
+        return Node.from_config(config)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Signal a process and its children (a prefork worker's pool) at once."""

@@ -1,15 +1,18 @@
 """A node worker killed with SIGKILL in the middle of a job: after a restart the job is
 handed out again (acks_late + visibility timeout) and completes — once: one result object,
-one reply, two recorded attempts."""
+one reply, two recorded attempts; a DP release is charged once, and the ledger survives."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from ops.local import LocalGrid
-from workers.store import Store
+from workers.store import ChargeRow, Store
 
 CONFIG = """
 [node]
@@ -20,10 +23,12 @@ identity = "${GRIDQ_HOME}/keys/lab.key"
 
 [users.alice]
 public_key_file = "${GRIDQ_HOME}/keys/alice.pub"
+[users.carol]
+public_key_file = "${GRIDQ_HOME}/keys/carol.pub"
 
 [worker]
-time_limit = 15            # the slow job below takes ~2-4 s
-visibility_timeout = 20    # > time_limit: a job is handed out again 20 s after its delivery
+time_limit = 25            # the slow jobs below take a few seconds (more on a busy machine)
+visibility_timeout = 30    # > time_limit: a job is handed out again 30 s after its delivery
 restore_interval = 1
 
 [[datasets]]
@@ -31,42 +36,76 @@ name = "square"
 path = "${GRIDQ_HOME}/data/square.npy"
 tags = ["#lab"]
 allowed_users = ["alice"]
+
+[[datasets]]
+name = "long"
+path = "${GRIDQ_HOME}/data/long.npy"
+tags = ["#lab-long"]
+bounds = [0.0, 1.0]
 """
 
 SIZE, ROUNDS = 1536, 40
 
 
-def test_killed_worker_job_completes_once_after_restart(local_grid: LocalGrid):
+@pytest.fixture()
+def lab(local_grid: LocalGrid) -> Iterator[tuple[Path, Store]]:
     rng = np.random.default_rng(0)
     np.save(local_grid.home / "data" / "square.npy", rng.random((SIZE, SIZE), dtype=np.float32) / SIZE)
+    np.save(local_grid.home / "data" / "long.npy", rng.random(8_000_000, dtype=np.float32))
     config = local_grid.home / "lab.toml"
     config.write_text(CONFIG)
     local_grid.start_node(config, "lab")
     local_grid.wait_ready(["lab"])
     store = Store(local_grid.home / "lab", f"sqlite:///{local_grid.home / 'lab' / 'node.db'}")
-    try:
-        with local_grid.connect("alice", timeout=90) as grid:
-            x = grid.search("#lab")["lab"][0]
-            slow = x
-            for _ in range(ROUNDS):
-                slow = (slow @ x).clamp(-1.0, 1.0)
-            ticket = slow.sum().submit()
-            deadline = time.monotonic() + 30
-            while (job := store.job(ticket.id)) is None or job.status != "running":
-                assert time.monotonic() < deadline, "the job never started"
-                time.sleep(0.02)
-            time.sleep(0.3)
-            local_grid.kill("lab")  # SIGKILL to the worker and its pool, mid-job
-            assert store.job(ticket.id).status == "running"
-            local_grid.start_node(config, "lab")
-            result = ticket.result(timeout=90)
-            assert result.shape == ()
-            assert ticket.status == "done"
-        job = store.job(ticket.id)
-        assert job is not None and job.status == "done"
-        assert job.attempts == 2  # the killed attempt and the redelivered one
-        assert store.count_objects(ticket.id) == 1
-    finally:
-        store.close()
-        if "lab" in local_grid.procs:
-            local_grid.kill("lab")
+    yield config, store
+    store.close()
+    if "lab" in local_grid.procs:
+        local_grid.kill("lab")
+
+
+def _kill_mid_job(local_grid: LocalGrid, config: Path, store: Store, job_id: str) -> None:
+    deadline = time.monotonic() + 30
+    while (job := store.job(job_id)) is None or job.status != "running":
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.02)
+    time.sleep(0.3)
+    local_grid.kill("lab")  # SIGKILL to the worker and its pool, mid-job
+    assert store.job(job_id).status == "running"
+    local_grid.start_node(config, "lab")
+
+
+def test_killed_worker_job_completes_once_after_restart(local_grid: LocalGrid, lab):
+    config, store = lab
+    with local_grid.connect("alice", timeout=90) as grid:
+        x = grid.search("#lab")["lab"][0]
+        slow = x
+        for _ in range(ROUNDS):
+            slow = (slow @ x).clamp(-1.0, 1.0)
+        ticket = slow.sum().submit()
+        _kill_mid_job(local_grid, config, store, ticket.id)
+        result = ticket.result(timeout=90)
+        assert result.shape == ()
+        assert ticket.status == "done"
+    job = store.job(ticket.id)
+    assert job is not None and job.status == "done"
+    assert job.attempts == 2  # the killed attempt and the redelivered one
+    assert store.count_objects(ticket.id) == 1
+
+
+def test_a_dp_release_redelivered_after_kill_is_charged_once(local_grid: LocalGrid, lab):
+    config, store = lab
+    with local_grid.connect("carol", timeout=90) as grid:
+        x = grid.search("#lab-long")["lab"][0]
+        slow = x
+        for _ in range(60):  # a few seconds of bounded arithmetic on 8M values
+            slow = (slow * 1.0).clamp(0.0, 1.0)
+        ticket = slow.mean().submit(epsilon=0.5)
+        _kill_mid_job(local_grid, config, store, ticket.id)
+        released = ticket.private_value(timeout=90)
+        assert released.noise.scale == pytest.approx(1.0 / 8_000_000 / 0.5)
+        (budget,) = grid.budget("lab", "long")  # the ledger, read by the restarted worker
+    assert budget.releases == 1 and budget.spent_epsilon == pytest.approx(0.5)
+    job = store.job(ticket.id)
+    assert job is not None and job.attempts == 2
+    with store.session() as s:
+        assert s.query(ChargeRow).filter_by(job_id=ticket.id).count() == 1

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import torch
 from celery import Celery
 
 from orchestrator.app import make_celery
@@ -42,6 +43,7 @@ from protocol.messages import (
     BudgetQuery,
     DatasetMeta,
     GatewayReply,
+    MockRequest,
     NodeInfo,
     RunJob,
     SearchQuery,
@@ -62,6 +64,7 @@ class Grid:
         self._gateway = gateway_key
         self._nonces = MemoryNonceStore()
         self._node_keys: dict[str, PublicIdentity] = {}
+        self._mocks: dict[tuple[str, str], torch.Tensor] = {}
 
     @classmethod
     def connect(cls, url: str, identity: str | Path | Identity, *, gateway_key: str | None = None,
@@ -121,7 +124,13 @@ class Grid:
         return DataPointer(self, meta.node, InputRef(kind="dataset", name=meta.name),
                            TensorSpec(shape=meta.shape, dtype=meta.dtype), meta)
 
-    def _submit(self, node: str, job: RunJob | BudgetQuery | AccessRequest) -> JobTicket:
+    def _mock(self, node: str, dataset: str) -> torch.Tensor:
+        key = (node, dataset)
+        if key not in self._mocks:
+            self._mocks[key] = self._submit(node, MockRequest(dataset=dataset)).value()
+        return self._mocks[key]
+
+    def _submit(self, node: str, job: RunJob | BudgetQuery | AccessRequest | MockRequest) -> JobTicket:
         job_id = f"{node}:{uuid.uuid4().hex}"
         env = seal_envelope(self.identity, recipient=node, kind=job.kind, job_id=job_id,
                             body=job.model_dump(mode="json"), now=time.time())

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from protocol.errors import InvalidRequest
 from protocol.messages import AccessRequest, DatasetMeta, DPRelease, KeepRelease, RawRelease, RunJob
-from protocol.plan import Const, InputRef, Plan, Ref, Step, TensorSpec, validate
+from protocol.plan import Const, InputRef, Plan, Ref, Step, TensorSpec, evaluate, validate
 
 if TYPE_CHECKING:
     from orchestrator.grid import Grid
@@ -78,6 +78,16 @@ class Expression:
         if epsilon is None:
             return self._grid._submit(self.node, RunJob(plan=self.plan, release=RawRelease())).value(timeout)
         return self.submit(epsilon, delta).private_value(timeout)
+
+    def mock(self) -> torch.Tensor:
+        """Run this plan here, on the mock twins of its datasets: try it before you spend
+        budget or wait for an approval. Nothing real is touched."""
+        twins = []
+        for ref, _ in self._inputs:
+            if ref.kind != "dataset":
+                raise InvalidRequest("mock twins exist for datasets; this plan reads a kept result")
+            twins.append(self._grid._mock(self.node, ref.name))
+        return evaluate(self.plan, twins)
 
     # --- building it ------------------------------------------------------------------------
 

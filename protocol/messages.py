@@ -141,6 +141,14 @@ class AccessRequest(_Model):
     reason: Annotated[str, Field(min_length=1, max_length=2000)]
 
 
+class MockRequest(_Model):
+    """Data scientist → node: the dataset's mock twin — synthetic rows with its schema, to try
+    plans on locally before spending budget or waiting for approval."""
+
+    kind: Literal["mock"] = "mock"
+    dataset: Name
+
+
 class JobReply(_Model):
     """Node → data scientist: how the job ended."""
 
@@ -188,7 +196,8 @@ class GatewayReply(_Model):
 
 
 Body = Annotated[
-    RunJob | BudgetQuery | AccessRequest | JobReply | RegisterNode | PublishDataset | UnpublishDataset | GatewayReply,
+    RunJob | BudgetQuery | AccessRequest | MockRequest | JobReply
+    | RegisterNode | PublishDataset | UnpublishDataset | GatewayReply,
     Field(discriminator="kind"),
 ]
 _BODY = TypeAdapter(Body)

@@ -71,6 +71,7 @@ class DatasetSection(_Section):
     columns: list[str] | None = None
     # value bounds per column name, or one [lo, hi] for every value: what DP sensitivity rests on
     bounds: Bounds | None = None
+    mock: Path | None = None  # a synthetic twin with the same columns (else drawn within the bounds)
 
 
 class UserBudget(_Section):
@@ -193,6 +194,7 @@ def _anchor(config: NodeConfig, base: Path) -> NodeConfig:
             user.public_key_file = at(user.public_key_file)
     for ds in config.datasets:
         ds.path = at(ds.path)
+        ds.mock = at(ds.mock) if ds.mock else None
     return config
 
 

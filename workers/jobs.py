@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import math
 import re
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
 
-from protocol.codec import dtype_name, encode_tensor
+from protocol.codec import dtype_name, encode_tensor, parse_dtype
 from protocol.contract import CLAIM_CHECK_THRESHOLD, PUBLIC
 from protocol.dp import add_noise
 from protocol.envelope import Envelope, open_envelope, seal_envelope
@@ -29,15 +30,18 @@ from protocol.errors import (
     GridError,
     InvalidRequest,
     JobFailed,
+    NotFound,
     PermissionDenied,
 )
 from protocol.identity import Identity, PublicIdentity
 from protocol.messages import (
     AccessRequest,
     BudgetQuery,
+    DatasetMeta,
     DPRelease,
     JobReply,
     KeepRelease,
+    MockRequest,
     PointerTicket,
     RawRelease,
     RunJob,
@@ -121,6 +125,8 @@ class JobRunner:
                 return self._budgets(requester, body), None
             if isinstance(body, AccessRequest):
                 return self._access(requester, job_id, body, approved), None
+            if isinstance(body, MockRequest):
+                return JobReply(status="done", value=self._seal(requester, self._mock(body.dataset))), None
             if isinstance(body, RunJob):
                 return self._run(requester, job_id, body, approved)
             raise InvalidRequest(f"a node runs jobs; it does not take {body.kind!r} messages")
@@ -151,6 +157,23 @@ class JobRunner:
         for name in names:
             self.store.dataset_row(name)  # NotFound for a dataset that is not here
         return JobReply(status="done", budgets=[self.ledger.info(requester, name) for name in names])
+
+    def _mock(self, dataset: str) -> torch.Tensor:
+        """The owner's mock twin, or synthetic rows drawn uniformly within the declared bounds
+        (seeded by the dataset's name: the same twin every time)."""
+        supplied = self.store.mock(dataset)
+        if supplied is not None:
+            return supplied
+        meta = DatasetMeta.model_validate(self.store.dataset_row(dataset).meta)
+        if meta.bounds is None or not meta.shape:
+            raise NotFound(f"{dataset} has no mock twin: its owner supplied none and declared no bounds")
+        cells = math.prod(meta.shape[1:])
+        pairs = meta.bounds * cells if len(meta.bounds) == 1 else meta.bounds
+        lo = torch.tensor([p[0] for p in pairs], dtype=torch.float64).reshape(meta.shape[1:])
+        hi = torch.tensor([p[1] for p in pairs], dtype=torch.float64).reshape(meta.shape[1:])
+        generator = torch.Generator().manual_seed(int(hashlib.sha256(dataset.encode()).hexdigest()[:15], 16))
+        draws = torch.rand(meta.shape, generator=generator, dtype=torch.float64)
+        return (lo + draws * (hi - lo)).to(parse_dtype(meta.dtype))
 
     def _access(self, requester: str, job_id: str, request: AccessRequest, approved: bool) -> JobReply:
         row = self.store.dataset_row(request.dataset)

@@ -88,11 +88,13 @@ class Node:
     def publish(self, name: str, data: torch.Tensor | np.ndarray | str | Path, *, description: str = "",
                 tags: list[str] | tuple[str, ...] = (), allowed_users: list[str] | tuple[str, ...] = (),
                 columns: list[str] | None = None, bounds: Bounds | None = None,
-                notify: bool = True) -> DatasetMeta:
+                mock: torch.Tensor | np.ndarray | str | Path | None = None, notify: bool = True) -> DatasetMeta:
         """Publish a dataset: the values stay here, the metadata goes to the gateway.
 
         ``bounds`` (per column name, or one ``(lo, hi)`` for every value) are what DP
-        releases rest on; they are public, like the shape."""
+        releases rest on; they are public, like the shape. ``mock`` is a synthetic twin with
+        the same kind of rows, which scientists may download (else one is drawn within the
+        bounds)."""
         if isinstance(data, str | Path):
             tensor, file_columns = load_table(Path(data))
             columns = columns or file_columns
@@ -103,7 +105,14 @@ class Node:
         meta = DatasetMeta(node=self.id, name=name, shape=tuple(tensor.shape), dtype=dtype_name(tensor.dtype),
                            columns=list(columns or []), description=description, tags=list(tags),
                            bounds=_bounds_list(bounds, list(columns or []), name))
-        self.store.put_dataset(meta, tensor, list(allowed_users))
+        twin = None
+        if mock is not None:
+            twin = load_table(Path(mock))[0] if isinstance(mock, str | Path) else torch.as_tensor(mock)
+            if tuple(twin.shape[1:]) != tuple(tensor.shape[1:]) or twin.dtype != tensor.dtype:
+                raise InvalidRequest(
+                    f"the mock twin of {name!r} must have rows like the data's: {tuple(tensor.shape[1:])} "
+                    f"{tensor.dtype}, not {tuple(twin.shape[1:])} {twin.dtype}")
+        self.store.put_dataset(meta, tensor, list(allowed_users), twin)
         if notify:
             self._tell_gateway(PublishDataset(dataset=meta))
         return meta
@@ -118,7 +127,8 @@ class Node:
     def load_config_datasets(self) -> list[DatasetMeta]:
         """(Re)load the datasets the config names from their files, without telling anyone."""
         return [self.publish(ds.name, ds.path, description=ds.description, tags=ds.tags,
-                             allowed_users=ds.allowed_users, columns=ds.columns, bounds=ds.bounds, notify=False)
+                             allowed_users=ds.allowed_users, columns=ds.columns, bounds=ds.bounds, mock=ds.mock,
+                             notify=False)
                 for ds in self.config.datasets]
 
     def register(self) -> None:

@@ -39,6 +39,7 @@ class DatasetRow(Base):
     meta: Mapped[dict[str, Any]] = mapped_column(JSON)
     allowed_users: Mapped[list[str]] = mapped_column(JSON)
     updated_at: Mapped[float] = mapped_column(Float)
+    mock_file: Mapped[str | None] = mapped_column(Text, nullable=True)  # the owner's synthetic twin
 
 
 class ObjectRow(Base):
@@ -157,12 +158,22 @@ class Store:
 
     # --- datasets ------------------------------------------------------------------------
 
-    def put_dataset(self, meta: DatasetMeta, tensor: torch.Tensor, allowed_users: list[str]) -> None:
+    def put_dataset(self, meta: DatasetMeta, tensor: torch.Tensor, allowed_users: list[str],
+                    mock: torch.Tensor | None = None) -> None:
         file = self.folder / "datasets" / f"{meta.name}.safetensors"
         save_file({"data": tensor.contiguous()}, str(file))
+        mock_file = None
+        if mock is not None:
+            mock_file = str(self.folder / "datasets" / f"{meta.name}.mock.safetensors")
+            save_file({"data": mock.contiguous()}, mock_file)
         with self.session() as s:
             s.merge(DatasetRow(name=meta.name, file=str(file), meta=meta.model_dump(mode="json"),
-                               allowed_users=sorted(allowed_users), updated_at=time.time()))
+                               allowed_users=sorted(allowed_users), updated_at=time.time(), mock_file=mock_file))
+
+    def mock(self, name: str) -> torch.Tensor | None:
+        """The owner's synthetic twin of a dataset, if one was supplied."""
+        row = self.dataset_row(name)
+        return load_file(row.mock_file)["data"] if row.mock_file else None
 
     def allow(self, name: str, user: str) -> None:
         """Make ``user`` an allowed user of dataset ``name`` (an approved access request)."""

@@ -103,3 +103,28 @@ def test_a_redelivered_dp_job_is_charged_once(local_grid: LocalGrid):
             assert s.query(ChargeRow).filter_by(job_id=job_id).count() == 1
     finally:
         store.close()
+
+
+def test_mock_twins_let_a_plan_be_tried_locally_for_free(local_grid: LocalGrid, births_feb, hospital_admin):
+    with local_grid.connect("bob") as grid:
+        births = grid.search("#birth-records", "#february")["hospital"][0]
+        twin = births.mock()  # drawn within the declared bounds, the same every time
+        assert twin.shape == births_feb.shape and twin.dtype == births_feb.dtype
+        assert (twin[:, 0] >= 0).all() and (twin[:, 0] <= 7).all()
+        assert (twin[:, 1] >= 20).all() and (twin[:, 1] <= 65).all()
+        assert not torch.equal(twin, births_feb)
+        assert torch.equal(births.mock(), twin)
+        tried = births["weight"].clamp(0, 7).mean().mock()  # runs here, on the twin
+        assert tried.item() == pytest.approx(twin[:, 0].mean().item())
+        (budget,) = grid.budget("hospital", "birth-records-feb")
+        assert budget.releases == 0  # trying costs nothing
+    supplied = torch.tensor([[3.0, 50.0], [3.5, 52.0]])
+    hospital_admin.publish("with-twin", births_feb, columns=["weight", "height"], tags=["#twin"],
+                           bounds={"weight": (0.0, 7.0), "height": (20.0, 65.0)}, mock=supplied)
+    with local_grid.connect("bob") as grid:
+        import time
+
+        deadline = time.monotonic() + 10
+        while "hospital" not in grid.search("#twin") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert torch.equal(grid.search("#twin")["hospital"][0].mock(), supplied)  # the owner's own twin

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from workers import Node
 
 app = typer.Typer(help="gridq: private data science over a message queue.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -20,6 +26,26 @@ app.add_typer(gateway, name="gateway")
 app.add_typer(budget, name="budget")
 requests_app = typer.Typer(help="The owner's approval queue.", no_args_is_help=True)
 app.add_typer(requests_app, name="requests")
+
+@contextmanager
+def owner_node(config: Path) -> Iterator[Node]:
+    """The node's admin API for an owner's command; a GridError ends it with its message."""
+    from protocol.errors import GridError
+    from workers import Node
+
+    try:
+        node = Node.from_config(config)
+    except GridError as exc:
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    try:
+        yield node
+    except GridError as exc:
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        node.close()
+
 
 BROKER = typer.Option("redis://127.0.0.1:6379/0", "--broker", envvar="GRIDQ_BROKER", help="Redis URL")
 
@@ -77,10 +103,7 @@ def budget_show(config: Path, user: str = typer.Option(None, help="one user (def
     from rich.console import Console
     from rich.table import Table
 
-    from workers import Node
-
-    node = Node.from_config(config)
-    try:
+    with owner_node(config) as node:
         table = Table("user", "dataset", "ε spent", "ε budget", "δ", "releases")
         users = [user] if user else sorted(node.config.users)
         datasets = [dataset] if dataset else [d.name for d in node.datasets()]
@@ -90,24 +113,17 @@ def budget_show(config: Path, user: str = typer.Option(None, help="one user (def
                 table.add_row(u, d, f"{info.spent_epsilon:.4g}", f"{info.epsilon:g}", f"{info.delta:g}",
                               str(info.releases))
         Console().print(table)
-    finally:
-        node.close()
 
 
 @budget.command("set")
 def budget_set(config: Path, user: str, dataset: str, epsilon: float = typer.Option(..., min=0.0),
                delta: float = typer.Option(1e-6, min=0.0, max=0.999)) -> None:
     """Give USER a total budget of (ε, δ) on DATASET (what is spent stays spent)."""
-    from workers import Node
-
-    node = Node.from_config(config)
-    try:
+    with owner_node(config) as node:
         node.store.dataset_row(dataset)
         node.ledger.set(user, dataset, epsilon, delta)
         info = node.ledger.info(user, dataset)
         typer.echo(f"{user} on {dataset}: ε {info.spent_epsilon:.4g} spent of {info.epsilon:g}, δ = {info.delta:g}")
-    finally:
-        node.close()
 
 
 @requests_app.command("list")
@@ -118,17 +134,12 @@ def requests_list(config: Path, all_: bool = typer.Option(False, "--all", help="
     from rich.console import Console
     from rich.table import Table
 
-    from workers import Node
-
-    node = Node.from_config(config)
-    try:
+    with owner_node(config) as node:
         table = Table("id", "when", "who", "kind", "datasets", "release", "status")
         for r in node.requests(None if all_ else "pending"):
             when = datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M:%S")
             table.add_row(r.job_id, when, r.requester, r.kind, ", ".join(r.datasets), r.release, r.status)
         Console().print(table)
-    finally:
-        node.close()
 
 
 @requests_app.command("show")
@@ -136,10 +147,7 @@ def requests_show(config: Path, request_id: str) -> None:
     """Everything about one request: who, when, what it computes, what it releases."""
     from datetime import datetime
 
-    from workers import Node
-
-    node = Node.from_config(config)
-    try:
+    with owner_node(config) as node:
         r = node.request(request_id)
         typer.echo(f"request  {r.job_id}\nfrom     {r.requester}\n"
                    f"when     {datetime.fromtimestamp(r.created_at):%Y-%m-%d %H:%M:%S}\nkind     {r.kind}\n"
@@ -148,35 +156,23 @@ def requests_show(config: Path, request_id: str) -> None:
         if r.reason:
             typer.echo(f"reason   {r.reason}")
         typer.echo("plan:\n  " + r.summary.replace("\n", "\n  "))
-    finally:
-        node.close()
 
 
 @requests_app.command("approve")
 def requests_approve(config: Path, request_id: str) -> None:
     """Approve: the job runs as asked and the requester's ticket completes."""
-    from workers import Node
-
-    node = Node.from_config(config)
-    try:
+    with owner_node(config) as node:
         node.approve(request_id)
         typer.echo(f"approved {request_id}: its requester has the answer")
-    finally:
-        node.close()
 
 
 @requests_app.command("deny")
 def requests_deny(config: Path, request_id: str,
                   reason: str = typer.Option(..., "--reason", help="the requester reads it")) -> None:
     """Deny, with a reason: the requester's ticket raises RequestDenied."""
-    from workers import Node
-
-    node = Node.from_config(config)
-    try:
+    with owner_node(config) as node:
         node.deny(request_id, reason)
         typer.echo(f"denied {request_id}")
-    finally:
-        node.close()
 
 
 @app.command()

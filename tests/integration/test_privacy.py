@@ -128,3 +128,29 @@ def test_mock_twins_let_a_plan_be_tried_locally_for_free(local_grid: LocalGrid, 
         while "hospital" not in grid.search("#twin") and time.monotonic() < deadline:
             time.sleep(0.05)
         assert torch.equal(grid.search("#twin")["hospital"][0].mock(), supplied)  # the owner's own twin
+
+
+def test_the_owner_sets_budgets_from_the_cli(local_grid: LocalGrid):
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+    from ops.local import NODE_CONFIGS
+
+    env = {"GRIDQ_HOME": str(local_grid.home), "GRIDQ_BROKER": local_grid.url, "COLUMNS": "200"}
+    config = str(NODE_CONFIGS / "hospital.toml")
+    runner = CliRunner()
+    # ana spent 0.3 in test_a_redelivered_dp_job_is_charged_once: 0.05 more is what she may now spend
+    done = runner.invoke(app, ["budget", "set", config, "ana", "birth-records-feb", "--epsilon", "0.35"], env=env)
+    assert done.exit_code == 0 and "ε 0.3 spent of 0.35" in done.output, done.output
+    with local_grid.connect("ana") as grid:
+        births = grid.search("#birth-records", "#february")["hospital"][0]
+        with pytest.raises(BudgetExhausted, match="0.05 left of 0.35"):
+            births["weight"].mean().get(epsilon=0.1)
+        births["weight"].mean().get(epsilon=0.05)
+    shown = runner.invoke(app, ["budget", "show", config, "--user", "ana"], env=env)
+    assert shown.exit_code == 0
+    row = next(line for line in shown.output.splitlines() if "birth-records-feb" in line)
+    cells = [c.strip() for c in row.split("│")]
+    assert cells[3:7] == ["0.35", "0.35", "1e-06", "2"]  # ε spent, ε budget, δ, releases
+    missing = runner.invoke(app, ["budget", "set", config, "ana", "no-such-data", "--epsilon", "1"], env=env)
+    assert missing.exit_code == 1 and "NotFound" in missing.output

@@ -92,7 +92,7 @@ class JobRunner:
             log.info("job %s delivered again; answering with its recorded reply", env.job_id)
             return job.reply
         try:
-            reply, charge = self._execute(env.sender, env.job_id, env.body_json(), approved=False)
+            reply, charge = self._execute(env, approved=False)
         except Parked as parked:
             self.requests.park(env.job_id, env.sender, env.model_dump(mode="json"), parked)
             log.info("job %s of %r waits for the owner's approval (%s)", env.job_id, env.sender, parked.kind)
@@ -102,7 +102,7 @@ class JobRunner:
     def run_approved(self, job_id: str) -> dict[str, Any]:
         """Run a job the owner approved, as it was asked (its envelope was verified on arrival)."""
         env = Envelope.model_validate(self.requests.get(job_id).envelope)
-        reply, charge = self._execute(env.sender, env.job_id, env.body_json(), approved=True)
+        reply, charge = self._execute(env, approved=True)
         return self._record(env.sender, env.job_id, reply, charge)
 
     def refuse(self, job_id: str, error: GridError) -> dict[str, Any]:
@@ -116,11 +116,11 @@ class JobRunner:
 
     # --- the work ---------------------------------------------------------------------------
 
-    def _execute(self, requester: str, job_id: str, body_json: Any, *, approved: bool
-                 ) -> tuple[JobReply, PendingCharge | None]:
+    def _execute(self, env: Envelope, *, approved: bool) -> tuple[JobReply, PendingCharge | None]:
         """Parse and run one verified message; every failure becomes a reply (Parked excepted)."""
+        requester, job_id = env.sender, env.job_id
         try:
-            body = parse_body(body_json, job_id)
+            body = parse_body(env.body_json(), job_id)
             if isinstance(body, BudgetQuery):
                 return self._budgets(requester, body), None
             if isinstance(body, AccessRequest):

@@ -32,6 +32,15 @@ def _envelope(grid: Grid, body: Any, *, job_id: str | None = None, recipient: st
     return env.model_dump(mode="json")
 
 
+def _envelope_text(grid: Grid, text: str) -> dict[str, Any]:
+    """A correctly signed envelope whose body is not JSON at all."""
+    from protocol.envelope import Envelope
+    from protocol.identity import _b64
+
+    env = Envelope.model_validate({**_envelope(grid, {}), "body": text, "signature": ""})
+    return env.model_copy(update={"signature": _b64(grid.identity.sign(env.signed_bytes()))}).model_dump(mode="json")
+
+
 def _send(grid: Grid, envelope: dict[str, Any], task_id: str | None = None) -> Any:
     task_id = task_id or envelope.get("job_id") or f"hospital:{uuid.uuid4().hex}"
     grid.app.send_task(Tasks.RUN_JOB, args=[envelope], queue=node_queue("hospital"), task_id=task_id)
@@ -75,6 +84,7 @@ CASES: dict[str, tuple[Callable[[Grid], Any], type[errors.GridError]]] = {
     "wrong recipient": (lambda g: _envelope(g, _job(), recipient="clinic"), errors.WrongRecipient),
     "oversized": (_oversized, errors.InvalidRequest),
     "malformed body": (_malformed, errors.InvalidRequest),
+    "body not JSON": (lambda g: _envelope_text(g, "{not json"), errors.InvalidRequest),
     "not an envelope": (lambda g: {"hello": "world"}, errors.InvalidRequest),
     "forbidden os.system": (_forbidden("os.system"), errors.ForbiddenOperation),
     "forbidden eval": (_forbidden("eval"), errors.ForbiddenOperation),

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from sqlalchemy import JSON, Float, Integer, String, Text, create_engine, delete, event, select, update
+from sqlalchemy import JSON, Float, Index, Integer, String, Text, create_engine, delete, event, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -79,9 +79,10 @@ class ChargeRow(Base):
     """The ledger: one row per DP release and dataset, keyed by job id (charged once)."""
 
     __tablename__ = "charges"
+    __table_args__ = (Index("ix_charges_user_dataset", "user", "dataset"),)
     job_id: Mapped[str] = mapped_column(String(80), primary_key=True)
     dataset: Mapped[str] = mapped_column(String(128), primary_key=True)
-    user: Mapped[str] = mapped_column(String(64), index=True)
+    user: Mapped[str] = mapped_column(String(64))
     mechanism: Mapped[str] = mapped_column(String(16))
     epsilon: Mapped[float] = mapped_column(Float)
     delta: Mapped[float] = mapped_column(Float)

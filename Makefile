@@ -32,6 +32,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m ops.bench.latency
+	$(BIN)/python -m ops.bench.dp
 
 clean:
 	rm -rf $(VENV) build *.egg-info

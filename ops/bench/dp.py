@@ -55,7 +55,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from ops.bench.measure import Load, Row, WorkerLog, p, phases, timed, wait_quiet
+from ops.bench.measure import Load, Row, WorkerLog, p, phases, timed, tree_ticks, wait_quiet
 from ops.keys import read_identity
 from ops.local import LocalGrid
 from orchestrator.grid import Grid
@@ -135,26 +135,7 @@ def write_data(home: Path) -> None:
 
 def _tree_ticks(root: int | None) -> int:
     """CPU ticks of process ``root`` and its descendants (0 without one)."""
-    if root is None:
-        return 0
-    parent: dict[int, int] = {}
-    ticks: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    rest = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            parent[int(entry)], ticks[int(entry)] = int(rest[1]), sum(int(v) for v in rest[11:15])
-    tree, grown = {root}, True
-    while grown:
-        grown = False
-        for pid, ppid in parent.items():
-            if ppid in tree and pid not in tree:
-                tree.add(pid)
-                grown = True
-    return sum(ticks.get(pid, 0) for pid in tree)
+    return 0 if root is None else tree_ticks(root)
 
 
 class PgLoad:

@@ -26,8 +26,10 @@ def _busy_ticks() -> int:
     return sum(fields) - fields[3] - fields[4]  # less idle and iowait
 
 
-def _own_ticks() -> int:
-    """CPU ticks of this process and all its descendants (redis, gateway, workers, pools)."""
+def tree_ticks(root: int | None = None) -> int:
+    """CPU ticks of process ``root`` (default: this one) and all its descendants (redis,
+    gateway, workers, pools)."""
+    root = os.getpid() if root is None else root
     parent: dict[int, int] = {}
     ticks: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -40,14 +42,14 @@ def _own_ticks() -> int:
             continue
         parent[int(entry)] = int(rest[1])
         ticks[int(entry)] = sum(int(v) for v in rest[11:15])  # utime stime cutime cstime
-    mine, changed = {os.getpid()}, True
+    tree, changed = {root}, True
     while changed:
         changed = False
         for pid, ppid in parent.items():
-            if ppid in mine and pid not in mine:
-                mine.add(pid)
+            if ppid in tree and pid not in tree:
+                tree.add(pid)
                 changed = True
-    return sum(ticks.get(pid, 0) for pid in mine)
+    return sum(ticks.get(pid, 0) for pid in tree)
 
 
 class Load:
@@ -56,12 +58,12 @@ class Load:
     cores = 0.0
 
     def __enter__(self) -> Load:
-        self.t0, self.busy0, self.own0 = time.perf_counter(), _busy_ticks(), _own_ticks()
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _busy_ticks(), tree_ticks()
         return self
 
     def __exit__(self, *exc: object) -> None:
         seconds = time.perf_counter() - self.t0
-        other = (_busy_ticks() - self.busy0) - (_own_ticks() - self.own0)
+        other = (_busy_ticks() - self.busy0) - (tree_ticks() - self.own0)
         self.cores = max(0.0, other / os.sysconf("SC_CLK_TCK") / seconds)
 
 

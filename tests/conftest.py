@@ -1,5 +1,5 @@
 """Shared fixtures. Integration tests run a real local grid: its own redis-server on a free
-loopback port (never 6379) and real Celery worker processes — no fakeredis, no eager mode."""
+loopback port (never 6379) and real Celery worker processes — no in-memory stand-ins."""
 
 from __future__ import annotations
 

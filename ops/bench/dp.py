@@ -55,19 +55,16 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from ops.bench.measure import Load, Row, WorkerLog, p, phases, timed, tree_ticks, wait_quiet
-from ops.keys import read_identity
+from ops.bench.dp_breakdown import node_breakdown
+from ops.bench.measure import Load, Row, WorkerLog, p, timed, tree_ticks, wait_quiet
 from ops.local import LocalGrid
 from orchestrator.grid import Grid
 from orchestrator.pointer import DataPointer, Expression
 from orchestrator.ticket import PrivateValue
 from protocol.contract import Tasks
-from protocol.envelope import seal_envelope
-from protocol.messages import DPRelease, RawRelease, RunJob
-from protocol.plan import Plan
+from protocol.messages import RawRelease, RunJob
 from workers.config import load_config
 from workers.node import Node
-from workers.release import calibrate_release
 from workers.store import ChargeRow
 
 TAG = "#dpbench"
@@ -228,61 +225,6 @@ def throughput(lg: LocalGrid, grid: Grid, node: str, concurrency: int, args: arg
     return [raw, dp]
 
 
-# --- where the time goes ----------------------------------------------------------------------
-
-
-def node_breakdown(config: Path, identity_path: Path, plan: Plan, n: int) -> dict[str, dict[str, float]]:
-    """The node's ``JobRunner.handle`` in this process on the same node database, raw and
-    DP, p50 of each phase; ``{"raw": {step: ms}, "dp": {…}}``."""
-    import workers.jobs as jobs
-
-    node = Node(load_config(config))
-    me = read_identity(identity_path)
-    runner = node.runner()
-    bodies = {"raw": RunJob(plan=plan, release=RawRelease()).model_dump(mode="json"),
-              "dp": RunJob(plan=plan, release=DPRelease(epsilon=EPSILON)).model_dump(mode="json")}
-
-    def one(kind: str) -> None:
-        job_id = f"{node.id}:bench-{time.perf_counter_ns()}"
-        env = seal_envelope(me, recipient=node.id, kind="run", job_id=job_id, body=bodies[kind], now=time.time())
-        reply = runner.handle(env.model_dump(mode="json"), delivery_id=job_id)
-        assert reply["kind"] == "job_reply" and '"status":"done"' in reply["body"], reply
-
-    for _ in range(10):
-        one("raw")
-        one("dp")
-    out: dict[str, dict[str, float]] = {}
-    for kind in ("raw", "dp"):
-        with phases((jobs, "open_envelope", "verify envelope (incl. nonce INSERT + commit)"),
-                    (runner.store, "begin_job", "job row SELECT + INSERT + commit"),
-                    (runner.store, "dataset_row", "dataset row SELECT (each; DP: one more per job)"),
-                    (jobs, "validate", "validate plan on meta tensors"),
-                    (jobs, "calibrate_release", "DP: calibrate (sensitivity → Laplace scale, OpenDP)"),
-                    (runner.ledger, "precheck", "DP: ledger precheck (own transaction)"),
-                    (runner.ledger, "_check", "DP:   read + sum the user's charges (each; 2 per job)"),
-                    (jobs, "evaluate", f"run plan (mean of {ROWS:,} rows)"),
-                    (jobs, "add_noise", "DP: add Laplace noise (OpenDP sampler)"),
-                    (runner, "_seal", "seal value for requester"),
-                    (runner, "_sign", "sign reply envelope"),
-                    (runner.ledger, "charge_with_reply",
-                     "DP: ledger transaction: lock, check, charge INSERT, job UPDATE, commit"),
-                    (runner.store, "finish_job", "raw: job row UPDATE + commit (reply)"),
-                    (runner, "handle", "JobRunner.handle total (in-process)")) as found:
-            for _ in range(n):
-                one(kind)
-        out[kind] = {label: p(ms, 50) for label, ms in found.items()}  # NaN: not a step of this kind
-    charge = calibrate_release(plan, DPRelease(epsilon=EPSILON), [node.store.dataset_row(DATASET).meta]).charge
-    past = runner.ledger.info(HISTORY_USER, DATASET).releases
-    ms = []
-    for _ in range(n // 2):
-        t0 = time.perf_counter()
-        runner.ledger.precheck(HISTORY_USER, [DATASET], charge, "bench")
-        ms.append((time.perf_counter() - t0) * 1000)
-    out["dp"][f"DP: ledger precheck, a user with {past:,} past releases"] = p(ms, 50)
-    node.close()
-    return out
-
-
 # --- the run ----------------------------------------------------------------------------------
 
 
@@ -416,7 +358,8 @@ def measure_all(lg: LocalGrid, home: Path, configs: dict[str, Path], database: d
         for kind in ("raw", "dp"):
             steps.setdefault("worker: run_job, Celery's run time (its log, during 1)", {})[f"{node} {kind}"] = \
                 in_worker[node][kind]
-        found = node_breakdown(configs[node], lg.keys / f"{INPROC_USER}.key", plans[node], args.breakdown_n)
+        found = node_breakdown(configs[node], lg.keys / f"{INPROC_USER}.key", plans[node], args.breakdown_n,
+                               dataset=DATASET, rows=ROWS, epsilon=EPSILON, history_user=HISTORY_USER)
         for kind, by_step in found.items():
             for step, ms in by_step.items():
                 steps.setdefault(step, {})[f"{node} {kind}"] = ms

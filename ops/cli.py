@@ -36,15 +36,20 @@ def owner_node(config: Path) -> Iterator[Node]:
     try:
         node = Node.from_config(config)
     except GridError as exc:
-        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        _say(exc)
         raise typer.Exit(1) from None
     try:
         yield node
     except GridError as exc:
-        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        _say(exc)
         raise typer.Exit(1) from None
     finally:
         node.close()
+
+
+def _say(exc: Exception) -> None:
+    """A typed error is for people: its message, not a traceback."""
+    typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
 
 
 BROKER = typer.Option("redis://127.0.0.1:6379/0", "--broker", envvar="GRIDQ_BROKER", help="Redis URL")
@@ -215,8 +220,8 @@ def main() -> None:
 
     try:
         app()
-    except GridError as exc:  # a typed error is for people: its message, not a traceback
-        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+    except GridError as exc:
+        _say(exc)
         raise SystemExit(1) from None
 
 

@@ -74,7 +74,10 @@ class Grid:
             Identity.from_json(Path(identity).expanduser().read_text())
         client = redis.Redis.from_url(url)
         if gateway_key is None:
-            posted = client.get(GATEWAY_IDENTITY_KEY)
+            try:
+                posted = client.get(GATEWAY_IDENTITY_KEY)
+            except redis.RedisError as exc:  # translated here, at the boundary
+                raise NodeUnavailable(f"cannot reach the broker at {url}: {exc}") from None
             if posted is None:
                 raise NodeUnavailable(f"no gateway has started on {url}: run `gridq gateway start` "
                                       "(or `gridq up`) first")

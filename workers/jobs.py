@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
-import math
 import re
 import time
 from collections.abc import Callable
@@ -54,7 +54,7 @@ from workers.approvals import Parked, Requests
 from workers.config import ApprovalSection
 from workers.ledger import Ledger
 from workers.policy import Source, authorize, job_kind
-from workers.release import PendingCharge, calibrate_release
+from workers.release import PendingCharge, calibrate_release, declared_rows
 from workers.store import Store
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class JobRunner:
 
     @staticmethod
     def is_parked(signed: dict[str, Any]) -> bool:
-        return '"status":"pending_approval"' in str(signed.get("body", ""))
+        return bool(json.loads(signed["body"]).get("status") == "pending_approval")
 
     # --- the work ---------------------------------------------------------------------------
 
@@ -167,10 +167,8 @@ class JobRunner:
         meta = DatasetMeta.model_validate(self.store.dataset_row(dataset).meta)
         if meta.bounds is None or not meta.shape:
             raise NotFound(f"{dataset} has no mock twin: its owner supplied none and declared no bounds")
-        cells = math.prod(meta.shape[1:])
-        pairs = meta.bounds * cells if len(meta.bounds) == 1 else meta.bounds
-        lo = torch.tensor([p[0] for p in pairs], dtype=torch.float64).reshape(meta.shape[1:])
-        hi = torch.tensor([p[1] for p in pairs], dtype=torch.float64).reshape(meta.shape[1:])
+        rows = declared_rows(meta)
+        lo, hi = rows.lo, rows.hi
         generator = torch.Generator().manual_seed(int(hashlib.sha256(dataset.encode()).hexdigest()[:15], 16))
         draws = torch.rand(meta.shape, generator=generator, dtype=torch.float64)
         return (lo + draws * (hi - lo)).to(parse_dtype(meta.dtype))

@@ -33,7 +33,7 @@ def calibrate_release(plan: Plan, release: DPRelease, metas: Sequence[dict[str, 
     if any(ref.kind != "dataset" for ref in plan.inputs):
         raise SensitivityUnknown("a DP release runs on a plan over datasets: a kept result has no declared bounds; "
                                  "send the whole computation as one plan")
-    rows = [_rows(DatasetMeta.model_validate(m)) for m in metas]
+    rows = [declared_rows(DatasetMeta.model_validate(m)) for m in metas]
     sens = sensitivity(plan, rows)
     charge = calibrate(sens.l1, sens.l2, release.epsilon, release.delta)
     noise = NoiseInfo(mechanism=charge.mechanism, epsilon=charge.epsilon, delta=charge.delta, scale=charge.scale,  # type: ignore[arg-type]
@@ -41,7 +41,8 @@ def calibrate_release(plan: Plan, release: DPRelease, metas: Sequence[dict[str, 
     return Calibrated(charge, noise)
 
 
-def _rows(meta: DatasetMeta) -> Rows:
+def declared_rows(meta: DatasetMeta) -> Rows:
+    """The dataset's rows as its declared bounds describe them (unbounded without bounds)."""
     if not meta.shape:
         raise SensitivityUnknown(f"{meta.name} is a single value, not rows")
     row_shape = tuple(meta.shape[1:])

@@ -1,35 +1,58 @@
-"""Beaver multiplication of secret-shared ring tensors, for n ≥ 2 parties.
+"""How MPC protocols run, and Beaver multiplication for n ≥ 2 parties.
 
-Protocol (one round), with a dealer triple ([a], [b], [c]), c = a · b:
+Every protocol is written once, from one party's point of view, as a generator: it yields
+an :class:`Open` (its parts of some values to be opened) and receives the opened sums.
+:func:`run_local` drives all n parties in one process through a :class:`Channel`
+(tests, simulation); the MPC pool drives the very same generators across workers, one per
+party, with the coordinator summing what they send. Protocols compose with ``yield from``.
+
+Beaver multiplication (one round), with a dealer triple ([a], [b], [c]), c = a · b:
 
 1. each party i masks its shares: e_i = x_i - a_i, d_i = y_i - b_i;
-2. the masked values are opened: e = Σ e_i = x - a, d = Σ d_i = y - b (a and b are uniform,
-   so e and d reveal nothing about x and y);
+2. the masked values are opened: e = x - a, d = y - b (a and b are uniform, so e and d
+   reveal nothing about x and y);
 3. each party computes z_i = c_i + e · b_i + a_i · d, and party 0 adds e · d.
 
 Then Σ z_i = c + e·b + a·d + e·d = (e + a)(d + b) = x · y. For a matrix product the same
 steps hold with @ in place of ·, keeping the operands' order. The product of two encoded
-fixed-point values carries scale 2^2f: truncation brings it back (see issue 4's next part).
-
-A :class:`Channel` opens values: :class:`LocalChannel` sums in this process (tests, the
-simulation); the MPC pool's coordinator does the same over the broker.
+fixed-point values carries scale 2^2f: :mod:`protocol.mpc.nonlinear` truncates it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import operator
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from functools import reduce
 from typing import Protocol
 
 import torch
 
-from protocol.mpc.dealer import TripleShare
+from protocol.mpc.dealer import Material
+
+
+@dataclass(frozen=True)
+class Open:
+    """A party's parts of values to open in one round: summed mod 2^64, or XORed."""
+
+    parts: list[torch.Tensor]
+    xor: bool = False
+
+
+PartyProtocol = Generator[Open, list[torch.Tensor], torch.Tensor]
 
 
 class Channel(Protocol):
-    def open(self, parts: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
-        """One round: each party sends its parts of some values; all learn each value's sum.
-        ``parts[i][k]`` is party i's part of value k."""
+    def open(self, parts: Sequence[Sequence[torch.Tensor]], xor: bool = False) -> list[torch.Tensor]:
+        """One round: ``parts[i][k]`` is party i's part of value k; every party learns the
+        value (the sum of the parts, or their XOR)."""
         ...
+
+
+def combine_parts(parts: Sequence[Sequence[torch.Tensor]], xor: bool = False) -> list[torch.Tensor]:
+    """What opening computes: each value's parts summed (or XORed) over the parties."""
+    join = operator.xor if xor else operator.add
+    return [reduce(join, column) for column in zip(*parts, strict=True)]
 
 
 class LocalChannel:
@@ -38,44 +61,49 @@ class LocalChannel:
     def __init__(self) -> None:
         self.rounds = 0
 
-    def open(self, parts: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+    def open(self, parts: Sequence[Sequence[torch.Tensor]], xor: bool = False) -> list[torch.Tensor]:
         self.rounds += 1
-        totals = [p.clone() for p in parts[0]]
-        for party in parts[1:]:
-            for total, p in zip(totals, party, strict=True):
-                total += p
-        return totals
+        return combine_parts(parts, xor)
+
+
+def run_local(parties: Sequence[PartyProtocol], channel: Channel) -> list[torch.Tensor]:
+    """Drive one protocol instance per party in lockstep; returns each party's output share."""
+    requests: list[Open | None] = [next(p) for p in parties]  # protocols open at least once
+    results: list[torch.Tensor | None] = [None] * len(parties)
+    while True:
+        pending = [r for r in requests if r is not None]
+        if not pending:
+            return [r for r in results if r is not None]
+        if len(pending) != len(parties):
+            raise RuntimeError("parties fell out of step: one finished while another opens a value")
+        opened = channel.open([r.parts for r in pending], pending[0].xor)
+        for i, party in enumerate(parties):
+            try:
+                requests[i] = party.send(opened)
+            except StopIteration as done:
+                requests[i], results[i] = None, done.value
 
 
 Op = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def mask(x_i: torch.Tensor, y_i: torch.Tensor, t: TripleShare) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 1 at party i: the masked shares it sends to be opened."""
-    return x_i - t.a, y_i - t.b
-
-
-def combine(i: int, e: torch.Tensor, d: torch.Tensor, t: TripleShare, op: Op) -> torch.Tensor:
-    """Step 3 at party i: its share of the product, from the opened e and d."""
-    z = t.c + op(e, t.b) + op(t.a, d)
+def beaver(i: int, x: torch.Tensor, y: torch.Tensor, t: Material, op: Op = torch.mul, prefix: str = ""
+           ) -> PartyProtocol:
+    """Party i's side of x ⊙ y, with its part ``t`` of a triple named ``prefix``a/b/c."""
+    a, b, c = t[prefix + "a"], t[prefix + "b"], t[prefix + "c"]
+    e, d = yield Open([x - a, y - b])
+    z = c + op(e, b) + op(a, d)
     return z + op(e, d) if i == 0 else z
 
 
-def _beaver(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor], triples: Sequence[TripleShare],
-            channel: Channel, op: Op) -> list[torch.Tensor]:
-    if not len(x) == len(y) == len(triples) >= 2:
-        raise ValueError("every party needs a share of x, of y and of the triple")
-    e, d = channel.open([mask(xi, yi, t) for xi, yi, t in zip(x, y, triples, strict=True)])
-    return [combine(i, e, d, t, op) for i, t in enumerate(triples)]
-
-
-def mul(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor], triples: Sequence[TripleShare],
+def mul(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor], triples: Sequence[Material],
         channel: Channel) -> list[torch.Tensor]:
     """Shares of x · y (elementwise), one round."""
-    return _beaver(x, y, triples, channel, torch.mul)
+    return run_local([beaver(i, *args) for i, args in enumerate(zip(x, y, triples, strict=True))], channel)
 
 
-def matmul(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor], triples: Sequence[TripleShare],
+def matmul(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor], triples: Sequence[Material],
            channel: Channel) -> list[torch.Tensor]:
     """Shares of x @ y, one round."""
-    return _beaver(x, y, triples, channel, torch.matmul)
+    return run_local([beaver(i, xi, yi, t, torch.matmul) for i, (xi, yi, t) in
+                      enumerate(zip(x, y, triples, strict=True))], channel)

@@ -11,10 +11,12 @@ Encoding rounds to the nearest multiple of 2^-f, so |decode(encode(x)) - x| ≤ 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 
 import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 RING_BITS = 64
 
@@ -24,6 +26,11 @@ class FixedPoint:
     """Reals as ring elements: x ↦ round(x · 2^f). |x| must stay below 2^(63-f)."""
 
     frac_bits: int = 16
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.frac_bits <= 30:
+            raise ValueError(f"frac_bits must be within 1..30 (a product carries 2f of the ring's 62 usable "
+                             f"bits), not {self.frac_bits}")
 
     @property
     def scale(self) -> int:
@@ -42,17 +49,37 @@ class FixedPoint:
         return v.to(torch.float64) / float(self.scale) ** scale_power
 
 
+def ring(value: int) -> int:
+    """``value`` mod 2^64 as the signed int64 that torch holds (2^63 is -2^63, for instance)."""
+    value %= 1 << RING_BITS
+    return value - (1 << RING_BITS) if value >= 1 << (RING_BITS - 1) else value
+
+
+def low_bits(width: int) -> int:
+    """The public mask of the ``width`` lowest bits, as an int64 constant."""
+    return ring((1 << width) - 1)
+
+
+def logical_rshift(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x >> bits treating x as unsigned (torch's >> copies the sign bit)."""
+    return (x >> bits) & low_bits(RING_BITS - bits) if bits else x
+
+
 def fresh_seed() -> bytes:
     """32 bytes from the operating system's CSPRNG: a seed nobody else can predict."""
     return os.urandom(32)
 
 
-def expand(seed: bytes, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-    """Uniform ring elements of ``shape`` from ``seed`` (SHAKE-256 as the PRG): sending a
-    32-byte seed instead of the tensor it expands to is how the dealer saves traffic."""
-    count = 1
-    for d in shape:
-        count *= int(d)
-    data = bytearray(hashlib.shake_256(seed).digest(8 * count)) if count else bytearray()
-    return torch.frombuffer(data, dtype=torch.int64).reshape(tuple(shape)) if count else \
-        torch.zeros(tuple(shape), dtype=torch.int64)
+def expand(seed: bytes, shape: tuple[int, ...] | torch.Size, label: str = "") -> torch.Tensor:
+    """Uniform ring elements of ``shape`` from ``seed``: AES-256-CTR keyed by the seed, one
+    stream per ``label``, so one seed can stand for every tensor of a dealer's bundle.
+    Sending a 32-byte seed instead of the tensor it expands to is how the dealer saves
+    traffic (AES-CTR, not SHAKE: 4× faster here, ~1 ms per million elements)."""
+    if len(seed) != 32:
+        raise ValueError(f"a PRG seed is 32 bytes, not {len(seed)}")
+    count = math.prod(int(d) for d in shape)
+    if not count:
+        return torch.zeros(tuple(shape), dtype=torch.int64)
+    nonce = hashlib.sha256(label.encode()).digest()[:16]
+    stream = Cipher(algorithms.AES(seed), modes.CTR(nonce)).encryptor().update(bytes(8 * count))
+    return torch.frombuffer(bytearray(stream), dtype=torch.int64).reshape(tuple(shape))

@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.mpc import Dealer, FixedPoint, LocalChannel, expand, matmul, mul, reconstruct, share
-from protocol.mpc.dealer import SeededTriple, materialize
 
 PARTIES = st.sampled_from([2, 3, 4])
 FP = FixedPoint(16)
@@ -58,7 +57,7 @@ def test_beaver_product_equals_plaintext(x: torch.Tensor, y: torch.Tensor, n: in
     size = min(len(x), len(y))
     x, y = x[:size], y[:size]
     ex, ey = FP.encode(x), FP.encode(y)
-    triples = [materialize(t) for t in Dealer(n).triple((size,), (size,), "mul")]
+    triples = [t.materialize() for t in Dealer(n).triple((size,), (size,), "mul")]
     channel = LocalChannel()
     z = mul(share(ex, n), share(ey, n), triples, channel)
     assert channel.rounds == 1
@@ -74,7 +73,7 @@ def test_beaver_matrix_product_equals_plaintext(m: int, k: int, p: int, n: int, 
     x = torch.tensor(data.draw(st.lists(reals, min_size=m * k, max_size=m * k)), dtype=torch.float64).reshape(m, k)
     y = torch.tensor(data.draw(st.lists(reals, min_size=k * p, max_size=k * p)), dtype=torch.float64).reshape(k, p)
     ex, ey = FP.encode(x), FP.encode(y)
-    triples = [materialize(t) for t in Dealer(n).triple((m, k), (k, p), "matmul")]
+    triples = [t.materialize() for t in Dealer(n).triple((m, k), (k, p), "matmul")]
     channel = LocalChannel()
     z = matmul(share(ex, n), share(ey, n), triples, channel)
     assert channel.rounds == 1
@@ -84,10 +83,11 @@ def test_beaver_matrix_product_equals_plaintext(m: int, k: int, p: int, n: int, 
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_the_dealer_sends_seeds_to_all_but_the_last_party(n: int) -> None:
     parts = Dealer(n).triple((1000,), (1000,))
-    assert all(isinstance(p, SeededTriple) for p in parts[:-1]) and not isinstance(parts[-1], SeededTriple)
-    assert all(len(s) == 32 for p in parts[:-1] for s in p.seeds)  # type: ignore[union-attr]
-    full = [materialize(p) for p in parts]
-    a, b, c = (reconstruct([getattr(t, name) for t in full]) for name in "abc")
+    assert all(not p.fixed and len(p.seed) == 32 for p in parts[:-1])
+    assert list(parts[-1].fixed) == ["c"]  # a and b are random for every party: only c is corrected
+    assert all(p.nbytes == 32 for p in parts[:-1]) and parts[-1].nbytes == 32 + 8 * 1000
+    full = [p.materialize() for p in parts]
+    a, b, c = (reconstruct([t[name] for t in full]) for name in "abc")
     assert torch.equal(c, a * b)
 
 

@@ -26,6 +26,8 @@ app.add_typer(gateway, name="gateway")
 app.add_typer(budget, name="budget")
 requests_app = typer.Typer(help="The owner's approval queue.", no_args_is_help=True)
 app.add_typer(requests_app, name="requests")
+mpc = typer.Typer(help="Run a node's MPC worker: encrypted ML-as-a-service.", no_args_is_help=True)
+app.add_typer(mpc, name="mpc")
 
 @contextmanager
 def owner_node(config: Path) -> Iterator[Node]:
@@ -88,6 +90,14 @@ def node_start(config: Path, loglevel: str = "INFO") -> None:
     from workers.worker import start_node
 
     start_node(config, loglevel)
+
+
+@mpc.command("start")
+def mpc_start(config: Path, loglevel: str = "INFO") -> None:
+    """Serve a node's MPC queue (mpc.<id>): host served models, hold shares, or deal triples."""
+    from workers.worker import start_mpc
+
+    start_mpc(config, loglevel)
 
 
 @gateway.command("start")

@@ -96,6 +96,12 @@ class LocalGrid:
         self.ensure_keys(name)
         self._spawn(name, [sys.executable, "-m", "ops.cli", "node", "start", str(config)])
 
+    def start_mpc(self, config: Path | str) -> None:
+        """A node's MPC worker (host, party or crypto provider), as process ``<name>-mpc``."""
+        name = Path(config).stem
+        self.ensure_keys(name)
+        self._spawn(f"{name}-mpc", [sys.executable, "-m", "ops.cli", "mpc", "start", str(config)])
+
     def start(self, configs: Sequence[Path | str], timeout: float = 60.0) -> None:
         """Redis, the gateway and the given nodes; returns once every node serves."""
         if not self.url:
@@ -105,8 +111,10 @@ class LocalGrid:
             self.start_node(config)
         self.wait_ready([Path(c).stem for c in configs], timeout)
 
-    def wait_ready(self, nodes: list[str], timeout: float = 60.0) -> None:
-        """Until the gateway lists ``nodes`` and a worker of each answers a ping."""
+    def wait_ready(self, nodes: list[str], timeout: float = 60.0, workers: list[str] | None = None) -> None:
+        """Until the gateway lists ``nodes`` and a worker of each answers a ping (or of each
+        of ``workers``, by hostname: ``hospital-mpc`` for a node's MPC worker)."""
+        workers = nodes if workers is None else workers
         self.ensure_keys("operator")
         deadline = time.monotonic() + timeout
         with redis.Redis.from_url(self.url) as client:
@@ -114,8 +122,8 @@ class LocalGrid:
         with self.connect("operator", timeout=max(1.0, deadline - time.monotonic())) as grid:
             _until(lambda: set(nodes) <= {n.node for n in grid.nodes()}, deadline - time.monotonic(),
                    f"nodes {nodes} did not register", self._crashed)
-            _until(lambda: set(nodes) <= {r.split("@")[0] for r in _ping(grid)},
-                   deadline - time.monotonic(), f"workers of {nodes} did not start", self._crashed)
+            _until(lambda: set(workers) <= {r.split("@")[0] for r in _ping(grid)},
+                   deadline - time.monotonic(), f"workers {workers} did not start", self._crashed)
 
     def connect(self, user: str, timeout: float = 60.0) -> Grid:
         self.ensure_keys(user)

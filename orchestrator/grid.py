@@ -16,13 +16,16 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import redis
 import torch
 from celery import Celery
+from celery.result import AsyncResult
 
+from orchestrator import mpc
 from orchestrator.app import make_celery
 from orchestrator.pointer import DataPointer
 from orchestrator.ticket import JobTicket
@@ -49,6 +52,7 @@ from protocol.messages import (
     SearchQuery,
     parse_body,
 )
+from protocol.mpc.wire import ModelCard
 from protocol.plan import InputRef, TensorSpec
 
 
@@ -117,6 +121,25 @@ class Grid:
         ticket = self._submit(node, BudgetQuery(dataset=dataset))
         return list(ticket.reply().budgets)
 
+    # --- encrypted ML-as-a-service (orchestrator.mpc) ----------------------------------------
+
+    def serve(self, model: torch.nn.Module, *, name: str, parties: Sequence[str], crypto_provider: str,
+              host: str, queriers: Sequence[str] = (), frac_bits: int = 16) -> ModelCard:
+        """Serve ``model`` (Linear and ReLU layers) secret-shared among ``parties``: ``host``
+        keeps its structure and coordinates queries, ``crypto_provider`` deals the
+        correlated randomness, and ``queriers`` (and you) may query it."""
+        return mpc.serve(self, model, name=name, parties=parties, crypto_provider=crypto_provider, host=host,
+                         queriers=queriers, frac_bits=frac_bits)
+
+    def models(self) -> list[ModelCard]:
+        """The models served encrypted on this grid."""
+        return mpc.models(self)
+
+    def query(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The served model's output on ``x`` (one row or a batch), computed on shares:
+        nobody but you sees ``x`` or the result."""
+        return mpc.query(self, name, x)
+
     def ticket(self, job_id: str) -> JobTicket:
         """Pick up a job submitted earlier (by this process or another one)."""
         return JobTicket(self, job_id)
@@ -135,11 +158,22 @@ class Grid:
 
     def _submit(self, node: str, job: RunJob | BudgetQuery | AccessRequest | MockRequest) -> JobTicket:
         job_id = f"{node}:{uuid.uuid4().hex}"
-        env = seal_envelope(self.identity, recipient=node, kind=job.kind, job_id=job_id,
-                            body=job.model_dump(mode="json"), now=time.time())
-        self.app.send_task(Tasks.RUN_JOB, args=[env.model_dump(mode="json")], queue=node_queue(node),
-                           task_id=job_id)
+        self._send(node, Tasks.RUN_JOB, node_queue(node), job, job_id)
         return JobTicket(self, job_id)
+
+    def _send(self, node: str, task: str, queue: str, body: Any, job_id: str) -> AsyncResult:
+        """Sign ``body`` for ``node`` and send it as ``task``."""
+        env = seal_envelope(self.identity, recipient=node, kind=body.kind, job_id=job_id,
+                            body=body.model_dump(mode="json"), now=time.time())
+        return self.app.send_task(task, args=[env.model_dump(mode="json")], queue=queue, task_id=job_id)
+
+    def _node_key(self, node: str) -> PublicIdentity:
+        """A node's key as the gateway lists it."""
+        if node not in self._node_keys:
+            self.nodes()
+        if node not in self._node_keys:
+            raise NotFound(f"node {node!r} is not registered at the gateway")
+        return self._node_keys[node]
 
     def _ask_gateway(self, task: str, *args: Any) -> GatewayReply:
         job_id = uuid.uuid4().hex
@@ -160,13 +194,10 @@ class Grid:
         return body
 
     def _verify_reply(self, raw: Any, node: str, job_id: str) -> Envelope:
-        if node not in self._node_keys:
-            self.nodes()
-        if node not in self._node_keys:
-            raise NotFound(f"node {node!r} is not registered at the gateway")
+        key = self._node_key(node)
         # a refusal of a message that named no sender is addressed to anyone; it carries no value
         recipient = PUBLIC if isinstance(raw, dict) and raw.get("recipient") == PUBLIC else self.identity.name
-        return open_envelope(raw, recipient=recipient, keyring={node: self._node_keys[node]},
+        return open_envelope(raw, recipient=recipient, keyring={node: key},
                              nonces=self._nonces, delivery_id=job_id, now=time.time())
 
     def _claim(self, key: str) -> bytes:

@@ -18,6 +18,14 @@ def node_queue(node_id: str) -> str:
     return f"node.{node_id}"
 
 
+def mpc_queue(node_id: str) -> str:
+    """The queue of a node's MPC worker (host, party or crypto provider)."""
+    return f"mpc.{node_id}"
+
+
+MPC_MODELS_KEY = "gridq:mpc:models"  # Redis hash: served model name -> its card, signed by its host
+
+
 class Tasks:
     """Task names: the only way the sides address each other's code."""
 
@@ -27,6 +35,11 @@ class Tasks:
     UNPUBLISH = "gridq.gateway.unpublish"
     SEARCH = "gridq.gateway.search"
     NODES = "gridq.gateway.nodes"
+    MPC_SERVE = "gridq.mpc.serve"
+    MPC_STORE = "gridq.mpc.store"
+    MPC_QUERY = "gridq.mpc.query"
+    MPC_SESSION = "gridq.mpc.session"
+    MPC_DEAL = "gridq.mpc.deal"
 
 
 PENDING_APPROVAL = "PENDING_APPROVAL"  # the Celery state of a job parked for the owner's approval

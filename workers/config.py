@@ -130,6 +130,16 @@ class ApprovalSection(_Section):
         return kind in (own.auto if own else self.auto)
 
 
+class MpcSection(_Section):
+    """The node's part in the MPC pool (``gridq mpc start``): as a host, how long it waits
+    for a party's round or the crypto provider before failing with ``NodeUnavailable``, and
+    how many dealer bundles it keeps ready per shape."""
+
+    round_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    deal_timeout: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    pool_size: Annotated[int, Field(ge=0, le=64)] = 2
+
+
 class NodeConfig(_Section):
     node: NodeSection
     users: dict[str, UserSection] = {}
@@ -137,6 +147,7 @@ class NodeConfig(_Section):
     worker: WorkerSection = WorkerSection()
     budget: BudgetSection = BudgetSection()
     approval: ApprovalSection = ApprovalSection()
+    mpc: MpcSection = MpcSection()
 
     @property
     def id(self) -> str:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 
-from protocol.contract import node_queue
+from protocol.contract import mpc_queue, node_queue
 from workers.config import load_config
+from workers.mpc import mpc_tasks
 from workers.node import Node, make_celery, worker_tasks
 
 
@@ -25,5 +26,22 @@ def start_node(config_path: str | Path, loglevel: str = "INFO") -> None:
     app.worker_main([
         "worker", "--queues", node_queue(config.id), "--hostname", f"{config.id}@%h",
         "--pool", "prefork", "--concurrency", str(config.worker.concurrency),
+        "--task-events", "--without-mingle", "--without-gossip", "--loglevel", loglevel,
+    ])
+
+
+def start_mpc(config_path: str | Path, loglevel: str = "INFO") -> None:
+    """Register with the gateway, then serve the node's MPC queue (``mpc.<id>``): host,
+    party or crypto provider, as the messages it receives ask."""
+    config = load_config(config_path)
+    torch.set_num_threads(config.worker.torch_threads)
+    app = make_celery(config)
+    node = Node(config, app)
+    node.register()
+    node.close()
+    mpc_tasks(app, config)
+    app.worker_main([
+        "worker", "--queues", mpc_queue(config.id), "--hostname", f"{config.id}-mpc@%h",
+        "--pool", "prefork", "--concurrency", "1",
         "--task-events", "--without-mingle", "--without-gossip", "--loglevel", loglevel,
     ])

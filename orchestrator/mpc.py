@@ -1,0 +1,133 @@
+"""Encrypted ML-as-a-service, the scientist's side: serve a model secret-shared over
+several nodes, list served models, and query one privately.
+
+    >>> card = grid.serve(model, name="triage", parties=["hospital", "public"],          # doctest: +SKIP
+    ...                   crypto_provider="university", host="company", queriers=["bob"])
+    >>> grid.query("triage", x)                                                          # doctest: +SKIP
+    tensor([[0.8125, ...]])
+
+``serve`` encodes the parameters in fixed point and splits them into additive shares, one
+sealed to each party: no node — host, party or provider — ever holds a weight. ``query``
+does the same with the input; the parties' output shares come back sealed to the querier,
+who alone reconstructs the result.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from protocol.contract import CLAIM_CHECK_PREFIX, CLAIM_CHECK_TTL_SECONDS, MPC_MODELS_KEY, Tasks, mpc_queue
+from protocol.errors import BadSignature, ForbiddenOperation, InvalidRequest, NodeUnavailable, NotFound, error_from_wire
+from protocol.mpc.model import Layer, ModelPlan, encode_parameters
+from protocol.mpc.ring import FixedPoint
+from protocol.mpc.sharing import reconstruct, share
+from protocol.mpc.wire import ModelCard, MpcReply, QueryModel, ServeModel, pack, unpack
+
+if TYPE_CHECKING:
+    from orchestrator.grid import Grid
+
+
+def plan_of(model: torch.nn.Module, frac_bits: int = 16) -> tuple[ModelPlan, dict[str, torch.Tensor]]:
+    """A model's structure and its parameters (float64), for Linear and ReLU layers (in a
+    Sequential, nested or not). Anything else is refused by name: a worker runs only the
+    layers it knows."""
+    modules = _flatten(model)
+    layers: list[Layer] = []
+    params: dict[str, torch.Tensor] = {}
+    for k, m in enumerate(modules):
+        if isinstance(m, torch.nn.Linear):
+            layers.append(Layer(kind="linear", in_features=m.in_features, out_features=m.out_features))
+            params[f"{k}.weight"] = m.weight.detach().to(torch.float64)
+            params[f"{k}.bias"] = (m.bias.detach() if m.bias is not None else torch.zeros(m.out_features)) \
+                .to(torch.float64)
+        elif isinstance(m, torch.nn.ReLU):
+            layers.append(Layer(kind="relu"))
+        else:
+            raise ForbiddenOperation(f"layer {type(m).__name__} cannot be served encrypted; use Linear and ReLU")
+    if not layers:
+        raise InvalidRequest("the model has no layers")
+    plan = ModelPlan(layers=tuple(layers), frac_bits=frac_bits)
+    try:
+        plan.check()
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    return plan, params
+
+
+def _flatten(model: torch.nn.Module) -> list[torch.nn.Module]:
+    if isinstance(model, torch.nn.Sequential):
+        return [leaf for m in model for leaf in _flatten(m)]
+    return [model]
+
+
+def serve(grid: Grid, model: torch.nn.Module, *, name: str, parties: Sequence[str], crypto_provider: str,
+          host: str, queriers: Sequence[str] = (), frac_bits: int = 16) -> ModelCard:
+    plan, params = plan_of(model, frac_bits)
+    card = ModelCard(name=name, owner=grid.identity.name, host=host, parties=list(parties),
+                     provider=crypto_provider, queriers=list(queriers), plan=plan)
+    encoded = encode_parameters(plan, params)
+    split = {k: share(v, len(parties)) for k, v in encoded.items()}
+    shares = {p: _put(grid, grid._node_key(p).seal(pack({k: v[i] for k, v in split.items()})))
+              for i, p in enumerate(parties)}
+    _ask(grid, host, Tasks.MPC_SERVE, ServeModel(card=card, shares=shares))
+    return card
+
+
+def models(grid: Grid) -> list[ModelCard]:
+    """Served models whose card carries a valid signature of its host."""
+    cards = []
+    for raw in grid._redis.hgetall(MPC_MODELS_KEY).values():
+        entry = json.loads(raw)
+        card = ModelCard.model_validate_json(entry["card"])
+        try:
+            grid._node_key(card.host).verify(entry["card"].encode(), bytes.fromhex(entry["signature"]))
+        except (BadSignature, NotFound, ValueError):
+            continue  # not signed by the host it names: not a model of this grid
+        cards.append(card)
+    return sorted(cards, key=lambda c: c.name)
+
+
+def query(grid: Grid, name: str, x: torch.Tensor) -> torch.Tensor:
+    card = next((c for c in models(grid) if c.name == name), None)
+    if card is None:
+        raise NotFound(f"no served model {name!r}; grid.models() lists them")
+    batch = x.reshape(1, -1) if x.dim() == 1 else x
+    if batch.dim() != 2 or batch.shape[1] != card.plan.in_features:
+        raise InvalidRequest(f"model {name!r} takes inputs of {card.plan.in_features} features, not shape "
+                             f"{tuple(x.shape)}")
+    fp = FixedPoint(card.plan.frac_bits)
+    pieces = share(fp.encode(batch), len(card.parties))
+    inputs = {p: _put(grid, grid._node_key(p).seal(pack({"x": s}))) for p, s in zip(card.parties, pieces, strict=True)}
+    reply = _ask(grid, card.host, Tasks.MPC_QUERY, QueryModel(name=name, batch=batch.shape[0], inputs=inputs))
+    outputs = []
+    for party in card.parties:
+        tensors, _ = unpack(grid.identity.unseal(grid._claim(reply.outputs[party])))
+        outputs.append(tensors["y"])
+    y = fp.decode(reconstruct(outputs)).to(x.dtype if x.is_floating_point() else torch.float64)
+    return y[0] if x.dim() == 1 else y
+
+
+def _put(grid: Grid, data: bytes) -> str:
+    key = f"{CLAIM_CHECK_PREFIX}{uuid.uuid4().hex}"
+    grid._redis.set(key, data, ex=CLAIM_CHECK_TTL_SECONDS)
+    return key
+
+
+def _ask(grid: Grid, host: str, task: str, body: Any) -> MpcReply:
+    job_id = uuid.uuid4().hex
+    result = grid._send(host, task, mpc_queue(host), body, job_id)
+    try:
+        raw = result.get(timeout=grid.timeout, interval=0.01)
+    except Exception as exc:  # celery's TimeoutError, or a crash reported by the worker
+        raise NodeUnavailable(f"host {host!r} did not answer in {grid.timeout:.0f} s ({exc!r:.200}); is its "
+                              "`gridq mpc start` running?") from None
+    env = grid._verify_reply(raw, host, job_id)
+    reply = MpcReply.model_validate(env.body_json())
+    if reply.error is not None:
+        raise error_from_wire(reply.error.model_dump())
+    return reply

@@ -1,0 +1,170 @@
+"""The MPC pool's wire format: message bodies, and the bytes of tensors, dealer parts and
+round messages.
+
+Control messages (serve, store, query, session, deal) travel in signed envelopes like every
+other job; anything secret in them (a party's share, its input share, its session key)
+is sealed to the one party that may read it. Round messages travel on per-session Redis
+lists, authenticated with a per-session key (BLAKE2b MAC) that the host sealed to each
+party: a round can be large (16 MB for a 1M-element product), and a MAC costs a fraction
+of an Ed25519 signature over it. What a round carries is masked (x - a, x + r): the
+host that sums it learns nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from typing import Annotated, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+
+from protocol.errors import BadSignature, InvalidRequest
+from protocol.identity import Identity, PublicIdentity
+from protocol.messages import WireError
+from protocol.mpc.dealer import Part
+from protocol.mpc.model import ModelPlan, Need
+
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
+# a sealed box left in Redis by claim-check: bodies stay small, big shares skip base64
+Sealed = Annotated[str, Field(max_length=80, pattern=r"^gridq:blob:[0-9a-f]{32}$")]
+Names = Annotated[list[Name], Field(min_length=1, max_length=16)]
+MAC_BYTES = 32
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class ModelCard(_Body):
+    """What the grid knows of a served model: no number of it."""
+
+    name: Name
+    owner: Name
+    host: Name
+    parties: Names
+    provider: Name
+    queriers: Annotated[list[Name], Field(max_length=1024)]
+    plan: ModelPlan
+
+
+class ServeModel(_Body):
+    """Model owner → host: serve this model; each party's share is sealed to that party."""
+
+    kind: Literal["mpc_serve"] = "mpc_serve"
+    card: ModelCard
+    shares: dict[Name, Sealed]
+
+
+class StoreShares(_Body):
+    """Host → party: keep your share of a served model (sealed to you by its owner)."""
+
+    kind: Literal["mpc_store"] = "mpc_store"
+    card: ModelCard
+    share: Sealed
+
+
+class QueryModel(_Body):
+    """Client → host: run the model on my input; each input share is sealed to its party."""
+
+    kind: Literal["mpc_query"] = "mpc_query"
+    name: Name
+    batch: Annotated[int, Field(ge=1, le=1 << 16)]
+    inputs: dict[Name, Sealed]
+
+
+class RunSession(_Body):
+    """Host → party: compute your side of one query, rounds over the session's lists."""
+
+    kind: Literal["mpc_session"] = "mpc_session"
+    session: Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[0-9a-f]+$")]
+    card: ModelCard
+    index: Annotated[int, Field(ge=0, lt=16)]
+    bundles: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=1024)]
+    input: Sealed
+    mac_key: Sealed
+    querier: Name
+    querier_key: Annotated[str, Field(max_length=256)]
+    round_timeout: Annotated[float, Field(gt=0, le=3600)]
+
+
+class Deal(_Body):
+    """Host → crypto provider: deal ``count`` bundles of each need for these parties, into the
+    pool lists named by ``pools`` (one per need)."""
+
+    kind: Literal["mpc_deal"] = "mpc_deal"
+    parties: Names
+    frac_bits: Annotated[int, Field(ge=1, le=30)]
+    needs: Annotated[list[Need], Field(max_length=256)]
+    pools: Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=256)]
+    count: Annotated[int, Field(ge=1, le=64)]
+
+
+class MpcReply(_Body):
+    kind: Literal["mpc_reply"] = "mpc_reply"
+    error: WireError | None = None
+    outputs: dict[Name, Sealed] = {}  # each party's output share, sealed to the querier
+
+
+def pack(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> bytes:
+    return save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
+
+
+def unpack(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of trusted bytes (sealed or MAC-checked before this)."""
+    try:
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + header_len])
+        return load(data), dict(header.get("__metadata__") or {})
+    except (SafetensorError, ValueError, KeyError) as exc:
+        raise InvalidRequest(f"not a tensor bundle: {exc}") from None
+
+
+def pack_part(part: Part) -> bytes:
+    tensors = {"seed": torch.frombuffer(bytearray(part.seed), dtype=torch.uint8), **{
+        f"fixed/{k}": v for k, v in part.fixed.items()}}
+    return pack(tensors, {"shapes": json.dumps({k: list(s) for k, s in part.shapes.items()})})
+
+
+def unpack_part(data: bytes) -> Part:
+    tensors, meta = unpack(data)
+    shapes = {k: tuple(int(d) for d in s) for k, s in json.loads(meta.get("shapes", "{}")).items()}
+    fixed = {k.removeprefix("fixed/"): v for k, v in tensors.items() if k.startswith("fixed/")}
+    return Part(bytes(tensors["seed"].numpy().tobytes()), shapes, fixed)
+
+
+def mac(key: bytes, label: str, data: bytes) -> bytes:
+    return hashlib.blake2b(data, key=key, person=b"gridq-mpc", salt=hashlib.blake2b(label.encode(), digest_size=16)
+                           .digest(), digest_size=MAC_BYTES).digest()
+
+
+def seal_round(key: bytes, label: str, data: bytes) -> bytes:
+    """``data`` with its MAC under the session key; ``label`` names the list and round."""
+    return data + mac(key, label, data)
+
+
+def open_round(key: bytes, label: str, message: bytes) -> bytes:
+    data, tag = message[:-MAC_BYTES], message[-MAC_BYTES:]
+    if len(message) < MAC_BYTES or not hmac.compare_digest(tag, mac(key, label, data)):
+        raise BadSignature(f"round message {label} fails its MAC: not from this session's party or host")
+    return data
+
+
+def _digest(label: str, data: bytes) -> bytes:
+    return hashlib.blake2b(label.encode() + b"\0" + data, digest_size=32).digest()
+
+
+def seal_signed(sender: Identity, recipient: PublicIdentity, label: str, data: bytes) -> bytes:
+    """``data`` for ``recipient``'s eyes only, signed by ``sender`` (a sealed box alone does
+    not say who sealed it); ``label`` binds it to its place (bundle id and party)."""
+    return recipient.seal(sender.sign(_digest(label, data)) + data)
+
+
+def open_signed(me: Identity, sender: PublicIdentity, label: str, blob: bytes) -> bytes:
+    plain = me.unseal(blob)
+    signature, data = plain[:64], plain[64:]
+    sender.verify(_digest(label, data), signature)
+    return data

@@ -1,0 +1,149 @@
+"""Encrypted ML-as-a-service end to end, on real Redis and real MPC worker processes: the
+company hosts the plan, hospital and public clusters (and the clinic, for 3 parties) hold
+shares, the university deals correlated randomness. Nobody but the querier sees x or y."""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+from sqlalchemy import create_engine, select
+from test_broker_capture import Monitor, found_in
+
+from ops.local import NODE_CONFIGS, LocalGrid
+from protocol.errors import NodeUnavailable, PermissionDenied, UnknownSender
+from protocol.mpc.ring import FixedPoint
+from workers.mpc import ShareRow
+
+MPC_NODES = ("company", "university", "hospital", "public", "clinic")
+ROUND_TIMEOUT = 10.0  # company.toml's [mpc] round_timeout
+
+
+@pytest.fixture(scope="module")
+def mpc_grid(local_grid: LocalGrid) -> Iterator[LocalGrid]:
+    local_grid.ensure_keys(*MPC_NODES, "dana", "bob", "eve", "mallory")
+    for node in MPC_NODES:
+        local_grid.start_mpc(NODE_CONFIGS / f"{node}.toml")
+    local_grid.wait_ready(list(MPC_NODES), timeout=90, workers=[f"{n}-mpc" for n in MPC_NODES])
+    yield local_grid
+    for node in MPC_NODES:
+        local_grid.kill(f"{node}-mpc")
+
+
+def seed_model() -> torch.nn.Linear:
+    """The seed's example: one linear layer whose weights and bias are set in advance."""
+    model = torch.nn.Linear(4, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.5, -1.25, 2.0, 0.1], [-0.3, 0.7, 0.05, -2.5]]))
+        model.bias.copy_(torch.tensor([0.25, -0.5]))
+    return model
+
+
+def mlp() -> torch.nn.Sequential:
+    torch.manual_seed(7)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+
+def test_the_seed_example_equals_the_plaintext_model(mpc_grid: LocalGrid) -> None:
+    model = seed_model()
+    x = torch.tensor([[1.0, 2.0, -0.5, 3.0], [-1.5, 0.25, 4.0, -2.0]])
+    with mpc_grid.connect("dana") as owner:
+        card = owner.serve(model, name="seed-linear", parties=["hospital", "public"], crypto_provider="university",
+                           host="company", queriers=["bob"])
+        assert card.plan.in_features == 4 and card.owner == "dana"
+    with mpc_grid.connect("bob") as grid:
+        listed = {c.name: c for c in grid.models()}
+        assert listed["seed-linear"].parties == ["hospital", "public"]
+        assert listed["seed-linear"].provider == "university"
+        y = grid.query("seed-linear", x)
+        with torch.no_grad():
+            expected = model(x)
+        assert y.shape == expected.shape
+        assert (y - expected).abs().max().item() < 1e-3
+        one = grid.query("seed-linear", x[0])  # a single row works too, and the warm pool serves it
+        assert (one - expected[0]).abs().max().item() < 1e-3
+
+
+def test_a_two_layer_mlp_over_three_parties(mpc_grid: LocalGrid) -> None:
+    model = mlp()
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    with mpc_grid.connect("dana") as owner:
+        owner.serve(model, name="mlp3", parties=["hospital", "public", "clinic"], crypto_provider="university",
+                    host="company", queriers=["bob"])
+    with mpc_grid.connect("bob") as grid:
+        y = grid.query("mlp3", x)
+    with torch.no_grad():
+        assert (y - model(x)).abs().max().item() < 1e-3
+
+
+def test_only_the_owners_queriers_may_query(mpc_grid: LocalGrid) -> None:
+    with mpc_grid.connect("dana") as owner:
+        owner.serve(seed_model(), name="bob-only", parties=["hospital", "public"], crypto_provider="university",
+                    host="company", queriers=["bob"])
+    with mpc_grid.connect("eve") as grid:  # a user the company knows, not a querier of this model
+        with pytest.raises(PermissionDenied, match="may not query model 'bob-only'"):
+            grid.query("bob-only", torch.zeros(4))
+    with mpc_grid.connect("mallory") as grid:  # nobody the company knows
+        with pytest.raises(UnknownSender):
+            grid.query("bob-only", torch.zeros(4))
+
+
+def test_serving_refuses_a_dealer_that_holds_shares_and_layers_it_cannot_run(mpc_grid: LocalGrid) -> None:
+    from protocol.errors import ForbiddenOperation, InvalidRequest
+
+    with mpc_grid.connect("dana") as owner:
+        with pytest.raises(InvalidRequest, match="crypto provider 'university' cannot also hold shares"):
+            owner.serve(seed_model(), name="bad", parties=["hospital", "university"], crypto_provider="university",
+                        host="company")
+        with pytest.raises(ForbiddenOperation, match="Sigmoid"):
+            owner.serve(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sigmoid()), name="bad",
+                        parties=["hospital", "public"], crypto_provider="university", host="company")
+
+
+def test_no_weight_share_input_or_output_crosses_the_broker_unsealed(mpc_grid: LocalGrid) -> None:
+    model = seed_model()
+    x = torch.tensor([[0.75, -1.5, 2.25, 1.0]])
+    fp = FixedPoint(16)
+    monitor = Monitor(mpc_grid.url)
+    try:
+        with mpc_grid.connect("dana") as owner:
+            owner.serve(model, name="captured", parties=["hospital", "public"], crypto_provider="university",
+                        host="company", queriers=["bob"])
+        with mpc_grid.connect("bob") as grid:
+            y = grid.query("captured", x)
+    finally:
+        commands = monitor.stop()
+    assert any(b"gridq.mpc.query" in arg for c in commands for arg in c), "the capture saw the query"
+    patterns: list[bytes] = []
+    for t in (model.weight.detach(), model.bias.detach(), x, y):
+        patterns += [struct.pack("<f", float(v)) + struct.pack("<f", float(w))
+                     for v, w in zip(t.flatten()[:-1], t.flatten()[1:], strict=True)]  # adjacent float32 pairs
+        patterns += [fp.encode(t.flatten()[i:i + 2].to(torch.float64)).numpy().tobytes()
+                     for i in range(max(1, t.numel() - 1))]  # their ring encodings, 16 bytes each
+    for party in ("hospital", "public"):  # each party's stored share of the weight: 16-byte windows
+        engine = create_engine(f"sqlite:///{mpc_grid.home / party / 'node.db'}")
+        with engine.connect() as conn:
+            data = conn.execute(select(ShareRow.data).where(ShareRow.model == "captured")).scalar_one()
+        engine.dispose()
+        body = data[-96:]  # the tensors' bytes end the safetensors file
+        patterns += [body[i:i + 16] for i in range(0, len(body) - 16, 8)]
+    assert found_in(commands, patterns) == []
+
+
+def test_a_killed_party_fails_the_query_within_the_round_timeout(mpc_grid: LocalGrid) -> None:
+    with mpc_grid.connect("dana") as owner:
+        owner.serve(seed_model(), name="fragile", parties=["hospital", "public"], crypto_provider="university",
+                    host="company", queriers=["bob"])
+    mpc_grid.kill("public-mpc")
+    try:
+        with mpc_grid.connect("bob") as grid:
+            started = time.monotonic()
+            with pytest.raises(NodeUnavailable, match="party 'public' did not answer"):
+                grid.query("fragile", torch.ones(4))
+            assert time.monotonic() - started < ROUND_TIMEOUT + 5
+    finally:
+        mpc_grid.start_mpc(NODE_CONFIGS / "public.toml")
+        mpc_grid.wait_ready(["public"], workers=["public-mpc"])

@@ -1,0 +1,463 @@
+"""The MPC pool: a node's worker for encrypted ML-as-a-service (``gridq mpc start CONFIG``).
+
+One worker per node, on the queue ``mpc.<node>``, plays whichever role a message gives it:
+
+* **host** — keeps served models' cards (structure, parties, who may query: no numbers),
+  and coordinates queries: it takes dealer bundles from its pool, starts a session at each
+  party, then relays rounds, summing what the parties send (masked values only);
+* **party** — keeps its shares of served models in its own database, and computes its side
+  of each round (:func:`protocol.mpc.model.infer`, the same code as the tests run);
+* **crypto provider** — deals bundles (triples, truncation and comparison material) from
+  shapes alone, each party's part sealed to it and signed, into the host's pool lists.
+
+Rounds travel on per-session Redis lists, MAC'd with a key the host sealed to each party.
+A party that does not answer within the host's ``round_timeout`` fails the query with
+``NodeUnavailable``; a party whose host stops answering gives up after the same time.
+Host, parties and provider must be distinct nodes: a dealer that is also a party could
+unmask, and a host that is also a party would wait on itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+import torch
+from celery import Celery
+from sqlalchemy import JSON, Float, LargeBinary, String, create_engine, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from protocol.contract import (
+    CLAIM_CHECK_PREFIX,
+    CLAIM_CHECK_TTL_SECONDS,
+    GATEWAY_IDENTITY_KEY,
+    GATEWAY_QUEUE,
+    MPC_MODELS_KEY,
+    PUBLIC,
+    Tasks,
+    mpc_queue,
+)
+from protocol.envelope import Envelope, MemoryNonceStore, open_envelope, seal_envelope
+from protocol.errors import (
+    GridError,
+    InvalidRequest,
+    JobFailed,
+    NodeUnavailable,
+    NotFound,
+    PermissionDenied,
+    UnknownSender,
+    error_from_wire,
+)
+from protocol.identity import PublicIdentity
+from protocol.messages import GatewayReply, WireError, parse_body
+from protocol.mpc.beaver import combine_parts
+from protocol.mpc.dealer import Dealer, Material
+from protocol.mpc.model import Need, infer, shapes_of
+from protocol.mpc.wire import (
+    Deal,
+    ModelCard,
+    MpcReply,
+    QueryModel,
+    RunSession,
+    ServeModel,
+    StoreShares,
+    open_round,
+    open_signed,
+    pack,
+    pack_part,
+    seal_round,
+    seal_signed,
+    unpack,
+    unpack_part,
+)
+from workers.config import NodeConfig
+
+log = logging.getLogger(__name__)
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class ModelRow(_Base):
+    """At a host: a model it serves."""
+
+    __tablename__ = "mpc_models"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    card: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class ShareRow(_Base):
+    """At a party: its share of a model's parameters (safetensors bytes of ring tensors)."""
+
+    __tablename__ = "mpc_shares"
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+def _session_key(session: str, party: str, way: str) -> str:
+    return f"gridq:mpc:session:{session}:{party}:{way}"
+
+
+def _pool_key(card: ModelCard, need: Need) -> str:
+    return (f"gridq:mpc:pool:{card.provider}:{','.join(card.parties)}:{card.plan.frac_bits}:"
+            f"{need.kind}:{need.shape}:{need.other}").replace(" ", "")
+
+
+def _bundle_key(bundle: str, party: str) -> str:
+    return f"gridq:mpc:bundle:{bundle}:{party}"
+
+
+class MpcMember:
+    """One node's MPC worker logic, free of Celery: one method per message."""
+
+    def __init__(self, config: NodeConfig, app: Celery) -> None:
+        self.config = config
+        self.id = config.id
+        self.identity = config.identity()
+        self.app = app
+        # redis-py's default 5 s socket timeout would cut the blocking pops of a round short
+        waits = max(config.mpc.round_timeout, config.mpc.deal_timeout)
+        self.redis = redis.Redis.from_url(config.node.broker, socket_timeout=waits + 10)
+        self.users = config.keyring()
+        self.nonces = MemoryNonceStore()
+        self._peers: dict[str, PublicIdentity] = {}
+        engine = create_engine(config.database_url)
+        _Base.metadata.create_all(engine)
+        self._db = sessionmaker(engine, expire_on_commit=False)
+
+    # --- who is who ---------------------------------------------------------------------------
+
+    def peer(self, name: str) -> PublicIdentity:
+        """A node's key as the gateway lists it (signed by the gateway), else a configured user's."""
+        if name in self.users:
+            return self.users[name]
+        if name not in self._peers:
+            self._refresh_peers()
+        if name not in self._peers:
+            raise UnknownSender(f"{name!r} is neither a user of {self.id!r} nor a node registered at the gateway")
+        return self._peers[name]
+
+    def _refresh_peers(self) -> None:
+        posted = self.redis.get(GATEWAY_IDENTITY_KEY)
+        if posted is None:
+            raise NodeUnavailable("no gateway has started on this broker")
+        gateway = PublicIdentity.parse("gateway", json.loads(posted)["public_key"])
+        job_id = uuid.uuid4().hex
+        raw = self.app.send_task(Tasks.NODES, queue=GATEWAY_QUEUE, task_id=job_id).get(
+            timeout=self.config.mpc.round_timeout, disable_sync_subtasks=False)
+        env = open_envelope(raw, recipient=PUBLIC, keyring={"gateway": gateway}, nonces=MemoryNonceStore(),
+                            delivery_id=job_id, now=time.time())
+        reply = parse_body(env.body_json())
+        assert isinstance(reply, GatewayReply)
+        self._peers.update({n.node: PublicIdentity.parse(n.node, n.public_key) for n in reply.nodes})
+
+    def _open(self, raw: Any, delivery_id: str, senders: dict[str, PublicIdentity] | None = None) -> Envelope:
+        sender = raw.get("sender") if isinstance(raw, dict) else None
+        keyring = senders if senders is not None else ({sender: self.peer(sender)} if isinstance(sender, str) else {})
+        return open_envelope(raw, recipient=self.id, keyring=keyring, nonces=self.nonces,
+                             delivery_id=delivery_id, now=time.time())
+
+    def _send(self, node: str, task: str, body: Any, job_id: str, ttl: float = 600.0) -> Any:
+        env = seal_envelope(self.identity, recipient=node, kind=body.kind, job_id=job_id,
+                            body=body.model_dump(mode="json"), now=time.time(), ttl=ttl)
+        return self.app.send_task(task, args=[env.model_dump(mode="json")], queue=mpc_queue(node), task_id=job_id)
+
+    def _reply(self, to: str, job_id: str, reply: MpcReply) -> dict[str, Any]:
+        env = seal_envelope(self.identity, recipient=to, kind=reply.kind, job_id=job_id,
+                            body=reply.model_dump(mode="json"), now=time.time())
+        return env.model_dump(mode="json")
+
+    def _blob(self, key: str) -> bytes:
+        pipe = self.redis.pipeline()
+        pipe.get(key)
+        pipe.delete(key)
+        data, _ = pipe.execute()
+        if data is None:
+            raise NotFound(f"the sealed value {key!r} has expired from the broker; send the request again")
+        return bytes(data)
+
+    def _pop(self, key: str, timeout: float) -> bytes | None:
+        """The next message on a list, waiting at most ``timeout`` seconds."""
+        got = self.redis.blpop([key], timeout=timeout)
+        if got is None:
+            return None
+        value = got[1]
+        return value.encode() if isinstance(value, str) else bytes(value)
+
+    def _put_blob(self, data: bytes) -> str:
+        key = f"{CLAIM_CHECK_PREFIX}{uuid.uuid4().hex}"
+        self.redis.set(key, data, ex=CLAIM_CHECK_TTL_SECONDS)
+        return key
+
+    def handle(self, method: str, raw: Any, delivery_id: str) -> dict[str, Any]:
+        """Run one message; every refusal or failure answers as a typed error, signed."""
+        sender = raw.get("sender") if isinstance(raw, dict) and isinstance(raw.get("sender"), str) else PUBLIC
+        try:
+            return getattr(self, method)(raw, delivery_id)  # type: ignore[no-any-return]
+        except GridError as exc:
+            log.warning("mpc %s %s refused: %s", method, delivery_id, exc)
+            to = sender if sender in self.users or sender in self._peers else PUBLIC
+            return self._reply(to, delivery_id, MpcReply(error=WireError(**exc.to_wire())))
+
+    # --- host: serve and query ----------------------------------------------------------------
+
+    def serve(self, raw: Any, job_id: str) -> dict[str, Any]:
+        env = self._open(raw, job_id, senders=self.users)  # only this host's users may serve models
+        body = ServeModel.model_validate(env.body_json())
+        card = body.card
+        if card.host != self.id or card.owner != env.sender:
+            raise InvalidRequest(f"this card names host {card.host!r} and owner {card.owner!r}; it was sent to "
+                                 f"{self.id!r} by {env.sender!r}")
+        _check_roles(card)
+        try:
+            card.plan.check()
+        except ValueError as exc:
+            raise InvalidRequest(f"model {card.name!r}: {exc}") from None
+        if set(body.shares) != set(card.parties):
+            raise InvalidRequest(f"shares are for {sorted(body.shares)}, the parties are {sorted(card.parties)}")
+        pending = {p: self._send(p, Tasks.MPC_STORE, StoreShares(card=card, share=body.shares[p]),
+                                 f"{job_id}:{p}") for p in card.parties}
+        for party, result in pending.items():
+            self._expect_ok(party, result, self.config.mpc.round_timeout)
+        with self._db.begin() as s:
+            s.merge(ModelRow(name=card.name, card=card.model_dump(mode="json"), created_at=time.time()))
+        text = json.dumps(card.model_dump(mode="json"), sort_keys=True)
+        self.redis.hset(MPC_MODELS_KEY, card.name, json.dumps({
+            "card": text, "signature": self.identity.sign(text.encode()).hex()}))
+        self._refill(card, batch=1)
+        log.info("serving model %r for %s over %s", card.name, env.sender, card.parties)
+        return self._reply(env.sender, job_id, MpcReply())
+
+    def _expect_ok(self, node: str, result: Any, timeout: float) -> None:
+        try:
+            raw = result.get(timeout=timeout, disable_sync_subtasks=False)
+        except Exception:  # celery's TimeoutError, or the worker's crash
+            raise NodeUnavailable(f"party {node!r} did not answer within {timeout:g} s; is its `gridq mpc start` "
+                                  "running?") from None
+        env = self._open(raw, result.id, senders={node: self.peer(node)})
+        reply = MpcReply.model_validate(env.body_json())
+        if reply.error is not None:
+            raise error_from_wire(reply.error.model_dump())
+
+    def query(self, raw: Any, job_id: str) -> dict[str, Any]:
+        env = self._open(raw, job_id, senders=self.users)
+        body = QueryModel.model_validate(env.body_json())
+        with self._db.begin() as s:
+            row = s.get(ModelRow, body.name)
+        if row is None:
+            raise NotFound(f"host {self.id!r} serves no model {body.name!r}")
+        card = ModelCard.model_validate(row.card)
+        if env.sender != card.owner and env.sender not in card.queriers:
+            raise PermissionDenied(f"{env.sender!r} may not query model {card.name!r}; its owner "
+                                   f"{card.owner!r} lets {sorted(card.queriers)} query it")
+        if set(body.inputs) != set(card.parties):
+            raise InvalidRequest(f"input shares are for {sorted(body.inputs)}, the parties are {sorted(card.parties)}")
+        needs = card.plan.material_needed(body.batch)
+        bundles = self._take_bundles(card, needs)
+        outputs = self._coordinate(card, body, bundles, env.sender, job_id)
+        self._refill(card, body.batch)
+        return self._reply(env.sender, job_id, MpcReply(outputs=outputs))
+
+    def _take_bundles(self, card: ModelCard, needs: list[Need]) -> list[str]:
+        keys = [_pool_key(card, n) for n in needs]
+        taken: list[str | None] = [_text(self.redis.lpop(k)) for k in keys]
+        missing = [i for i, b in enumerate(taken) if b is None]
+        if missing:  # a cold pool: ask the provider now, and wait for it
+            self._ask_deal(card, [needs[i] for i in missing], [keys[i] for i in missing], count=1)
+            deadline = time.monotonic() + self.config.mpc.deal_timeout
+            for i in missing:
+                got = self._pop(keys[i], max(0.01, deadline - time.monotonic()))
+                if got is None:
+                    raise NodeUnavailable(f"crypto provider {card.provider!r} did not deal within "
+                                          f"{self.config.mpc.deal_timeout:g} s; is its `gridq mpc start` running?")
+                taken[i] = got.decode()
+        return [b for b in taken if b is not None]
+
+    def _refill(self, card: ModelCard, batch: int) -> None:
+        """Top the pool up for this batch size, without waiting: the next query finds it ready."""
+        target = self.config.mpc.pool_size
+        needs = card.plan.material_needed(batch)
+        short = [(n, k) for n in needs if (k := _pool_key(card, n)) and self.redis.llen(k) < target]
+        if short:
+            self._ask_deal(card, [n for n, _ in short], [k for _, k in short], count=target)
+
+    def _ask_deal(self, card: ModelCard, needs: list[Need], pools: list[str], count: int) -> None:
+        self._send(card.provider, Tasks.MPC_DEAL, Deal(parties=card.parties, frac_bits=card.plan.frac_bits,
+                                                       needs=needs, pools=pools, count=count), uuid.uuid4().hex)
+
+    def _coordinate(self, card: ModelCard, body: QueryModel, bundles: list[str], querier: str, job_id: str
+                    ) -> dict[str, str]:
+        session = secrets.token_hex(16)
+        keys = {p: secrets.token_bytes(32) for p in card.parties}
+        timeout = self.config.mpc.round_timeout
+        querier_key = self.users[querier].text()
+        for i, party in enumerate(card.parties):
+            sealed_key = self._put_blob(self.peer(party).seal(keys[party]))
+            self._send(party, Tasks.MPC_SESSION, RunSession(
+                session=session, card=card, index=i, bundles=bundles, input=body.inputs[party], mac_key=sealed_key,
+                querier=querier, querier_key=querier_key, round_timeout=timeout), f"{job_id}:{party}", ttl=timeout)
+        try:
+            for step in range(10_000):
+                messages = [self._receive(session, p, keys[p], step, timeout) for p in card.parties]
+                kinds = {m[1].get("kind") for m in messages}
+                if kinds == {"out"}:
+                    return {p: m[1]["blob"] for p, m in zip(card.parties, messages, strict=True)}
+                if kinds != {"open"}:
+                    raise JobFailed(f"parties of model {card.name!r} fell out of step at round {step}")
+                xor = messages[0][1].get("xor") == "1"
+                opened = combine_parts([m[0] for m in messages], xor)
+                data = pack({str(k): v for k, v in enumerate(opened)})
+                for p in card.parties:
+                    down = _session_key(session, p, "down")
+                    self.redis.rpush(down, seal_round(keys[p], f"{down}:{step}", data))
+                    self.redis.expire(down, int(timeout) + 60)
+            raise JobFailed("the protocol did not finish in 10,000 rounds")
+        finally:
+            self.redis.delete(*[_session_key(session, p, w) for p in card.parties for w in ("up", "down")])
+
+    def _receive(self, session: str, party: str, key: bytes, step: int, timeout: float
+                 ) -> tuple[list[torch.Tensor], dict[str, str]]:
+        up = _session_key(session, party, "up")
+        got = self._pop(up, timeout)
+        if got is None:
+            raise NodeUnavailable(f"party {party!r} did not answer round {step} within {timeout:g} s; the query "
+                                  "is abandoned")
+        tensors, meta = unpack(open_round(key, f"{up}:{step}", got))
+        if meta.get("kind") == "error":
+            raise error_from_wire({"code": meta.get("code", "job_failed"),
+                                   "message": f"party {party!r}: {meta.get('message', '')}"})
+        return [tensors[str(k)] for k in range(len(tensors))], meta
+
+    # --- party: keep shares, compute rounds -----------------------------------------------------
+
+    def store(self, raw: Any, job_id: str) -> dict[str, Any]:
+        env = self._open(raw, job_id)
+        body = StoreShares.model_validate(env.body_json())
+        if env.sender != body.card.host or self.id not in body.card.parties:
+            raise PermissionDenied(f"{env.sender!r} is not the host of model {body.card.name!r} on this party")
+        shares, _ = unpack(self.identity.unseal(self._blob(body.share)))
+        expected = shapes_of(body.card.plan)
+        got = {k: tuple(v.shape) for k, v in shares.items() if v.dtype == torch.int64}
+        if got != expected:
+            raise InvalidRequest(f"shares of {body.card.name!r} have shapes {got}; its plan needs {expected}")
+        with self._db.begin() as s:
+            s.merge(ShareRow(model=body.card.name, data=pack(shares)))
+        log.info("keeping shares of model %r for host %r", body.card.name, env.sender)
+        return self._reply(env.sender, job_id, MpcReply())
+
+    def session(self, raw: Any, job_id: str) -> dict[str, Any]:
+        env = self._open(raw, job_id)
+        body = RunSession.model_validate(env.body_json())
+        card = body.card
+        if env.sender != card.host or card.parties[body.index] != self.id:
+            raise PermissionDenied(f"{env.sender!r} is not the host of model {card.name!r} on this party")
+        key = self.identity.unseal(self._blob(body.mac_key))
+        up, down = _session_key(body.session, self.id, "up"), _session_key(body.session, self.id, "down")
+        step = 0
+
+        def send(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+            self.redis.rpush(up, seal_round(key, f"{up}:{step}", pack(tensors, meta)))
+            self.redis.expire(up, int(body.round_timeout) + 60)
+
+        try:
+            with self._db.begin() as s:
+                row = s.scalar(select(ShareRow).where(ShareRow.model == card.name))
+            if row is None:
+                raise NotFound(f"party {self.id!r} holds no shares of model {card.name!r}")
+            params, _ = unpack(row.data)
+            inputs, _ = unpack(self.identity.unseal(self._blob(body.input)))
+            x = inputs.get("x")
+            if x is None or x.dtype != torch.int64 or x.dim() != 2 or x.shape[1] != card.plan.in_features:
+                raise InvalidRequest(f"the input share must be int64 of shape (batch, {card.plan.in_features})")
+            protocol = infer(body.index, card.plan, params, x, self._materials(card, body.bundles))
+            request = next(protocol)
+            while True:
+                send({"kind": "open", "xor": "1" if request.xor else "0"},
+                     {str(k): v for k, v in enumerate(request.parts)})
+                got = self._pop(down, body.round_timeout)
+                if got is None:
+                    raise NodeUnavailable(f"host {card.host!r} stopped answering at round {step}")
+                tensors, _ = unpack(open_round(key, f"{down}:{step}", got))
+                step += 1
+                try:
+                    request = protocol.send([tensors[str(k)] for k in range(len(tensors))])
+                except StopIteration as done:
+                    output: torch.Tensor = done.value
+                    break
+            sealed = PublicIdentity.parse(body.querier, body.querier_key).seal(pack({"y": output}))
+            send({"kind": "out", "blob": self._put_blob(sealed)}, {})
+            return self._reply(env.sender, job_id, MpcReply())
+        except GridError as exc:
+            send({"kind": "error", "code": exc.code, "message": exc.message}, {})
+            raise
+
+    def _materials(self, card: ModelCard, bundles: list[str]) -> Iterator[Material]:
+        provider = self.peer(card.provider)
+        for bundle in bundles:
+            where = _bundle_key(bundle, self.id)
+            yield unpack_part(open_signed(self.identity, provider, where, self._blob(where))).materialize()
+
+    # --- crypto provider ----------------------------------------------------------------------
+
+    def deal(self, raw: Any, job_id: str) -> dict[str, Any]:
+        env = self._open(raw, job_id)
+        body = Deal.model_validate(env.body_json())
+        if self.id in body.parties:
+            raise PermissionDenied(f"{self.id!r} is a party of this computation: it cannot also be its dealer")
+        if len(body.needs) != len(body.pools):
+            raise InvalidRequest("one pool list per need")
+        keys = [self.peer(p) for p in body.parties]
+        dealer = Dealer(len(body.parties))
+        for need, pool in zip(body.needs, body.pools, strict=True):
+            for _ in range(body.count):
+                bundle = uuid.uuid4().hex
+                pipe = self.redis.pipeline()
+                for party, key, part in zip(body.parties, keys, need.deal(dealer, body.frac_bits), strict=True):
+                    where = _bundle_key(bundle, party)
+                    pipe.set(where, seal_signed(self.identity, key, where, pack_part(part)), ex=CLAIM_CHECK_TTL_SECONDS)
+                pipe.rpush(pool, bundle)
+                pipe.expire(pool, CLAIM_CHECK_TTL_SECONDS)
+                pipe.execute()
+        log.info("dealt %d bundle(s) of %d shape(s) for %s", body.count, len(body.needs), env.sender)
+        return self._reply(env.sender, job_id, MpcReply())
+
+
+def _check_roles(card: ModelCard) -> None:
+    if len(set(card.parties)) != len(card.parties) or len(card.parties) < 2:
+        raise InvalidRequest(f"a model is shared among at least 2 distinct parties, not {card.parties}")
+    if card.provider in card.parties:
+        raise InvalidRequest(f"the crypto provider {card.provider!r} cannot also hold shares: it could unmask them")
+    if card.host in card.parties:
+        raise InvalidRequest(f"the host {card.host!r} cannot also hold shares; choose another node as host")
+
+
+def _text(value: Any) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def mpc_tasks(app: Celery, config: NodeConfig) -> None:
+    holder: dict[str, MpcMember] = {}
+
+    def member() -> MpcMember:  # built in the worker process, after the fork
+        if "m" not in holder:
+            holder["m"] = MpcMember(config, app)
+        return holder["m"]
+
+    for task, method in ((Tasks.MPC_SERVE, "serve"), (Tasks.MPC_STORE, "store"), (Tasks.MPC_QUERY, "query"),
+                         (Tasks.MPC_SESSION, "session"), (Tasks.MPC_DEAL, "deal")):
+        _register(app, task, method, member)
+
+
+def _register(app: Celery, task: str, method: str, member: Any) -> None:
+    @app.task(name=task, bind=True)
+    def run(self: Any, envelope: Any) -> dict[str, Any]:
+        return member().handle(method, envelope, self.request.id)  # type: ignore[no-any-return]
+

@@ -56,7 +56,6 @@ from protocol.errors import (
 )
 from protocol.identity import PublicIdentity
 from protocol.messages import GatewayReply, WireError, parse_body
-from protocol.mpc.beaver import combine_parts
 from protocol.mpc.dealer import Dealer, Material
 from protocol.mpc.model import Need, infer, shapes_of
 from protocol.mpc.wire import (
@@ -67,16 +66,15 @@ from protocol.mpc.wire import (
     RunSession,
     ServeModel,
     StoreShares,
-    open_round,
     open_signed,
     pack,
     pack_part,
-    seal_round,
     seal_signed,
     unpack,
     unpack_part,
 )
 from workers.config import NodeConfig
+from workers.rounds import PartyEnd, pop, relay
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +98,6 @@ class ShareRow(_Base):
     __tablename__ = "mpc_shares"
     model: Mapped[str] = mapped_column(String(64), primary_key=True)
     data: Mapped[bytes] = mapped_column(LargeBinary)
-
-
-def _session_key(session: str, party: str, way: str) -> str:
-    return f"gridq:mpc:session:{session}:{party}:{way}"
 
 
 def _pool_key(card: ModelCard, need: Need) -> str:
@@ -183,14 +177,6 @@ class MpcMember:
         if data is None:
             raise NotFound(f"the sealed value {key!r} has expired from the broker; send the request again")
         return bytes(data)
-
-    def _pop(self, key: str, timeout: float) -> bytes | None:
-        """The next message on a list, waiting at most ``timeout`` seconds."""
-        got = self.redis.blpop([key], timeout=timeout)
-        if got is None:
-            return None
-        value = got[1]
-        return value.encode() if isinstance(value, str) else bytes(value)
 
     def _put_blob(self, data: bytes) -> str:
         key = f"{CLAIM_CHECK_PREFIX}{uuid.uuid4().hex}"
@@ -274,7 +260,7 @@ class MpcMember:
             self._ask_deal(card, [needs[i] for i in missing], [keys[i] for i in missing], count=1)
             deadline = time.monotonic() + self.config.mpc.deal_timeout
             for i in missing:
-                got = self._pop(keys[i], max(0.01, deadline - time.monotonic()))
+                got = pop(self.redis, keys[i], max(0.01, deadline - time.monotonic()))
                 if got is None:
                     raise NodeUnavailable(f"crypto provider {card.provider!r} did not deal within "
                                           f"{self.config.mpc.deal_timeout:g} s; is its `gridq mpc start` running?")
@@ -304,37 +290,10 @@ class MpcMember:
             self._send(party, Tasks.MPC_SESSION, RunSession(
                 session=session, card=card, index=i, bundles=bundles, input=body.inputs[party], mac_key=sealed_key,
                 querier=querier, querier_key=querier_key, round_timeout=timeout), f"{job_id}:{party}", ttl=timeout)
-        try:
-            for step in range(10_000):
-                messages = [self._receive(session, p, keys[p], step, timeout) for p in card.parties]
-                kinds = {m[1].get("kind") for m in messages}
-                if kinds == {"out"}:
-                    return {p: m[1]["blob"] for p, m in zip(card.parties, messages, strict=True)}
-                if kinds != {"open"}:
-                    raise JobFailed(f"parties of model {card.name!r} fell out of step at round {step}")
-                xor = messages[0][1].get("xor") == "1"
-                opened = combine_parts([m[0] for m in messages], xor)
-                data = pack({str(k): v for k, v in enumerate(opened)})
-                for p in card.parties:
-                    down = _session_key(session, p, "down")
-                    self.redis.rpush(down, seal_round(keys[p], f"{down}:{step}", data))
-                    self.redis.expire(down, int(timeout) + 60)
-            raise JobFailed("the protocol did not finish in 10,000 rounds")
-        finally:
-            self.redis.delete(*[_session_key(session, p, w) for p in card.parties for w in ("up", "down")])
-
-    def _receive(self, session: str, party: str, key: bytes, step: int, timeout: float
-                 ) -> tuple[list[torch.Tensor], dict[str, str]]:
-        up = _session_key(session, party, "up")
-        got = self._pop(up, timeout)
-        if got is None:
-            raise NodeUnavailable(f"party {party!r} did not answer round {step} within {timeout:g} s; the query "
-                                  "is abandoned")
-        tensors, meta = unpack(open_round(key, f"{up}:{step}", got))
-        if meta.get("kind") == "error":
-            raise error_from_wire({"code": meta.get("code", "job_failed"),
-                                   "message": f"party {party!r}: {meta.get('message', '')}"})
-        return [tensors[str(k)] for k in range(len(tensors))], meta
+        metas = relay(self.redis, session, keys, timeout)
+        if any(m.get("kind") != "out" for m in metas):
+            raise JobFailed(f"parties of model {card.name!r} ended without an output")
+        return {p: m["blob"] for p, m in zip(card.parties, metas, strict=True)}
 
     # --- party: keep shares, compute rounds -----------------------------------------------------
 
@@ -360,13 +319,7 @@ class MpcMember:
         if env.sender != card.host or card.parties[body.index] != self.id:
             raise PermissionDenied(f"{env.sender!r} is not the host of model {card.name!r} on this party")
         key = self.identity.unseal(self._blob(body.mac_key))
-        up, down = _session_key(body.session, self.id, "up"), _session_key(body.session, self.id, "down")
-        step = 0
-
-        def send(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
-            self.redis.rpush(up, seal_round(key, f"{up}:{step}", pack(tensors, meta)))
-            self.redis.expire(up, int(body.round_timeout) + 60)
-
+        end = PartyEnd(self.redis, body.session, self.id, key, body.round_timeout, f"host {card.host!r}")
         try:
             with self._db.begin() as s:
                 row = s.scalar(select(ShareRow).where(ShareRow.model == card.name))
@@ -377,26 +330,12 @@ class MpcMember:
             x = inputs.get("x")
             if x is None or x.dtype != torch.int64 or x.dim() != 2 or x.shape[1] != card.plan.in_features:
                 raise InvalidRequest(f"the input share must be int64 of shape (batch, {card.plan.in_features})")
-            protocol = infer(body.index, card.plan, params, x, self._materials(card, body.bundles))
-            request = next(protocol)
-            while True:
-                send({"kind": "open", "xor": "1" if request.xor else "0"},
-                     {str(k): v for k, v in enumerate(request.parts)})
-                got = self._pop(down, body.round_timeout)
-                if got is None:
-                    raise NodeUnavailable(f"host {card.host!r} stopped answering at round {step}")
-                tensors, _ = unpack(open_round(key, f"{down}:{step}", got))
-                step += 1
-                try:
-                    request = protocol.send([tensors[str(k)] for k in range(len(tensors))])
-                except StopIteration as done:
-                    output: torch.Tensor = done.value
-                    break
+            output = end.run(infer(body.index, card.plan, params, x, self._materials(card, body.bundles)))
             sealed = PublicIdentity.parse(body.querier, body.querier_key).seal(pack({"y": output}))
-            send({"kind": "out", "blob": self._put_blob(sealed)}, {})
+            end.send({"kind": "out", "blob": self._put_blob(sealed)}, {})
             return self._reply(env.sender, job_id, MpcReply())
         except GridError as exc:
-            send({"kind": "error", "code": exc.code, "message": exc.message}, {})
+            end.send({"kind": "error", "code": exc.code, "message": exc.message}, {})
             raise
 
     def _materials(self, card: ModelCard, bundles: list[str]) -> Iterator[Material]:

@@ -34,6 +34,7 @@ def start_mpc(config_path: str | Path, loglevel: str = "INFO") -> None:
     """Register with the gateway, then serve the node's MPC queue (``mpc.<id>``): host,
     party or crypto provider, as the messages it receives ask."""
     config = load_config(config_path)
+    config.keyring()  # a missing user key file stops the worker here, not each query later
     torch.set_num_threads(config.worker.torch_threads)
     app = make_celery(config)
     node = Node(config, app)

@@ -12,14 +12,16 @@ traffic the same way.
 What each bundle holds (names are what the protocols read):
 
 * ``triple``  a, b, c = a·b or a@b                       — Beaver multiplication
-* ``trunc``   r, r.bits (XOR), r.high = r >> f, and the comparison material below
+* ``trunc``   r, r.high = r >> f and r.top = r >> 63 (r's top bit), all additive
 * ``relu``    r, r.bits (XOR), comparison material, and a mul triple ``mul.a/b/c``
-* comparison material: AND triples ``and<k>.a/b/c`` (XOR) for the 6 levels of the
-  comparison circuit, and random bits ``bit.x`` (XOR) / ``bit.a`` (additive) for B2A.
+* comparison material: AND triples ``and<k>.a/b/c`` (XOR, a common operand a) for the 6
+  levels of the comparison circuit, and random bits ``bit.x`` (XOR, packed 64 a word) /
+  ``bit.a`` (additive, one per element) for B2A.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,11 +29,11 @@ from functools import reduce
 
 import torch
 
+from protocol.mpc.bits import LEVELS, WORD, level_words, padded, unpack_bits
 from protocol.mpc.ring import RING_BITS, expand, fresh_seed, logical_rshift
 
 Material = Mapping[str, torch.Tensor]
 Shape = tuple[int, ...]
-LEVELS = RING_BITS.bit_length() - 1  # 6: a comparison of 64-bit words is a tree of depth log2(64)
 
 
 @dataclass(frozen=True)
@@ -100,42 +102,42 @@ class Dealer:
         return bundle.parts()
 
     def trunc(self, shape: Shape, frac_bits: int) -> list[Part]:
-        """Material for exact truncation of a tensor of ``shape`` by ``frac_bits`` bits."""
+        """Material for truncating a tensor of ``shape`` by ``frac_bits`` bits: a mask r, and
+        shares of its high part r >> f and of its top bit."""
         bundle = self._bundle()
-        r = _mask(bundle, shape)
+        r = bundle.random("r", shape)
         bundle.shared("r.high", logical_rshift(r, frac_bits))
-        _comparisons(bundle, (2, *shape))  # x + r wrapped? and did the low f bits borrow?
+        bundle.shared("r.top", logical_rshift(r, RING_BITS - 1))
         return bundle.parts()
 
     def relu(self, shape: Shape) -> list[Part]:
-        """Material for ReLU of a tensor of ``shape``: the sign test, then x · [x ≥ 0]."""
+        """Material for ReLU of a tensor of ``shape``: a mask r shared additively and bitwise,
+        the comparison's AND triples and B2A bits, then a triple for x · [x ≥ 0]."""
         bundle = self._bundle()
-        _mask(bundle, shape)
-        _comparisons(bundle, (1, *shape))
+        r = bundle.random("r", shape)
+        bundle.shared("r.bits", r, xor=True)
+        _comparisons(bundle, math.prod(shape))
         _triple(bundle, "mul.", shape, shape, "mul")
         return bundle.parts()
 
 
-def _triple(bundle: _Bundle, prefix: str, shape_a: Shape, shape_b: Shape, op: str, xor: bool = False) -> None:
-    a = bundle.random(prefix + "a", shape_a, xor)
-    b = bundle.random(prefix + "b", shape_b, xor)
-    c = a & b if xor else a * b if op == "mul" else a @ b if op == "matmul" else None
+def _triple(bundle: _Bundle, prefix: str, shape_a: Shape, shape_b: Shape, op: str) -> None:
+    a = bundle.random(prefix + "a", shape_a)
+    b = bundle.random(prefix + "b", shape_b)
+    c = a * b if op == "mul" else a @ b if op == "matmul" else None
     if c is None:
         raise ValueError(f"a triple is for 'mul' or 'matmul', not {op!r}")
-    bundle.shared(prefix + "c", c, xor)
+    bundle.shared(prefix + "c", c)
 
 
-def _mask(bundle: _Bundle, shape: Shape) -> torch.Tensor:
-    """A uniform mask r, shared additively (to mask x) and bitwise (to compare with it)."""
-    r = bundle.random("r", shape)
-    bundle.shared("r.bits", r, xor=True)
-    return r
-
-
-def _comparisons(bundle: _Bundle, shape: Shape) -> None:
-    """AND triples for each level of the comparison tree (two ANDs a level, stacked) and a
-    random bit per comparison for converting its XOR-shared result to additive shares."""
-    for level in range(LEVELS):
-        _triple(bundle, f"and{level}.", (2, *shape), (2, *shape), "and", xor=True)
-    bit = bundle.random("bit.x", shape, xor=True) & 1
-    bundle.shared("bit.a", bit)
+def _comparisons(bundle: _Bundle, count: int) -> None:
+    """For each level of the comparison tree, an AND triple with a common operand (two ANDs
+    a level, one on the last) on that level's words; and random bits, packed for the XOR
+    side and one per element for the additive side, to convert the results (B2A)."""
+    for level, words in enumerate(level_words(count)):
+        rights = 1 if level == LEVELS - 1 else 2
+        a = bundle.random(f"and{level}.a", (words,), xor=True)
+        b = bundle.random(f"and{level}.b", (rights, words), xor=True)
+        bundle.shared(f"and{level}.c", a & b, xor=True)
+    bits = bundle.random("bit.x", (padded(count) // WORD,), xor=True)
+    bundle.shared("bit.a", unpack_bits(bits, count))

@@ -1,0 +1,251 @@
+"""MPC through the broker, against plaintext torch in the same run.
+
+    python -m ops.bench.mpc                 # ~3 min on 2 cores
+    python -m ops.bench.mpc --parties 2     # one party count only
+
+Primitives (for 2 and 3 parties): each party is its own process, running the very code of
+a pool party (:class:`workers.rounds.PartyEnd` driving a protocol generator), and the relay
+in this process is the host's (:func:`workers.rounds.relay`): every round crosses Redis as
+MAC'd lists. Inputs are already shared and the dealer's bundles already dealt (the pool
+pre-deals them); the dealer's time for each bundle is printed apart (``offline``).
+
+* share + reconstruct 1M values: encode, split, each share SET and GET through Redis,
+  sum, decode — against one SET and GET of the plaintext tensor;
+* multiply 1M × 1M (Beaver, then exact truncation: 9 rounds) — against ``x * y``;
+* matmul 128×784 · 784×10 (+ truncation: 9 rounds) — against ``x @ w``;
+* ReLU on 128×10 and on 1M (9 rounds) — against ``x.clamp(min=0)``.
+
+End to end: the served linear model (784 → 10) and an MLP (784 → 128 → ReLU → 10), batch
+1, through the whole pool (``gridq mpc start`` workers, ``grid.query``): client sharing and
+sealing, the host's authorisation, pool bundles, the session, sealed output shares — against
+the plaintext model's forward pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import secrets
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from ops.demo import prepare
+from ops.local import NODE_CONFIGS, LocalGrid
+from protocol.mpc import Dealer, FixedPoint, reconstruct, share
+from protocol.mpc.beaver import PartyProtocol, beaver
+from protocol.mpc.nonlinear import relu, truncate
+from protocol.mpc.wire import pack, unpack
+from workers.rounds import PartyEnd, relay
+
+console = Console(stderr=True)
+FP = FixedPoint(16)
+TIMEOUT = 120.0
+
+
+def _party(index: int, url: str, jobs: Any, ready: Any) -> None:
+    """A party process: for each job, build its protocol, say ready, wait for go, run it
+    through Redis, and end with the last message a pool party sends."""
+    torch.set_num_threads(1)
+    client = redis.Redis.from_url(url, socket_timeout=TIMEOUT + 10)
+    while (job := jobs.get()) is not None:
+        op, session, key, inputs, material = job
+        protocol = PROTOCOLS[op](index, inputs, material)
+        ready.put(index)
+        client.blpop([f"bench:go:{session}"], timeout=TIMEOUT)
+        end = PartyEnd(client, session, f"p{index}", key, TIMEOUT)
+        end.run(protocol)
+        end.send({"kind": "out"}, {})
+
+
+def _mul(i: int, inputs: dict[str, torch.Tensor], m: dict[str, Any]) -> PartyProtocol:
+    z = yield from beaver(i, inputs["x"], inputs["y"], m["triple"], torch.mul)
+    return (yield from truncate(i, z, m["trunc"], FP.frac_bits))
+
+
+def _matmul(i: int, inputs: dict[str, torch.Tensor], m: dict[str, Any]) -> PartyProtocol:
+    z = yield from beaver(i, inputs["x"], inputs["y"], m["triple"], torch.matmul)
+    return (yield from truncate(i, z, m["trunc"], FP.frac_bits))
+
+
+def _relu(i: int, inputs: dict[str, torch.Tensor], m: dict[str, Any]) -> PartyProtocol:
+    return (yield from relu(i, inputs["x"], m["relu"]))
+
+
+PROTOCOLS: dict[str, Callable[[int, dict[str, torch.Tensor], dict[str, Any]], PartyProtocol]] = {
+    "mul": _mul, "matmul": _matmul, "relu": _relu}
+
+
+class Parties:
+    def __init__(self, n: int, url: str) -> None:
+        ctx = mp.get_context("fork")
+        self.n = n
+        self.jobs = [ctx.Queue() for _ in range(n)]
+        self.ready = ctx.Queue()
+        self.procs = [ctx.Process(target=_party, args=(i, url, self.jobs[i], self.ready), daemon=True)
+                      for i in range(n)]
+        for p in self.procs:
+            p.start()
+        self.client = redis.Redis.from_url(url, socket_timeout=TIMEOUT + 10)
+
+    def run(self, op: str, inputs: list[dict[str, torch.Tensor]], material: list[dict[str, Any]]) -> float:
+        session = secrets.token_hex(16)
+        keys = {f"p{i}": secrets.token_bytes(32) for i in range(self.n)}
+        for i in range(self.n):
+            self.jobs[i].put((op, session, keys[f"p{i}"], inputs[i], material[i]))
+        for _ in range(self.n):
+            self.ready.get(timeout=TIMEOUT)
+        started = time.perf_counter()
+        self.client.rpush(f"bench:go:{session}", *range(self.n))
+        relay(self.client, session, keys, TIMEOUT)
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        for q in self.jobs:
+            q.put(None)
+        for p in self.procs:
+            p.join(timeout=10)
+        self.client.close()
+
+
+def best(fn: Callable[[], float], repeat: int) -> float:
+    return statistics.median(fn() for _ in range(repeat))
+
+
+def timed(fn: Callable[[], object], repeat: int = 5) -> float:
+    def once() -> float:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+    return best(once, repeat)
+
+
+def primitives(n: int, url: str, rows: list[tuple[str, ...]]) -> None:
+    client = redis.Redis.from_url(url)
+    gen = torch.Generator().manual_seed(n)
+    dealer = Dealer(n)
+    parties = Parties(n, url)
+    try:
+        x = torch.randn(1_000_000, generator=gen)
+
+        def share_round_trip() -> None:
+            shares = share(FP.encode(x), n)
+            for i, s in enumerate(shares):
+                client.set(f"bench:share:{i}", pack({"s": s}))
+            back = [unpack(_bytes(client.getdel(f"bench:share:{i}")))[0]["s"] for i in range(n)]
+            FP.decode(reconstruct(back))
+
+        def plain_round_trip() -> None:
+            client.set("bench:plain", pack({"x": x}))
+            unpack(_bytes(client.getdel("bench:plain")))
+
+        rows.append(_row(n, "share + reconstruct 1M", timed(share_round_trip), timed(plain_round_trip), None))
+
+        cases = [
+            ("multiply 1M × 1M", "mul", (1_000_000,), (1_000_000,), lambda a, b: a * b),
+            ("matmul 128×784 · 784×10", "matmul", (128, 784), (784, 10), lambda a, b: a @ b),
+            ("ReLU 128×10", "relu", (128, 10), None, lambda a, b: a.clamp(min=0)),
+            ("ReLU 1M", "relu", (1_000_000,), None, lambda a, b: a.clamp(min=0)),
+        ]
+        for label, op, sa, sb, plain in cases:
+            a = torch.randn(sa, generator=gen)
+            b = torch.randn(sb, generator=gen) if sb else None
+            xs = share(FP.encode(a), n)
+            ys = share(FP.encode(b), n) if b is not None else None
+            out_shape = tuple((a @ b).shape) if op == "matmul" else sa  # type: ignore[operator]
+            started = time.perf_counter()
+            if op == "relu":
+                bundles = [{"relu": p.materialize()} for p in dealer.relu(sa)]
+            else:
+                trip = dealer.triple(sa, sb or sa, op)  # type: ignore[arg-type]
+                tr = dealer.trunc(out_shape, FP.frac_bits)
+                bundles = [{"triple": t.materialize(), "trunc": u.materialize()} for t, u in zip(trip, tr, strict=True)]
+            offline = time.perf_counter() - started
+            inputs = [{"x": xs[i], **({"y": ys[i]} if ys is not None else {})} for i in range(n)]
+            online = parties.run(op, inputs, bundles)
+            plain_time = timed(lambda f=plain, a=a, b=b: f(a, b), 20)  # type: ignore[misc]
+            rows.append(_row(n, label, online, plain_time, offline))
+    finally:
+        parties.close()
+        client.close()
+
+
+def _bytes(value: Any) -> bytes:
+    assert isinstance(value, bytes), "the bench's blob vanished from Redis"
+    return value
+
+
+def _row(n: int, label: str, t: float, plain: float, offline: float | None) -> tuple[str, ...]:
+    return (str(n), label, f"{t * 1e3:.1f}", f"{plain * 1e3:.3f}", f"{t / plain:,.0f}×",
+            "" if offline is None else f"{offline * 1e3:.0f}")
+
+
+def end_to_end(lg: LocalGrid, rows: list[tuple[str, ...]], counts: list[int]) -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(784, 10)
+    mlp = torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    x = torch.rand(1, 784)
+    for n in counts:
+        parties = ["hospital", "public", "clinic"][:n]
+        with lg.connect("dana") as owner:
+            for name, model in ((f"linear{n}", linear), (f"mlp{n}", mlp)):
+                owner.serve(model, name=name, parties=parties, crypto_provider="university", host="company",
+                            queriers=["bob"])
+        with lg.connect("bob") as grid:
+            for name, model, label in ((f"linear{n}", linear, "inference, Linear 784→10"),
+                                       (f"mlp{n}", mlp, "inference, MLP 784→128→10")):
+                grid.query(name, x)  # warm: the pool now holds this batch size's bundles
+                samples = []
+                for _ in range(5):
+                    t = time.perf_counter()
+                    y = grid.query(name, x)
+                    samples.append(time.perf_counter() - t)
+                    time.sleep(0.3)  # let the provider refill the pool between queries
+                with torch.no_grad():
+                    error = (y - model(x)).abs().max().item()
+                    plain = timed(lambda m=model: m(x), 50)  # type: ignore[misc]
+                rows.append(_row(n, f"{label} (max err {error:.1e})", statistics.median(samples), plain, None))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parties", type=int, choices=[2, 3], action="append")
+    args = parser.parse_args()
+    counts = args.parties or [2, 3]
+    torch.set_num_threads(1)
+    rows: list[tuple[str, ...]] = []
+    with tempfile.TemporaryDirectory(prefix="gridq-bench-mpc-") as tmp:
+        home = Path(tmp)
+        prepare(home)
+        with LocalGrid(home) as lg:
+            url = lg.start_redis()
+            for n in counts:
+                console.print(f"primitives, {n} parties …")
+                primitives(n, url, rows)
+            console.print("end to end through the pool …")
+            nodes = ["company", "university", "hospital", "public", "clinic"]
+            lg.ensure_keys(*nodes, "dana", "bob", "eve")
+            lg.start([])
+            for node in nodes:
+                lg.start_mpc(NODE_CONFIGS / f"{node}.toml")
+            lg.wait_ready(nodes, timeout=120, workers=[f"{n}-mpc" for n in nodes])
+            end_to_end(lg, rows, counts)
+    table = Table(title=f"gridq MPC through Redis vs plaintext torch (median; {os.cpu_count()} cores)")
+    for col in ("parties", "operation", "gridq ms", "plaintext ms", "ratio", "dealer ms (offline)"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

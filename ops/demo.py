@@ -1,5 +1,6 @@
-"""``gridq demo`` and ``gridq up``: a whole grid on this machine, and the first use case run
-against it as a data scientist would, step by step."""
+"""``gridq demo`` and ``gridq up``: a whole grid on this machine, and the use cases run
+against it as their users would, step by step: private statistics (use case 1) and
+encrypted ML-as-a-service (use case 3)."""
 
 from __future__ import annotations
 
@@ -16,14 +17,15 @@ from ops.local import NODE_CONFIGS, LocalGrid
 from protocol.errors import PermissionDenied
 from workers.datasets import load_table
 
-USERS = ("alice", "bob", "ana", "carol")
+USERS = ("alice", "bob", "ana", "carol", "dana", "eve")
+MPC_NODES = ("company", "university", "hospital", "public")  # host, crypto provider, two share holders
 console = Console()
 
 
 def prepare(home: Path) -> list[Path]:
     """Keys for every demo participant and the demo data; returns the node configs."""
     lg = LocalGrid(home)
-    lg.ensure_keys("gateway", "hospital", "clinic", *USERS)
+    lg.ensure_keys("gateway", "hospital", "clinic", "company", "university", "public", *USERS)
     write_demo_data(home / "data")
     return [NODE_CONFIGS / "hospital.toml", NODE_CONFIGS / "clinic.toml"]
 
@@ -107,6 +109,43 @@ def private_releases(lg: LocalGrid, local: torch.Tensor) -> None:
         console.print(f"  now carol gets the exact average weight: {weight.item():.4f} kg")
 
 
+def encrypted_inference(lg: LocalGrid) -> None:
+    """The third use case: a model served secret-shared, queried privately."""
+    step("the MPC pool starts: company hosts models, hospital and public hold shares, university deals")
+    for node in MPC_NODES:
+        lg.start_mpc(NODE_CONFIGS / f"{node}.toml")
+    lg.wait_ready(list(MPC_NODES), workers=[f"{n}-mpc" for n in MPC_NODES])
+    model = torch.nn.Linear(4, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.5, -1.25, 2.0, 0.1], [-0.3, 0.7, 0.05, -2.5]]))
+        model.bias.copy_(torch.tensor([0.25, -0.5]))
+    step("dana (at the company) serves her linear model encrypted; only bob may query it")
+    with lg.connect("dana") as grid:
+        card = grid.serve(model, name="triage", parties=["hospital", "public"], crypto_provider="university",
+                          host="company", queriers=["bob"])
+        console.print(f"  served {card.name!r}: {len(card.plan.layers)} layer(s), weights shared over "
+                      f"{', '.join(card.parties)}; no node holds a weight")
+    x = torch.tensor([1.0, 2.0, -0.5, 3.0])
+    with lg.connect("bob") as grid:
+        step("bob lists the served models and queries 'triage' with his private input")
+        console.print("  models: " + ", ".join(f"{c.name} (host {c.host})" for c in grid.models()))
+        t0 = time.perf_counter()
+        y = grid.query("triage", x)
+        ms = (time.perf_counter() - t0) * 1000
+        with torch.no_grad():
+            plain = model(x)
+        close = bool((y - plain).abs().max() < 1e-3)
+        console.print(f"  encrypted result {[round(v, 4) for v in y.tolist()]} ({ms:.0f} ms); plaintext "
+                      f"{[round(v, 4) for v in plain.tolist()]}  "
+                      + ("[green]equal within 1e-3[/]" if close else "[red]DIFFERENT[/]"))
+    step("eve, who is not among the model's queriers, tries")
+    with lg.connect("eve") as grid:
+        try:
+            grid.query("triage", x)
+        except PermissionDenied as exc:
+            console.print(f"  [red]refused:[/] PermissionDenied: {exc}")
+
+
 def _stop_on_sigterm() -> None:
     """``docker stop`` and process managers send SIGTERM: stop as cleanly as on Ctrl-C."""
     def handler(_signum: int, _frame: object) -> None:
@@ -126,6 +165,7 @@ def run(stay_up: bool = False, home: Path | None = None) -> None:
             lg.start(configs)
             console.print(f"  ready in {time.perf_counter() - t0:.1f} s — broker {lg.url}, logs in {lg.logs}")
             private_statistics(lg)
+            encrypted_inference(lg)
             if stay_up:
                 console.print(f"\n[bold]The grid is up.[/] Broker: {lg.url}  keys: {lg.keys}\n"
                               f"  gridq status --broker {lg.url}\n  gridq flower --broker {lg.url}\n"

@@ -39,11 +39,15 @@ class PartyEnd:
                  host: str = "the host") -> None:
         self.client, self.key, self.timeout, self.host = client, key, timeout, host
         self.up, self.down = session_key(session, party, "up"), session_key(session, party, "down")
-        self.step = 0
+        self.step = 0  # rounds received; the relay sends round k's values as message k
+        self.sent = 0  # messages sent: one a round, so the relay reads message k in round k
 
     def send(self, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
-        self.client.rpush(self.up, seal_round(self.key, f"{self.up}:{self.step}", pack(tensors, meta)))
-        self.client.expire(self.up, int(self.timeout) + 60)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.rpush(self.up, seal_round(self.key, f"{self.up}:{self.sent}", pack(tensors, meta)))
+        pipe.expire(self.up, int(self.timeout) + 60)
+        pipe.execute()
+        self.sent += 1
 
     def run(self, protocol: PartyProtocol) -> torch.Tensor:
         """Drive this party's protocol to its end; returns its output share."""
@@ -77,7 +81,7 @@ def relay(client: redis.Redis, session: str, keys: dict[str, bytes], timeout: fl
                 raise JobFailed(f"parties fell out of step at round {step}")
             opened = combine_parts([parts for parts, _ in messages], messages[0][1].get("xor") == "1")
             data = pack({str(k): v for k, v in enumerate(opened)})
-            pipe = client.pipeline()
+            pipe = client.pipeline(transaction=False)
             for p in parties:
                 down = session_key(session, p, "down")
                 pipe.rpush(down, seal_round(keys[p], f"{down}:{step}", data))

@@ -5,19 +5,20 @@ Control messages (serve, store, query, session, deal) travel in signed envelopes
 other job; anything secret in them (a party's share, its input share, its session key)
 is sealed to the one party that may read it. Round messages travel on per-session Redis
 lists, authenticated with a per-session key (BLAKE2b MAC) that the host sealed to each
-party: a round can be large (16 MB for a 1M-element product), and a MAC costs a fraction
-of an Ed25519 signature over it. What a round carries is masked (x - a, x + r): the
+party: a round can be large (16 MB for a 1M-element product), and Poly1305 tags it in
+3 ms where an Ed25519 signature would hash it for 30. What a round carries is masked (x - a, x + r): the
 host that sums it learns nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 from typing import Annotated, Literal
 
 import torch
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.poly1305 import Poly1305
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError
 from safetensors.torch import load, save
@@ -32,7 +33,7 @@ Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.
 # a sealed box left in Redis by claim-check: bodies stay small, big shares skip base64
 Sealed = Annotated[str, Field(max_length=80, pattern=r"^gridq:blob:[0-9a-f]{32}$")]
 Names = Annotated[list[Name], Field(min_length=1, max_length=16)]
-MAC_BYTES = 32
+MAC_BYTES = 16  # a Poly1305 tag
 
 
 class _Body(BaseModel):
@@ -136,21 +137,23 @@ def unpack_part(data: bytes) -> Part:
     return Part(bytes(tensors["seed"].numpy().tobytes()), shapes, fixed)
 
 
-def mac(key: bytes, label: str, data: bytes) -> bytes:
-    return hashlib.blake2b(data, key=key, person=b"gridq-mpc", salt=hashlib.blake2b(label.encode(), digest_size=16)
-                           .digest(), digest_size=MAC_BYTES).digest()
+def _one_time_key(key: bytes, label: str) -> bytes:
+    return hashlib.blake2b(label.encode(), key=key, person=b"gridq-mpc-round", digest_size=32).digest()
 
 
 def seal_round(key: bytes, label: str, data: bytes) -> bytes:
-    """``data`` with its MAC under the session key; ``label`` names the list and round."""
-    return data + mac(key, label, data)
+    """``data`` with its Poly1305 tag under a one-time key derived from the session key and
+    ``label``, which names the list and the message's place in it: each key tags one message."""
+    return data + Poly1305.generate_tag(_one_time_key(key, label), data)
 
 
 def open_round(key: bytes, label: str, message: bytes) -> bytes:
-    data, tag = message[:-MAC_BYTES], message[-MAC_BYTES:]
-    if len(message) < MAC_BYTES or not hmac.compare_digest(tag, mac(key, label, data)):
-        raise BadSignature(f"round message {label} fails its MAC: not from this session's party or host")
-    return data
+    view = memoryview(message)
+    try:
+        Poly1305.verify_tag(_one_time_key(key, label), view[:-MAC_BYTES], bytes(view[-MAC_BYTES:]))
+    except (InvalidSignature, ValueError):
+        raise BadSignature(f"round message {label} fails its MAC: not from this session's party or host") from None
+    return message[:-MAC_BYTES]
 
 
 def _digest(label: str, data: bytes) -> bytes:

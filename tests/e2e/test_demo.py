@@ -1,4 +1,4 @@
-"""The README's first command: `gridq demo` runs the first use case on a grid it starts
+"""The README's first command: `gridq demo` runs use cases 1 and 3 on a grid it starts
 itself, and leaves nothing running."""
 
 from __future__ import annotations
@@ -14,13 +14,15 @@ def test_demo_runs_the_use_case_and_cleans_up() -> None:
                           timeout=180, env=env)
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
-    assert out.count("refused: PermissionDenied") == 2  # carol: the dataset, then the derived mean
+    assert out.count("refused: PermissionDenied") == 3  # carol: the dataset, the derived mean; eve: the model
     assert "hospital: <DataPointer hospital/birth-records-feb shape=(240, 2) float32" in out
     assert "identical" in out and "DIFFERENT" not in out
     assert out.count("PrivateValue(") == 2 and "laplace noise of scale 0.2917, ε=0.1" in out  # 7 kg / 240 / 0.1
     assert "ε 0.20 spent of 1 in 2 releases" in out
     assert "her ticket: pending_approval" in out and "her ticket: done" in out
     assert "now carol gets the exact average weight: 3.4007 kg" in out
+    assert "plaintext [-2.45, -6.925]" in out and "equal within 1e-3" in out
+    assert "may not query model 'triage'" in out
     broker = next(line.split("broker ")[1].split(",")[0] for line in out.splitlines() if "broker redis://" in line)
     assert _processes_with(f"GRIDQ_BROKER={broker}".encode()) == [], "the demo left processes running"
 

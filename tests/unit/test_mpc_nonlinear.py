@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from protocol.mpc import Dealer, FixedPoint, LocalChannel, mul, non_negative, reconstruct, relu, run_local, share
 from protocol.mpc import truncate as truncate
-from protocol.mpc.model import Layer, ModelPlan, encode_parameters, infer
 from protocol.mpc.bits import unpack_bits
+from protocol.mpc.model import Layer, ModelPlan, encode_parameters, infer
 from protocol.mpc.nonlinear import greater_than_public, pack_bits
 from protocol.mpc.ring import logical_rshift
 

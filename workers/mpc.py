@@ -27,7 +27,6 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import redis
 import torch
 from celery import Celery
 from sqlalchemy import JSON, Float, LargeBinary, String, create_engine, select
@@ -74,7 +73,7 @@ from protocol.mpc.wire import (
     unpack_part,
 )
 from workers.config import NodeConfig
-from workers.rounds import PartyEnd, pop, relay
+from workers.rounds import PartyEnd, connect, pop, relay
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +116,7 @@ class MpcMember:
         self.id = config.id
         self.identity = config.identity()
         self.app = app
-        # redis-py's default 5 s socket timeout would cut the blocking pops of a round short
-        waits = max(config.mpc.round_timeout, config.mpc.deal_timeout)
-        self.redis = redis.Redis.from_url(config.node.broker, socket_timeout=waits + 10)
+        self.redis = connect(config.node.broker, max(config.mpc.round_timeout, config.mpc.deal_timeout))
         self.users = config.keyring()
         self.nonces = MemoryNonceStore()
         self._peers: dict[str, PublicIdentity] = {}

@@ -11,12 +11,22 @@ from collections.abc import Sequence
 
 import redis
 import torch
+from redis.connection import Encoder, PythonRespSerializer
 
 from protocol.errors import JobFailed, NodeUnavailable, error_from_wire
 from protocol.mpc.beaver import PartyProtocol, combine_parts
 from protocol.mpc.wire import open_round, pack, seal_round, unpack
 
 MAX_ROUNDS = 10_000
+
+
+def connect(url: str, timeout: float) -> redis.Redis:
+    """A Redis client for rounds: blocking pops may wait ``timeout`` seconds (redis-py's
+    default 5 s socket timeout would cut them short), and big values go out without the
+    copy hiredis' command packer makes (measured: RPUSH of 16 MB 55 → 28 ms)."""
+    packer = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+    return redis.Redis.from_url(url, socket_timeout=timeout + 10, command_packer=packer,
+                                socket_read_size=1 << 20)
 
 
 def session_key(session: str, party: str, way: str) -> str:

@@ -39,13 +39,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from ops.bench.measure import Load, wait_quiet
 from ops.demo import prepare
 from ops.local import NODE_CONFIGS, LocalGrid
 from protocol.mpc import Dealer, FixedPoint, reconstruct, share
 from protocol.mpc.beaver import PartyProtocol, beaver
 from protocol.mpc.nonlinear import relu, truncate
 from protocol.mpc.wire import pack, unpack
-from workers.rounds import PartyEnd, relay
+from workers.rounds import PartyEnd, connect, relay
 
 console = Console(stderr=True)
 FP = FixedPoint(16)
@@ -56,7 +57,7 @@ def _party(index: int, url: str, jobs: Any, ready: Any) -> None:
     """A party process: for each job, build its protocol, say ready, wait for go, run it
     through Redis, and end with the last message a pool party sends."""
     torch.set_num_threads(1)
-    client = redis.Redis.from_url(url, socket_timeout=TIMEOUT + 10)
+    client = connect(url, TIMEOUT)
     while (job := jobs.get()) is not None:
         op, session, key, inputs, material = job
         protocol = PROTOCOLS[op](index, inputs, material)
@@ -95,7 +96,7 @@ class Parties:
                       for i in range(n)]
         for p in self.procs:
             p.start()
-        self.client = redis.Redis.from_url(url, socket_timeout=TIMEOUT + 10)
+        self.client = connect(url, TIMEOUT)
 
     def run(self, op: str, inputs: list[dict[str, torch.Tensor]], material: list[dict[str, Any]]) -> float:
         session = secrets.token_hex(16)
@@ -148,7 +149,9 @@ def primitives(n: int, url: str, rows: list[tuple[str, ...]]) -> None:
             client.set("bench:plain", pack({"x": x}))
             unpack(_bytes(client.getdel("bench:plain")))
 
-        rows.append(_row(n, "share + reconstruct 1M", timed(share_round_trip), timed(plain_round_trip), None))
+        with Load() as load:
+            shared, unshared = timed(share_round_trip), timed(plain_round_trip)
+        rows.append(_row(n, "share + reconstruct 1M", shared, unshared, None, load.cores))
 
         cases = [
             ("multiply 1M × 1M", "mul", (1_000_000,), (1_000_000,), lambda a, b: a * b),
@@ -162,18 +165,22 @@ def primitives(n: int, url: str, rows: list[tuple[str, ...]]) -> None:
             xs = share(FP.encode(a), n)
             ys = share(FP.encode(b), n) if b is not None else None
             out_shape = tuple((a @ b).shape) if op == "matmul" else sa  # type: ignore[operator]
-            started = time.perf_counter()
-            if op == "relu":
-                bundles = [{"relu": p.materialize()} for p in dealer.relu(sa)]
-            else:
-                trip = dealer.triple(sa, sb or sa, op)  # type: ignore[arg-type]
-                tr = dealer.trunc(out_shape, FP.frac_bits)
-                bundles = [{"triple": t.materialize(), "trunc": u.materialize()} for t, u in zip(trip, tr, strict=True)]
-            offline = time.perf_counter() - started
             inputs = [{"x": xs[i], **({"y": ys[i]} if ys is not None else {})} for i in range(n)]
-            online = parties.run(op, inputs, bundles)
+            online, offline = [], []
+            with Load() as load:
+                for _ in range(3 if a.numel() >= 1_000_000 else 9):
+                    started = time.perf_counter()
+                    if op == "relu":
+                        bundles = [{"relu": p.materialize()} for p in dealer.relu(sa)]
+                    else:
+                        trip = dealer.triple(sa, sb or sa, op)  # type: ignore[arg-type]
+                        tr = dealer.trunc(out_shape, FP.frac_bits)
+                        bundles = [{"triple": t.materialize(), "trunc": u.materialize()}
+                                   for t, u in zip(trip, tr, strict=True)]
+                    offline.append(time.perf_counter() - started)
+                    online.append(parties.run(op, inputs, bundles))
             plain_time = timed(lambda f=plain, a=a, b=b: f(a, b), 20)  # type: ignore[misc]
-            rows.append(_row(n, label, online, plain_time, offline))
+            rows.append(_row(n, label, statistics.median(online), plain_time, statistics.median(offline), load.cores))
     finally:
         parties.close()
         client.close()
@@ -184,9 +191,9 @@ def _bytes(value: Any) -> bytes:
     return value
 
 
-def _row(n: int, label: str, t: float, plain: float, offline: float | None) -> tuple[str, ...]:
+def _row(n: int, label: str, t: float, plain: float, offline: float | None, load: float) -> tuple[str, ...]:
     return (str(n), label, f"{t * 1e3:.1f}", f"{plain * 1e3:.3f}", f"{t / plain:,.0f}×",
-            "" if offline is None else f"{offline * 1e3:.0f}")
+            "" if offline is None else f"{offline * 1e3:.0f}", f"{load:.2f}")
 
 
 def end_to_end(lg: LocalGrid, rows: list[tuple[str, ...]], counts: list[int]) -> None:
@@ -205,15 +212,17 @@ def end_to_end(lg: LocalGrid, rows: list[tuple[str, ...]], counts: list[int]) ->
                                        (f"mlp{n}", mlp, "inference, MLP 784→128→10")):
                 grid.query(name, x)  # warm: the pool now holds this batch size's bundles
                 samples = []
-                for _ in range(5):
-                    t = time.perf_counter()
-                    y = grid.query(name, x)
-                    samples.append(time.perf_counter() - t)
-                    time.sleep(0.3)  # let the provider refill the pool between queries
+                with Load() as load:
+                    for _ in range(9):
+                        time.sleep(0.3)  # let the provider refill the pool between queries
+                        t = time.perf_counter()
+                        y = grid.query(name, x)
+                        samples.append(time.perf_counter() - t)
                 with torch.no_grad():
                     error = (y - model(x)).abs().max().item()
                     plain = timed(lambda m=model: m(x), 50)  # type: ignore[misc]
-                rows.append(_row(n, f"{label} (max err {error:.1e})", statistics.median(samples), plain, None))
+                rows.append(_row(n, f"{label} (max err {error:.1e})", statistics.median(samples), plain, None,
+                                 load.cores))
 
 
 def main() -> None:
@@ -222,6 +231,7 @@ def main() -> None:
     args = parser.parse_args()
     counts = args.parties or [2, 3]
     torch.set_num_threads(1)
+    wait_quiet(60, console.print)
     rows: list[tuple[str, ...]] = []
     with tempfile.TemporaryDirectory(prefix="gridq-bench-mpc-") as tmp:
         home = Path(tmp)
@@ -239,12 +249,12 @@ def main() -> None:
                 lg.start_mpc(NODE_CONFIGS / f"{node}.toml")
             lg.wait_ready(nodes, timeout=120, workers=[f"{n}-mpc" for n in nodes])
             end_to_end(lg, rows, counts)
-    table = Table(title=f"gridq MPC through Redis vs plaintext torch (median; {os.cpu_count()} cores)")
-    for col in ("parties", "operation", "gridq ms", "plaintext ms", "ratio", "dealer ms (offline)"):
+    table = Table(title=f"gridq MPC through Redis vs plaintext torch (medians; {os.cpu_count()} cores)")
+    for col in ("parties", "operation", "gridq ms", "plaintext ms", "ratio", "dealer ms (offline)", "other load"):
         table.add_column(col)
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    Console(width=150).print(table)
 
 
 if __name__ == "__main__":

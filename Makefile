@@ -33,6 +33,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m ops.bench.latency
 	$(BIN)/python -m ops.bench.dp
+	$(BIN)/python -m ops.bench.mpc
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -26,7 +26,7 @@ from protocol.errors import BadSignature, ForbiddenOperation, InvalidRequest, No
 from protocol.mpc.model import Layer, ModelPlan, encode_parameters
 from protocol.mpc.ring import FixedPoint
 from protocol.mpc.sharing import reconstruct, share
-from protocol.mpc.wire import ModelCard, MpcReply, QueryModel, ServeModel, pack, unpack
+from protocol.mpc.wire import ModelCard, MpcReply, QueryModel, ServeModel, pack, parse, unpack
 
 if TYPE_CHECKING:
     from orchestrator.grid import Grid
@@ -82,12 +82,12 @@ def models(grid: Grid) -> list[ModelCard]:
     """Served models whose card carries a valid signature of its host."""
     cards = []
     for raw in grid._redis.hgetall(MPC_MODELS_KEY).values():
-        entry = json.loads(raw)
-        card = ModelCard.model_validate_json(entry["card"])
         try:
+            entry = json.loads(raw)
+            card = ModelCard.model_validate_json(entry["card"])
             grid._node_key(card.host).verify(entry["card"].encode(), bytes.fromhex(entry["signature"]))
-        except (BadSignature, NotFound, ValueError):
-            continue  # not signed by the host it names: not a model of this grid
+        except (BadSignature, NotFound, ValueError, KeyError, TypeError):
+            continue  # malformed, or not signed by the host it names: not a model of this grid
         cards.append(card)
     return sorted(cards, key=lambda c: c.name)
 
@@ -127,7 +127,7 @@ def _ask(grid: Grid, host: str, task: str, body: Any) -> MpcReply:
         raise NodeUnavailable(f"host {host!r} did not answer in {grid.timeout:.0f} s ({exc!r:.200}); is its "
                               "`gridq mpc start` running?") from None
     env = grid._verify_reply(raw, host, job_id)
-    reply = MpcReply.model_validate(env.body_json())
+    reply = parse(MpcReply, env.body_json())
     if reply.error is not None:
         raise error_from_wire(reply.error.model_dump())
     return reply

@@ -47,6 +47,7 @@ from protocol.errors import (
     GridError,
     InvalidRequest,
     JobFailed,
+    LimitExceeded,
     NodeUnavailable,
     NotFound,
     PermissionDenied,
@@ -68,6 +69,7 @@ from protocol.mpc.wire import (
     open_signed,
     pack,
     pack_part,
+    parse,
     seal_signed,
     unpack,
     unpack_part,
@@ -76,6 +78,7 @@ from workers.config import NodeConfig
 from workers.rounds import PartyEnd, connect, pop, relay
 
 log = logging.getLogger(__name__)
+MAX_QUERY_ELEMENTS = 1 << 22  # values in one tensor of a query: 4M int64 shares = 32 MB a round
 
 
 class _Base(DeclarativeBase):
@@ -194,7 +197,7 @@ class MpcMember:
 
     def serve(self, raw: Any, job_id: str) -> dict[str, Any]:
         env = self._open(raw, job_id, senders=self.users)  # only this host's users may serve models
-        body = ServeModel.model_validate(env.body_json())
+        body = parse(ServeModel, env.body_json())
         card = body.card
         if card.host != self.id or card.owner != env.sender:
             raise InvalidRequest(f"this card names host {card.host!r} and owner {card.owner!r}; it was sent to "
@@ -206,6 +209,11 @@ class MpcMember:
             raise InvalidRequest(f"model {card.name!r}: {exc}") from None
         if set(body.shares) != set(card.parties):
             raise InvalidRequest(f"shares are for {sorted(body.shares)}, the parties are {sorted(card.parties)}")
+        with self._db.begin() as s:
+            existing = s.get(ModelRow, card.name)
+        if existing is not None and existing.card.get("owner") != card.owner:
+            raise PermissionDenied(f"model {card.name!r} on {self.id!r} belongs to {existing.card.get('owner')!r}; "
+                                   "choose another name")
         pending = {p: self._send(p, Tasks.MPC_STORE, StoreShares(card=card, share=body.shares[p]),
                                  f"{job_id}:{p}") for p in card.parties}
         for party, result in pending.items():
@@ -226,13 +234,13 @@ class MpcMember:
             raise NodeUnavailable(f"party {node!r} did not answer within {timeout:g} s; is its `gridq mpc start` "
                                   "running?") from None
         env = self._open(raw, result.id, senders={node: self.peer(node)})
-        reply = MpcReply.model_validate(env.body_json())
+        reply = parse(MpcReply, env.body_json())
         if reply.error is not None:
             raise error_from_wire(reply.error.model_dump())
 
     def query(self, raw: Any, job_id: str) -> dict[str, Any]:
         env = self._open(raw, job_id, senders=self.users)
-        body = QueryModel.model_validate(env.body_json())
+        body = parse(QueryModel, env.body_json())
         with self._db.begin() as s:
             row = s.get(ModelRow, body.name)
         if row is None:
@@ -243,6 +251,10 @@ class MpcMember:
                                    f"{card.owner!r} lets {sorted(card.queriers)} query it")
         if set(body.inputs) != set(card.parties):
             raise InvalidRequest(f"input shares are for {sorted(body.inputs)}, the parties are {sorted(card.parties)}")
+        widest = max(max(layer.in_features, layer.out_features) for layer in card.plan.layers)
+        if body.batch * widest > MAX_QUERY_ELEMENTS:
+            raise LimitExceeded(f"a batch of {body.batch} through layers {widest} wide is "
+                                f"{body.batch * widest} values a tensor; the limit is {MAX_QUERY_ELEMENTS}")
         needs = card.plan.material_needed(body.batch)
         bundles = self._take_bundles(card, needs)
         outputs = self._coordinate(card, body, bundles, env.sender, job_id)
@@ -285,8 +297,9 @@ class MpcMember:
         for i, party in enumerate(card.parties):
             sealed_key = self._put_blob(self.peer(party).seal(keys[party]))
             self._send(party, Tasks.MPC_SESSION, RunSession(
-                session=session, card=card, index=i, bundles=bundles, input=body.inputs[party], mac_key=sealed_key,
-                querier=querier, querier_key=querier_key, round_timeout=timeout), f"{job_id}:{party}", ttl=timeout)
+                session=session, card=card, index=i, batch=body.batch, bundles=bundles, input=body.inputs[party],
+                mac_key=sealed_key, querier=querier, querier_key=querier_key, round_timeout=timeout),
+                f"{job_id}:{party}", ttl=timeout)
         metas = relay(self.redis, session, keys, timeout)
         if any(m.get("kind") != "out" for m in metas):
             raise JobFailed(f"parties of model {card.name!r} ended without an output")
@@ -296,7 +309,7 @@ class MpcMember:
 
     def store(self, raw: Any, job_id: str) -> dict[str, Any]:
         env = self._open(raw, job_id)
-        body = StoreShares.model_validate(env.body_json())
+        body = parse(StoreShares, env.body_json())
         if env.sender != body.card.host or self.id not in body.card.parties:
             raise PermissionDenied(f"{env.sender!r} is not the host of model {body.card.name!r} on this party")
         shares, _ = unpack(self.identity.unseal(self._blob(body.share)))
@@ -311,7 +324,7 @@ class MpcMember:
 
     def session(self, raw: Any, job_id: str) -> dict[str, Any]:
         env = self._open(raw, job_id)
-        body = RunSession.model_validate(env.body_json())
+        body = parse(RunSession, env.body_json())
         card = body.card
         if env.sender != card.host or card.parties[body.index] != self.id:
             raise PermissionDenied(f"{env.sender!r} is not the host of model {card.name!r} on this party")
@@ -325,8 +338,9 @@ class MpcMember:
             params, _ = unpack(row.data)
             inputs, _ = unpack(self.identity.unseal(self._blob(body.input)))
             x = inputs.get("x")
-            if x is None or x.dtype != torch.int64 or x.dim() != 2 or x.shape[1] != card.plan.in_features:
-                raise InvalidRequest(f"the input share must be int64 of shape (batch, {card.plan.in_features})")
+            if x is None or x.dtype != torch.int64 or tuple(x.shape) != (body.batch, card.plan.in_features):
+                raise InvalidRequest(f"the input share must be int64 of shape ({body.batch}, "
+                                     f"{card.plan.in_features}), as the query says")
             output = end.run(infer(body.index, card.plan, params, x, self._materials(card, body.bundles)))
             sealed = PublicIdentity.parse(body.querier, body.querier_key).seal(pack({"y": output}))
             end.send({"kind": "out", "blob": self._put_blob(sealed)}, {})
@@ -334,6 +348,10 @@ class MpcMember:
         except GridError as exc:
             end.send({"kind": "error", "code": exc.code, "message": exc.message}, {})
             raise
+        except Exception as exc:  # a bug or a bad bundle: tell the host now rather than let it time out
+            log.exception("session %s failed", body.session)
+            end.send({"kind": "error", "code": JobFailed.code, "message": f"{type(exc).__name__}: {exc}"[:500]}, {})
+            raise JobFailed(f"party {self.id!r} failed: {type(exc).__name__}") from None
 
     def _materials(self, card: ModelCard, bundles: list[str]) -> Iterator[Material]:
         provider = self.peer(card.provider)
@@ -345,7 +363,7 @@ class MpcMember:
 
     def deal(self, raw: Any, job_id: str) -> dict[str, Any]:
         env = self._open(raw, job_id)
-        body = Deal.model_validate(env.body_json())
+        body = parse(Deal, env.body_json())
         if self.id in body.parties:
             raise PermissionDenied(f"{self.id!r} is a party of this computation: it cannot also be its dealer")
         if len(body.needs) != len(body.pools):

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import torch
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.poly1305 import Poly1305
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
@@ -38,6 +38,9 @@ MAC_BYTES = 16  # a Poly1305 tag
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+B = TypeVar("B", bound=BaseModel)
 
 
 class ModelCard(_Body):
@@ -84,6 +87,7 @@ class RunSession(_Body):
     session: Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[0-9a-f]+$")]
     card: ModelCard
     index: Annotated[int, Field(ge=0, lt=16)]
+    batch: Annotated[int, Field(ge=1, le=1 << 16)]
     bundles: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=1024)]
     input: Sealed
     mac_key: Sealed
@@ -108,6 +112,16 @@ class MpcReply(_Body):
     kind: Literal["mpc_reply"] = "mpc_reply"
     error: WireError | None = None
     outputs: dict[Name, Sealed] = {}  # each party's output share, sealed to the querier
+
+
+def parse(model: type[B], data: object) -> B:
+    """A verified envelope's body as ``model``, or InvalidRequest saying what is wrong."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidRequest(f"malformed {model.__name__} message: {where}: {first['msg']}") from None
 
 
 def pack(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> bytes:

@@ -147,3 +147,38 @@ def test_a_killed_party_fails_the_query_within_the_round_timeout(mpc_grid: Local
     finally:
         mpc_grid.start_mpc(NODE_CONFIGS / "public.toml")
         mpc_grid.wait_ready(["public"], workers=["public-mpc"])
+
+
+def test_a_model_name_is_its_owners(mpc_grid: LocalGrid) -> None:
+    with mpc_grid.connect("dana") as owner:
+        owner.serve(seed_model(), name="dana-only", parties=["hospital", "public"], crypto_provider="university",
+                    host="company")
+    with mpc_grid.connect("eve") as grid, pytest.raises(PermissionDenied, match="belongs to 'dana'"):
+        grid.serve(seed_model(), name="dana-only", parties=["hospital", "public"], crypto_provider="university",
+                   host="company")
+
+
+def test_hostile_messages_get_typed_errors_and_the_pool_goes_on(mpc_grid: LocalGrid) -> None:
+    from orchestrator.mpc import _ask, _put
+    from protocol.contract import Tasks, mpc_queue
+    from protocol.errors import InvalidRequest
+    from protocol.mpc.sharing import share
+    from protocol.mpc.wire import QueryModel, pack
+
+    with mpc_grid.connect("dana") as owner:
+        owner.serve(seed_model(), name="sturdy", parties=["hospital", "public"], crypto_provider="university",
+                    host="company", queriers=["bob"])
+    with mpc_grid.connect("bob") as grid:
+        for junk in ({"v": "1.0", "sender": "bob"}, "not an envelope", {"v": "9.0"}):
+            raw = grid.app.send_task(Tasks.MPC_QUERY, args=[junk], queue=mpc_queue("company")).get(timeout=30)
+            assert '"error":{"code":' in raw["body"]  # signed, typed refusal
+        # input shares of one row, under a query that claims two: the parties refuse at once
+        pieces = share(FixedPoint(16).encode(torch.zeros(1, 4)), 2)
+        inputs = {p: _put(grid, grid._node_key(p).seal(pack({"x": s})))
+                  for p, s in zip(["hospital", "public"], pieces, strict=True)}
+        started = time.monotonic()
+        with pytest.raises(InvalidRequest, match="must be int64 of shape \\(2, 4\\)"):
+            _ask(grid, "company", Tasks.MPC_QUERY, QueryModel(name="sturdy", batch=2, inputs=inputs))
+        assert time.monotonic() - started < ROUND_TIMEOUT
+        y = grid.query("sturdy", torch.ones(4))  # and the pool goes on serving
+    assert (y - seed_model()(torch.ones(4))).abs().max().item() < 1e-3

@@ -98,3 +98,18 @@ def test_sharing_needs_two_parties_and_ring_values() -> None:
         share(torch.zeros(2), 2)
     with pytest.raises(ValueError, match="do not fit"):
         FP.encode(torch.tensor([2.0 ** 50]))
+
+
+def test_round_messages_are_bound_to_their_key_and_place() -> None:
+    from protocol.errors import BadSignature, InvalidRequest
+    from protocol.mpc.wire import Deal, open_round, parse, seal_round
+
+    key, other = b"k" * 32, b"o" * 32
+    message = seal_round(key, "session:p0:up:3", b"masked values")
+    assert open_round(key, "session:p0:up:3", message) == b"masked values"
+    for k, label, m in ((other, "session:p0:up:3", message), (key, "session:p0:up:4", message),
+                        (key, "session:p1:up:3", message), (key, "session:p0:up:3", b"X" + message[1:])):
+        with pytest.raises(BadSignature):
+            open_round(k, label, m)
+    with pytest.raises(InvalidRequest, match="malformed Deal message: count"):
+        parse(Deal, {"parties": ["a", "b"], "frac_bits": 16, "needs": [], "pools": [], "count": 10_000})

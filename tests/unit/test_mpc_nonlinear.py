@@ -10,7 +10,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.mpc import Dealer, FixedPoint, LocalChannel, mul, non_negative, reconstruct, relu, run_local, share
+from protocol.mpc import (
+    Dealer,
+    FixedPoint,
+    LocalChannel,
+    matmul,
+    mul,
+    non_negative,
+    reconstruct,
+    relu,
+    run_local,
+    share,
+)
 from protocol.mpc import truncate as truncate
 from protocol.mpc.bits import unpack_bits
 from protocol.mpc.model import Layer, ModelPlan, encode_parameters, infer
@@ -153,3 +164,22 @@ def test_a_plan_must_chain() -> None:
 
 def test_logical_shift_ignores_the_sign() -> None:
     assert logical_rshift(torch.tensor([-1]), 60).item() == 15
+
+
+@settings(max_examples=30)
+@given(m=st.integers(1, 4), k=st.integers(1, 8), p=st.integers(1, 4), n=PARTIES, data=st.data())
+def test_fixed_point_matrix_product_is_within_the_stated_bound(m: int, k: int, p: int, n: int,
+                                                               data: st.DataObject) -> None:
+    fp = FixedPoint(16)
+    x = torch.tensor(data.draw(st.lists(reals, min_size=m * k, max_size=m * k)), dtype=torch.float64).reshape(m, k)
+    y = torch.tensor(data.draw(st.lists(reals, min_size=k * p, max_size=k * p)), dtype=torch.float64).reshape(k, p)
+    channel = LocalChannel()
+    z = matmul(share(fp.encode(x), n), share(fp.encode(y), n), material(Dealer(n).triple((m, k), (k, p), "matmul")),
+               channel)
+    parts = material(Dealer(n).trunc((m, p), 16))
+    z = run_local([truncate(i, s, t, 16) for i, (s, t) in enumerate(zip(z, parts, strict=True))], channel)
+    eps = 2.0 ** -17
+    # each of the k products errs by (|x|+|y|)·2^-(f+1) + 2^-(2f+2) from encoding; one truncation adds < 2^-f
+    bound = (x.abs().sum(dim=1, keepdim=True) + y.abs().sum(dim=0, keepdim=True)) * eps + k * eps ** 2 + 2 * eps
+    assert ((fp.decode(reconstruct(z)) - x @ y).abs() <= bound).all()
+    assert channel.rounds == 2

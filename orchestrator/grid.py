@@ -202,10 +202,7 @@ class Grid:
 
     def _claim(self, key: str) -> bytes:
         """Fetch (and delete) a sealed value left by claim-check."""
-        pipe = self._redis.pipeline()
-        pipe.get(key)
-        pipe.delete(key)
-        data, _ = pipe.execute()
+        data = self._redis.getdel(key)
         if data is None:
             raise NotFound(f"the released value {key!r} has expired from the broker; run the job again")
-        return bytes(data)
+        return data.encode() if isinstance(data, str) else data

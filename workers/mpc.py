@@ -170,13 +170,11 @@ class MpcMember:
         return env.model_dump(mode="json")
 
     def _blob(self, key: str) -> bytes:
-        pipe = self.redis.pipeline()
-        pipe.get(key)
-        pipe.delete(key)
-        data, _ = pipe.execute()
+        """Take (fetch and delete) a sealed value left by claim-check."""
+        data = self.redis.getdel(key)
         if data is None:
             raise NotFound(f"the sealed value {key!r} has expired from the broker; send the request again")
-        return bytes(data)
+        return data.encode() if isinstance(data, str) else data
 
     def _put_blob(self, data: bytes) -> str:
         key = f"{CLAIM_CHECK_PREFIX}{uuid.uuid4().hex}"

@@ -25,9 +25,10 @@ import torch
 from celery import Celery
 from celery.result import AsyncResult
 
-from orchestrator import mpc
+from orchestrator import fl, mpc
 from orchestrator.app import make_celery
-from orchestrator.pointer import DataPointer
+from orchestrator.fl import FitResult, ModelPointer
+from orchestrator.pointer import DataPointer, Expression
 from orchestrator.ticket import JobTicket
 from protocol.contract import (
     GATEWAY,
@@ -50,6 +51,7 @@ from protocol.messages import (
     NodeInfo,
     RunJob,
     SearchQuery,
+    TrainJob,
     parse_body,
 )
 from protocol.mpc.wire import ModelCard
@@ -121,6 +123,20 @@ class Grid:
         ticket = self._submit(node, BudgetQuery(dataset=dataset))
         return list(ticket.reply().budgets)
 
+    # --- federated learning (orchestrator.fl) -------------------------------------------------
+
+    def send(self, model: torch.nn.Module, node: str) -> ModelPointer:
+        """A pointer to ``model`` at ``node``: train it there with ``.train(x, y, ...)``."""
+        return ModelPointer(self, model, node)
+
+    def fit(self, model: torch.nn.Module, data: Sequence[tuple[Expression, Expression]], *, rounds: int,
+            **options: Any) -> FitResult:
+        """Train ``model`` by federated averaging over ``data`` — (x, y) pointers, one pair per
+        node — for ``rounds`` rounds, nodes in parallel. Options: local_epochs, batch_size,
+        lr, optimizer, loss, momentum, strategy ("fedavg", "fedprox" with proximal_mu),
+        min_nodes, round_timeout, seed, progress, history_db."""
+        return fl.fit(self, model, data, rounds=rounds, **options)
+
     # --- encrypted ML-as-a-service (orchestrator.mpc) ----------------------------------------
 
     def serve(self, model: torch.nn.Module, *, name: str, parties: Sequence[str], crypto_provider: str,
@@ -156,7 +172,7 @@ class Grid:
             self._mocks[key] = self._submit(node, MockRequest(dataset=dataset)).value()
         return self._mocks[key]
 
-    def _submit(self, node: str, job: RunJob | BudgetQuery | AccessRequest | MockRequest) -> JobTicket:
+    def _submit(self, node: str, job: RunJob | TrainJob | BudgetQuery | AccessRequest | MockRequest) -> JobTicket:
         job_id = f"{node}:{uuid.uuid4().hex}"
         self._send(node, Tasks.RUN_JOB, node_queue(node), job, job_id)
         return JobTicket(self, job_id)

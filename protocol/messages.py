@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from protocol.errors import InvalidRequest
+from protocol.model import ModelSpec
 from protocol.plan import Plan
 
 Text = Annotated[str, Field(max_length=4096)]
@@ -111,6 +112,44 @@ class RunJob(_Model):
     release: Release = KeepRelease()
 
 
+class TrainConfig(_Model):
+    """How a node trains a model on its data: everything by name or number, nothing as code."""
+
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 1
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = 32
+    lr: Annotated[float, Field(gt=0, le=10)] = 0.01
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
+    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
+    proximal_mu: Annotated[float, Field(ge=0, le=100)] = 0.0  # FedProx: pull towards the weights sent
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+
+
+class TrainMetrics(_Model):
+    """What a node reports of a training job: on its own data, after training."""
+
+    samples: Annotated[int, Field(ge=0)]
+    loss: float
+    accuracy: float | None = None
+    seconds: Annotated[float, Field(ge=0)] = 0.0
+
+
+class TrainJob(_Model):
+    """Data scientist → node: train this model (a graph of allow-listed layers) on the
+    values of plans ``x`` and ``y``, starting from the weights sent (sealed to the node) or
+    from trained weights kept there; keep the result at the node or release it."""
+
+    kind: Literal["train"] = "train"
+    model: ModelSpec
+    weights: SealedValue | None = None
+    start: Annotated[str, Field(max_length=80)] | None = None  # a kept object of trained weights
+    x: Plan
+    y: Plan
+    config: TrainConfig = TrainConfig()
+    release: Annotated[KeepRelease | RawRelease, Field(discriminator="door")] = KeepRelease()
+
+
 class SealedValue(_Model):
     """A released tensor, sealed to the requester: inline, or by claim-check key in Redis."""
 
@@ -158,6 +197,7 @@ class JobReply(_Model):
     value: SealedValue | None = None
     noise: NoiseInfo | None = None
     budgets: Annotated[list[BudgetInfo], Field(max_length=1024)] = []
+    metrics: TrainMetrics | None = None
     error: WireError | None = None
 
 
@@ -196,7 +236,7 @@ class GatewayReply(_Model):
 
 
 Body = Annotated[
-    RunJob | BudgetQuery | AccessRequest | MockRequest | JobReply
+    RunJob | TrainJob | BudgetQuery | AccessRequest | MockRequest | JobReply
     | RegisterNode | PublishDataset | UnpublishDataset | GatewayReply,
     Field(discriminator="kind"),
 ]

@@ -102,8 +102,8 @@ class WorkerSection(_Section):
     torch_threads: Annotated[int, Field(ge=1, le=256)] = 1
 
 
-JOB_KINDS = ("compute", "raw_if_allowed", "dp", "raw", "access")
-JobKind = Literal["compute", "raw_if_allowed", "dp"]  # the kinds that may be approved automatically
+JOB_KINDS = ("compute", "raw_if_allowed", "dp", "train", "raw", "access")
+JobKind = Literal["compute", "raw_if_allowed", "dp", "train"]  # the kinds that may be approved automatically
 
 
 class UserApproval(_Section):
@@ -112,10 +112,12 @@ class UserApproval(_Section):
 
 class ApprovalSection(_Section):
     """Which jobs wait for the owner. Kinds: ``compute`` (result kept at the node),
-    ``raw_if_allowed`` (exact value for an allowed user), ``dp`` (a DP release), ``raw``
-    (exact value for anyone else: the approved door) and ``access`` (a request to become
-    an allowed user). ``raw`` and ``access`` always wait; with ``default = "auto"`` the
-    others run at once, with ``"manual"`` only the ``auto`` kinds do."""
+    ``raw_if_allowed`` (exact value for an allowed user), ``dp`` (a DP release), ``train``
+    (trained weights released to a user who may not see the data raw), ``raw`` (exact value
+    for anyone else: the approved door) and ``access`` (a request to become an allowed
+    user). ``raw`` and ``access`` always wait; ``train`` runs at once only if listed in
+    ``auto``; with ``default = "auto"`` the others run at once, with ``"manual"`` only the
+    ``auto`` kinds do."""
 
     default: Literal["auto", "manual"] = "auto"
     auto: list[JobKind] = ["compute", "raw_if_allowed", "dp"]
@@ -124,10 +126,13 @@ class ApprovalSection(_Section):
     def automatic(self, user: str, kind: str) -> bool:
         if kind in ("raw", "access"):
             return False
+        own = self.users.get(user)
+        listed = own.auto if own else self.auto
+        if kind == "train":  # weights trained on data the user may not see: only if the owner listed it
+            return kind in listed
         if self.default == "auto" and user not in self.users:
             return True
-        own = self.users.get(user)
-        return kind in (own.auto if own else self.auto)
+        return kind in listed
 
 
 class MpcSection(_Section):

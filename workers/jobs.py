@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
 
-from protocol.codec import dtype_name, encode_tensor, parse_dtype
+from protocol.codec import decode_tensor, dtype_name, encode_tensor, parse_dtype
 from protocol.contract import CLAIM_CHECK_THRESHOLD, PUBLIC
 from protocol.dp import add_noise
 from protocol.envelope import Envelope, open_envelope, seal_envelope
@@ -46,26 +46,31 @@ from protocol.messages import (
     RawRelease,
     RunJob,
     SealedValue,
+    TrainJob,
     WireError,
     parse_body,
 )
-from protocol.plan import TensorSpec, evaluate, validate
+from protocol.model import build_model, flatten_state, load_state, unflatten_state
+from protocol.plan import Plan, TensorSpec, evaluate, validate
 from workers.approvals import Parked, Requests
 from workers.config import ApprovalSection
 from workers.ledger import Ledger
 from workers.policy import Source, authorize, job_kind
 from workers.release import PendingCharge, calibrate_release, declared_rows
 from workers.store import Store
+from workers.training import train
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 ClaimCheck = Callable[[bytes], str]  # stores sealed bytes, returns their key
+ClaimTake = Callable[[str], bytes]  # takes (fetches and deletes) bytes left by claim-check
 
 
 class JobRunner:
     def __init__(self, node_id: str, identity: Identity, keyring: dict[str, PublicIdentity],
-                 store: Store, ledger: Ledger, approval: ApprovalSection, claim_check: ClaimCheck) -> None:
+                 store: Store, ledger: Ledger, approval: ApprovalSection, claim_check: ClaimCheck,
+                 claim_take: ClaimTake) -> None:
         self.node_id = node_id
         self.approval = approval
         self.requests = Requests(store)
@@ -74,6 +79,7 @@ class JobRunner:
         self.store = store
         self.ledger = ledger
         self.claim_check = claim_check
+        self.claim_take = claim_take
 
     def handle(self, raw: Any, delivery_id: str) -> dict[str, Any]:
         """Answer one delivered message with a signed reply (as a dict for the wire)."""
@@ -129,6 +135,8 @@ class JobRunner:
                 return JobReply(status="done", value=self._seal(requester, self._mock(body.dataset))), None
             if isinstance(body, RunJob):
                 return self._run(requester, job_id, body, approved)
+            if isinstance(body, TrainJob):
+                return self._train(requester, job_id, body, approved), None
             raise InvalidRequest(f"a node runs jobs; it does not take {body.kind!r} messages")
         except (GridError, Parked, SoftTimeLimitExceeded) as exc:
             if isinstance(exc, Parked):
@@ -183,10 +191,10 @@ class JobRunner:
         self.store.allow(request.dataset, requester)
         return JobReply(status="done")
 
-    def _run(self, requester: str, job_id: str, job: RunJob, approved: bool
-             ) -> tuple[JobReply, PendingCharge | None]:
+    def _inputs(self, plan: Plan, requester: str) -> tuple[list[torch.Tensor], list[Source]]:
+        """A plan's input tensors, validated against it, and the datasets they come from."""
         inputs, specs, sources = [], [], []
-        for ref in job.plan.inputs:
+        for ref in plan.inputs:
             if ref.kind == "dataset":
                 row, tensor = self.store.dataset(ref.name)
                 sources.append(Source(ref.name, row.allowed_users))
@@ -195,7 +203,12 @@ class JobRunner:
                 sources.extend(Source(n, self.store.dataset_row(n).allowed_users) for n in obj.sources)
             inputs.append(tensor)
             specs.append(TensorSpec(shape=tuple(tensor.shape), dtype=dtype_name(tensor.dtype)))
-        validate(job.plan, specs)
+        validate(plan, specs)
+        return inputs, sources
+
+    def _run(self, requester: str, job_id: str, job: RunJob, approved: bool
+             ) -> tuple[JobReply, PendingCharge | None]:
+        inputs, sources = self._inputs(job.plan, requester)
         door = authorize(requester, job.release, sources, self.node_id, self.approval, approved=approved,
                          job_id=job_id)
         datasets = sorted({s.dataset for s in sources})
@@ -213,12 +226,51 @@ class JobRunner:
             return (JobReply(status="done", value=self._seal(requester, noisy), noise=calibrated.noise),
                     PendingCharge(datasets, calibrated.charge))
         if door == "keep":
-            object_id = "obj-" + hashlib.sha256(job_id.encode()).hexdigest()[:32]  # safe as a file name
-            obj = self.store.put_object(object_id, job_id, requester, result, datasets)
-            ticket = PointerTicket(node=self.node_id, object_id=obj.id, job_id=job_id,
-                                   shape=tuple(obj.shape), dtype=obj.dtype, sources=obj.sources)
-            return JobReply(status="done", ticket=ticket), None
+            return JobReply(status="done", ticket=self._keep(requester, job_id, result, datasets)), None
         return JobReply(status="done", value=self._seal(requester, result)), None
+
+    def _keep(self, requester: str, job_id: str, result: torch.Tensor, datasets: list[str]) -> PointerTicket:
+        object_id = "obj-" + hashlib.sha256(job_id.encode()).hexdigest()[:32]  # safe as a file name
+        obj = self.store.put_object(object_id, job_id, requester, result, datasets)
+        return PointerTicket(node=self.node_id, object_id=obj.id, job_id=job_id,
+                             shape=tuple(obj.shape), dtype=obj.dtype, sources=obj.sources)
+
+    def _train(self, requester: str, job_id: str, job: TrainJob, approved: bool) -> JobReply:
+        """Train the model on (x, y) here; keep the weights, or release them by the policy's door."""
+        x_inputs, x_sources = self._inputs(job.x, requester)
+        y_inputs, y_sources = self._inputs(job.y, requester)
+        sources = x_sources + y_sources
+        datasets = sorted({s.dataset for s in sources})
+        door = authorize(requester, job.release, sources, self.node_id, self.approval, approved=approved,
+                         job_id=job_id, training=True)
+        if door == "park":
+            raise Parked(job_kind(requester, job.release, sources, training=True), datasets,
+                         f"train a model of {len(job.model.layers)} layers, {job.config.epochs} epoch(s), on\n"
+                         f"x: {job.x.describe()}\ny: {job.y.describe()}", _describe(job.release) + " weights")
+        model = build_model(job.model)
+        like = model.state_dict()
+        if job.start is not None:  # continue from weights trained and kept here
+            obj, flat = self.store.object(job.start, requester)
+            datasets = sorted(set(datasets) | set(obj.sources))
+        elif job.weights is not None:
+            flat = decode_tensor(self._unseal(job.weights))
+        else:
+            raise InvalidRequest("a training job sends its starting weights, or names kept ones (start)")
+        load_state(model, unflatten_state(flat, like))
+        metrics = train(model, evaluate(job.x, x_inputs), evaluate(job.y, y_inputs), job.config)
+        trained = flatten_state(model.state_dict())
+        if door == "keep":
+            return JobReply(status="done", ticket=self._keep(requester, job_id, trained, datasets), metrics=metrics)
+        return JobReply(status="done", value=self._seal(requester, trained), metrics=metrics)
+
+    def _unseal(self, value: SealedValue) -> bytes:
+        if value.claim_check is not None:
+            data = self.claim_take(value.claim_check)
+        elif value.sealed is not None:
+            data = base64.b64decode(value.sealed)
+        else:
+            raise InvalidRequest("a sealed value must carry its bytes or a claim-check key")
+        return self.identity.unseal(data)
 
     def _seal(self, requester: str, value: torch.Tensor) -> SealedValue:
         sealed = self.keyring[requester].seal(encode_tensor(value))

@@ -11,6 +11,7 @@ Only metadata (name, shape, dtype, columns, description, tags) ever leaves the n
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 import uuid
@@ -35,7 +36,7 @@ from protocol.contract import (
     node_queue,
 )
 from protocol.envelope import seal_envelope
-from protocol.errors import InvalidRequest, RequestDenied
+from protocol.errors import InvalidRequest, NotFound, RequestDenied
 from protocol.messages import DatasetMeta, PublishDataset, RegisterNode, UnpublishDataset
 from workers.approvals import Requests
 from workers.config import Bounds, NodeConfig, load_config
@@ -164,7 +165,7 @@ class Node:
 
     def runner(self) -> JobRunner:
         return JobRunner(self.id, self.identity, self.config.keyring(), self.store, self.ledger,
-                         self.config.approval, self._claim_check)
+                         self.config.approval, self._claim_check, self._claim_take)
 
     def _claim_check(self, sealed: bytes) -> str:
         """Keep sealed bytes in Redis under a random key with a TTL; return the key."""
@@ -173,6 +174,18 @@ class Node:
         key = CLAIM_CHECK_PREFIX + secrets.token_urlsafe(24)
         self._redis.set(key, sealed, ex=CLAIM_CHECK_TTL_SECONDS)
         return key
+
+    def _claim_take(self, key: str) -> bytes:
+        """Take sealed bytes a client left by claim-check (only under the claim-check prefix:
+        a message cannot make the node read or delete any other key)."""
+        if not re.fullmatch(re.escape(CLAIM_CHECK_PREFIX) + r"[A-Za-z0-9_\-]{16,64}", key):
+            raise InvalidRequest(f"{key[:80]!r} is not a claim-check key")
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(self.config.node.broker)
+        data = self._redis.getdel(key)
+        if data is None:
+            raise NotFound(f"the sealed value {key!r} has expired from the broker; send the job again")
+        return data.encode() if isinstance(data, str) else data
 
     def _tell_gateway(self, body: RegisterNode | PublishDataset | UnpublishDataset) -> None:
         # Fire and forget: the message waits in the gateway's queue if the gateway is down.

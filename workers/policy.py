@@ -29,21 +29,26 @@ class Source:
     allowed_users: Sequence[str]
 
 
-def job_kind(requester: str, release: KeepRelease | RawRelease | DPRelease, sources: Sequence[Source]) -> str:
+def job_kind(requester: str, release: KeepRelease | RawRelease | DPRelease, sources: Sequence[Source],
+             training: bool = False) -> str:
     """The kind of job, as the approval policy names it."""
     if isinstance(release, KeepRelease):
         return "compute"
     if isinstance(release, DPRelease):
         return "dp"
-    return "raw_if_allowed" if all(requester in s.allowed_users for s in sources) else "raw"
+    if all(requester in s.allowed_users for s in sources):
+        return "raw_if_allowed"
+    return "train" if training else "raw"
 
 
 def authorize(requester: str, release: KeepRelease | RawRelease | DPRelease, sources: Sequence[Source],
-              node: str, approval: ApprovalSection, *, approved: bool = False, job_id: str | None = None) -> str:
+              node: str, approval: ApprovalSection, *, approved: bool = False, job_id: str | None = None,
+              training: bool = False) -> str:
     """The door the value leaves by (``keep``, ``raw``, ``approved`` or ``dp``), ``park``
-    if the job must wait for the owner, or PermissionDenied saying why not."""
-    kind = job_kind(requester, release, sources)
-    door = {"compute": "keep", "dp": "dp", "raw_if_allowed": "raw", "raw": "approved"}[kind]
+    if the job must wait for the owner, or PermissionDenied saying why not. Trained
+    weights released to a user who may not see the data raw are kind ``train``."""
+    kind = job_kind(requester, release, sources, training)
+    door = {"compute": "keep", "dp": "dp", "raw_if_allowed": "raw", "raw": "approved", "train": "approved"}[kind]
     if approved or approval.automatic(requester, kind):
         return door
     if kind == "raw" and approval.default == "auto":

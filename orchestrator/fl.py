@@ -1,0 +1,252 @@
+"""Federated learning, the scientist's side: train a model where the data lives.
+
+PySyft-style, one node at a time::
+
+    mptr = grid.send(model, "hospital")          # nothing moves yet
+    mptr.train(x_ptr, y_ptr, epochs=2, lr=0.05).wait()
+    model = mptr.get()                           # the trained weights, if the node's policy releases them
+
+and over many nodes at once, by federated averaging::
+
+    result = grid.fit(model, data=[(x1, y1), (x2, y2), (x3, y3)], rounds=20, lr=0.05)
+    result.model, result.history
+
+A model travels as a graph of allow-listed layers and its weights (``protocol.model``);
+the node rebuilds it from the allow-list and never runs code it was sent. Each round of
+``fit`` is a Celery group of training jobs, one per node, run in parallel; the round
+closes when every node has answered or ``round_timeout`` has passed with at least
+``min_nodes`` answers. Late answers are discarded and recorded; a dead node never stops
+the run. Each node's job releases its trained weights sealed to you (the node's policy
+decides: an allowed user gets them, others wait for the owner's approval of kind
+``train``), and the new global model is their average weighted by sample counts (FedAvg;
+``proximal_mu`` makes it FedProx).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from celery import group
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from orchestrator.history import History, RoundRecord
+from orchestrator.ticket import JobTicket
+from protocol.codec import encode_tensor
+from protocol.contract import CLAIM_CHECK_PREFIX, CLAIM_CHECK_THRESHOLD, CLAIM_CHECK_TTL_SECONDS, Tasks, node_queue
+from protocol.envelope import seal_envelope
+from protocol.errors import GridError, InvalidRequest, JobFailed, NodeUnavailable
+from protocol.messages import KeepRelease, RawRelease, SealedValue, TrainConfig, TrainJob, TrainMetrics
+from protocol.model import ModelSpec, describe_model, flatten_state, unflatten_state
+
+if TYPE_CHECKING:
+    from orchestrator.grid import Grid
+    from orchestrator.pointer import Expression
+
+
+class ModelPointer:
+    """A model sent to one node: train it there, then get the trained weights back."""
+
+    def __init__(self, grid: Grid, model: torch.nn.Module, node: str) -> None:
+        self._grid = grid
+        self.node = node
+        self._model = copy.deepcopy(model)
+        self._spec, self._state = describe_model(self._model)  # refuse what the node would, here first
+        self._kept: str | None = None  # the object id of trained weights kept at the node
+        self._ticket: JobTicket | None = None
+
+    def __repr__(self) -> str:
+        where = f"trained weights kept as {self._kept}" if self._kept else "not trained yet"
+        return f"<ModelPointer {self.node}: {len(self._spec.layers)} layers, {where}>"
+
+    def train(self, x: Expression, y: Expression, **config: Any) -> JobTicket:
+        """Train at the node on ``x`` and ``y`` (pointers or expressions on that node); the
+        trained weights stay there. ``config``: epochs, batch_size, lr, optimizer ("sgd",
+        "adam"), momentum, weight_decay, loss ("cross_entropy", "mse"), proximal_mu, seed."""
+        self._settle()
+        _same_node(self.node, x, y)
+        start = self._kept
+        weights = None if start else _seal_for(self._grid, self.node, flatten_state(self._state))
+        job = TrainJob(model=self._spec, weights=weights, start=start, x=x.plan, y=y.plan,
+                       config=TrainConfig(**config), release=KeepRelease())
+        self._ticket = self._grid._submit(self.node, job)
+        return self._ticket
+
+    def get(self, timeout: float | None = None) -> torch.nn.Module:
+        """The model with its trained weights, released as the node's policy allows."""
+        self._settle(timeout)
+        if self._kept is None:
+            raise InvalidRequest("train the model first: mptr.train(x, y, ...)")
+        from orchestrator.pointer import DataPointer
+        from protocol.plan import InputRef, TensorSpec
+
+        total = flatten_state(self._state).numel()
+        ptr = DataPointer(self._grid, self.node, InputRef(kind="object", name=self._kept),
+                          TensorSpec(shape=(total,), dtype="float64"))
+        self._state = unflatten_state(ptr.get(timeout=timeout), self._state)
+        self._model.load_state_dict(self._state)
+        return copy.deepcopy(self._model)
+
+    def _settle(self, timeout: float | None = None) -> None:
+        if self._ticket is not None:
+            self._kept = self._ticket.result(timeout).name
+            self._ticket = None
+
+
+@dataclass
+class FitResult:
+    """The federated model and the run's history, one row per node and round."""
+
+    model: torch.nn.Module
+    history: list[RoundRecord] = field(default_factory=list)
+    run_id: str = ""
+
+    def rounds(self) -> list[dict[str, Any]]:
+        """Per round: nodes that answered, weighted loss and accuracy at the nodes."""
+        out = []
+        for r in sorted({h.round for h in self.history}):
+            done = [h for h in self.history if h.round == r and h.status == "done"]
+            n = sum(h.samples for h in done) or 1
+            out.append({"round": r, "nodes": len(done),
+                        "loss": sum(h.loss * h.samples for h in done) / n,
+                        "accuracy": sum((h.accuracy or 0.0) * h.samples for h in done) / n,
+                        "dropped": [h.node for h in self.history if h.round == r and h.status != "done"]})
+        return out
+
+
+def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Expression]], *, rounds: int,
+        local_epochs: int = 1, batch_size: int = 32, lr: float = 0.01, optimizer: str = "sgd",
+        loss: str = "cross_entropy", momentum: float = 0.0, proximal_mu: float = 0.0, strategy: str = "fedavg",
+        min_nodes: int = 1, round_timeout: float = 120.0, seed: int = 0, progress: bool = True,
+        history_db: str | None = None) -> FitResult:
+    if strategy not in ("fedavg", "fedprox"):
+        raise InvalidRequest(f"strategy {strategy!r} is not known; use 'fedavg' or 'fedprox'")
+    if not data or not 1 <= min_nodes <= len(data):
+        raise InvalidRequest(f"min_nodes must be within 1..{len(data)} (the nodes given)")
+    for x, y in data:
+        _same_node(x.node, x, y)
+    model = copy.deepcopy(model)
+    spec, state = describe_model(model)
+    history = History(history_db)
+    run_id = history.start(spec, {"rounds": rounds, "local_epochs": local_epochs, "batch_size": batch_size, "lr": lr,
+                                  "optimizer": optimizer, "loss": loss, "strategy": strategy,
+                                  "nodes": [x.node for x, _ in data], "min_nodes": min_nodes})
+    result = FitResult(model, [], run_id)
+    with _progress(progress, rounds) as bar:
+        for r in range(rounds):
+            configs = [TrainConfig(epochs=local_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,  # type: ignore[arg-type]
+                                   loss=loss, momentum=momentum, proximal_mu=proximal_mu,  # type: ignore[arg-type]
+                                   seed=seed + r * len(data) + i) for i in range(len(data))]
+            records, updates = _round(grid, spec, state, data, configs, r, round_timeout)
+            history.record(run_id, records)
+            result.history.extend(records)
+            if len(updates) < min_nodes:
+                raise NodeUnavailable(f"round {r}: {len(updates)} of {len(data)} nodes answered within "
+                                      f"{round_timeout:g} s; min_nodes is {min_nodes} "
+                                      f"({'; '.join(f'{h.node}: {h.status} {h.error}' for h in records)})")
+            state = fedavg(state, updates)
+            summary = result.rounds()[-1]
+            bar.update(bar.task_ids[0], advance=1, description=(
+                f"round {r + 1}/{rounds}  loss {summary['loss']:.4f}  acc {summary['accuracy']:.3f}  "
+                f"nodes {summary['nodes']}/{len(data)}"))
+    model.load_state_dict(state)
+    return result
+
+
+def fedavg(like: dict[str, torch.Tensor], updates: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+    """The average of flat weight vectors, weighted by the nodes' sample counts."""
+    total = sum(n for _, n in updates)
+    mean = sum((flat * (n / total) for flat, n in updates), torch.zeros_like(updates[0][0]))
+    return unflatten_state(mean, like)
+
+
+Update = tuple[torch.Tensor, int]  # a node's trained weights (flat) and its sample count
+
+
+def _round(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor], data: Sequence[tuple[Expression, Expression]],
+           configs: list[TrainConfig], r: int, timeout: float) -> tuple[list[RoundRecord], list[Update]]:
+    """One round: a group of training jobs, then their answers until all are in or time is up."""
+    flat = flatten_state(state)
+    jobs: list[tuple[str, str]] = []
+    signatures = []
+    for (x, y), config in zip(data, configs, strict=True):
+        job_id = f"{x.node}:{uuid.uuid4().hex}"
+        body = TrainJob(model=spec, weights=_seal_for(grid, x.node, flat), x=x.plan, y=y.plan, config=config,
+                        release=RawRelease())
+        env = seal_envelope(grid.identity, recipient=x.node, kind=body.kind, job_id=job_id,
+                            body=body.model_dump(mode="json"), now=time.time(), ttl=max(600.0, timeout))
+        signatures.append(grid.app.signature(Tasks.RUN_JOB, args=[env.model_dump(mode="json")],
+                                             queue=node_queue(x.node)).set(task_id=job_id))
+        jobs.append((x.node, job_id))
+    started = time.monotonic()
+    group(signatures).apply_async()
+    pending = dict(jobs)
+    answered: dict[str, float] = {}
+    while pending and time.monotonic() - started < timeout:
+        for node, job_id in list(pending.items()):
+            if grid.app.AsyncResult(job_id).ready():
+                answered[node] = time.monotonic() - started
+                del pending[node]
+        time.sleep(0.005)
+    records, updates = [], []
+    for node, job_id in jobs:
+        if node in pending:
+            records.append(RoundRecord(r, node, "late", 0, 0.0, None, timeout, "no answer within the round"))
+            continue
+        ticket = JobTicket(grid, job_id)
+        try:
+            reply = ticket.reply(timeout=1.0)
+            if reply.metrics is None:
+                raise JobFailed(f"node {node!r} answered without training metrics")
+            update = ticket.value(timeout=1.0)
+        except GridError as exc:
+            records.append(RoundRecord(r, node, "failed", 0, 0.0, None, answered[node], f"{type(exc).__name__}: {exc}"))
+            continue
+        m: TrainMetrics = reply.metrics
+        records.append(RoundRecord(r, node, "done", m.samples, m.loss, m.accuracy, answered[node], ""))
+        updates.append((update, m.samples))
+    return records, updates
+
+
+def _seal_for(grid: Grid, node: str, flat: torch.Tensor) -> SealedValue:
+    """Weights sealed to one node: inline if small, else left in Redis by claim-check."""
+    sealed = grid._node_key(node).seal(encode_tensor(flat))
+    if len(sealed) <= CLAIM_CHECK_THRESHOLD:
+        return SealedValue(sealed=base64.b64encode(sealed).decode(), size=len(sealed))
+    key = f"{CLAIM_CHECK_PREFIX}{uuid.uuid4().hex}"
+    grid._redis.set(key, sealed, ex=CLAIM_CHECK_TTL_SECONDS)
+    return SealedValue(claim_check=key, size=len(sealed))
+
+
+def _same_node(node: str, *exprs: Expression) -> None:
+    if any(e.node != node for e in exprs):
+        raise InvalidRequest(f"x and y must be data on the same node ({node!r}); got "
+                             f"{sorted({e.node for e in exprs})}")
+
+
+class _NoBar:
+    task_ids = [0]
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _progress(show: bool, rounds: int) -> Any:
+    if not show:
+        return _NoBar()
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn())
+    bar.add_task(f"round 0/{rounds}", total=rounds)
+    return bar

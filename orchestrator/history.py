@@ -1,0 +1,85 @@
+"""The history of federated runs, in the orchestrator's database (SQLite under
+``~/.gridq/runs.db`` unless told otherwise; any SQLAlchemy URL works): one row per run,
+one per node and round — who answered, with how many samples, what loss and accuracy,
+and who dropped out and why."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, Float, Integer, String, Text, create_engine, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from protocol.model import ModelSpec
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round: int
+    node: str
+    status: str  # done | late | failed
+    samples: int
+    loss: float
+    accuracy: float | None
+    seconds: float
+    error: str
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class RunRow(_Base):
+    __tablename__ = "fl_runs"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    started_at: Mapped[float] = mapped_column(Float)
+    model: Mapped[dict[str, Any]] = mapped_column(JSON)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class RoundRow(_Base):
+    __tablename__ = "fl_rounds"
+    run_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    samples: Mapped[int] = mapped_column(Integer)
+    loss: Mapped[float] = mapped_column(Float)
+    accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    seconds: Mapped[float] = mapped_column(Float)
+    error: Mapped[str] = mapped_column(Text)
+
+
+def default_url() -> str:
+    folder = Path(os.environ.get("GRIDQ_CLIENT_HOME", Path.home() / ".gridq"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'runs.db'}"
+
+
+class History:
+    def __init__(self, url: str | None = None) -> None:
+        self.engine = create_engine(url or default_url())
+        _Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def start(self, spec: ModelSpec, config: dict[str, Any]) -> str:
+        run_id = uuid.uuid4().hex
+        with self._sessions.begin() as s:
+            s.add(RunRow(id=run_id, started_at=time.time(), model=json.loads(spec.model_dump_json()), config=config))
+        return run_id
+
+    def record(self, run_id: str, records: list[RoundRecord]) -> None:
+        with self._sessions.begin() as s:
+            s.add_all(RoundRow(run_id=run_id, **asdict(r)) for r in records)
+
+    def rounds(self, run_id: str) -> list[RoundRecord]:
+        with self._sessions() as s:
+            rows = s.scalars(select(RoundRow).where(RoundRow.run_id == run_id).order_by(RoundRow.round, RoundRow.node))
+            return [RoundRecord(r.round, r.node, r.status, r.samples, r.loss, r.accuracy, r.seconds, r.error)
+                    for r in rows]

@@ -1,0 +1,109 @@
+"""Models travel as a graph of allow-listed parts plus safetensors weights, and come back
+bit for bit; anything off the allow-lists is refused by name; FedAvg and local training
+are plain, deterministic math."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orchestrator.fl import fedavg
+from protocol.errors import ForbiddenOperation, InvalidRequest
+from protocol.messages import TrainConfig
+from protocol.model import ModelSpec, build_model, describe_model, flatten_state, unflatten_state
+from workers.training import train
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.LeakyReLU(0.1),
+                                      nn.MaxPool2d(2), nn.AvgPool2d(1))
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(4 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x.view(x.shape[0], 1, 8, 8))
+        x = self.drop(torch.flatten(x, 1))
+        return F.log_softmax(self.head(x) + 0.5, dim=1)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10),
+                                                        nn.Softmax(dim=1)),
+                                  lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8),
+                                                        nn.Sigmoid(), nn.Linear(8, 3), nn.LogSoftmax(dim=1)),
+                                  ConvNet])
+def test_a_model_round_trips_bit_for_bit(make) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(1)
+    model = make().eval()
+    spec, state = describe_model(model)
+    wire = json.loads(spec.model_dump_json())  # what travels: JSON, and safetensors for the weights
+    rebuilt = build_model(ModelSpec.model_validate(wire), state).eval()
+    x = torch.randn(6, 64)
+    assert torch.equal(rebuilt(x), model(x))
+
+
+def hostile(spec: ModelSpec, **node: object) -> ModelSpec:
+    raw = spec.model_dump(mode="json")
+    raw["graph"][1] = {**raw["graph"][1], **node}
+    return ModelSpec.model_validate(raw)
+
+
+def test_anything_off_the_allow_lists_is_refused_by_name() -> None:
+    spec, _ = describe_model(nn.Sequential(nn.Linear(4, 2)))
+    for node, message in (({"op": "call_function", "target": "os.system"}, "function 'os.system'"),
+                          ({"op": "call_function", "target": "eval"}, "function 'eval'"),
+                          ({"op": "call_method", "target": "__reduce__"}, "method '__reduce__'"),
+                          ({"op": "call_module", "target": "nowhere"}, "undeclared layer 'nowhere'"),
+                          ({"op": "call_function", "target": "getattr",
+                            "args": [{"node": "input_1"}, "__class__"]}, "getattr may read only")):
+        with pytest.raises(ForbiddenOperation, match=message):
+            build_model(hostile(spec, **node))
+    raw = spec.model_dump(mode="json")
+    raw["layers"]["0"]["kwargs"]["device"] = "cuda"
+    with pytest.raises(ForbiddenOperation, match="takes no argument"):
+        build_model(ModelSpec.model_validate(raw))
+    with pytest.raises(InvalidRequest, match="before it is defined"):
+        build_model(hostile(spec, args=[{"node": "output"}]))
+    with pytest.raises(ForbiddenOperation, match="GRU"):
+        describe_model(nn.Sequential(nn.GRU(2, 2)))
+
+    class Sneaky(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.special.erf(x)
+
+    with pytest.raises(ForbiddenOperation, match="erf"):
+        describe_model(Sneaky())
+
+
+def test_weights_flatten_and_come_back_typed() -> None:
+    _, state = describe_model(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)))
+    flat = flatten_state(state)
+    back = unflatten_state(flat, state)
+    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in state.items())
+    with pytest.raises(InvalidRequest, match="does not fit"):
+        unflatten_state(flat[:-1], state)
+
+
+def test_fedavg_weights_by_samples() -> None:
+    like = {"w": torch.zeros(2)}
+    avg = fedavg(like, [(torch.tensor([1.0, 1.0], dtype=torch.float64), 1),
+                        (torch.tensor([4.0, 0.0], dtype=torch.float64), 3)])
+    assert torch.allclose(avg["w"], torch.tensor([3.25, 0.25]))
+
+
+def test_local_training_is_deterministic_for_a_seed() -> None:
+    x, y = torch.randn(50, 4), torch.randint(0, 3, (50,))
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.ReLU(), nn.Linear(8, 3))
+        metrics = train(model, x, y, TrainConfig(epochs=3, batch_size=8, lr=0.1, momentum=0.9, seed=7))
+        outs.append((flatten_state(model.state_dict()), metrics.loss))
+    assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1] == outs[1][1]
+    with pytest.raises(InvalidRequest, match="same, non-zero number of rows"):
+        train(model, x, y[:10], TrainConfig())

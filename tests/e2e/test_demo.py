@@ -1,4 +1,4 @@
-"""The README's first command: `gridq demo` runs use cases 1 and 3 on a grid it starts
+"""The README's first command: `gridq demo` runs the three use cases on a grid it starts
 itself, and leaves nothing running."""
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ def test_demo_runs_the_use_case_and_cleans_up() -> None:
     assert "ε 0.20 spent of 1 in 2 releases" in out
     assert "her ticket: pending_approval" in out and "her ticket: done" in out
     assert "now carol gets the exact average weight: 3.4007 kg" in out
+    accuracy = float(out.split("held-out digits: ")[1].split()[0])
+    assert accuracy >= 0.90, out  # federated over hospital and clinic
     assert "plaintext [-2.45, -6.925]" in out and "equal within 1e-3" in out
     assert "may not query model 'triage'" in out
     broker = next(line.split("broker ")[1].split(",")[0] for line in out.splitlines() if "broker redis://" in line)

@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python -m ops.bench.latency
 	$(BIN)/python -m ops.bench.dp
 	$(BIN)/python -m ops.bench.mpc
+	$(BIN)/python -m ops.bench.fl
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -10,6 +10,7 @@ from protocol.contract import mpc_queue, node_queue
 from workers.config import load_config
 from workers.mpc import mpc_tasks
 from workers.node import Node, make_celery, worker_tasks
+from workers.training import warm_up
 
 
 def start_node(config_path: str | Path, loglevel: str = "INFO") -> None:
@@ -17,6 +18,7 @@ def start_node(config_path: str | Path, loglevel: str = "INFO") -> None:
     (and only it) until stopped."""
     config = load_config(config_path)
     torch.set_num_threads(config.worker.torch_threads)  # also before the fork: see WorkerSection
+    warm_up()
     app = make_celery(config)
     node = Node(config, app)
     node.load_config_datasets()

@@ -3,5 +3,6 @@
 from orchestrator.grid import Grid
 from orchestrator.pointer import DataPointer, Expression, cat, stack
 from orchestrator.ticket import JobTicket
+from protocol.messages import DPConfig
 
-__all__ = ["DataPointer", "Expression", "Grid", "JobTicket", "cat", "stack"]
+__all__ = ["DPConfig", "DataPointer", "Expression", "Grid", "JobTicket", "cat", "stack"]

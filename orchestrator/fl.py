@@ -19,7 +19,10 @@ closes when every node has answered or ``round_timeout`` has passed with at leas
 the run. Each node's job releases its trained weights sealed to you (the node's policy
 decides: an allowed user gets them, others wait for the owner's approval of kind
 ``train``), and the new global model is their average weighted by sample counts (FedAvg;
-``proximal_mu`` makes it FedProx).
+``proximal_mu`` makes it FedProx). With ``dp=DPConfig(noise_multiplier=, max_grad_norm=,
+delta=)`` the nodes train by DP-SGD and charge what their accountant says to your budget
+on their dataset; the weights then leave by the DP door, without approval, and a budget
+that cannot cover a round refuses it before it runs (``BudgetExhausted``).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from protocol.codec import encode_tensor
 from protocol.contract import CLAIM_CHECK_PREFIX, CLAIM_CHECK_THRESHOLD, CLAIM_CHECK_TTL_SECONDS, Tasks, node_queue
 from protocol.envelope import seal_envelope
 from protocol.errors import GridError, InvalidRequest, JobFailed, NodeUnavailable
-from protocol.messages import KeepRelease, RawRelease, SealedValue, TrainConfig, TrainJob, TrainMetrics
+from protocol.messages import DPConfig, KeepRelease, RawRelease, SealedValue, TrainConfig, TrainJob, TrainMetrics
 from protocol.model import ModelSpec, describe_model, flatten_state, unflatten_state
 
 if TYPE_CHECKING:
@@ -65,7 +68,7 @@ class ModelPointer:
         where = f"trained weights kept as {self._kept}" if self._kept else "not trained yet"
         return f"<ModelPointer {self.node}: {len(self._spec.layers)} layers, {where}>"
 
-    def train(self, x: Expression, y: Expression, **config: Any) -> JobTicket:
+    def train(self, x: Expression, y: Expression, dp: DPConfig | None = None, **config: Any) -> JobTicket:
         """Train at the node on ``x`` and ``y`` (pointers or expressions on that node); the
         trained weights stay there. ``config``: epochs, batch_size, lr, optimizer ("sgd",
         "adam"), momentum, weight_decay, loss ("cross_entropy", "mse"), proximal_mu, seed."""
@@ -74,7 +77,7 @@ class ModelPointer:
         start = self._kept
         weights = None if start else _seal_for(self._grid, self.node, flatten_state(self._state))
         job = TrainJob(model=self._spec, weights=weights, start=start, x=x.plan, y=y.plan,
-                       config=TrainConfig(**config), release=KeepRelease())
+                       config=TrainConfig(**config), release=KeepRelease(), dp=dp)
         self._ticket = self._grid._submit(self.node, job)
         return self._ticket
 
@@ -124,7 +127,7 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
         local_epochs: int = 1, batch_size: int = 32, lr: float = 0.01, optimizer: str = "sgd",
         loss: str = "cross_entropy", momentum: float = 0.0, proximal_mu: float = 0.0, strategy: str = "fedavg",
         min_nodes: int = 1, round_timeout: float = 120.0, seed: int = 0, progress: bool = True,
-        history_db: str | None = None) -> FitResult:
+        history_db: str | None = None, dp: DPConfig | None = None) -> FitResult:
     if strategy not in ("fedavg", "fedprox"):
         raise InvalidRequest(f"strategy {strategy!r} is not known; use 'fedavg' or 'fedprox'")
     if not data or not 1 <= min_nodes <= len(data):
@@ -143,9 +146,11 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
             configs = [TrainConfig(epochs=local_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,  # type: ignore[arg-type]
                                    loss=loss, momentum=momentum, proximal_mu=proximal_mu,  # type: ignore[arg-type]
                                    seed=seed + r * len(data) + i) for i in range(len(data))]
-            records, updates = _round(grid, spec, state, data, configs, r, round_timeout)
+            records, updates, errors = _round(grid, spec, state, data, configs, r, round_timeout, dp)
             history.record(run_id, records)
             result.history.extend(records)
+            if len(updates) < min_nodes and errors and len(errors) == len(data):
+                raise errors[0]  # every node refused, for a reason of its own: BudgetExhausted, PermissionDenied …
             if len(updates) < min_nodes:
                 raise NodeUnavailable(f"round {r}: {len(updates)} of {len(data)} nodes answered within "
                                       f"{round_timeout:g} s; min_nodes is {min_nodes} "
@@ -170,7 +175,8 @@ Update = tuple[torch.Tensor, int]  # a node's trained weights (flat) and its sam
 
 
 def _round(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor], data: Sequence[tuple[Expression, Expression]],
-           configs: list[TrainConfig], r: int, timeout: float) -> tuple[list[RoundRecord], list[Update]]:
+           configs: list[TrainConfig], r: int, timeout: float, dp: DPConfig | None
+           ) -> tuple[list[RoundRecord], list[Update], list[GridError]]:
     """One round: a group of training jobs, then their answers until all are in or time is up."""
     flat = flatten_state(state)
     jobs: list[tuple[str, str]] = []
@@ -178,7 +184,7 @@ def _round(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor], data: Se
     for (x, y), config in zip(data, configs, strict=True):
         job_id = f"{x.node}:{uuid.uuid4().hex}"
         body = TrainJob(model=spec, weights=_seal_for(grid, x.node, flat), x=x.plan, y=y.plan, config=config,
-                        release=RawRelease())
+                        release=RawRelease(), dp=dp)
         env = seal_envelope(grid.identity, recipient=x.node, kind=body.kind, job_id=job_id,
                             body=body.model_dump(mode="json"), now=time.time(), ttl=max(600.0, timeout))
         signatures.append(grid.app.signature(Tasks.RUN_JOB, args=[env.model_dump(mode="json")],
@@ -194,7 +200,7 @@ def _round(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor], data: Se
                 answered[node] = time.monotonic() - started
                 del pending[node]
         time.sleep(0.005)
-    records, updates = [], []
+    records, updates, errors = [], [], []
     for node, job_id in jobs:
         if node not in answered:
             records.append(RoundRecord(r, node, "late", 0, 0.0, None, timeout, "no answer within the round"))
@@ -207,11 +213,12 @@ def _round(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor], data: Se
             update = ticket.value(timeout=1.0)
         except GridError as exc:
             records.append(RoundRecord(r, node, "failed", 0, 0.0, None, answered[node], f"{type(exc).__name__}: {exc}"))
+            errors.append(exc)
             continue
         m: TrainMetrics = reply.metrics
         records.append(RoundRecord(r, node, "done", m.samples, m.loss, m.accuracy, answered[node], ""))
         updates.append((update, m.samples))
-    return records, updates
+    return records, updates, errors
 
 
 def _seal_for(grid: Grid, node: str, flat: torch.Tensor) -> SealedValue:

@@ -32,7 +32,7 @@ dp.enable_features("contrib")
 class Charge:
     """What one release costs: ε for pure DP, ρ (zCDP) for Gaussian releases."""
 
-    mechanism: str  # "laplace" | "gaussian"
+    mechanism: str  # "laplace" | "gaussian" | "dpsgd" (an (ε, δ) from DP-SGD's accountant)
     epsilon: float
     delta: float
     rho: float = 0.0
@@ -108,11 +108,19 @@ def rho_to_approx(rho: float, delta: float) -> float:
 
 
 def spent(charges: Iterable[Charge], delta: float) -> tuple[float, float]:
-    """The (ε, δ) that these releases have spent together, at the budget's δ."""
+    """The (ε, δ) that these releases have spent together, at the budget's δ: Laplace ε
+    add up, Gaussian releases compose in zCDP and convert at what is left of δ, and (ε, δ)
+    charges (DP-SGD, from its accountant) add up by basic composition."""
     charges = list(charges)
-    pure = math.fsum(c.epsilon for c in charges if c.mechanism == "laplace")  # fsum: 10 × 0.1 is 1.0
+    pure = math.fsum(c.epsilon for c in charges if c.mechanism in ("laplace", "dpsgd"))  # fsum: 10 × 0.1 is 1.0
+    approx_delta = math.fsum(c.delta for c in charges if c.mechanism == "dpsgd")
     rho = math.fsum(c.rho for c in charges if c.mechanism == "gaussian")
-    return pure + rho_to_approx(rho, delta), (delta if rho > 0 else 0.0)
+    if rho <= 0:
+        return pure, approx_delta
+    left = delta - approx_delta
+    if left <= 0:
+        return math.inf, delta + approx_delta
+    return pure + rho_to_approx(rho, left), delta
 
 
 def _check(epsilon: float, delta: float) -> None:

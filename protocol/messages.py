@@ -126,6 +126,16 @@ class TrainConfig(_Model):
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
 
 
+class DPConfig(_Model):
+    """DP-SGD: each sample's gradient clipped to ``max_grad_norm``, Gaussian noise of
+    ``noise_multiplier`` × that norm added to each batch's sum, batches drawn by Poisson
+    sampling; the node's accountant turns it into the (ε, δ) charged to your budget."""
+
+    noise_multiplier: Annotated[float, Field(gt=0, le=100)]
+    max_grad_norm: Annotated[float, Field(gt=0, le=1000)]
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-6
+
+
 class TrainMetrics(_Model):
     """What a node reports of a training job: on its own data, after training."""
 
@@ -133,6 +143,7 @@ class TrainMetrics(_Model):
     loss: float
     accuracy: float | None = None
     seconds: Annotated[float, Field(ge=0)] = 0.0
+    epsilon: float | None = None  # DP-SGD: the ε charged for this training, at its δ
 
 
 class TrainJob(_Model):
@@ -148,6 +159,7 @@ class TrainJob(_Model):
     y: Plan
     config: TrainConfig = TrainConfig()
     release: Annotated[KeepRelease | RawRelease, Field(discriminator="door")] = KeepRelease()
+    dp: DPConfig | None = None  # with DP-SGD, released weights leave by the DP door
 
 
 class SealedValue(_Model):

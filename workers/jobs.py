@@ -58,7 +58,7 @@ from workers.ledger import Ledger
 from workers.policy import Source, authorize, job_kind
 from workers.release import PendingCharge, calibrate_release, declared_rows
 from workers.store import Store
-from workers.training import train
+from workers.training import dp_charge, train
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -136,7 +136,7 @@ class JobRunner:
             if isinstance(body, RunJob):
                 return self._run(requester, job_id, body, approved)
             if isinstance(body, TrainJob):
-                return self._train(requester, job_id, body, approved), None
+                return self._train(requester, job_id, body, approved)
             raise InvalidRequest(f"a node runs jobs; it does not take {body.kind!r} messages")
         except (GridError, Parked, SoftTimeLimitExceeded) as exc:
             if isinstance(exc, Parked):
@@ -235,16 +235,22 @@ class JobRunner:
         return PointerTicket(node=self.node_id, object_id=obj.id, job_id=job_id,
                              shape=tuple(obj.shape), dtype=obj.dtype, sources=obj.sources)
 
-    def _train(self, requester: str, job_id: str, job: TrainJob, approved: bool) -> JobReply:
-        """Train the model on (x, y) here; keep the weights, or release them by the policy's door."""
+    def _train(self, requester: str, job_id: str, job: TrainJob, approved: bool
+               ) -> tuple[JobReply, PendingCharge | None]:
+        """Train the model on (x, y) here; keep the weights, or release them by the policy's
+        door — with DP-SGD, the DP door, charged to the budget (checked before training)."""
         x_inputs, x_sources = self._inputs(job.x, requester)
         y_inputs, y_sources = self._inputs(job.y, requester)
         sources = x_sources + y_sources
         datasets = sorted({s.dataset for s in sources})
-        door = authorize(requester, job.release, sources, self.node_id, self.approval, approved=approved,
+        x, y = evaluate(job.x, x_inputs), evaluate(job.y, y_inputs)
+        charge = dp_charge(job.config, job.dp, len(x)) if job.dp else None
+        release = job.release if charge is None or isinstance(job.release, KeepRelease) else \
+            DPRelease(epsilon=max(charge.epsilon, 1e-12), delta=charge.delta)
+        door = authorize(requester, release, sources, self.node_id, self.approval, approved=approved,
                          job_id=job_id, training=True)
         if door == "park":
-            raise Parked(job_kind(requester, job.release, sources, training=True), datasets,
+            raise Parked(job_kind(requester, release, sources, training=True), datasets,
                          f"train a model of {len(job.model.layers)} layers, {job.config.epochs} epoch(s), on\n"
                          f"x: {job.x.describe()}\ny: {job.y.describe()}", _describe(job.release) + " weights")
         model = build_model(job.model)
@@ -257,11 +263,15 @@ class JobRunner:
         else:
             raise InvalidRequest("a training job sends its starting weights, or names kept ones (start)")
         load_state(model, unflatten_state(flat, like))
-        metrics = train(model, evaluate(job.x, x_inputs), evaluate(job.y, y_inputs), job.config)
+        if door == "dp" and charge is not None:
+            self.ledger.precheck(requester, datasets, charge, job_id)  # an exhausted budget: refused before any work
+        metrics = train(model, x, y, job.config, job.dp)
         trained = flatten_state(model.state_dict())
         if door == "keep":
-            return JobReply(status="done", ticket=self._keep(requester, job_id, trained, datasets), metrics=metrics)
-        return JobReply(status="done", value=self._seal(requester, trained), metrics=metrics)
+            reply = JobReply(status="done", ticket=self._keep(requester, job_id, trained, datasets), metrics=metrics)
+            return reply, None
+        reply = JobReply(status="done", value=self._seal(requester, trained), metrics=metrics)
+        return reply, (PendingCharge(datasets, charge) if door == "dp" and charge is not None else None)
 
     def _unseal(self, value: SealedValue) -> bytes:
         if value.claim_check is not None:

@@ -75,11 +75,13 @@ class Ledger:
         row = s.get(BudgetRow, (user, dataset))
         epsilon, delta = (row.epsilon, row.delta) if row else self.defaults.for_user(user)
         sums = s.execute(
-            select(ChargeRow.mechanism, func.sum(ChargeRow.epsilon), func.sum(ChargeRow.rho), func.count())
+            select(ChargeRow.mechanism, func.sum(ChargeRow.epsilon), func.sum(ChargeRow.delta), func.sum(ChargeRow.rho),
+                   func.count())
             .where(ChargeRow.user == user, ChargeRow.dataset == dataset).group_by(ChargeRow.mechanism))
         totals, releases = [], 0
-        for mechanism, eps, rho, count in sums:
-            totals.append(Charge(mechanism, float(eps), delta, rho=float(rho)))
+        for mechanism, eps, deltas, rho, count in sums:  # DP-SGD charges carry their own δ; the others the budget's
+            totals.append(Charge(mechanism, float(eps), float(deltas) if mechanism == "dpsgd" else delta,
+                                 rho=float(rho)))
             releases += int(count)
         return epsilon, delta, totals, releases
 

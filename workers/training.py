@@ -6,18 +6,26 @@ torch."""
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import torch
+from opacus import GradSampleModule
+from opacus.accountants import RDPAccountant
+from opacus.optimizers import DPOptimizer
 from torch import nn
 
+from protocol.dp import Charge
 from protocol.errors import InvalidRequest
-from protocol.messages import TrainConfig, TrainMetrics
+from protocol.messages import DPConfig, TrainConfig, TrainMetrics
 from protocol.model import LOSSES, OPTIMIZERS
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> TrainMetrics:
-    """Train ``model`` in place; report loss (and accuracy, for classification) on the data."""
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig,
+          dp: DPConfig | None = None) -> TrainMetrics:
+    """Train ``model`` in place; report loss (and accuracy, for classification) on the data.
+    With ``dp``, by DP-SGD (Opacus): per-sample clipping, Gaussian noise, Poisson-sampled
+    batches of expected size ``batch_size``; the metrics carry the ε it costs."""
     if x.dim() < 1 or len(x) != len(y) or len(x) == 0:
         raise InvalidRequest(f"x and y must have the same, non-zero number of rows; got {tuple(x.shape)} and "
                              f"{tuple(y.shape)}")
@@ -25,27 +33,66 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfi
     x = x.to(torch.float32)
     target = y.to(torch.long) if config.loss == "cross_entropy" else y.to(torch.float32)
     loss_fn = LOSSES[config.loss]
+    anchor = [p.detach().clone() for p in model.parameters()] if config.proximal_mu else []
+    trained: nn.Module = GradSampleModule(model) if dp else model
+    optimizer = _optimizer(trained, config)
+    if dp:
+        optimizer = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                                expected_batch_size=config.batch_size)
+    torch.manual_seed(config.seed)  # dropout, DP noise and other layer randomness
+    order = torch.Generator().manual_seed(config.seed)
+    trained.train()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus' hooks, harmless
+            for _ in range(config.epochs):
+                for batch in _batches(len(x), config.batch_size, order, poisson=dp is not None):
+                    optimizer.zero_grad()
+                    loss = loss_fn(trained(x[batch]), target[batch])
+                    if anchor:  # FedProx: (μ/2)·‖w - w_global‖²
+                        loss = loss + config.proximal_mu / 2 * sum(
+                            (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+                    loss.backward()
+                    optimizer.step()
+    except (RuntimeError, IndexError) as exc:  # shapes that do not fit the model, labels out of range
+        raise InvalidRequest(f"training failed on this data: {str(exc)[:300]}") from None
+    if dp:
+        trained.remove_hooks()  # type: ignore[operator]  # take Opacus' hooks off the model
+    metrics = evaluate(model, x, target, config, time.perf_counter() - started)
+    if dp:
+        metrics = metrics.model_copy(update={"epsilon": dp_charge(config, dp, len(x)).epsilon})
+    return metrics
+
+
+def dp_charge(config: TrainConfig, dp: DPConfig, samples: int) -> Charge:
+    """What DP-SGD with these settings costs, by Opacus' RDP accountant — known before
+    training, so an exhausted budget refuses the job before it runs."""
+    rate = min(1.0, config.batch_size / samples)
+    steps = config.epochs * _steps_per_epoch(samples, config.batch_size)
+    accountant = RDPAccountant()
+    accountant.history = [(dp.noise_multiplier, rate, steps)]
+    return Charge("dpsgd", float(accountant.get_epsilon(delta=dp.delta)), dp.delta)
+
+
+def _steps_per_epoch(samples: int, batch_size: int) -> int:
+    return max(1, -(-samples // batch_size))
+
+
+def _batches(n: int, batch_size: int, order: torch.Generator, poisson: bool) -> list[torch.Tensor]:
+    """Shuffled fixed-size batches; or, for DP-SGD, Poisson sampling (each sample in each
+    batch with probability batch_size / n), which is what its accountant assumes."""
+    if not poisson:
+        return list(torch.randperm(n, generator=order).split(batch_size))
+    rate = min(1.0, batch_size / n)
+    draws = (torch.rand(n, generator=order) < rate for _ in range(_steps_per_epoch(n, batch_size)))
+    return [idx for mask in draws if len(idx := torch.nonzero(mask).flatten())]
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     kwargs: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
     if config.optimizer == "sgd":
         kwargs["momentum"] = config.momentum
-    optimizer = OPTIMIZERS[config.optimizer](model.parameters(), **kwargs)
-    anchor = [p.detach().clone() for p in model.parameters()] if config.proximal_mu else []
-    torch.manual_seed(config.seed)  # dropout and other layer randomness
-    order = torch.Generator().manual_seed(config.seed)
-    model.train()
-    try:
-        for _ in range(config.epochs):
-            for batch in torch.randperm(len(x), generator=order).split(config.batch_size):
-                optimizer.zero_grad()
-                loss = loss_fn(model(x[batch]), target[batch])
-                if anchor:  # FedProx: (μ/2)·‖w - w_global‖²
-                    loss = loss + config.proximal_mu / 2 * sum(
-                        (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
-                loss.backward()
-                optimizer.step()
-    except (RuntimeError, IndexError) as exc:  # shapes that do not fit the model, labels out of range
-        raise InvalidRequest(f"training failed on this data: {str(exc)[:300]}") from None
-    return evaluate(model, x, target, config, time.perf_counter() - started)
+    return OPTIMIZERS[config.optimizer](model.parameters(), **kwargs)  # type: ignore[call-arg]
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, target: torch.Tensor, config: TrainConfig,

@@ -148,6 +148,31 @@ def test_trained_weights_follow_the_release_policy(local_grid: LocalGrid, sites)
         owner.close()
 
 
+def test_dp_sgd_weights_leave_by_the_dp_door_charged_as_the_accountant_says(local_grid: LocalGrid, sites,  # type: ignore[no-untyped-def]
+                                                                          tmp_path) -> None:
+    from opacus.accountants import RDPAccountant
+
+    from orchestrator import DPConfig
+    from protocol.errors import BudgetExhausted
+
+    dp = DPConfig(noise_multiplier=2.0, max_grad_norm=1.0, delta=1e-7)
+    accountant = RDPAccountant()
+    accountant.history = [(2.0, 32 / 479, 15)]  # 479 digits a site, batches of 32 expected: 15 steps
+    per_round = accountant.get_epsilon(delta=1e-7)
+    assert 0.9 < per_round < 1.0  # one round fits the default budget of ε = 1, two do not
+    with local_grid.connect("bob") as grid:  # bob may not see the digits: DP-SGD is his door
+        with pytest.raises(BudgetExhausted, match="ε = 0.0124 left of 1"):
+            grid.fit(mlp(), pairs(grid), rounds=2, lr=0.05, dp=dp, progress=False,
+                     history_db=f"sqlite:///{tmp_path / 'runs.db'}")
+        for site in SITES:
+            (budget,) = grid.budget(site, "digits")
+            assert budget.releases == 1 and budget.spent_epsilon == pytest.approx(per_round, abs=1e-9)
+    stored = History(f"sqlite:///{tmp_path / 'runs.db'}")
+    rows = _all_rounds(stored)
+    assert {(r.round, r.status) for r in rows} == {(0, "done"), (1, "failed")}
+    assert all("BudgetExhausted" in r.error for r in rows if r.round == 1)
+
+
 def test_a_site_killed_mid_run_drops_out_and_the_run_completes(local_grid: LocalGrid, sites,  # type: ignore[no-untyped-def]
                                                                 tmp_path) -> None:
     db = f"sqlite:///{tmp_path / 'runs.db'}"

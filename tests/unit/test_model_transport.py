@@ -107,3 +107,38 @@ def test_local_training_is_deterministic_for_a_seed() -> None:
     assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1] == outs[1][1]
     with pytest.raises(InvalidRequest, match="same, non-zero number of rows"):
         train(model, x, y[:10], TrainConfig())
+
+
+def test_dp_sgd_clips_noises_and_costs_what_its_accountant_says() -> None:
+    from opacus.accountants import RDPAccountant
+
+    from protocol.messages import DPConfig
+    from workers.training import dp_charge
+
+    x, y = torch.randn(120, 4), torch.randint(0, 3, (120,))
+    config, dp = TrainConfig(epochs=2, batch_size=30, lr=0.1, seed=3), DPConfig(noise_multiplier=1.1,
+                                                                                 max_grad_norm=1.0, delta=1e-5)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        before = flatten_state(model.state_dict())
+        metrics = train(model, x, y, config, dp)
+        runs.append(flatten_state(model.state_dict()))
+        assert not torch.equal(runs[-1], before)
+        assert not any(model._forward_hooks for model in model.modules())  # Opacus' hooks are gone
+    assert torch.equal(runs[0], runs[1])  # noise too is seeded
+    accountant = RDPAccountant()
+    accountant.history = [(1.1, 30 / 120, 2 * 4)]
+    assert metrics.epsilon == pytest.approx(accountant.get_epsilon(delta=1e-5))
+    assert dp_charge(config, dp, 120).epsilon == metrics.epsilon and dp_charge(config, dp, 120).delta == 1e-5
+
+
+def test_dp_sgd_charges_compose_with_the_other_releases() -> None:
+    from protocol.dp import Charge, spent
+
+    sgd = Charge("dpsgd", 0.5, 1e-6)
+    assert spent([Charge("laplace", 0.2, 0.0), sgd, sgd], 1e-5) == pytest.approx((1.2, 2e-6))
+    eps_gauss_alone, _ = spent([Charge("gaussian", 0.0, 1e-5, rho=0.01)], 1e-5)
+    eps_mixed, delta_mixed = spent([Charge("gaussian", 0.0, 1e-5, rho=0.01), sgd], 1e-5)
+    assert delta_mixed == 1e-5 and eps_mixed > eps_gauss_alone + 0.5  # the Gaussian converts at a smaller δ

@@ -35,8 +35,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from protocol.contract import (
     CLAIM_CHECK_PREFIX,
     CLAIM_CHECK_TTL_SECONDS,
-    GATEWAY_IDENTITY_KEY,
-    GATEWAY_QUEUE,
     MPC_MODELS_KEY,
     PUBLIC,
     Tasks,
@@ -55,7 +53,7 @@ from protocol.errors import (
     error_from_wire,
 )
 from protocol.identity import PublicIdentity
-from protocol.messages import GatewayReply, WireError, parse_body
+from protocol.messages import WireError
 from protocol.mpc.dealer import Dealer, Material
 from protocol.mpc.model import Need, infer, shapes_of
 from protocol.mpc.wire import (
@@ -75,6 +73,7 @@ from protocol.mpc.wire import (
     unpack_part,
 )
 from workers.config import NodeConfig
+from workers.directory import Directory
 from workers.rounds import PartyEnd, connect, pop, relay
 
 log = logging.getLogger(__name__)
@@ -122,7 +121,7 @@ class MpcMember:
         self.redis = connect(config.node.broker, max(config.mpc.round_timeout, config.mpc.deal_timeout))
         self.users = config.keyring()
         self.nonces = MemoryNonceStore()
-        self._peers: dict[str, PublicIdentity] = {}
+        self.directory = Directory(app, self.redis, config.mpc.round_timeout)
         engine = create_engine(config.database_url)
         _Base.metadata.create_all(engine)
         self._db = sessionmaker(engine, expire_on_commit=False)
@@ -130,28 +129,14 @@ class MpcMember:
     # --- who is who ---------------------------------------------------------------------------
 
     def peer(self, name: str) -> PublicIdentity:
-        """A node's key as the gateway lists it (signed by the gateway), else a configured user's."""
+        """A configured user's key, else a node's as the gateway lists it (signed by the gateway)."""
         if name in self.users:
             return self.users[name]
-        if name not in self._peers:
-            self._refresh_peers()
-        if name not in self._peers:
-            raise UnknownSender(f"{name!r} is neither a user of {self.id!r} nor a node registered at the gateway")
-        return self._peers[name]
-
-    def _refresh_peers(self) -> None:
-        posted = self.redis.get(GATEWAY_IDENTITY_KEY)
-        if posted is None:
-            raise NodeUnavailable("no gateway has started on this broker")
-        gateway = PublicIdentity.parse("gateway", json.loads(posted)["public_key"])
-        job_id = uuid.uuid4().hex
-        raw = self.app.send_task(Tasks.NODES, queue=GATEWAY_QUEUE, task_id=job_id).get(
-            timeout=self.config.mpc.round_timeout, disable_sync_subtasks=False)
-        env = open_envelope(raw, recipient=PUBLIC, keyring={"gateway": gateway}, nonces=MemoryNonceStore(),
-                            delivery_id=job_id, now=time.time())
-        reply = parse_body(env.body_json())
-        assert isinstance(reply, GatewayReply)
-        self._peers.update({n.node: PublicIdentity.parse(n.node, n.public_key) for n in reply.nodes})
+        try:
+            return self.directory.key(name)
+        except UnknownSender:
+            raise UnknownSender(f"{name!r} is neither a user of {self.id!r} nor a node registered at the gateway"
+                                ) from None
 
     def _open(self, raw: Any, delivery_id: str, senders: dict[str, PublicIdentity] | None = None) -> Envelope:
         sender = raw.get("sender") if isinstance(raw, dict) else None
@@ -183,12 +168,13 @@ class MpcMember:
 
     def handle(self, method: str, raw: Any, delivery_id: str) -> dict[str, Any]:
         """Run one message; every refusal or failure answers as a typed error, signed."""
-        sender = raw.get("sender") if isinstance(raw, dict) and isinstance(raw.get("sender"), str) else PUBLIC
+        claimed = raw.get("sender") if isinstance(raw, dict) else None
+        sender = claimed if isinstance(claimed, str) else PUBLIC
         try:
             return getattr(self, method)(raw, delivery_id)  # type: ignore[no-any-return]
         except GridError as exc:
             log.warning("mpc %s %s refused: %s", method, delivery_id, exc)
-            to = sender if sender in self.users or sender in self._peers else PUBLIC
+            to = sender if sender in self.users or sender in self.directory else PUBLIC
             return self._reply(to, delivery_id, MpcReply(error=WireError(**exc.to_wire())))
 
     # --- host: serve and query ----------------------------------------------------------------

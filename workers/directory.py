@@ -1,0 +1,54 @@
+"""Other nodes' public keys, as the gateway lists them — signed by the gateway, whose key
+is the one posted in Redis when it started. Nodes use it to seal to each other (MPC
+parties, secure-aggregation parties) and to verify each other's messages."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import redis
+from celery import Celery
+
+from protocol.contract import GATEWAY, GATEWAY_IDENTITY_KEY, GATEWAY_QUEUE, PUBLIC, Tasks
+from protocol.envelope import MemoryNonceStore, open_envelope
+from protocol.errors import NodeUnavailable, UnknownSender
+from protocol.identity import PublicIdentity
+from protocol.messages import GatewayReply, parse_body
+
+
+class Directory:
+    def __init__(self, app: Celery, client: redis.Redis, timeout: float) -> None:
+        self.app = app
+        self.redis = client
+        self.timeout = timeout
+        self._keys: dict[str, PublicIdentity] = {}
+
+    def __contains__(self, node: str) -> bool:
+        return node in self._keys
+
+    def key(self, node: str) -> PublicIdentity:
+        """``node``'s key; asks the gateway again for a node not seen before."""
+        if node not in self._keys:
+            self.refresh()
+        if node not in self._keys:
+            raise UnknownSender(f"{node!r} is not a node registered at the gateway")
+        return self._keys[node]
+
+    def refresh(self) -> None:
+        posted = self.redis.get(GATEWAY_IDENTITY_KEY)
+        if posted is None:
+            raise NodeUnavailable("no gateway has started on this broker")
+        gateway = PublicIdentity.parse(GATEWAY, json.loads(posted)["public_key"])
+        job_id = uuid.uuid4().hex
+        try:
+            raw = self.app.send_task(Tasks.NODES, queue=GATEWAY_QUEUE, task_id=job_id).get(
+                timeout=self.timeout, disable_sync_subtasks=False)
+        except Exception:  # celery's TimeoutError, or the gateway's crash
+            raise NodeUnavailable(f"the gateway did not list the nodes within {self.timeout:g} s") from None
+        env = open_envelope(raw, recipient=PUBLIC, keyring={GATEWAY: gateway}, nonces=MemoryNonceStore(),
+                            delivery_id=job_id, now=time.time())
+        reply = parse_body(env.body_json())
+        assert isinstance(reply, GatewayReply)
+        self._keys.update({n.node: PublicIdentity.parse(n.node, n.public_key) for n in reply.nodes})

@@ -22,7 +22,11 @@ decides: an allowed user gets them, others wait for the owner's approval of kind
 ``proximal_mu`` makes it FedProx). With ``dp=DPConfig(noise_multiplier=, max_grad_norm=,
 delta=)`` the nodes train by DP-SGD and charge what their accountant says to your budget
 on their dataset; the weights then leave by the DP door, without approval, and a budget
-that cannot cover a round refuses it before it runs (``BudgetExhausted``).
+that cannot cover a round refuses it before it runs (``BudgetExhausted``). With
+``secure_aggregation=True`` and two or more ``aggregators`` (MPC pool nodes), each node
+sends its sample-weighted update as additive shares, one sealed to each aggregator; each
+aggregator adds up its shares of the round once and seals the sum to you: no one — you
+included — sees one node's update, only their sum.
 """
 
 from __future__ import annotations
@@ -39,14 +43,26 @@ import torch
 from celery import group
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from orchestrator import mpc
 from orchestrator.history import History, RoundRecord
 from orchestrator.ticket import JobTicket
 from protocol.codec import encode_tensor
 from protocol.contract import CLAIM_CHECK_PREFIX, CLAIM_CHECK_THRESHOLD, CLAIM_CHECK_TTL_SECONDS, Tasks, node_queue
 from protocol.envelope import seal_envelope
 from protocol.errors import GridError, InvalidRequest, JobFailed, NodeUnavailable
-from protocol.messages import DPConfig, KeepRelease, RawRelease, SealedValue, TrainConfig, TrainJob, TrainMetrics
+from protocol.messages import (
+    DPConfig,
+    KeepRelease,
+    RawRelease,
+    SealedValue,
+    SecureAggregation,
+    TrainConfig,
+    TrainJob,
+    TrainMetrics,
+)
 from protocol.model import ModelSpec, describe_model, flatten_state, unflatten_state
+from protocol.mpc.ring import FixedPoint
+from protocol.mpc.wire import Aggregate, unpack
 
 if TYPE_CHECKING:
     from orchestrator.grid import Grid
@@ -127,13 +143,17 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
         local_epochs: int = 1, batch_size: int = 32, lr: float = 0.01, optimizer: str = "sgd",
         loss: str = "cross_entropy", momentum: float = 0.0, proximal_mu: float = 0.0, strategy: str = "fedavg",
         min_nodes: int = 1, round_timeout: float = 120.0, seed: int = 0, progress: bool = True,
-        history_db: str | None = None, dp: DPConfig | None = None) -> FitResult:
+        history_db: str | None = None, dp: DPConfig | None = None, secure_aggregation: bool = False,
+        aggregators: Sequence[str] = ()) -> FitResult:
     if strategy not in ("fedavg", "fedprox"):
         raise InvalidRequest(f"strategy {strategy!r} is not known; use 'fedavg' or 'fedprox'")
     if not data or not 1 <= min_nodes <= len(data):
         raise InvalidRequest(f"min_nodes must be within 1..{len(data)} (the nodes given)")
     for x, y in data:
         _same_node(x.node, x, y)
+    if secure_aggregation and (len(set(aggregators)) < 2 or set(aggregators) & {x.node for x, _ in data}):
+        raise InvalidRequest("secure aggregation needs at least two aggregation parties (MPC pool nodes), none of "
+                             "them a node whose data is trained on")
     model = copy.deepcopy(model)
     spec, state = describe_model(model)
     history = History(history_db)
@@ -146,7 +166,9 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
             configs = [TrainConfig(epochs=local_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,  # type: ignore[arg-type]
                                    loss=loss, momentum=momentum, proximal_mu=proximal_mu,  # type: ignore[arg-type]
                                    seed=seed + r * len(data) + i) for i in range(len(data))]
-            records, updates, errors = _round(grid, spec, state, data, configs, r, round_timeout, dp)
+            secure = SecureAggregation(round=uuid.uuid4().hex, aggregators=list(aggregators)) \
+                if secure_aggregation else None
+            records, updates, errors = _round(grid, spec, state, data, configs, r, round_timeout, dp, secure)
             history.record(run_id, records)
             result.history.extend(records)
             if len(updates) < min_nodes and errors and len(errors) == len(data):
@@ -155,7 +177,7 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
                 raise NodeUnavailable(f"round {r}: {len(updates)} of {len(data)} nodes answered within "
                                       f"{round_timeout:g} s; min_nodes is {min_nodes} "
                                       f"({'; '.join(f'{h.node}: {h.status} {h.error}' for h in records)})")
-            state = fedavg(state, updates)
+            state = _secure_mean(grid, secure, state, updates) if secure else fedavg(state, updates)
             summary = result.rounds()[-1]
             bar.update(bar.task_ids[0], advance=1, description=(
                 f"round {r + 1}/{rounds}  loss {summary['loss']:.4f}  acc {summary['accuracy']:.3f}  "
@@ -164,19 +186,37 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
     return result
 
 
-def fedavg(like: dict[str, torch.Tensor], updates: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+def fedavg(like: dict[str, torch.Tensor], updates: Sequence[tuple[Any, torch.Tensor, int]]) -> dict[str, torch.Tensor]:
     """The average of flat weight vectors, weighted by the nodes' sample counts."""
-    total = sum(n for _, n in updates)
-    mean = sum((flat * (n / total) for flat, n in updates), torch.zeros_like(updates[0][0]))
+    total = sum(n for _, _, n in updates)
+    mean = sum((flat * (n / total) for _, flat, n in updates), torch.zeros_like(updates[0][1]))
     return unflatten_state(mean, like)
 
 
-Update = tuple[torch.Tensor, int]  # a node's trained weights (flat) and its sample count
+def _secure_mean(grid: Grid, secure: SecureAggregation, like: dict[str, torch.Tensor],
+                 updates: Sequence[tuple[str, dict[str, str], int]]) -> dict[str, torch.Tensor]:
+    """FedAvg from the aggregation parties' sums: each adds up its shares of the nodes'
+    sample-weighted updates; only the total is ever reconstructed, here."""
+    if len(updates) < 2:
+        raise NodeUnavailable(f"only {len(updates)} node answered this round: secure aggregation needs two at least "
+                              "(one update alone is not hidden by a sum)")
+    total = None
+    for party in secure.aggregators:
+        reply = mpc._ask(grid, party, Tasks.MPC_AGGREGATE, Aggregate(
+            round=secure.round, shares={node: shares[party] for node, shares, _ in updates}))
+        part = unpack(grid.identity.unseal(grid._claim(reply.outputs[party])))[0]["sum"]
+        total = part if total is None else total + part
+    assert total is not None
+    mean = FixedPoint(secure.frac_bits).decode(total) / sum(n for _, _, n in updates)
+    return unflatten_state(mean, like)
+
+
+Update = tuple[str, Any, int]  # a node, its trained weights (flat, or sealed shares by party), its sample count
 
 
 def _round(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor], data: Sequence[tuple[Expression, Expression]],
-           configs: list[TrainConfig], r: int, timeout: float, dp: DPConfig | None
-           ) -> tuple[list[RoundRecord], list[Update], list[GridError]]:
+           configs: list[TrainConfig], r: int, timeout: float, dp: DPConfig | None,
+           secure: SecureAggregation | None) -> tuple[list[RoundRecord], list[Update], list[GridError]]:
     """One round: a group of training jobs, then their answers until all are in or time is up."""
     flat = flatten_state(state)
     jobs: list[tuple[str, str]] = []
@@ -184,7 +224,7 @@ def _round(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor], data: Se
     for (x, y), config in zip(data, configs, strict=True):
         job_id = f"{x.node}:{uuid.uuid4().hex}"
         body = TrainJob(model=spec, weights=_seal_for(grid, x.node, flat), x=x.plan, y=y.plan, config=config,
-                        release=RawRelease(), dp=dp)
+                        release=RawRelease(), dp=dp, secure=secure)
         env = seal_envelope(grid.identity, recipient=x.node, kind=body.kind, job_id=job_id,
                             body=body.model_dump(mode="json"), now=time.time(), ttl=max(600.0, timeout))
         signatures.append(grid.app.signature(Tasks.RUN_JOB, args=[env.model_dump(mode="json")],
@@ -210,14 +250,19 @@ def _round(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor], data: Se
             reply = ticket.reply(timeout=1.0)
             if reply.metrics is None:
                 raise JobFailed(f"node {node!r} answered without training metrics")
-            update = ticket.value(timeout=1.0)
+            if secure is None:
+                update: Any = ticket.value(timeout=1.0)
+            elif set(reply.shares) == set(secure.aggregators):
+                update = reply.shares
+            else:
+                raise JobFailed(f"node {node!r} answered without a share for each aggregation party")
         except GridError as exc:
             records.append(RoundRecord(r, node, "failed", 0, 0.0, None, answered[node], f"{type(exc).__name__}: {exc}"))
             errors.append(exc)
             continue
         m: TrainMetrics = reply.metrics
         records.append(RoundRecord(r, node, "done", m.samples, m.loss, m.accuracy, answered[node], ""))
-        updates.append((update, m.samples))
+        updates.append((node, update, m.samples))
     return records, updates, errors
 
 

@@ -40,6 +40,7 @@ class Tasks:
     MPC_QUERY = "gridq.mpc.query"
     MPC_SESSION = "gridq.mpc.session"
     MPC_DEAL = "gridq.mpc.deal"
+    MPC_AGGREGATE = "gridq.mpc.aggregate"
 
 
 PENDING_APPROVAL = "PENDING_APPROVAL"  # the Celery state of a job parked for the owner's approval

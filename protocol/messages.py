@@ -136,6 +136,16 @@ class DPConfig(_Model):
     delta: Annotated[float, Field(gt=0, lt=1)] = 1e-6
 
 
+class SecureAggregation(_Model):
+    """Send the trained weights as additive shares, one sealed to each aggregation party of
+    the MPC pool, instead of sealed to the requester: only their sum over a round's nodes
+    is ever reconstructed. ``round`` names that sum; each party adds a round up once."""
+
+    round: Annotated[str, Field(min_length=16, max_length=64, pattern=r"^[0-9a-f]+$")]
+    aggregators: Annotated[list[Name], Field(min_length=2, max_length=8)]
+    frac_bits: Annotated[int, Field(ge=8, le=24)] = 16
+
+
 class TrainMetrics(_Model):
     """What a node reports of a training job: on its own data, after training."""
 
@@ -160,6 +170,7 @@ class TrainJob(_Model):
     config: TrainConfig = TrainConfig()
     release: Annotated[KeepRelease | RawRelease, Field(discriminator="door")] = KeepRelease()
     dp: DPConfig | None = None  # with DP-SGD, released weights leave by the DP door
+    secure: SecureAggregation | None = None
 
 
 class SealedValue(_Model):
@@ -210,6 +221,8 @@ class JobReply(_Model):
     noise: NoiseInfo | None = None
     budgets: Annotated[list[BudgetInfo], Field(max_length=1024)] = []
     metrics: TrainMetrics | None = None
+    # secure aggregation: aggregation party → claim-check key of the share sealed to it
+    shares: Annotated[dict[Name, Annotated[str, Field(max_length=128)]], Field(max_length=8)] = {}
     error: WireError | None = None
 
 

@@ -46,11 +46,15 @@ from protocol.messages import (
     RawRelease,
     RunJob,
     SealedValue,
+    SecureAggregation,
     TrainJob,
     WireError,
     parse_body,
 )
 from protocol.model import build_model, flatten_state, load_state, unflatten_state
+from protocol.mpc.ring import FixedPoint
+from protocol.mpc.sharing import share
+from protocol.mpc.wire import aggregation_label, pack, seal_signed
 from protocol.plan import Plan, TensorSpec, evaluate, validate
 from workers.approvals import Parked, Requests
 from workers.config import ApprovalSection
@@ -70,7 +74,7 @@ ClaimTake = Callable[[str], bytes]  # takes (fetches and deletes) bytes left by 
 class JobRunner:
     def __init__(self, node_id: str, identity: Identity, keyring: dict[str, PublicIdentity],
                  store: Store, ledger: Ledger, approval: ApprovalSection, claim_check: ClaimCheck,
-                 claim_take: ClaimTake) -> None:
+                 claim_take: ClaimTake, node_key: Callable[[str], PublicIdentity]) -> None:
         self.node_id = node_id
         self.approval = approval
         self.requests = Requests(store)
@@ -80,6 +84,7 @@ class JobRunner:
         self.ledger = ledger
         self.claim_check = claim_check
         self.claim_take = claim_take
+        self.node_key = node_key  # another node's key, as the gateway lists it
 
     def handle(self, raw: Any, delivery_id: str) -> dict[str, Any]:
         """Answer one delivered message with a signed reply (as a dict for the wire)."""
@@ -270,8 +275,21 @@ class JobRunner:
         if door == "keep":
             reply = JobReply(status="done", ticket=self._keep(requester, job_id, trained, datasets), metrics=metrics)
             return reply, None
-        reply = JobReply(status="done", value=self._seal(requester, trained), metrics=metrics)
+        if job.secure is not None:
+            reply = JobReply(status="done", shares=self._shares(job_id, job.secure, trained, metrics.samples),
+                             metrics=metrics)
+        else:
+            reply = JobReply(status="done", value=self._seal(requester, trained), metrics=metrics)
         return reply, (PendingCharge(datasets, charge) if door == "dp" and charge is not None else None)
+
+    def _shares(self, job_id: str, secure: SecureAggregation, trained: torch.Tensor, samples: int) -> dict[str, str]:
+        """The update weighted by its sample count, in fixed point, split into one additive
+        share per aggregation party, each sealed to it and signed by this node."""
+        encoded = FixedPoint(secure.frac_bits).encode(trained.to(torch.float64) * samples)
+        parts = share(encoded, len(secure.aggregators))
+        label = aggregation_label(secure.round, self.node_id)
+        return {party: self.claim_check(seal_signed(self.identity, self.node_key(party), label, pack({"s": part})))
+                for party, part in zip(secure.aggregators, parts, strict=True)}
 
     def _unseal(self, value: SealedValue) -> bytes:
         if value.claim_check is not None:

@@ -7,6 +7,8 @@ One worker per node, on the queue ``mpc.<node>``, plays whichever role a message
   party, then relays rounds, summing what the parties send (masked values only);
 * **party** — keeps its shares of served models in its own database, and computes its side
   of each round (:func:`protocol.mpc.model.infer`, the same code as the tests run);
+* **aggregation party** — adds up its shares of a federated round's updates (each signed
+  by its node) and sends the sum, sealed, to the scientist: once per round;
 * **crypto provider** — deals bundles (triples, truncation and comparison material) from
   shapes alone, each party's part sealed to it and signed, into the host's pool lists.
 
@@ -57,6 +59,7 @@ from protocol.messages import WireError
 from protocol.mpc.dealer import Dealer, Material
 from protocol.mpc.model import Need, infer, shapes_of
 from protocol.mpc.wire import (
+    Aggregate,
     Deal,
     ModelCard,
     MpcReply,
@@ -64,6 +67,7 @@ from protocol.mpc.wire import (
     RunSession,
     ServeModel,
     StoreShares,
+    aggregation_label,
     open_signed,
     pack,
     pack_part,
@@ -343,6 +347,29 @@ class MpcMember:
             where = _bundle_key(bundle, self.id)
             yield unpack_part(open_signed(self.identity, provider, where, self._blob(where))).materialize()
 
+    # --- secure aggregation party -------------------------------------------------------------
+
+    def aggregate(self, raw: Any, job_id: str) -> dict[str, Any]:
+        """Add up this party's shares of a round's updates; the sum goes to the requester, sealed."""
+        env = self._open(raw, job_id, senders=self.users)  # a scientist this node knows
+        body = parse(Aggregate, env.body_json())
+        marker = f"gridq:mpc:aggregated:{self.id}:{body.round}"
+        if not self.redis.set(marker, env.sender, nx=True, ex=24 * 3600):
+            raise PermissionDenied(f"round {body.round} was already added up by {self.id!r}: a second sum over "
+                                   "other nodes would give an update away")
+        total: torch.Tensor | None = None
+        for node, key in sorted(body.shares.items()):
+            data = open_signed(self.identity, self.directory.key(node), aggregation_label(body.round, node),
+                               self._blob(key))
+            part = unpack(data)[0]["s"]
+            if part.dtype != torch.int64 or (total is not None and part.shape != total.shape):
+                raise InvalidRequest(f"the share of {node!r} is not a ring tensor of the round's shape")
+            total = part if total is None else total + part
+        assert total is not None
+        sealed = self.users[env.sender].seal(pack({"sum": total}))
+        log.info("added up %d shares of round %s for %r", len(body.shares), body.round, env.sender)
+        return self._reply(env.sender, job_id, MpcReply(outputs={self.id: self._put_blob(sealed)}))
+
     # --- crypto provider ----------------------------------------------------------------------
 
     def deal(self, raw: Any, job_id: str) -> dict[str, Any]:
@@ -390,7 +417,8 @@ def mpc_tasks(app: Celery, config: NodeConfig) -> None:
         return holder["m"]
 
     for task, method in ((Tasks.MPC_SERVE, "serve"), (Tasks.MPC_STORE, "store"), (Tasks.MPC_QUERY, "query"),
-                         (Tasks.MPC_SESSION, "session"), (Tasks.MPC_DEAL, "deal")):
+                         (Tasks.MPC_SESSION, "session"), (Tasks.MPC_DEAL, "deal"),
+                         (Tasks.MPC_AGGREGATE, "aggregate")):
         _register(app, task, method, member)
 
 

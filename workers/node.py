@@ -37,10 +37,12 @@ from protocol.contract import (
 )
 from protocol.envelope import seal_envelope
 from protocol.errors import InvalidRequest, NotFound, RequestDenied
+from protocol.identity import PublicIdentity
 from protocol.messages import DatasetMeta, PublishDataset, RegisterNode, UnpublishDataset
 from workers.approvals import Requests
 from workers.config import Bounds, NodeConfig, load_config
 from workers.datasets import load_table
+from workers.directory import Directory
 from workers.jobs import JobRunner
 from workers.ledger import Ledger
 from workers.store import RequestRow, Store
@@ -68,6 +70,7 @@ class Node:
         self.ledger = Ledger(self.store, config.id, config.budget)
         self._app = app
         self._redis: redis.Redis | None = None
+        self._directory: Directory | None = None
 
     @classmethod
     def from_config(cls, path: str | Path) -> Node:
@@ -165,7 +168,7 @@ class Node:
 
     def runner(self) -> JobRunner:
         return JobRunner(self.id, self.identity, self.config.keyring(), self.store, self.ledger,
-                         self.config.approval, self._claim_check, self._claim_take)
+                         self.config.approval, self._claim_check, self._claim_take, self._node_key)
 
     def _claim_check(self, sealed: bytes) -> str:
         """Keep sealed bytes in Redis under a random key with a TTL; return the key."""
@@ -174,6 +177,13 @@ class Node:
         key = CLAIM_CHECK_PREFIX + secrets.token_urlsafe(24)
         self._redis.set(key, sealed, ex=CLAIM_CHECK_TTL_SECONDS)
         return key
+
+    def _node_key(self, node: str) -> PublicIdentity:
+        if self._directory is None:
+            if self._redis is None:
+                self._redis = redis.Redis.from_url(self.config.node.broker)
+            self._directory = Directory(self.app, self._redis, timeout=30.0)
+        return self._directory.key(node)
 
     def _claim_take(self, key: str) -> bytes:
         """Take sealed bytes a client left by claim-check (only under the claim-check prefix:

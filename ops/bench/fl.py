@@ -79,7 +79,7 @@ def plain(shards: list[np.ndarray], rounds: int) -> tuple[torch.nn.Module, float
             local = build_model(spec, state)
             config = TrainConfig(epochs=1, batch_size=32, lr=0.05, seed=r * len(shards) + i)
             metrics = train(local, torch.tensor(shard[:, :64]), torch.tensor(shard[:, 64]), config)
-            updates.append((flatten_state(local.state_dict()), metrics.samples))
+            updates.append((f"site-{i:02d}", flatten_state(local.state_dict()), metrics.samples))
         state = fedavg(state, updates)
     seconds = (time.perf_counter() - started) / rounds
     model.load_state_dict(state)

@@ -108,6 +108,21 @@ class Deal(_Body):
     count: Annotated[int, Field(ge=1, le=64)]
 
 
+class Aggregate(_Body):
+    """Scientist → aggregation party: add up your shares of these nodes' updates for one
+    round, and send me the sum sealed. A round is added up once, and of two nodes at least:
+    a second sum over fewer nodes would give one node's update away by difference."""
+
+    kind: Literal["mpc_aggregate"] = "mpc_aggregate"
+    round: Annotated[str, Field(min_length=16, max_length=64, pattern=r"^[0-9a-f]+$")]
+    shares: Annotated[dict[Name, Annotated[str, Field(max_length=128)]], Field(min_length=2, max_length=1024)]
+
+
+def aggregation_label(round_id: str, node: str) -> str:
+    """What a node's signature on its share binds it to: this round, this node."""
+    return f"aggregate:{round_id}:{node}"
+
+
 class MpcReply(_Body):
     kind: Literal["mpc_reply"] = "mpc_reply"
     error: WireError | None = None

@@ -173,6 +173,56 @@ def test_dp_sgd_weights_leave_by_the_dp_door_charged_as_the_accountant_says(loca
     assert all("BudgetExhausted" in r.error for r in rows if r.round == 1)
 
 
+def test_secure_aggregation_equals_fedavg_and_hides_each_update(local_grid: LocalGrid, sites,  # type: ignore[no-untyped-def]
+                                                                 tmp_path) -> None:
+    import struct
+
+    from ops.local import NODE_CONFIGS
+    from orchestrator.fl import fedavg
+    from protocol.messages import TrainConfig
+    from protocol.model import build_model, flatten_state
+    from test_broker_capture import Monitor, found_in
+    from workers.training import train
+
+    for party in ("company", "public"):  # the aggregation parties: MPC pool workers
+        local_grid.ensure_keys(party, "dana", "eve")
+        local_grid.start_mpc(NODE_CONFIGS / f"{party}.toml")
+    local_grid.wait_ready(["company", "public"], timeout=60, workers=["company-mpc", "public-mpc"])
+    try:
+        db = f"sqlite:///{tmp_path / 'runs.db'}"
+        monitor = Monitor(local_grid.url)
+        try:
+            with local_grid.connect("alice") as grid:
+                secure = grid.fit(mlp(), pairs(grid), rounds=2, lr=0.05, progress=False, history_db=db,
+                                  secure_aggregation=True, aggregators=["company", "public"])
+        finally:
+            commands = monitor.stop()
+        with local_grid.connect("alice") as grid:
+            plain = grid.fit(mlp(), pairs(grid), rounds=2, lr=0.05, progress=False, history_db=db)
+        gap = (flatten_state(secure.model.state_dict()) - flatten_state(plain.model.state_dict())).abs().max()
+        assert gap.item() < 1e-3  # fixed point, 16 fractional bits: the sums are exact to ~1e-5
+        assert accuracy(secure.model, sites) == pytest.approx(accuracy(plain.model, sites), abs=0.01)
+        # each site's round-0 update, recomputed here (same seeds, same data), never crosses the broker
+        spec, state = describe_model(mlp())
+        iid, _ = digits_split(len(SITES))
+        updates = []
+        for i, table in enumerate(iid):
+            local = build_model(spec, state)
+            train(local, torch.tensor(table[:, :64]), torch.tensor(table[:, 64]), TrainConfig(lr=0.05, seed=i))
+            updates.append(("", flatten_state(local.state_dict()), len(table)))
+        patterns = [u[1][k:k + 2].numpy().tobytes() for u in updates for k in range(0, 4800, 600)]
+        patterns += [struct.pack("<ff", *u[1][k:k + 2].tolist()) for u in updates for k in range(0, 4800, 600)]
+        assert found_in(commands, patterns) == []
+        # … and they are the very updates the sites computed: one plain round averages them exactly
+        with local_grid.connect("alice") as grid:
+            one = grid.fit(mlp(), pairs(grid), rounds=1, lr=0.05, progress=False, history_db=db)
+        redone = flatten_state(one.model.state_dict()) - flatten_state(fedavg(state, updates))
+        assert redone.abs().max().item() < 1e-6  # float rounding of another thread count, nothing more
+    finally:
+        for party in ("company", "public"):
+            local_grid.kill(f"{party}-mpc")
+
+
 def test_a_site_killed_mid_run_drops_out_and_the_run_completes(local_grid: LocalGrid, sites,  # type: ignore[no-untyped-def]
                                                                 tmp_path) -> None:
     db = f"sqlite:///{tmp_path / 'runs.db'}"

@@ -91,8 +91,8 @@ def test_weights_flatten_and_come_back_typed() -> None:
 
 def test_fedavg_weights_by_samples() -> None:
     like = {"w": torch.zeros(2)}
-    avg = fedavg(like, [(torch.tensor([1.0, 1.0], dtype=torch.float64), 1),
-                        (torch.tensor([4.0, 0.0], dtype=torch.float64), 3)])
+    avg = fedavg(like, [("a", torch.tensor([1.0, 1.0], dtype=torch.float64), 1),
+                        ("b", torch.tensor([4.0, 0.0], dtype=torch.float64), 3)])
     assert torch.allclose(avg["w"], torch.tensor([3.25, 0.25]))
 
 

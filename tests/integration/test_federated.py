@@ -177,11 +177,12 @@ def test_secure_aggregation_equals_fedavg_and_hides_each_update(local_grid: Loca
                                                                  tmp_path) -> None:
     import struct
 
+    from test_broker_capture import Monitor, found_in
+
     from ops.local import NODE_CONFIGS
     from orchestrator.fl import fedavg
     from protocol.messages import TrainConfig
     from protocol.model import build_model, flatten_state
-    from test_broker_capture import Monitor, found_in
     from workers.training import train
 
     for party in ("company", "public"):  # the aggregation parties: MPC pool workers

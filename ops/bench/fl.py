@@ -14,7 +14,9 @@ in one process, with the same seeds — so the two final accuracies must be iden
 Printed: time per round for both, gridq's overhead per round (the difference), the final
 accuracies, and the peak memory of the whole process tree during the run (the sum of
 RSS, which counts pages shared after fork once per process, and of PSS, which shares
-them out).
+them out). Then the cost of secure aggregation (aggregation parties ``company`` and
+``public`` from the MPC pool) and of DP-SGD (σ = 1.1, C = 1), as seconds per round
+against plain ``grid.fit`` rounds of the same run.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ from rich.table import Table
 
 from ops.bench.measure import Load, wait_quiet
 from ops.demo_data import digits_split
-from ops.local import LocalGrid
+from ops.local import NODE_CONFIGS, LocalGrid
 from orchestrator.fl import fedavg
-from protocol.messages import TrainConfig
+from protocol.messages import DPConfig, TrainConfig
 from protocol.model import build_model, describe_model, flatten_state
 from workers.training import train, warm_up
 
@@ -49,6 +51,9 @@ identity = "${{GRIDQ_HOME}}/keys/{site}.key"
 
 [users.alice]
 public_key_file = "${{GRIDQ_HOME}}/keys/alice.pub"
+
+[budget]
+default_epsilon = 1000.0  # room for the DP-SGD rounds measured below
 
 [[datasets]]
 name = "digits"
@@ -139,6 +144,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--variant-rounds", type=int, default=5,
+                        help="rounds of the secure-aggregation and DP-SGD runs, timed against plain rounds")
     args = parser.parse_args()
     torch.set_num_threads(1)
     shards, test = digits_split(args.nodes)
@@ -147,7 +154,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gridq-bench-fl-") as tmp, LocalGrid(Path(tmp)) as lg:
         home = Path(tmp)
         (home / "data").mkdir()
-        lg.ensure_keys("alice", *sites)
+        lg.ensure_keys("alice", "bob", "dana", "eve", "company", "public", *sites)
         for site, shard in zip(sites, shards, strict=True):
             np.save(home / "data" / f"{site}.npy", shard)
             (home / f"{site}.toml").write_text(CONFIG.format(site=site))
@@ -167,6 +174,19 @@ def main() -> None:
                 result = grid.fit(mlp(), data, rounds=args.rounds, lr=0.05, batch_size=32, progress=False,
                                   history_db=f"sqlite:///{home / 'runs.db'}")
                 grid_round = (time.perf_counter() - started) / args.rounds
+            console.print("secure aggregation and DP-SGD …")
+            for party in ("company", "public"):  # the aggregation parties, from the MPC pool
+                lg.start_mpc(NODE_CONFIGS / f"{party}.toml")
+            lg.wait_ready(["company", "public"], timeout=120, workers=["company-mpc", "public-mpc"])
+            variants = {}
+            for name, options in (("plain", {}),
+                                  ("secure aggregation", {"secure_aggregation": True,
+                                                          "aggregators": ["company", "public"]}),
+                                  ("DP-SGD", {"dp": DPConfig(noise_multiplier=1.1, max_grad_norm=1.0, delta=1e-7)})):
+                started = time.perf_counter()
+                run = grid.fit(mlp(), data, rounds=args.variant_rounds, lr=0.05, batch_size=32, progress=False,
+                               history_db=f"sqlite:///{home / 'variants.db'}", **options)  # type: ignore[arg-type]
+                variants[name] = ((time.perf_counter() - started) / args.variant_rounds, accuracy(run.model, test))
     gridq_acc, plain_acc = accuracy(result.model, test), accuracy(baseline, test)
     table = Table(title=f"federated digits, {args.nodes} nodes × {args.rounds} rounds ({os.cpu_count()} cores)")
     for col in ("measurement", "gridq", "plain torch", "note"):
@@ -181,6 +201,10 @@ def main() -> None:
     table.add_row("peak memory, process tree", f"RSS {peak.rss / 2**30:.2f} GiB, PSS {peak.pss / 2**30:.2f} GiB", "",
                   "Flower simulation 2.26 GB")
     table.add_row("other load (cores)", f"{load.cores:.2f}", "", "")
+    base = variants["plain"][0]
+    for name, (seconds, acc) in variants.items():
+        table.add_row(f"{name}: s per round ({args.variant_rounds} rounds)", f"{seconds:.3f}", "",
+                      f"{seconds / base:.2f}× plain gridq rounds; test accuracy {acc:.4f}")
     Console(width=150).print(table)
 
 

@@ -142,3 +142,15 @@ def test_dp_sgd_charges_compose_with_the_other_releases() -> None:
     eps_gauss_alone, _ = spent([Charge("gaussian", 0.0, 1e-5, rho=0.01)], 1e-5)
     eps_mixed, delta_mixed = spent([Charge("gaussian", 0.0, 1e-5, rho=0.01), sgd], 1e-5)
     assert delta_mixed == 1e-5 and eps_mixed > eps_gauss_alone + 0.5  # the Gaussian converts at a smaller δ
+
+
+def test_fedprox_keeps_local_training_near_the_global_weights() -> None:
+    x, y = torch.randn(200, 4), torch.randint(0, 3, (200,))
+    drift = {}
+    for mu in (0.0, 10.0):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        start = flatten_state(model.state_dict())
+        train(model, x, y, TrainConfig(epochs=5, batch_size=20, lr=0.1, proximal_mu=mu, seed=1))
+        drift[mu] = (flatten_state(model.state_dict()) - start).norm().item()
+    assert drift[10.0] < 0.5 * drift[0.0]

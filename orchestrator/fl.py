@@ -147,6 +147,8 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
         aggregators: Sequence[str] = ()) -> FitResult:
     if strategy not in ("fedavg", "fedprox"):
         raise InvalidRequest(f"strategy {strategy!r} is not known; use 'fedavg' or 'fedprox'")
+    if (strategy == "fedprox") != (proximal_mu > 0):
+        raise InvalidRequest("FedProx is FedAvg with a proximal term: give strategy='fedprox' with proximal_mu > 0")
     if not data or not 1 <= min_nodes <= len(data):
         raise InvalidRequest(f"min_nodes must be within 1..{len(data)} (the nodes given)")
     for x, y in data:

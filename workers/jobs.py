@@ -247,6 +247,10 @@ class JobRunner:
         x_inputs, x_sources = self._inputs(job.x, requester)
         y_inputs, y_sources = self._inputs(job.y, requester)
         sources = x_sources + y_sources
+        kept: torch.Tensor | None = None
+        if job.start is not None:  # continue from weights trained and kept here: they carry their datasets
+            obj, kept = self.store.object(job.start, requester)
+            sources.extend(Source(n, self.store.dataset_row(n).allowed_users) for n in obj.sources)
         datasets = sorted({s.dataset for s in sources})
         x, y = evaluate(job.x, x_inputs), evaluate(job.y, y_inputs)
         charge = dp_charge(job.config, job.dp, len(x)) if job.dp else None
@@ -259,15 +263,11 @@ class JobRunner:
                          f"train a model of {len(job.model.layers)} layers, {job.config.epochs} epoch(s), on\n"
                          f"x: {job.x.describe()}\ny: {job.y.describe()}", _describe(job.release) + " weights")
         model = build_model(job.model)
-        like = model.state_dict()
-        if job.start is not None:  # continue from weights trained and kept here
-            obj, flat = self.store.object(job.start, requester)
-            datasets = sorted(set(datasets) | set(obj.sources))
-        elif job.weights is not None:
-            flat = decode_tensor(self._unseal(job.weights))
-        else:
-            raise InvalidRequest("a training job sends its starting weights, or names kept ones (start)")
-        load_state(model, unflatten_state(flat, like))
+        if kept is None:  # sealed weights are taken from the broker only now: a parked job finds them once approved
+            if job.weights is None:
+                raise InvalidRequest("a training job sends its starting weights, or names kept ones (start)")
+            kept = decode_tensor(self._unseal(job.weights))
+        load_state(model, unflatten_state(kept, model.state_dict()))
         if door == "dp" and charge is not None:
             self.ledger.precheck(requester, datasets, charge, job_id)  # an exhausted budget: refused before any work
         metrics = train(model, x, y, job.config, job.dp)

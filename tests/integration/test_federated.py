@@ -148,6 +148,29 @@ def test_trained_weights_follow_the_release_policy(local_grid: LocalGrid, sites)
         owner.close()
 
 
+def test_weights_kept_from_closed_data_stay_closed_when_trained_on_open_data(local_grid: LocalGrid,  # type: ignore[no-untyped-def]
+                                                                          sites) -> None:
+    from protocol.messages import RawRelease
+
+    owner = local_grid.owner(local_grid.home / "site-a.toml")
+    try:  # a dataset bob may see raw, next to the digits he may not
+        table = np.load(local_grid.home / "data" / "site-a-digits.npy")[:50]
+        owner.publish("bob-digits", torch.tensor(table), tags=["#bob-digits"], allowed_users=["bob"])
+    finally:
+        owner.close()
+    with local_grid.connect("bob") as grid:
+        closed = grid.search("#digits")["site-a"][0]
+        trained = grid.send(mlp(), "site-a").train(closed[:, :64], closed[:, 64])
+        assert trained.wait(timeout=60).status == "done"  # kept at the node: fine
+        kept = trained.result().name
+        opened = grid.search("#bob-digits")["site-a"][0]
+        spec, _ = describe_model(mlp())
+        job = TrainJob(model=spec, start=kept, x=opened[:, :64].plan, y=opened[:, 64].plan, release=RawRelease())
+        ticket = grid._submit("site-a", job)
+        time.sleep(3)
+        assert ticket.status == "pending_approval"  # derived from the closed digits too: the owner decides
+
+
 def test_dp_sgd_weights_leave_by_the_dp_door_charged_as_the_accountant_says(local_grid: LocalGrid, sites,  # type: ignore[no-untyped-def]
                                                                           tmp_path) -> None:
     from opacus.accountants import RDPAccountant

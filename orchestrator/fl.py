@@ -47,7 +47,7 @@ from orchestrator import mpc
 from orchestrator.history import History, RoundRecord
 from orchestrator.ticket import JobTicket
 from protocol.codec import encode_tensor
-from protocol.contract import CLAIM_CHECK_PREFIX, CLAIM_CHECK_THRESHOLD, CLAIM_CHECK_TTL_SECONDS, Tasks, node_queue
+from protocol.contract import CLAIM_CHECK_THRESHOLD, Tasks, node_queue
 from protocol.envelope import seal_envelope
 from protocol.errors import GridError, InvalidRequest, JobFailed, NodeUnavailable
 from protocol.messages import (
@@ -273,9 +273,7 @@ def _seal_for(grid: Grid, node: str, flat: torch.Tensor) -> SealedValue:
     sealed = grid._node_key(node).seal(encode_tensor(flat))
     if len(sealed) <= CLAIM_CHECK_THRESHOLD:
         return SealedValue(sealed=base64.b64encode(sealed).decode(), size=len(sealed))
-    key = f"{CLAIM_CHECK_PREFIX}{uuid.uuid4().hex}"
-    grid._redis.set(key, sealed, ex=CLAIM_CHECK_TTL_SECONDS)
-    return SealedValue(claim_check=key, size=len(sealed))
+    return SealedValue(claim_check=grid._leave(sealed), size=len(sealed))
 
 
 def _same_node(node: str, *exprs: Expression) -> None:

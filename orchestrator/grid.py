@@ -31,6 +31,8 @@ from orchestrator.fl import FitResult, ModelPointer
 from orchestrator.pointer import DataPointer, Expression
 from orchestrator.ticket import JobTicket
 from protocol.contract import (
+    CLAIM_CHECK_PREFIX,
+    CLAIM_CHECK_TTL_SECONDS,
     GATEWAY,
     GATEWAY_IDENTITY_KEY,
     GATEWAY_QUEUE,
@@ -216,6 +218,12 @@ class Grid:
         recipient = PUBLIC if isinstance(raw, dict) and raw.get("recipient") == PUBLIC else self.identity.name
         return open_envelope(raw, recipient=recipient, keyring={node: key},
                              nonces=self._nonces, delivery_id=job_id, now=time.time())
+
+    def _leave(self, data: bytes) -> str:
+        """Leave sealed bytes in Redis by claim-check, for the one they are sealed to; the key."""
+        key = f"{CLAIM_CHECK_PREFIX}{uuid.uuid4().hex}"
+        self._redis.set(key, data, ex=CLAIM_CHECK_TTL_SECONDS)
+        return key
 
     def _claim(self, key: str) -> bytes:
         """Fetch (and delete) a sealed value left by claim-check."""

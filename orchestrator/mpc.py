@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from protocol.contract import CLAIM_CHECK_PREFIX, CLAIM_CHECK_TTL_SECONDS, MPC_MODELS_KEY, Tasks, mpc_queue
+from protocol.contract import MPC_MODELS_KEY, Tasks, mpc_queue
 from protocol.errors import BadSignature, ForbiddenOperation, InvalidRequest, NodeUnavailable, NotFound, error_from_wire
 from protocol.mpc.model import Layer, ModelPlan, encode_parameters
 from protocol.mpc.ring import FixedPoint
@@ -72,7 +72,7 @@ def serve(grid: Grid, model: torch.nn.Module, *, name: str, parties: Sequence[st
                      provider=crypto_provider, queriers=list(queriers), plan=plan)
     encoded = encode_parameters(plan, params)
     split = {k: share(v, len(parties)) for k, v in encoded.items()}
-    shares = {p: _put(grid, grid._node_key(p).seal(pack({k: v[i] for k, v in split.items()})))
+    shares = {p: grid._leave(grid._node_key(p).seal(pack({k: v[i] for k, v in split.items()})))
               for i, p in enumerate(parties)}
     _ask(grid, host, Tasks.MPC_SERVE, ServeModel(card=card, shares=shares))
     return card
@@ -102,7 +102,7 @@ def query(grid: Grid, name: str, x: torch.Tensor) -> torch.Tensor:
                              f"{tuple(x.shape)}")
     fp = FixedPoint(card.plan.frac_bits)
     pieces = share(fp.encode(batch), len(card.parties))
-    inputs = {p: _put(grid, grid._node_key(p).seal(pack({"x": s}))) for p, s in zip(card.parties, pieces, strict=True)}
+    inputs = {p: grid._leave(grid._node_key(p).seal(pack({"x": s}))) for p, s in zip(card.parties, pieces, strict=True)}
     reply = _ask(grid, card.host, Tasks.MPC_QUERY, QueryModel(name=name, batch=batch.shape[0], inputs=inputs))
     outputs = []
     for party in card.parties:
@@ -110,12 +110,6 @@ def query(grid: Grid, name: str, x: torch.Tensor) -> torch.Tensor:
         outputs.append(tensors["y"])
     y = fp.decode(reconstruct(outputs)).to(x.dtype if x.is_floating_point() else torch.float64)
     return y[0] if x.dim() == 1 else y
-
-
-def _put(grid: Grid, data: bytes) -> str:
-    key = f"{CLAIM_CHECK_PREFIX}{uuid.uuid4().hex}"
-    grid._redis.set(key, data, ex=CLAIM_CHECK_TTL_SECONDS)
-    return key
 
 
 def _ask(grid: Grid, host: str, task: str, body: Any) -> MpcReply:

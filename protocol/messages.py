@@ -222,7 +222,8 @@ class JobReply(_Model):
     budgets: Annotated[list[BudgetInfo], Field(max_length=1024)] = []
     metrics: TrainMetrics | None = None
     # secure aggregation: aggregation party → claim-check key of the share sealed to it
-    shares: Annotated[dict[Name, Annotated[str, Field(max_length=128)]], Field(max_length=8)] = {}
+    shares: Annotated[dict[Name, Annotated[str, Field(max_length=80, pattern=r"^gridq:blob:[A-Za-z0-9_\-]{16,64}$")]],
+                      Field(max_length=8)] = {}
     error: WireError | None = None
 
 

@@ -35,7 +35,6 @@ from sqlalchemy import JSON, Float, LargeBinary, String, create_engine, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from protocol.contract import (
-    CLAIM_CHECK_PREFIX,
     CLAIM_CHECK_TTL_SECONDS,
     MPC_MODELS_KEY,
     PUBLIC,
@@ -76,6 +75,7 @@ from protocol.mpc.wire import (
     unpack,
     unpack_part,
 )
+from workers import claims
 from workers.config import NodeConfig
 from workers.directory import Directory
 from workers.rounds import PartyEnd, connect, pop, relay
@@ -159,16 +159,11 @@ class MpcMember:
         return env.model_dump(mode="json")
 
     def _blob(self, key: str) -> bytes:
-        """Take (fetch and delete) a sealed value left by claim-check."""
-        data = self.redis.getdel(key)
-        if data is None:
-            raise NotFound(f"the sealed value {key!r} has expired from the broker; send the request again")
-        return data.encode() if isinstance(data, str) else data
+        """Take a sealed value left by claim-check under a key a message named."""
+        return claims.take(self.redis, key)
 
     def _put_blob(self, data: bytes) -> str:
-        key = f"{CLAIM_CHECK_PREFIX}{uuid.uuid4().hex}"
-        self.redis.set(key, data, ex=CLAIM_CHECK_TTL_SECONDS)
-        return key
+        return claims.leave(self.redis, data)
 
     def handle(self, method: str, raw: Any, delivery_id: str) -> dict[str, Any]:
         """Run one message; every refusal or failure answers as a typed error, signed."""
@@ -345,7 +340,8 @@ class MpcMember:
         provider = self.peer(card.provider)
         for bundle in bundles:
             where = _bundle_key(bundle, self.id)
-            yield unpack_part(open_signed(self.identity, provider, where, self._blob(where))).materialize()
+            yield unpack_part(open_signed(self.identity, provider, where,
+                                         claims.take_internal(self.redis, where))).materialize()
 
     # --- secure aggregation party -------------------------------------------------------------
 

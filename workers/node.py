@@ -11,8 +11,6 @@ Only metadata (name, shape, dtype, columns, description, tags) ever leaves the n
 
 from __future__ import annotations
 
-import re
-import secrets
 import time
 import uuid
 from pathlib import Path
@@ -26,8 +24,6 @@ from celery.exceptions import Ignore
 
 from protocol.codec import dtype_name
 from protocol.contract import (
-    CLAIM_CHECK_PREFIX,
-    CLAIM_CHECK_TTL_SECONDS,
     GATEWAY,
     GATEWAY_QUEUE,
     PENDING_APPROVAL,
@@ -36,9 +32,10 @@ from protocol.contract import (
     node_queue,
 )
 from protocol.envelope import seal_envelope
-from protocol.errors import InvalidRequest, NotFound, RequestDenied
+from protocol.errors import InvalidRequest, RequestDenied
 from protocol.identity import PublicIdentity
 from protocol.messages import DatasetMeta, PublishDataset, RegisterNode, UnpublishDataset
+from workers import claims
 from workers.approvals import Requests
 from workers.config import Bounds, NodeConfig, load_config
 from workers.datasets import load_table
@@ -170,32 +167,22 @@ class Node:
         return JobRunner(self.id, self.identity, self.config.keyring(), self.store, self.ledger,
                          self.config.approval, self._claim_check, self._claim_take, self._node_key)
 
-    def _claim_check(self, sealed: bytes) -> str:
-        """Keep sealed bytes in Redis under a random key with a TTL; return the key."""
+    @property
+    def _broker(self) -> redis.Redis:
         if self._redis is None:
             self._redis = redis.Redis.from_url(self.config.node.broker)
-        key = CLAIM_CHECK_PREFIX + secrets.token_urlsafe(24)
-        self._redis.set(key, sealed, ex=CLAIM_CHECK_TTL_SECONDS)
-        return key
+        return self._redis
+
+    def _claim_check(self, sealed: bytes) -> str:
+        return claims.leave(self._broker, sealed)
+
+    def _claim_take(self, key: str) -> bytes:
+        return claims.take(self._broker, key)
 
     def _node_key(self, node: str) -> PublicIdentity:
         if self._directory is None:
-            if self._redis is None:
-                self._redis = redis.Redis.from_url(self.config.node.broker)
-            self._directory = Directory(self.app, self._redis, timeout=30.0)
+            self._directory = Directory(self.app, self._broker, timeout=30.0)
         return self._directory.key(node)
-
-    def _claim_take(self, key: str) -> bytes:
-        """Take sealed bytes a client left by claim-check (only under the claim-check prefix:
-        a message cannot make the node read or delete any other key)."""
-        if not re.fullmatch(re.escape(CLAIM_CHECK_PREFIX) + r"[A-Za-z0-9_\-]{16,64}", key):
-            raise InvalidRequest(f"{key[:80]!r} is not a claim-check key")
-        if self._redis is None:
-            self._redis = redis.Redis.from_url(self.config.node.broker)
-        data = self._redis.getdel(key)
-        if data is None:
-            raise NotFound(f"the sealed value {key!r} has expired from the broker; send the job again")
-        return data.encode() if isinstance(data, str) else data
 
     def _tell_gateway(self, body: RegisterNode | PublishDataset | UnpublishDataset) -> None:
         # Fire and forget: the message waits in the gateway's queue if the gateway is down.

@@ -31,7 +31,7 @@ from protocol.mpc.model import ModelPlan, Need
 
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
 # a sealed box left in Redis by claim-check: bodies stay small, big shares skip base64
-Sealed = Annotated[str, Field(max_length=80, pattern=r"^gridq:blob:[0-9a-f]{32}$")]
+Sealed = Annotated[str, Field(max_length=80, pattern=r"^gridq:blob:[A-Za-z0-9_\-]{16,64}$")]
 Names = Annotated[list[Name], Field(min_length=1, max_length=16)]
 MAC_BYTES = 16  # a Poly1305 tag
 
@@ -115,7 +115,7 @@ class Aggregate(_Body):
 
     kind: Literal["mpc_aggregate"] = "mpc_aggregate"
     round: Annotated[str, Field(min_length=16, max_length=64, pattern=r"^[0-9a-f]+$")]
-    shares: Annotated[dict[Name, Annotated[str, Field(max_length=128)]], Field(min_length=2, max_length=1024)]
+    shares: Annotated[dict[Name, Sealed], Field(min_length=2, max_length=1024)]
 
 
 def aggregation_label(round_id: str, node: str) -> str:

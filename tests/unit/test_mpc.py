@@ -113,3 +113,15 @@ def test_round_messages_are_bound_to_their_key_and_place() -> None:
             open_round(k, label, m)
     with pytest.raises(InvalidRequest, match="malformed Deal message: count"):
         parse(Deal, {"parties": ["a", "b"], "frac_bits": 16, "needs": [], "pools": [], "count": 10_000})
+
+
+def test_a_message_cannot_name_any_broker_key_but_a_claim_check() -> None:
+    from protocol.errors import InvalidRequest
+    from protocol.mpc.wire import Aggregate
+    from workers.claims import take
+
+    for key in ("gridq:gateway:identity", "gridq:mpc:pool:x", "celery", "gridq:blob:../../x"):
+        with pytest.raises(InvalidRequest, match="not a claim-check key"):
+            take(None, key)  # type: ignore[arg-type]  # refused before the broker is touched
+    with pytest.raises(ValueError):
+        Aggregate(round="ab" * 16, shares={"a": "gridq:gateway:identity", "b": "gridq:blob:" + "0" * 32})

@@ -40,13 +40,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from celery import group
+from celery import group, states
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from orchestrator import mpc
 from orchestrator.history import History, RoundRecord
 from orchestrator.ticket import JobTicket
-from protocol.codec import encode_tensor
+from protocol.codec import dtype_name, encode_tensor
 from protocol.contract import CLAIM_CHECK_THRESHOLD, Tasks, node_queue
 from protocol.envelope import seal_envelope
 from protocol.errors import GridError, InvalidRequest, JobFailed, NodeUnavailable
@@ -105,9 +105,9 @@ class ModelPointer:
         from orchestrator.pointer import DataPointer
         from protocol.plan import InputRef, TensorSpec
 
-        total = flatten_state(self._state).numel()
+        flat = flatten_state(self._state)
         ptr = DataPointer(self._grid, self.node, InputRef(kind="object", name=self._kept),
-                          TensorSpec(shape=(total,), dtype="float64"))
+                          TensorSpec(shape=tuple(flat.shape), dtype=dtype_name(flat.dtype)))
         self._state = unflatten_state(ptr.get(timeout=timeout), self._state)
         self._model.load_state_dict(self._state)
         return copy.deepcopy(self._model)
@@ -234,12 +234,16 @@ def _round(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor], data: Se
         jobs.append((x.node, job_id))
     started = time.monotonic()
     group(signatures).apply_async()
+    backend = grid.app.backend
+    keys = {node: backend.get_key_for_task(job_id) for node, job_id in jobs}
     pending = dict(jobs)
-    answered: dict[str, float] = {}
+    answered: dict[str, tuple[float, dict[str, Any]]] = {}
     while pending and time.monotonic() - started < timeout:
-        for node, job_id in list(pending.items()):
-            if grid.app.AsyncResult(job_id).ready():  # one GET each (measured faster here than pub/sub get())
-                answered[node] = time.monotonic() - started
+        waiting = list(pending)
+        for node, raw in zip(waiting, backend.client.mget([keys[n] for n in waiting]), strict=True):
+            meta = backend.decode_result(raw) if raw is not None else None  # one MGET a poll for all the jobs
+            if meta is not None and meta["status"] in states.READY_STATES:
+                answered[node] = (time.monotonic() - started, meta)
                 del pending[node]
         time.sleep(0.005)
     records, updates, errors = [], [], []
@@ -247,23 +251,24 @@ def _round(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor], data: Se
         if node not in answered:
             records.append(RoundRecord(r, node, "late", 0, 0.0, None, timeout, "no answer within the round"))
             continue
-        ticket = JobTicket(grid, job_id)
+        seconds, meta = answered[node]
         try:
-            reply = ticket.reply(timeout=1.0)
+            ticket = JobTicket.finished(grid, job_id, meta["status"], meta["result"])
+            reply = ticket.reply()
             if reply.metrics is None:
                 raise JobFailed(f"node {node!r} answered without training metrics")
             if secure is None:
-                update: Any = ticket.value(timeout=1.0)
+                update: Any = ticket.value()
             elif set(reply.shares) == set(secure.aggregators):
                 update = reply.shares
             else:
                 raise JobFailed(f"node {node!r} answered without a share for each aggregation party")
         except GridError as exc:
-            records.append(RoundRecord(r, node, "failed", 0, 0.0, None, answered[node], f"{type(exc).__name__}: {exc}"))
+            records.append(RoundRecord(r, node, "failed", 0, 0.0, None, seconds, f"{type(exc).__name__}: {exc}"))
             errors.append(exc)
             continue
         m: TrainMetrics = reply.metrics
-        records.append(RoundRecord(r, node, "done", m.samples, m.loss, m.accuracy, answered[node], ""))
+        records.append(RoundRecord(r, node, "done", m.samples, m.loss, m.accuracy, seconds, ""))
         updates.append((node, update, m.samples))
     return records, updates, errors
 

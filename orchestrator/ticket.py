@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from celery.exceptions import TimeoutError as CeleryTimeout
@@ -57,6 +57,14 @@ class JobTicket:
         self.node = job_id.split(":", 1)[0]
         self._reply: JobReply | None = None
 
+    @classmethod
+    def finished(cls, grid: Grid, job_id: str, state: str, result: Any) -> JobTicket:
+        """A ticket on a job whose final state and result the caller has read already (a
+        round of ``fit`` reads all its jobs' in one request)."""
+        ticket = cls(grid, job_id)
+        ticket._reply = ticket._open(state, result)
+        return ticket
+
     def __repr__(self) -> str:
         return f"<JobTicket {self.id} {self.status}>"
 
@@ -66,7 +74,7 @@ class JobTicket:
             async_result = AsyncResult(self.id, app=self._grid.app)
             if not async_result.ready():
                 return _STATES.get(async_result.state, "queued")
-            self._reply = self._open(async_result)
+            self._reply = self._open(async_result.state, async_result.result)
         return self._reply.status
 
     def wait(self, timeout: float | None = None) -> JobTicket:
@@ -89,7 +97,7 @@ class JobTicket:
                 raise NodeUnavailable(
                     f"job {self.id} on {self.node!r} is {state} after {timeout:.0f} s; {hint}. "
                     f"Pick it up later with grid.ticket({self.id!r})", job_id=self.id) from None
-            self._reply = self._open(async_result)
+            self._reply = self._open(async_result.state, async_result.result)
         if self._reply.error is not None:
             raise error_from_wire(self._reply.error.model_dump())
         return self
@@ -131,11 +139,10 @@ class JobTicket:
         assert reply is not None
         return reply
 
-    def _open(self, async_result: AsyncResult) -> JobReply:
-        if async_result.state != "SUCCESS":
-            raise JobFailed(f"the worker of {self.node!r} crashed on job {self.id}: {async_result.result!r}",
-                            job_id=self.id)
-        env = self._grid._verify_reply(async_result.result, self.node, self.id)
+    def _open(self, state: str, result: Any) -> JobReply:
+        if state != "SUCCESS":
+            raise JobFailed(f"the worker of {self.node!r} crashed on job {self.id}: {result!r}", job_id=self.id)
+        env = self._grid._verify_reply(result, self.node, self.id)
         body = parse_body(env.body_json(), self.id)
         if not isinstance(body, JobReply) or (env.recipient == PUBLIC and body.error is None):
             raise JobFailed(f"node {self.node!r} answered job {self.id} with a {body.kind!r}", job_id=self.id)

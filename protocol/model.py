@@ -263,12 +263,20 @@ def _attach(root: nn.Module, qualified: str, module: nn.Module) -> None:
     at.add_module(leaf, module)
 
 
+def flat_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype weights travel in: float32 when every tensor is float32 (most models: half
+    the bytes of float64, and exact), else float64 (exact for float32, float16 and for
+    integer buffers such as BatchNorm's batch count below 2^53)."""
+    return torch.float32 if all(v.dtype == torch.float32 for v in state.values()) else torch.float64
+
+
 def flatten_state(state: dict[str, torch.Tensor]) -> torch.Tensor:
-    """All weights and buffers in one float64 vector (exact for float32 and for counts below
-    2^53), in the state's order: how weights travel and are kept at a node."""
+    """All weights and buffers in one vector of :func:`flat_dtype`, in the state's order: how
+    weights travel and are kept at a node."""
+    dtype = flat_dtype(state)
     if not state:
-        return torch.zeros(0, dtype=torch.float64)
-    return torch.cat([v.detach().reshape(-1).to(torch.float64) for v in state.values()])
+        return torch.zeros(0, dtype=dtype)
+    return torch.cat([v.detach().reshape(-1).to(dtype) for v in state.values()])
 
 
 def unflatten_state(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

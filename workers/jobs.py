@@ -51,7 +51,7 @@ from protocol.messages import (
     WireError,
     parse_body,
 )
-from protocol.model import build_model, flatten_state, load_state, unflatten_state
+from protocol.model import flatten_state, load_state, unflatten_state
 from protocol.mpc.ring import FixedPoint
 from protocol.mpc.sharing import share
 from protocol.mpc.wire import aggregation_label, pack, seal_signed
@@ -61,8 +61,8 @@ from workers.config import ApprovalSection
 from workers.ledger import Ledger
 from workers.policy import Source, authorize, job_kind
 from workers.release import PendingCharge, calibrate_release, declared_rows
-from workers.store import Store
-from workers.training import dp_charge, train
+from workers.store import DatasetRow, Store
+from workers.training import Models, dp_charge, train
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -85,6 +85,7 @@ class JobRunner:
         self.claim_check = claim_check
         self.claim_take = claim_take
         self.node_key = node_key  # another node's key, as the gateway lists it
+        self.models = Models()
 
     def handle(self, raw: Any, delivery_id: str) -> dict[str, Any]:
         """Answer one delivered message with a signed reply (as a dict for the wire)."""
@@ -196,12 +197,17 @@ class JobRunner:
         self.store.allow(request.dataset, requester)
         return JobReply(status="done")
 
-    def _inputs(self, plan: Plan, requester: str) -> tuple[list[torch.Tensor], list[Source]]:
-        """A plan's input tensors, validated against it, and the datasets they come from."""
+    def _inputs(self, plan: Plan, requester: str, seen: dict[str, tuple[DatasetRow, torch.Tensor]] | None = None
+                ) -> tuple[list[torch.Tensor], list[Source]]:
+        """A plan's input tensors, validated against it, and the datasets they come from
+        (``seen``: datasets already looked up by this job, e.g. for x when reading y)."""
+        seen = {} if seen is None else seen
         inputs, specs, sources = [], [], []
         for ref in plan.inputs:
             if ref.kind == "dataset":
-                row, tensor = self.store.dataset(ref.name)
+                if ref.name not in seen:
+                    seen[ref.name] = self.store.dataset(ref.name)
+                row, tensor = seen[ref.name]
                 sources.append(Source(ref.name, row.allowed_users))
             else:  # a kept result carries the datasets it was derived from
                 obj, tensor = self.store.object(ref.name, requester)
@@ -244,8 +250,9 @@ class JobRunner:
                ) -> tuple[JobReply, PendingCharge | None]:
         """Train the model on (x, y) here; keep the weights, or release them by the policy's
         door — with DP-SGD, the DP door, charged to the budget (checked before training)."""
-        x_inputs, x_sources = self._inputs(job.x, requester)
-        y_inputs, y_sources = self._inputs(job.y, requester)
+        seen: dict[str, tuple[DatasetRow, torch.Tensor]] = {}  # x and y are most often columns of one table
+        x_inputs, x_sources = self._inputs(job.x, requester, seen)
+        y_inputs, y_sources = self._inputs(job.y, requester, seen)
         sources = x_sources + y_sources
         kept: torch.Tensor | None = None
         if job.start is not None:  # continue from weights trained and kept here: they carry their datasets
@@ -262,16 +269,16 @@ class JobRunner:
             raise Parked(job_kind(requester, release, sources, training=True), datasets,
                          f"train a model of {len(job.model.layers)} layers, {job.config.epochs} epoch(s), on\n"
                          f"x: {job.x.describe()}\ny: {job.y.describe()}", _describe(job.release) + " weights")
-        model = build_model(job.model)
-        if kept is None:  # sealed weights are taken from the broker only now: a parked job finds them once approved
-            if job.weights is None:
-                raise InvalidRequest("a training job sends its starting weights, or names kept ones (start)")
-            kept = decode_tensor(self._unseal(job.weights))
-        load_state(model, unflatten_state(kept, model.state_dict()))
-        if door == "dp" and charge is not None:
-            self.ledger.precheck(requester, datasets, charge, job_id)  # an exhausted budget: refused before any work
-        metrics = train(model, x, y, job.config, job.dp)
-        trained = flatten_state(model.state_dict())
+        with self.models.lend(job.model, give_back=job.dp is None) as model:
+            if kept is None:  # sealed weights are taken from the broker only now: a parked job finds them once approved
+                if job.weights is None:
+                    raise InvalidRequest("a training job sends its starting weights, or names kept ones (start)")
+                kept = decode_tensor(self._unseal(job.weights))
+            load_state(model, unflatten_state(kept, model.state_dict()))
+            if door == "dp" and charge is not None:
+                self.ledger.precheck(requester, datasets, charge, job_id)  # exhausted: refused before any work
+            metrics = train(model, x, y, job.config, job.dp)
+            trained = flatten_state(model.state_dict())
         if door == "keep":
             reply = JobReply(status="done", ticket=self._keep(requester, job_id, trained, datasets), metrics=metrics)
             return reply, None

@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
 import torch
-from opacus import GradSampleModule
-from opacus.accountants import RDPAccountant
-from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from protocol.dp import Charge
 from protocol.errors import InvalidRequest
 from protocol.messages import DPConfig, TrainConfig, TrainMetrics
-from protocol.model import LOSSES, OPTIMIZERS
+from protocol.model import LOSSES, OPTIMIZERS, ModelSpec, build_model
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig,
@@ -35,12 +35,20 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfi
     target = y.to(torch.long) if config.loss == "cross_entropy" else y.to(torch.float32)
     loss_fn = LOSSES[config.loss]
     anchor = [p.detach().clone() for p in model.parameters()] if config.proximal_mu else []
-    trained: nn.Module = GradSampleModule(model) if dp else model
-    optimizer = _optimizer(trained, config)
-    if dp:
-        optimizer = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                                expected_batch_size=config.batch_size)
-    torch.manual_seed(config.seed)  # dropout, DP noise and other layer randomness
+    trained: nn.Module = model
+    if dp:  # Opacus (and SciPy with it) loads with a process's first DP-SGD job, 0.6 s once,
+        # rather than adding ~75 MB to every node process, most of which never train with DP
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        trained = GradSampleModule(model)
+        optimizer = DPOptimizer(_optimizer(trained, config), noise_multiplier=dp.noise_multiplier,
+                                max_grad_norm=dp.max_grad_norm, expected_batch_size=config.batch_size)
+    else:
+        optimizer = _optimizer(model, config)
+    # dropout, DP noise and other layer randomness. The CPU generator alone: torch.manual_seed
+    # also queues seeds for CUDA, XPU and MTIA, formatting a stack trace for each (~1 ms a job)
+    torch.default_generator.manual_seed(config.seed)
     order = torch.Generator().manual_seed(config.seed)
     trained.train()
     try:
@@ -65,6 +73,28 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfi
     return metrics
 
 
+class Models:
+    """Models rebuilt from their graphs, kept for the next job with the same graph: a
+    federated run sends one graph every round, and rebuilding it (torch.fx generates and
+    compiles its forward) is ~1 ms of a job's ~5 ms here. A model is lent to one job at a
+    time, and only given back by a job that ends normally and did not wrap it (DP-SGD hooks
+    its layers); every job replaces all its weights and buffers before use (load_state)."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._idle: OrderedDict[str, torch.fx.GraphModule] = OrderedDict()
+
+    @contextmanager
+    def lend(self, spec: ModelSpec, *, give_back: bool = True) -> Iterator[torch.fx.GraphModule]:
+        key = spec.model_dump_json()
+        model = self._idle.pop(key, None) or build_model(spec)
+        yield model  # an exception in the job ends here: the model is dropped, not given back
+        if give_back:
+            self._idle[key] = model
+            while len(self._idle) > self.size:
+                self._idle.popitem(last=False)
+
+
 def dp_charge(config: TrainConfig, dp: DPConfig, samples: int) -> Charge:
     """What DP-SGD with these settings costs, by Opacus' RDP accountant — known before
     training, so an exhausted budget refuses the job before it runs."""
@@ -76,6 +106,8 @@ def dp_charge(config: TrainConfig, dp: DPConfig, samples: int) -> Charge:
 @lru_cache(maxsize=256)
 def _rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     """Opacus' RDP accountant (~0.2 s a call here: cached, as rounds repeat their settings)."""
+    from opacus.accountants import RDPAccountant  # loaded on first use: see train()
+
     accountant = RDPAccountant()
     accountant.history = [(noise_multiplier, sample_rate, steps)]
     return float(accountant.get_epsilon(delta=delta))

@@ -1,42 +1,52 @@
-"""Federated learning through the broker, against a plain-torch loop of the same math.
+"""Federated learning through the broker, against a plain-torch loop of the same math and
+against bare Celery doing the same rounds.
 
-    python -m ops.bench.fl              # ~1 min on 2 cores
+    python -m ops.bench.fl              # ~2 min on 2 cores
     python -m ops.bench.fl --nodes 10 --rounds 20
 
 The workload Flower 1.41's simulation was measured on here (FACTS.md: 0.26–0.29 s per
 round, 2.26 GB): scikit-learn's digits, 80/20 stratified split (seed 0), IID over 10
 nodes, MLP 64-64-10, SGD lr 0.05, batch 32, 1 local epoch, 20 rounds, every node every
-round. gridq: ``grid.fit`` over 10 real node workers (Celery, prefork, one process each
-plus its parent) on a local Redis. Baseline: the same local training
-(:func:`workers.training.train`) and the same FedAvg (:func:`orchestrator.fl.fedavg`)
-in one process, with the same seeds — so the two final accuracies must be identical.
+round. Three ways, with the same seeds — so the three final accuracies must be identical:
 
-Printed: time per round for both, gridq's overhead per round (the difference), the final
-accuracies, and the peak memory of the whole process tree during the run (the sum of
-RSS, which counts pages shared after fork once per process, and of PSS, which shares
-them out). Then the cost of secure aggregation (aggregation parties ``company`` and
-``public`` from the MPC pool) and of DP-SGD (σ = 1.1, C = 1), as seconds per round
-against plain ``grid.fit`` rounds of the same run.
+* **plain torch**: the local trainings (:func:`workers.training.train`) one after another
+  and FedAvg (:func:`orchestrator.fl.fedavg`), in one process;
+* **bare Celery**: ten Celery workers (:mod:`ops.bench.bare_worker`, the settings and pool
+  of a gridq node) each training on its shard, the weights sent as plain task arguments:
+  no signature, no sealing, no policy, no job record — the floor a Celery design stands on;
+* **gridq**: ``grid.fit`` over ten real node workers.
+
+Printed: time and CPU (whole process tree) per round, the overhead per round over plain
+torch and over bare Celery, the final accuracies; the peak memory of the process tree
+during a separate, untimed run (sampling it costs ~0.15 s of CPU a time with ten torch
+processes: it would distort the timed runs); then the cost of secure aggregation
+(aggregation parties ``company`` and ``public`` from the MPC pool) and of DP-SGD (σ = 1.1,
+C = 1), as seconds per round against plain ``grid.fit`` rounds of the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
+from celery import Celery, group, states
 from rich.console import Console
 from rich.table import Table
 
-from ops.bench.measure import Load, wait_quiet
+from ops.bench import bare_worker as bare
+from ops.bench.measure import Load, tree_ticks, wait_quiet
 from ops.demo_data import digits_split
 from ops.local import NODE_CONFIGS, LocalGrid
 from orchestrator.fl import fedavg
+from protocol.contract import celery_settings
 from protocol.messages import DPConfig, TrainConfig
 from protocol.model import build_model, describe_model, flatten_state
 from workers.training import train, warm_up
@@ -91,8 +101,58 @@ def plain(shards: list[np.ndarray], rounds: int) -> tuple[torch.nn.Module, float
     return model, seconds
 
 
-def memory(pid: int) -> tuple[int, int]:
-    """RSS and PSS (bytes) summed over ``pid`` and all its descendants."""
+def start_bare(lg: LocalGrid, sites: list[str]) -> Celery:
+    """One bare Celery worker per shard, on its own queue; returns a client app once all serve."""
+    for site in sites:
+        lg._spawn(f"bare-{site}", [sys.executable, "-m", "celery", "-A", "ops.bench.bare_worker", "worker",
+                                   "--queues", f"{bare.QUEUE}.{site}", "--hostname", f"bare-{site}@%h",
+                                   "--loglevel", "WARNING", "--pool", "prefork", "--concurrency", "1",
+                                   "--without-mingle", "--without-gossip", "--task-events"])
+    app = Celery("gridq-bench-fl", broker=lg.url, backend=lg.url, set_as_current=False)
+    app.conf.update(celery_settings())
+    for site in sites:
+        app.send_task(bare.ADD, args=[1, 2], queue=f"{bare.QUEUE}.{site}").get(timeout=180, interval=0.05)
+    return app
+
+
+def bare_fit(app: Celery, sites: list[str], rounds: int) -> tuple[torch.nn.Module, float, float]:
+    """The same rounds through bare Celery workers: a group of tasks, polled with one MGET as
+    ``grid.fit`` polls, then FedAvg here. Returns the model, seconds and CPU seconds per round."""
+    model = mlp()
+    spec, state = describe_model(model)
+    spec_json = spec.model_dump_json()
+    backend = app.backend
+    started, ticks = time.perf_counter(), tree_ticks()
+    for r in range(rounds):
+        weights = bare._encode(flatten_state(state))
+        ids = [uuid.uuid4().hex for _ in sites]
+        group(app.signature(bare.TRAIN, args=[site, spec_json, weights, TrainConfig(
+            epochs=1, batch_size=32, lr=0.05, seed=r * len(sites) + i).model_dump(mode="json")],
+            queue=f"{bare.QUEUE}.{site}").set(task_id=job) for i, (site, job) in enumerate(zip(sites, ids, strict=True))
+        ).apply_async()
+        done: dict[str, object] = {}
+        deadline = time.monotonic() + 60
+        while len(done) < len(ids) and time.monotonic() < deadline:
+            waiting = [j for j in ids if j not in done]
+            for job, raw in zip(waiting, backend.client.mget([backend.get_key_for_task(j) for j in waiting]),
+                                strict=True):
+                meta = backend.decode_result(raw) if raw is not None else None
+                if meta is not None and meta["status"] in states.READY_STATES:
+                    done[job] = meta["result"]
+            time.sleep(0.005)
+        if len(done) < len(ids):
+            raise RuntimeError(f"bare Celery round {r}: {len(done)} of {len(ids)} workers answered within 60 s")
+        state = fedavg(state, [(site, bare._decode(done[job][0]), done[job][1])  # type: ignore[index]
+                               for site, job in zip(sites, ids, strict=True)])
+    seconds = (time.perf_counter() - started) / rounds
+    cpu = (tree_ticks() - ticks) / os.sysconf("SC_CLK_TCK") / rounds
+    model.load_state_dict(state)
+    return model, seconds, cpu
+
+
+def memory(pid: int) -> tuple[int, int, int]:
+    """RSS and PSS (bytes) summed over ``pid`` and all its descendants, and the PSS of the
+    node workers among them (parents and pool processes)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -102,28 +162,32 @@ def memory(pid: int) -> tuple[int, int]:
             except OSError:
                 continue
             children.setdefault(ppid, []).append(int(entry))
-    rss = pss = 0
+    rss = pss = nodes = 0
     stack = [pid]
     while stack:
         p = stack.pop()
         stack.extend(children.get(p, []))
         try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                is_node = b"node\0start" in f.read()
             with open(f"/proc/{p}/smaps_rollup") as f:
                 for line in f:
                     if line.startswith("Rss:"):
                         rss += int(line.split()[1]) * 1024
                     elif line.startswith("Pss:"):
                         pss += int(line.split()[1]) * 1024
+                        nodes += int(line.split()[1]) * 1024 if is_node else 0
         except OSError:
             continue
-    return rss, pss
+    return rss, pss, nodes
 
 
 class PeakMemory:
-    """Samples the process tree's memory every 0.1 s while the block runs."""
+    """Samples the process tree's memory every 0.5 s while the block runs (a sample costs
+    ~0.15 s of CPU: measure memory in a run that is not timed)."""
 
     def __enter__(self) -> PeakMemory:
-        self.rss = self.pss = 0
+        self.rss = self.pss = self.nodes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -131,9 +195,9 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            rss, pss = memory(os.getpid())
-            self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
-            self._stop.wait(0.1)
+            rss, pss, nodes = memory(os.getpid())
+            self.rss, self.pss, self.nodes = max(self.rss, rss), max(self.pss, pss), max(self.nodes, nodes)
+            self._stop.wait(0.5)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
@@ -169,43 +233,63 @@ def main() -> None:
             data = [(found[s][0][:, :64], found[s][0][:, 64]) for s in sites]
             grid.fit(mlp(), data, rounds=1, lr=0.05, progress=False,
                      history_db=f"sqlite:///{home / 'warm.db'}")  # warm the client and every node
-            with PeakMemory() as peak, Load() as load:
-                started = time.perf_counter()
+            with Load() as load:
+                started, ticks = time.perf_counter(), tree_ticks()
                 result = grid.fit(mlp(), data, rounds=args.rounds, lr=0.05, batch_size=32, progress=False,
                                   history_db=f"sqlite:///{home / 'runs.db'}")
                 grid_round = (time.perf_counter() - started) / args.rounds
+                grid_cpu = (tree_ticks() - ticks) / os.sysconf("SC_CLK_TCK") / args.rounds
+            console.print("memory, in an untimed run …")
+            with PeakMemory() as peak:
+                grid.fit(mlp(), data, rounds=max(5, args.variant_rounds), lr=0.05, progress=False,
+                         history_db=f"sqlite:///{home / 'memory.db'}")
             console.print("secure aggregation and DP-SGD …")
             for party in ("company", "public"):  # the aggregation parties, from the MPC pool
                 lg.start_mpc(NODE_CONFIGS / f"{party}.toml")
             lg.wait_ready(["company", "public"], timeout=120, workers=["company-mpc", "public-mpc"])
+            dp = DPConfig(noise_multiplier=1.1, max_grad_norm=1.0, delta=1e-7)
+            grid.fit(mlp(), data, rounds=1, lr=0.05, progress=False, history_db=f"sqlite:///{home / 'warm.db'}",
+                     dp=dp)  # a node loads Opacus with its first DP-SGD job
             variants = {}
             for name, options in (("plain", {}),
                                   ("secure aggregation", {"secure_aggregation": True,
                                                           "aggregators": ["company", "public"]}),
-                                  ("DP-SGD", {"dp": DPConfig(noise_multiplier=1.1, max_grad_norm=1.0, delta=1e-7)})):
+                                  ("DP-SGD", {"dp": dp})):
                 started = time.perf_counter()
                 run = grid.fit(mlp(), data, rounds=args.variant_rounds, lr=0.05, batch_size=32, progress=False,
                                history_db=f"sqlite:///{home / 'variants.db'}", **options)  # type: ignore[arg-type]
                 variants[name] = ((time.perf_counter() - started) / args.variant_rounds, accuracy(run.model, test))
-    gridq_acc, plain_acc = accuracy(result.model, test), accuracy(baseline, test)
+        console.print("bare Celery (the gridq nodes and MPC workers are stopped first) …")
+        for name in [*sites, "company-mpc", "public-mpc"]:
+            lg.kill(name)
+        app = start_bare(lg, sites)
+        bare_fit(app, sites, 1)  # warm
+        bare_model, bare_round, bare_cpu = bare_fit(app, sites, args.rounds)
+    accs = {name: accuracy(m, test) for name, m in (("plain", baseline), ("bare", bare_model),
+                                                     ("gridq", result.model))}
     table = Table(title=f"federated digits, {args.nodes} nodes × {args.rounds} rounds ({os.cpu_count()} cores)")
-    for col in ("measurement", "gridq", "plain torch", "note"):
+    for col in ("measurement", "gridq", "bare Celery", "plain torch", "note"):
         table.add_column(col)
-    overhead = grid_round - plain_round
-    table.add_row("seconds per round", f"{grid_round:.3f}", f"{plain_round:.3f}",
-                  f"ratio {grid_round / plain_round:.1f}×")
-    table.add_row("overhead per round (s)", f"{overhead:.3f}", "", f"Flower simulation 0.24–0.27 s: "
-                  f"{overhead / 0.255:.2f}× of it")
-    table.add_row("final test accuracy", f"{gridq_acc:.4f}", f"{plain_acc:.4f}",
-                  "identical" if gridq_acc == plain_acc else "DIFFERENT")
-    table.add_row("peak memory, process tree", f"RSS {peak.rss / 2**30:.2f} GiB, PSS {peak.pss / 2**30:.2f} GiB", "",
-                  "Flower simulation 2.26 GB")
-    table.add_row("other load (cores)", f"{load.cores:.2f}", "", "")
+    table.add_row("seconds per round", f"{grid_round:.3f}", f"{bare_round:.3f}", f"{plain_round:.3f}",
+                  f"gridq {grid_round / plain_round:.1f}× plain, {grid_round / bare_round:.2f}× bare Celery")
+    table.add_row("CPU seconds per round (process tree)", f"{grid_cpu:.3f}", f"{bare_cpu:.3f}", f"{plain_round:.3f}",
+                  f"{os.cpu_count()} cores share it")
+    table.add_row("overhead per round over plain torch (s)", f"{grid_round - plain_round:.3f}",
+                  f"{bare_round - plain_round:.3f}", "",
+                  f"Flower simulation 0.24–0.27 s: gridq {(grid_round - plain_round) / 0.255:.2f}× of it")
+    table.add_row("gridq over bare Celery (s per round)", f"{grid_round - bare_round:.3f}", "", "",
+                  "signatures, sealing, policy, job records")
+    table.add_row("final test accuracy", f"{accs['gridq']:.4f}", f"{accs['bare']:.4f}", f"{accs['plain']:.4f}",
+                  "identical" if len(set(accs.values())) == 1 else "DIFFERENT")
+    table.add_row("peak memory, process tree (untimed run)",
+                  f"RSS {peak.rss / 2**30:.2f} GiB, PSS {peak.pss / 2**30:.2f} GiB", "", "",
+                  f"Flower simulation 2.26 GB; one node (2 processes) PSS {peak.nodes / args.nodes / 2**20:.0f} MiB")
+    table.add_row("other load (cores)", f"{load.cores:.2f}", "", "", "")
     base = variants["plain"][0]
     for name, (seconds, acc) in variants.items():
-        table.add_row(f"{name}: s per round ({args.variant_rounds} rounds)", f"{seconds:.3f}", "",
+        table.add_row(f"{name}: s per round ({args.variant_rounds} rounds)", f"{seconds:.3f}", "", "",
                       f"{seconds / base:.2f}× plain gridq rounds; test accuracy {acc:.4f}")
-    Console(width=150).print(table)
+    Console(width=170).print(table)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ closes when every node has answered or ``round_timeout`` has passed with at leas
 the run. Each node's job releases its trained weights sealed to you (the node's policy
 decides: an allowed user gets them, others wait for the owner's approval of kind
 ``train``), and the new global model is their average weighted by sample counts (FedAvg;
-``proximal_mu`` makes it FedProx). With ``dp=DPConfig(noise_multiplier=, max_grad_norm=,
+``strategy="fedprox"`` with ``proximal_mu`` adds FedProx's proximal term to the local
+training; ``strategy="fedadam"`` takes that average as a pseudo-gradient for an Adam step
+at the server, FedAdam of Reddi et al., 2021). With ``dp=DPConfig(noise_multiplier=, max_grad_norm=,
 delta=)`` the nodes train by DP-SGD and charge what their accountant says to your budget
 on their dataset; the weights then leave by the DP door, without approval, and a budget
 that cannot cover a round refuses it before it runs (``BudgetExhausted``). With
@@ -142,11 +144,12 @@ class FitResult:
 def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Expression]], *, rounds: int,
         local_epochs: int = 1, batch_size: int = 32, lr: float = 0.01, optimizer: str = "sgd",
         loss: str = "cross_entropy", momentum: float = 0.0, proximal_mu: float = 0.0, strategy: str = "fedavg",
+        server_lr: float = 0.03, server_betas: tuple[float, float] = (0.9, 0.99), server_eps: float = 1e-3,
         min_nodes: int = 1, round_timeout: float = 120.0, seed: int = 0, progress: bool = True,
         history_db: str | None = None, dp: DPConfig | None = None, secure_aggregation: bool = False,
         aggregators: Sequence[str] = ()) -> FitResult:
-    if strategy not in ("fedavg", "fedprox"):
-        raise InvalidRequest(f"strategy {strategy!r} is not known; use 'fedavg' or 'fedprox'")
+    if strategy not in ("fedavg", "fedprox", "fedadam"):
+        raise InvalidRequest(f"strategy {strategy!r} is not known; use 'fedavg', 'fedprox' or 'fedadam'")
     if (strategy == "fedprox") != (proximal_mu > 0):
         raise InvalidRequest("FedProx is FedAvg with a proximal term: give strategy='fedprox' with proximal_mu > 0")
     if not data or not 1 <= min_nodes <= len(data):
@@ -158,9 +161,12 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
                              "them a node whose data is trained on")
     model = copy.deepcopy(model)
     spec, state = describe_model(model)
+    server = FedAdam(model, server_lr, server_betas, server_eps) if strategy == "fedadam" else None
     history = History(history_db)
     run_id = history.start(spec, {"rounds": rounds, "local_epochs": local_epochs, "batch_size": batch_size, "lr": lr,
                                   "optimizer": optimizer, "loss": loss, "strategy": strategy,
+                                  **({"server_lr": server_lr, "server_betas": list(server_betas),
+                                      "server_eps": server_eps} if server else {}),
                                   "nodes": [x.node for x, _ in data], "min_nodes": min_nodes})
     result = FitResult(model, [], run_id)
     with _progress(progress, rounds) as bar:
@@ -180,6 +186,8 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
                                       f"{round_timeout:g} s; min_nodes is {min_nodes} "
                                       f"({'; '.join(f'{h.node}: {h.status} {h.error}' for h in records)})")
             state = _secure_mean(grid, secure, state, updates) if secure else fedavg(state, updates)
+            if server is not None:
+                state = server.step(state)
             summary = result.rounds()[-1]
             bar.update(bar.task_ids[0], advance=1, description=(
                 f"round {r + 1}/{rounds}  loss {summary['loss']:.4f}  acc {summary['accuracy']:.3f}  "
@@ -195,6 +203,27 @@ def fedavg(like: dict[str, torch.Tensor], updates: Sequence[tuple[Any, torch.Ten
     return unflatten_state(mean, like)
 
 
+class FedAdam:
+    """The server's optimizer of FedAdam (Reddi et al., "Adaptive Federated Optimization",
+    2021): the change a round's average would make to the global model is taken as a
+    negative gradient, and torch's Adam steps with it (``lr`` is the server's learning rate
+    η, ``eps`` Adam's ε, the paper's τ). Buffers (BatchNorm's statistics) are not
+    optimized: they take the average as it is."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float) -> None:
+        if not (lr > 0 and eps > 0 and all(0 <= b < 1 for b in betas)):
+            raise InvalidRequest("FedAdam needs server_lr > 0, server_eps > 0 and server_betas within [0, 1)")
+        self.params = dict(model.named_parameters())  # the global model's: updated in place
+        self.adam = torch.optim.Adam(self.params.values(), lr=lr, betas=betas, eps=eps)
+
+    def step(self, average: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.grad = p - average[name].to(p.dtype)
+        self.adam.step()
+        return {k: self.params[k].detach().clone() if k in self.params else v for k, v in average.items()}
+
+
 def _secure_mean(grid: Grid, secure: SecureAggregation, like: dict[str, torch.Tensor],
                  updates: Sequence[tuple[str, dict[str, str], int]]) -> dict[str, torch.Tensor]:
     """FedAvg from the aggregation parties' sums: each adds up its shares of the nodes'
@@ -202,10 +231,12 @@ def _secure_mean(grid: Grid, secure: SecureAggregation, like: dict[str, torch.Te
     if len(updates) < 2:
         raise NodeUnavailable(f"only {len(updates)} node answered this round: secure aggregation needs two at least "
                               "(one update alone is not hidden by a sum)")
+    asked = [mpc._request(grid, party, Tasks.MPC_AGGREGATE, Aggregate(  # every party at once, then the answers
+        round=secure.round, shares={node: shares[party] for node, shares, _ in updates}))
+        for party in secure.aggregators]
     total = None
-    for party in secure.aggregators:
-        reply = mpc._ask(grid, party, Tasks.MPC_AGGREGATE, Aggregate(
-            round=secure.round, shares={node: shares[party] for node, shares, _ in updates}))
+    for party, pending in zip(secure.aggregators, asked, strict=True):
+        reply = mpc._answer(grid, pending)
         part = unpack(grid.identity.unseal(grid._claim(reply.outputs[party])))[0]["sum"]
         total = part if total is None else total + part
     assert total is not None

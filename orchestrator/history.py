@@ -78,6 +78,14 @@ class History:
         with self._sessions.begin() as s:
             s.add_all(RoundRow(run_id=run_id, **asdict(r)) for r in records)
 
+    def config(self, run_id: str) -> dict[str, Any]:
+        """How the run was asked: rounds, strategy, learning rates, nodes …"""
+        with self._sessions() as s:
+            row = s.get(RunRow, run_id)
+        if row is None:
+            raise KeyError(f"no federated run {run_id!r} in {self.engine.url}")
+        return row.config
+
     def rounds(self, run_id: str) -> list[RoundRecord]:
         with self._sessions() as s:
             rows = s.scalars(select(RoundRow).where(RoundRow.run_id == run_id).order_by(RoundRow.round, RoundRow.node))

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from celery.result import AsyncResult
 
 from protocol.contract import MPC_MODELS_KEY, Tasks, mpc_queue
 from protocol.errors import BadSignature, ForbiddenOperation, InvalidRequest, NodeUnavailable, NotFound, error_from_wire
@@ -113,8 +114,21 @@ def query(grid: Grid, name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def _ask(grid: Grid, host: str, task: str, body: Any) -> MpcReply:
+    return _answer(grid, _request(grid, host, task, body))
+
+
+Pending = tuple[str, str, AsyncResult]  # the worker asked, the job id, its result
+
+
+def _request(grid: Grid, host: str, task: str, body: Any) -> Pending:
+    """Send a signed request to ``host``'s MPC worker, without waiting (see :func:`_answer`)."""
     job_id = uuid.uuid4().hex
-    result = grid._send(host, task, mpc_queue(host), body, job_id)
+    return host, job_id, grid._send(host, task, mpc_queue(host), body, job_id)
+
+
+def _answer(grid: Grid, pending: Pending) -> MpcReply:
+    """The verified reply to a request; its typed error if it carries one."""
+    host, job_id, result = pending
     try:
         raw = result.get(timeout=grid.timeout, interval=0.01)
     except Exception as exc:  # celery's TimeoutError, or a crash reported by the worker

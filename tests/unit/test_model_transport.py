@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.fl import fedavg
+from orchestrator.fl import FedAdam, fedavg
 from protocol.errors import ForbiddenOperation, InvalidRequest
 from protocol.messages import TrainConfig
 from protocol.model import ModelSpec, build_model, describe_model, flatten_state, unflatten_state
@@ -85,8 +85,11 @@ def test_weights_flatten_and_come_back_typed() -> None:
     flat = flatten_state(state)
     back = unflatten_state(flat, state)
     assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in state.items())
+    assert flat.dtype == torch.float64  # BatchNorm's batch count is an integer: float64 holds it exactly
     with pytest.raises(InvalidRequest, match="does not fit"):
         unflatten_state(flat[:-1], state)
+    _, floats = describe_model(nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1)))
+    assert flatten_state(floats).dtype == torch.float32  # all float32: half the bytes, still exact
 
 
 def test_fedavg_weights_by_samples() -> None:
@@ -94,6 +97,21 @@ def test_fedavg_weights_by_samples() -> None:
     avg = fedavg(like, [("a", torch.tensor([1.0, 1.0], dtype=torch.float64), 1),
                         ("b", torch.tensor([4.0, 0.0], dtype=torch.float64), 3)])
     assert torch.allclose(avg["w"], torch.tensor([3.25, 0.25]))
+
+
+def test_fedadam_steps_with_torch_adam_toward_the_average() -> None:
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    _, state = describe_model(model)
+    average = {k: v + 1 for k, v in state.items()}  # every weight and buffer one above the model's
+    new = FedAdam(model, lr=0.1, betas=(0.9, 0.99), eps=1e-3).step(average)
+    for name, _ in model.named_parameters():
+        # Adam's first step, bias-corrected, with the pseudo-gradient g = w − average = −1:
+        # w − lr·g/(|g| + ε) — a step of 0.1/1.001 toward the average, not onto it
+        assert torch.allclose(new[name], state[name] + 0.1 / 1.001)
+    for name in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        assert torch.equal(new[name], average[name])  # buffers are averaged, not optimized
+    with pytest.raises(InvalidRequest, match="server_lr"):
+        FedAdam(model, lr=0.0, betas=(0.9, 0.99), eps=1e-3)
 
 
 def test_local_training_is_deterministic_for_a_seed() -> None:

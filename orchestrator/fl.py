@@ -261,7 +261,9 @@ def _round(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor], data: Se
         env = seal_envelope(grid.identity, recipient=x.node, kind=body.kind, job_id=job_id,
                             body=body.model_dump(mode="json"), now=time.time(), ttl=max(600.0, timeout))
         signatures.append(grid.app.signature(Tasks.RUN_JOB, args=[env.model_dump(mode="json")],
-                                             queue=node_queue(x.node)).set(task_id=job_id))
+                                             queue=node_queue(x.node)).set(
+            task_id=job_id,  # what Flower shows as the arguments: the envelope's repr is ~40 KB of weights
+            argsrepr=f"[training job of {grid.identity.name}: run round {r}, {len(data)} nodes]"))
         jobs.append((x.node, job_id))
     started = time.monotonic()
     group(signatures).apply_async()

@@ -136,8 +136,9 @@ class Grid:
         """Train ``model`` by federated averaging over ``data`` — (x, y) pointers, one pair per
         node — for ``rounds`` rounds, nodes in parallel. Options: local_epochs, batch_size,
         lr, optimizer, loss, momentum, strategy ("fedavg"; "fedprox" with proximal_mu;
-        "fedadam" with server_lr, server_betas, server_eps), min_nodes, round_timeout, seed, progress, history_db, dp (a DPConfig: DP-SGD),
-        secure_aggregation with aggregators (MPC pool nodes that add up shares of the updates)."""
+        "fedadam" with server_lr, server_betas, server_eps), min_nodes, round_timeout, seed,
+        progress, history_db, dp (a DPConfig: DP-SGD), secure_aggregation with aggregators
+        (MPC pool nodes that add up shares of the updates)."""
         return fl.fit(self, model, data, rounds=rounds, **options)
 
     # --- encrypted ML-as-a-service (orchestrator.mpc) ----------------------------------------

@@ -14,14 +14,14 @@ import zlib
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from protocol.dp import Charge, spent
 from protocol.errors import BudgetExhausted
 from protocol.messages import BudgetInfo
 from workers.config import BudgetSection
-from workers.store import BudgetRow, ChargeRow, JobRow, Store
+from workers.store import BudgetRow, ChargeRow, Store
 
 SLACK = 1e-9  # floating-point slack: ten releases of 0.1 fit a budget of 1.0
 
@@ -64,8 +64,7 @@ class Ledger:
                 s.merge(ChargeRow(job_id=job_id, dataset=dataset, user=user, mechanism=charge.mechanism,
                                   epsilon=charge.epsilon, delta=charge.delta, rho=charge.rho, scale=charge.scale,
                                   created_at=time.time()))
-            s.execute(update(JobRow).where(JobRow.job_id == job_id)
-                      .values(status=status, reply=reply, updated_at=time.time()))
+            self.store.finish_job(job_id, status, reply, s)
 
     # --- internals ------------------------------------------------------------------------
 

@@ -19,7 +19,20 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from sqlalchemy import JSON, Float, Index, Integer, String, Text, create_engine, delete, event, select, update
+from sqlalchemy import (
+    JSON,
+    Float,
+    Index,
+    Integer,
+    String,
+    Text,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -131,6 +144,12 @@ def _sqlite_begin(conn: Any) -> None:
     # Take the write lock when a transaction starts, not at its first write: a budget check
     # and its charge can then never interleave with another process's (no lost updates).
     conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+# One statement for every job, its values bound at execution: built per call with
+# .values(reply=...), SQLAlchemy would derive a cache key from the reply (~0.2 ms of a job).
+_FINISH_JOB = (update(JobRow).where(JobRow.job_id == bindparam("job"))
+               .values(status=bindparam("status"), reply=bindparam("reply"), updated_at=bindparam("at")))
 
 
 class Store:
@@ -258,10 +277,14 @@ class Store:
             s.flush()
             return row
 
-    def finish_job(self, job_id: str, status: str, reply: dict[str, Any]) -> None:
-        with self.session() as s:
-            s.execute(update(JobRow).where(JobRow.job_id == job_id)
-                      .values(status=status, reply=reply, updated_at=time.time()))
+    def finish_job(self, job_id: str, status: str, reply: dict[str, Any], session: Session | None = None) -> None:
+        """Record the job's reply (in ``session``, for a caller that writes more with it)."""
+        if session is None:
+            with self.session() as s:
+                self.finish_job(job_id, status, reply, s)
+            return
+        session.connection().execute(_FINISH_JOB, {"job": job_id, "status": status, "reply": reply,
+                                                   "at": time.time()})
 
     def job(self, job_id: str) -> JobRow | None:
         with self.session() as s:

@@ -88,6 +88,8 @@ class Models:
     def lend(self, spec: ModelSpec, *, give_back: bool = True) -> Iterator[torch.fx.GraphModule]:
         key = spec.model_dump_json()
         model = self._idle.pop(key, None) or build_model(spec)
+        for p in model.parameters():
+            p.grad = None  # nothing of the previous job (perhaps another user's) is left on it
         yield model  # an exception in the job ends here: the model is dropped, not given back
         if give_back:
             self._idle[key] = model

@@ -15,7 +15,7 @@ from orchestrator.fl import FedAdam, fedavg
 from protocol.errors import ForbiddenOperation, InvalidRequest
 from protocol.messages import TrainConfig
 from protocol.model import ModelSpec, build_model, describe_model, flatten_state, unflatten_state
-from workers.training import train
+from workers.training import Models, train
 
 
 class ConvNet(nn.Module):
@@ -112,6 +112,25 @@ def test_fedadam_steps_with_torch_adam_toward_the_average() -> None:
         assert torch.equal(new[name], average[name])  # buffers are averaged, not optimized
     with pytest.raises(InvalidRequest, match="server_lr"):
         FedAdam(model, lr=0.0, betas=(0.9, 0.99), eps=1e-3)
+
+
+def test_a_node_reuses_a_rebuilt_model_only_when_it_is_safe() -> None:
+    models = Models()
+    spec, _ = describe_model(nn.Sequential(nn.Linear(3, 2)))
+    other, _ = describe_model(nn.Sequential(nn.Linear(3, 4)))
+    with models.lend(spec) as first:
+        next(first.parameters()).grad = torch.ones(2, 3)  # as a job leaves it
+    with models.lend(spec) as again, models.lend(spec) as meanwhile:
+        assert again is first and next(again.parameters()).grad is None  # the same graph: reused, gradients gone
+        assert meanwhile is not first  # lent to one job at a time
+    with models.lend(other) as different:
+        assert different is not first
+    with pytest.raises(RuntimeError), models.lend(spec) as failed:
+        raise RuntimeError("the job failed")
+    with models.lend(spec, give_back=False) as wrapped:  # DP-SGD hooks the layers: never given back
+        assert wrapped is not failed
+    with models.lend(spec) as fresh:
+        assert fresh is not failed and fresh is not wrapped
 
 
 def test_local_training_is_deterministic_for_a_seed() -> None:

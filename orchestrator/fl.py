@@ -18,7 +18,7 @@ closes when every node has answered or ``round_timeout`` has passed with at leas
 ``min_nodes`` answers. Late answers are discarded and recorded; a dead node never stops
 the run. Each node's job releases its trained weights sealed to you (the node's policy
 decides: an allowed user gets them, others wait for the owner's approval of kind
-``train``), and the new global model is their average weighted by sample counts (FedAvg;
+``train``, and the round goes on without that node), and the new global model is their average weighted by sample counts (FedAvg;
 ``strategy="fedprox"`` with ``proximal_mu`` adds FedProx's proximal term to the local
 training; ``strategy="fedadam"`` takes that average as a pseudo-gradient for an Adam step
 at the server, FedAdam of Reddi et al., 2021). With ``dp=DPConfig(noise_multiplier=, max_grad_norm=,
@@ -49,9 +49,9 @@ from orchestrator import mpc
 from orchestrator.history import History, RoundRecord
 from orchestrator.ticket import JobTicket
 from protocol.codec import dtype_name, encode_tensor
-from protocol.contract import CLAIM_CHECK_THRESHOLD, Tasks, node_queue
+from protocol.contract import CLAIM_CHECK_THRESHOLD, PENDING_APPROVAL, Tasks, node_queue
 from protocol.envelope import seal_envelope
-from protocol.errors import GridError, InvalidRequest, JobFailed, NodeUnavailable
+from protocol.errors import ApprovalRequired, GridError, InvalidRequest, JobFailed, NodeUnavailable
 from protocol.messages import (
     DPConfig,
     KeepRelease,
@@ -275,16 +275,24 @@ def _round(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor], data: Se
         waiting = list(pending)
         for node, raw in zip(waiting, backend.client.mget([keys[n] for n in waiting]), strict=True):
             meta = backend.decode_result(raw) if raw is not None else None  # one MGET a poll for all the jobs
-            if meta is not None and meta["status"] in states.READY_STATES:
+            if meta is not None and meta["status"] in (*states.READY_STATES, PENDING_APPROVAL):
                 answered[node] = (time.monotonic() - started, meta)
                 del pending[node]
         time.sleep(0.005)
-    records, updates, errors = [], [], []
+    records: list[RoundRecord] = []
+    updates: list[Update] = []
+    errors: list[GridError] = []
     for node, job_id in jobs:
         if node not in answered:
             records.append(RoundRecord(r, node, "late", 0, 0.0, None, timeout, "no answer within the round"))
             continue
         seconds, meta = answered[node]
+        if meta["status"] == PENDING_APPROVAL:  # parked for the owner: this round goes on without the node
+            exc = ApprovalRequired(f"{node!r} parked the training job for its owner's approval (kind 'train': you "
+                                   f"may not see the weights trained on its data); job id {job_id}", job_id=job_id)
+            records.append(RoundRecord(r, node, "pending_approval", 0, 0.0, None, seconds, str(exc)))
+            errors.append(exc)
+            continue
         try:
             ticket = JobTicket.finished(grid, job_id, meta["status"], meta["result"])
             reply = ticket.reply()

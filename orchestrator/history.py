@@ -23,7 +23,7 @@ from protocol.model import ModelSpec
 class RoundRecord:
     round: int
     node: str
-    status: str  # done | late | failed
+    status: str  # done | late | failed | pending_approval
     samples: int
     loss: float
     accuracy: float | None

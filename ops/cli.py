@@ -28,6 +28,10 @@ requests_app = typer.Typer(help="The owner's approval queue.", no_args_is_help=T
 app.add_typer(requests_app, name="requests")
 mpc = typer.Typer(help="Run a node's MPC worker: encrypted ML-as-a-service.", no_args_is_help=True)
 app.add_typer(mpc, name="mpc")
+runs_app = typer.Typer(help="Federated runs of grid.fit, from the client's history database.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+RUNS_DB = typer.Option(None, "--db", help="SQLAlchemy URL of the history (default: ~/.gridq/runs.db, "
+                                          "or under $GRIDQ_CLIENT_HOME)")
 
 @contextmanager
 def owner_node(config: Path) -> Iterator[Node]:
@@ -188,6 +192,56 @@ def requests_deny(config: Path, request_id: str,
     with owner_node(config) as node:
         node.deny(request_id, reason)
         typer.echo(f"denied {request_id}")
+
+
+@runs_app.command("list")
+def runs_list(db: str = RUNS_DB) -> None:
+    """Every run, newest first: strategy, nodes, rounds done, the last round's loss and accuracy."""
+    from datetime import datetime
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from orchestrator.history import History, summarize
+
+    history = History(db)
+    table = Table()
+    table.add_column("run", no_wrap=True, min_width=32)  # whole: it is what `gridq runs show` takes
+    for column in ("started", "strategy", "nodes", "rounds", "loss", "accuracy"):
+        table.add_column(column)
+    for run_id, started, config in history.runs():
+        rounds = summarize(history.rounds(run_id))
+        last = rounds[-1] if rounds else None
+        table.add_row(run_id, datetime.fromtimestamp(started).strftime("%Y-%m-%d %H:%M:%S"),
+                      str(config.get("strategy", "")), str(len(config.get("nodes", []))),
+                      f"{len(rounds)}/{config.get('rounds', '?')}",
+                      f"{last['loss']:.4f}" if last else "", f"{last['accuracy']:.3f}" if last else "")
+    Console().print(table)
+
+
+@runs_app.command("show")
+def runs_show(run_id: str, db: str = RUNS_DB) -> None:
+    """One run: how it was asked, then each round — who answered, loss, accuracy, who dropped out and why."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from orchestrator.history import History, summarize
+
+    history = History(db)
+    try:
+        config = history.config(run_id)
+    except KeyError as exc:
+        _say(exc)
+        raise typer.Exit(1) from None
+    typer.echo("\n".join(f"{k:14s} {v}" for k, v in config.items()))
+    records = history.rounds(run_id)
+    table = Table("round", "nodes", "loss", "accuracy", "dropped out")
+    for summary in summarize(records):
+        why = [f"{h.node} ({h.status}: {h.error})" if h.error else f"{h.node} ({h.status})"
+               for h in records if h.round == summary["round"] and h.status != "done"]
+        table.add_row(str(summary["round"]), str(summary["nodes"]), f"{summary['loss']:.4f}",
+                      f"{summary['accuracy']:.3f}", "; ".join(why))
+    Console().print(table)
 
 
 @app.command()

@@ -18,17 +18,18 @@ closes when every node has answered or ``round_timeout`` has passed with at leas
 ``min_nodes`` answers. Late answers are discarded and recorded; a dead node never stops
 the run. Each node's job releases its trained weights sealed to you (the node's policy
 decides: an allowed user gets them, others wait for the owner's approval of kind
-``train``, and the round goes on without that node), and the new global model is their average weighted by sample counts (FedAvg;
-``strategy="fedprox"`` with ``proximal_mu`` adds FedProx's proximal term to the local
-training; ``strategy="fedadam"`` takes that average as a pseudo-gradient for an Adam step
-at the server, FedAdam of Reddi et al., 2021). With ``dp=DPConfig(noise_multiplier=, max_grad_norm=,
-delta=)`` the nodes train by DP-SGD and charge what their accountant says to your budget
-on their dataset; the weights then leave by the DP door, without approval, and a budget
-that cannot cover a round refuses it before it runs (``BudgetExhausted``). With
-``secure_aggregation=True`` and two or more ``aggregators`` (MPC pool nodes), each node
-sends its sample-weighted update as additive shares, one sealed to each aggregator; each
-aggregator adds up its shares of the round once and seals the sum to you: no one — you
-included — sees one node's update, only their sum.
+``train``, and the round goes on without that node), and the new global model is their
+average weighted by sample counts (FedAvg; ``strategy="fedprox"`` with ``proximal_mu``
+adds FedProx's proximal term to the local training; ``strategy="fedadam"`` takes that
+average as a pseudo-gradient for an Adam step at the server, FedAdam of Reddi et al.,
+2021). With ``dp=DPConfig(noise_multiplier=, max_grad_norm=, delta=)`` the nodes train by
+DP-SGD and charge what their accountant says to your budget on their dataset; the weights
+then leave by the DP door, without approval, and a budget that cannot cover a round
+refuses it before it runs (``BudgetExhausted``). With ``secure_aggregation=True`` and two
+or more ``aggregators`` (MPC pool nodes), each node sends its sample-weighted update as
+additive shares, one sealed to each aggregator; each aggregator adds up its shares of the
+round once and seals the sum to you: no one — you included — sees one node's update, only
+their sum.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from celery import group, states
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from orchestrator import mpc
-from orchestrator.history import History, RoundRecord
+from orchestrator.history import History, RoundRecord, summarize
 from orchestrator.ticket import JobTicket
 from protocol.codec import dtype_name, encode_tensor
 from protocol.contract import CLAIM_CHECK_THRESHOLD, PENDING_APPROVAL, Tasks, node_queue
@@ -129,16 +130,8 @@ class FitResult:
     run_id: str = ""
 
     def rounds(self) -> list[dict[str, Any]]:
-        """Per round: nodes that answered, weighted loss and accuracy at the nodes."""
-        out = []
-        for r in sorted({h.round for h in self.history}):
-            done = [h for h in self.history if h.round == r and h.status == "done"]
-            n = sum(h.samples for h in done) or 1
-            out.append({"round": r, "nodes": len(done),
-                        "loss": sum(h.loss * h.samples for h in done) / n,
-                        "accuracy": sum((h.accuracy or 0.0) * h.samples for h in done) / n,
-                        "dropped": [h.node for h in self.history if h.round == r and h.status != "done"]})
-        return out
+        """Per round: nodes that answered, weighted loss and accuracy at the nodes, dropouts."""
+        return summarize(self.history)
 
 
 def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Expression]], *, rounds: int,

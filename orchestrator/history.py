@@ -78,6 +78,12 @@ class History:
         with self._sessions.begin() as s:
             s.add_all(RoundRow(run_id=run_id, **asdict(r)) for r in records)
 
+    def runs(self) -> list[tuple[str, float, dict[str, Any]]]:
+        """Every run, newest first: its id, when it started, how it was asked."""
+        with self._sessions() as s:
+            return [(r.id, r.started_at, r.config)
+                    for r in s.scalars(select(RunRow).order_by(RunRow.started_at.desc()))]
+
     def config(self, run_id: str) -> dict[str, Any]:
         """How the run was asked: rounds, strategy, learning rates, nodes …"""
         with self._sessions() as s:
@@ -91,3 +97,17 @@ class History:
             rows = s.scalars(select(RoundRow).where(RoundRow.run_id == run_id).order_by(RoundRow.round, RoundRow.node))
             return [RoundRecord(r.round, r.node, r.status, r.samples, r.loss, r.accuracy, r.seconds, r.error)
                     for r in rows]
+
+
+def summarize(records: list[RoundRecord]) -> list[dict[str, Any]]:
+    """Per round: nodes that answered, loss and accuracy at the nodes weighted by their
+    samples, and the nodes that did not answer (late, failed, pending approval)."""
+    out = []
+    for r in sorted({h.round for h in records}):
+        done = [h for h in records if h.round == r and h.status == "done"]
+        n = sum(h.samples for h in done) or 1
+        out.append({"round": r, "nodes": len(done),
+                    "loss": sum(h.loss * h.samples for h in done) / n,
+                    "accuracy": sum((h.accuracy or 0.0) * h.samples for h in done) / n,
+                    "dropped": [h.node for h in records if h.round == r and h.status != "done"]})
+    return out

@@ -1,0 +1,47 @@
+"""The history of federated runs: kept per node and round, read back by `gridq runs`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+from typer.testing import CliRunner
+
+from ops.cli import app
+from orchestrator.history import History, RoundRecord, summarize
+from protocol.model import describe_model
+
+
+def _run(history: History) -> str:
+    spec, _ = describe_model(nn.Sequential(nn.Linear(4, 2)))
+    run_id = history.start(spec, {"rounds": 3, "strategy": "fedadam", "nodes": ["a", "b"], "lr": 0.05})
+    history.record(run_id, [RoundRecord(0, "a", "done", 30, 1.0, 0.5, 0.1, ""),
+                            RoundRecord(0, "b", "done", 10, 2.0, 0.9, 0.1, "")])
+    history.record(run_id, [RoundRecord(1, "a", "done", 30, 0.5, 0.8, 0.1, ""),
+                            RoundRecord(1, "b", "late", 0, 0.0, None, 120.0, "no answer within the round")])
+    return run_id
+
+
+def test_rounds_are_weighted_by_samples_and_name_their_dropouts(tmp_path: Path) -> None:
+    history = History(f"sqlite:///{tmp_path / 'runs.db'}")
+    run_id = _run(history)
+    first, second = summarize(history.rounds(run_id))
+    assert first == {"round": 0, "nodes": 2, "loss": 1.25, "accuracy": 0.6, "dropped": []}
+    assert second["nodes"] == 1 and second["loss"] == 0.5 and second["dropped"] == ["b"]
+    assert history.config(run_id)["strategy"] == "fedadam"
+
+
+def test_gridq_runs_lists_and_shows_a_run(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'runs.db'}"
+    run_id = _run(History(db))
+    listed = CliRunner().invoke(app, ["runs", "list", "--db", db], env={"COLUMNS": "200"})
+    assert listed.exit_code == 0, listed.output
+    assert run_id in listed.output and "fedadam" in listed.output and "2/3" in listed.output
+    narrow = CliRunner().invoke(app, ["runs", "list", "--db", db], env={"COLUMNS": "80"})
+    assert run_id in narrow.output  # whole, to paste into `gridq runs show`
+    shown = CliRunner().invoke(app, ["runs", "show", run_id, "--db", db], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert "b (late: no answer within the round)" in shown.output
+    assert "1.2500" in shown.output and "0.600" in shown.output
+    missing = CliRunner().invoke(app, ["runs", "show", "nope", "--db", db])
+    assert missing.exit_code == 1 and "no federated run 'nope'" in missing.output

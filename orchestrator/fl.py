@@ -130,7 +130,8 @@ class FitResult:
     run_id: str = ""
 
     def rounds(self) -> list[dict[str, Any]]:
-        """Per round: nodes that answered, weighted loss and accuracy at the nodes, dropouts."""
+        """Per round: nodes that answered, loss and accuracy of their trained models on their
+        training data (weighted by samples: not a held-out evaluation), dropouts."""
         return summarize(self.history)
 
 
@@ -183,7 +184,7 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
                 state = server.step(state)
             summary = result.rounds()[-1]
             bar.update(bar.task_ids[0], advance=1, description=(
-                f"round {r + 1}/{rounds}  loss {summary['loss']:.4f}  acc {summary['accuracy']:.3f}  "
+                f"round {r + 1}/{rounds}  train loss {summary['loss']:.4f}  train acc {summary['accuracy']:.3f}  "
                 f"nodes {summary['nodes']}/{len(data)}"))
     model.load_state_dict(state)
     return result

@@ -36,22 +36,20 @@ from __future__ import annotations
 
 import base64
 import copy
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from celery import group, states
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from orchestrator import mpc
+from orchestrator.gather import gather
 from orchestrator.history import History, RoundRecord, summarize
 from orchestrator.ticket import JobTicket
 from protocol.codec import dtype_name, encode_tensor
-from protocol.contract import CLAIM_CHECK_THRESHOLD, PENDING_APPROVAL, Tasks, node_queue
-from protocol.envelope import seal_envelope
+from protocol.contract import CLAIM_CHECK_THRESHOLD, Tasks
 from protocol.errors import ApprovalRequired, GridError, InvalidRequest, JobFailed, NodeUnavailable
 from protocol.messages import (
     DPConfig,
@@ -246,60 +244,32 @@ def _round(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor], data: Se
            secure: SecureAggregation | None) -> tuple[list[RoundRecord], list[Update], list[GridError]]:
     """One round: a group of training jobs, then their answers until all are in or time is up."""
     flat = flatten_state(state)
-    jobs: list[tuple[str, str]] = []
-    signatures = []
-    for (x, y), config in zip(data, configs, strict=True):
-        job_id = f"{x.node}:{uuid.uuid4().hex}"
-        body = TrainJob(model=spec, weights=_seal_for(grid, x.node, flat), x=x.plan, y=y.plan, config=config,
-                        release=RawRelease(), dp=dp, secure=secure)
-        env = seal_envelope(grid.identity, recipient=x.node, kind=body.kind, job_id=job_id,
-                            body=body.model_dump(mode="json"), now=time.time(), ttl=max(600.0, timeout))
-        signatures.append(grid.app.signature(Tasks.RUN_JOB, args=[env.model_dump(mode="json")],
-                                             queue=node_queue(x.node)).set(
-            task_id=job_id,  # what Flower shows as the arguments: the envelope's repr is ~40 KB of weights
-            argsrepr=f"[training job of {grid.identity.name}: run round {r}, {len(data)} nodes]"))
-        jobs.append((x.node, job_id))
-    started = time.monotonic()
-    group(signatures).apply_async()
-    backend = grid.app.backend
-    keys = {node: backend.get_key_for_task(job_id) for node, job_id in jobs}
-    pending = dict(jobs)
-    answered: dict[str, tuple[float, dict[str, Any]]] = {}
-    while pending and time.monotonic() - started < timeout:
-        waiting = list(pending)
-        for node, raw in zip(waiting, backend.client.mget([keys[n] for n in waiting]), strict=True):
-            meta = backend.decode_result(raw) if raw is not None else None  # one MGET a poll for all the jobs
-            if meta is not None and meta["status"] in (*states.READY_STATES, PENDING_APPROVAL):
-                answered[node] = (time.monotonic() - started, meta)
-                del pending[node]
-        time.sleep(0.005)
+    jobs = [(x.node, TrainJob(model=spec, weights=_seal_for(grid, x.node, flat), x=x.plan, y=y.plan, config=config,
+                              release=RawRelease(), dp=dp, secure=secure))
+            for (x, y), config in zip(data, configs, strict=True)]
+    answers = gather(grid, jobs, timeout, f"[training job of {grid.identity.name}: round {r}, {len(data)} nodes]")
     records: list[RoundRecord] = []
     updates: list[Update] = []
     errors: list[GridError] = []
-    for node, job_id in jobs:
-        if node not in answered:
+    for node, (seconds, answer) in answers.items():
+        if answer is None:
             records.append(RoundRecord(r, node, "late", 0, 0.0, None, timeout, "no answer within the round"))
             continue
-        seconds, meta = answered[node]
-        if meta["status"] == PENDING_APPROVAL:  # parked for the owner: this round goes on without the node
-            exc = ApprovalRequired(f"{node!r} parked the training job for its owner's approval (kind 'train': you "
-                                   f"may not see the weights trained on its data); job id {job_id}", job_id=job_id)
-            records.append(RoundRecord(r, node, "pending_approval", 0, 0.0, None, seconds, str(exc)))
-            errors.append(exc)
-            continue
         try:
-            ticket = JobTicket.finished(grid, job_id, meta["status"], meta["result"])
-            reply = ticket.reply()
+            if isinstance(answer, GridError):
+                raise answer
+            reply = answer.reply()
             if reply.metrics is None:
                 raise JobFailed(f"node {node!r} answered without training metrics")
             if secure is None:
-                update: Any = ticket.value()
+                update: Any = answer.value()
             elif set(reply.shares) == set(secure.aggregators):
                 update = reply.shares
             else:
                 raise JobFailed(f"node {node!r} answered without a share for each aggregation party")
         except GridError as exc:
-            records.append(RoundRecord(r, node, "failed", 0, 0.0, None, seconds, f"{type(exc).__name__}: {exc}"))
+            status = "pending_approval" if isinstance(exc, ApprovalRequired) else "failed"
+            records.append(RoundRecord(r, node, status, 0, 0.0, None, seconds, f"{type(exc).__name__}: {exc}"))
             errors.append(exc)
             continue
         m: TrainMetrics = reply.metrics

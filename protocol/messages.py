@@ -173,6 +173,20 @@ class TrainJob(_Model):
     secure: SecureAggregation | None = None
 
 
+class EvalJob(_Model):
+    """Data scientist → node: how do these weights do on the values of plans ``x`` and
+    ``y``? The loss (and, for classification, the accuracy) comes back as ``metrics``,
+    released as trained weights would be: to an allowed user of the data, or once the
+    owner approves (kind ``train``)."""
+
+    kind: Literal["evaluate"] = "evaluate"
+    model: ModelSpec
+    weights: SealedValue
+    x: Plan
+    y: Plan
+    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
+
+
 class SealedValue(_Model):
     """A released tensor, sealed to the requester: inline, or by claim-check key in Redis."""
 
@@ -262,7 +276,7 @@ class GatewayReply(_Model):
 
 
 Body = Annotated[
-    RunJob | TrainJob | BudgetQuery | AccessRequest | MockRequest | JobReply
+    RunJob | TrainJob | EvalJob | BudgetQuery | AccessRequest | MockRequest | JobReply
     | RegisterNode | PublishDataset | UnpublishDataset | GatewayReply,
     Field(discriminator="kind"),
 ]

@@ -39,6 +39,7 @@ from protocol.messages import (
     BudgetQuery,
     DatasetMeta,
     DPRelease,
+    EvalJob,
     JobReply,
     KeepRelease,
     MockRequest,
@@ -47,6 +48,7 @@ from protocol.messages import (
     RunJob,
     SealedValue,
     SecureAggregation,
+    TrainConfig,
     TrainJob,
     WireError,
     parse_body,
@@ -63,6 +65,7 @@ from workers.policy import Source, authorize, job_kind
 from workers.release import PendingCharge, calibrate_release, declared_rows
 from workers.store import DatasetRow, Store
 from workers.training import Models, dp_charge, train
+from workers.training import evaluate as measure
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -143,6 +146,8 @@ class JobRunner:
                 return self._run(requester, job_id, body, approved)
             if isinstance(body, TrainJob):
                 return self._train(requester, job_id, body, approved)
+            if isinstance(body, EvalJob):
+                return self._evaluate(requester, job_id, body, approved), None
             raise InvalidRequest(f"a node runs jobs; it does not take {body.kind!r} messages")
         except (GridError, Parked, SoftTimeLimitExceeded) as exc:
             if isinstance(exc, Parked):
@@ -288,6 +293,33 @@ class JobRunner:
         else:
             reply = JobReply(status="done", value=self._seal(requester, trained), metrics=metrics)
         return reply, (PendingCharge(datasets, charge) if door == "dp" and charge is not None else None)
+
+    def _evaluate(self, requester: str, job_id: str, job: EvalJob, approved: bool) -> JobReply:
+        """The weights' loss and accuracy on (x, y) here: metrics of private data, released
+        by the door trained weights would leave by (never by DP: they carry no noise)."""
+        seen: dict[str, tuple[DatasetRow, torch.Tensor]] = {}
+        x_inputs, x_sources = self._inputs(job.x, requester, seen)
+        y_inputs, y_sources = self._inputs(job.y, requester, seen)
+        sources = x_sources + y_sources
+        datasets = sorted({s.dataset for s in sources})
+        door = authorize(requester, RawRelease(), sources, self.node_id, self.approval, approved=approved,
+                         job_id=job_id, training=True)
+        if door == "park":
+            raise Parked(job_kind(requester, RawRelease(), sources, training=True), datasets,
+                         f"evaluate a model of {len(job.model.layers)} layers ({job.loss} loss) on\n"
+                         f"x: {job.x.describe()}\ny: {job.y.describe()}", "raw loss and accuracy")
+        x, y = evaluate(job.x, x_inputs), evaluate(job.y, y_inputs)
+        if x.dim() < 1 or len(x) != len(y) or len(x) == 0:
+            raise InvalidRequest(f"x and y must have the same, non-zero number of rows; got {tuple(x.shape)} and "
+                                 f"{tuple(y.shape)}")
+        with self.models.lend(job.model) as model:
+            load_state(model, unflatten_state(decode_tensor(self._unseal(job.weights)), model.state_dict()))
+            target = y.to(torch.long) if job.loss == "cross_entropy" else y.to(torch.float32)
+            try:
+                metrics = measure(model, x.to(torch.float32), target, TrainConfig(loss=job.loss))
+            except (RuntimeError, IndexError) as exc:  # shapes that do not fit the model, labels out of range
+                raise InvalidRequest(f"evaluation failed on this data: {str(exc)[:300]}") from None
+        return JobReply(status="done", metrics=metrics)
 
     def _shares(self, job_id: str, secure: SecureAggregation, trained: torch.Tensor, samples: int) -> dict[str, str]:
         """The update weighted by its sample count, in fixed point, split into one additive

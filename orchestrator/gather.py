@@ -1,0 +1,76 @@
+"""One job to each of several nodes at once, and their answers as they come.
+
+The round of ``grid.fit`` and a federated evaluation both send a signed job to every node
+in one Celery group, then read all the results with one MGET a poll until every node has
+answered or the time is up. A node answers with its reply, a typed error, or — when its
+owner must approve the job first — ``ApprovalRequired``; a node that says nothing in time
+is ``None``: the caller goes on without it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from celery import group, states
+
+from orchestrator.ticket import JobTicket
+from protocol.contract import PENDING_APPROVAL, Tasks, node_queue
+from protocol.envelope import seal_envelope
+from protocol.errors import ApprovalRequired, GridError
+from protocol.messages import EvalJob, TrainJob
+
+if TYPE_CHECKING:
+    from orchestrator.grid import Grid
+
+Answer = tuple[float, JobTicket | GridError | None]  # seconds to answer, and the answer
+
+
+def gather(grid: Grid, jobs: Sequence[tuple[str, TrainJob | EvalJob]], timeout: float, label: str
+           ) -> dict[str, Answer]:
+    """Send ``jobs`` (one per node) at once; each node's answer, in the order given.
+    ``label`` is what Flower shows as the jobs' arguments (an envelope's repr is tens of
+    KB of sealed weights)."""
+    ids: dict[str, str] = {}
+    what: dict[str, str] = {}
+    signatures = []
+    for node, body in jobs:
+        job_id = ids[node] = f"{node}:{uuid.uuid4().hex}"
+        what[node] = "evaluation" if isinstance(body, EvalJob) else "training"
+        env = seal_envelope(grid.identity, recipient=node, kind=body.kind, job_id=job_id,
+                            body=body.model_dump(mode="json"), now=time.time(), ttl=max(600.0, timeout))
+        signatures.append(grid.app.signature(Tasks.RUN_JOB, args=[env.model_dump(mode="json")],
+                                             queue=node_queue(node)).set(task_id=job_id, argsrepr=label))
+    started = time.monotonic()
+    group(signatures).apply_async()
+    backend = grid.app.backend
+    keys = {node: backend.get_key_for_task(job_id) for node, job_id in ids.items()}
+    pending = dict(ids)
+    answered: dict[str, tuple[float, dict[str, Any]]] = {}
+    while pending and time.monotonic() - started < timeout:
+        waiting = list(pending)
+        for node, raw in zip(waiting, backend.client.mget([keys[n] for n in waiting]), strict=True):
+            meta = backend.decode_result(raw) if raw is not None else None  # one MGET a poll for all the jobs
+            if meta is not None and meta["status"] in (*states.READY_STATES, PENDING_APPROVAL):
+                answered[node] = (time.monotonic() - started, meta)
+                del pending[node]
+        time.sleep(0.005)
+    out: dict[str, Answer] = {}
+    for node, job_id in ids.items():
+        if node not in answered:
+            out[node] = (timeout, None)
+            continue
+        seconds, meta = answered[node]
+        if meta["status"] == PENDING_APPROVAL:  # parked for the owner: the caller goes on without the node
+            out[node] = (seconds, ApprovalRequired(
+                f"{node!r} parked the {what[node]} job for its owner's approval (kind 'train': you may not "
+                f"see what the model learns of its data); job id {job_id}", job_id=job_id))
+            continue
+        try:
+            out[node] = (seconds, JobTicket.finished(grid, job_id, meta["status"], meta["result"]))
+        except GridError as exc:
+            out[node] = (seconds, exc)
+    return out
+

@@ -221,10 +221,12 @@ def runs_list(db: str = RUNS_DB) -> None:
 
 @runs_app.command("show")
 def runs_show(run_id: str, db: str = RUNS_DB) -> None:
-    """One run: how it was asked, then each round — who answered, loss, accuracy, who dropped out and why."""
+    """One run: how it was asked, then each round — who answered, training loss and accuracy,
+    the global model's evaluation if the run asked for one, who dropped out and why."""
     from rich.console import Console
     from rich.table import Table
 
+    from orchestrator.evaluation import weighted
     from orchestrator.history import History, summarize
 
     history = History(db)
@@ -234,13 +236,18 @@ def runs_show(run_id: str, db: str = RUNS_DB) -> None:
         _say(exc)
         raise typer.Exit(1) from None
     typer.echo("\n".join(f"{k:14s} {v}" for k, v in config.items()))
-    records = history.rounds(run_id)
-    table = Table("round", "nodes", "loss", "accuracy", "dropped out")
+    records, evaluations = history.rounds(run_id), history.evaluations(run_id)
+    table = Table("round", "nodes", "train loss", "train acc", *(("eval loss", "eval acc") if evaluations else ()),
+                  "dropped out")
     for summary in summarize(records):
         why = [f"{h.node} ({h.status}: {h.error})" if h.error else f"{h.node} ({h.status})"
                for h in records if h.round == summary["round"] and h.status != "done"]
+        evaluated = []
+        if evaluations:
+            ev = weighted(evaluations[summary["round"]]) if summary["round"] in evaluations else None
+            evaluated = [f"{ev.loss:.4f}" if ev else "", f"{ev.accuracy:.3f}" if ev and ev.accuracy is not None else ""]
         table.add_row(str(summary["round"]), str(summary["nodes"]), f"{summary['loss']:.4f}",
-                      f"{summary['accuracy']:.3f}", "; ".join(why))
+                      f"{summary['accuracy']:.3f}", *evaluated, "; ".join(why))
     Console().print(table)
 
 

@@ -8,8 +8,9 @@ PySyft-style, one node at a time::
 
 and over many nodes at once, by federated averaging::
 
-    result = grid.fit(model, data=[(x1, y1), (x2, y2), (x3, y3)], rounds=20, lr=0.05)
-    result.model, result.history
+    result = grid.fit(model, data=[(x1, y1), (x2, y2), (x3, y3)], rounds=20, lr=0.05,
+                      evaluate=[(x1v, y1v), (x2v, y2v)])   # optional: held-out data at the nodes
+    result.model, result.history, result.evaluations
 
 A model travels as a graph of allow-listed layers and its weights (``protocol.model``);
 the node rebuilds it from the allow-list and never runs code it was sent. Each round of
@@ -34,7 +35,6 @@ their sum.
 
 from __future__ import annotations
 
-import base64
 import copy
 import uuid
 from collections.abc import Sequence
@@ -45,17 +45,18 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from orchestrator import mpc
-from orchestrator.gather import gather
+from orchestrator.evaluation import Evaluation
+from orchestrator.evaluation import evaluate as federated_evaluation
+from orchestrator.gather import gather, same_node, seal_for
 from orchestrator.history import History, RoundRecord, summarize
 from orchestrator.ticket import JobTicket
-from protocol.codec import dtype_name, encode_tensor
-from protocol.contract import CLAIM_CHECK_THRESHOLD, Tasks
+from protocol.codec import dtype_name
+from protocol.contract import Tasks
 from protocol.errors import ApprovalRequired, GridError, InvalidRequest, JobFailed, NodeUnavailable
 from protocol.messages import (
     DPConfig,
     KeepRelease,
     RawRelease,
-    SealedValue,
     SecureAggregation,
     TrainConfig,
     TrainJob,
@@ -90,9 +91,9 @@ class ModelPointer:
         trained weights stay there. ``config``: epochs, batch_size, lr, optimizer ("sgd",
         "adam"), momentum, weight_decay, loss ("cross_entropy", "mse"), proximal_mu, seed."""
         self._settle()
-        _same_node(self.node, x, y)
+        same_node(self.node, x, y)
         start = self._kept
-        weights = None if start else _seal_for(self._grid, self.node, flatten_state(self._state))
+        weights = None if start else seal_for(self._grid, self.node, flatten_state(self._state))
         job = TrainJob(model=self._spec, weights=weights, start=start, x=x.plan, y=y.plan,
                        config=TrainConfig(**config), release=KeepRelease(), dp=dp)
         self._ticket = self._grid._submit(self.node, job)
@@ -126,6 +127,7 @@ class FitResult:
     model: torch.nn.Module
     history: list[RoundRecord] = field(default_factory=list)
     run_id: str = ""
+    evaluations: list[Evaluation] = field(default_factory=list)  # with evaluate=: the global model after each round
 
     def rounds(self) -> list[dict[str, Any]]:
         """Per round: nodes that answered, loss and accuracy of their trained models on their
@@ -139,15 +141,15 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
         server_lr: float = 0.03, server_betas: tuple[float, float] = (0.9, 0.99), server_eps: float = 1e-3,
         min_nodes: int = 1, round_timeout: float = 120.0, seed: int = 0, progress: bool = True,
         history_db: str | None = None, dp: DPConfig | None = None, secure_aggregation: bool = False,
-        aggregators: Sequence[str] = ()) -> FitResult:
+        aggregators: Sequence[str] = (), evaluate: Sequence[tuple[Expression, Expression]] = ()) -> FitResult:
     if strategy not in ("fedavg", "fedprox", "fedadam"):
         raise InvalidRequest(f"strategy {strategy!r} is not known; use 'fedavg', 'fedprox' or 'fedadam'")
     if (strategy == "fedprox") != (proximal_mu > 0):
         raise InvalidRequest("FedProx is FedAvg with a proximal term: give strategy='fedprox' with proximal_mu > 0")
     if not data or not 1 <= min_nodes <= len(data):
         raise InvalidRequest(f"min_nodes must be within 1..{len(data)} (the nodes given)")
-    for x, y in data:
-        _same_node(x.node, x, y)
+    for x, y in (*data, *evaluate):
+        same_node(x.node, x, y)
     if secure_aggregation and (len(set(aggregators)) < 2 or set(aggregators) & {x.node for x, _ in data}):
         raise InvalidRequest("secure aggregation needs at least two aggregation parties (MPC pool nodes), none of "
                              "them a node whose data is trained on")
@@ -159,7 +161,8 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
                                   "optimizer": optimizer, "loss": loss, "strategy": strategy,
                                   **({"server_lr": server_lr, "server_betas": list(server_betas),
                                       "server_eps": server_eps} if server else {}),
-                                  "nodes": [x.node for x, _ in data], "min_nodes": min_nodes})
+                                  "nodes": [x.node for x, _ in data], "min_nodes": min_nodes,
+                                  **({"evaluated_at": [x.node for x, _ in evaluate]} if evaluate else {})})
     result = FitResult(model, [], run_id)
     with _progress(progress, rounds) as bar:
         for r in range(rounds):
@@ -181,9 +184,15 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
             if server is not None:
                 state = server.step(state)
             summary = result.rounds()[-1]
-            bar.update(bar.task_ids[0], advance=1, description=(
-                f"round {r + 1}/{rounds}  train loss {summary['loss']:.4f}  train acc {summary['accuracy']:.3f}  "
-                f"nodes {summary['nodes']}/{len(data)}"))
+            shown = f"round {r + 1}/{rounds}  train loss {summary['loss']:.4f}  train acc {summary['accuracy']:.3f}"
+            if evaluate:  # the new global model, on held-out data at the nodes
+                ev = federated_evaluation(grid, spec, state, evaluate, loss=loss, timeout=round_timeout,
+                                          label=f"[evaluation of {grid.identity.name}: round {r}]")
+                history.record_evaluation(run_id, r, ev.nodes)
+                result.evaluations.append(ev)
+                shown += f"  eval loss {ev.loss:.4f}" + (f"  eval acc {ev.accuracy:.3f}" if ev.accuracy is not None
+                                                           else "")
+            bar.update(bar.task_ids[0], advance=1, description=f"{shown}  nodes {summary['nodes']}/{len(data)}")
     model.load_state_dict(state)
     return result
 
@@ -244,7 +253,7 @@ def _round(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor], data: Se
            secure: SecureAggregation | None) -> tuple[list[RoundRecord], list[Update], list[GridError]]:
     """One round: a group of training jobs, then their answers until all are in or time is up."""
     flat = flatten_state(state)
-    jobs = [(x.node, TrainJob(model=spec, weights=_seal_for(grid, x.node, flat), x=x.plan, y=y.plan, config=config,
+    jobs = [(x.node, TrainJob(model=spec, weights=seal_for(grid, x.node, flat), x=x.plan, y=y.plan, config=config,
                               release=RawRelease(), dp=dp, secure=secure))
             for (x, y), config in zip(data, configs, strict=True)]
     answers = gather(grid, jobs, timeout, f"[training job of {grid.identity.name}: round {r}, {len(data)} nodes]")
@@ -276,20 +285,6 @@ def _round(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor], data: Se
         records.append(RoundRecord(r, node, "done", m.samples, m.loss, m.accuracy, seconds, ""))
         updates.append((node, update, m.samples))
     return records, updates, errors
-
-
-def _seal_for(grid: Grid, node: str, flat: torch.Tensor) -> SealedValue:
-    """Weights sealed to one node: inline if small, else left in Redis by claim-check."""
-    sealed = grid._node_key(node).seal(encode_tensor(flat))
-    if len(sealed) <= CLAIM_CHECK_THRESHOLD:
-        return SealedValue(sealed=base64.b64encode(sealed).decode(), size=len(sealed))
-    return SealedValue(claim_check=grid._leave(sealed), size=len(sealed))
-
-
-def _same_node(node: str, *exprs: Expression) -> None:
-    if any(e.node != node for e in exprs):
-        raise InvalidRequest(f"x and y must be data on the same node ({node!r}); got "
-                             f"{sorted({e.node for e in exprs})}")
 
 
 class _NoBar:

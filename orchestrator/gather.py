@@ -9,21 +9,25 @@ is ``None``: the caller goes on without it.
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import torch
 from celery import group, states
 
 from orchestrator.ticket import JobTicket
-from protocol.contract import PENDING_APPROVAL, Tasks, node_queue
+from protocol.codec import encode_tensor
+from protocol.contract import CLAIM_CHECK_THRESHOLD, PENDING_APPROVAL, Tasks, node_queue
 from protocol.envelope import seal_envelope
-from protocol.errors import ApprovalRequired, GridError
-from protocol.messages import EvalJob, TrainJob
+from protocol.errors import ApprovalRequired, GridError, InvalidRequest
+from protocol.messages import EvalJob, SealedValue, TrainJob
 
 if TYPE_CHECKING:
     from orchestrator.grid import Grid
+    from orchestrator.pointer import Expression
 
 Answer = tuple[float, JobTicket | GridError | None]  # seconds to answer, and the answer
 
@@ -74,3 +78,17 @@ def gather(grid: Grid, jobs: Sequence[tuple[str, TrainJob | EvalJob]], timeout: 
             out[node] = (seconds, exc)
     return out
 
+
+
+def seal_for(grid: Grid, node: str, flat: torch.Tensor) -> SealedValue:
+    """Weights sealed to one node: inline if small, else left in Redis by claim-check."""
+    sealed = grid._node_key(node).seal(encode_tensor(flat))
+    if len(sealed) <= CLAIM_CHECK_THRESHOLD:
+        return SealedValue(sealed=base64.b64encode(sealed).decode(), size=len(sealed))
+    return SealedValue(claim_check=grid._leave(sealed), size=len(sealed))
+
+
+def same_node(node: str, *exprs: Expression) -> None:
+    if any(e.node != node for e in exprs):
+        raise InvalidRequest(f"x and y must be data on the same node ({node!r}); got "
+                             f"{sorted({e.node for e in exprs})}")

@@ -25,8 +25,9 @@ import torch
 from celery import Celery
 from celery.result import AsyncResult
 
-from orchestrator import fl, mpc
+from orchestrator import evaluation, fl, mpc
 from orchestrator.app import make_celery
+from orchestrator.evaluation import Evaluation
 from orchestrator.fl import FitResult, ModelPointer
 from orchestrator.pointer import DataPointer, Expression
 from orchestrator.ticket import JobTicket
@@ -56,6 +57,7 @@ from protocol.messages import (
     TrainJob,
     parse_body,
 )
+from protocol.model import describe_model
 from protocol.mpc.wire import ModelCard
 from protocol.plan import InputRef, TensorSpec
 
@@ -138,8 +140,18 @@ class Grid:
         lr, optimizer, loss, momentum, strategy ("fedavg"; "fedprox" with proximal_mu;
         "fedadam" with server_lr, server_betas, server_eps), min_nodes, round_timeout, seed,
         progress, history_db, dp (a DPConfig: DP-SGD), secure_aggregation with aggregators
-        (MPC pool nodes that add up shares of the updates)."""
+        (MPC pool nodes that add up shares of the updates), evaluate ((x, y) pointers to
+        held-out data at nodes: the global model is evaluated there after every round)."""
         return fl.fit(self, model, data, rounds=rounds, **options)
+
+    def evaluate(self, model: torch.nn.Module, data: Sequence[tuple[Expression, Expression]], *,
+                 loss: str = "cross_entropy", timeout: float | None = None) -> Evaluation:
+        """``model``'s loss (and accuracy, for classification) on ``data`` — (x, y) pointers,
+        one pair per node — computed at the nodes in parallel, weighted by their samples. The
+        figures are released as trained weights are (allowed users, or the owner's approval)."""
+        spec, state = describe_model(model)
+        return evaluation.evaluate(self, spec, state, data, loss=loss, timeout=self.timeout if timeout is None
+                                   else timeout, label=f"[evaluation of {self.identity.name}]")
 
     # --- encrypted ML-as-a-service (orchestrator.mpc) ----------------------------------------
 

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import JSON, Float, Integer, String, Text, create_engine, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from protocol.messages import TrainMetrics
 from protocol.model import ModelSpec
 
 
@@ -56,6 +57,18 @@ class RoundRow(_Base):
     error: Mapped[str] = mapped_column(Text)
 
 
+class EvaluationRow(_Base):
+    """A node's figures for the global model after a round (``fit(..., evaluate=...)``)."""
+
+    __tablename__ = "fl_evaluations"
+    run_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node: Mapped[str] = mapped_column(String(64), primary_key=True)
+    samples: Mapped[int] = mapped_column(Integer)
+    loss: Mapped[float] = mapped_column(Float)
+    accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
 def default_url() -> str:
     folder = Path(os.environ.get("GRIDQ_CLIENT_HOME", Path.home() / ".gridq"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -77,6 +90,21 @@ class History:
     def record(self, run_id: str, records: list[RoundRecord]) -> None:
         with self._sessions.begin() as s:
             s.add_all(RoundRow(run_id=run_id, **asdict(r)) for r in records)
+
+    def record_evaluation(self, run_id: str, round: int, nodes: dict[str, TrainMetrics]) -> None:
+        with self._sessions.begin() as s:
+            s.add_all(EvaluationRow(run_id=run_id, round=round, node=node, samples=m.samples, loss=m.loss,
+                                    accuracy=m.accuracy) for node, m in nodes.items())
+
+    def evaluations(self, run_id: str) -> dict[int, dict[str, TrainMetrics]]:
+        """Per round, each node's figures for the global model after that round."""
+        out: dict[int, dict[str, TrainMetrics]] = {}
+        with self._sessions() as s:
+            for e in s.scalars(select(EvaluationRow).where(EvaluationRow.run_id == run_id)
+                               .order_by(EvaluationRow.round, EvaluationRow.node)):
+                out.setdefault(e.round, {})[e.node] = TrainMetrics(samples=e.samples, loss=e.loss,
+                                                                   accuracy=e.accuracy)
+        return out
 
     def runs(self) -> list[tuple[str, float, dict[str, Any]]]:
         """Every run, newest first: its id, when it started, how it was asked."""

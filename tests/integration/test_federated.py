@@ -115,6 +115,30 @@ def test_fit_with_a_label_skew(local_grid: LocalGrid, sites, tmp_path) -> None: 
     assert History(db).config(adam.run_id)["strategy"] == "fedadam"
 
 
+def test_federated_evaluation_at_the_nodes(local_grid: LocalGrid, sites, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    db = f"sqlite:///{tmp_path / 'runs.db'}"
+    with local_grid.connect("alice") as grid:
+        data = pairs(grid)
+        result = grid.fit(mlp(), data, rounds=3, lr=0.05, progress=False, history_db=db, evaluate=data)
+        ev = grid.evaluate(result.model, data)
+    # the figures are what the same model gives on the same rows, computed here
+    x = torch.tensor(np.concatenate(digits_split(len(SITES))[0]))
+    with torch.no_grad():
+        out = result.model(x[:, :64].float())
+    labels = x[:, 64].long()
+    assert ev.samples == len(x) == 1437 and sorted(ev.nodes) == list(SITES) and not ev.missing
+    assert ev.loss == pytest.approx(float(nn.functional.cross_entropy(out, labels)), rel=1e-5)
+    assert ev.accuracy == pytest.approx(float((out.argmax(1) == labels).float().mean()), abs=1e-6)
+    # fit evaluated the global model after every round; the last is the model it returned
+    assert len(result.evaluations) == 3 and result.evaluations[-1].accuracy == pytest.approx(ev.accuracy, abs=1e-6)
+    assert result.evaluations[0].loss > result.evaluations[-1].loss
+    stored = History(db).evaluations(result.run_id)
+    assert sorted(stored) == [0, 1, 2] and sorted(stored[2]) == list(SITES)
+    with local_grid.connect("bob") as grid:  # bob may compute on the digits, not see what a model learns of them
+        with pytest.raises(ApprovalRequired, match="parked the evaluation job"):
+            grid.evaluate(mlp(), pairs(grid), timeout=30)
+
+
 def test_forbidden_model_content_is_refused_at_the_node(local_grid: LocalGrid, sites) -> None:  # type: ignore[no-untyped-def]
     spec, _ = describe_model(mlp())
     with local_grid.connect("alice") as grid:

@@ -13,6 +13,7 @@ from protocol.contract import GATEWAY_QUEUE, Tasks, celery_settings, node_queue
 from protocol.errors import InvalidRequest
 from protocol.messages import (
     DatasetMeta,
+    EvalJob,
     GatewayReply,
     JobReply,
     KeepRelease,
@@ -51,9 +52,16 @@ TICKET = {
 ERROR = {"code": "permission_denied", "message": "no door opens", "job_id": "job-1"}
 NODE = {"node": "hospital-a", "public_key": "gridq1:abc", "queue": "node.hospital-a", "last_seen": 12.5}
 
+SPEC = {"layers": {"0": {"type": "Linear", "kwargs": {"in_features": 2, "out_features": 1}}},
+        "graph": [{"name": "x", "op": "placeholder", "target": "x"},
+                  {"name": "l0", "op": "call_module", "target": "0", "args": [{"node": "x"}]},
+                  {"name": "output", "op": "output", "target": "output", "args": [{"node": "l0"}]}]}
+
 BODIES: dict[str, tuple[dict[str, Any], type]] = {
     "run": ({"kind": "run", "plan": PLAN}, RunJob),
     "run_raw": ({"kind": "run", "plan": PLAN, "release": {"door": "raw"}}, RunJob),
+    "evaluate": ({"kind": "evaluate", "model": SPEC, "weights": {"sealed": "abc", "size": 3}, "x": PLAN, "y": PLAN,
+                  "loss": "mse"}, EvalJob),
     "job_reply_done": ({"kind": "job_reply", "status": "done", "ticket": TICKET}, JobReply),
     "job_reply_value": (
         {"kind": "job_reply", "status": "done", "value": {"sealed": "abc", "size": 3}}, JobReply),

@@ -1,0 +1,94 @@
+"""Federated evaluation: how a model does on data that stays at the nodes.
+
+    ev = grid.evaluate(model, data=[(x1, y1), (x2, y2)])   # pointers, one (x, y) per node
+    ev.loss, ev.accuracy                                   # weighted by the nodes' samples
+    ev.nodes["hospital"].accuracy, ev.missing              # per node; who did not answer, why
+
+Each node evaluates the weights sent (sealed to it) on its ``x`` and ``y`` and answers the
+loss and, for classification, the accuracy. That is a release of what the model does on
+private data, by the same door as trained weights: to an allowed user of the data, or once
+the owner approves (kind ``train``); never by the DP door, as it carries no noise.
+``grid.fit(..., evaluate=[...])`` evaluates the global model so after every round, on
+held-out data at the nodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from orchestrator.gather import gather, same_node, seal_for
+from protocol.errors import GridError, InvalidRequest, JobFailed, NodeUnavailable
+from protocol.messages import EvalJob, TrainMetrics
+from protocol.model import ModelSpec, flatten_state
+
+if TYPE_CHECKING:
+    from orchestrator.grid import Grid
+    from orchestrator.pointer import Expression
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A model's loss and accuracy at the nodes, weighted by their samples, and per node."""
+
+    loss: float
+    accuracy: float | None  # None for a regression loss
+    samples: int
+    nodes: dict[str, TrainMetrics]
+    missing: dict[str, str]  # node → why it gave no figures (late, pending approval, an error)
+
+    def __repr__(self) -> str:
+        acc = f", accuracy {self.accuracy:.4f}" if self.accuracy is not None else ""
+        gone = f"; missing {sorted(self.missing)}" if self.missing else ""
+        return f"Evaluation(loss {self.loss:.4f}{acc} over {self.samples} samples at {len(self.nodes)} nodes{gone})"
+
+
+def evaluate(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor],
+             data: Sequence[tuple[Expression, Expression]], *, loss: str, timeout: float, label: str) -> Evaluation:
+    """Evaluate the weights ``state`` of the model ``spec`` at every node of ``data`` at once.
+    Raises the nodes' error if none of them answered with figures."""
+    if loss not in ("cross_entropy", "mse"):
+        raise InvalidRequest(f"loss {loss!r} is not known; use 'cross_entropy' or 'mse'")
+    if not data:
+        raise InvalidRequest("evaluate on at least one (x, y) pair")
+    for x, y in data:
+        same_node(x.node, x, y)
+    flat = flatten_state(state)
+    jobs = [(x.node, EvalJob(model=spec, weights=seal_for(grid, x.node, flat), x=x.plan, y=y.plan,
+                             loss=loss))  # type: ignore[arg-type]
+            for x, y in data]
+    nodes: dict[str, TrainMetrics] = {}
+    missing: dict[str, str] = {}
+    errors: list[GridError] = []
+    for node, (_, answer) in gather(grid, jobs, timeout, label).items():
+        if answer is None:
+            missing[node] = f"no answer within {timeout:g} s"
+            continue
+        try:
+            if isinstance(answer, GridError):
+                raise answer
+            metrics = answer.reply().metrics
+            if metrics is None:
+                raise JobFailed(f"node {node!r} answered an evaluation without figures")
+            nodes[node] = metrics
+        except GridError as exc:
+            missing[node] = f"{type(exc).__name__}: {exc}"
+            errors.append(exc)
+    if not nodes:
+        if errors:
+            raise errors[0]
+        raise NodeUnavailable(f"no node answered the evaluation within {timeout:g} s ({', '.join(sorted(missing))})")
+    return weighted(nodes, missing)
+
+
+def weighted(nodes: dict[str, TrainMetrics], missing: dict[str, str] | None = None) -> Evaluation:
+    """The nodes' figures weighted by their samples."""
+    samples = sum(m.samples for m in nodes.values())
+    weight = {n: m.samples / samples if samples else 1 / len(nodes) for n, m in nodes.items()}
+    accuracy = None if any(m.accuracy is None for m in nodes.values()) else \
+        sum(weight[n] * (m.accuracy or 0.0) for n, m in nodes.items())
+    return Evaluation(loss=sum(weight[n] * m.loss for n, m in nodes.items()), accuracy=accuracy, samples=samples,
+                      nodes=dict(nodes), missing=dict(missing or {}))

@@ -52,10 +52,13 @@ class Monitor:
                 if line.startswith(b"+") and b'"' in line:
                     self.commands.append(_args(line))
 
-    def wait_for(self, needle: bytes, timeout: float = 10.0) -> None:
-        """MONITOR lines arrive a little after the commands: wait until ``needle`` is seen."""
+    def wait_for(self, needle: bytes, verb: bytes | None = None, timeout: float = 10.0) -> None:
+        """MONITOR lines arrive a little after the commands: wait until ``needle`` is seen (in
+        a command ``verb``, e.g. LPUSH: a queue's name shows in kombu's bindings and in task
+        events before the message itself is pushed)."""
         deadline = time.monotonic() + timeout
-        while not any(needle in arg for command in list(self.commands) for arg in command):
+        while not any(needle in arg for command in list(self.commands) for arg in command
+                      if verb is None or (command and command[0].upper() == verb)):
             assert time.monotonic() < deadline, f"MONITOR never showed {needle!r}"
             time.sleep(0.05)
 
@@ -171,7 +174,7 @@ def test_private_values_never_cross_the_broker(local_grid: LocalGrid, births_feb
             assert torch.equal(big_ptr.get(), big)  # by claim-check
             # positive control: the same search must find a value leaked on purpose
             grid.app.send_task("capture.leak", args=[save({"t": births_feb[:3]})], queue=PROBE_QUEUE)
-            monitor.wait_for(PROBE_QUEUE.encode())
+            monitor.wait_for(PROBE_QUEUE.encode(), verb=b"LPUSH")
     finally:
         commands = monitor.stop()
     probe = [c for c in commands if any(PROBE_QUEUE.encode() in a for a in c)]

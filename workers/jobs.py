@@ -64,7 +64,7 @@ from workers.ledger import Ledger
 from workers.policy import Source, authorize, job_kind
 from workers.release import PendingCharge, calibrate_release, declared_rows
 from workers.store import DatasetRow, Store
-from workers.training import Models, dp_charge, train
+from workers.training import Models, check_rows, dp_charge, train
 from workers.training import evaluate as measure
 
 log = logging.getLogger(__name__)
@@ -222,6 +222,15 @@ class JobRunner:
         validate(plan, specs)
         return inputs, sources
 
+    def _xy_inputs(self, job: TrainJob | EvalJob, requester: str
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[Source]]:
+        """The inputs of a model job's x and y plans, and the datasets they come from (x and
+        y are most often columns of one table: it is looked up once)."""
+        seen: dict[str, tuple[DatasetRow, torch.Tensor]] = {}
+        x_inputs, x_sources = self._inputs(job.x, requester, seen)
+        y_inputs, y_sources = self._inputs(job.y, requester, seen)
+        return x_inputs, y_inputs, x_sources + y_sources
+
     def _run(self, requester: str, job_id: str, job: RunJob, approved: bool
              ) -> tuple[JobReply, PendingCharge | None]:
         inputs, sources = self._inputs(job.plan, requester)
@@ -255,10 +264,7 @@ class JobRunner:
                ) -> tuple[JobReply, PendingCharge | None]:
         """Train the model on (x, y) here; keep the weights, or release them by the policy's
         door — with DP-SGD, the DP door, charged to the budget (checked before training)."""
-        seen: dict[str, tuple[DatasetRow, torch.Tensor]] = {}  # x and y are most often columns of one table
-        x_inputs, x_sources = self._inputs(job.x, requester, seen)
-        y_inputs, y_sources = self._inputs(job.y, requester, seen)
-        sources = x_sources + y_sources
+        x_inputs, y_inputs, sources = self._xy_inputs(job, requester)
         kept: torch.Tensor | None = None
         if job.start is not None:  # continue from weights trained and kept here: they carry their datasets
             obj, kept = self.store.object(job.start, requester)
@@ -297,10 +303,7 @@ class JobRunner:
     def _evaluate(self, requester: str, job_id: str, job: EvalJob, approved: bool) -> JobReply:
         """The weights' loss and accuracy on (x, y) here: metrics of private data, released
         by the door trained weights would leave by (never by DP: they carry no noise)."""
-        seen: dict[str, tuple[DatasetRow, torch.Tensor]] = {}
-        x_inputs, x_sources = self._inputs(job.x, requester, seen)
-        y_inputs, y_sources = self._inputs(job.y, requester, seen)
-        sources = x_sources + y_sources
+        x_inputs, y_inputs, sources = self._xy_inputs(job, requester)
         datasets = sorted({s.dataset for s in sources})
         door = authorize(requester, RawRelease(), sources, self.node_id, self.approval, approved=approved,
                          job_id=job_id, training=True)
@@ -309,9 +312,7 @@ class JobRunner:
                          f"evaluate a model of {len(job.model.layers)} layers ({job.loss} loss) on\n"
                          f"x: {job.x.describe()}\ny: {job.y.describe()}", "raw loss and accuracy")
         x, y = evaluate(job.x, x_inputs), evaluate(job.y, y_inputs)
-        if x.dim() < 1 or len(x) != len(y) or len(x) == 0:
-            raise InvalidRequest(f"x and y must have the same, non-zero number of rows; got {tuple(x.shape)} and "
-                                 f"{tuple(y.shape)}")
+        check_rows(x, y)
         with self.models.lend(job.model) as model:
             load_state(model, unflatten_state(decode_tensor(self._unseal(job.weights)), model.state_dict()))
             target = y.to(torch.long) if job.loss == "cross_entropy" else y.to(torch.float32)

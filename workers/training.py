@@ -27,9 +27,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfi
     """Train ``model`` in place; report loss (and accuracy, for classification) on the data.
     With ``dp``, by DP-SGD (Opacus): per-sample clipping, Gaussian noise, Poisson-sampled
     batches of expected size ``batch_size``; the metrics carry the ε it costs."""
-    if x.dim() < 1 or len(x) != len(y) or len(x) == 0:
-        raise InvalidRequest(f"x and y must have the same, non-zero number of rows; got {tuple(x.shape)} and "
-                             f"{tuple(y.shape)}")
+    check_rows(x, y)
     started = time.perf_counter()
     x = x.to(torch.float32)
     target = y.to(torch.long) if config.loss == "cross_entropy" else y.to(torch.float32)
@@ -71,6 +69,12 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfi
     if dp:
         metrics = metrics.model_copy(update={"epsilon": dp_charge(config, dp, len(x)).epsilon})
     return metrics
+
+
+def check_rows(x: torch.Tensor, y: torch.Tensor) -> None:
+    if x.dim() < 1 or len(x) != len(y) or len(x) == 0:
+        raise InvalidRequest(f"x and y must have the same, non-zero number of rows; got {tuple(x.shape)} and "
+                             f"{tuple(y.shape)}")
 
 
 class Models:

@@ -48,7 +48,6 @@ from protocol.messages import (
     RunJob,
     SealedValue,
     SecureAggregation,
-    TrainConfig,
     TrainJob,
     WireError,
     parse_body,
@@ -64,8 +63,7 @@ from workers.ledger import Ledger
 from workers.policy import Source, authorize, job_kind
 from workers.release import PendingCharge, calibrate_release, declared_rows
 from workers.store import DatasetRow, Store
-from workers.training import Models, check_rows, dp_charge, train
-from workers.training import evaluate as measure
+from workers.training import Models, dp_charge, score, train
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -312,15 +310,9 @@ class JobRunner:
                          f"evaluate a model of {len(job.model.layers)} layers ({job.loss} loss) on\n"
                          f"x: {job.x.describe()}\ny: {job.y.describe()}", "raw loss and accuracy")
         x, y = evaluate(job.x, x_inputs), evaluate(job.y, y_inputs)
-        check_rows(x, y)
         with self.models.lend(job.model) as model:
             load_state(model, unflatten_state(decode_tensor(self._unseal(job.weights)), model.state_dict()))
-            target = y.to(torch.long) if job.loss == "cross_entropy" else y.to(torch.float32)
-            try:
-                metrics = measure(model, x.to(torch.float32), target, TrainConfig(loss=job.loss))
-            except (RuntimeError, IndexError) as exc:  # shapes that do not fit the model, labels out of range
-                raise InvalidRequest(f"evaluation failed on this data: {str(exc)[:300]}") from None
-        return JobReply(status="done", metrics=metrics)
+            return JobReply(status="done", metrics=score(model, x, y, job.loss))
 
     def _shares(self, job_id: str, secure: SecureAggregation, trained: torch.Tensor, samples: int) -> dict[str, str]:
         """The update weighted by its sample count, in fixed point, split into one additive

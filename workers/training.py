@@ -27,10 +27,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfi
     """Train ``model`` in place; report loss (and accuracy, for classification) on the data.
     With ``dp``, by DP-SGD (Opacus): per-sample clipping, Gaussian noise, Poisson-sampled
     batches of expected size ``batch_size``; the metrics carry the ε it costs."""
-    check_rows(x, y)
     started = time.perf_counter()
-    x = x.to(torch.float32)
-    target = y.to(torch.long) if config.loss == "cross_entropy" else y.to(torch.float32)
+    x, target = _tensors(x, y, config.loss)
     loss_fn = LOSSES[config.loss]
     anchor = [p.detach().clone() for p in model.parameters()] if config.proximal_mu else []
     trained: nn.Module = model
@@ -65,16 +63,28 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfi
         raise InvalidRequest(f"training failed on this data: {str(exc)[:300]}") from None
     if dp:
         trained.remove_hooks()  # type: ignore[operator]  # take Opacus' hooks off the model
-    metrics = evaluate(model, x, target, config, time.perf_counter() - started)
+    metrics = evaluate(model, x, target, config.loss, time.perf_counter() - started)
     if dp:
         metrics = metrics.model_copy(update={"epsilon": dp_charge(config, dp, len(x)).epsilon})
     return metrics
 
 
-def check_rows(x: torch.Tensor, y: torch.Tensor) -> None:
+def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str) -> TrainMetrics:
+    """``model``'s loss (and accuracy, for classification) on ``x`` and ``y``, as ``train``
+    reports it after training: a federated evaluation at the node."""
+    x, target = _tensors(x, y, loss)
+    try:
+        return evaluate(model, x, target, loss)
+    except (RuntimeError, IndexError) as exc:  # shapes that do not fit the model, labels out of range
+        raise InvalidRequest(f"evaluation failed on this data: {str(exc)[:300]}") from None
+
+
+def _tensors(x: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs as float32 and targets as the loss wants them (class indices or values)."""
     if x.dim() < 1 or len(x) != len(y) or len(x) == 0:
         raise InvalidRequest(f"x and y must have the same, non-zero number of rows; got {tuple(x.shape)} and "
                              f"{tuple(y.shape)}")
+    return x.to(torch.float32), y.to(torch.long) if loss == "cross_entropy" else y.to(torch.float32)
 
 
 class Models:
@@ -140,14 +150,14 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     return OPTIMIZERS[config.optimizer](model.parameters(), **kwargs)  # type: ignore[call-arg]
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, target: torch.Tensor, config: TrainConfig,
+def evaluate(model: nn.Module, x: torch.Tensor, target: torch.Tensor, loss: str,
              seconds: float = 0.0) -> TrainMetrics:
     model.eval()
     with torch.no_grad():
         out = model(x)
-        loss = float(LOSSES[config.loss](out, target))
-        accuracy = float((out.argmax(dim=1) == target).float().mean()) if config.loss == "cross_entropy" else None
-    return TrainMetrics(samples=len(x), loss=loss, accuracy=accuracy, seconds=seconds)
+        value = float(LOSSES[loss](out, target))
+        accuracy = float((out.argmax(dim=1) == target).float().mean()) if loss == "cross_entropy" else None
+    return TrainMetrics(samples=len(x), loss=value, accuracy=accuracy, seconds=seconds)
 
 
 def warm_up() -> None:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from celery import group, states
+from celery import Celery, group, states
 
 from orchestrator.ticket import JobTicket
 from protocol.codec import encode_tensor
@@ -47,26 +47,14 @@ def gather(grid: Grid, jobs: Sequence[tuple[str, TrainJob | EvalJob]], timeout: 
                             body=body.model_dump(mode="json"), now=time.time(), ttl=max(600.0, timeout))
         signatures.append(grid.app.signature(Tasks.RUN_JOB, args=[env.model_dump(mode="json")],
                                              queue=node_queue(node)).set(task_id=job_id, argsrepr=label))
-    started = time.monotonic()
     group(signatures).apply_async()
-    backend = grid.app.backend
-    keys = {node: backend.get_key_for_task(job_id) for node, job_id in ids.items()}
-    pending = dict(ids)
-    answered: dict[str, tuple[float, dict[str, Any]]] = {}
-    while pending and time.monotonic() - started < timeout:
-        waiting = list(pending)
-        for node, raw in zip(waiting, backend.client.mget([keys[n] for n in waiting]), strict=True):
-            meta = backend.decode_result(raw) if raw is not None else None  # one MGET a poll for all the jobs
-            if meta is not None and meta["status"] in (*states.READY_STATES, PENDING_APPROVAL):
-                answered[node] = (time.monotonic() - started, meta)
-                del pending[node]
-        time.sleep(0.005)
+    answered = wait_ready(grid.app, list(ids.values()), timeout, also=(PENDING_APPROVAL,))
     out: dict[str, Answer] = {}
     for node, job_id in ids.items():
-        if node not in answered:
+        if job_id not in answered:
             out[node] = (timeout, None)
             continue
-        seconds, meta = answered[node]
+        seconds, meta = answered[job_id]
         if meta["status"] == PENDING_APPROVAL:  # parked for the owner: the caller goes on without the node
             out[node] = (seconds, ApprovalRequired(
                 f"{node!r} parked the {what[node]} job for its owner's approval (kind 'train': you may not "
@@ -78,6 +66,25 @@ def gather(grid: Grid, jobs: Sequence[tuple[str, TrainJob | EvalJob]], timeout: 
             out[node] = (seconds, exc)
     return out
 
+
+
+def wait_ready(app: Celery, job_ids: Sequence[str], timeout: float, also: tuple[str, ...] = ()
+               ) -> dict[str, tuple[float, dict[str, Any]]]:
+    """Poll the result backend for ``job_ids`` — one MGET for all of them every 5 ms — until
+    each is in a final state (or one of ``also``) or ``timeout`` has passed: for each that
+    got there, the seconds it took and its result's meta (status, result)."""
+    backend = app.backend
+    keys = {job_id: backend.get_key_for_task(job_id) for job_id in job_ids}
+    started = time.monotonic()
+    answered: dict[str, tuple[float, dict[str, Any]]] = {}
+    while len(answered) < len(keys) and time.monotonic() - started < timeout:
+        waiting = [j for j in keys if j not in answered]
+        for job_id, raw in zip(waiting, backend.client.mget([keys[j] for j in waiting]), strict=True):
+            meta = backend.decode_result(raw) if raw is not None else None
+            if meta is not None and meta["status"] in (*states.READY_STATES, *also):
+                answered[job_id] = (time.monotonic() - started, meta)
+        time.sleep(0.005)
+    return answered
 
 
 def seal_for(grid: Grid, node: str, flat: torch.Tensor) -> SealedValue:

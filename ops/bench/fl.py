@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from celery import Celery, group, states
+from celery import Celery, group
 from rich.console import Console
 from rich.table import Table
 
@@ -46,6 +46,7 @@ from ops.bench.measure import Load, tree_ticks, wait_quiet
 from ops.demo_data import digits_split
 from ops.local import NODE_CONFIGS, LocalGrid
 from orchestrator.fl import fedavg
+from orchestrator.gather import wait_ready
 from protocol.contract import celery_settings
 from protocol.messages import DPConfig, TrainConfig
 from protocol.model import build_model, describe_model, flatten_state
@@ -116,12 +117,12 @@ def start_bare(lg: LocalGrid, sites: list[str]) -> Celery:
 
 
 def bare_fit(app: Celery, sites: list[str], rounds: int) -> tuple[torch.nn.Module, float, float]:
-    """The same rounds through bare Celery workers: a group of tasks, polled with one MGET as
-    ``grid.fit`` polls, then FedAvg here. Returns the model, seconds and CPU seconds per round."""
+    """The same rounds through bare Celery workers: a group of tasks, polled as ``grid.fit``
+    polls (:func:`orchestrator.gather.wait_ready`), then FedAvg here. Returns the model,
+    seconds and CPU seconds per round."""
     model = mlp()
     spec, state = describe_model(model)
     spec_json = spec.model_dump_json()
-    backend = app.backend
     started, ticks = time.perf_counter(), tree_ticks()
     for r in range(rounds):
         weights = bare._encode(flatten_state(state))
@@ -130,19 +131,10 @@ def bare_fit(app: Celery, sites: list[str], rounds: int) -> tuple[torch.nn.Modul
             epochs=1, batch_size=32, lr=0.05, seed=r * len(sites) + i).model_dump(mode="json")],
             queue=f"{bare.QUEUE}.{site}").set(task_id=job) for i, (site, job) in enumerate(zip(sites, ids, strict=True))
         ).apply_async()
-        done: dict[str, object] = {}
-        deadline = time.monotonic() + 60
-        while len(done) < len(ids) and time.monotonic() < deadline:
-            waiting = [j for j in ids if j not in done]
-            for job, raw in zip(waiting, backend.client.mget([backend.get_key_for_task(j) for j in waiting]),
-                                strict=True):
-                meta = backend.decode_result(raw) if raw is not None else None
-                if meta is not None and meta["status"] in states.READY_STATES:
-                    done[job] = meta["result"]
-            time.sleep(0.005)
+        done = {job: meta["result"] for job, (_, meta) in wait_ready(app, ids, 60.0).items()}  # as grid.fit polls
         if len(done) < len(ids):
             raise RuntimeError(f"bare Celery round {r}: {len(done)} of {len(ids)} workers answered within 60 s")
-        state = fedavg(state, [(site, bare._decode(done[job][0]), done[job][1])  # type: ignore[index]
+        state = fedavg(state, [(site, bare._decode(done[job][0]), done[job][1])
                                for site, job in zip(sites, ids, strict=True)])
     seconds = (time.perf_counter() - started) / rounds
     cpu = (tree_ticks() - ticks) / os.sysconf("SC_CLK_TCK") / rounds

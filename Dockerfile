@@ -7,11 +7,11 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     GRIDQ_HOME=/var/lib/gridq
 
-# torch first and pinned: an unpinned torch would pull gigabytes of CUDA packages. Pass
-# PyTorch's CPU wheel index as TORCH_INDEX_URL for a CPU-only image. Its own layer, so a
-# change to gridq's source does not reinstall it.
-ARG TORCH_INDEX_URL=""
-RUN pip install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+# torch first, the CPU build from PyTorch's CPU index (PyPI's torch is the CUDA build,
+# gigabytes of nvidia packages). Its own layer, so a change to gridq's source does not
+# reinstall it.
+COPY ops/requirements/torch-cpu.txt /tmp/torch-cpu.txt
+RUN pip install -r /tmp/torch-cpu.txt
 
 WORKDIR /app
 COPY . /app

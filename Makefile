@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine (no Redis, no root needed):
-#   make demo   — venv, torch (pinned, CPU), gridq; then a whole local grid runs the first use case
+#   make demo   — venv, torch (CPU build, pinned), gridq; then a whole local grid plays the three use cases
 #   make test   — the same set-up, then the full test suite (what CI runs)
+#   make up     — the same grid, kept running in ~/.gridq until Ctrl-C
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,11 +9,13 @@ STAMP := $(VENV)/.gridq-installed
 
 .PHONY: demo up test bench install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml ops/requirements/torch-cpu.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first and pinned: an unpinned torch would pull gigabytes of CUDA packages
-	$(BIN)/pip install --quiet torch==2.13.0
+	# torch first, the CPU build from PyTorch's CPU index (ops/requirements/torch-cpu.txt):
+	# PyPI's torch is the CUDA build, gigabytes of nvidia packages. Few retries, so that a
+	# machine that cannot reach that index but has the wheel locally does not wait on it.
+	$(BIN)/pip install --quiet --retries 2 -r ops/requirements/torch-cpu.txt
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from protocol.errors import InvalidRequest
 from protocol.identity import Identity
 
 
@@ -17,7 +18,8 @@ def write_identity(folder: Path, name: str, *, overwrite: bool = False) -> Ident
     try:
         fd = os.open(secret, flags, 0o600)
     except FileExistsError:
-        raise FileExistsError(f"{secret} exists; refusing to overwrite a key (use --force)") from None
+        raise InvalidRequest(f"{secret} exists; refusing to overwrite a key (--force replaces it, and "
+                             "everyone who knows its public key must be given the new one)") from None
     with os.fdopen(fd, "w") as f:
         f.write(identity.to_json())
     os.chmod(secret, 0o600)
@@ -26,4 +28,4 @@ def write_identity(folder: Path, name: str, *, overwrite: bool = False) -> Ident
 
 
 def read_identity(path: str | Path) -> Identity:
-    return Identity.from_json(Path(path).expanduser().read_text())
+    return Identity.read(path)

@@ -61,6 +61,7 @@ from protocol.messages import (
     TrainConfig,
     TrainJob,
     TrainMetrics,
+    checked,
 )
 from protocol.model import ModelSpec, describe_model, flatten_state, unflatten_state
 from protocol.mpc.ring import FixedPoint
@@ -95,7 +96,7 @@ class ModelPointer:
         start = self._kept
         weights = None if start else seal_for(self._grid, self.node, flatten_state(self._state))
         job = TrainJob(model=self._spec, weights=weights, start=start, x=x.plan, y=y.plan,
-                       config=TrainConfig(**config), release=KeepRelease(), dp=dp)
+                       config=checked(TrainConfig, **config), release=KeepRelease(), dp=dp)
         self._ticket = self._grid._submit(self.node, job)
         return self._ticket
 
@@ -166,7 +167,7 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
     result = FitResult(model, [], run_id)
     with _progress(progress, rounds) as bar:
         for r in range(rounds):
-            configs = [TrainConfig(epochs=local_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,  # type: ignore[arg-type]
+            configs = [checked(TrainConfig, epochs=local_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,  # type: ignore[arg-type]
                                    loss=loss, momentum=momentum, proximal_mu=proximal_mu,  # type: ignore[arg-type]
                                    seed=seed + r * len(data) + i) for i in range(len(data))]
             secure = SecureAggregation(round=uuid.uuid4().hex, aggregators=list(aggregators)) \

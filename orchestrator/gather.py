@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from celery import Celery, group, states
 
+from orchestrator.broker import broker_errors
 from orchestrator.ticket import JobTicket
 from protocol.codec import encode_tensor
 from protocol.contract import CLAIM_CHECK_THRESHOLD, PENDING_APPROVAL, Tasks, node_queue
@@ -79,7 +80,9 @@ def wait_ready(app: Celery, job_ids: Sequence[str], timeout: float, also: tuple[
     answered: dict[str, tuple[float, dict[str, Any]]] = {}
     while len(answered) < len(keys) and time.monotonic() - started < timeout:
         waiting = [j for j in keys if j not in answered]
-        for job_id, raw in zip(waiting, backend.client.mget([keys[j] for j in waiting]), strict=True):
+        with broker_errors(app.conf.broker_url):
+            found = backend.client.mget([keys[j] for j in waiting])
+        for job_id, raw in zip(waiting, found, strict=True):
             meta = backend.decode_result(raw) if raw is not None else None
             if meta is not None and meta["status"] in (*states.READY_STATES, *also):
                 answered[job_id] = (time.monotonic() - started, meta)

@@ -14,6 +14,8 @@ registered at the gateway.
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -27,6 +29,7 @@ from celery.result import AsyncResult
 
 from orchestrator import evaluation, fl, mpc
 from orchestrator.app import make_celery
+from orchestrator.broker import broker_errors, shown
 from orchestrator.evaluation import Evaluation
 from orchestrator.fl import FitResult, ModelPointer
 from orchestrator.pointer import DataPointer, Expression
@@ -42,7 +45,7 @@ from protocol.contract import (
     node_queue,
 )
 from protocol.envelope import Envelope, MemoryNonceStore, open_envelope, seal_envelope
-from protocol.errors import NodeUnavailable, NotFound, error_from_wire
+from protocol.errors import BrokerUnavailable, InvalidRequest, NodeUnavailable, NotFound, error_from_wire
 from protocol.identity import Identity, PublicIdentity
 from protocol.messages import (
     AccessRequest,
@@ -55,19 +58,36 @@ from protocol.messages import (
     RunJob,
     SearchQuery,
     TrainJob,
+    checked,
     parse_body,
 )
 from protocol.model import describe_model
 from protocol.mpc.wire import ModelCard
 from protocol.plan import InputRef, TensorSpec
 
+JOB_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}:[0-9a-f]{32}")
+
+
+def home() -> Path:
+    """Where keys, data and the run history live: ``$GRIDQ_HOME``, else ``~/.gridq``."""
+    return Path(os.environ.get("GRIDQ_HOME") or "~/.gridq").expanduser()
+
+
+def key_path(identity: str | Path) -> Path:
+    """A key file's path; a bare name (``"alice"``) is ``$GRIDQ_HOME/keys/alice.key``."""
+    text = str(identity)
+    if "/" not in text and not text.endswith(".key"):
+        return home() / "keys" / f"{text}.key"
+    return Path(text).expanduser()
+
 
 class Grid:
     """A connection to a grid, acting as one identity."""
 
     def __init__(self, app: Celery, broker: redis.Redis, identity: Identity,
-                 gateway_key: PublicIdentity, timeout: float = 60.0) -> None:
+                 gateway_key: PublicIdentity, timeout: float = 60.0, *, url: str = "") -> None:
         self.app = app
+        self.url = url
         self.identity = identity
         self.timeout = timeout
         self._redis = broker
@@ -77,22 +97,27 @@ class Grid:
         self._mocks: dict[tuple[str, str], torch.Tensor] = {}
 
     @classmethod
-    def connect(cls, url: str, identity: str | Path | Identity, *, gateway_key: str | None = None,
-                timeout: float = 60.0) -> Grid:
-        """Connect to the grid whose broker is at ``url``, as the identity in the key file."""
-        me = identity if isinstance(identity, Identity) else \
-            Identity.from_json(Path(identity).expanduser().read_text())
+    def connect(cls, url: str | None = None, identity: str | Path | Identity | None = None, *,
+                gateway_key: str | None = None, timeout: float = 60.0) -> Grid:
+        """Connect to the grid whose broker is at ``url`` (default: ``$GRIDQ_BROKER``), as the
+        identity in a key file: a path, or a name such as ``"alice"`` for
+        ``$GRIDQ_HOME/keys/alice.key`` (``GRIDQ_HOME`` defaults to ``~/.gridq``)."""
+        url = url or os.environ.get("GRIDQ_BROKER")
+        if not url:
+            raise InvalidRequest("no broker URL: pass Grid.connect(url, ...) or set GRIDQ_BROKER "
+                                 "(`gridq up` prints the line to paste)")
+        if identity is None:
+            raise InvalidRequest("whose identity? pass identity=\"alice\" (a key in $GRIDQ_HOME/keys) or a key file")
+        me = identity if isinstance(identity, Identity) else Identity.read(key_path(identity))
         client = redis.Redis.from_url(url)
         if gateway_key is None:
-            try:
+            with broker_errors(url):
                 posted = client.get(GATEWAY_IDENTITY_KEY)
-            except redis.RedisError as exc:  # translated here, at the boundary
-                raise NodeUnavailable(f"cannot reach the broker at {url}: {exc}") from None
             if posted is None:
-                raise NodeUnavailable(f"no gateway has started on {url}: run `gridq gateway start` "
+                raise NodeUnavailable(f"no gateway has started on {shown(url)}: run `gridq gateway start` "
                                       "(or `gridq up`) first")
             gateway_key = json.loads(posted)["public_key"]
-        return cls(make_celery(url), client, me, PublicIdentity.parse(GATEWAY, gateway_key), timeout)
+        return cls(make_celery(url), client, me, PublicIdentity.parse(GATEWAY, gateway_key), timeout, url=url)
 
     def close(self) -> None:
         self._redis.close()
@@ -109,8 +134,8 @@ class Grid:
     def search(self, *tags: str, words: tuple[str, ...] | list[str] = (), node: str | None = None
                ) -> dict[str, list[DataPointer]]:
         """Datasets carrying every tag (``"#february"``) and every word of their description."""
-        reply = self._ask_gateway(Tasks.SEARCH, SearchQuery(tags=list(tags), words=list(words), node=node)
-                                  .model_dump(mode="json"))
+        query = checked(SearchQuery, tags=list(tags), words=list(words), node=node)
+        reply = self._ask_gateway(Tasks.SEARCH, query.model_dump(mode="json"))
         found: dict[str, list[DataPointer]] = {}
         for meta in reply.datasets:
             found.setdefault(meta.node, []).append(self._pointer(meta))
@@ -131,6 +156,7 @@ class Grid:
 
     def send(self, model: torch.nn.Module, node: str) -> ModelPointer:
         """A pointer to ``model`` at ``node``: train it there with ``.train(x, y, ...)``."""
+        self._node_key(node)
         return ModelPointer(self, model, node)
 
     def fit(self, model: torch.nn.Module, data: Sequence[tuple[Expression, Expression]], *, rounds: int,
@@ -174,6 +200,11 @@ class Grid:
 
     def ticket(self, job_id: str) -> JobTicket:
         """Pick up a job submitted earlier (by this process or another one)."""
+        node, _, rest = job_id.partition(":")
+        if not JOB_ID.fullmatch(job_id):
+            raise InvalidRequest(f"{job_id!r} is not a job id: they read '<node>:<32 hex digits>', as "
+                                 "ticket.id prints them")
+        self._node_key(node)  # a node this grid knows
         return JobTicket(self, job_id)
 
     # --- internals used by pointers and tickets -------------------------------------------
@@ -189,6 +220,7 @@ class Grid:
         return self._mocks[key]
 
     def _submit(self, node: str, job: RunJob | TrainJob | BudgetQuery | AccessRequest | MockRequest) -> JobTicket:
+        self._node_key(node)  # an unknown node fails now, not after a timeout
         job_id = f"{node}:{uuid.uuid4().hex}"
         self._send(node, Tasks.RUN_JOB, node_queue(node), job, job_id)
         return JobTicket(self, job_id)
@@ -197,21 +229,27 @@ class Grid:
         """Sign ``body`` for ``node`` and send it as ``task``."""
         env = seal_envelope(self.identity, recipient=node, kind=body.kind, job_id=job_id,
                             body=body.model_dump(mode="json"), now=time.time())
-        return self.app.send_task(task, args=[env.model_dump(mode="json")], queue=queue, task_id=job_id)
+        with broker_errors(self.url):
+            return self.app.send_task(task, args=[env.model_dump(mode="json")], queue=queue, task_id=job_id)
 
     def _node_key(self, node: str) -> PublicIdentity:
         """A node's key as the gateway lists it."""
         if node not in self._node_keys:
             self.nodes()
         if node not in self._node_keys:
-            raise NotFound(f"node {node!r} is not registered at the gateway")
+            raise NotFound(f"node {node!r} is not registered at the gateway; registered: "
+                           f"{', '.join(sorted(self._node_keys)) or 'none'} (`gridq status` lists them)")
         return self._node_keys[node]
 
     def _ask_gateway(self, task: str, *args: Any) -> GatewayReply:
         job_id = uuid.uuid4().hex
-        result = self.app.send_task(task, args=list(args), queue=GATEWAY_QUEUE, task_id=job_id)
+        with broker_errors(self.url):
+            result = self.app.send_task(task, args=list(args), queue=GATEWAY_QUEUE, task_id=job_id)
         try:
-            raw = result.get(timeout=self.timeout, interval=0.05)
+            with broker_errors(self.url):
+                raw = result.get(timeout=self.timeout, interval=0.05)
+        except BrokerUnavailable:
+            raise
         except Exception as exc:  # celery's TimeoutError, or a crash reported by the worker
             raise NodeUnavailable(f"the gateway did not answer in {self.timeout:.0f} s ({exc!r:.200}); "
                                   "is `gridq gateway start` running?") from None
@@ -235,12 +273,14 @@ class Grid:
     def _leave(self, data: bytes) -> str:
         """Leave sealed bytes in Redis by claim-check, for the one they are sealed to; the key."""
         key = f"{CLAIM_CHECK_PREFIX}{uuid.uuid4().hex}"
-        self._redis.set(key, data, ex=CLAIM_CHECK_TTL_SECONDS)
+        with broker_errors(self.url):
+            self._redis.set(key, data, ex=CLAIM_CHECK_TTL_SECONDS)
         return key
 
     def _claim(self, key: str) -> bytes:
         """Fetch (and delete) a sealed value left by claim-check."""
-        data = self._redis.getdel(key)
+        with broker_errors(self.url):
+            data = self._redis.getdel(key)
         if data is None:
             raise NotFound(f"the released value {key!r} has expired from the broker; run the job again")
         return data.encode() if isinstance(data, str) else data

@@ -22,8 +22,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from celery.result import AsyncResult
 
+from orchestrator.broker import broker_errors
 from protocol.contract import MPC_MODELS_KEY, Tasks, mpc_queue
-from protocol.errors import BadSignature, ForbiddenOperation, InvalidRequest, NodeUnavailable, NotFound, error_from_wire
+from protocol.errors import (
+    BadSignature,
+    BrokerUnavailable,
+    ForbiddenOperation,
+    InvalidRequest,
+    NodeUnavailable,
+    NotFound,
+    error_from_wire,
+)
 from protocol.mpc.model import Layer, ModelPlan, encode_parameters
 from protocol.mpc.ring import FixedPoint
 from protocol.mpc.sharing import reconstruct, share
@@ -82,7 +91,9 @@ def serve(grid: Grid, model: torch.nn.Module, *, name: str, parties: Sequence[st
 def models(grid: Grid) -> list[ModelCard]:
     """Served models whose card carries a valid signature of its host."""
     cards = []
-    for raw in grid._redis.hgetall(MPC_MODELS_KEY).values():
+    with broker_errors(grid.url):
+        posted = grid._redis.hgetall(MPC_MODELS_KEY)
+    for raw in posted.values():
         try:
             entry = json.loads(raw)
             card = ModelCard.model_validate_json(entry["card"])
@@ -130,7 +141,10 @@ def _answer(grid: Grid, pending: Pending) -> MpcReply:
     """The verified reply to a request; its typed error if it carries one."""
     host, job_id, result = pending
     try:
-        raw = result.get(timeout=grid.timeout, interval=0.01)
+        with broker_errors(grid.url):
+            raw = result.get(timeout=grid.timeout, interval=0.01)
+    except BrokerUnavailable:
+        raise
     except Exception as exc:  # celery's TimeoutError, or a crash reported by the worker
         raise NodeUnavailable(f"host {host!r} did not answer in {grid.timeout:.0f} s ({exc!r:.200}); is its "
                               "`gridq mpc start` running?") from None

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from protocol.errors import InvalidRequest
 from protocol.messages import AccessRequest, DatasetMeta, DPRelease, KeepRelease, RawRelease, RunJob
-from protocol.plan import Const, InputRef, Plan, Ref, Step, TensorSpec, evaluate, validate
+from protocol.plan import Const, InputRef, Plan, Ref, Step, TensorConst, TensorSpec, evaluate, validate
 
 if TYPE_CHECKING:
     from orchestrator.grid import Grid
@@ -94,7 +94,7 @@ class Expression:
     def _apply(self, op: str, *others: Any, **params: Any) -> Expression:
         exprs = [self] + [o for o in others if isinstance(o, Expression)]
         if any(e.node != self.node for e in exprs):
-            raise ValueError(f"cannot combine data of nodes {sorted({e.node for e in exprs})} in one plan: "
+            raise InvalidRequest(f"cannot combine data of nodes {sorted({e.node for e in exprs})} in one plan: "
                              "a plan runs at one node")
         inputs: list[tuple[InputRef, TensorSpec]] = []
         for e in exprs:
@@ -107,9 +107,9 @@ class Expression:
                 mapping[len(e._inputs) + j] = len(inputs) + len(steps)
                 steps.append(_remap(step, mapping))
             outs[id(e)] = mapping[len(e._inputs) + len(e._steps) - 1]
-        args: list[Ref | Const] = [Ref(ref=outs[id(self)])]
+        args: list[Ref | Const | TensorConst] = [Ref(ref=outs[id(self)])]
         for o in others:
-            args.append(Ref(ref=outs[id(o)]) if isinstance(o, Expression) else Const(const=o))
+            args.append(Ref(ref=outs[id(o)]) if isinstance(o, Expression) else _constant(o))
         steps.append(Step(op=op, args=args, params={k: v for k, v in params.items() if v is not None}))
         return Expression(self._grid, self.node, inputs, steps)
 
@@ -240,6 +240,15 @@ def _dp_release(epsilon: float, delta: float) -> DPRelease:
 def _remap(step: Step, mapping: dict[int, int]) -> Step:
     args = [Ref(ref=mapping[a.ref]) if isinstance(a, Ref) else a for a in step.args]
     return Step(op=step.op, args=args, params=step.params)
+
+
+def _constant(value: Any) -> Const | TensorConst:
+    """A public constant of a plan: a number, or a (small) tensor of numbers."""
+    if isinstance(value, torch.Tensor):
+        return Const(const=value.item()) if value.dim() == 0 else TensorConst.of(value)
+    if isinstance(value, bool | int | float):
+        return Const(const=value)
+    raise InvalidRequest(f"a plan combines remote values with numbers and tensors, not {type(value).__name__}")
 
 
 def _index_item(item: Any) -> Any:

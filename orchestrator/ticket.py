@@ -16,6 +16,7 @@ import torch
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
+from orchestrator.broker import broker_errors
 from protocol.codec import decode_tensor
 from protocol.contract import PENDING_APPROVAL, PUBLIC
 from protocol.errors import ApprovalRequired, JobFailed, NodeUnavailable, error_from_wire
@@ -72,9 +73,10 @@ class JobTicket:
     def status(self) -> str:
         if self._reply is None:
             async_result = AsyncResult(self.id, app=self._grid.app)
-            if not async_result.ready():
-                return _STATES.get(async_result.state, "queued")
-            self._reply = self._open(async_result.state, async_result.result)
+            with broker_errors(self._grid.url):
+                if not async_result.ready():
+                    return _STATES.get(async_result.state, "queued")
+                self._reply = self._open(async_result.state, async_result.result)
         return self._reply.status
 
     def wait(self, timeout: float | None = None) -> JobTicket:
@@ -83,7 +85,8 @@ class JobTicket:
             timeout = self._grid.timeout if timeout is None else timeout
             async_result = AsyncResult(self.id, app=self._grid.app)
             try:  # the Redis backend wakes us by pub/sub: no polling delay
-                async_result.get(timeout=timeout, propagate=False, interval=0.05)
+                with broker_errors(self._grid.url):
+                    async_result.get(timeout=timeout, propagate=False, interval=0.05)
             except CeleryTimeout:
                 state = _STATES.get(async_result.state, "queued")
                 # stop listening for it now, while the broker is there (not whenever it is collected)

@@ -119,6 +119,12 @@ class NodeUnavailable(GridError):
     retryable = True
 
 
+class BrokerUnavailable(NodeUnavailable):
+    """The client could not talk to Redis (down, unreachable, refused credentials)."""
+
+    code = "broker_unavailable"
+
+
 class JobFailed(GridError):
     code = "job_failed"
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from nacl.exceptions import BadSignatureError, CryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
 from nacl.signing import SigningKey, VerifyKey
 
-from protocol.errors import BadSignature, InvalidRequest
+from protocol.errors import BadSignature, InvalidRequest, NotFound
 
 _PREFIX = "gridq1:"
 
@@ -118,3 +119,16 @@ class Identity:
         if not isinstance(name, str) or any(len(k) != 32 for k in keys):
             raise InvalidRequest("not a gridq key file: a name and two 32-byte keys are needed")
         return cls(name, *keys)
+
+    @classmethod
+    def read(cls, path: str | Path) -> Identity:
+        """The identity in a key file (the one I/O of this module: a missing file is a typed error)."""
+        file = Path(path).expanduser()
+        try:
+            text = file.read_text()
+        except FileNotFoundError:
+            raise NotFound(f"no key file at {file}: create one with `gridq keys new {file.stem} --dir "
+                           f"{file.parent}`, or pass the path of an existing one") from None
+        except OSError as exc:
+            raise InvalidRequest(f"cannot read the key file {file}: {exc.strerror}") from None
+        return cls.from_json(text)

@@ -6,7 +6,7 @@ parsed with :func:`parse_body` only after the envelope is verified.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -289,6 +289,25 @@ class SearchQuery(_Model):
     tags: Annotated[list[Tag], Field(max_length=16)] = []
     words: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=16)] = []
     node: Name | None = None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def checked(cls: type[M], **fields: Any) -> M:
+    """``cls(**fields)`` for a value a person typed: a mistake is an InvalidRequest naming the
+    field, what was given and what is expected — not a pydantic traceback."""
+    try:
+        return cls(**fields)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors()[:3]:
+            where = ".".join(str(p) for p in error["loc"])
+            problems.append(f"{where} = {error.get('input')!r}: {error['msg']}")
+        hint = ""
+        if any(e["type"] == "string_pattern_mismatch" and "tags" in e["loc"] for e in exc.errors()):
+            hint = " (tags start with '#', e.g. '#birth-records')"
+        raise InvalidRequest(f"{cls.__name__}: " + "; ".join(problems) + hint) from None
 
 
 def parse_body(data: object, job_id: str | None = None) -> Body:

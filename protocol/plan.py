@@ -20,6 +20,7 @@ the same steps on real tensors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
@@ -54,7 +55,33 @@ class Const(_Model):
         return value
 
 
-Arg = Ref | Const
+MAX_TENSOR_CONST = 65_536  # elements: a public constant rides in the plan's JSON, so it stays small
+
+
+class TensorConst(_Model):
+    """A public tensor constant (``births["weight"] - torch.full((240,), 3.5)``), flat and
+    row-major. Public: it is part of the plan the owner reads."""
+
+    shape: tuple[Annotated[int, Field(ge=0)], ...]
+    dtype: Literal["float32", "float64", "int64", "int32", "bool"]
+    values: Annotated[list[bool | int | float], Field(max_length=MAX_TENSOR_CONST)]
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorConst:
+        return cls(shape=tuple(tensor.shape), dtype=dtype_name(tensor.dtype),
+                   values=tensor.detach().cpu().flatten().tolist())
+
+    def tensor(self, device: str = "cpu") -> torch.Tensor:
+        if math.prod(self.shape) != len(self.values):
+            raise InvalidRequest(f"a tensor constant of shape {list(self.shape)} needs {math.prod(self.shape)} "
+                                 f"values, it has {len(self.values)}")
+        return torch.tensor(self.values, dtype=parse_dtype(self.dtype), device=device).reshape(self.shape)
+
+    def __repr__(self) -> str:
+        return f"tensor(shape={list(self.shape)}, dtype={self.dtype})"
+
+
+Arg = Ref | Const | TensorConst
 
 
 class InputRef(_Model):
@@ -82,7 +109,8 @@ class Plan(_Model):
         """
         lines = [f"v{i} = {ref.kind}:{ref.name}" for i, ref in enumerate(self.inputs)]
         for number, step in enumerate(self.steps, start=len(self.inputs)):
-            args = [f"v{a.ref}" if isinstance(a, Ref) else repr(a.const) for a in step.args]
+            args = [f"v{a.ref}" if isinstance(a, Ref) else repr(a.const) if isinstance(a, Const) else repr(a)
+                    for a in step.args]
             args += [f"{k}={v!r}" for k, v in step.params.items()]
             lines.append(f"v{number} = {step.op}({', '.join(args)})")
         return "\n".join(lines)
@@ -93,7 +121,7 @@ class TensorSpec(_Model):
     dtype: str
 
 
-def _run(plan: Plan, inputs: Sequence[torch.Tensor], limit: int) -> list[Value]:
+def _run(plan: Plan, inputs: Sequence[torch.Tensor], limit: int, device: str = "cpu") -> list[Value]:
     values: list[Value] = list(inputs)
     for number, step in enumerate(plan.steps):
         spec = REGISTRY.get(step.op)
@@ -112,6 +140,8 @@ def _run(plan: Plan, inputs: Sequence[torch.Tensor], limit: int) -> list[Value]:
                 if arg.ref >= len(values):
                     raise InvalidRequest(f"{where} refers to value {arg.ref}, which is not defined yet")
                 args.append(values[arg.ref])
+            elif isinstance(arg, TensorConst):
+                args.append(arg.tensor(device))
             else:
                 args.append(arg.const)
         if not any(isinstance(a, torch.Tensor) for a in args) or (
@@ -141,7 +171,7 @@ def validate(plan: Plan, inputs: Sequence[TensorSpec], limit: int = MAX_ELEMENTS
     if len(inputs) != len(plan.inputs):
         raise InvalidRequest(f"plan has {len(plan.inputs)} inputs, {len(inputs)} were given")
     metas = [torch.empty(s.shape, dtype=parse_dtype(s.dtype), device="meta") for s in inputs]
-    values = _run(plan, metas, limit)
+    values = _run(plan, metas, limit, device="meta")
     return [TensorSpec(shape=tuple(v.shape), dtype=dtype_name(v.dtype)) for v in values]  # type: ignore[union-attr]
 
 

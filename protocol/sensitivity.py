@@ -30,7 +30,7 @@ import torch
 
 from protocol.errors import SensitivityUnknown
 from protocol.ops import REGISTRY, ClampParams, CountParams, IndexParams, ReduceParams
-from protocol.plan import Const, Plan, Ref
+from protocol.plan import Const, Plan, Ref, TensorConst
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,7 @@ def sensitivity(plan: Plan, inputs: Sequence[Rows]) -> Sensitivity:
         if rule is None:
             raise SensitivityUnknown(f"{where}: the sensitivity of {step.op!r} is not known; a DP release can "
                                      f"use {', '.join(sorted(_RULES))}")
-        args: list[Abstract] = [values[a.ref] if isinstance(a, Ref) else Public(float(a.const))
-                                for a in step.args if isinstance(a, Ref | Const)]
+        args: list[Abstract] = [values[a.ref] if isinstance(a, Ref) else _public(where, a) for a in step.args]
         params = REGISTRY[step.op].params.model_validate(step.params)
         values.append(rule(where, args, params))
     out = values[-1]
@@ -93,6 +92,16 @@ def sensitivity(plan: Plan, inputs: Sequence[Rows]) -> Sensitivity:
 
 
 # --- rules -----------------------------------------------------------------------------------
+
+def _public(where: str, const: Const | TensorConst) -> Public:
+    if isinstance(const, Const):
+        return Public(float(const.const))
+    values = set(const.values)
+    if len(values) > 1:
+        raise _unknown(where, "a DP release combines rows with scalar constants only; this tensor constant "
+                              "varies (it may still be used in a plan released raw or kept)")
+    return Public(float(values.pop()) if values else 0.0)
+
 
 def _unknown(where: str, why: str) -> SensitivityUnknown:
     return SensitivityUnknown(f"{where}: {why}")

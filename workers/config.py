@@ -163,7 +163,7 @@ class NodeConfig(_Section):
         return self.node.database or f"sqlite:///{self.node.store / 'node.db'}"
 
     def identity(self) -> Identity:
-        return Identity.from_json(self.node.identity.read_text())
+        return Identity.read(self.node.identity)
 
     def keyring(self) -> dict[str, PublicIdentity]:
         """The users this node knows, by name."""

@@ -648,3 +648,20 @@ def test_outputs_never_have_disallowed_dtypes() -> None:
         out = evaluate(make_plan(steps, len(inputs)), list(inputs))
         assert out.dtype in ALLOWED_DTYPES.values()
         assert math.prod(out.shape) <= MAX_ELEMENTS
+
+
+def test_a_tensor_constant_is_public_and_bounded() -> None:
+    from protocol.plan import MAX_TENSOR_CONST, TensorConst
+
+    shift = torch.tensor([[1.0, 2.0]])
+    plan = Plan(inputs=[InputRef(kind="dataset", name="t")],
+                steps=[Step(op="add", args=[Ref(ref=0), TensorConst.of(shift)])])
+    assert validate(plan, [TensorSpec(shape=(3, 2), dtype="float32")])[-1].shape == (3, 2)
+    data = torch.arange(6.0).reshape(3, 2)
+    assert torch.equal(evaluate(plan, [data]), data + shift)
+    assert "tensor(shape=[1, 2], dtype=float32)" in plan.describe()
+    with pytest.raises(ValidationError):
+        TensorConst(shape=(MAX_TENSOR_CONST + 1,), dtype="float32", values=[0.0] * (MAX_TENSOR_CONST + 1))
+    with pytest.raises(InvalidRequest, match="needs 4 values"):
+        evaluate(Plan(inputs=plan.inputs, steps=[Step(op="add", args=[Ref(ref=0), TensorConst(
+            shape=(2, 2), dtype="float32", values=[1.0])])]), [data])

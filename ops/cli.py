@@ -30,11 +30,13 @@ mpc = typer.Typer(help="Run a node's MPC worker: encrypted ML-as-a-service.", no
 app.add_typer(mpc, name="mpc")
 runs_app = typer.Typer(help="Federated runs of grid.fit, from the client's history database.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
-RUNS_DB = typer.Option(None, "--db", help="SQLAlchemy URL of the history (default: ~/.gridq/runs.db, "
-                                          "or under $GRIDQ_CLIENT_HOME)")
+RUNS_DB = typer.Option(None, "--db", help="the history: a file path or an SQLAlchemy URL (default: "
+                                          "runs.db in $GRIDQ_HOME, ~/.gridq)")
+CONFIG = typer.Argument(..., help="the node's TOML config, or a node name for $GRIDQ_HOME/nodes/NAME.toml "
+                                  "(where `gridq up` writes its nodes' configs)")
 
 @contextmanager
-def owner_node(config: Path) -> Iterator[Node]:
+def owner_node(config: str | Path) -> Iterator[Node]:
     """The node's admin API for an owner's command; a GridError ends it with its message."""
     from protocol.errors import GridError
     from workers import Node
@@ -53,52 +55,81 @@ def owner_node(config: Path) -> Iterator[Node]:
         node.close()
 
 
-def _say(exc: Exception) -> None:
-    """A typed error is for people: its message, not a traceback."""
-    typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+def _say(exc: BaseException) -> None:
+    """A typed error is for people: its message on one line, not a traceback."""
+    message = " ".join(str(exc).split())
+    typer.echo(f"error: {type(exc).__name__}: {message}", err=True)
 
 
 BROKER = typer.Option("redis://127.0.0.1:6379/0", "--broker", envvar="GRIDQ_BROKER", help="Redis URL")
 
 
+def _home() -> Path:
+    from protocol.contract import gridq_home
+
+    return gridq_home()
+
+
 @keys.command("new")
-def keys_new(name: str, folder: Path = typer.Option(Path("~/.gridq"), "--dir", help="where to write"),
+def keys_new(name: str, folder: Path = typer.Option(None, "--dir", help="where to write (default: "
+                                                                         "$GRIDQ_HOME/keys, ~/.gridq/keys)"),
              force: bool = typer.Option(False, help="overwrite an existing key")) -> None:
-    """Write NAME.key (readable only by you) and NAME.pub; print the public key."""
+    """Write NAME.key (readable only by you) and NAME.pub; print the public key.
+
+    Example: gridq keys new zoe   (then give zoe.pub to the owners of the data)
+    """
     from ops.keys import write_identity
 
-    identity = write_identity(folder.expanduser(), name, overwrite=force)
-    typer.echo(f"secret key: {folder.expanduser() / (name + '.key')} (mode 0600)")
-    typer.echo(f"public key: {identity.public.text()}")
+    folder = (folder or _home() / "keys").expanduser()
+    identity = write_identity(folder, name, overwrite=force)
+    typer.echo(f"secret key: {folder / (name + '.key')} (mode 0600)")
+    typer.echo(f"public key: {folder / (name + '.pub')}: {identity.public.text()}")
 
 
 @app.command()
 def demo() -> None:
-    """Start a whole grid on this machine, run the private statistics use case, stop it."""
+    """Start a whole grid on this machine, play the three use cases on it (private statistics,
+    federated learning, encrypted inference), then stop it. Nothing is kept.
+
+    Example: gridq demo
+    """
     from ops.demo import run
 
     run(stay_up=False)
 
 
 @app.command()
-def up(home: Path = typer.Option(None, help="keep keys, data and logs here (default: a temp dir)")) -> None:
-    """Like demo, but the grid stays up until Ctrl-C."""
+def up(home: Path = typer.Option(None, help="keys, node configs, data and logs (default: $GRIDQ_HOME, "
+                                            "~/.gridq); kept across runs"),
+       play: bool = typer.Option(False, "--demo", help="play the demo's use cases once it is up")) -> None:
+    """Start a whole grid on this machine — Redis, gateway, nodes hospital and clinic, the MPC
+    pool — and keep it up until Ctrl-C. Prints the `export` line that points gridq and the
+    README's examples at it.
+
+    Example: gridq up --home ~/.gridq
+    """
     from ops.demo import run
 
-    run(stay_up=True, home=home)
+    run(stay_up=True, home=(home or _home()).expanduser(), play=play)
 
 
 @node.command("start")
-def node_start(config: Path, loglevel: str = "INFO") -> None:
-    """Serve a node's queue from its TOML config."""
+def node_start(config: str = CONFIG, loglevel: str = "INFO") -> None:
+    """Serve a node's queue from its TOML config.
+
+    Example: gridq node start ./hospital.toml
+    """
     from workers.worker import start_node
 
     start_node(config, loglevel)
 
 
 @mpc.command("start")
-def mpc_start(config: Path, loglevel: str = "INFO") -> None:
-    """Serve a node's MPC queue (mpc.<id>): host served models, hold shares, or deal triples."""
+def mpc_start(config: str = CONFIG, loglevel: str = "INFO") -> None:
+    """Serve a node's MPC queue (mpc.<id>): host served models, hold shares, or deal triples.
+
+    Example: gridq mpc start ./company.toml
+    """
     from workers.worker import start_mpc
 
     start_mpc(config, loglevel)
@@ -108,7 +139,10 @@ def mpc_start(config: Path, loglevel: str = "INFO") -> None:
 def gateway_start(broker: str = BROKER, identity: Path = typer.Option(..., help="the gateway's key file"),
                   database: str = typer.Option("sqlite:///gateway.db", help="SQLAlchemy URL of the registry"),
                   loglevel: str = "INFO") -> None:
-    """Serve the gateway queue: node registrations and dataset search."""
+    """Serve the gateway queue: node registrations and dataset search.
+
+    Example: gridq gateway start --broker redis://127.0.0.1:6379/0 --identity keys/gateway.key
+    """
     from ops.keys import read_identity
     from orchestrator.gateway import start_gateway
 
@@ -116,9 +150,12 @@ def gateway_start(broker: str = BROKER, identity: Path = typer.Option(..., help=
 
 
 @budget.command("show")
-def budget_show(config: Path, user: str = typer.Option(None, help="one user (default: every user)"),
+def budget_show(config: str = CONFIG, user: str = typer.Option(None, help="one user (default: every user)"),
                 dataset: str = typer.Option(None, help="one dataset (default: every dataset)")) -> None:
-    """What each user has spent of their budget on each dataset."""
+    """What each user has spent of their budget on each dataset.
+
+    Example: gridq budget show hospital --user carol
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -135,9 +172,13 @@ def budget_show(config: Path, user: str = typer.Option(None, help="one user (def
 
 
 @budget.command("set")
-def budget_set(config: Path, user: str, dataset: str, epsilon: float = typer.Option(..., min=0.0),
+def budget_set(config: str = CONFIG, user: str = typer.Argument(...), dataset: str = typer.Argument(...),
+               epsilon: float = typer.Option(..., min=0.0),
                delta: float = typer.Option(1e-6, min=0.0, max=0.999)) -> None:
-    """Give USER a total budget of (ε, δ) on DATASET (what is spent stays spent)."""
+    """Give USER a total budget of (ε, δ) on DATASET (what is spent stays spent).
+
+    Example: gridq budget set hospital carol birth-records-feb --epsilon 2
+    """
     with owner_node(config) as node:
         node.store.dataset_row(dataset)
         node.ledger.set(user, dataset, epsilon, delta)
@@ -146,15 +187,22 @@ def budget_set(config: Path, user: str, dataset: str, epsilon: float = typer.Opt
 
 
 @requests_app.command("list")
-def requests_list(config: Path, all_: bool = typer.Option(False, "--all", help="decided ones too")) -> None:
-    """Requests waiting for your decision."""
+def requests_list(config: str = CONFIG, all_: bool = typer.Option(False, "--all", help="decided ones too")) -> None:
+    """Requests waiting for your decision, with their whole ids (approve, deny and show take
+    the id or any unique prefix of it).
+
+    Example: gridq requests list hospital
+    """
     from datetime import datetime
 
     from rich.console import Console
     from rich.table import Table
 
     with owner_node(config) as node:
-        table = Table("id", "when", "who", "kind", "datasets", "release", "status")
+        table = Table()
+        table.add_column("id", no_wrap=True, min_width=41)  # whole: what approve/deny take (or a prefix)
+        for column in ("when", "who", "kind", "datasets", "release", "status"):
+            table.add_column(column)
         for r in node.requests(None if all_ else "pending"):
             when = datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M:%S")
             table.add_row(r.job_id, when, r.requester, r.kind, ", ".join(r.datasets), r.release, r.status)
@@ -162,8 +210,12 @@ def requests_list(config: Path, all_: bool = typer.Option(False, "--all", help="
 
 
 @requests_app.command("show")
-def requests_show(config: Path, request_id: str) -> None:
-    """Everything about one request: who, when, what it computes, what it releases."""
+def requests_show(config: str = CONFIG, request_id: str = typer.Argument(..., help="the id or a unique prefix")
+                  ) -> None:
+    """Everything about one request: who, when, what it computes, what it releases.
+
+    Example: gridq requests show hospital hospital:9f3c
+    """
     from datetime import datetime
 
     with owner_node(config) as node:
@@ -178,25 +230,37 @@ def requests_show(config: Path, request_id: str) -> None:
 
 
 @requests_app.command("approve")
-def requests_approve(config: Path, request_id: str) -> None:
-    """Approve: the job runs as asked and the requester's ticket completes."""
+def requests_approve(config: str = CONFIG,
+                     request_id: str = typer.Argument(..., help="the id or a unique prefix")) -> None:
+    """Approve: the job runs as asked and the requester's ticket completes.
+
+    Example: gridq requests approve hospital hospital:9f3c
+    """
     with owner_node(config) as node:
-        node.approve(request_id)
-        typer.echo(f"approved {request_id}: its requester has the answer")
+        request = node.request(request_id)
+        node.approve(request.job_id)
+        typer.echo(f"approved {request.job_id}: {request.requester} has the answer")
 
 
 @requests_app.command("deny")
-def requests_deny(config: Path, request_id: str,
+def requests_deny(config: str = CONFIG, request_id: str = typer.Argument(..., help="the id or a unique prefix"),
                   reason: str = typer.Option(..., "--reason", help="the requester reads it")) -> None:
-    """Deny, with a reason: the requester's ticket raises RequestDenied."""
+    """Deny, with a reason: the requester's ticket raises RequestDenied.
+
+    Example: gridq requests deny hospital hospital:9f3c --reason "not covered by the ethics approval"
+    """
     with owner_node(config) as node:
-        node.deny(request_id, reason)
-        typer.echo(f"denied {request_id}")
+        request = node.request(request_id)
+        node.deny(request.job_id, reason)
+        typer.echo(f"denied {request.job_id}: {request.requester} reads your reason")
 
 
 @runs_app.command("list")
 def runs_list(db: str = RUNS_DB) -> None:
-    """Every run, newest first: strategy, nodes, rounds done, the last round's loss and accuracy."""
+    """Every run, newest first: strategy, nodes, rounds done, the last round's loss and accuracy.
+
+    Example: gridq runs list --db ~/.gridq/runs.db
+    """
     from datetime import datetime
 
     from rich.console import Console
@@ -204,7 +268,7 @@ def runs_list(db: str = RUNS_DB) -> None:
 
     from orchestrator.history import History, summarize
 
-    history = History(db)
+    history = History(_history_url(db))
     table = Table()
     table.add_column("run", no_wrap=True, min_width=32)  # whole: it is what `gridq runs show` takes
     for column in ("started", "strategy", "nodes", "rounds", "loss", "accuracy"):
@@ -222,14 +286,17 @@ def runs_list(db: str = RUNS_DB) -> None:
 @runs_app.command("show")
 def runs_show(run_id: str, db: str = RUNS_DB) -> None:
     """One run: how it was asked, then each round — who answered, training loss and accuracy,
-    the global model's evaluation if the run asked for one, who dropped out and why."""
+    the global model's evaluation if the run asked for one, who dropped out and why.
+
+    Example: gridq runs show 3f2a9c0e5b7d4e1f8a6b2c9d0e1f2a3b
+    """
     from rich.console import Console
     from rich.table import Table
 
     from orchestrator.evaluation import weighted
     from orchestrator.history import History, summarize
 
-    history = History(db)
+    history = History(_history_url(db))
     try:
         config = history.config(run_id)
     except KeyError as exc:
@@ -252,46 +319,114 @@ def runs_show(run_id: str, db: str = RUNS_DB) -> None:
 
 
 @app.command()
-def flower(broker: str = BROKER, port: int = 5555, address: str = "127.0.0.1") -> None:
-    """Open Celery Flower on the grid's broker (http://127.0.0.1:5555)."""
-    os.environ.setdefault("FLOWER_UNAUTHENTICATED_API", "true")  # its JSON API, for scripts on this host
-    os.environ["GRIDQ_BROKER"] = broker
+def flower(broker: str = BROKER, port: int = 5555, address: str = "127.0.0.1",
+           auth_file: Path | None = typer.Option(None, "--auth-file", help="a file of one line 'user:password' "
+                                                 "(mode 0600) that Flower asks for (HTTP basic auth); "
+                                                 "or set FLOWER_BASIC_AUTH=user:password")) -> None:
+    """Open Celery Flower on the grid's broker (http://127.0.0.1:5555).
+
+    On loopback it may go without a password; on any other address it needs basic auth.
+
+    Example: gridq flower --address 0.0.0.0 --auth-file /var/lib/gridq/flower.auth
+    """
+    from protocol.errors import GridError
+
+    os.environ["GRIDQ_BROKER"] = broker  # before ops.flower_app builds its Celery app
+    from ops.flower_app import basic_auth, is_loopback
+
+    try:
+        auth = basic_auth(auth_file)
+    except GridError as exc:
+        _say(exc)
+        raise typer.Exit(1) from None
+    if auth:  # through the environment, not argv: `ps` would show a --basic-auth password
+        os.environ["FLOWER_BASIC_AUTH"] = auth
+        os.environ.pop("FLOWER_UNAUTHENTICATED_API", None)
+    elif is_loopback(address):
+        os.environ.setdefault("FLOWER_UNAUTHENTICATED_API", "true")  # its JSON API, for scripts on this host
+    else:
+        typer.echo(f"error: Flower on {address or 'every interface'} would let anyone who reaches it watch the "
+                   "grid and revoke jobs or shut workers down: give --auth-file PATH (one line 'user:password', "
+                   "mode 0600) or set FLOWER_BASIC_AUTH=user:password, or bind --address 127.0.0.1", err=True)
+        raise typer.Exit(1)
     from celery.bin.celery import main as celery_main
 
     sys.argv = ["celery", "-A", "ops.flower_app:app", "flower", f"--address={address}", f"--port={port}"]
     celery_main()
 
 
+def _history_url(db: str | None) -> str | None:
+    """``--db`` as given: a URL, or a path to an SQLite file that must exist."""
+    if db is None or "://" in db:
+        return db
+    path = Path(db).expanduser()
+    if not path.is_file():
+        from protocol.errors import NotFound
+
+        raise NotFound(f"no run history at {path}; grid.fit writes one (history_db=), by default in "
+                       f"$GRIDQ_HOME/runs.db")
+    return f"sqlite:///{path.resolve()}"
+
+
 @app.command()
 def status(broker: str = BROKER, identity: Path = typer.Option(None, help="a key file to ask as")) -> None:
-    """Nodes registered at the gateway, queue lengths and live workers."""
+    """Nodes registered at the gateway and every live worker: each queue (a node's own, and
+    mpc.<id> for its MPC worker), how many jobs wait in it, and whether a worker serves it.
+
+    Example: gridq status --broker redis://127.0.0.1:6379/0
+    """
     import redis
     from rich.console import Console
     from rich.table import Table
 
     from ops.keys import read_identity
+    from orchestrator.broker import broker_errors
     from orchestrator.grid import Grid
+    from protocol.contract import GATEWAY_QUEUE, mpc_queue
     from protocol.identity import Identity
 
     me = read_identity(identity) if identity else Identity.generate("operator")
     client = redis.Redis.from_url(broker)
-    with Grid.connect(broker, me, timeout=10) as grid:
-        live = {name.split("@")[0] for reply in grid.app.control.ping(timeout=1.0) for name in reply}
-        table = Table("node", "queue", "waiting jobs", "worker", "datasets")
+    with Grid.connect(broker, me, timeout=10) as grid, broker_errors(broker):
+        served = grid.app.control.inspect(timeout=1.0).active_queues() or {}
+        queues_up = {q["name"] for queues in served.values() for q in queues}
         found = grid.search()
-        queues = [("gateway", "gateway")] + [(n.node, n.queue) for n in grid.nodes()]
-        for name, queue in queues:
-            table.add_row(name, queue, str(client.llen(queue)), "up" if name in live else "[red]down[/]",
-                          ", ".join(p.name for p in found.get(name, [])))
+        rows = [("gateway", GATEWAY_QUEUE)]
+        for info in grid.nodes():
+            rows.append((info.node, info.queue))
+        nodes = {info.node for info in grid.nodes()}
+        mpc_queues = sorted(q for q in queues_up if q.startswith("mpc."))
+        rows += [(q.removeprefix("mpc."), q) for q in mpc_queues]
+        rows += [(n, mpc_queue(n)) for n in sorted(nodes) if mpc_queue(n) not in queues_up
+                 and client.llen(mpc_queue(n))]
+        table = Table("node", "queue", "waiting jobs", "worker", "datasets")
+        for name, queue in sorted(rows, key=lambda r: (r[0] != "gateway", r[0], r[1])):
+            waiting = client.llen(queue)
+            if queue in queues_up:
+                state = "up"
+            elif name in nodes and queue.startswith("mpc."):
+                state = "[yellow]no MPC worker[/]"
+            elif mpc_queue(name) in queues_up:
+                state = "[dim]MPC worker only[/]"
+            else:
+                state = "[red]down[/]"
+            datasets = "" if queue.startswith("mpc.") else ", ".join(p.name for p in found.get(name, []))
+            table.add_row(name, queue, str(waiting), state, datasets)
     Console().print(table)
 
 
 def main() -> None:
+    """Every error ends the command with one `error:` line (GRIDQ_DEBUG=1 shows the traceback)."""
+    import redis
+    from kombu.exceptions import KombuError, OperationalError
+
     from protocol.errors import GridError
 
     try:
         app()
-    except GridError as exc:
+    except (GridError, OSError, redis.RedisError, KombuError, OperationalError) as exc:
+        if os.environ.get("GRIDQ_DEBUG"):
+            raise
         _say(exc)
         raise SystemExit(1) from None
 

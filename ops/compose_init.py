@@ -1,19 +1,40 @@
-"""One-shot set-up of a docker-compose grid: keys of every demo participant and the demo
-data, written into the shared volume at ``$GRIDQ_HOME`` (see docker-compose.yml).
+"""One-shot set-up of a docker-compose grid: keys of every demo participant, the demo data
+and Flower's basic-auth credentials, written into the shared volume at ``$GRIDQ_HOME``
+(see docker-compose.yml).
 
     GRIDQ_HOME=/var/lib/gridq python -m ops.compose_init
 
 Idempotent: existing keys are kept (a restarted ``init`` never replaces an identity the
-nodes and the gateway already know); the seeded demo data is rewritten identically.
+nodes and the gateway already know), and so is Flower's password; the seeded demo data is
+rewritten identically.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from pathlib import Path
 
 from ops.demo import prepare
+
+FLOWER_AUTH = "flower.auth"  # "operator:<secret>", mode 0600: `gridq flower --auth-file` reads it
+FLOWER_USER = "operator"
+
+
+def flower_auth(home: Path) -> Path:
+    """Write ``home/flower.auth`` — ``operator:<random secret>``, readable by its owner only —
+    unless it exists: a re-run keeps the password the operator was given."""
+    path = home / FLOWER_AUTH
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        os.chmod(path, 0o600)  # the secret is kept; its mode is put right if it was loosened
+        return path
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{FLOWER_USER}:{secrets.token_urlsafe(24)}\n")
+    os.chmod(path, 0o600)  # whatever the umask
+    return path
 
 
 def main() -> None:
@@ -22,11 +43,12 @@ def main() -> None:
         sys.exit("GRIDQ_HOME is not set: it names the folder shared by the gateway and the nodes")
     home_path = Path(home)
     configs = prepare(home_path)
+    auth = flower_auth(home_path)
     keys = sorted(p.name for p in (home_path / "keys").glob("*.pub"))
     data = sorted(p.name for p in (home_path / "data").iterdir())
     print(
         f"gridq init: {home_path}: public keys {', '.join(keys)}; data {', '.join(data)}; "
-        f"node configs {', '.join(str(c) for c in configs)}",
+        f"node configs {', '.join(str(c) for c in configs)}; Flower's basic auth in {auth} (mode 0600)",
         flush=True,
     )
 

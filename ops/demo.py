@@ -4,9 +4,13 @@ and encrypted ML-as-a-service."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,24 +19,31 @@ from rich.console import Console
 
 from ops.demo_data import digits_split, write_demo_data
 from ops.local import NODE_CONFIGS, LocalGrid
-from protocol.errors import PermissionDenied
+from protocol.errors import InvalidRequest, PermissionDenied
 from workers.datasets import load_table
 
 USERS = ("alice", "bob", "ana", "carol", "dana", "eve")
 MPC_NODES = ("company", "university", "hospital", "public")  # host, crypto provider, two share holders
+MPC_ONLY = ("company", "university", "public")  # nodes that run only an MPC worker
 console = Console()
 
 
 def prepare(home: Path) -> list[Path]:
-    """Keys for every demo participant and the demo data; returns the node configs."""
+    """Keys for every demo participant (kept if they exist), the demo data, and the demo node
+    configs in ``home/nodes`` (where ``gridq requests list hospital`` finds them); returns the
+    configs of the two data-owning nodes."""
     lg = LocalGrid(home)
-    lg.ensure_keys("gateway", "hospital", "clinic", "company", "university", "public", *USERS)
+    lg.ensure_keys("gateway", "hospital", "clinic", *MPC_ONLY, *USERS)
+    (home / "nodes").mkdir(parents=True, exist_ok=True)
+    for config in NODE_CONFIGS.glob("*.toml"):
+        if not (home / "nodes" / config.name).exists():  # an owner's edits survive
+            shutil.copy(config, home / "nodes" / config.name)
     write_demo_data(home / "data")
     shards, (x_test, y_test) = digits_split(2)
     for node, shard in zip(("hospital", "clinic"), shards, strict=True):
         np.save(home / "data" / f"{node}_digits.npy", shard)
     np.save(home / "data" / "digits_test.npy", np.column_stack([x_test, y_test]).astype(np.float32))
-    return [NODE_CONFIGS / "hospital.toml", NODE_CONFIGS / "clinic.toml"]
+    return [home / "nodes" / "hospital.toml", home / "nodes" / "clinic.toml"]
 
 
 def step(text: str) -> None:
@@ -100,12 +111,13 @@ def private_releases(lg: LocalGrid, local: torch.Tensor) -> None:
         while ticket.status in ("queued", "running"):
             time.sleep(0.02)
         console.print(f"  her ticket: {ticket.status}")
-        owner = lg.owner(NODE_CONFIGS / "hospital.toml")
+        owner = lg.owner(lg.home / "nodes" / "hospital.toml")
         try:
             (request,) = owner.requests()
             console.print(f"  the owner sees: {request.requester} asks '{request.kind}' on "
                           f"{', '.join(request.datasets)}: {request.reason!r}")
-            console.print(f"  the owner runs: gridq requests approve hospital.toml {request.job_id}")
+            console.print(f"  the owner runs: gridq requests approve hospital {request.job_id[:18]}"
+                          "   (a unique prefix of the id is enough)")
             owner.approve(request.job_id)
         finally:
             owner.close()
@@ -137,12 +149,18 @@ def federated_learning(lg: LocalGrid) -> None:
                   "(no digit left its node; only weights travelled, sealed)")
 
 
+def start_mpc_pool(lg: LocalGrid) -> None:
+    """company hosts models, hospital and public hold shares, university deals."""
+    for node in MPC_NODES:
+        lg.start_mpc(lg.home / "nodes" / f"{node}.toml")
+    lg.wait_ready(list(MPC_NODES), workers=[f"{n}-mpc" for n in MPC_NODES])
+
+
 def encrypted_inference(lg: LocalGrid) -> None:
     """The third use case: a model served secret-shared, queried privately."""
     step("the MPC pool starts: company hosts models, hospital and public hold shares, university deals")
-    for node in MPC_NODES:
-        lg.start_mpc(NODE_CONFIGS / f"{node}.toml")
-    lg.wait_ready(list(MPC_NODES), workers=[f"{n}-mpc" for n in MPC_NODES])
+    if "company-mpc" not in lg.procs:
+        start_mpc_pool(lg)
     model = torch.nn.Linear(4, 2)
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[0.5, -1.25, 2.0, 0.1], [-0.3, 0.7, 0.05, -2.5]]))
@@ -182,28 +200,66 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def run(stay_up: bool = False, home: Path | None = None) -> None:
+def run(stay_up: bool = False, home: Path | None = None, play: bool = True) -> None:
+    """``gridq demo`` (a temporary home, the use cases played, then stopped) and ``gridq up``
+    (a kept home, the MPC pool started too, up until Ctrl-C; the use cases only if asked)."""
     _stop_on_sigterm()
     with tempfile.TemporaryDirectory(prefix="gridq-") as tmp:
-        home = home or Path(tmp)
+        home = Path(home or tmp).resolve()
         configs = prepare(home)
-        with LocalGrid(home) as lg:
+        with LocalGrid(home) as lg, _one_grid_per_home(home, stay_up):
             console.print("[bold]Starting a local grid[/]: Redis, gateway, nodes hospital and clinic …")
             t0 = time.perf_counter()
             lg.start(configs)
-            console.print(f"  ready in {time.perf_counter() - t0:.1f} s — broker {lg.url}, logs in {lg.logs}")
-            private_statistics(lg)
-            federated_learning(lg)
-            encrypted_inference(lg)
             if stay_up:
-                console.print(f"\n[bold]The grid is up.[/] Broker: {lg.url}  keys: {lg.keys}\n"
-                              f"  gridq status --broker {lg.url}\n  gridq flower --broker {lg.url}\n"
-                              "Ctrl-C stops it.")
-                try:
-                    while all(p.poll() is None for p in lg.procs.values()):
-                        time.sleep(1)
-                    console.print("[red]a process of the grid exited; stopping[/]")
-                except KeyboardInterrupt:
-                    pass
+                start_mpc_pool(lg)
+            console.print(f"  ready in {time.perf_counter() - t0:.1f} s — broker {lg.url}, logs in {lg.logs}")
+            if play:
+                private_statistics(lg)
+                federated_learning(lg)
+                encrypted_inference(lg)
+            if stay_up:
+                _serve_until_stopped(lg)
             console.print("\nstopping the grid …")
         console.print("[bold green]done[/]")
+
+
+def _serve_until_stopped(lg: LocalGrid) -> None:
+    exports = f"export GRIDQ_BROKER={lg.url} GRIDQ_HOME={lg.home}"
+    (lg.home / "env.sh").write_text(exports + "\n")
+    console.print("\n[bold]The grid is up.[/] Paste this in another shell (it is also in "
+                  f"{lg.home / 'env.sh'}):\n\n{exports}\n\n"
+                  "then, for example:\n  gridq status\n  gridq requests list hospital\n"
+                  "  python   # and the README's examples, which connect with Grid.connect(identity=\"alice\")\n"
+                  f"Keys are in {lg.keys} (users {', '.join(USERS)}); logs in {lg.logs}. Ctrl-C stops it.",
+                  soft_wrap=True)
+    try:
+        while all(p.poll() is None for p in lg.procs.values()):
+            time.sleep(1)
+        console.print("[red]a process of the grid exited; stopping[/] (its log is in " + str(lg.logs) + ")")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        (lg.home / "env.sh").unlink(missing_ok=True)
+
+
+@contextmanager
+def _one_grid_per_home(home: Path, kept: bool) -> Iterator[None]:
+    """Two grids on one home would share the nodes' databases: refuse the second one."""
+    if not kept:
+        yield
+        return
+    pidfile = home / "up.pid"
+    try:
+        other = int(pidfile.read_text())
+        os.kill(other, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        pass
+    else:
+        env = (home / "env.sh").read_text().strip() if (home / "env.sh").exists() else ""
+        raise InvalidRequest(f"a grid is already up on {home} (process {other}); {env or 'stop it first'}")
+    pidfile.write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        pidfile.unlink(missing_ok=True)

@@ -5,7 +5,7 @@
     ev.nodes["hospital"].accuracy, ev.missing              # per node; who did not answer, why
 
 Each node evaluates the weights sent (sealed to it) on its ``x`` and ``y`` and answers the
-loss and, for classification, the accuracy. That is a release of what the model does on
+loss and, for classification, the accuracy, sealed to you. That is a release of what the model does on
 private data, by the same door as trained weights: to an allowed user of the data, or once
 the owner approves (kind ``train``); never by the DP door, as it carries no noise.
 ``grid.fit(..., evaluate=[...])`` evaluates the global model so after every round, on
@@ -70,10 +70,10 @@ def evaluate(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor],
         try:
             if isinstance(answer, GridError):
                 raise answer
-            metrics = answer.reply().metrics
-            if metrics is None:
+            sealed = answer.reply().metrics
+            if sealed is None:
                 raise JobFailed(f"node {node!r} answered an evaluation without figures")
-            nodes[node] = metrics
+            nodes[node] = sealed.open(grid.identity, answer.id)  # sealed to us: figures of private data
         except GridError as exc:
             missing[node] = f"{type(exc).__name__}: {exc}"
             errors.append(exc)

@@ -17,7 +17,7 @@ the node rebuilds it from the allow-list and never runs code it was sent. Each r
 ``fit`` is a Celery group of training jobs, one per node, run in parallel; the round
 closes when every node has answered or ``round_timeout`` has passed with at least
 ``min_nodes`` answers. Late answers are discarded and recorded; a dead node never stops
-the run. Each node's job releases its trained weights sealed to you (the node's policy
+the run. Each node's job releases its trained weights, and its loss and accuracy, sealed to you (the node's policy
 decides: an allowed user gets them, others wait for the owner's approval of kind
 ``train``, and the round goes on without that node), and the new global model is their
 average weighted by sample counts (FedAvg; ``strategy="fedprox"`` with ``proximal_mu``
@@ -271,6 +271,7 @@ def _round(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor], data: Se
             reply = answer.reply()
             if reply.metrics is None:
                 raise JobFailed(f"node {node!r} answered without training metrics")
+            m: TrainMetrics = reply.metrics.open(grid.identity, answer.id)  # sealed to us: figures of private data
             if secure is None:
                 update: Any = answer.value()
             elif set(reply.shares) == set(secure.aggregators):
@@ -282,7 +283,6 @@ def _round(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor], data: Se
             records.append(RoundRecord(r, node, status, 0, 0.0, None, seconds, f"{type(exc).__name__}: {exc}"))
             errors.append(exc)
             continue
-        m: TrainMetrics = reply.metrics
         records.append(RoundRecord(r, node, "done", m.samples, m.loss, m.accuracy, seconds, ""))
         updates.append((node, update, m.samples))
     return records, updates, errors

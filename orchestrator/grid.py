@@ -42,6 +42,7 @@ from protocol.contract import (
     GATEWAY_QUEUE,
     PUBLIC,
     Tasks,
+    gridq_home,
     node_queue,
 )
 from protocol.envelope import Envelope, MemoryNonceStore, open_envelope, seal_envelope
@@ -68,16 +69,11 @@ from protocol.plan import InputRef, TensorSpec
 JOB_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}:[0-9a-f]{32}")
 
 
-def home() -> Path:
-    """Where keys, data and the run history live: ``$GRIDQ_HOME``, else ``~/.gridq``."""
-    return Path(os.environ.get("GRIDQ_HOME") or "~/.gridq").expanduser()
-
-
 def key_path(identity: str | Path) -> Path:
     """A key file's path; a bare name (``"alice"``) is ``$GRIDQ_HOME/keys/alice.key``."""
     text = str(identity)
     if "/" not in text and not text.endswith(".key"):
-        return home() / "keys" / f"{text}.key"
+        return gridq_home() / "keys" / f"{text}.key"
     return Path(text).expanduser()
 
 

@@ -1,21 +1,20 @@
 """The history of federated runs, in the orchestrator's database (SQLite under
-``~/.gridq/runs.db`` unless told otherwise; any SQLAlchemy URL works): one row per run,
+``$GRIDQ_HOME/runs.db``, ``~/.gridq/runs.db``, unless told otherwise; any SQLAlchemy URL works): one row per run,
 one per node and round — who answered, with how many samples, what loss and accuracy,
 and who dropped out and why."""
 
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, Float, Integer, String, Text, create_engine, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from protocol.contract import gridq_home
 from protocol.messages import TrainMetrics
 from protocol.model import ModelSpec
 
@@ -70,7 +69,7 @@ class EvaluationRow(_Base):
 
 
 def default_url() -> str:
-    folder = Path(os.environ.get("GRIDQ_CLIENT_HOME", Path.home() / ".gridq"))
+    folder = gridq_home()
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'runs.db'}"
 

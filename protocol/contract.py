@@ -6,6 +6,8 @@ tasks by name. Nothing here imports Celery.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 GATEWAY = "gateway"
@@ -68,6 +70,10 @@ def celery_settings(
     * JSON and msgpack only: nothing pickled crosses the broker (kombu refuses the rest).
     * ``worker_send_task_events``/``task_send_sent_event``: Flower sees every job.
       Task arguments are envelopes (plans and ids): Flower shows nothing secret.
+    * ``task_annotations`` ``resultrepr_maxsize=0``: a task's return value (a reply
+      envelope) is left out of its ``task-succeeded`` event — Flower shows ``", ..."`` for
+      it — and out of the worker's success log line (the workers also log success without
+      it: ``celery.app.trace.LOG_SUCCESS``). Replies are read from the result backend only.
     * ``task_track_started``: a ticket can tell ``queued`` from ``running``.
     """
     visibility = visibility_timeout if visibility_timeout is not None else max(2 * time_limit, 600.0)
@@ -92,8 +98,15 @@ def celery_settings(
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "task_track_started": True,
+        "task_annotations": {"*": {"resultrepr_maxsize": 0}},
         "result_expires": 24 * 3600,
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
         "enable_utc": True,
     }
+
+
+def gridq_home() -> Path:
+    """Where a participant keeps keys (``keys/``), node configs (``nodes/``), data and the run
+    history: ``$GRIDQ_HOME``, else ``~/.gridq``. Shared by the client, the nodes and the CLI."""
+    return Path(os.environ.get("GRIDQ_HOME") or "~/.gridq").expanduser()

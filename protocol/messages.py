@@ -6,11 +6,14 @@ parsed with :func:`parse_body` only after the envelope is verified.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from protocol.errors import InvalidRequest
+from protocol.identity import Identity, PublicIdentity
 from protocol.model import ModelSpec
 from protocol.plan import Plan
 
@@ -147,13 +150,46 @@ class SecureAggregation(_Model):
 
 
 class TrainMetrics(_Model):
-    """What a node reports of a training job: on its own data, after training."""
+    """What a node reports of a training job: on its own data, after training. Figures of
+    private data: they travel sealed to the requester (:class:`SealedMetrics`), never in
+    plaintext through the result backend or Flower."""
 
     samples: Annotated[int, Field(ge=0)]
     loss: float
     accuracy: float | None = None
     seconds: Annotated[float, Field(ge=0)] = 0.0
     epsilon: float | None = None  # DP-SGD: the ε charged for this training, at its δ
+
+    def sealed_to(self, recipient: PublicIdentity) -> SealedMetrics:
+        """These figures as JSON, padded to one length (the ciphertext's size tells nothing of
+        them), sealed to ``recipient`` (X25519 sealed box)."""
+        text = self.model_dump_json().ljust(_METRICS_PADDED).encode()
+        return SealedMetrics(sealed=base64.b64encode(recipient.seal(text)).decode("ascii"))
+
+
+_METRICS_PADDED = 256  # a TrainMetrics as JSON is ~130 characters: padded with spaces to this
+
+
+class SealedMetrics(_Model):
+    """:class:`TrainMetrics` sealed to the requester (base64 of an X25519 sealed box): whoever
+    reads Redis or Flower sees ciphertext; ``open`` with the requester's key gives the figures."""
+
+    sealed: Annotated[str, Field(min_length=4, max_length=1024, pattern=r"^[A-Za-z0-9+/]+={0,2}$")]
+
+    def open(self, identity: Identity, job_id: str | None = None) -> TrainMetrics:
+        """The figures; ``BadSignature`` if they were not sealed to ``identity``, and
+        ``InvalidRequest`` if what is sealed is not metrics."""
+        try:
+            data = base64.b64decode(self.sealed, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidRequest("sealed metrics are not valid base64", job_id=job_id) from None
+        plain = identity.unseal(data)
+        try:
+            return TrainMetrics.model_validate_json(plain)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "metrics"
+            raise InvalidRequest(f"malformed sealed metrics: {where}: {first['msg']}", job_id=job_id) from None
 
 
 class TrainJob(_Model):
@@ -176,8 +212,8 @@ class TrainJob(_Model):
 class EvalJob(_Model):
     """Data scientist → node: how do these weights do on the values of plans ``x`` and
     ``y``? The loss (and, for classification, the accuracy) comes back as ``metrics``,
-    released as trained weights would be: to an allowed user of the data, or once the
-    owner approves (kind ``train``)."""
+    sealed to the requester and released as trained weights would be: to an allowed user
+    of the data, or once the owner approves (kind ``train``)."""
 
     kind: Literal["evaluate"] = "evaluate"
     model: ModelSpec
@@ -234,7 +270,7 @@ class JobReply(_Model):
     value: SealedValue | None = None
     noise: NoiseInfo | None = None
     budgets: Annotated[list[BudgetInfo], Field(max_length=1024)] = []
-    metrics: TrainMetrics | None = None
+    metrics: SealedMetrics | None = None  # a training's or an evaluation's figures, sealed to the requester
     # secure aggregation: aggregation party → claim-check key of the share sealed to it
     shares: Annotated[dict[Name, Annotated[str, Field(max_length=80, pattern=r"^gridq:blob:[A-Za-z0-9_\-]{16,64}$")]],
                       Field(max_length=8)] = {}

@@ -46,7 +46,23 @@ class Requests:
                 query = query.where(RequestRow.status == status)
             return list(s.scalars(query))
 
+    def resolve(self, given: str) -> str:
+        """The whole id of the request ``given`` names: the id itself, or a unique prefix of it
+        (with or without the ``node:`` part), as git takes a commit's."""
+        with self.store.session() as s:
+            if s.get(RequestRow, given) is not None:
+                return given
+            ids = [i for i in s.scalars(select(RequestRow.job_id))
+                   if given and (i.startswith(given) or i.partition(":")[2].startswith(given))]
+        if len(ids) == 1:
+            return ids[0]
+        if not ids:
+            raise NotFound(f"no request {given!r} on this node; `gridq requests list --all` shows them")
+        raise InvalidRequest(f"{given!r} names {len(ids)} requests ({', '.join(sorted(ids)[:4])}…); "
+                             "give more of the id")
+
     def get(self, job_id: str) -> RequestRow:
+        job_id = self.resolve(job_id)
         with self.store.session() as s:
             row = s.get(RequestRow, job_id)
         if row is None:
@@ -55,6 +71,7 @@ class Requests:
 
     def decide(self, job_id: str, status: str, decision: str = "") -> RequestRow:
         """Mark a pending request approved or denied (once: a decision is final)."""
+        job_id = self.resolve(job_id)
         with self.store.session() as s:
             row = s.get(RequestRow, job_id, with_for_update=True)
             if row is None:

@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from protocol.contract import gridq_home
 from protocol.errors import InvalidRequest
 from protocol.identity import Identity, PublicIdentity
 
@@ -214,9 +215,18 @@ def _anchor(config: NodeConfig, base: Path) -> NodeConfig:
     return config
 
 
+def config_path(given: str | Path) -> Path:
+    """A node config's path; a bare node name (``hospital``) is ``$GRIDQ_HOME/nodes/hospital.toml``,
+    where ``gridq up`` writes the configs of its nodes."""
+    text = str(given)
+    if "/" not in text and not text.endswith(".toml") and not Path(text).exists():
+        return gridq_home() / "nodes" / f"{text}.toml"
+    return Path(text).expanduser()
+
+
 def load_config(path: str | Path) -> NodeConfig:
     """Read a node config; errors name the file and the offending field."""
-    path = Path(path)
+    path = config_path(path)
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:

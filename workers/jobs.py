@@ -288,14 +288,15 @@ class JobRunner:
                 self.ledger.precheck(requester, datasets, charge, job_id)  # exhausted: refused before any work
             metrics = train(model, x, y, job.config, job.dp)
             trained = flatten_state(model.state_dict())
+        sealed = metrics.sealed_to(self.keyring[requester])  # figures of private data: for the requester only
         if door == "keep":
-            reply = JobReply(status="done", ticket=self._keep(requester, job_id, trained, datasets), metrics=metrics)
+            reply = JobReply(status="done", ticket=self._keep(requester, job_id, trained, datasets), metrics=sealed)
             return reply, None
         if job.secure is not None:
             reply = JobReply(status="done", shares=self._shares(job_id, job.secure, trained, metrics.samples),
-                             metrics=metrics)
+                             metrics=sealed)
         else:
-            reply = JobReply(status="done", value=self._seal(requester, trained), metrics=metrics)
+            reply = JobReply(status="done", value=self._seal(requester, trained), metrics=sealed)
         return reply, (PendingCharge(datasets, charge) if door == "dp" and charge is not None else None)
 
     def _evaluate(self, requester: str, job_id: str, job: EvalJob, approved: bool) -> JobReply:
@@ -312,7 +313,8 @@ class JobRunner:
         x, y = evaluate(job.x, x_inputs), evaluate(job.y, y_inputs)
         with self.models.lend(job.model) as model:
             load_state(model, unflatten_state(decode_tensor(self._unseal(job.weights)), model.state_dict()))
-            return JobReply(status="done", metrics=score(model, x, y, job.loss))
+            metrics = score(model, x, y, job.loss)
+        return JobReply(status="done", metrics=metrics.sealed_to(self.keyring[requester]))
 
     def _shares(self, job_id: str, secure: SecureAggregation, trained: torch.Tensor, samples: int) -> dict[str, str]:
         """The update weighted by its sample count, in fixed point, split into one additive

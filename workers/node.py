@@ -147,7 +147,7 @@ class Node:
 
     def approve(self, job_id: str) -> dict[str, Any]:
         """Run the request as it was asked and complete the requester's ticket."""
-        Requests(self.store).decide(job_id, "approved")
+        job_id = Requests(self.store).decide(job_id, "approved").job_id
         signed = self.runner().run_approved(job_id)
         self.app.backend.store_result(job_id, signed, "SUCCESS")
         return signed
@@ -157,6 +157,7 @@ class Node:
         if not reason.strip():
             raise InvalidRequest("say why the request is denied: the requester reads the reason")
         request = Requests(self.store).decide(job_id, "denied", reason)
+        job_id = request.job_id
         error = RequestDenied(f"the owner of {self.id!r} denied {request.requester!r}'s {request.kind} request "
                               f"on {', '.join(request.datasets)}: {reason}", job_id=job_id)
         self.app.backend.store_result(job_id, self.runner().refuse(job_id, error), "SUCCESS")

@@ -18,10 +18,10 @@ from ops.local import LocalGrid, free_port
 def test_status_lists_nodes_queues_and_live_workers(local_grid: LocalGrid):
     result = CliRunner().invoke(app, ["status", "--broker", local_grid.url], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    lines = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 3}
-    assert "up" in lines["hospital"] and "birth-records-feb" in lines["hospital"]
-    assert "up" in lines["clinic"] and "birth-records-mar" in lines["clinic"]
-    assert "node.hospital" in lines["hospital"]
+    lines = {tuple(c.strip() for c in line.split("│")[1:3]): line for line in result.output.splitlines()
+             if line.count("│") > 3}
+    assert "up" in lines[("hospital", "node.hospital")] and "birth-records-feb" in lines[("hospital", "node.hospital")]
+    assert "up" in lines[("clinic", "node.clinic")] and "birth-records-mar" in lines[("clinic", "node.clinic")]
 
 
 def test_flower_shows_the_workers_and_the_jobs(local_grid: LocalGrid):

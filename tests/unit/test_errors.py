@@ -12,6 +12,7 @@ from protocol.errors import (
     ApprovalRequired,
     AuthenticationError,
     BadSignature,
+    BrokerUnavailable,
     BudgetExhausted,
     ForbiddenOperation,
     GridError,
@@ -46,7 +47,8 @@ def test_registry_holds_every_documented_error() -> None:
         GridError, AuthenticationError, BadSignature, UnknownSender, MessageExpired,
         ReplayedNonce, WrongRecipient, IncompatibleProtocol, PermissionDenied,
         ApprovalRequired, BudgetExhausted, InvalidRequest, ForbiddenOperation,
-        LimitExceeded, SensitivityUnknown, NotFound, NodeUnavailable, JobFailed, RequestDenied,
+        LimitExceeded, SensitivityUnknown, NotFound, NodeUnavailable, BrokerUnavailable, JobFailed,
+        RequestDenied,
     }
     assert set(ERRORS_BY_CODE.values()) == expected
 
@@ -111,7 +113,7 @@ def test_retryable_is_a_property_of_the_type() -> None:
     assert PermissionDenied.retryable is False
     assert PermissionDenied("no").retryable is False
     # nothing else is retryable: a retry would just fail again
-    assert [c for c in ALL_CLASSES if c.retryable] == [NodeUnavailable]
+    assert {c for c in ALL_CLASSES if c.retryable} == {NodeUnavailable, BrokerUnavailable}
 
 
 def test_hierarchy_matches_the_documented_tree() -> None:

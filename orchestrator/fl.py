@@ -60,7 +60,6 @@ from protocol.messages import (
     SecureAggregation,
     TrainConfig,
     TrainJob,
-    TrainMetrics,
     checked,
 )
 from protocol.model import ModelSpec, describe_model, flatten_state, unflatten_state
@@ -269,9 +268,7 @@ def _round(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor], data: Se
             if isinstance(answer, GridError):
                 raise answer
             reply = answer.reply()
-            if reply.metrics is None:
-                raise JobFailed(f"node {node!r} answered without training metrics")
-            m: TrainMetrics = reply.metrics.open(grid.identity, answer.id)  # sealed to us: figures of private data
+            m = answer.metrics()
             if secure is None:
                 update: Any = answer.value()
             elif set(reply.shares) == set(secure.aggregators):

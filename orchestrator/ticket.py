@@ -20,7 +20,7 @@ from orchestrator.broker import broker_errors
 from protocol.codec import decode_tensor
 from protocol.contract import PENDING_APPROVAL, PUBLIC
 from protocol.errors import ApprovalRequired, JobFailed, NodeUnavailable, error_from_wire
-from protocol.messages import JobReply, NoiseInfo, parse_body
+from protocol.messages import JobReply, NoiseInfo, TrainMetrics, parse_body
 from protocol.plan import InputRef, TensorSpec
 
 if TYPE_CHECKING:
@@ -136,6 +136,16 @@ class JobTicket:
         if reply.noise is None:
             raise JobFailed(f"job {self.id} was not a differentially private release", job_id=self.id)
         return PrivateValue(self.value(), reply.noise)
+
+    def metrics(self, timeout: float | None = None) -> TrainMetrics:
+        """A training's or an evaluation's figures (samples, loss, accuracy, ε), opened with
+        the requester's key: they travel sealed, as figures of private data."""
+        reply = self.wait(timeout)._reply
+        assert reply is not None
+        if reply.metrics is None:
+            raise JobFailed(f"job {self.id} on {self.node!r} answered without training or evaluation figures",
+                            job_id=self.id)
+        return reply.metrics.open(self._grid.identity, self.id)
 
     def reply(self, timeout: float | None = None) -> JobReply:
         reply = self.wait(timeout)._reply

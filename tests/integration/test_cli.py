@@ -4,6 +4,8 @@ by unique prefix, MPC workers in `gridq status`, and every error as one `error:`
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -29,42 +31,57 @@ def owner_env(local_grid: LocalGrid) -> dict[str, str]:
 
 
 @pytest.fixture()
-def two_requests(local_grid: LocalGrid) -> Iterator[tuple[str, str]]:
+def two_requests(local_grid: LocalGrid, ward: Path) -> Iterator[tuple[str, str]]:
+    """Two of carol's compute jobs parked at the manual-approval node ``ward`` (approving one
+    changes nothing but that job: no one becomes an allowed user of anything)."""
+    shutil.copy(ward, local_grid.home / "nodes" / "ward.toml")  # where a node name is looked up
     with local_grid.connect("carol") as carol:
-        births = carol.search("#birth-records", "#february")["hospital"][0]
-        first, second = births.request_access("cli test one"), births.request_access("cli test two")
+        births = carol.search("#ward")["ward"][0]
+        first, second = births.sum().submit(), births.mean().submit()
         for ticket in (first, second):
             while ticket.status in ("queued", "running"):
                 time.sleep(0.02)
+            assert ticket.status == "pending_approval"
         yield first.id, second.id
+        assert first.wait(timeout=30).status == "done"  # approved below: carol's ticket completes
 
 
-def test_requests_by_node_name_whole_ids_and_unique_prefixes(two_requests: tuple[str, str],
+def test_requests_by_node_name_whole_ids_and_unique_prefixes(two_requests: tuple[str, str], ward: Path,
                                                              owner_env: dict[str, str]) -> None:
     first, second = two_requests
-    listed = CliRunner().invoke(app, ["requests", "list", "hospital"], env=owner_env)  # $GRIDQ_HOME/nodes
+    listed = CliRunner().invoke(app, ["requests", "list", "ward"], env=owner_env)  # $GRIDQ_HOME/nodes/ward.toml
     assert listed.exit_code == 0, listed.output
     assert first in listed.output and second in listed.output  # whole, in 80 columns
 
-    ambiguous = gridq("requests", "approve", "hospital", "hospital:", env=owner_env)
+    ambiguous = gridq("requests", "approve", "ward", "ward:", env=owner_env)
     assert ambiguous.returncode == 1
     assert ambiguous.stderr.startswith("error: InvalidRequest:") and "give more of the id" in ambiguous.stderr
     assert len(ambiguous.stderr.strip().splitlines()) == 1
 
-    unique = first[:18]
+    unique = first[:14]
     assert not second.startswith(unique)
-    approved = gridq("requests", "approve", str(NODE_CONFIGS / "hospital.toml"), unique, env=owner_env)
+    approved = gridq("requests", "approve", str(ward), unique, env=owner_env)
     assert approved.returncode == 0, approved.stderr
     assert f"approved {first}" in approved.stdout
-    denied = gridq("requests", "deny", "hospital", second.split(":")[1][:12], "--reason", "no", env=owner_env)
+    denied = gridq("requests", "deny", "ward", second.split(":")[1][:12], "--reason", "no", env=owner_env)
     assert denied.returncode == 0, denied.stderr
     assert f"denied {second}" in denied.stdout
 
 
-def test_status_shows_mpc_queues_and_workers(local_grid: LocalGrid) -> None:
-    if "public-mpc" not in local_grid.procs:
-        local_grid.start_mpc(NODE_CONFIGS / "public.toml")
-    local_grid.wait_ready(["public"], workers=["public-mpc"])
+@pytest.fixture()
+def public_mpc(local_grid: LocalGrid) -> Iterator[None]:
+    """The MPC worker of the MPC-only node ``public``, for this test only (other tests start
+    the pool themselves: a second worker on its queue would change what they see)."""
+    assert "public-mpc" not in local_grid.procs
+    local_grid.start_mpc(NODE_CONFIGS / "public.toml")
+    try:
+        local_grid.wait_ready(["public"], workers=["public-mpc"])
+        yield
+    finally:
+        local_grid.kill("public-mpc", signal.SIGTERM)
+
+
+def test_status_shows_mpc_queues_and_workers(local_grid: LocalGrid, public_mpc: None) -> None:
     result = CliRunner().invoke(app, ["status", "--broker", local_grid.url], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     rows = {tuple(c.strip() for c in line.split("│")[1:3]): line for line in result.output.splitlines()

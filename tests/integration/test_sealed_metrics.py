@@ -71,7 +71,8 @@ def test_training_and_evaluation_figures_travel_sealed(local_grid: LocalGrid):
             ticket = grid.send(mlp(), "hospital").train(x, y, epochs=1, lr=0.05)  # weights kept at the node
             sealed = ticket.reply(timeout=60).metrics
             assert isinstance(sealed, SealedMetrics)
-            kept = sealed.open(grid.identity, ticket.id)
+            kept = ticket.metrics()
+            assert kept == sealed.open(grid.identity, ticket.id)
             fit = grid.fit(mlp(), data=[(x, y)], rounds=1, lr=0.05, progress=False, evaluate=[(x, y)])
         finally:
             seen = events.stop()

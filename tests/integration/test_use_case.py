@@ -106,9 +106,12 @@ def test_tickets_report_status_and_can_be_picked_up_again(local_grid: LocalGrid,
         ticket.wait()
         assert ticket.status == "done"
         job_id = ticket.id
-        # a job for a node that no worker serves stays queued, and waiting says so
+        # a job for a node the gateway does not know fails at once, naming the known ones
         nowhere = DataPointer(grid, "nowhere", InputRef(kind="dataset", name="x"), births.spec)
-        stuck = nowhere.sum().submit()
+        with pytest.raises(NotFound, match="'nowhere' is not registered at the gateway; registered: .*hospital"):
+            nowhere.sum().submit()
+        # a job no worker has taken stays queued, and waiting says so
+        stuck = grid.ticket("hospital:" + "0" * 32)
         assert stuck.status == "queued"
         with pytest.raises(NodeUnavailable, match="queued after 1 s; no worker of this node took it"):
             stuck.wait(timeout=1)

@@ -5,6 +5,10 @@ the integration tests; nothing here is assumed to run beforehand.
     with LocalGrid(home) as lg:
         lg.start(["ops/nodes/hospital.toml"])
         grid = lg.connect("alice")
+
+With ``acl=True`` the broker runs with one Redis ACL user per role (``ops/acl.py``): the
+``default`` user is off, and every process gets its role's URL (gateway, node, mpc,
+scientist, flower); ``lg.url`` is then the ``admin`` URL, the broker owner's.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import redis
 
+from ops.acl import BrokerUsers, ensure_broker_users
 from ops.keys import read_identity, write_identity
 from orchestrator.grid import Grid
 from protocol.contract import GATEWAY_IDENTITY_KEY
@@ -49,11 +54,13 @@ def redis_server_binary() -> str:
 class LocalGrid:
     """Processes of a grid on this machine, stopped together on exit."""
 
-    def __init__(self, home: Path, *, quiet: bool = True) -> None:
+    def __init__(self, home: Path, *, quiet: bool = True, acl: bool = False) -> None:
         self.home = Path(home)
         self.keys = self.home / "keys"
         self.logs = self.home / "logs"
         self.quiet = quiet
+        self.acl = acl
+        self.users: BrokerUsers | None = None  # the broker's ACL users, once started with acl=True
         self.url = ""
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -65,16 +72,29 @@ class LocalGrid:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "GRIDQ_HOME": str(self.home), "GRIDQ_BROKER": self.url,
+    def url_for(self, role: str) -> str:
+        """The broker URL a process of ``role`` connects with (gateway, node, mpc, scientist,
+        flower, admin): its own ACL user's with ``acl=True``, else the one open URL."""
+        if self.users is None:
+            return self.url
+        return self.users.urls[role]
+
+    def env(self, role: str = "admin") -> dict[str, str]:
+        return {**os.environ, "GRIDQ_HOME": str(self.home), "GRIDQ_BROKER": self.url_for(role),
                 "PYTHONUNBUFFERED": "1"}
 
     def start_redis(self, port: int | None = None) -> str:
         port = port or free_port()
         self.home.mkdir(parents=True, exist_ok=True)
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self._spawn("redis", [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
-                              "--save", "", "--appendonly", "no", "--dir", str(self.home)])
+        argv = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--dir", str(self.home)]
+        if self.acl:
+            self.users = ensure_broker_users(self.home, "127.0.0.1", port)
+            argv += ["--aclfile", str(self.users.acl_file)]
+            self.url = self.users.urls["admin"]
+        else:
+            self.url = f"redis://127.0.0.1:{port}/0"
+        self._spawn("redis", argv)
         client = redis.Redis.from_url(self.url)
         _until(lambda: _pings(client), 10, "redis-server did not start")
         client.close()
@@ -87,20 +107,21 @@ class LocalGrid:
 
     def start_gateway(self) -> None:
         self.ensure_keys("gateway")
-        self._spawn("gateway", [sys.executable, "-m", "ops.cli", "gateway", "start", "--broker", self.url,
+        # the broker URL (with the gateway user's password) goes by GRIDQ_BROKER, not argv: `ps` shows argv
+        self._spawn("gateway", [sys.executable, "-m", "ops.cli", "gateway", "start",
                                 "--identity", str(self.keys / "gateway.key"),
-                                "--database", f"sqlite:///{self.home / 'gateway.db'}"])
+                                "--database", f"sqlite:///{self.home / 'gateway.db'}"], role="gateway")
 
     def start_node(self, config: Path | str, name: str | None = None) -> None:
         name = name or Path(config).stem
         self.ensure_keys(name)
-        self._spawn(name, [sys.executable, "-m", "ops.cli", "node", "start", str(config)])
+        self._spawn(name, [sys.executable, "-m", "ops.cli", "node", "start", str(config)], role="node")
 
     def start_mpc(self, config: Path | str) -> None:
         """A node's MPC worker (host, party or crypto provider), as process ``<name>-mpc``."""
         name = Path(config).stem
         self.ensure_keys(name)
-        self._spawn(f"{name}-mpc", [sys.executable, "-m", "ops.cli", "mpc", "start", str(config)])
+        self._spawn(f"{name}-mpc", [sys.executable, "-m", "ops.cli", "mpc", "start", str(config)], role="mpc")
 
     def start(self, configs: Sequence[Path | str], timeout: float = 60.0) -> None:
         """Redis, the gateway and the given nodes; returns once every node serves."""
@@ -117,21 +138,23 @@ class LocalGrid:
         workers = nodes if workers is None else workers
         self.ensure_keys("operator")
         deadline = time.monotonic() + timeout
-        with redis.Redis.from_url(self.url) as client:
+        with redis.Redis.from_url(self.url_for("flower")) as client:
             _until(lambda: client.exists(GATEWAY_IDENTITY_KEY), timeout, "the gateway did not start", self._crashed)
-        with self.connect("operator", timeout=max(1.0, deadline - time.monotonic())) as grid:
+        # the operator's view (Flower's user): it may ping the workers, which a scientist may not
+        with self.connect("operator", timeout=max(1.0, deadline - time.monotonic()), role="flower") as grid:
             _until(lambda: set(nodes) <= {n.node for n in grid.nodes()}, deadline - time.monotonic(),
                    f"nodes {nodes} did not register", self._crashed)
             _until(lambda: set(workers) <= {r.split("@")[0] for r in _ping(grid)},
                    deadline - time.monotonic(), f"workers {workers} did not start", self._crashed)
 
-    def connect(self, user: str, timeout: float = 60.0) -> Grid:
+    def connect(self, user: str, timeout: float = 60.0, role: str = "scientist") -> Grid:
+        """``user``'s connection to the grid, with the broker rights of ``role``."""
         self.ensure_keys(user)
-        return Grid.connect(self.url, read_identity(self.keys / f"{user}.key"), timeout=timeout)
+        return Grid.connect(self.url_for(role), read_identity(self.keys / f"{user}.key"), timeout=timeout)
 
     def owner(self, config: Path | str) -> Node:
         """A node's admin API (the owner's side), for a config of this grid."""
-        os.environ.update({"GRIDQ_HOME": str(self.home), "GRIDQ_BROKER": self.url})
+        os.environ.update({"GRIDQ_HOME": str(self.home), "GRIDQ_BROKER": self.url_for("node")})
         return Node.from_config(config)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
@@ -158,10 +181,10 @@ class LocalGrid:
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, name: str, argv: list[str], role: str = "admin") -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-        self.procs[name] = subprocess.Popen(argv, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+        self.procs[name] = subprocess.Popen(argv, env=self.env(role), stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True,
                                             cwd=Path(__file__).resolve().parent.parent)
         log.close()

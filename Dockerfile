@@ -17,8 +17,8 @@ WORKDIR /app
 COPY . /app
 RUN pip install . \
  && useradd --system --uid 10001 --home-dir /var/lib/gridq gridq \
- && mkdir -p /var/lib/gridq \
- && chown gridq:gridq /var/lib/gridq
+ && mkdir -p /var/lib/gridq/broker \
+ && chown -R gridq:gridq /var/lib/gridq
 
 # Keys, data, node stores and the gateway's registry live in the volume mounted here;
 # a named volume takes this folder's owner on first use, so the services run unprivileged.

@@ -324,6 +324,15 @@ def ensure_broker_users(home: Path, host: str = "127.0.0.1", port: int = 6379, d
     return BrokerUsers(folder, acl_file, urls)
 
 
+def open_broker_urls(home: Path, url: str) -> None:
+    """A broker without ACLs (the test grid): every role's URL file holds the one open URL, so
+    configs that read ``<home>/broker/<role>.url`` work the same on both kinds of grid."""
+    folder = broker_folder(home)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for role in ROLES:
+        _write_private(folder / f"{role}.url", url + "\n")
+
+
 def role_url(home: Path, role: str) -> str | None:
     """``role``'s broker URL as written under ``<home>/broker``, or None if there is none (a
     grid without ACLs): what a command run as that role connects with by default."""

@@ -28,6 +28,8 @@ requests_app = typer.Typer(help="The owner's approval queue.", no_args_is_help=T
 app.add_typer(requests_app, name="requests")
 mpc = typer.Typer(help="Run a node's MPC worker: encrypted ML-as-a-service.", no_args_is_help=True)
 app.add_typer(mpc, name="mpc")
+acl_app = typer.Typer(help="The broker's users: one Redis ACL user per role.", no_args_is_help=True)
+app.add_typer(acl_app, name="acl")
 runs_app = typer.Typer(help="Federated runs of grid.fit, from the client's history database.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 RUNS_DB = typer.Option(None, "--db", help="the history: a file path or an SQLAlchemy URL (default: "
@@ -61,7 +63,24 @@ def _say(exc: BaseException) -> None:
     typer.echo(f"error: {type(exc).__name__}: {message}", err=True)
 
 
-BROKER = typer.Option("redis://127.0.0.1:6379/0", "--broker", envvar="GRIDQ_BROKER", help="Redis URL")
+def broker_option(role: str) -> str | None:
+    return typer.Option(None, "--broker", help=f"Redis URL (default: the {role} broker user's, "
+                                               f"$GRIDQ_HOME/broker/{role}.url, else $GRIDQ_BROKER)")
+
+
+def _role_broker(role: str, broker: str | None) -> str:
+    """The broker URL a command acting as ``role`` logs in with: ``--broker``, else the role's
+    URL file in the home (`gridq up`, `gridq acl init` and compose's init write them: e.g.
+    the operator's view needs Flower's user, which may ping workers), else $GRIDQ_BROKER."""
+    from ops.acl import role_url
+
+    url = broker or role_url(_home(), role) or os.environ.get("GRIDQ_BROKER")
+    if not url:
+        from protocol.errors import InvalidRequest
+
+        raise InvalidRequest("which grid? pass --broker URL, or export GRIDQ_HOME (or GRIDQ_BROKER) as "
+                             "`gridq up` prints")
+    return url
 
 
 def _home() -> Path:
@@ -136,7 +155,8 @@ def mpc_start(config: str = CONFIG, loglevel: str = "INFO") -> None:
 
 
 @gateway.command("start")
-def gateway_start(broker: str = BROKER, identity: Path = typer.Option(..., help="the gateway's key file"),
+def gateway_start(broker: str | None = broker_option("gateway"),
+                  identity: Path = typer.Option(..., help="the gateway's key file"),
                   database: str = typer.Option("sqlite:///gateway.db", help="SQLAlchemy URL of the registry"),
                   loglevel: str = "INFO") -> None:
     """Serve the gateway queue: node registrations and dataset search.
@@ -146,7 +166,7 @@ def gateway_start(broker: str = BROKER, identity: Path = typer.Option(..., help=
     from ops.keys import read_identity
     from orchestrator.gateway import start_gateway
 
-    start_gateway(broker, read_identity(identity), database, loglevel)
+    start_gateway(_role_broker("gateway", broker), read_identity(identity), database, loglevel)
 
 
 @budget.command("show")
@@ -319,7 +339,7 @@ def runs_show(run_id: str, db: str = RUNS_DB) -> None:
 
 
 @app.command()
-def flower(broker: str = BROKER, port: int = 5555, address: str = "127.0.0.1",
+def flower(broker: str | None = broker_option("flower"), port: int = 5555, address: str = "127.0.0.1",
            auth_file: Path | None = typer.Option(None, "--auth-file", help="a file of one line 'user:password' "
                                                  "(mode 0600) that Flower asks for (HTTP basic auth); "
                                                  "or set FLOWER_BASIC_AUTH=user:password")) -> None:
@@ -331,7 +351,7 @@ def flower(broker: str = BROKER, port: int = 5555, address: str = "127.0.0.1",
     """
     from protocol.errors import GridError
 
-    os.environ["GRIDQ_BROKER"] = broker  # before ops.flower_app builds its Celery app
+    os.environ["GRIDQ_BROKER"] = _role_broker("flower", broker)  # before ops.flower_app builds its Celery app
     from ops.flower_app import basic_auth, is_loopback
 
     try:
@@ -355,6 +375,36 @@ def flower(broker: str = BROKER, port: int = 5555, address: str = "127.0.0.1",
     celery_main()
 
 
+@acl_app.command("init")
+def acl_init(home: Path = typer.Option(None, help="where broker/ is written (default: $GRIDQ_HOME, ~/.gridq)"),
+             host: str = typer.Option("127.0.0.1", help="the broker's host, as the participants reach it"),
+             port: int = 6379, db: int = 0) -> None:
+    """Write the broker's ACL file (users.acl: hashed passwords, the default user off) and one
+    URL file per role (gateway, node, mpc, scientist, flower, admin), all mode 0600, keeping
+    the passwords already there. Start Redis with the file; give each participant its URL.
+
+    Example: gridq acl init --host redis.example --port 6379
+    """
+    from ops.acl import ROLES, ensure_broker_users
+
+    users = ensure_broker_users((home or _home()).expanduser(), host, port, db)
+    typer.echo(f"redis-server --aclfile {users.acl_file}")
+    for role in ROLES:
+        typer.echo(f"{role:10s} {users.folder / f'{role}.url'}")
+    typer.echo(f"what each role may do, and why: {users.folder / 'users.rules.md'}")
+
+
+@acl_app.command("show")
+def acl_show(db: int = 0) -> None:
+    """Every role's rules, with the reason for each.
+
+    Example: gridq acl show
+    """
+    from ops.acl import rules_table
+
+    typer.echo(rules_table(db))
+
+
 def _history_url(db: str | None) -> str | None:
     """``--db`` as given: a URL, or a path to an SQLite file that must exist."""
     if db is None or "://" in db:
@@ -369,7 +419,8 @@ def _history_url(db: str | None) -> str | None:
 
 
 @app.command()
-def status(broker: str = BROKER, identity: Path = typer.Option(None, help="a key file to ask as")) -> None:
+def status(broker: str | None = broker_option("flower"),
+           identity: Path = typer.Option(None, help="a key file to ask as")) -> None:
     """Nodes registered at the gateway and every live worker: each queue (a node's own, and
     mpc.<id> for its MPC worker), how many jobs wait in it, and whether a worker serves it.
 
@@ -386,6 +437,7 @@ def status(broker: str = BROKER, identity: Path = typer.Option(None, help="a key
     from protocol.identity import Identity
 
     me = read_identity(identity) if identity else Identity.generate("operator")
+    broker = _role_broker("flower", broker)
     client = redis.Redis.from_url(broker)
     with Grid.connect(broker, me, timeout=10) as grid, broker_errors(broker):
         served = grid.app.control.inspect(timeout=1.0).active_queues() or {}

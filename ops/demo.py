@@ -207,13 +207,16 @@ def run(stay_up: bool = False, home: Path | None = None, play: bool = True) -> N
     with tempfile.TemporaryDirectory(prefix="gridq-") as tmp:
         home = Path(home or tmp).resolve()
         configs = prepare(home)
-        with LocalGrid(home) as lg, _one_grid_per_home(home, stay_up):
+        # the broker runs with one ACL user per role (ops/acl.py): a scientist cannot flush it,
+        # pop a node's queue or rewrite the registry
+        with LocalGrid(home, acl=True) as lg, _one_grid_per_home(home, stay_up):
             console.print("[bold]Starting a local grid[/]: Redis, gateway, nodes hospital and clinic …")
             t0 = time.perf_counter()
             lg.start(configs)
             if stay_up:
                 start_mpc_pool(lg)
-            console.print(f"  ready in {time.perf_counter() - t0:.1f} s — broker {lg.url}, logs in {lg.logs}")
+            console.print(f"  ready in {time.perf_counter() - t0:.1f} s — broker on port {lg.port}, one user per "
+                          f"role ({lg.home / 'broker'}), logs in {lg.logs}")
             if play:
                 private_statistics(lg)
                 federated_learning(lg)
@@ -225,11 +228,12 @@ def run(stay_up: bool = False, home: Path | None = None, play: bool = True) -> N
 
 
 def _serve_until_stopped(lg: LocalGrid) -> None:
-    exports = f"export GRIDQ_BROKER={lg.url} GRIDQ_HOME={lg.home}"
+    exports = f'export GRIDQ_BROKER="$(cat {lg.home}/broker/scientist.url)" GRIDQ_HOME={lg.home}'
     (lg.home / "env.sh").write_text(exports + "\n")
     console.print("\n[bold]The grid is up.[/] Paste this in another shell (it is also in "
                   f"{lg.home / 'env.sh'}):\n\n{exports}\n\n"
-                  "then, for example:\n  gridq status\n  gridq requests list hospital\n"
+                  "then, for example (owner and operator commands log in as their broker users, from "
+                  "$GRIDQ_HOME/broker):\n  gridq status\n  gridq requests list hospital\n"
                   "  python   # and the README's examples, which connect with Grid.connect(identity=\"alice\")\n"
                   f"Keys are in {lg.keys} (users {', '.join(USERS)}); logs in {lg.logs}. Ctrl-C stops it.",
                   soft_wrap=True)

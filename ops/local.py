@@ -25,7 +25,7 @@ from pathlib import Path
 
 import redis
 
-from ops.acl import BrokerUsers, ensure_broker_users
+from ops.acl import BrokerUsers, ensure_broker_users, open_broker_urls
 from ops.keys import read_identity, write_identity
 from orchestrator.grid import Grid
 from protocol.contract import GATEWAY_IDENTITY_KEY
@@ -62,6 +62,7 @@ class LocalGrid:
         self.acl = acl
         self.users: BrokerUsers | None = None  # the broker's ACL users, once started with acl=True
         self.url = ""
+        self.port = 0
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -84,7 +85,7 @@ class LocalGrid:
                 "PYTHONUNBUFFERED": "1"}
 
     def start_redis(self, port: int | None = None) -> str:
-        port = port or free_port()
+        port = self.port = port or free_port()
         self.home.mkdir(parents=True, exist_ok=True)
         argv = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", str(self.home)]
@@ -94,6 +95,7 @@ class LocalGrid:
             self.url = self.users.urls["admin"]
         else:
             self.url = f"redis://127.0.0.1:{port}/0"
+            open_broker_urls(self.home, self.url)
         self._spawn("redis", argv)
         client = redis.Redis.from_url(self.url)
         _until(lambda: _pings(client), 10, "redis-server did not start")

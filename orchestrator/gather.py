@@ -95,7 +95,7 @@ def seal_for(grid: Grid, node: str, flat: torch.Tensor) -> SealedValue:
     sealed = grid._node_key(node).seal(encode_tensor(flat))
     if len(sealed) <= CLAIM_CHECK_THRESHOLD:
         return SealedValue(sealed=base64.b64encode(sealed).decode(), size=len(sealed))
-    return SealedValue(claim_check=grid._leave(sealed), size=len(sealed))
+    return SealedValue.left(grid._leave(sealed), sealed)
 
 
 def same_node(node: str, *exprs: Expression) -> None:

@@ -124,7 +124,7 @@ class JobTicket:
         if reply.value is None:
             raise JobFailed(f"job {self.id} kept its result at the node; use .result()", job_id=self.id)
         if reply.value.claim_check is not None:
-            sealed = self._grid._claim(reply.value.claim_check)
+            sealed = reply.value.checked(self._grid._claim(reply.value.claim_check))
         else:
             sealed = base64.b64decode(reply.value.sealed or "")
         return decode_tensor(self._grid.identity.unseal(sealed))

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from protocol.errors import InvalidRequest
+from protocol.errors import BadSignature, InvalidRequest
 from protocol.identity import Identity, PublicIdentity
 from protocol.model import ModelSpec
 from protocol.plan import Plan
@@ -224,11 +225,28 @@ class EvalJob(_Model):
 
 
 class SealedValue(_Model):
-    """A released tensor, sealed to the requester: inline, or by claim-check key in Redis."""
+    """A released tensor, sealed to the requester: inline, or by claim-check key in Redis.
+
+    A sealed box says nothing of who sealed it, and whoever learns a claim-check key could
+    put other bytes, sealed to the same reader, under it: so the signed message carries the
+    bytes' SHA-256, and :meth:`checked` refuses anything else."""
 
     sealed: Annotated[str, Field(max_length=512 * 1024)] | None = None
     claim_check: Annotated[str, Field(max_length=128)] | None = None
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
     size: int = 0
+
+    @classmethod
+    def left(cls, key: str, data: bytes) -> SealedValue:
+        """A value left by claim-check under ``key``, with the digest of its bytes."""
+        return cls(claim_check=key, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+
+    def checked(self, data: bytes) -> bytes:
+        """The bytes taken from the claim-check, if they are the ones this message named."""
+        if self.sha256 is None or hashlib.sha256(data).hexdigest() != self.sha256:
+            raise BadSignature(f"the value under {self.claim_check!r} is not the one the signed message names "
+                               "(replaced in the broker?); refused")
+        return data
 
 
 class WireError(_Model):

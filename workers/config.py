@@ -43,6 +43,9 @@ class _Section(BaseModel):
 class NodeSection(_Section):
     id: Annotated[str, Field(pattern=NAME, max_length=64)]
     broker: str = "redis://127.0.0.1:6379/0"
+    # or: a file holding the URL — a broker user's password stays out of the config (`gridq up`
+    # and docker-compose write one per role, $GRIDQ_HOME/broker/<role>.url)
+    broker_file: Path | None = None
     store: Path
     identity: Path
     database: str | None = None  # any SQLAlchemy URL; default: SQLite inside the store
@@ -141,6 +144,10 @@ class MpcSection(_Section):
     for a party's round or the crypto provider before failing with ``NodeUnavailable``, and
     how many dealer bundles it keeps ready per shape."""
 
+    # the MPC worker's own broker user (a node user may not consume mpc.* queues): a URL or a
+    # file holding one; default: the node's
+    broker: str | None = None
+    broker_file: Path | None = None
     round_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
     deal_timeout: Annotated[float, Field(gt=0, le=3600)] = 120.0
     pool_size: Annotated[int, Field(ge=0, le=64)] = 2
@@ -165,6 +172,12 @@ class NodeConfig(_Section):
 
     def identity(self) -> Identity:
         return Identity.read(self.node.identity)
+
+    def for_mpc(self) -> NodeConfig:
+        """This config as the node's MPC worker connects: with ``[mpc]``'s broker, if it has one."""
+        if self.mpc.broker is None:
+            return self
+        return self.model_copy(update={"node": self.node.model_copy(update={"broker": self.mpc.broker})})
 
     def keyring(self) -> dict[str, PublicIdentity]:
         """The users this node knows, by name."""
@@ -206,6 +219,10 @@ def _anchor(config: NodeConfig, base: Path) -> NodeConfig:
 
     config.node.store = at(config.node.store)
     config.node.identity = at(config.node.identity)
+    if config.node.broker_file is not None:
+        config.node.broker = _read_url(at(config.node.broker_file))
+    if config.mpc.broker_file is not None:
+        config.mpc.broker = _read_url(at(config.mpc.broker_file))
     for user in config.users.values():
         if user.public_key_file is not None:
             user.public_key_file = at(user.public_key_file)
@@ -213,6 +230,14 @@ def _anchor(config: NodeConfig, base: Path) -> NodeConfig:
         ds.path = at(ds.path)
         ds.mock = at(ds.mock) if ds.mock else None
     return config
+
+
+def _read_url(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        raise InvalidRequest(f"broker_file {path} does not exist: `gridq up` (or `gridq acl init`) writes the "
+                             "broker's URLs there") from None
 
 
 def config_path(given: str | Path) -> Path:

@@ -327,7 +327,7 @@ class JobRunner:
 
     def _unseal(self, value: SealedValue) -> bytes:
         if value.claim_check is not None:
-            data = self.claim_take(value.claim_check)
+            data = value.checked(self.claim_take(value.claim_check))
         elif value.sealed is not None:
             data = base64.b64decode(value.sealed)
         else:
@@ -337,7 +337,7 @@ class JobRunner:
     def _seal(self, requester: str, value: torch.Tensor) -> SealedValue:
         sealed = self.keyring[requester].seal(encode_tensor(value))
         if len(sealed) > CLAIM_CHECK_THRESHOLD:
-            return SealedValue(claim_check=self.claim_check(sealed), size=len(sealed))
+            return SealedValue.left(self.claim_check(sealed), sealed)
         return SealedValue(sealed=base64.b64encode(sealed).decode(), size=len(sealed))
 
     def _sign(self, recipient: str, job_id: str, reply: JobReply) -> dict[str, Any]:

@@ -48,7 +48,7 @@ def start_node(config_path: str | Path, loglevel: str = "INFO") -> None:
 def start_mpc(config_path: str | Path, loglevel: str = "INFO") -> None:
     """Register with the gateway, then serve the node's MPC queue (``mpc.<id>``): host,
     party or crypto provider, as the messages it receives ask."""
-    config = load_config(config_path)
+    config = load_config(config_path).for_mpc()
     config.keyring()  # a missing user key file stops the worker here, not each query later
     torch.set_num_threads(config.worker.torch_threads)
     app = make_celery(config)

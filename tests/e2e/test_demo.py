@@ -4,6 +4,7 @@ itself, and leaves nothing running."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -25,18 +26,22 @@ def test_demo_runs_the_use_case_and_cleans_up() -> None:
     assert accuracy >= 0.90, out  # federated over hospital and clinic
     assert "plaintext [-2.45, -6.925]" in out and "equal within 1e-3" in out
     assert "may not query model 'triage'" in out
-    broker = next(line.split("broker ")[1].split(",")[0] for line in out.splitlines() if "broker redis://" in line)
-    assert _processes_with(f"GRIDQ_BROKER={broker}".encode()) == [], "the demo left processes running"
+    assert "one user per role" in out  # the broker runs with ACLs
+    port = re.search(r"broker on port (\d+)", out)
+    assert port is not None, out
+    assert _processes_on(int(port.group(1))) == [], "the demo left processes running"
 
 
-def _processes_with(variable: bytes) -> list[int]:
-    """Processes whose environment holds ``variable`` (the grid's workers and its Redis)."""
+def _processes_on(port: int) -> list[int]:
+    """Processes whose GRIDQ_BROKER (each role's URL) names the demo broker's port: the
+    grid's workers and its Redis."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/environ", "rb") as f:
-                    if variable in f.read().split(b"\0"):
+                    if any(v.startswith(b"GRIDQ_BROKER=") and f"127.0.0.1:{port}/".encode() in v
+                           for v in f.read().split(b"\0")):
                         found.append(int(entry))
             except OSError:
                 continue

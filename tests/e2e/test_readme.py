@@ -33,6 +33,7 @@ from ops.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
+EXPORTS = r'export GRIDQ_BROKER="\$\(cat \S+/broker/scientist\.url\)" GRIDQ_HOME=\S+\n'
 SERVERS = {("up",), ("demo",), ("flower",), ("node", "start"), ("mpc", "start"), ("gateway", "start")}
 
 
@@ -52,9 +53,11 @@ def grid_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
             assert proc.poll() is None, (home.parent / "up.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "gridq up did not come up in 240 s"
             time.sleep(0.5)
-        exports = (home / "env.sh").read_text().strip()
-        env = dict(pair.split("=", 1) for pair in shlex.split(exports.removeprefix("export ")))
-        yield env
+        assert re.fullmatch(EXPORTS, (home / "env.sh").read_text())  # what the README shows
+        shown = subprocess.run(["bash", "-c", 'source "$1" && printf "%s\n%s" "$GRIDQ_BROKER" "$GRIDQ_HOME"', "-",
+                                str(home / "env.sh")], capture_output=True, text=True, check=True, timeout=10)
+        broker, gridq_home = shown.stdout.split("\n")
+        yield {"GRIDQ_BROKER": broker, "GRIDQ_HOME": gridq_home}
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: it stops its own grid
         try:
@@ -97,6 +100,18 @@ def run_shell_line(line: str, env: dict[str, str], cwd: Path) -> None:
     assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
 
 
+def test_gridq_up_gives_scientists_a_broker_user_without_owner_rights(grid_up: dict[str, str]) -> None:
+    import redis
+
+    assert grid_up["GRIDQ_BROKER"].startswith("redis://scientist:")
+    with redis.Redis.from_url(grid_up["GRIDQ_BROKER"]) as scientist:
+        assert scientist.llen("node.hospital") >= 0  # it may send jobs …
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            scientist.flushall()                     # … but not wipe the broker
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            scientist.brpop(["node.hospital"], timeout=1)  # nor take a node's jobs
+
+
 def test_every_readme_block_runs_against_gridq_up(grid_up: dict[str, str], tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in grid_up.items():
@@ -117,7 +132,7 @@ def test_every_readme_block_runs_against_gridq_up(grid_up: dict[str, str], tmp_p
         elif language == "toml":
             tomllib.loads(code)
         elif language == "text":
-            assert re.fullmatch(r"export GRIDQ_BROKER=redis://127\.0\.0\.1:\d+/0 GRIDQ_HOME=\S+\n", code), where
+            assert re.fullmatch(EXPORTS, code), where
         else:
             raise AssertionError(f"no rule for {where}")
         seen[language] += 1

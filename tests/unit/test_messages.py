@@ -274,3 +274,16 @@ def test_queue_and_task_names() -> None:
     names = [v for k, v in vars(Tasks).items() if k.isupper()]
     assert len(names) == len(set(names))
     assert all(n.startswith("gridq.") for n in names)
+
+
+def test_a_value_left_by_claim_check_is_bound_to_its_bytes() -> None:
+    from protocol.errors import BadSignature
+    from protocol.messages import SealedValue
+
+    sealed = b"\x01" * 300_000
+    value = SealedValue.left("gridq:blob:" + "a" * 32, sealed)
+    assert value.size == len(sealed) and value.checked(sealed) == sealed
+    with pytest.raises(BadSignature, match="replaced in the broker"):
+        value.checked(b"\x02" * 300_000)  # other bytes of the same size, put under the same key
+    with pytest.raises(BadSignature):
+        SealedValue(claim_check=value.claim_check, size=len(sealed)).checked(sealed)  # no digest: refused

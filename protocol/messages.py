@@ -188,9 +188,7 @@ class SealedMetrics(_Model):
         try:
             return TrainMetrics.model_validate_json(plain)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "metrics"
-            raise InvalidRequest(f"malformed sealed metrics: {where}: {first['msg']}", job_id=job_id) from None
+            raise InvalidRequest(f"malformed sealed metrics: {first_problem(exc, 'metrics')}", job_id=job_id) from None
 
 
 class TrainJob(_Model):
@@ -348,6 +346,13 @@ class SearchQuery(_Model):
 M = TypeVar("M", bound=BaseModel)
 
 
+def first_problem(exc: ValidationError, whole: str) -> str:
+    """``field.path: what is wrong`` of a validation's first error (``whole`` if it is the
+    value itself)."""
+    first = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in first['loc']) or whole}: {first['msg']}"
+
+
 def checked(cls: type[M], **fields: Any) -> M:
     """``cls(**fields)`` for a value a person typed: a mistake is an InvalidRequest naming the
     field, what was given and what is expected — not a pydantic traceback."""
@@ -369,6 +374,4 @@ def parse_body(data: object, job_id: str | None = None) -> Body:
     try:
         return _BODY.validate_python(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise InvalidRequest(f"malformed message: {where}: {first['msg']}", job_id=job_id) from None
+        raise InvalidRequest(f"malformed message: {first_problem(exc, 'body')}", job_id=job_id) from None

@@ -1,8 +1,38 @@
-"""The data scientist's side of gridq: ``Grid``, pointers, tickets (and the gateway worker)."""
+"""The data scientist's side of gridq: ``Grid``, pointers, tickets (and the gateway worker).
 
-from orchestrator.grid import Grid
-from orchestrator.pointer import DataPointer, Expression, cat, stack
-from orchestrator.ticket import JobTicket
-from protocol.messages import DPConfig
+The names below load their module when first used: the gateway worker, which lives in this
+package too, carries messages and never needs torch.
+"""
 
-__all__ = ["DPConfig", "DataPointer", "Expression", "Grid", "JobTicket", "cat", "stack"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ below
+    from orchestrator.evaluation import Evaluation
+    from orchestrator.fl import FitResult, ModelPointer
+    from orchestrator.grid import Grid
+    from orchestrator.pointer import DataPointer, Expression, cat, stack
+    from orchestrator.ticket import JobTicket, PrivateValue
+    from protocol.messages import BudgetInfo, DPConfig, TrainMetrics
+    from protocol.mpc.wire import ModelCard
+
+_HOMES = {
+    "Grid": "orchestrator.grid",
+    "DataPointer": "orchestrator.pointer", "Expression": "orchestrator.pointer",
+    "cat": "orchestrator.pointer", "stack": "orchestrator.pointer",
+    "JobTicket": "orchestrator.ticket", "PrivateValue": "orchestrator.ticket",
+    "FitResult": "orchestrator.fl", "ModelPointer": "orchestrator.fl",
+    "Evaluation": "orchestrator.evaluation",
+    "DPConfig": "protocol.messages", "TrainMetrics": "protocol.messages", "BudgetInfo": "protocol.messages",
+    "ModelCard": "protocol.mpc.wire",
+}
+__all__ = ["BudgetInfo", "DPConfig", "DataPointer", "Evaluation", "Expression", "FitResult", "Grid", "JobTicket",
+           "ModelCard", "ModelPointer", "PrivateValue", "TrainMetrics", "cat", "stack"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'orchestrator' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)

@@ -19,8 +19,9 @@ import torch
 from pydantic import ValidationError
 
 from protocol.errors import InvalidRequest
+from protocol.interpret import evaluate, validate
 from protocol.messages import AccessRequest, DatasetMeta, DPRelease, KeepRelease, RawRelease, RunJob
-from protocol.plan import Const, InputRef, Plan, Ref, Step, TensorConst, TensorSpec, evaluate, validate
+from protocol.plan import Const, InputRef, Plan, Ref, Step, TensorConst, TensorSpec
 
 if TYPE_CHECKING:
     from orchestrator.grid import Grid

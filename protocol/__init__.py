@@ -1,19 +1,33 @@
 """gridq's common language: identities, envelopes, messages, tensors, plans and errors.
 
-Pure: nothing here does I/O or imports Celery, Redis or SQLAlchemy.
+Pure: nothing here does I/O or imports Celery, Redis or SQLAlchemy. The names below load
+their module when first used, so that a process that only carries messages (the gateway,
+the CLI) does not load torch with the tensor codec and the plan interpreter.
 """
 
-from protocol import errors
-from protocol.codec import decode_tensor, encode_tensor
-from protocol.contract import Tasks, celery_settings, node_queue
-from protocol.envelope import PROTOCOL_VERSION, Envelope, MemoryNonceStore, open_envelope, seal_envelope
-from protocol.identity import Identity, PublicIdentity
-from protocol.messages import DatasetMeta, JobReply, PointerTicket, RunJob, parse_body
-from protocol.plan import InputRef, Plan, Step, TensorSpec, evaluate, validate
+from __future__ import annotations
 
-__all__ = [
-    "PROTOCOL_VERSION", "DatasetMeta", "Envelope", "Identity", "InputRef", "JobReply",
-    "MemoryNonceStore", "Plan", "PointerTicket", "PublicIdentity", "RunJob", "Step", "Tasks",
-    "TensorSpec", "celery_settings", "decode_tensor", "encode_tensor", "errors", "evaluate",
-    "node_queue", "open_envelope", "parse_body", "seal_envelope", "validate",
-]
+import importlib
+from typing import Any
+
+_HOMES = {
+    "errors": "protocol.errors",
+    "decode_tensor": "protocol.codec", "encode_tensor": "protocol.codec",
+    "Tasks": "protocol.contract", "celery_settings": "protocol.contract", "node_queue": "protocol.contract",
+    "PROTOCOL_VERSION": "protocol.envelope", "Envelope": "protocol.envelope",
+    "MemoryNonceStore": "protocol.envelope", "open_envelope": "protocol.envelope",
+    "seal_envelope": "protocol.envelope",
+    "Identity": "protocol.identity", "PublicIdentity": "protocol.identity",
+    "DatasetMeta": "protocol.messages", "JobReply": "protocol.messages", "PointerTicket": "protocol.messages",
+    "RunJob": "protocol.messages", "parse_body": "protocol.messages",
+    "InputRef": "protocol.plan", "Plan": "protocol.plan", "Step": "protocol.plan", "TensorSpec": "protocol.plan",
+    "evaluate": "protocol.interpret", "validate": "protocol.interpret",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'protocol' has no attribute {name!r}")
+    module = importlib.import_module(_HOMES[name])
+    return module if name == "errors" else getattr(module, name)

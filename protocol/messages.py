@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from protocol.errors import BadSignature, InvalidRequest
 from protocol.identity import Identity, PublicIdentity
-from protocol.model import ModelSpec
+from protocol.model_spec import ModelSpec
 from protocol.plan import Plan
 
 Text = Annotated[str, Field(max_length=4096)]

@@ -16,17 +16,19 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
 import torch.fx
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from protocol.errors import ForbiddenOperation, InvalidRequest
+from protocol.model_spec import MAX_NODES, GraphNode, LayerSpec, ModelSpec, NodeRef, Scalar
 
-MAX_NODES = 512
+__all__ = ["MAX_NODES", "GraphNode", "LayerSpec", "ModelSpec", "NodeRef", "build_model", "describe_model",
+           "flatten_state", "load_state", "unflatten_state"]
+
 MAX_PARAMETERS = 16 * 1024 * 1024
 
 # layer type → the constructor arguments we record and pass back (nothing else is read)
@@ -65,43 +67,6 @@ ATTRIBUTES = frozenset({"shape"})  # getattr(x, name) may read only these
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
-
-Scalar = int | float | bool | str | None
-
-
-class NodeRef(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    node: Annotated[str, Field(max_length=128)]
-
-
-Leaf = Annotated[NodeRef | Scalar, Field(union_mode="left_to_right")]
-Arg = Annotated[Leaf | list[Leaf | list[Leaf]], Field(union_mode="left_to_right")]  # torch.cat([a, b]), (2, 2)
-
-
-class GraphNode(BaseModel):
-    """One step of the traced forward: an input, a layer call, a function or method call."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    name: Annotated[str, Field(max_length=128)]
-    op: Literal["placeholder", "call_module", "call_function", "call_method", "output"]
-    target: Annotated[str, Field(max_length=128)]
-    args: Annotated[list[Arg], Field(max_length=16)] = []
-    kwargs: Annotated[dict[str, Arg], Field(max_length=16)] = {}
-
-
-class LayerSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    type: Annotated[str, Field(max_length=32)]
-    kwargs: Annotated[dict[str, Scalar | list[int]], Field(max_length=16)] = {}
-
-
-class ModelSpec(BaseModel):
-    """A model's structure: layers by qualified name, and the graph that calls them."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    layers: Annotated[dict[str, LayerSpec], Field(max_length=MAX_NODES)]
-    graph: Annotated[list[GraphNode], Field(min_length=2, max_length=MAX_NODES)]
-
 
 def describe_model(model: nn.Module) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
     """Trace ``model`` and describe it; refuses what the node would refuse."""

@@ -34,6 +34,7 @@ from protocol.errors import (
     PermissionDenied,
 )
 from protocol.identity import Identity, PublicIdentity
+from protocol.interpret import evaluate, validate
 from protocol.messages import (
     AccessRequest,
     BudgetQuery,
@@ -56,7 +57,7 @@ from protocol.model import flatten_state, load_state, unflatten_state
 from protocol.mpc.ring import FixedPoint
 from protocol.mpc.sharing import share
 from protocol.mpc.wire import aggregation_label, pack, seal_signed
-from protocol.plan import Plan, TensorSpec, evaluate, validate
+from protocol.plan import Plan, TensorSpec
 from workers.approvals import Parked, Requests
 from workers.config import ApprovalSection
 from workers.ledger import Ledger

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from protocol.codec import ALLOWED_DTYPES, MAX_ELEMENTS, dtype_name
 from protocol.errors import ForbiddenOperation, GridError, InvalidRequest, LimitExceeded
+from protocol.interpret import evaluate, validate
 from protocol.ops import REGISTRY
 from protocol.plan import (
     MAX_INPUTS,
@@ -24,8 +25,6 @@ from protocol.plan import (
     Ref,
     Step,
     TensorSpec,
-    evaluate,
-    validate,
 )
 
 FAST = settings(max_examples=40, deadline=None, database=None,

@@ -1,0 +1,93 @@
+"""Checking and running plans (:mod:`protocol.plan`) with torch: :func:`validate` walks the
+steps on ``meta`` tensors (no data, no memory) before anything runs — every op on the
+allow-list, every argument of the right type, every shape inferred, no value over the
+element cap — and :func:`evaluate` walks the same steps on real tensors.
+
+    >>> from protocol.plan import InputRef, Plan, Ref, Step, TensorSpec
+    >>> plan = Plan(inputs=[InputRef(kind="dataset", name="births")],
+    ...             steps=[Step(op="mean", args=[Ref(ref=0)])])
+    >>> validate(plan, [TensorSpec(shape=(31, 2), dtype="float32")])[-1]
+    TensorSpec(shape=(), dtype='float32')
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from pydantic import ValidationError
+
+from protocol.codec import MAX_ELEMENTS, check_size, dtype_name, parse_dtype
+from protocol.errors import ForbiddenOperation, InvalidRequest
+from protocol.ops import REGISTRY, Value
+from protocol.plan import Plan, Ref, TensorConst, TensorSpec
+
+
+def constant(const: TensorConst, device: str = "cpu") -> torch.Tensor:
+    """A tensor constant of a plan as a tensor (on ``meta`` when validating)."""
+    if math.prod(const.shape) != len(const.values):
+        raise InvalidRequest(f"a tensor constant of shape {list(const.shape)} needs {math.prod(const.shape)} "
+                             f"values, it has {len(const.values)}")
+    return torch.tensor(const.values, dtype=parse_dtype(const.dtype), device=device).reshape(const.shape)
+
+
+def _run(plan: Plan, inputs: Sequence[torch.Tensor], limit: int, device: str = "cpu") -> list[Value]:
+    values: list[Value] = list(inputs)
+    for number, step in enumerate(plan.steps):
+        spec = REGISTRY.get(step.op)
+        if spec is None:
+            raise ForbiddenOperation(
+                f"operation {step.op!r} is not on the allow-list of plan operations; "
+                f"allowed: {', '.join(sorted(REGISTRY))}"
+            )
+        where = f"step {number} ({step.op})"
+        low, high = spec.arity
+        if not low <= len(step.args) <= high:
+            raise InvalidRequest(f"{where} takes {low}..{high} arguments, got {len(step.args)}")
+        args: list[Value] = []
+        for arg in step.args:
+            if isinstance(arg, Ref):
+                if arg.ref >= len(values):
+                    raise InvalidRequest(f"{where} refers to value {arg.ref}, which is not defined yet")
+                args.append(values[arg.ref])
+            elif isinstance(arg, TensorConst):
+                args.append(constant(arg, device))
+            else:
+                args.append(arg.const)
+        if not any(isinstance(a, torch.Tensor) for a in args) or (
+            spec.tensors_only and not all(isinstance(a, torch.Tensor) for a in args)
+        ):
+            raise InvalidRequest(f"{where} needs tensor arguments, not only constants")
+        try:
+            params = spec.params.model_validate(step.params)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            raise InvalidRequest(f"{where}: parameter {field}: {first['msg']}") from None
+        try:
+            out = spec.fn(args, params)
+        except (RuntimeError, IndexError, ValueError, TypeError, OverflowError) as exc:
+            raise InvalidRequest(f"{where} cannot run on these inputs: {exc}") from None
+        if not isinstance(out, torch.Tensor):
+            raise InvalidRequest(f"{where} did not produce a tensor")
+        check_size(out.shape, limit)
+        dtype_name(out.dtype)
+        values.append(out)
+    return values
+
+
+def validate(plan: Plan, inputs: Sequence[TensorSpec], limit: int = MAX_ELEMENTS) -> list[TensorSpec]:
+    """Check the plan without running it on data; return the spec of every value."""
+    if len(inputs) != len(plan.inputs):
+        raise InvalidRequest(f"plan has {len(plan.inputs)} inputs, {len(inputs)} were given")
+    metas = [torch.empty(s.shape, dtype=parse_dtype(s.dtype), device="meta") for s in inputs]
+    values = _run(plan, metas, limit, device="meta")
+    return [TensorSpec(shape=tuple(v.shape), dtype=dtype_name(v.dtype)) for v in values]  # type: ignore[union-attr]
+
+
+def evaluate(plan: Plan, inputs: Sequence[torch.Tensor], limit: int = MAX_ELEMENTS) -> torch.Tensor:
+    """Run a plan on real tensors (validate first: this is the same walk, for real)."""
+    out = _run(plan, inputs, limit)[-1]
+    assert isinstance(out, torch.Tensor)
+    return out

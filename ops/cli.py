@@ -426,34 +426,27 @@ def status(broker: str | None = broker_option("flower"),
 
     Example: gridq status --broker redis://127.0.0.1:6379/0
     """
-    import redis
     from rich.console import Console
     from rich.table import Table
 
     from ops.keys import read_identity
-    from orchestrator.broker import broker_errors
     from orchestrator.grid import Grid
     from protocol.contract import GATEWAY_QUEUE, mpc_queue
     from protocol.identity import Identity
 
     me = read_identity(identity) if identity else Identity.generate("operator")
-    broker = _role_broker("flower", broker)
-    client = redis.Redis.from_url(broker)
-    with Grid.connect(broker, me, timeout=10) as grid, broker_errors(broker):
-        served = grid.app.control.inspect(timeout=1.0).active_queues() or {}
-        queues_up = {q["name"] for queues in served.values() for q in queues}
+    with Grid.connect(_role_broker("flower", broker), me, timeout=10) as grid:
+        transport = grid.transport
+        queues_up = transport.served_queues()
         found = grid.search()
-        rows = [("gateway", GATEWAY_QUEUE)]
-        for info in grid.nodes():
-            rows.append((info.node, info.queue))
-        nodes = {info.node for info in grid.nodes()}
-        mpc_queues = sorted(q for q in queues_up if q.startswith("mpc."))
-        rows += [(q.removeprefix("mpc."), q) for q in mpc_queues]
+        registered = grid.nodes()
+        nodes = {info.node for info in registered}
+        rows = [("gateway", GATEWAY_QUEUE)] + [(info.node, info.queue) for info in registered]
+        rows += [(q.removeprefix("mpc."), q) for q in sorted(queues_up) if q.startswith("mpc.")]
         rows += [(n, mpc_queue(n)) for n in sorted(nodes) if mpc_queue(n) not in queues_up
-                 and client.llen(mpc_queue(n))]
+                 and transport.queue_length(mpc_queue(n))]
         table = Table("node", "queue", "waiting jobs", "worker", "datasets")
         for name, queue in sorted(rows, key=lambda r: (r[0] != "gateway", r[0], r[1])):
-            waiting = client.llen(queue)
             if queue in queues_up:
                 state = "up"
             elif name in nodes and queue.startswith("mpc."):
@@ -463,7 +456,7 @@ def status(broker: str | None = broker_option("flower"),
             else:
                 state = "[red]down[/]"
             datasets = "" if queue.startswith("mpc.") else ", ".join(p.name for p in found.get(name, []))
-            table.add_row(name, queue, str(waiting), state, datasets)
+            table.add_row(name, queue, str(transport.queue_length(queue)), state, datasets)
     Console().print(table)
 
 

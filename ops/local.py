@@ -200,7 +200,7 @@ class LocalGrid:
 
 
 def _ping(grid: Grid) -> list[str]:
-    return [name for reply in grid.app.control.ping(timeout=0.5) for name in reply]
+    return grid.transport.ping(timeout=0.5)
 
 
 def _pings(client: redis.Redis) -> bool:

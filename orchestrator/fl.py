@@ -96,7 +96,7 @@ class ModelPointer:
         weights = None if start else seal_for(self._grid, self.node, flatten_state(self._state))
         job = TrainJob(model=self._spec, weights=weights, start=start, x=x.plan, y=y.plan,
                        config=checked(TrainConfig, **config), release=KeepRelease(), dp=dp)
-        self._ticket = self._grid._submit(self.node, job)
+        self._ticket = self._grid.submit(self.node, job)
         return self._ticket
 
     def get(self, timeout: float | None = None) -> torch.nn.Module:
@@ -232,13 +232,13 @@ def _secure_mean(grid: Grid, secure: SecureAggregation, like: dict[str, torch.Te
     if len(updates) < 2:
         raise NodeUnavailable(f"only {len(updates)} node answered this round: secure aggregation needs two at least "
                               "(one update alone is not hidden by a sum)")
-    asked = [mpc._request(grid, party, Tasks.MPC_AGGREGATE, Aggregate(  # every party at once, then the answers
+    asked = [mpc.request(grid, party, Tasks.MPC_AGGREGATE, Aggregate(  # every party at once, then the answers
         round=secure.round, shares={node: shares[party] for node, shares, _ in updates}))
         for party in secure.aggregators]
     total = None
     for party, pending in zip(secure.aggregators, asked, strict=True):
-        reply = mpc._answer(grid, pending)
-        part = unpack(grid.identity.unseal(grid._claim(reply.outputs[party])))[0]["sum"]
+        reply = mpc.answer(grid, pending)
+        part = unpack(grid.identity.unseal(grid.transport.claim(reply.outputs[party])))[0]["sum"]
         total = part if total is None else total + part
     assert total is not None
     mean = FixedPoint(secure.frac_bits).decode(total) / sum(n for _, _, n in updates)

@@ -1,7 +1,7 @@
 """One job to each of several nodes at once, and their answers as they come.
 
 The round of ``grid.fit`` and a federated evaluation both send a signed job to every node
-in one Celery group, then read all the results with one MGET a poll until every node has
+at once, then read all the results with one request a poll until every node has
 answered or the time is up. A node answers with its reply, a typed error, or — when its
 owner must approve the job first — ``ApprovalRequired``; a node that says nothing in time
 is ``None``: the caller goes on without it.
@@ -10,19 +10,15 @@ is ``None``: the caller goes on without it.
 from __future__ import annotations
 
 import base64
-import time
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-from celery import Celery, group, states
 
-from orchestrator.broker import broker_errors
 from orchestrator.ticket import JobTicket
 from protocol.codec import encode_tensor
 from protocol.contract import CLAIM_CHECK_THRESHOLD, PENDING_APPROVAL, Tasks, node_queue
-from protocol.envelope import seal_envelope
 from protocol.errors import ApprovalRequired, GridError, InvalidRequest
 from protocol.messages import EvalJob, SealedValue, TrainJob
 
@@ -38,18 +34,11 @@ def gather(grid: Grid, jobs: Sequence[tuple[str, TrainJob | EvalJob]], timeout: 
     """Send ``jobs`` (one per node) at once; each node's answer, in the order given.
     ``label`` is what Flower shows as the jobs' arguments (an envelope's repr is tens of
     KB of sealed weights)."""
-    ids: dict[str, str] = {}
-    what: dict[str, str] = {}
-    signatures = []
-    for node, body in jobs:
-        job_id = ids[node] = f"{node}:{uuid.uuid4().hex}"
-        what[node] = "evaluation" if isinstance(body, EvalJob) else "training"
-        env = seal_envelope(grid.identity, recipient=node, kind=body.kind, job_id=job_id,
-                            body=body.model_dump(mode="json"), now=time.time(), ttl=max(600.0, timeout))
-        signatures.append(grid.app.signature(Tasks.RUN_JOB, args=[env.model_dump(mode="json")],
-                                             queue=node_queue(node)).set(task_id=job_id, argsrepr=label))
-    group(signatures).apply_async()
-    answered = wait_ready(grid.app, list(ids.values()), timeout, also=(PENDING_APPROVAL,))
+    ids = {node: f"{node}:{uuid.uuid4().hex}" for node, _ in jobs}
+    what = {node: "evaluation" if isinstance(body, EvalJob) else "training" for node, body in jobs}
+    grid.transport.send_all([(node, Tasks.RUN_JOB, node_queue(node), body, ids[node]) for node, body in jobs],
+                            ttl=max(600.0, timeout), label=label)
+    answered = grid.transport.results(list(ids.values()), timeout, also=(PENDING_APPROVAL,))
     out: dict[str, Answer] = {}
     for node, job_id in ids.items():
         if job_id not in answered:
@@ -69,33 +58,12 @@ def gather(grid: Grid, jobs: Sequence[tuple[str, TrainJob | EvalJob]], timeout: 
 
 
 
-def wait_ready(app: Celery, job_ids: Sequence[str], timeout: float, also: tuple[str, ...] = ()
-               ) -> dict[str, tuple[float, dict[str, Any]]]:
-    """Poll the result backend for ``job_ids`` — one MGET for all of them every 5 ms — until
-    each is in a final state (or one of ``also``) or ``timeout`` has passed: for each that
-    got there, the seconds it took and its result's meta (status, result)."""
-    backend = app.backend
-    keys = {job_id: backend.get_key_for_task(job_id) for job_id in job_ids}
-    started = time.monotonic()
-    answered: dict[str, tuple[float, dict[str, Any]]] = {}
-    while len(answered) < len(keys) and time.monotonic() - started < timeout:
-        waiting = [j for j in keys if j not in answered]
-        with broker_errors(app.conf.broker_url):
-            found = backend.client.mget([keys[j] for j in waiting])
-        for job_id, raw in zip(waiting, found, strict=True):
-            meta = backend.decode_result(raw) if raw is not None else None
-            if meta is not None and meta["status"] in (*states.READY_STATES, *also):
-                answered[job_id] = (time.monotonic() - started, meta)
-        time.sleep(0.005)
-    return answered
-
-
 def seal_for(grid: Grid, node: str, flat: torch.Tensor) -> SealedValue:
     """Weights sealed to one node: inline if small, else left in Redis by claim-check."""
-    sealed = grid._node_key(node).seal(encode_tensor(flat))
+    sealed = grid.transport.node_key(node).seal(encode_tensor(flat))
     if len(sealed) <= CLAIM_CHECK_THRESHOLD:
         return SealedValue(sealed=base64.b64encode(sealed).decode(), size=len(sealed))
-    return SealedValue.left(grid._leave(sealed), sealed)
+    return SealedValue.left(grid.transport.leave(sealed), sealed)
 
 
 def same_node(node: str, *exprs: Expression) -> None:

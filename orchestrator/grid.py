@@ -13,58 +13,46 @@ registered at the gateway.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import redis
 import torch
-from celery import Celery
-from celery.result import AsyncResult
 
 from orchestrator import evaluation, fl, mpc
-from orchestrator.app import make_celery
-from orchestrator.broker import broker_errors, shown
 from orchestrator.evaluation import Evaluation
 from orchestrator.fl import FitResult, ModelPointer
 from orchestrator.pointer import DataPointer, Expression
 from orchestrator.ticket import JobTicket
+from orchestrator.transport import Transport
 from protocol.contract import (
-    CLAIM_CHECK_PREFIX,
-    CLAIM_CHECK_TTL_SECONDS,
-    GATEWAY,
-    GATEWAY_IDENTITY_KEY,
-    GATEWAY_QUEUE,
-    PUBLIC,
     Tasks,
     gridq_home,
     node_queue,
 )
-from protocol.envelope import Envelope, MemoryNonceStore, open_envelope, seal_envelope
-from protocol.errors import BrokerUnavailable, InvalidRequest, NodeUnavailable, NotFound, error_from_wire
-from protocol.identity import Identity, PublicIdentity
+from protocol.errors import InvalidRequest
+from protocol.identity import Identity
 from protocol.messages import (
     AccessRequest,
     BudgetInfo,
     BudgetQuery,
     DatasetMeta,
-    GatewayReply,
     MockRequest,
     NodeInfo,
     RunJob,
     SearchQuery,
     TrainJob,
     checked,
-    parse_body,
 )
 from protocol.model import describe_model
 from protocol.mpc.wire import ModelCard
 from protocol.plan import InputRef, TensorSpec
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 JOB_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}:[0-9a-f]{32}")
 
@@ -78,18 +66,11 @@ def key_path(identity: str | Path) -> Path:
 
 
 class Grid:
-    """A connection to a grid, acting as one identity."""
+    """A connection to a grid, acting as one identity. What travels, and how, is
+    :class:`~orchestrator.transport.Transport`'s (``grid.transport``)."""
 
-    def __init__(self, app: Celery, broker: redis.Redis, identity: Identity,
-                 gateway_key: PublicIdentity, timeout: float = 60.0, *, url: str = "") -> None:
-        self.app = app
-        self.url = url
-        self.identity = identity
-        self.timeout = timeout
-        self._redis = broker
-        self._gateway = gateway_key
-        self._nonces = MemoryNonceStore()
-        self._node_keys: dict[str, PublicIdentity] = {}
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
         self._mocks: dict[tuple[str, str], torch.Tensor] = {}
 
     @classmethod
@@ -105,19 +86,23 @@ class Grid:
         if identity is None:
             raise InvalidRequest("whose identity? pass identity=\"alice\" (a key in $GRIDQ_HOME/keys) or a key file")
         me = identity if isinstance(identity, Identity) else Identity.read(key_path(identity))
-        client = redis.Redis.from_url(url)
-        if gateway_key is None:
-            with broker_errors(url):
-                posted = client.get(GATEWAY_IDENTITY_KEY)
-            if posted is None:
-                raise NodeUnavailable(f"no gateway has started on {shown(url)}: run `gridq gateway start` "
-                                      "(or `gridq up`) first")
-            gateway_key = json.loads(posted)["public_key"]
-        return cls(make_celery(url), client, me, PublicIdentity.parse(GATEWAY, gateway_key), timeout, url=url)
+        return cls(Transport.connect(url, me, gateway_key=gateway_key, timeout=timeout))
+
+    @property
+    def identity(self) -> Identity:
+        return self.transport.identity
+
+    @property
+    def timeout(self) -> float:
+        return self.transport.timeout
+
+    @property
+    def app(self) -> Celery:
+        """The Celery app under the transport (operator tools and tests use it directly)."""
+        return self.transport.app
 
     def close(self) -> None:
-        self._redis.close()
-        self.app.close()
+        self.transport.close()
 
     def __enter__(self) -> Grid:
         return self
@@ -131,7 +116,7 @@ class Grid:
                ) -> dict[str, list[DataPointer]]:
         """Datasets carrying every tag (``"#february"``) and every word of their description."""
         query = checked(SearchQuery, tags=list(tags), words=list(words), node=node)
-        reply = self._ask_gateway(Tasks.SEARCH, query.model_dump(mode="json"))
+        reply = self.transport.ask_gateway(Tasks.SEARCH, query.model_dump(mode="json"))
         found: dict[str, list[DataPointer]] = {}
         for meta in reply.datasets:
             found.setdefault(meta.node, []).append(self._pointer(meta))
@@ -141,18 +126,18 @@ class Grid:
         return [p for ptrs in self.search().values() for p in ptrs]
 
     def nodes(self) -> list[NodeInfo]:
-        return list(self._ask_gateway(Tasks.NODES).nodes)
+        return self.transport.nodes()
 
     def budget(self, node: str, dataset: str | None = None) -> list[BudgetInfo]:
         """Your privacy budget at ``node``: on one dataset, or on each one it publishes."""
-        ticket = self._submit(node, BudgetQuery(dataset=dataset))
+        ticket = self.submit(node, BudgetQuery(dataset=dataset))
         return list(ticket.reply().budgets)
 
     # --- federated learning (orchestrator.fl) -------------------------------------------------
 
     def send(self, model: torch.nn.Module, node: str) -> ModelPointer:
         """A pointer to ``model`` at ``node``: train it there with ``.train(x, y, ...)``."""
-        self._node_key(node)
+        self.transport.node_key(node)
         return ModelPointer(self, model, node)
 
     def fit(self, model: torch.nn.Module, data: Sequence[tuple[Expression, Expression]], *, rounds: int,
@@ -200,83 +185,23 @@ class Grid:
         if not JOB_ID.fullmatch(job_id):
             raise InvalidRequest(f"{job_id!r} is not a job id: they read '<node>:<32 hex digits>', as "
                                  "ticket.id prints them")
-        self._node_key(node)  # a node this grid knows
+        self.transport.node_key(node)  # a node this grid knows
         return JobTicket(self, job_id)
 
-    # --- internals used by pointers and tickets -------------------------------------------
+    def submit(self, node: str, job: RunJob | TrainJob | BudgetQuery | AccessRequest | MockRequest) -> JobTicket:
+        """Send one job to ``node`` (pointers and models build them): its ticket, at once."""
+        self.transport.node_key(node)  # an unknown node fails now, not after a timeout
+        job_id = f"{node}:{uuid.uuid4().hex}"
+        self.transport.send(node, Tasks.RUN_JOB, node_queue(node), job, job_id)
+        return JobTicket(self, job_id)
+
+    def mock(self, node: str, dataset: str) -> torch.Tensor:
+        """A dataset's mock twin, fetched once (it is public)."""
+        key = (node, dataset)
+        if key not in self._mocks:
+            self._mocks[key] = self.submit(node, MockRequest(dataset=dataset)).value()
+        return self._mocks[key]
 
     def _pointer(self, meta: DatasetMeta) -> DataPointer:
         return DataPointer(self, meta.node, InputRef(kind="dataset", name=meta.name),
                            TensorSpec(shape=meta.shape, dtype=meta.dtype), meta)
-
-    def _mock(self, node: str, dataset: str) -> torch.Tensor:
-        key = (node, dataset)
-        if key not in self._mocks:
-            self._mocks[key] = self._submit(node, MockRequest(dataset=dataset)).value()
-        return self._mocks[key]
-
-    def _submit(self, node: str, job: RunJob | TrainJob | BudgetQuery | AccessRequest | MockRequest) -> JobTicket:
-        self._node_key(node)  # an unknown node fails now, not after a timeout
-        job_id = f"{node}:{uuid.uuid4().hex}"
-        self._send(node, Tasks.RUN_JOB, node_queue(node), job, job_id)
-        return JobTicket(self, job_id)
-
-    def _send(self, node: str, task: str, queue: str, body: Any, job_id: str) -> AsyncResult:
-        """Sign ``body`` for ``node`` and send it as ``task``."""
-        env = seal_envelope(self.identity, recipient=node, kind=body.kind, job_id=job_id,
-                            body=body.model_dump(mode="json"), now=time.time())
-        with broker_errors(self.url):
-            return self.app.send_task(task, args=[env.model_dump(mode="json")], queue=queue, task_id=job_id)
-
-    def _node_key(self, node: str) -> PublicIdentity:
-        """A node's key as the gateway lists it."""
-        if node not in self._node_keys:
-            self.nodes()
-        if node not in self._node_keys:
-            raise NotFound(f"node {node!r} is not registered at the gateway; registered: "
-                           f"{', '.join(sorted(self._node_keys)) or 'none'} (`gridq status` lists them)")
-        return self._node_keys[node]
-
-    def _ask_gateway(self, task: str, *args: Any) -> GatewayReply:
-        job_id = uuid.uuid4().hex
-        with broker_errors(self.url):
-            result = self.app.send_task(task, args=list(args), queue=GATEWAY_QUEUE, task_id=job_id)
-        try:
-            with broker_errors(self.url):
-                raw = result.get(timeout=self.timeout, interval=0.05)
-        except BrokerUnavailable:
-            raise
-        except Exception as exc:  # celery's TimeoutError, or a crash reported by the worker
-            raise NodeUnavailable(f"the gateway did not answer in {self.timeout:.0f} s ({exc!r:.200}); "
-                                  "is `gridq gateway start` running?") from None
-        env = open_envelope(raw, recipient=PUBLIC, keyring={GATEWAY: self._gateway}, nonces=self._nonces,
-                            delivery_id=job_id, now=time.time())
-        body = parse_body(env.body_json())
-        assert isinstance(body, GatewayReply)
-        if body.error is not None:
-            raise error_from_wire(body.error.model_dump())
-        for info in body.nodes:
-            self._node_keys[info.node] = PublicIdentity.parse(info.node, info.public_key)
-        return body
-
-    def _verify_reply(self, raw: Any, node: str, job_id: str) -> Envelope:
-        key = self._node_key(node)
-        # a refusal of a message that named no sender is addressed to anyone; it carries no value
-        recipient = PUBLIC if isinstance(raw, dict) and raw.get("recipient") == PUBLIC else self.identity.name
-        return open_envelope(raw, recipient=recipient, keyring={node: key},
-                             nonces=self._nonces, delivery_id=job_id, now=time.time())
-
-    def _leave(self, data: bytes) -> str:
-        """Leave sealed bytes in Redis by claim-check, for the one they are sealed to; the key."""
-        key = f"{CLAIM_CHECK_PREFIX}{uuid.uuid4().hex}"
-        with broker_errors(self.url):
-            self._redis.set(key, data, ex=CLAIM_CHECK_TTL_SECONDS)
-        return key
-
-    def _claim(self, key: str) -> bytes:
-        """Fetch (and delete) a sealed value left by claim-check."""
-        with broker_errors(self.url):
-            data = self._redis.getdel(key)
-        if data is None:
-            raise NotFound(f"the released value {key!r} has expired from the broker; run the job again")
-        return data.encode() if isinstance(data, str) else data

@@ -15,21 +15,17 @@ who alone reconstructs the result.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from celery.result import AsyncResult
 
-from orchestrator.broker import broker_errors
-from protocol.contract import MPC_MODELS_KEY, Tasks, mpc_queue
+from orchestrator.transport import Pending
+from protocol.contract import Tasks, mpc_queue
 from protocol.errors import (
     BadSignature,
-    BrokerUnavailable,
     ForbiddenOperation,
     InvalidRequest,
-    NodeUnavailable,
     NotFound,
     error_from_wire,
 )
@@ -82,22 +78,20 @@ def serve(grid: Grid, model: torch.nn.Module, *, name: str, parties: Sequence[st
                      provider=crypto_provider, queriers=list(queriers), plan=plan)
     encoded = encode_parameters(plan, params)
     split = {k: share(v, len(parties)) for k, v in encoded.items()}
-    shares = {p: grid._leave(grid._node_key(p).seal(pack({k: v[i] for k, v in split.items()})))
+    shares = {p: grid.transport.leave(grid.transport.node_key(p).seal(pack({k: v[i] for k, v in split.items()})))
               for i, p in enumerate(parties)}
-    _ask(grid, host, Tasks.MPC_SERVE, ServeModel(card=card, shares=shares))
+    ask(grid, host, Tasks.MPC_SERVE, ServeModel(card=card, shares=shares))
     return card
 
 
 def models(grid: Grid) -> list[ModelCard]:
     """Served models whose card carries a valid signature of its host."""
     cards = []
-    with broker_errors(grid.url):
-        posted = grid._redis.hgetall(MPC_MODELS_KEY)
-    for raw in posted.values():
+    for raw in grid.transport.posted_models():
         try:
             entry = json.loads(raw)
             card = ModelCard.model_validate_json(entry["card"])
-            grid._node_key(card.host).verify(entry["card"].encode(), bytes.fromhex(entry["signature"]))
+            grid.transport.node_key(card.host).verify(entry["card"].encode(), bytes.fromhex(entry["signature"]))
         except (BadSignature, NotFound, ValueError, KeyError, TypeError):
             continue  # malformed, or not signed by the host it names: not a model of this grid
         cards.append(card)
@@ -114,41 +108,30 @@ def query(grid: Grid, name: str, x: torch.Tensor) -> torch.Tensor:
                              f"{tuple(x.shape)}")
     fp = FixedPoint(card.plan.frac_bits)
     pieces = share(fp.encode(batch), len(card.parties))
-    inputs = {p: grid._leave(grid._node_key(p).seal(pack({"x": s}))) for p, s in zip(card.parties, pieces, strict=True)}
-    reply = _ask(grid, card.host, Tasks.MPC_QUERY, QueryModel(name=name, batch=batch.shape[0], inputs=inputs))
+    inputs = {p: grid.transport.leave(grid.transport.node_key(p).seal(pack({"x": s})))
+              for p, s in zip(card.parties, pieces, strict=True)}
+    reply = ask(grid, card.host, Tasks.MPC_QUERY, QueryModel(name=name, batch=batch.shape[0], inputs=inputs))
     outputs = []
     for party in card.parties:
-        tensors, _ = unpack(grid.identity.unseal(grid._claim(reply.outputs[party])))
+        tensors, _ = unpack(grid.identity.unseal(grid.transport.claim(reply.outputs[party])))
         outputs.append(tensors["y"])
     y = fp.decode(reconstruct(outputs)).to(x.dtype if x.is_floating_point() else torch.float64)
     return y[0] if x.dim() == 1 else y
 
 
-def _ask(grid: Grid, host: str, task: str, body: Any) -> MpcReply:
-    return _answer(grid, _request(grid, host, task, body))
+def ask(grid: Grid, host: str, task: str, body: Any) -> MpcReply:
+    return answer(grid, request(grid, host, task, body))
 
 
-Pending = tuple[str, str, AsyncResult]  # the worker asked, the job id, its result
+def request(grid: Grid, host: str, task: str, body: Any) -> Pending:
+    """Send a signed request to ``host``'s MPC worker, without waiting (see :func:`answer`):
+    ask several parties at once, then read their answers."""
+    return grid.transport.ask(host, task, mpc_queue(host), body)
 
 
-def _request(grid: Grid, host: str, task: str, body: Any) -> Pending:
-    """Send a signed request to ``host``'s MPC worker, without waiting (see :func:`_answer`)."""
-    job_id = uuid.uuid4().hex
-    return host, job_id, grid._send(host, task, mpc_queue(host), body, job_id)
-
-
-def _answer(grid: Grid, pending: Pending) -> MpcReply:
+def answer(grid: Grid, pending: Pending) -> MpcReply:
     """The verified reply to a request; its typed error if it carries one."""
-    host, job_id, result = pending
-    try:
-        with broker_errors(grid.url):
-            raw = result.get(timeout=grid.timeout, interval=0.01)
-    except BrokerUnavailable:
-        raise
-    except Exception as exc:  # celery's TimeoutError, or a crash reported by the worker
-        raise NodeUnavailable(f"host {host!r} did not answer in {grid.timeout:.0f} s ({exc!r:.200}); is its "
-                              "`gridq mpc start` running?") from None
-    env = grid._verify_reply(raw, host, job_id)
+    env = grid.transport.answer(pending, "`gridq mpc start`")
     reply = parse(MpcReply, env.body_json())
     if reply.error is not None:
         raise error_from_wire(reply.error.model_dump())

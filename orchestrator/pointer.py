@@ -64,7 +64,7 @@ class Expression:
         """Run at the node and keep the result there; returns a ticket at once. With
         ``epsilon``, the job releases the value with DP instead: ``ticket.private_value()``."""
         release = KeepRelease() if epsilon is None else _dp_release(epsilon, delta)
-        return self._grid._submit(self.node, RunJob(plan=self.plan, release=release))
+        return self._grid.submit(self.node, RunJob(plan=self.plan, release=release))
 
     @overload
     def get(self, *, timeout: float | None = None) -> torch.Tensor: ...
@@ -77,7 +77,7 @@ class Expression:
         or with differential privacy when ``epsilon`` is given — Laplace for a pure ε,
         Gaussian with a ``delta`` — charged to your budget on each dataset involved."""
         if epsilon is None:
-            return self._grid._submit(self.node, RunJob(plan=self.plan, release=RawRelease())).value(timeout)
+            return self._grid.submit(self.node, RunJob(plan=self.plan, release=RawRelease())).value(timeout)
         return self.submit(epsilon, delta).private_value(timeout)
 
     def mock(self) -> torch.Tensor:
@@ -87,7 +87,7 @@ class Expression:
         for ref, _ in self._inputs:
             if ref.kind != "dataset":
                 raise InvalidRequest("mock twins exist for datasets; this plan reads a kept result")
-            twins.append(self._grid._mock(self.node, ref.name))
+            twins.append(self._grid.mock(self.node, ref.name))
         return evaluate(self.plan, twins)
 
     # --- building it ------------------------------------------------------------------------
@@ -207,7 +207,7 @@ class DataPointer(Expression):
         when the owner approves (or raises RequestDenied with the owner's reason)."""
         if self.kind != "dataset":
             raise InvalidRequest("access is granted to datasets; this pointer is a kept result")
-        return self._grid._submit(self.node, AccessRequest(dataset=self.name, reason=reason))
+        return self._grid.submit(self.node, AccessRequest(dataset=self.name, reason=reason))
 
     def __repr__(self) -> str:
         tags = " ".join(self.tags)

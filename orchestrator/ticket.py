@@ -13,10 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from celery.exceptions import TimeoutError as CeleryTimeout
-from celery.result import AsyncResult
 
-from orchestrator.broker import broker_errors
 from protocol.codec import decode_tensor
 from protocol.contract import PENDING_APPROVAL, PUBLIC
 from protocol.errors import ApprovalRequired, JobFailed, NodeUnavailable, error_from_wire
@@ -72,35 +69,29 @@ class JobTicket:
     @property
     def status(self) -> str:
         if self._reply is None:
-            async_result = AsyncResult(self.id, app=self._grid.app)
-            with broker_errors(self._grid.url):
-                if not async_result.ready():
-                    return _STATES.get(async_result.state, "queued")
-                self._reply = self._open(async_result.state, async_result.result)
+            found = self._grid.transport.result(self.id)
+            if found is None:
+                return _STATES.get(self._grid.transport.state(self.id), "queued")
+            self._reply = self._open(*found)
         return self._reply.status
 
     def wait(self, timeout: float | None = None) -> JobTicket:
         """Block until the job ends; raise its typed error if it failed or was denied."""
         if self._reply is None:
             timeout = self._grid.timeout if timeout is None else timeout
-            async_result = AsyncResult(self.id, app=self._grid.app)
-            try:  # the Redis backend wakes us by pub/sub: no polling delay
-                with broker_errors(self._grid.url):
-                    async_result.get(timeout=timeout, propagate=False, interval=0.05)
-            except CeleryTimeout:
-                state = _STATES.get(async_result.state, "queued")
-                # stop listening for it now, while the broker is there (not whenever it is collected)
-                self._grid.app.backend.remove_pending_result(async_result)
+            found = self._grid.transport.result(self.id, timeout)
+            if found is None:
+                state = _STATES.get(self._grid.transport.state(self.id), "queued")
                 if state == "pending_approval":
                     raise ApprovalRequired(
                         f"job {self.id} waits for the approval of {self.node!r}'s owner; wait longer, or pick it "
-                        f"up later with grid.ticket({self.id!r})", job_id=self.id) from None
+                        f"up later with grid.ticket({self.id!r})", job_id=self.id)
                 hint = ("no worker of this node took it: is the node running?" if state == "queued"
                         else "it is still running")
                 raise NodeUnavailable(
                     f"job {self.id} on {self.node!r} is {state} after {timeout:.0f} s; {hint}. "
-                    f"Pick it up later with grid.ticket({self.id!r})", job_id=self.id) from None
-            self._reply = self._open(async_result.state, async_result.result)
+                    f"Pick it up later with grid.ticket({self.id!r})", job_id=self.id)
+            self._reply = self._open(*found)
         if self._reply.error is not None:
             raise error_from_wire(self._reply.error.model_dump())
         return self
@@ -124,7 +115,7 @@ class JobTicket:
         if reply.value is None:
             raise JobFailed(f"job {self.id} kept its result at the node; use .result()", job_id=self.id)
         if reply.value.claim_check is not None:
-            sealed = reply.value.checked(self._grid._claim(reply.value.claim_check))
+            sealed = reply.value.checked(self._grid.transport.claim(reply.value.claim_check))
         else:
             sealed = base64.b64decode(reply.value.sealed or "")
         return decode_tensor(self._grid.identity.unseal(sealed))
@@ -155,7 +146,7 @@ class JobTicket:
     def _open(self, state: str, result: Any) -> JobReply:
         if state != "SUCCESS":
             raise JobFailed(f"the worker of {self.node!r} crashed on job {self.id}: {result!r}", job_id=self.id)
-        env = self._grid._verify_reply(result, self.node, self.id)
+        env = self._grid.transport.verify(result, self.node, self.id)
         body = parse_body(env.body_json(), self.id)
         if not isinstance(body, JobReply) or (env.recipient == PUBLIC and body.error is None):
             raise JobFailed(f"node {self.node!r} answered job {self.id} with a {body.kind!r}", job_id=self.id)

@@ -22,7 +22,7 @@ node, is the same query released raw (``.get()``, as an allowed user). Measured 
    every release.
 2. **throughput**: ``--burst`` jobs submitted at once from one client, then collected, in
    queries/s; DP (``expr.submit(epsilon=…)`` → ``ticket.private_value()``) against raw
-   (``grid._submit(node, RunJob(plan, RawRelease()))`` → ``ticket.value()``), ``--rounds``
+   (``grid.submit(node, RunJob(plan, RawRelease()))`` → ``ticket.value()``), ``--rounds``
    rounds each, median shown. Each DP round is by a user with an empty ledger. Then again
    with each node restarted with ``[worker] concurrency = 2`` (``--no-c2`` skips it).
 3. **where the time goes**: the node's ``JobRunner.handle`` run in this process on the same
@@ -200,7 +200,7 @@ def dp_round(expr: Expression, n: int) -> int:
 
 
 def raw_round(grid: Grid, expr: Expression, n: int) -> int:
-    tickets = [grid._submit(expr.node, RunJob(plan=expr.plan, release=RawRelease())) for _ in range(n)]
+    tickets = [grid.submit(expr.node, RunJob(plan=expr.plan, release=RawRelease())) for _ in range(n)]
     values = [t.value() for t in tickets]
     assert all(v.numel() == 1 for v in values)
     return n

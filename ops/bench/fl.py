@@ -46,7 +46,7 @@ from ops.bench.measure import Load, tree_ticks, wait_quiet
 from ops.demo_data import digits_split
 from ops.local import NODE_CONFIGS, LocalGrid
 from orchestrator.fl import fedavg
-from orchestrator.gather import wait_ready
+from orchestrator.transport import poll_results
 from protocol.contract import celery_settings
 from protocol.messages import DPConfig, TrainConfig
 from protocol.model import build_model, describe_model, flatten_state
@@ -118,7 +118,7 @@ def start_bare(lg: LocalGrid, sites: list[str]) -> Celery:
 
 def bare_fit(app: Celery, sites: list[str], rounds: int) -> tuple[torch.nn.Module, float, float]:
     """The same rounds through bare Celery workers: a group of tasks, polled as ``grid.fit``
-    polls (:func:`orchestrator.gather.wait_ready`), then FedAvg here. Returns the model,
+    polls (:func:`orchestrator.transport.poll_results`), then FedAvg here. Returns the model,
     seconds and CPU seconds per round."""
     model = mlp()
     spec, state = describe_model(model)
@@ -131,7 +131,7 @@ def bare_fit(app: Celery, sites: list[str], rounds: int) -> tuple[torch.nn.Modul
             epochs=1, batch_size=32, lr=0.05, seed=r * len(sites) + i).model_dump(mode="json")],
             queue=f"{bare.QUEUE}.{site}").set(task_id=job) for i, (site, job) in enumerate(zip(sites, ids, strict=True))
         ).apply_async()
-        done = {job: meta["result"] for job, (_, meta) in wait_ready(app, ids, 60.0).items()}  # as grid.fit polls
+        done = {job: meta["result"] for job, (_, meta) in poll_results(app, ids, 60.0).items()}  # as grid.fit polls
         if len(done) < len(ids):
             raise RuntimeError(f"bare Celery round {r}: {len(done)} of {len(ids)} workers answered within 60 s")
         state = fedavg(state, [(site, bare._decode(done[job][0]), done[job][1])

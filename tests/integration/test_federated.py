@@ -153,7 +153,7 @@ def test_forbidden_model_content_is_refused_at_the_node(local_grid: LocalGrid, s
                 raw["layers"]["0"] = {"type": target, "kwargs": {}}
             job = TrainJob(model=ModelSpec.model_validate(raw), x=x.plan, y=y.plan, release=KeepRelease())
             with pytest.raises(ForbiddenOperation, match=name):
-                grid._submit(x.node, job).result(timeout=30)
+                grid.submit(x.node, job).result(timeout=30)
         with pytest.raises(ForbiddenOperation, match="GRU"):  # and the client says so before sending
             grid.send(nn.Sequential(nn.GRU(4, 4)), x.node)
 
@@ -195,7 +195,7 @@ def test_weights_kept_from_closed_data_stay_closed_when_trained_on_open_data(loc
         opened = grid.search("#bob-digits")["site-a"][0]
         spec, _ = describe_model(mlp())
         job = TrainJob(model=spec, start=kept, x=opened[:, :64].plan, y=opened[:, 64].plan, release=RawRelease())
-        ticket = grid._submit("site-a", job)
+        ticket = grid.submit("site-a", job)
         time.sleep(3)
         assert ticket.status == "pending_approval"  # derived from the closed digits too: the owner decides
 

@@ -159,7 +159,7 @@ def test_a_model_name_is_its_owners(mpc_grid: LocalGrid) -> None:
 
 
 def test_hostile_messages_get_typed_errors_and_the_pool_goes_on(mpc_grid: LocalGrid) -> None:
-    from orchestrator.mpc import _ask
+    from orchestrator.mpc import ask
     from protocol.contract import Tasks, mpc_queue
     from protocol.errors import InvalidRequest
     from protocol.mpc.sharing import share
@@ -174,11 +174,11 @@ def test_hostile_messages_get_typed_errors_and_the_pool_goes_on(mpc_grid: LocalG
             assert '"error":{"code":' in raw["body"]  # signed, typed refusal
         # input shares of one row, under a query that claims two: the parties refuse at once
         pieces = share(FixedPoint(16).encode(torch.zeros(1, 4)), 2)
-        inputs = {p: grid._leave(grid._node_key(p).seal(pack({"x": s})))
+        inputs = {p: grid.transport.leave(grid.transport.node_key(p).seal(pack({"x": s})))
                   for p, s in zip(["hospital", "public"], pieces, strict=True)}
         started = time.monotonic()
         with pytest.raises(InvalidRequest, match="must be int64 of shape \\(2, 4\\)"):
-            _ask(grid, "company", Tasks.MPC_QUERY, QueryModel(name="sturdy", batch=2, inputs=inputs))
+            ask(grid, "company", Tasks.MPC_QUERY, QueryModel(name="sturdy", batch=2, inputs=inputs))
         assert time.monotonic() - started < ROUND_TIMEOUT
         y = grid.query("sturdy", torch.ones(4))  # and the pool goes on serving
     assert (y - seed_model()(torch.ones(4))).abs().max().item() < 1e-3

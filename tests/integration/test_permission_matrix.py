@@ -68,7 +68,7 @@ def test_release_policy_matrix(local_grid: LocalGrid, matrix_data, release: str,
 def _submit(grid: Grid, release: str):  # type: ignore[no-untyped-def]
     expr = grid.search("#ward-matrix")["ward"][0]["a"].mean()
     return expr.submit(epsilon=0.5) if release == "dp" else (
-        expr.submit() if release == "keep" else grid._submit("ward", _raw_job(expr)))
+        expr.submit() if release == "keep" else grid.submit("ward", _raw_job(expr)))
 
 
 def _raw_job(expr):  # type: ignore[no-untyped-def]

@@ -1,0 +1,270 @@
+"""The client's one way to the grid: signed messages out, verified replies in, sealed bytes
+by claim-check. The only client module that touches Redis or Celery — the exceptions of
+redis-py, kombu and Celery's Redis backend are mapped here, once, to :class:`GridError`s
+that name the fix (as httpx maps httpcore's), so none reaches a data scientist.
+
+    transport = Transport.connect(url, identity)
+    transport.send("hospital", Tasks.RUN_JOB, node_queue("hospital"), job, job_id)
+    state, raw = transport.result(job_id, timeout=60) or ("PENDING", None)
+    env = transport.verify(raw, "hospital", job_id)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+from celery import Celery, group, states
+from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult
+from kombu.exceptions import KombuError, OperationalError
+
+from orchestrator.app import make_celery
+from protocol.contract import (
+    CLAIM_CHECK_PREFIX,
+    CLAIM_CHECK_TTL_SECONDS,
+    GATEWAY,
+    GATEWAY_IDENTITY_KEY,
+    GATEWAY_QUEUE,
+    MPC_MODELS_KEY,
+    PUBLIC,
+)
+from protocol.envelope import Envelope, MemoryNonceStore, open_envelope, seal_envelope
+from protocol.errors import BrokerUnavailable, NodeUnavailable, NotFound, error_from_wire
+from protocol.identity import Identity, PublicIdentity
+from protocol.messages import GatewayReply, NodeInfo, parse_body
+
+# what the drivers raise → what the user gets
+DRIVER_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, KombuError, OperationalError)
+
+
+def shown(url: str) -> str:
+    """The URL without its password (broker URLs carry ACL credentials)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
+
+
+@contextmanager
+def broker_errors(url: str) -> Iterator[None]:
+    try:
+        yield
+    except DRIVER_ERRORS as exc:
+        raise BrokerUnavailable(f"the broker at {shown(url)} failed: {type(exc).__name__}: {exc}. Is Redis "
+                                "running there? `gridq up` starts a grid and prints its URL; `gridq status` "
+                                "checks one.") from None
+
+
+def poll_results(app: Celery, job_ids: Sequence[str], timeout: float, also: tuple[str, ...] = ()
+                 ) -> dict[str, tuple[float, dict[str, Any]]]:
+    """Poll the result backend for ``job_ids`` — one MGET for all of them every 5 ms — until
+    each is in a final state (or one of ``also``) or ``timeout`` has passed: for each that
+    got there, the seconds it took and its result's meta (status, result). (The benchmark's
+    bare-Celery rounds poll with it too, so both sides wait alike.)"""
+    backend = app.backend
+    keys = {job_id: backend.get_key_for_task(job_id) for job_id in job_ids}
+    started = time.monotonic()
+    answered: dict[str, tuple[float, dict[str, Any]]] = {}
+    while len(answered) < len(keys) and time.monotonic() - started < timeout:
+        waiting = [j for j in keys if j not in answered]
+        for job_id, raw in zip(waiting, backend.client.mget([keys[j] for j in waiting]), strict=True):
+            meta = backend.decode_result(raw) if raw is not None else None
+            if meta is not None and meta["status"] in (*states.READY_STATES, *also):
+                answered[job_id] = (time.monotonic() - started, meta)
+        time.sleep(0.005)
+    return answered
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A request sent to a node's worker, whose answer is read later (:meth:`Transport.answer`)."""
+
+    node: str
+    job_id: str
+
+
+class Transport:
+    """One identity's connection to a grid's broker."""
+
+    def __init__(self, url: str, identity: Identity, gateway_key: PublicIdentity, timeout: float = 60.0) -> None:
+        self.url = url
+        self.identity = identity
+        self.timeout = timeout
+        self.app = make_celery(url)  # public for operator tools (Flower-like views) and tests
+        self._redis = redis.Redis.from_url(url)
+        self._gateway = gateway_key
+        self._nonces = MemoryNonceStore()
+        self._node_keys: dict[str, PublicIdentity] = {}
+
+    @classmethod
+    def connect(cls, url: str, identity: Identity, *, gateway_key: str | None = None,
+                timeout: float = 60.0) -> Transport:
+        """Connect as ``identity``; the gateway's key is read where the gateway posted it,
+        unless pinned with ``gateway_key``."""
+        if gateway_key is None:
+            with broker_errors(url), redis.Redis.from_url(url) as client:
+                posted = client.get(GATEWAY_IDENTITY_KEY)
+            if posted is None:
+                raise NodeUnavailable(f"no gateway has started on {shown(url)}: run `gridq gateway start` "
+                                      "(or `gridq up`) first")
+            gateway_key = json.loads(posted)["public_key"]
+        return cls(url, identity, PublicIdentity.parse(GATEWAY, gateway_key), timeout)
+
+    def close(self) -> None:
+        self._redis.close()
+        self.app.close()
+
+    # --- messages out ---------------------------------------------------------------------
+
+    def _envelope(self, node: str, body: Any, job_id: str, ttl: float | None) -> dict[str, Any]:
+        options = {} if ttl is None else {"ttl": ttl}
+        return seal_envelope(self.identity, recipient=node, kind=body.kind, job_id=job_id,
+                             body=body.model_dump(mode="json"), now=time.time(), **options).model_dump(mode="json")
+
+    def send(self, node: str, task: str, queue: str, body: Any, job_id: str) -> None:
+        """Sign ``body`` for ``node`` and send it as ``task`` on ``queue``, with id ``job_id``."""
+        envelope = self._envelope(node, body, job_id, None)
+        with broker_errors(self.url):
+            self.app.send_task(task, args=[envelope], queue=queue, task_id=job_id)
+
+    def send_all(self, messages: Sequence[tuple[str, str, str, Any, str]], *, ttl: float, label: str) -> None:
+        """Several (node, task, queue, body, job id) at once, as one Celery group. ``label`` is
+        what Flower shows as their arguments (an envelope's repr is tens of KB of sealed bytes)."""
+        signatures = [self.app.signature(task, args=[self._envelope(node, body, job_id, ttl)], queue=queue)
+                      .set(task_id=job_id, argsrepr=label) for node, task, queue, body, job_id in messages]
+        with broker_errors(self.url):
+            group(signatures).apply_async()
+
+    def ask(self, node: str, task: str, queue: str, body: Any) -> Pending:
+        """Send a signed request whose answer :meth:`answer` reads (ask several, then read)."""
+        job_id = uuid.uuid4().hex
+        self.send(node, task, queue, body, job_id)
+        return Pending(node, job_id)
+
+    def answer(self, pending: Pending, what: str) -> Envelope:
+        """The verified reply to ``pending``; ``NodeUnavailable`` naming ``what`` should run
+        there if none comes within the timeout."""
+        found = self.result(pending.job_id, self.timeout)
+        if found is None:
+            raise NodeUnavailable(f"{pending.node!r} did not answer in {self.timeout:.0f} s; is its {what} running?")
+        state, raw = found
+        if state != states.SUCCESS:
+            raise NodeUnavailable(f"the worker of {pending.node!r} crashed on request {pending.job_id}: {raw!r:.200}")
+        return self.verify(raw, pending.node, pending.job_id)
+
+    def ask_gateway(self, task: str, *args: Any) -> GatewayReply:
+        """The gateway's signed answer (a search, the node list); its typed error if it refused."""
+        job_id = uuid.uuid4().hex
+        with broker_errors(self.url):
+            self.app.send_task(task, args=list(args), queue=GATEWAY_QUEUE, task_id=job_id)
+        found = self.result(job_id, self.timeout)
+        if found is None or found[0] != states.SUCCESS:
+            raise NodeUnavailable(f"the gateway did not answer in {self.timeout:.0f} s"
+                                  + (f" ({found[1]!r:.200})" if found else "") + "; is `gridq gateway start` running?")
+        env = open_envelope(found[1], recipient=PUBLIC, keyring={GATEWAY: self._gateway}, nonces=self._nonces,
+                            delivery_id=job_id, now=time.time())
+        body = parse_body(env.body_json())
+        assert isinstance(body, GatewayReply)
+        if body.error is not None:
+            raise error_from_wire(body.error.model_dump())
+        for info in body.nodes:
+            self._node_keys[info.node] = PublicIdentity.parse(info.node, info.public_key)
+        return body
+
+    # --- replies in -----------------------------------------------------------------------
+
+    def node_key(self, node: str) -> PublicIdentity:
+        """A node's key as the gateway lists it; NotFound at once for a node it does not know."""
+        if node not in self._node_keys:
+            self.nodes()
+        if node not in self._node_keys:
+            raise NotFound(f"node {node!r} is not registered at the gateway; registered: "
+                           f"{', '.join(sorted(self._node_keys)) or 'none'} (`gridq status` lists them)")
+        return self._node_keys[node]
+
+    def nodes(self) -> list[NodeInfo]:
+        from protocol.contract import Tasks
+
+        return list(self.ask_gateway(Tasks.NODES).nodes)
+
+    def verify(self, raw: Any, node: str, job_id: str) -> Envelope:
+        """``node``'s signed reply to ``job_id``, verified (sender, recipient, nonce, expiry)."""
+        key = self.node_key(node)
+        # a refusal of a message that named no sender is addressed to anyone; it carries no value
+        recipient = PUBLIC if isinstance(raw, dict) and raw.get("recipient") == PUBLIC else self.identity.name
+        return open_envelope(raw, recipient=recipient, keyring={node: key},
+                             nonces=self._nonces, delivery_id=job_id, now=time.time())
+
+    def state(self, job_id: str) -> str:
+        """Celery's state of a job (PENDING, STARTED, a final one, or gridq's pending_approval)."""
+        with broker_errors(self.url):
+            return str(AsyncResult(job_id, app=self.app).state)
+
+    def result(self, job_id: str, timeout: float = 0.0) -> tuple[str, Any] | None:
+        """A job's final state and result, waiting up to ``timeout`` seconds for it (woken by
+        the backend's pub/sub: no polling delay); None if it has none by then."""
+        async_result = AsyncResult(job_id, app=self.app)
+        with broker_errors(self.url):
+            if timeout <= 0:
+                return (async_result.state, async_result.result) if async_result.ready() else None
+            try:
+                async_result.get(timeout=timeout, propagate=False, interval=0.05)
+            except CeleryTimeout:
+                # stop listening for it now, while the broker is there (not whenever it is collected)
+                self.app.backend.remove_pending_result(async_result)
+                return None
+            return async_result.state, async_result.result
+
+    def results(self, job_ids: Sequence[str], timeout: float, also: tuple[str, ...] = ()
+                ) -> dict[str, tuple[float, dict[str, Any]]]:
+        """Several jobs' results at once (:func:`poll_results`)."""
+        with broker_errors(self.url):
+            return poll_results(self.app, job_ids, timeout, also)
+
+    # --- bytes by claim-check, and what nodes post -----------------------------------------
+
+    def leave(self, data: bytes) -> str:
+        """Leave sealed bytes in Redis by claim-check, for the one they are sealed to; the key."""
+        key = f"{CLAIM_CHECK_PREFIX}{uuid.uuid4().hex}"
+        with broker_errors(self.url):
+            self._redis.set(key, data, ex=CLAIM_CHECK_TTL_SECONDS)
+        return key
+
+    def claim(self, key: str) -> bytes:
+        """Fetch (and delete) sealed bytes left by claim-check."""
+        with broker_errors(self.url):
+            data = self._redis.getdel(key)
+        if data is None:
+            raise NotFound(f"the released value {key!r} has expired from the broker; run the job again")
+        return data.encode() if isinstance(data, str) else data
+
+    def posted_models(self) -> list[bytes | str]:
+        """The model cards MPC hosts posted (each signed by its host: the caller verifies)."""
+        with broker_errors(self.url):
+            return list(self._redis.hgetall(MPC_MODELS_KEY).values())
+
+    # --- the operator's view ----------------------------------------------------------------
+
+    def ping(self, timeout: float = 1.0) -> list[str]:
+        """The hostnames of the workers that answer a ping."""
+        with broker_errors(self.url):
+            return [name for reply in self.app.control.ping(timeout=timeout) for name in reply]
+
+    def served_queues(self, timeout: float = 1.0) -> set[str]:
+        """Every queue a live worker consumes."""
+        with broker_errors(self.url):
+            served = self.app.control.inspect(timeout=timeout).active_queues() or {}
+        return {q["name"] for queues in served.values() for q in queues}
+
+    def queue_length(self, queue: str) -> int:
+        with broker_errors(self.url):
+            return int(self._redis.llen(queue))

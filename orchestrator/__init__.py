@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ b
     from orchestrator.fl import FitResult, ModelPointer
     from orchestrator.grid import Grid
     from orchestrator.pointer import DataPointer, Expression, cat, stack
+    from orchestrator.strategies import FedAdam, FedAvg, FedProx
     from orchestrator.ticket import JobTicket, PrivateValue
     from protocol.messages import BudgetInfo, DPConfig, TrainMetrics
     from protocol.mpc.wire import ModelCard
@@ -27,9 +28,11 @@ _HOMES = {
     "Evaluation": "orchestrator.evaluation",
     "DPConfig": "protocol.messages", "TrainMetrics": "protocol.messages", "BudgetInfo": "protocol.messages",
     "ModelCard": "protocol.mpc.wire",
+    "FedAvg": "orchestrator.strategies", "FedProx": "orchestrator.strategies", "FedAdam": "orchestrator.strategies",
 }
-__all__ = ["BudgetInfo", "DPConfig", "DataPointer", "Evaluation", "Expression", "FitResult", "Grid", "JobTicket",
-           "ModelCard", "ModelPointer", "PrivateValue", "TrainMetrics", "cat", "stack"]
+__all__ = ["BudgetInfo", "DPConfig", "DataPointer", "Evaluation", "Expression", "FedAdam", "FedAvg", "FedProx",
+           "FitResult", "Grid", "JobTicket", "ModelCard", "ModelPointer", "PrivateValue", "TrainMetrics", "cat",
+           "stack"]
 
 
 def __getattr__(name: str) -> Any:

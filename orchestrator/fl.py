@@ -17,13 +17,12 @@ the node rebuilds it from the allow-list and never runs code it was sent. Each r
 ``fit`` is a Celery group of training jobs, one per node, run in parallel; the round
 closes when every node has answered or ``round_timeout`` has passed with at least
 ``min_nodes`` answers. Late answers are discarded and recorded; a dead node never stops
-the run. Each node's job releases its trained weights, and its loss and accuracy, sealed to you (the node's policy
-decides: an allowed user gets them, others wait for the owner's approval of kind
-``train``, and the round goes on without that node), and the new global model is their
-average weighted by sample counts (FedAvg; ``strategy="fedprox"`` with ``proximal_mu``
-adds FedProx's proximal term to the local training; ``strategy="fedadam"`` takes that
-average as a pseudo-gradient for an Adam step at the server, FedAdam of Reddi et al.,
-2021). With ``dp=DPConfig(noise_multiplier=, max_grad_norm=, delta=)`` the nodes train by
+the run. Each node's job releases its trained weights, and its loss and accuracy, sealed
+to you (the node's policy decides: an allowed user gets them, others wait for the owner's
+approval of kind ``train``, and the round goes on without that node). Their average,
+weighted by sample counts, becomes the new global model as the run's strategy says
+(:mod:`orchestrator.strategies`: ``FedAvg()``, ``FedProx(mu=…)``, ``FedAdam(lr=…)``).
+With ``dp=DPConfig(noise_multiplier=, max_grad_norm=, delta=)`` the nodes train by
 DP-SGD and charge what their accountant says to your budget on their dataset; the weights
 then leave by the DP door, without approval, and a budget that cannot cover a round
 refuses it before it runs (``BudgetExhausted``). With ``secure_aggregation=True`` and two
@@ -49,6 +48,8 @@ from orchestrator.evaluation import Evaluation
 from orchestrator.evaluation import evaluate as federated_evaluation
 from orchestrator.gather import gather, same_node, seal_for
 from orchestrator.history import History, RoundRecord, summarize
+from orchestrator.strategies import Strategy
+from orchestrator.strategies import strategy as as_strategy
 from orchestrator.ticket import JobTicket
 from protocol.codec import dtype_name
 from protocol.contract import Tasks
@@ -137,15 +138,11 @@ class FitResult:
 
 def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Expression]], *, rounds: int,
         local_epochs: int = 1, batch_size: int = 32, lr: float = 0.01, optimizer: str = "sgd",
-        loss: str = "cross_entropy", momentum: float = 0.0, proximal_mu: float = 0.0, strategy: str = "fedavg",
-        server_lr: float = 0.03, server_betas: tuple[float, float] = (0.9, 0.99), server_eps: float = 1e-3,
+        loss: str = "cross_entropy", momentum: float = 0.0, strategy: Strategy | str = "fedavg",
         min_nodes: int = 1, round_timeout: float = 120.0, seed: int = 0, progress: bool = True,
         history_db: str | None = None, dp: DPConfig | None = None, secure_aggregation: bool = False,
         aggregators: Sequence[str] = (), evaluate: Sequence[tuple[Expression, Expression]] = ()) -> FitResult:
-    if strategy not in ("fedavg", "fedprox", "fedadam"):
-        raise InvalidRequest(f"strategy {strategy!r} is not known; use 'fedavg', 'fedprox' or 'fedadam'")
-    if (strategy == "fedprox") != (proximal_mu > 0):
-        raise InvalidRequest("FedProx is FedAvg with a proximal term: give strategy='fedprox' with proximal_mu > 0")
+    server = as_strategy(strategy)
     if not data or not 1 <= min_nodes <= len(data):
         raise InvalidRequest(f"min_nodes must be within 1..{len(data)} (the nodes given)")
     for x, y in (*data, *evaluate):
@@ -155,19 +152,17 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
                              "them a node whose data is trained on")
     model = copy.deepcopy(model)
     spec, state = describe_model(model)
-    server = FedAdam(model, server_lr, server_betas, server_eps) if strategy == "fedadam" else None
+    server.start(model)
     history = History(history_db)
     run_id = history.start(spec, {"rounds": rounds, "local_epochs": local_epochs, "batch_size": batch_size, "lr": lr,
-                                  "optimizer": optimizer, "loss": loss, "strategy": strategy,
-                                  **({"server_lr": server_lr, "server_betas": list(server_betas),
-                                      "server_eps": server_eps} if server else {}),
+                                  "optimizer": optimizer, "loss": loss, **server.config(),
                                   "nodes": [x.node for x, _ in data], "min_nodes": min_nodes,
                                   **({"evaluated_at": [x.node for x, _ in evaluate]} if evaluate else {})})
     result = FitResult(model, [], run_id)
     with _progress(progress, rounds) as bar:
         for r in range(rounds):
             configs = [checked(TrainConfig, epochs=local_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,  # type: ignore[arg-type]
-                                   loss=loss, momentum=momentum, proximal_mu=proximal_mu,  # type: ignore[arg-type]
+                                   loss=loss, momentum=momentum, proximal_mu=server.proximal_mu,  # type: ignore[arg-type]
                                    seed=seed + r * len(data) + i) for i in range(len(data))]
             secure = SecureAggregation(round=uuid.uuid4().hex, aggregators=list(aggregators)) \
                 if secure_aggregation else None
@@ -180,9 +175,7 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
                 raise NodeUnavailable(f"round {r}: {len(updates)} of {len(data)} nodes answered within "
                                       f"{round_timeout:g} s; min_nodes is {min_nodes} "
                                       f"({'; '.join(f'{h.node}: {h.status} {h.error}' for h in records)})")
-            state = _secure_mean(grid, secure, state, updates) if secure else fedavg(state, updates)
-            if server is not None:
-                state = server.step(state)
+            state = server.aggregate(_secure_mean(grid, secure, state, updates) if secure else fedavg(state, updates))
             summary = result.rounds()[-1]
             shown = f"round {r + 1}/{rounds}  train loss {summary['loss']:.4f}  train acc {summary['accuracy']:.3f}"
             if evaluate:  # the new global model, on held-out data at the nodes
@@ -202,27 +195,6 @@ def fedavg(like: dict[str, torch.Tensor], updates: Sequence[tuple[Any, torch.Ten
     total = sum(n for _, _, n in updates)
     mean = sum((flat * (n / total) for _, flat, n in updates), torch.zeros_like(updates[0][1]))
     return unflatten_state(mean, like)
-
-
-class FedAdam:
-    """The server's optimizer of FedAdam (Reddi et al., "Adaptive Federated Optimization",
-    2021): the change a round's average would make to the global model is taken as a
-    negative gradient, and torch's Adam steps with it (``lr`` is the server's learning rate
-    η, ``eps`` Adam's ε, the paper's τ). Buffers (BatchNorm's statistics) are not
-    optimized: they take the average as it is."""
-
-    def __init__(self, model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float) -> None:
-        if not (lr > 0 and eps > 0 and all(0 <= b < 1 for b in betas)):
-            raise InvalidRequest("FedAdam needs server_lr > 0, server_eps > 0 and server_betas within [0, 1)")
-        self.params = dict(model.named_parameters())  # the global model's: updated in place
-        self.adam = torch.optim.Adam(self.params.values(), lr=lr, betas=betas, eps=eps)
-
-    def step(self, average: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            for name, p in self.params.items():
-                p.grad = p - average[name].to(p.dtype)
-        self.adam.step()
-        return {k: self.params[k].detach().clone() if k in self.params else v for k, v in average.items()}
 
 
 def _secure_mean(grid: Grid, secure: SecureAggregation, like: dict[str, torch.Tensor],

@@ -144,8 +144,8 @@ class Grid:
             **options: Any) -> FitResult:
         """Train ``model`` by federated averaging over ``data`` — (x, y) pointers, one pair per
         node — for ``rounds`` rounds, nodes in parallel. Options: local_epochs, batch_size,
-        lr, optimizer, loss, momentum, strategy ("fedavg"; "fedprox" with proximal_mu;
-        "fedadam" with server_lr, server_betas, server_eps), min_nodes, round_timeout, seed,
+        lr, optimizer, loss, momentum, strategy (FedAvg(), FedProx(mu=…), FedAdam(lr=…) from
+        orchestrator.strategies, or "fedavg"/"fedadam" for their defaults), min_nodes, round_timeout, seed,
         progress, history_db, dp (a DPConfig: DP-SGD), secure_aggregation with aggregators
         (MPC pool nodes that add up shares of the updates), evaluate ((x, y) pointers to
         held-out data at nodes: the global model is evaluated there after every round)."""

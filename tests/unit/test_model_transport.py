@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.fl import FedAdam, fedavg
+from orchestrator.fl import fedavg
+from orchestrator.strategies import FedAdam, FedProx, strategy
 from protocol.errors import ForbiddenOperation, InvalidRequest
 from protocol.messages import TrainConfig
 from protocol.model import ModelSpec, build_model, describe_model, flatten_state, unflatten_state
@@ -103,15 +104,31 @@ def test_fedadam_steps_with_torch_adam_toward_the_average() -> None:
     model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
     _, state = describe_model(model)
     average = {k: v + 1 for k, v in state.items()}  # every weight and buffer one above the model's
-    new = FedAdam(model, lr=0.1, betas=(0.9, 0.99), eps=1e-3).step(average)
+    server = FedAdam(lr=0.1, betas=(0.9, 0.99), eps=1e-3)
+    server.start(model)
+    new = server.aggregate(average)
     for name, _ in model.named_parameters():
         # Adam's first step, bias-corrected, with the pseudo-gradient g = w − average = −1:
         # w − lr·g/(|g| + ε) — a step of 0.1/1.001 toward the average, not onto it
         assert torch.allclose(new[name], state[name] + 0.1 / 1.001)
     for name in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
         assert torch.equal(new[name], average[name])  # buffers are averaged, not optimized
-    with pytest.raises(InvalidRequest, match="server_lr"):
-        FedAdam(model, lr=0.0, betas=(0.9, 0.99), eps=1e-3)
+    with pytest.raises(InvalidRequest, match="lr > 0"):
+        FedAdam(lr=0.0)
+
+
+def test_strategies_by_object_or_name() -> None:
+    assert strategy("fedavg").config() == {"strategy": "fedavg"}
+    assert strategy("fedadam").config()["server_lr"] == 0.03
+    assert FedProx(mu=0.1).proximal_mu == 0.1 and FedProx(mu=0.1).config()["proximal_mu"] == 0.1
+    average = {"w": torch.ones(2)}
+    assert strategy("fedavg").aggregate(average) is average  # FedAvg: the average is the new model
+    with pytest.raises(InvalidRequest, match=r"FedProx\(mu=0.01\)"):
+        strategy("fedprox")
+    with pytest.raises(InvalidRequest, match="mu > 0"):
+        FedProx(mu=0.0)
+    with pytest.raises(InvalidRequest, match="not known"):
+        strategy("fedsgd")
 
 
 def test_a_node_reuses_a_rebuilt_model_only_when_it_is_safe() -> None:

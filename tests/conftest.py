@@ -80,3 +80,28 @@ def ward(local_grid: LocalGrid):  # type: ignore[no-untyped-def]
     yield config
     if "ward" in local_grid.procs:
         local_grid.kill("ward")
+
+
+@pytest.fixture(scope="session")
+def poll_json():  # type: ignore[no-untyped-def]
+    """``poll(url, ok, timeout)``: GET ``url`` every 0.5 s until its JSON satisfies ``ok`` (a
+    Flower API, say); AssertionError with the last answer if it never does."""
+    import json
+    import time
+    import urllib.request
+
+    def poll(url: str, ok, timeout: float = 40.0):  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    last = json.loads(response.read())
+                if ok(last):
+                    return last
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"{url} never answered as expected; last answer: {str(last)[:500]}")
+
+    return poll

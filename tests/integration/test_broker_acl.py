@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -287,7 +286,8 @@ def test_secure_aggregation_through_the_mpc_user(mpc_pool: LocalGrid, no_denials
 # --- the operator's view with the flower user ---------------------------------------------------------
 
 
-def test_status_and_flower_with_the_flower_user(acl_grid: LocalGrid, no_denials: None) -> None:
+def test_status_and_flower_with_the_flower_user(acl_grid: LocalGrid, no_denials: None,  # type: ignore[no-untyped-def]
+                                                poll_json) -> None:
     url = acl_grid.url_for("flower")
     result = CliRunner().invoke(cli, ["status", "--broker", url], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
@@ -298,29 +298,15 @@ def test_status_and_flower_with_the_flower_user(acl_grid: LocalGrid, no_denials:
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     try:
-        workers = _poll(f"http://127.0.0.1:{port}/api/workers?refresh=1",
-                        lambda w: any(k.startswith("hospital@") for k in w))
+        workers = poll_json(f"http://127.0.0.1:{port}/api/workers?refresh=1",
+                            lambda w: any(k.startswith("hospital@") for k in w))
         assert any(k.startswith("gateway@") for k in workers)
         with acl_grid.connect("alice") as grid:
             ticket = grid.search("#birth-records", "#february")["hospital"][0].mean(dim=0).submit()
             ticket.wait()
-        tasks = _poll(f"http://127.0.0.1:{port}/api/tasks", lambda t: t.get(ticket.id, {}).get("state") == "SUCCESS")
+        tasks = poll_json(f"http://127.0.0.1:{port}/api/tasks",
+                          lambda t: t.get(ticket.id, {}).get("state") == "SUCCESS")
         assert tasks[ticket.id]["name"] == "gridq.node.run_job"
     finally:
         flower.terminate()
         flower.wait(timeout=15)
-
-
-def _poll(url: str, ok: Any, timeout: float = 40.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                last = json.loads(response.read())
-            if ok(last):
-                return last
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} never answered as expected; last answer: {str(last)[:500]}")

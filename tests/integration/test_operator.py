@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 
 from typer.testing import CliRunner
 
@@ -24,40 +21,25 @@ def test_status_lists_nodes_queues_and_live_workers(local_grid: LocalGrid):
     assert "up" in lines[("clinic", "node.clinic")] and "birth-records-mar" in lines[("clinic", "node.clinic")]
 
 
-def test_flower_shows_the_workers_and_the_jobs(local_grid: LocalGrid):
+def test_flower_shows_the_workers_and_the_jobs(local_grid: LocalGrid, poll_json):  # type: ignore[no-untyped-def]
     port = free_port()
     env = {**os.environ, "FLOWER_UNAUTHENTICATED_API": "true"}
     flower = subprocess.Popen([sys.executable, "-m", "ops.cli", "flower", "--broker", local_grid.url,
                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        workers = _poll(f"http://127.0.0.1:{port}/api/workers?refresh=1",
-                        lambda w: any(k.startswith("hospital@") for k in w))
+        workers = poll_json(f"http://127.0.0.1:{port}/api/workers?refresh=1",
+                            lambda w: any(k.startswith("hospital@") for k in w), timeout=30)
         assert any(k.startswith("clinic@") for k in workers) and any(k.startswith("gateway@") for k in workers)
         with local_grid.connect("alice") as grid:
             births = grid.search("#birth-records", "#february")["hospital"][0]
             ticket = births.mean(dim=0).submit()
             ticket.wait()
-        tasks = _poll(f"http://127.0.0.1:{port}/api/tasks",
-                      lambda t: t.get(ticket.id, {}).get("state") == "SUCCESS")
+        tasks = poll_json(f"http://127.0.0.1:{port}/api/tasks",
+                          lambda t: t.get(ticket.id, {}).get("state") == "SUCCESS", timeout=30)
         seen = tasks[ticket.id]
         assert seen["name"] == "gridq.node.run_job" and seen["state"] == "SUCCESS"
         assert "signature" in seen["args"]  # Flower shows the envelope: a plan and ids, nothing secret
     finally:
         flower.terminate()
         flower.wait(timeout=15)
-
-
-def _poll(url: str, ok, timeout: float = 30.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                last = json.loads(response.read())
-            if ok(last):
-                return last
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} never answered as expected; last answer: {str(last)[:500]}")

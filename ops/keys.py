@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from protocol.errors import InvalidRequest
-from protocol.identity import Identity
+from protocol.identity import Identity, unreadable_key
 
 
 def write_identity(folder: Path, name: str, *, overwrite: bool = False) -> Identity:
@@ -28,4 +28,8 @@ def write_identity(folder: Path, name: str, *, overwrite: bool = False) -> Ident
 
 
 def read_identity(path: str | Path) -> Identity:
-    return Identity.read(path)
+    file = Path(path).expanduser()
+    try:
+        return Identity.from_json(file.read_text())
+    except OSError as exc:
+        raise unreadable_key(file, exc) from None

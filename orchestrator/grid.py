@@ -34,7 +34,7 @@ from protocol.contract import (
     node_queue,
 )
 from protocol.errors import InvalidRequest
-from protocol.identity import Identity
+from protocol.identity import Identity, unreadable_key
 from protocol.messages import (
     AccessRequest,
     BudgetInfo,
@@ -65,6 +65,13 @@ def key_path(identity: str | Path) -> Path:
     return Path(text).expanduser()
 
 
+def read_key(file: Path) -> Identity:
+    try:
+        return Identity.from_json(file.read_text())
+    except OSError as exc:
+        raise unreadable_key(file, exc) from None
+
+
 class Grid:
     """A connection to a grid, acting as one identity. What travels, and how, is
     :class:`~orchestrator.transport.Transport`'s (``grid.transport``)."""
@@ -85,7 +92,7 @@ class Grid:
                                  "(`gridq up` prints the line to paste)")
         if identity is None:
             raise InvalidRequest("whose identity? pass identity=\"alice\" (a key in $GRIDQ_HOME/keys) or a key file")
-        me = identity if isinstance(identity, Identity) else Identity.read(key_path(identity))
+        me = identity if isinstance(identity, Identity) else read_key(key_path(identity))
         return cls(Transport.connect(url, me, gateway_key=gateway_key, timeout=timeout))
 
     @property

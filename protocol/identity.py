@@ -23,7 +23,7 @@ from nacl.exceptions import BadSignatureError, CryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
 from nacl.signing import SigningKey, VerifyKey
 
-from protocol.errors import BadSignature, InvalidRequest, NotFound
+from protocol.errors import BadSignature, GridError, InvalidRequest, NotFound
 
 _PREFIX = "gridq1:"
 
@@ -120,15 +120,11 @@ class Identity:
             raise InvalidRequest("not a gridq key file: a name and two 32-byte keys are needed")
         return cls(name, *keys)
 
-    @classmethod
-    def read(cls, path: str | Path) -> Identity:
-        """The identity in a key file (the one I/O of this module: a missing file is a typed error)."""
-        file = Path(path).expanduser()
-        try:
-            text = file.read_text()
-        except FileNotFoundError:
-            raise NotFound(f"no key file at {file}: create one with `gridq keys new {file.stem} --dir "
-                           f"{file.parent}`, or pass the path of an existing one") from None
-        except OSError as exc:
-            raise InvalidRequest(f"cannot read the key file {file}: {exc.strerror}") from None
-        return cls.from_json(text)
+
+def unreadable_key(file: Path, exc: OSError) -> GridError:
+    """The typed error for a key file that cannot be read, naming the fix. (The reading is
+    the caller's: this package does no I/O.)"""
+    if isinstance(exc, FileNotFoundError):
+        return NotFound(f"no key file at {file}: create one with `gridq keys new {file.stem} --dir {file.parent}`, "
+                        "or pass the path of an existing one")
+    return InvalidRequest(f"cannot read the key file {file}: {exc.strerror}")

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from protocol.contract import gridq_home
 from protocol.errors import InvalidRequest
-from protocol.identity import Identity, PublicIdentity
+from protocol.identity import Identity, PublicIdentity, unreadable_key
 
 NAME = r"^[A-Za-z0-9_.\-]+$"
 
@@ -171,7 +171,10 @@ class NodeConfig(_Section):
         return self.node.database or f"sqlite:///{self.node.store / 'node.db'}"
 
     def identity(self) -> Identity:
-        return Identity.read(self.node.identity)
+        try:
+            return Identity.from_json(self.node.identity.read_text())
+        except OSError as exc:
+            raise unreadable_key(self.node.identity, exc) from None
 
     def for_mpc(self) -> NodeConfig:
         """This config as the node's MPC worker connects: with ``[mpc]``'s broker, if it has one."""

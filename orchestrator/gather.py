@@ -57,7 +57,6 @@ def gather(grid: Grid, jobs: Sequence[tuple[str, TrainJob | EvalJob]], timeout: 
     return out
 
 
-
 def seal_for(grid: Grid, node: str, flat: torch.Tensor) -> SealedValue:
     """Weights sealed to one node: inline if small, else left in Redis by claim-check."""
     sealed = grid.transport.node_key(node).seal(encode_tensor(flat))

@@ -188,11 +188,10 @@ class Grid:
 
     def ticket(self, job_id: str) -> JobTicket:
         """Pick up a job submitted earlier (by this process or another one)."""
-        node, _, rest = job_id.partition(":")
         if not JOB_ID.fullmatch(job_id):
             raise InvalidRequest(f"{job_id!r} is not a job id: they read '<node>:<32 hex digits>', as "
                                  "ticket.id prints them")
-        self.transport.node_key(node)  # a node this grid knows
+        self.transport.node_key(job_id.split(":")[0])  # a node this grid knows
         return JobTicket(self, job_id)
 
     def submit(self, node: str, job: RunJob | TrainJob | BudgetQuery | AccessRequest | MockRequest) -> JobTicket:

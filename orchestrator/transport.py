@@ -35,6 +35,7 @@ from protocol.contract import (
     GATEWAY_QUEUE,
     MPC_MODELS_KEY,
     PUBLIC,
+    Tasks,
 )
 from protocol.envelope import Envelope, MemoryNonceStore, open_envelope, seal_envelope
 from protocol.errors import BrokerUnavailable, NodeUnavailable, NotFound, error_from_wire
@@ -192,8 +193,6 @@ class Transport:
         return self._node_keys[node]
 
     def nodes(self) -> list[NodeInfo]:
-        from protocol.contract import Tasks
-
         return list(self.ask_gateway(Tasks.NODES).nodes)
 
     def verify(self, raw: Any, node: str, job_id: str) -> Envelope:

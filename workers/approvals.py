@@ -52,8 +52,10 @@ class Requests:
         with self.store.session() as s:
             if s.get(RequestRow, given) is not None:
                 return given
-            ids = [i for i in s.scalars(select(RequestRow.job_id))
-                   if given and (i.startswith(given) or i.partition(":")[2].startswith(given))]
+            # ids read '<node>:<hex>' (one colon): a prefix of the whole id, or of its hex part
+            ids = list(s.scalars(select(RequestRow.job_id).where(
+                RequestRow.job_id.startswith(given, autoescape=True)
+                | RequestRow.job_id.contains(":" + given, autoescape=True)))) if given else []
         if len(ids) == 1:
             return ids[0]
         if not ids:

@@ -88,17 +88,17 @@ def client_breakdown(grid: Grid, ptr: DataPointer, n: int) -> Breakdown:
     """The client's steps during ``n`` more ``ptr.mean().get()`` calls, p50 of each."""
     import celery.result
 
-    import orchestrator.grid
     import orchestrator.pointer
     import orchestrator.ticket
+    import orchestrator.transport
     from protocol.identity import Identity
 
     total: list[float] = []
     with phases((orchestrator.pointer, "validate", "client: build plan + validate on meta tensors"),
-                (orchestrator.grid, "seal_envelope", "client: sign job envelope"),
+                (orchestrator.transport, "seal_envelope", "client: sign job envelope"),
                 (grid.app, "send_task", "client: send_task (publish to Redis)"),
                 (celery.result.AsyncResult, "get", "client: wait for the reply (queue → node → backend)"),
-                (grid, "_verify_reply", "client: verify reply envelope"),
+                (grid.transport, "verify", "client: verify reply envelope"),
                 (Identity, "unseal", "client: unseal value"),
                 (orchestrator.ticket, "decode_tensor", "client: decode tensor")) as found:
         for _ in range(n):

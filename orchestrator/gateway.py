@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import replace
 from typing import Any
 
@@ -20,8 +19,8 @@ from celery.app import trace
 from orchestrator.app import make_celery
 from orchestrator.registry import Registry
 from protocol.contract import GATEWAY, GATEWAY_IDENTITY_KEY, GATEWAY_QUEUE, PUBLIC, Tasks
-from protocol.envelope import MemoryNonceStore, open_envelope, seal_envelope
-from protocol.errors import GridError, InvalidRequest
+from protocol.envelope import Envelope, MemoryNonceStore
+from protocol.errors import GridError
 from protocol.identity import Identity, PublicIdentity
 from protocol.messages import (
     GatewayReply,
@@ -30,56 +29,59 @@ from protocol.messages import (
     SearchQuery,
     UnpublishDataset,
     WireError,
-    parse_body,
 )
+from protocol.serving import Answer, EnvelopeServer, Route, Signed, parse, serve_tasks
 
 log = logging.getLogger(__name__)
 
 
 class Gateway:
-    """The registry's logic, free of Celery: one method per message."""
+    """The registry's logic, free of Celery: one route per message."""
 
     def __init__(self, identity: Identity, registry: Registry) -> None:
         self.identity = identity
         self.registry = registry
-        self.nonces = MemoryNonceStore()
+        self.server = EnvelopeServer(identity, MemoryNonceStore(), _failure)
+        self.routes = {"register": Route(RegisterNode, self._register), "publish": Route(PublishDataset, self._publish),
+                       "unpublish": Route(UnpublishDataset, self._unpublish)}
 
-    def from_node(self, raw: Any, delivery_id: str) -> dict[str, Any]:
-        """Handle a signed registration, publication or withdrawal from a node."""
-        try:
-            env = open_envelope(raw, recipient=GATEWAY, keyring=_KeyringFor(self.registry, raw),
-                                nonces=self.nonces, delivery_id=delivery_id, now=time.time())
-            body = parse_body(env.body_json(), env.job_id)
-            if isinstance(body, RegisterNode):
-                self.registry.register(env.sender, body.public_key, list(body.datasets))
-            elif isinstance(body, PublishDataset):
-                self.registry.publish(env.sender, body.dataset)
-            elif isinstance(body, UnpublishDataset):
-                self.registry.unpublish(env.sender, body.name)
-            else:
-                raise InvalidRequest(f"the gateway does not take {body.kind!r} messages")
-            log.info("%s from node %r", body.kind, env.sender)
-            return self._sign(delivery_id, GatewayReply())
-        except GridError as exc:
-            log.warning("refused node message %s: %s", delivery_id, exc)
-            return self._sign(delivery_id, GatewayReply(error=WireError(**exc.to_wire())))
+    def serve(self, task: str, payload: Any, delivery_id: str) -> Answer:
+        if task == Tasks.SEARCH:
+            return Answer(self._sign(delivery_id, self.server.guarded(lambda: self.search(payload), delivery_id)))
+        if task == Tasks.NODES:
+            return Answer(self._sign(delivery_id, GatewayReply(nodes=self.registry.nodes())))
+        return self.server.serve(payload, delivery_id, _KeyringFor(self.registry, payload), self._from_node)
 
-    def search(self, query: Any, delivery_id: str) -> dict[str, Any]:
-        try:
-            q = SearchQuery.model_validate(query)
-        except ValueError as exc:
-            return self._sign(delivery_id, GatewayReply(
-                error=WireError(code=InvalidRequest.code, message=f"malformed search: {exc}"[:4000])))
-        found = self.registry.search(list(q.tags), list(q.words), q.node)
-        return self._sign(delivery_id, GatewayReply(datasets=found, nodes=self.registry.nodes()))
+    def _from_node(self, env: Envelope) -> Answer:
+        """A signed registration, publication or withdrawal from a node."""
+        reply = self.server.guarded(lambda: self.server.route(env, self.routes), env.job_id)
+        if reply.error is None:
+            log.info("%s from node %r", env.kind, env.sender)
+        return Answer(self._sign(env.job_id, reply))
 
-    def nodes(self, delivery_id: str) -> dict[str, Any]:
-        return self._sign(delivery_id, GatewayReply(nodes=self.registry.nodes()))
+    def _register(self, env: Envelope, body: RegisterNode) -> GatewayReply:
+        self.registry.register(env.sender, body.public_key, list(body.datasets))
+        return GatewayReply()
 
-    def _sign(self, job_id: str, reply: GatewayReply) -> dict[str, Any]:
-        env = seal_envelope(self.identity, recipient=PUBLIC, kind=reply.kind, job_id=job_id,
-                            body=reply.model_dump(mode="json"), now=time.time())
-        return env.model_dump(mode="json")
+    def _publish(self, env: Envelope, body: PublishDataset) -> GatewayReply:
+        self.registry.publish(env.sender, body.dataset)
+        return GatewayReply()
+
+    def _unpublish(self, env: Envelope, body: UnpublishDataset) -> GatewayReply:
+        self.registry.unpublish(env.sender, body.name)
+        return GatewayReply()
+
+    def search(self, query: Any) -> GatewayReply:
+        q = parse(SearchQuery, query)
+        return GatewayReply(datasets=self.registry.search(list(q.tags), list(q.words), q.node),
+                            nodes=self.registry.nodes())
+
+    def _sign(self, job_id: str, reply: GatewayReply) -> Signed:
+        return self.server.sign(PUBLIC, job_id, reply)  # anyone may read the registry's answers
+
+
+def _failure(exc: GridError, job_id: str) -> GatewayReply:
+    return GatewayReply(error=WireError(**exc.to_wire()))
 
 
 class _KeyringFor(dict[str, PublicIdentity]):
@@ -106,29 +108,8 @@ class _KeyringFor(dict[str, PublicIdentity]):
 def make_gateway_app(broker: str, identity: Identity, database_url: str) -> Celery:
     identity = replace(identity, name=GATEWAY)  # the gateway signs as "gateway", whatever its key file says
     app = make_celery(broker, name="gridq-gateway")
-    holder: dict[str, Gateway] = {}
-
-    def gateway() -> Gateway:  # built in the worker process, after the fork
-        if "g" not in holder:
-            holder["g"] = Gateway(identity, Registry(database_url))
-        return holder["g"]
-
-    def node_message(name: str) -> None:
-        @app.task(name=name, bind=True)
-        def handle(self: Any, envelope: Any) -> dict[str, Any]:
-            return gateway().from_node(envelope, self.request.id)
-
-    for name in (Tasks.REGISTER, Tasks.PUBLISH, Tasks.UNPUBLISH):
-        node_message(name)
-
-    @app.task(name=Tasks.SEARCH, bind=True)
-    def search(self: Any, query: Any) -> dict[str, Any]:
-        return gateway().search(query, self.request.id)
-
-    @app.task(name=Tasks.NODES, bind=True)
-    def nodes(self: Any) -> dict[str, Any]:
-        return gateway().nodes(self.request.id)
-
+    serve_tasks(app, [Tasks.REGISTER, Tasks.PUBLISH, Tasks.UNPUBLISH, Tasks.SEARCH, Tasks.NODES],
+                lambda: Gateway(identity, Registry(database_url)))
     return app
 
 

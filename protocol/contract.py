@@ -28,6 +28,26 @@ def mpc_queue(node_id: str) -> str:
 MPC_MODELS_KEY = "gridq:mpc:models"  # Redis hash: served model name -> its card, signed by its host
 
 
+def mpc_session_key(session: str, party: str, way: str) -> str:
+    """A party's ``up`` or ``down`` list of one MPC session's rounds."""
+    return f"gridq:mpc:session:{session}:{party}:{way}"
+
+
+def mpc_pool_key(provider: str, parties: list[str], frac_bits: int, need: str) -> str:
+    """A host's list of ready dealer bundles for one need (shape and kind of material)."""
+    return f"gridq:mpc:pool:{provider}:{','.join(parties)}:{frac_bits}:{need}".replace(" ", "")
+
+
+def mpc_bundle_key(bundle: str, party: str) -> str:
+    """One party's part of a dealer bundle, sealed to it and signed by the provider."""
+    return f"gridq:mpc:bundle:{bundle}:{party}"
+
+
+def mpc_aggregated_key(party: str, round_id: str) -> str:
+    """Set once when an aggregation party adds up a federated round: a second sum is refused."""
+    return f"gridq:mpc:aggregated:{party}:{round_id}"
+
+
 class Tasks:
     """Task names: the only way the sides address each other's code."""
 

@@ -21,7 +21,8 @@ from protocol.dp import Charge, spent
 from protocol.errors import BudgetExhausted
 from protocol.messages import BudgetInfo
 from workers.config import BudgetSection
-from workers.store import BudgetRow, ChargeRow, Store
+from workers.store import Store
+from workers.tables import BudgetRow, ChargeRow
 
 SLACK = 1e-9  # floating-point slack: ten releases of 0.1 fit a budget of 1.0
 

@@ -20,13 +20,11 @@ import numpy as np
 import redis
 import torch
 from celery import Celery
-from celery.exceptions import Ignore
 
 from protocol.codec import dtype_name
 from protocol.contract import (
     GATEWAY,
     GATEWAY_QUEUE,
-    PENDING_APPROVAL,
     Tasks,
     celery_settings,
     node_queue,
@@ -35,9 +33,11 @@ from protocol.envelope import seal_envelope
 from protocol.errors import InvalidRequest, RequestDenied
 from protocol.identity import PublicIdentity
 from protocol.messages import DatasetMeta, PublishDataset, RegisterNode, UnpublishDataset
+from protocol.serving import serve_tasks
 from workers import claims
 from workers.approvals import Requests
 from workers.config import Bounds, NodeConfig, load_config
+from workers.context import NodeContext
 from workers.datasets import load_table
 from workers.directory import Directory
 from workers.jobs import JobRunner
@@ -165,8 +165,8 @@ class Node:
     # --- the worker's side -----------------------------------------------------------------
 
     def runner(self) -> JobRunner:
-        return JobRunner(self.id, self.identity, self.config.keyring(), self.store, self.ledger,
-                         self.config.approval, self._claim_check, self._claim_take, self._node_key)
+        return JobRunner(NodeContext(self.id, self.identity, self.config.keyring(), self.store, self.ledger,
+                                     self.config.approval, self._claim_check, self._claim_take, self._node_key))
 
     @property
     def _broker(self) -> redis.Redis:
@@ -214,20 +214,11 @@ def _bounds_list(bounds: Bounds | None, columns: list[str], dataset: str) -> lis
 
 
 def worker_tasks(app: Celery, config: NodeConfig) -> None:
-    """Register the node's task on ``app``. The Node is built lazily, inside the worker
-    process that runs the job (after the prefork fork), so no database connection is shared
-    across processes."""
-    holder: dict[str, Any] = {}
+    """Register the node's task on ``app``, served by a JobRunner built in each pool
+    process after the fork (no database connection is shared across processes)."""
 
-    @app.task(name=Tasks.RUN_JOB, bind=True)
-    def run_job(self: Any, envelope: Any) -> dict[str, Any]:
-        if "runner" not in holder:
-            torch.set_num_threads(config.worker.torch_threads)
-            holder["runner"] = Node(config, app).runner()
-        signed: dict[str, Any] = holder["runner"].handle(envelope, delivery_id=self.request.id)
-        if JobRunner.is_parked(signed):
-            # not finished: the ticket reads pending_approval until the owner decides, and
-            # the decision is stored under this job id by Node.approve / Node.deny
-            self.update_state(state=PENDING_APPROVAL, meta=signed)
-            raise Ignore()
-        return signed
+    def runner() -> JobRunner:
+        torch.set_num_threads(config.worker.torch_threads)
+        return Node(config, app).runner()
+
+    serve_tasks(app, [Tasks.RUN_JOB], runner)

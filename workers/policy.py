@@ -15,10 +15,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 from protocol.errors import PermissionDenied
 from protocol.messages import DPRelease, KeepRelease, RawRelease
 from workers.config import ApprovalSection
+
+
+class Door(StrEnum):
+    """How a job's value leaves the node — or that it waits for the owner (``PARK``)."""
+
+    KEEP = "keep"  # it does not: kept at the node, a pointer ticket comes back
+    RAW = "raw"  # to an allowed user of every input
+    APPROVED = "approved"  # the owner approved this job
+    DP = "dp"  # with noise, charged to the privacy budget
+    PARK = "park"  # not yet: the job waits in the approval queue
+
+
+_DOOR_OF_KIND = {"compute": Door.KEEP, "dp": Door.DP, "raw_if_allowed": Door.RAW, "raw": Door.APPROVED,
+                 "train": Door.APPROVED}
 
 
 @dataclass(frozen=True)
@@ -43,12 +58,12 @@ def job_kind(requester: str, release: KeepRelease | RawRelease | DPRelease, sour
 
 def authorize(requester: str, release: KeepRelease | RawRelease | DPRelease, sources: Sequence[Source],
               node: str, approval: ApprovalSection, *, approved: bool = False, job_id: str | None = None,
-              training: bool = False) -> str:
+              training: bool = False) -> Door:
     """The door the value leaves by (``keep``, ``raw``, ``approved`` or ``dp``), ``park``
     if the job must wait for the owner, or PermissionDenied saying why not. Trained
     weights released to a user who may not see the data raw are kind ``train``."""
     kind = job_kind(requester, release, sources, training)
-    door = {"compute": "keep", "dp": "dp", "raw_if_allowed": "raw", "raw": "approved", "train": "approved"}[kind]
+    door = _DOOR_OF_KIND[kind]
     if approved or approval.automatic(requester, kind):
         return door
     if kind == "raw" and approval.default == "auto":
@@ -58,4 +73,4 @@ def authorize(requester: str, release: KeepRelease | RawRelease | DPRelease, sou
             "allowed users may. Ask for a differentially private release (.get(epsilon=…)), keep the result "
             "at the node and compute further on it, or ask the owner for access (.request_access(reason))",
             job_id=job_id)
-    return "park"
+    return Door.PARK

@@ -13,6 +13,7 @@ import redis
 import torch
 from redis.connection import Encoder, PythonRespSerializer
 
+from protocol.contract import mpc_session_key
 from protocol.errors import JobFailed, NodeUnavailable, error_from_wire
 from protocol.mpc.beaver import PartyProtocol, combine_parts
 from protocol.mpc.wire import open_round, pack, seal_round, unpack
@@ -27,10 +28,6 @@ def connect(url: str, timeout: float) -> redis.Redis:
     packer = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
     return redis.Redis.from_url(url, socket_timeout=timeout + 10, command_packer=packer,
                                 socket_read_size=1 << 20)
-
-
-def session_key(session: str, party: str, way: str) -> str:
-    return f"gridq:mpc:session:{session}:{party}:{way}"
 
 
 def pop(client: redis.Redis, key: str, timeout: float) -> bytes | None:
@@ -48,7 +45,7 @@ class PartyEnd:
     def __init__(self, client: redis.Redis, session: str, party: str, key: bytes, timeout: float,
                  host: str = "the host") -> None:
         self.client, self.key, self.timeout, self.host = client, key, timeout, host
-        self.up, self.down = session_key(session, party, "up"), session_key(session, party, "down")
+        self.up, self.down = mpc_session_key(session, party, "up"), mpc_session_key(session, party, "down")
         self.step = 0  # rounds received; the relay sends round k's values as message k
         self.sent = 0  # messages sent: one a round, so the relay reads message k in round k
 
@@ -93,18 +90,18 @@ def relay(client: redis.Redis, session: str, keys: dict[str, bytes], timeout: fl
             data = pack({str(k): v for k, v in enumerate(opened)})
             pipe = client.pipeline(transaction=False)
             for p in parties:
-                down = session_key(session, p, "down")
+                down = mpc_session_key(session, p, "down")
                 pipe.rpush(down, seal_round(keys[p], f"{down}:{step}", data))
                 pipe.expire(down, int(timeout) + 60)
             pipe.execute()
         raise JobFailed(f"the protocol did not finish in {MAX_ROUNDS} rounds")
     finally:
-        client.delete(*[session_key(session, p, w) for p in parties for w in ("up", "down")])
+        client.delete(*[mpc_session_key(session, p, w) for p in parties for w in ("up", "down")])
 
 
 def _receive(client: redis.Redis, session: str, party: str, key: bytes, step: int, timeout: float
              ) -> tuple[Sequence[torch.Tensor], dict[str, str]]:
-    up = session_key(session, party, "up")
+    up = mpc_session_key(session, party, "up")
     got = pop(client, up, timeout)
     if got is None:
         raise NodeUnavailable(f"party {party!r} did not answer round {step} within {timeout:g} s; the computation "

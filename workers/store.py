@@ -4,9 +4,7 @@ SQLite inside the store folder by default; any SQLAlchemy URL works (PostgreSQL 
 node that runs several worker processes). The database is the one source of truth that
 the admin API (publish, unpublish) and the worker processes share.
 
-Tables: ``datasets`` (published data and who may see it raw), ``objects`` (results kept
-for their requester), ``jobs`` (one row per job id: status, attempts and the signed
-reply, so a redelivered job answers the same) and ``nonces`` (replay protection).
+The tables are :mod:`workers.tables`.
 """
 
 from __future__ import annotations
@@ -19,116 +17,25 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from sqlalchemy import (
-    JSON,
-    Float,
-    Index,
-    Integer,
-    String,
-    Text,
-    bindparam,
-    create_engine,
-    delete,
-    event,
-    select,
-    update,
-)
+from sqlalchemy import bindparam, create_engine, delete, event, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from protocol.codec import dtype_name
 from protocol.errors import InvalidRequest, NotFound
 from protocol.messages import DatasetMeta
+from workers.tables import (
+    Base,
+    DatasetRow,
+    JobRow,
+    MpcModelRow,
+    MpcShareRow,
+    NonceRow,
+    ObjectRow,
+    RequestRow,
+)
 
-
-class Base(DeclarativeBase):
-    pass
-
-
-class DatasetRow(Base):
-    __tablename__ = "datasets"
-    name: Mapped[str] = mapped_column(String(128), primary_key=True)
-    file: Mapped[str] = mapped_column(Text)
-    meta: Mapped[dict[str, Any]] = mapped_column(JSON)
-    allowed_users: Mapped[list[str]] = mapped_column(JSON)
-    updated_at: Mapped[float] = mapped_column(Float)
-    mock_file: Mapped[str | None] = mapped_column(Text, nullable=True)  # the owner's synthetic twin
-
-
-class ObjectRow(Base):
-    __tablename__ = "objects"
-    id: Mapped[str] = mapped_column(String(80), primary_key=True)
-    job_id: Mapped[str] = mapped_column(String(80), unique=True)
-    owner: Mapped[str] = mapped_column(String(64))
-    file: Mapped[str] = mapped_column(Text)
-    shape: Mapped[list[int]] = mapped_column(JSON)
-    dtype: Mapped[str] = mapped_column(String(16))
-    sources: Mapped[list[str]] = mapped_column(JSON)
-    created_at: Mapped[float] = mapped_column(Float)
-
-
-class JobRow(Base):
-    __tablename__ = "jobs"
-    job_id: Mapped[str] = mapped_column(String(80), primary_key=True)
-    requester: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(24))
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    reply: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    created_at: Mapped[float] = mapped_column(Float)
-    updated_at: Mapped[float] = mapped_column(Float)
-
-
-class BudgetRow(Base):
-    """A budget the owner set for one user on one dataset (else the config's applies)."""
-
-    __tablename__ = "budgets"
-    user: Mapped[str] = mapped_column(String(64), primary_key=True)
-    dataset: Mapped[str] = mapped_column(String(128), primary_key=True)
-    epsilon: Mapped[float] = mapped_column(Float)
-    delta: Mapped[float] = mapped_column(Float)
-
-
-class ChargeRow(Base):
-    """The ledger: one row per DP release and dataset, keyed by job id (charged once)."""
-
-    __tablename__ = "charges"
-    __table_args__ = (Index("ix_charges_user_dataset", "user", "dataset"),)
-    job_id: Mapped[str] = mapped_column(String(80), primary_key=True)
-    dataset: Mapped[str] = mapped_column(String(128), primary_key=True)
-    user: Mapped[str] = mapped_column(String(64))
-    mechanism: Mapped[str] = mapped_column(String(16))
-    epsilon: Mapped[float] = mapped_column(Float)
-    delta: Mapped[float] = mapped_column(Float)
-    rho: Mapped[float] = mapped_column(Float)
-    scale: Mapped[float] = mapped_column(Float)
-    created_at: Mapped[float] = mapped_column(Float)
-
-
-class RequestRow(Base):
-    """A job waiting for the owner's decision: what a person needs to judge it, and the
-    verified envelope to run once approved."""
-
-    __tablename__ = "requests"
-    job_id: Mapped[str] = mapped_column(String(80), primary_key=True)
-    requester: Mapped[str] = mapped_column(String(64))
-    kind: Mapped[str] = mapped_column(String(24))
-    datasets: Mapped[list[str]] = mapped_column(JSON)
-    summary: Mapped[str] = mapped_column(Text)
-    release: Mapped[str] = mapped_column(String(128))
-    reason: Mapped[str] = mapped_column(Text, default="")
-    envelope: Mapped[dict[str, Any]] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(16), index=True)  # pending | approved | denied
-    decision: Mapped[str] = mapped_column(Text, default="")
-    created_at: Mapped[float] = mapped_column(Float)
-    decided_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-
-
-class NonceRow(Base):
-    __tablename__ = "nonces"
-    sender: Mapped[str] = mapped_column(String(64), primary_key=True)
-    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
-    delivery_id: Mapped[str] = mapped_column(String(80))
-    expires_at: Mapped[float] = mapped_column(Float, index=True)
+__all__ = ["DatasetRow", "JobRow", "ObjectRow", "RequestRow", "Store"]
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -305,3 +212,23 @@ class Store:
                 row = s.get(NonceRow, (sender, nonce))
                 return row is not None and row.delivery_id == delivery_id
         return True
+
+    # --- the MPC worker's: models hosted, shares held -------------------------------------------
+
+    def served_card(self, name: str) -> dict[str, Any] | None:
+        with self.session() as s:
+            row = s.get(MpcModelRow, name)
+            return None if row is None else row.card
+
+    def serve_card(self, name: str, card: dict[str, Any]) -> None:
+        with self.session() as s:
+            s.merge(MpcModelRow(name=name, card=card, created_at=time.time()))
+
+    def shares(self, model: str) -> bytes | None:
+        with self.session() as s:
+            row = s.get(MpcShareRow, model)
+            return None if row is None else row.data
+
+    def keep_shares(self, model: str, data: bytes) -> None:
+        with self.session() as s:
+            s.merge(MpcShareRow(model=model, data=data))

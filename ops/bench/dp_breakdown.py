@@ -1,4 +1,4 @@
-"""Where a DP release's time goes at the node: ``JobRunner.handle`` run in this process on
+"""Where a DP release's time goes at the node: ``JobRunner.serve`` run in this process on
 the node's own database, raw and DP, timed phase by phase (used by :mod:`ops.bench.dp`)."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ops.bench.measure import p, phases
 from ops.keys import read_identity
+from protocol.contract import Tasks
 from protocol.envelope import seal_envelope
 from protocol.messages import DPRelease, RawRelease, RunJob
 from protocol.plan import Plan
@@ -18,9 +19,11 @@ from workers.release import calibrate_release
 
 def node_breakdown(config: Path, identity_path: Path, plan: Plan, n: int, *, dataset: str, rows: int,
                    epsilon: float, history_user: str) -> dict[str, dict[str, float]]:
-    """The node's ``JobRunner.handle`` in this process on the same node database, raw and
+    """The node's ``JobRunner.serve`` in this process on the same node database, raw and
     DP, p50 of each phase; ``{"raw": {step: ms}, "dp": {…}}``."""
-    import workers.jobs as jobs
+    import protocol.serving as serving
+    import workers.compute as compute
+    import workers.context as context
 
     node = Node(load_config(config))
     me = read_identity(identity_path)
@@ -31,7 +34,7 @@ def node_breakdown(config: Path, identity_path: Path, plan: Plan, n: int, *, dat
     def one(kind: str) -> None:
         job_id = f"{node.id}:bench-{time.perf_counter_ns()}"
         env = seal_envelope(me, recipient=node.id, kind="run", job_id=job_id, body=bodies[kind], now=time.time())
-        reply = runner.handle(env.model_dump(mode="json"), delivery_id=job_id)
+        reply = runner.serve(Tasks.RUN_JOB, env.model_dump(mode="json"), job_id).signed
         assert reply["kind"] == "job_reply" and '"status":"done"' in reply["body"], reply
 
     for _ in range(10):
@@ -39,30 +42,30 @@ def node_breakdown(config: Path, identity_path: Path, plan: Plan, n: int, *, dat
         one("dp")
     out: dict[str, dict[str, float]] = {}
     for kind in ("raw", "dp"):
-        with phases((jobs, "open_envelope", "verify envelope (incl. nonce INSERT + commit)"),
+        with phases((serving, "open_envelope", "verify envelope (incl. nonce INSERT + commit)"),
                     (runner.store, "begin_job", "job row SELECT + INSERT + commit"),
                     (runner.store, "dataset_row", "dataset row SELECT (each; DP: one more per job)"),
-                    (jobs, "validate", "validate plan on meta tensors"),
-                    (jobs, "calibrate_release", "DP: calibrate (sensitivity → Laplace scale, OpenDP)"),
-                    (runner.ledger, "precheck", "DP: ledger precheck (own transaction)"),
-                    (runner.ledger, "_check", "DP:   read + sum the user's charges (each; 2 per job)"),
-                    (jobs, "evaluate", f"run plan (mean of {rows:,} rows)"),
-                    (jobs, "add_noise", "DP: add Laplace noise (OpenDP sampler)"),
-                    (runner, "_seal", "seal value for requester"),
-                    (runner, "_sign", "sign reply envelope"),
-                    (runner.ledger, "charge_with_reply",
+                    (context, "validate", "validate plan on meta tensors"),
+                    (compute, "calibrate_release", "DP: calibrate (sensitivity → Laplace scale, OpenDP)"),
+                    (runner.node.ledger, "precheck", "DP: ledger precheck (own transaction)"),
+                    (runner.node.ledger, "_check", "DP:   read + sum the user's charges (each; 2 per job)"),
+                    (compute, "evaluate", f"run plan (mean of {rows:,} rows)"),
+                    (compute, "add_noise", "DP: add Laplace noise (OpenDP sampler)"),
+                    (runner.node, "seal", "seal value for requester"),
+                    (runner.server, "sign", "sign reply envelope"),
+                    (runner.node.ledger, "charge_with_reply",
                      "DP: ledger transaction: lock, check, charge INSERT, job UPDATE, commit"),
                     (runner.store, "finish_job", "raw: job row UPDATE + commit (reply)"),
-                    (runner, "handle", "JobRunner.handle total (in-process)")) as found:
+                    (runner, "serve", "JobRunner.serve total (in-process)")) as found:
             for _ in range(n):
                 one(kind)
         out[kind] = {label: p(ms, 50) for label, ms in found.items()}  # NaN: not a step of this kind
     charge = calibrate_release(plan, DPRelease(epsilon=epsilon), [node.store.dataset_row(dataset).meta]).charge
-    past = runner.ledger.info(history_user, dataset).releases
+    past = runner.node.ledger.info(history_user, dataset).releases
     ms = []
     for _ in range(n // 2):
         t0 = time.perf_counter()
-        runner.ledger.precheck(history_user, [dataset], charge, "bench")
+        runner.node.ledger.precheck(history_user, [dataset], charge, "bench")
         ms.append((time.perf_counter() - t0) * 1000)
     out["dp"][f"DP: ledger precheck, a user with {past:,} past releases"] = p(ms, 50)
     node.close()

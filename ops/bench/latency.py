@@ -19,7 +19,7 @@ c. **10 MiB download**: ``ptr.get()`` of a 10 MiB float32 dataset (the sealed by
 
 Then, to see where the time goes: Celery's own run time of each task in the workers (from
 their logs), the client's steps during more ``ptr.mean().get()`` calls, and the node's
-``JobRunner.handle`` run in this process on the same store (no broker), by phase. The
+``JobRunner.serve`` run in this process on the same store (no broker), by phase. The
 machine may be shared: the CPU other processes used during each measurement is printed
 beside it (``other load``, in cores).
 """
@@ -109,8 +109,10 @@ def client_breakdown(grid: Grid, ptr: DataPointer, n: int) -> Breakdown:
 
 
 def node_breakdown(grid: Grid, ptr: DataPointer, n: int) -> Breakdown:
-    """The node's ``JobRunner.handle`` in this process on the same store, p50 of each phase."""
-    import workers.jobs as jobs
+    """The node's ``JobRunner.serve`` in this process on the same store, p50 of each phase."""
+    import protocol.serving as serving
+    import workers.compute as compute
+    import workers.context as context
 
     node = Node(load_config(NODE_CONFIGS / "hospital.toml"))
     runner = node.runner()
@@ -119,22 +121,22 @@ def node_breakdown(grid: Grid, ptr: DataPointer, n: int) -> Breakdown:
     def one() -> None:
         job_id = f"hospital:bench-{time.perf_counter_ns()}"
         env = seal_envelope(grid.identity, recipient="hospital", kind="run", job_id=job_id, body=body, now=time.time())
-        reply = runner.handle(env.model_dump(mode="json"), delivery_id=job_id)
+        reply = runner.serve(Tasks.RUN_JOB, env.model_dump(mode="json"), job_id).signed
         assert reply["kind"] == "job_reply", reply
 
     for _ in range(10):
         one()
-    with phases((jobs, "open_envelope", "node: verify envelope (incl. nonce row)"),
+    with phases((serving, "open_envelope", "node: verify envelope (incl. nonce row)"),
                 (runner.store, "remember", "node:   of which nonce INSERT + commit"),
                 (runner.store, "begin_job", "node: job row SELECT + INSERT + commit"),
                 (runner.store, "dataset", "node: dataset row SELECT (tensor cached)"),
-                (jobs, "authorize", "node: authorize"),
-                (jobs, "validate", "node: validate plan on meta tensors"),
-                (jobs, "evaluate", "node: run plan (mean of 1M)"),
-                (runner, "_seal", "node: seal value for requester"),
-                (runner, "_sign", "node: sign reply envelope"),
+                (context, "authorize", "node: authorize"),
+                (context, "validate", "node: validate plan on meta tensors"),
+                (compute, "evaluate", "node: run plan (mean of 1M)"),
+                (runner.node, "seal", "node: seal value for requester"),
+                (runner.server, "sign", "node: sign reply envelope"),
                 (runner.store, "finish_job", "node: job row UPDATE + commit (reply)"),
-                (runner, "handle", "node: JobRunner.handle total (in-process)")) as found:
+                (runner, "serve", "node: JobRunner.serve total (in-process)")) as found:
         for _ in range(n):
             one()
     node.close()

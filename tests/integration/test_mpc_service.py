@@ -16,7 +16,7 @@ from test_broker_capture import Monitor, found_in
 from ops.local import NODE_CONFIGS, LocalGrid
 from protocol.errors import NodeUnavailable, PermissionDenied, UnknownSender
 from protocol.mpc.ring import FixedPoint
-from workers.mpc import ShareRow
+from workers.tables import MpcShareRow
 
 MPC_NODES = ("company", "university", "hospital", "public", "clinic")
 ROUND_TIMEOUT = 10.0  # company.toml's [mpc] round_timeout
@@ -126,7 +126,7 @@ def test_no_weight_share_input_or_output_crosses_the_broker_unsealed(mpc_grid: L
     for party in ("hospital", "public"):  # each party's stored share of the weight: 16-byte windows
         engine = create_engine(f"sqlite:///{mpc_grid.home / party / 'node.db'}")
         with engine.connect() as conn:
-            data = conn.execute(select(ShareRow.data).where(ShareRow.model == "captured")).scalar_one()
+            data = conn.execute(select(MpcShareRow.data).where(MpcShareRow.model == "captured")).scalar_one()
         engine.dispose()
         body = data[-96:]  # the tensors' bytes end the safetensors file
         patterns += [body[i:i + 16] for i in range(0, len(body) - 16, 8)]

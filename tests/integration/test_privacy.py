@@ -16,7 +16,8 @@ from protocol.envelope import seal_envelope
 from protocol.errors import BudgetExhausted, InvalidRequest, PermissionDenied, SensitivityUnknown
 from protocol.messages import DPRelease, RunJob
 from workers.ledger import Ledger
-from workers.store import ChargeRow, Store
+from workers.store import Store
+from workers.tables import ChargeRow
 
 WEIGHT_RANGE, HEIGHT_RANGE = 7.0, 45.0  # the hospital's declared bounds: [0, 7] kg, [20, 65] cm
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from ops.local import LocalGrid
-from workers.store import ChargeRow, Store
+from workers.store import Store
+from workers.tables import ChargeRow
 
 CONFIG = """
 [node]

@@ -32,7 +32,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         url = request.getfixturevalue("postgres_url")
     s = Store(tmp_path / "store", url)
     yield s
-    from workers.store import Base
+    from workers.tables import Base
 
     Base.metadata.drop_all(s.engine)
     s.close()

@@ -13,8 +13,17 @@ from urllib.parse import urlsplit
 import pytest
 
 from ops.acl import ROLES, acl_line, ensure_broker_users, role_url, rules, rules_table
-from protocol.contract import CLAIM_CHECK_PREFIX, GATEWAY_IDENTITY_KEY, MPC_MODELS_KEY, mpc_queue, node_queue
-from workers.rounds import session_key
+from protocol.contract import (
+    CLAIM_CHECK_PREFIX,
+    GATEWAY_IDENTITY_KEY,
+    MPC_MODELS_KEY,
+    mpc_aggregated_key,
+    mpc_bundle_key,
+    mpc_pool_key,
+    mpc_queue,
+    mpc_session_key,
+    node_queue,
+)
 
 
 def test_every_role_gets_a_user_a_url_and_the_default_user_is_off(tmp_path: Path) -> None:
@@ -154,10 +163,12 @@ def test_rules_fit_the_keys_the_code_builds() -> None:
     assert [r for r in ROLES if allows(r, "brpop", "mpc.company", read=True, write=True)] == ["mpc", "admin"]
     assert [r for r in ROLES if allows(r, "brpop", "gateway", read=True, write=True)] == ["gateway", "admin"]
     # MPC rounds, pools and bundles are the MPC workers' alone
-    for key in (session_key("s" * 32, "hospital", "up"), "gridq:mpc:pool:university:a,b:16:matmul:(1,4):(4,2)",
-                "gridq:mpc:bundle:" + "f" * 32 + ":hospital"):
+    for key in (mpc_session_key("s" * 32, "hospital", "up"),
+                mpc_pool_key("university", ["a", "b"], 16, "matmul:(1,4):(4,2)"), mpc_bundle_key("f" * 32, "hospital")):
         assert [r for r in ROLES if any(allows(r, c, key, read=True, write=True)
                                         for c in ("blpop", "getdel", "lpop"))] == ["mpc", "admin"]
+    aggregated = mpc_aggregated_key("hospital", "f" * 32)
+    assert [r for r in ROLES if allows(r, "set", aggregated, write=True)] == ["mpc", "admin"]
     # only the operator and the admin may command workers
     assert [r for r in ROLES if allows(r, "publish", channel="/0.celery.pidbox")] == ["flower", "admin"]
 

@@ -1,0 +1,185 @@
+"""Serving signed messages: the one path every worker of the grid answers by.
+
+A node's jobs, its MPC roles and the gateway all do the same thing with a message:
+open it (verify sender, signature, recipient, expiry, nonce) → parse its body by its kind →
+run the route for that kind → answer with a reply envelope signed by this side. One error
+policy covers all of them:
+
+* a message that cannot be verified is refused, to whoever it claims to be from (a refusal
+  carries no secret), and nothing is recorded for it;
+* a :class:`GridError` is answered as itself; the worker's time limit as ``JobFailed``;
+* anything else (a bug, a resource problem) is logged with its traceback *here* and answered
+  as ``JobFailed`` pointing to that log — the requester hears at once instead of waiting
+  for a timeout, and the worker goes on serving.
+
+:func:`serve_tasks` is the Celery shell around a role: it registers the role's task names
+and builds the role in each pool process after the fork (``worker_process_init``), so no
+database or broker connection is shared across processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from protocol.contract import PENDING_APPROVAL, PUBLIC
+from protocol.envelope import Envelope, NonceStore, open_envelope, seal_envelope
+from protocol.errors import GridError, InvalidRequest, JobFailed
+from protocol.identity import Identity, PublicIdentity
+from protocol.messages import first_problem
+
+log = logging.getLogger(__name__)
+_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+T = TypeVar("T")
+B = TypeVar("B", bound=BaseModel)
+Signed = dict[str, Any]  # a reply envelope, as it goes on the wire
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a worker sends back: the signed reply, and whether the job now waits for its
+    owner (the Celery task then reads ``PENDING_APPROVAL`` until the owner decides)."""
+
+    signed: Signed
+    parked: bool = False
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one kind of message is served: the body type it is parsed as, and the handler
+    that turns the verified envelope and its body into a reply."""
+
+    body: type[BaseModel]
+    run: Callable[[Envelope, Any], Any]
+
+
+def parse(model: type[B], data: object, job_id: str | None = None) -> B:
+    """A verified envelope's body as ``model``, or InvalidRequest saying what is wrong."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidRequest(f"malformed {model.__name__} message: {first_problem(exc, 'body')}",
+                             job_id=job_id) from None
+
+
+def claimed(raw: Any) -> tuple[str, str | None]:
+    """Whom to refuse an unverified message to (the sender it names, if that is a name at
+    all, else ``public``), and the job id it names (trimmed: it is unverified)."""
+    sender = raw.get("sender") if isinstance(raw, dict) else None
+    job_id = str(raw.get("job_id") or "")[:80] if isinstance(raw, dict) else ""
+    return (sender if isinstance(sender, str) and _NAME.fullmatch(sender) else PUBLIC), job_id or None
+
+
+class EnvelopeServer:
+    """Open → dispatch → sign, for one identity, with the grid's one error policy.
+
+    ``failure`` builds the role's reply type carrying an error (each reply type has one);
+    ``passthrough`` are exceptions that are control flow for the caller (a job parked for
+    approval), ``time_limits`` the worker's own time-limit exceptions."""
+
+    def __init__(self, identity: Identity, nonces: NonceStore, failure: Callable[[GridError, str], BaseModel], *,
+                 passthrough: tuple[type[BaseException], ...] = (),
+                 time_limits: tuple[type[BaseException], ...] = ()) -> None:
+        self.identity = identity
+        self.nonces = nonces
+        self.failure = failure
+        self.passthrough = passthrough
+        self.time_limits = time_limits
+
+    def serve(self, raw: Any, delivery_id: str, keyring: Mapping[str, PublicIdentity],
+              answer: Callable[[Envelope], Answer]) -> Answer:
+        """Verify ``raw`` against ``keyring`` and answer it; what cannot be verified is refused."""
+        try:
+            env = open_envelope(raw, recipient=self.identity.name, keyring=keyring, nonces=self.nonces,
+                                delivery_id=delivery_id, now=time.time())
+        except GridError as exc:
+            to, job_id = claimed(raw)
+            log.warning("%s refused message %s from %r: %s", self.identity.name, job_id or delivery_id, to, exc)
+            job_id = job_id or delivery_id
+            return Answer(self.sign(to, job_id, self.failure(exc, job_id)))
+        return answer(env)
+
+    def reply(self, env: Envelope, routes: Mapping[str, Route]) -> Answer:
+        """The common answer: run the message's route, sign its reply to the sender."""
+        return Answer(self.sign(env.sender, env.job_id, self.guarded(lambda: self.route(env, routes), env.job_id)))
+
+    def route(self, env: Envelope, routes: Mapping[str, Route]) -> Any:
+        """Run the route for the envelope's kind on its parsed body (no error policy: see guarded)."""
+        route = routes.get(env.kind)
+        if route is None:
+            raise InvalidRequest(f"{self.identity.name!r} does not take {env.kind!r} messages here; "
+                                 f"it takes {', '.join(sorted(routes))}", job_id=env.job_id)
+        return route.run(env, parse(route.body, env.body_json(), env.job_id))
+
+    def guarded(self, work: Callable[[], T], job_id: str,
+                failure: Callable[[GridError, str], T] | None = None) -> T:
+        """``work()``, or the failure reply the error policy gives for what it raised."""
+        fail: Callable[[GridError, str], Any] = failure or self.failure
+        try:
+            return work()
+        except self.passthrough:
+            raise
+        except GridError as exc:
+            log.warning("%s: %s refused: %s", self.identity.name, job_id, exc)
+            return fail(exc, job_id)  # type: ignore[no-any-return]
+        except self.time_limits:
+            return fail(JobFailed("the work ran past this worker's time limit; split it into smaller pieces",  # type: ignore[no-any-return]
+                                  job_id=job_id), job_id)
+        except Exception as exc:  # a bug or a resource problem: the log has the details, the requester hears now
+            return fail(unexpected(exc, self.identity.name, job_id), job_id)  # type: ignore[no-any-return]
+
+    def sign(self, to: str, job_id: str, reply: BaseModel) -> Signed:
+        env = seal_envelope(self.identity, recipient=to, kind=reply.kind, job_id=job_id,  # type: ignore[attr-defined]
+                            body=reply.model_dump(mode="json"), now=time.time())
+        return env.model_dump(mode="json")
+
+
+def unexpected(exc: BaseException, where: str, job_id: str) -> JobFailed:
+    """Log an exception the grid has no type for, and the JobFailed its requester reads."""
+    log.error("%s: %s failed", where, job_id, exc_info=exc)
+    return JobFailed(f"the work failed at {where!r} ({type(exc).__name__}); its owner's log has details",
+                     job_id=job_id)
+
+
+class Role(Protocol):
+    """A worker's logic, free of Celery: answers each task's payload."""
+
+    def serve(self, task: str, payload: Any, delivery_id: str) -> Answer: ...
+
+
+def serve_tasks(app: Any, tasks: Iterable[str], build: Callable[[], Role]) -> None:
+    """Register ``tasks`` on the Celery ``app``, each answered by the role ``build()`` makes.
+
+    The role is built once per pool process right after the fork (``worker_process_init``);
+    where no fork happens (a solo pool, a process that calls the task itself) it is built
+    at the first task."""
+    from celery.exceptions import Ignore
+    from celery.signals import worker_process_init
+
+    built: list[Role] = []
+
+    def role() -> Role:
+        if not built:
+            built.append(build())
+        return built[0]
+
+    def after_fork(**_: Any) -> None:
+        built.clear()  # a role the parent built holds connections the child must not share
+        role()
+
+    worker_process_init.connect(after_fork, weak=False)
+
+    for name in tasks:
+        @app.task(name=name, bind=True)  # type: ignore[untyped-decorator]  # celery is untyped
+        def run(self: Any, payload: Any = None) -> Signed:
+            answer = role().serve(self.name, payload, self.request.id)
+            if answer.parked:  # the decision is stored under this task's id when the owner makes it
+                self.update_state(state=PENDING_APPROVAL, meta=answer.signed)
+                raise Ignore()
+            return answer.signed

@@ -1,0 +1,112 @@
+"""The gateway's registry over SQLite: nodes pin their key on first use, searches match every
+tag and every word, and publishing, unpublishing or registering again changes what is found."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+import orchestrator.registry as registry_module
+from orchestrator.registry import Registry
+from protocol.errors import AuthenticationError, NotFound
+from protocol.messages import DatasetMeta
+
+
+def _meta(node: str, name: str, description: str = "", tags: tuple[str, ...] = ()) -> DatasetMeta:
+    return DatasetMeta(node=node, name=name, shape=(10, 2), dtype="float32", description=description, tags=list(tags))
+
+
+BIRTHS = _meta("ward", "births", "Births in the maternity ward, 2024", ("#ward", "#Births"))
+DEATHS = _meta("ward", "deaths", "Deaths on the ward", ("#ward", "#mortality"))
+VISITS = _meta("clinic", "visits", "Outpatient visits and births referred", ("#clinic", "#births"))
+
+
+@pytest.fixture
+def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Registry]:
+    clock = iter(float(t) for t in range(1000, 2000))
+    monkeypatch.setattr(registry_module, "time", SimpleNamespace(time=lambda: next(clock)))
+    reg = Registry(f"sqlite:///{tmp_path / 'gateway.db'}")
+    reg.register("ward", "key-ward", [BIRTHS, DEATHS])
+    reg.register("clinic", "key-clinic", [VISITS])
+    yield reg
+    reg.engine.dispose()
+
+
+def _names(found: list[DatasetMeta]) -> list[str]:
+    return [f"{m.node}/{m.name}" for m in found]
+
+
+@pytest.mark.parametrize("tags, words, node, expected", [
+    ([], [], None, ["clinic/visits", "ward/births", "ward/deaths"]),  # everything, by node then name
+    (["#ward"], [], None, ["ward/births", "ward/deaths"]),
+    (["#births"], [], None, ["clinic/visits", "ward/births"]),  # tags match in any case
+    (["#ward", "#births"], [], None, ["ward/births"]),  # every tag, not any
+    (["#ward", "#nowhere"], [], None, []),
+    ([], ["BIRTHS"], None, ["clinic/visits", "ward/births"]),  # words: name or description, any case
+    ([], ["births", "2024"], None, ["ward/births"]),  # every word
+    ([], ["deaths"], None, ["ward/deaths"]),  # in the name only
+    ([], ["outpatient"], None, ["clinic/visits"]),  # in the description only
+    (["#births"], [], "clinic", ["clinic/visits"]),
+    ([], [], "ward", ["ward/births", "ward/deaths"]),
+    ([], [], "nowhere", []),
+])
+def test_search(registry: Registry, tags: list[str], words: list[str], node: str | None, expected: list[str]) -> None:
+    assert _names(registry.search(tags, words, node)) == expected
+
+
+def test_search_returns_the_metadata_as_published(registry: Registry) -> None:
+    (found,) = registry.search(["#mortality"], [], "ward")
+    assert found == DEATHS
+
+
+def test_publish_and_unpublish_change_what_is_found(registry: Registry) -> None:
+    registry.publish("clinic", _meta("clinic", "labs", "Lab results", ("#clinic",)))
+    assert _names(registry.search(["#clinic"], [], None)) == ["clinic/labs", "clinic/visits"]
+    registry.publish("ward", _meta("ward", "births", "Births, revised", ("#ward",)))  # publishing again replaces
+    assert _names(registry.search(["#births"], [], None)) == ["clinic/visits"]
+    assert registry.search([], ["revised"], None)[0].description == "Births, revised"
+    registry.unpublish("ward", "deaths")
+    assert _names(registry.search([], [], "ward")) == ["ward/births"]
+    with pytest.raises(NotFound, match="'deaths'"):
+        registry.unpublish("ward", "deaths")
+
+
+def test_publishing_touches_the_node(registry: Registry) -> None:
+    before = {n.node: n.last_seen for n in registry.nodes()}
+    registry.publish("ward", _meta("ward", "labs"))
+    after = {n.node: n.last_seen for n in registry.nodes()}
+    assert after["ward"] > before["ward"] and after["clinic"] == before["clinic"]
+
+
+def test_a_node_publishes_only_its_own_datasets(registry: Registry) -> None:
+    with pytest.raises(AuthenticationError, match="'clinic' cannot publish a dataset of node 'ward'"):
+        registry.publish("clinic", _meta("ward", "forged"))
+    with pytest.raises(AuthenticationError):
+        registry.register("clinic", "key-clinic", [_meta("ward", "forged")])
+    assert registry.search([], ["forged"], None) == []
+    assert _names(registry.search([], [], "clinic")) == ["clinic/visits"]
+
+
+def test_registering_again_replaces_the_datasets(registry: Registry) -> None:
+    registry.register("ward", "key-ward", [_meta("ward", "admissions", tags=("#ward",))])
+    assert _names(registry.search(["#ward"], [], None)) == ["ward/admissions"]
+    registry.register("ward", "key-ward", [])
+    assert registry.search([], [], "ward") == [] and [n.node for n in registry.nodes()] == ["clinic", "ward"]
+
+
+def test_the_first_key_is_pinned(registry: Registry) -> None:
+    with pytest.raises(AuthenticationError, match="'ward' is registered with another key"):
+        registry.register("ward", "key-mallory", [])
+    assert registry.pinned_key("ward") == "key-ward" and registry.pinned_key("nowhere") is None
+    assert _names(registry.search([], [], "ward")) == ["ward/births", "ward/deaths"]  # the refusal changed nothing
+
+
+def test_nodes_are_listed_by_id_with_their_queue(registry: Registry) -> None:
+    listed: list[dict[str, Any]] = [n.model_dump() for n in registry.nodes()]
+    assert [(n["node"], n["public_key"], n["queue"]) for n in listed] == [
+        ("clinic", "key-clinic", "node.clinic"), ("ward", "key-ward", "node.ward")]
+    assert listed[0]["last_seen"] > listed[1]["last_seen"]  # clinic registered after ward

@@ -1,0 +1,25 @@
+"""The MPC pool: a node's worker for encrypted ML-as-a-service (``gridq mpc start CONFIG``).
+
+One worker per node, on the queue ``mpc.<node>``, plays whichever role a message gives it
+(one module each; :mod:`workers.mpc.worker` routes the messages):
+
+* **host** — keeps served models' cards (structure, parties, who may query: no numbers),
+  and coordinates queries: it takes dealer bundles from its pool, starts a session at each
+  party, then relays rounds, summing what the parties send (masked values only);
+* **party** — keeps its shares of served models in its own database, and computes its side
+  of each round (:func:`protocol.mpc.model.infer`, the same code as the tests run);
+* **aggregation party** — adds up its shares of a federated round's updates (each signed
+  by its node) and sends the sum, sealed, to the scientist: once per round;
+* **crypto provider** — deals bundles (triples, truncation and comparison material) from
+  shapes alone, each party's part sealed to it and signed, into the host's pool lists.
+
+Rounds travel on per-session Redis lists, MAC'd with a key the host sealed to each party.
+A party that does not answer within the host's ``round_timeout`` fails the query with
+``NodeUnavailable``; a party whose host stops answering gives up after the same time.
+Host, parties and provider must be distinct nodes: a dealer that is also a party could
+unmask, and a host that is also a party would wait on itself.
+"""
+
+from workers.mpc.worker import MpcWorker, mpc_tasks
+
+__all__ = ["MpcWorker", "mpc_tasks"]

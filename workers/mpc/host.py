@@ -1,0 +1,167 @@
+"""The MPC host: keeps served models' cards (structure, parties, who may query: no numbers)
+and coordinates queries — takes dealer bundles from its pool, starts a session at each
+party, then relays the rounds, summing what the parties send (masked values only)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+import uuid
+from typing import Any
+
+from celery.exceptions import TimeoutError as ResultTimeout
+
+from protocol.contract import MPC_MODELS_KEY, Tasks, mpc_pool_key
+from protocol.envelope import Envelope, open_envelope
+from protocol.errors import (
+    InvalidRequest,
+    JobFailed,
+    LimitExceeded,
+    NodeUnavailable,
+    NotFound,
+    PermissionDenied,
+    error_from_wire,
+)
+from protocol.mpc.model import Need
+from protocol.mpc.wire import Deal, ModelCard, MpcReply, QueryModel, RunSession, ServeModel, StoreShares
+from protocol.serving import parse
+from workers.mpc.member import MpcMember
+from workers.rounds import pop, relay
+
+log = logging.getLogger(__name__)
+MAX_QUERY_ELEMENTS = 1 << 22  # values in one tensor of a query: 4M int64 shares = 32 MB a round
+
+
+def pool_key(card: ModelCard, need: Need) -> str:
+    need_label = f"{need.kind}:{need.shape}:{need.other}"
+    return mpc_pool_key(card.provider, list(card.parties), card.plan.frac_bits, need_label)
+
+
+class Host:
+    def __init__(self, member: MpcMember) -> None:
+        self.m = member
+
+    def serve(self, env: Envelope, body: ServeModel) -> MpcReply:
+        """Serve a model its owner (a user of this host) secret-shared among the parties."""
+        m, card = self.m, body.card
+        if card.host != m.id or card.owner != env.sender:
+            raise InvalidRequest(f"this card names host {card.host!r} and owner {card.owner!r}; it was sent to "
+                                 f"{m.id!r} by {env.sender!r}")
+        check_roles(card)
+        try:
+            card.plan.check()
+        except ValueError as exc:
+            raise InvalidRequest(f"model {card.name!r}: {exc}") from None
+        if set(body.shares) != set(card.parties):
+            raise InvalidRequest(f"shares are for {sorted(body.shares)}, the parties are {sorted(card.parties)}")
+        existing = m.store.served_card(card.name)
+        if existing is not None and existing.get("owner") != card.owner:
+            raise PermissionDenied(f"model {card.name!r} on {m.id!r} belongs to {existing.get('owner')!r}; "
+                                   "choose another name")
+        pending = {p: m.send(p, Tasks.MPC_STORE, StoreShares(card=card, share=body.shares[p]), f"{env.job_id}:{p}")
+                   for p in card.parties}
+        for party, result in pending.items():
+            self._expect_ok(party, result, m.config.mpc.round_timeout)
+        m.store.serve_card(card.name, card.model_dump(mode="json"))
+        text = json.dumps(card.model_dump(mode="json"), sort_keys=True)
+        m.redis.hset(MPC_MODELS_KEY, card.name, json.dumps({
+            "card": text, "signature": m.identity.sign(text.encode()).hex()}))
+        self._refill(card, batch=1)
+        log.info("serving model %r for %s over %s", card.name, env.sender, card.parties)
+        return MpcReply()
+
+    def _expect_ok(self, node: str, result: Any, timeout: float) -> None:
+        try:
+            raw = result.get(timeout=timeout, disable_sync_subtasks=False)
+        except ResultTimeout:
+            raise NodeUnavailable(f"party {node!r} did not answer within {timeout:g} s; is its `gridq mpc start` "
+                                  "running?") from None
+        env = open_envelope(raw, recipient=self.m.id, keyring={node: self.m.peer(node)}, nonces=self.m.nonces,
+                            delivery_id=result.id, now=time.time())
+        reply = parse(MpcReply, env.body_json())
+        if reply.error is not None:
+            raise error_from_wire(reply.error.model_dump())
+
+    def query(self, env: Envelope, body: QueryModel) -> MpcReply:
+        """Run one private inference: the outputs' shares come back sealed to the querier."""
+        m = self.m
+        found = m.store.served_card(body.name)
+        if found is None:
+            raise NotFound(f"host {m.id!r} serves no model {body.name!r}")
+        card = ModelCard.model_validate(found)
+        if env.sender != card.owner and env.sender not in card.queriers:
+            raise PermissionDenied(f"{env.sender!r} may not query model {card.name!r}; its owner "
+                                   f"{card.owner!r} lets {sorted(card.queriers)} query it")
+        if set(body.inputs) != set(card.parties):
+            raise InvalidRequest(f"input shares are for {sorted(body.inputs)}, the parties are {sorted(card.parties)}")
+        widest = max(max(layer.in_features, layer.out_features) for layer in card.plan.layers)
+        if body.batch * widest > MAX_QUERY_ELEMENTS:
+            raise LimitExceeded(f"a batch of {body.batch} through layers {widest} wide is "
+                                f"{body.batch * widest} values a tensor; the limit is {MAX_QUERY_ELEMENTS}")
+        bundles = self._take_bundles(card, card.plan.material_needed(body.batch))
+        outputs = self._coordinate(card, body, bundles, env.sender, env.job_id)
+        self._refill(card, body.batch)
+        return MpcReply(outputs=outputs)
+
+    def _take_bundles(self, card: ModelCard, needs: list[Need]) -> list[str]:
+        m = self.m
+        keys = [pool_key(card, n) for n in needs]
+        taken: list[str | None] = [_text(m.redis.lpop(k)) for k in keys]
+        missing = [i for i, b in enumerate(taken) if b is None]
+        if missing:  # a cold pool: ask the provider now, and wait for it
+            self._ask_deal(card, [needs[i] for i in missing], [keys[i] for i in missing], count=1)
+            deadline = time.monotonic() + m.config.mpc.deal_timeout
+            for i in missing:
+                got = pop(m.redis, keys[i], max(0.01, deadline - time.monotonic()))
+                if got is None:
+                    raise NodeUnavailable(f"crypto provider {card.provider!r} did not deal within "
+                                          f"{m.config.mpc.deal_timeout:g} s; is its `gridq mpc start` running?")
+                taken[i] = got.decode()
+        return [b for b in taken if b is not None]
+
+    def _refill(self, card: ModelCard, batch: int) -> None:
+        """Top the pool up for this batch size, without waiting: the next query finds it ready."""
+        target = self.m.config.mpc.pool_size
+        short = [(n, k) for n in card.plan.material_needed(batch)
+                 if (k := pool_key(card, n)) and self.m.redis.llen(k) < target]
+        if short:
+            self._ask_deal(card, [n for n, _ in short], [k for _, k in short], count=target)
+
+    def _ask_deal(self, card: ModelCard, needs: list[Need], pools: list[str], count: int) -> None:
+        self.m.send(card.provider, Tasks.MPC_DEAL, Deal(parties=card.parties, frac_bits=card.plan.frac_bits,
+                                                        needs=needs, pools=pools, count=count), uuid.uuid4().hex)
+
+    def _coordinate(self, card: ModelCard, body: QueryModel, bundles: list[str], querier: str, job_id: str
+                    ) -> dict[str, str]:
+        m = self.m
+        session = secrets.token_hex(16)
+        keys = {p: secrets.token_bytes(32) for p in card.parties}
+        timeout = m.config.mpc.round_timeout
+        querier_key = m.users[querier].text()
+        for i, party in enumerate(card.parties):
+            sealed_key = m.leave(m.peer(party).seal(keys[party]))
+            m.send(party, Tasks.MPC_SESSION, RunSession(
+                session=session, card=card, index=i, batch=body.batch, bundles=bundles, input=body.inputs[party],
+                mac_key=sealed_key, querier=querier, querier_key=querier_key, round_timeout=timeout),
+                f"{job_id}:{party}", ttl=timeout)
+        metas = relay(m.redis, session, keys, timeout)
+        if any(meta.get("kind") != "out" for meta in metas):
+            raise JobFailed(f"parties of model {card.name!r} ended without an output")
+        return {p: meta["blob"] for p, meta in zip(card.parties, metas, strict=True)}
+
+
+def check_roles(card: ModelCard) -> None:
+    """Host, parties and provider are distinct nodes: a dealer that is also a party could
+    unmask, and a host that is also a party would wait on itself."""
+    if len(set(card.parties)) != len(card.parties) or len(card.parties) < 2:
+        raise InvalidRequest(f"a model is shared among at least 2 distinct parties, not {card.parties}")
+    if card.provider in card.parties:
+        raise InvalidRequest(f"the crypto provider {card.provider!r} cannot also hold shares: it could unmask them")
+    if card.host in card.parties:
+        raise InvalidRequest(f"the host {card.host!r} cannot also hold shares; choose another node as host")
+
+
+def _text(value: Any) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value

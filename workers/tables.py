@@ -1,0 +1,124 @@
+"""The node database's tables (SQLAlchemy models); :class:`workers.store.Store` owns the
+engine and the sessions, and is the only way in.
+
+``datasets`` (published data and who may see it raw), ``objects`` (results kept for their
+requester), ``jobs`` (one row per job id: status, attempts and the signed reply, so a
+redelivered job answers the same), ``budgets`` and ``charges`` (the privacy ledger),
+``requests`` (the approval queue), ``nonces`` (replay protection), and for the MPC worker
+``mpc_models`` (cards of models this node hosts) and ``mpc_shares`` (its shares of models
+it computes on as a party).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, Float, Index, Integer, LargeBinary, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class DatasetRow(Base):
+    __tablename__ = "datasets"
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    file: Mapped[str] = mapped_column(Text)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON)
+    allowed_users: Mapped[list[str]] = mapped_column(JSON)
+    updated_at: Mapped[float] = mapped_column(Float)
+    mock_file: Mapped[str | None] = mapped_column(Text, nullable=True)  # the owner's synthetic twin
+
+
+class ObjectRow(Base):
+    __tablename__ = "objects"
+    id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(80), unique=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    file: Mapped[str] = mapped_column(Text)
+    shape: Mapped[list[int]] = mapped_column(JSON)
+    dtype: Mapped[str] = mapped_column(String(16))
+    sources: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    job_id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    requester: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(24))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    reply: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class BudgetRow(Base):
+    """A budget the owner set for one user on one dataset (else the config's applies)."""
+
+    __tablename__ = "budgets"
+    user: Mapped[str] = mapped_column(String(64), primary_key=True)
+    dataset: Mapped[str] = mapped_column(String(128), primary_key=True)
+    epsilon: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+
+
+class ChargeRow(Base):
+    """The ledger: one row per DP release and dataset, keyed by job id (charged once)."""
+
+    __tablename__ = "charges"
+    __table_args__ = (Index("ix_charges_user_dataset", "user", "dataset"),)
+    job_id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    dataset: Mapped[str] = mapped_column(String(128), primary_key=True)
+    user: Mapped[str] = mapped_column(String(64))
+    mechanism: Mapped[str] = mapped_column(String(16))
+    epsilon: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+    rho: Mapped[float] = mapped_column(Float)
+    scale: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class RequestRow(Base):
+    """A job waiting for the owner's decision: what a person needs to judge it, and the
+    verified envelope to run once approved."""
+
+    __tablename__ = "requests"
+    job_id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    requester: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(24))
+    datasets: Mapped[list[str]] = mapped_column(JSON)
+    summary: Mapped[str] = mapped_column(Text)
+    release: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    envelope: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending | approved | denied
+    decision: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    decided_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class NonceRow(Base):
+    __tablename__ = "nonces"
+    sender: Mapped[str] = mapped_column(String(64), primary_key=True)
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    delivery_id: Mapped[str] = mapped_column(String(80))
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class MpcModelRow(Base):
+    """At an MPC host: a model it serves (its card: structure, parties, who may query)."""
+
+    __tablename__ = "mpc_models"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    card: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class MpcShareRow(Base):
+    """At an MPC party: its share of a model's parameters (safetensors bytes of ring tensors)."""
+
+    __tablename__ = "mpc_shares"
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)

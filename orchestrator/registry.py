@@ -80,8 +80,11 @@ class Registry:
 
     def publish(self, node: str, meta: DatasetMeta) -> None:
         with self.session() as s:
+            row = s.get(NodeRow, node)
+            if row is None:  # the gateway pins keys at registration: nothing else reaches here unregistered
+                raise NotFound(f"node {node!r} publishes before it registered; restart it to register")
             s.merge(_dataset_row(node, meta))
-            s.get_one(NodeRow, node).last_seen = time.time()
+            row.last_seen = time.time()
 
     def unpublish(self, node: str, name: str) -> None:
         with self.session() as s:

@@ -66,9 +66,11 @@ class FedProx(Strategy):
 @dataclass
 class FedAdam(Strategy):
     """The change a round's average would make is taken as a negative gradient, and torch's
-    Adam steps with it (``lr`` is the server's learning rate η, ``eps`` Adam's ε, the
-    paper's τ). Buffers (BatchNorm's statistics) are not optimized: they take the average
-    as it is."""
+    Adam steps with it (``lr`` is the server's learning rate η, ``eps`` Adam's ε). Unlike
+    Algorithm 2 of Reddi et al. (2021), whose τ is added to √v uncorrected, torch's Adam
+    corrects both moments for their zero start: early rounds take steps of about η, where
+    the paper's would be (1 − β₁) times smaller. Buffers (BatchNorm's statistics) are not
+    optimized: they take the average as it is."""
 
     name: ClassVar[str] = "fedadam"
     lr: float = 0.03

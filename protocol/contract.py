@@ -95,6 +95,9 @@ def celery_settings(
       it — and out of the worker's success log line (the workers also log success without
       it: ``celery.app.trace.LOG_SUCCESS``). Replies are read from the result backend only.
     * ``task_track_started``: a ticket can tell ``queued`` from ``running``.
+    * ``worker_proc_alive_timeout``: each pool process builds its role (store, keys, broker
+      connections) at start, in ``worker_process_init``; Celery's 4 s for a process to come
+      up is short for that on a loaded two-core machine.
     """
     visibility = visibility_timeout if visibility_timeout is not None else max(2 * time_limit, 600.0)
     if visibility <= time_limit:
@@ -118,6 +121,7 @@ def celery_settings(
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "task_track_started": True,
+        "worker_proc_alive_timeout": 30.0,
         "task_annotations": {"*": {"resultrepr_maxsize": 0}},
         "result_expires": 24 * 3600,
         "broker_connection_retry_on_startup": True,

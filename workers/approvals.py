@@ -60,8 +60,8 @@ class Requests:
             return ids[0]
         if not ids:
             raise NotFound(f"no request {given!r} on this node; `gridq requests list --all` shows them")
-        raise InvalidRequest(f"{given!r} names {len(ids)} requests ({', '.join(sorted(ids)[:4])}…); "
-                             "give more of the id")
+        shown = ", ".join(sorted(ids)[:4]) + (", …" if len(ids) > 4 else "")
+        raise InvalidRequest(f"{given!r} names {len(ids)} requests ({shown}); give more of the id")
 
     def get(self, job_id: str) -> RequestRow:
         job_id = self.resolve(job_id)
@@ -73,6 +73,8 @@ class Requests:
 
     def decide(self, job_id: str, status: str, decision: str = "") -> RequestRow:
         """Mark a pending request approved or denied (once: a decision is final)."""
+        if status not in ("approved", "denied"):
+            raise InvalidRequest(f"a request is approved or denied, not {status!r}")
         job_id = self.resolve(job_id)
         with self.store.session() as s:
             row = s.get(RequestRow, job_id, with_for_update=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.dp import Charge, calibrate
-from protocol.errors import SensitivityUnknown
+from protocol.errors import InvalidRequest, SensitivityUnknown
 from protocol.messages import DatasetMeta, DPRelease, NoiseInfo
 from protocol.plan import Plan
 from protocol.sensitivity import Rows, rows_of, sensitivity
@@ -33,8 +33,17 @@ def calibrate_release(plan: Plan, release: DPRelease, metas: Sequence[dict[str, 
     if any(ref.kind != "dataset" for ref in plan.inputs):
         raise SensitivityUnknown("a DP release runs on a plan over datasets: a kept result has no declared bounds; "
                                  "send the whole computation as one plan")
-    rows = [declared_rows(DatasetMeta.model_validate(m)) for m in metas]
-    sens = sensitivity(plan, rows)
+    described = [DatasetMeta.model_validate(m) for m in metas]
+    if len(described) != len(plan.inputs):
+        raise InvalidRequest(f"a DP release needs the description of each of the plan's {len(plan.inputs)} "
+                             f"inputs; {len(described)} given")
+    try:
+        sens = sensitivity(plan, [declared_rows(meta) for meta in described])
+    except SensitivityUnknown as exc:
+        unbounded = [meta.name for meta in described if meta.bounds is None]
+        if unbounded:
+            raise SensitivityUnknown(f"{exc.message} ({', '.join(unbounded)} declare(s) no bounds)") from None
+        raise
     charge = calibrate(sens.l1, sens.l2, release.epsilon, release.delta)
     noise = NoiseInfo(mechanism=charge.mechanism, epsilon=charge.epsilon, delta=charge.delta, scale=charge.scale,  # type: ignore[arg-type]
                       sensitivity=sens.l1 if charge.mechanism == "laplace" else sens.l2)

@@ -182,3 +182,27 @@ def test_hostile_messages_get_typed_errors_and_the_pool_goes_on(mpc_grid: LocalG
         assert time.monotonic() - started < ROUND_TIMEOUT
         y = grid.query("sturdy", torch.ones(4))  # and the pool goes on serving
     assert (y - seed_model()(torch.ones(4))).abs().max().item() < 1e-3
+
+
+def test_a_host_bug_reaches_the_querier_at_once_as_job_failed(mpc_grid: LocalGrid) -> None:
+    """A fault the grid has no type for (here: the host's own record of a model, damaged on
+    disk) is answered at once as JobFailed pointing to the host's log — not left to the
+    querier's timeout — and the host goes on serving its other models."""
+    from protocol.errors import JobFailed
+    from workers.tables import MpcModelRow
+
+    with mpc_grid.connect("dana") as owner:
+        for name in ("damaged", "intact"):
+            owner.serve(seed_model(), name=name, parties=["hospital", "public"], crypto_provider="university",
+                        host="company", queriers=["bob"])
+    engine = create_engine(f"sqlite:///{mpc_grid.home / 'company' / 'node.db'}")
+    with engine.begin() as conn:
+        conn.execute(MpcModelRow.__table__.update().where(MpcModelRow.name == "damaged").values(card={"name": 1}))
+    engine.dispose()
+    with mpc_grid.connect("bob") as grid:
+        started = time.monotonic()
+        with pytest.raises(JobFailed, match="failed at 'company' \\(ValidationError\\); its owner's log"):
+            grid.query("damaged", torch.ones(4))
+        assert time.monotonic() - started < ROUND_TIMEOUT
+        y = grid.query("intact", torch.ones(4))
+    assert (y - seed_model()(torch.ones(4))).abs().max().item() < 1e-3

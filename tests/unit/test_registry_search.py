@@ -75,6 +75,12 @@ def test_publish_and_unpublish_change_what_is_found(registry: Registry) -> None:
         registry.unpublish("ward", "deaths")
 
 
+def test_a_node_must_register_before_it_publishes(registry: Registry) -> None:
+    with pytest.raises(NotFound, match="'stranger' publishes before it registered"):
+        registry.publish("stranger", _meta("stranger", "labs"))
+    assert registry.search([], [], "stranger") == []
+
+
 def test_publishing_touches_the_node(registry: Registry) -> None:
     before = {n.node: n.last_seen for n in registry.nodes()}
     registry.publish("ward", _meta("ward", "labs"))

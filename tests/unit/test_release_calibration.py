@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from protocol.dp import rho_to_approx
-from protocol.errors import SensitivityUnknown
+from protocol.errors import InvalidRequest, SensitivityUnknown
 from protocol.messages import DatasetMeta, DPRelease
 from protocol.plan import Const, InputRef, Plan, Ref, Step
 from workers.release import PendingCharge, calibrate_release, declared_rows
@@ -80,8 +80,14 @@ def test_clamping_bounds_an_undeclared_column_and_tightens_a_declared_one() -> N
 
 
 def test_a_dataset_without_bounds_cannot_be_released_unclamped() -> None:
-    with pytest.raises(SensitivityUnknown, match="declare their bounds"):
+    with pytest.raises(SensitivityUnknown, match=r"declare their bounds \(births declare\(s\) no bounds\)"):
         calibrate_release(_plan(("sum", [Ref(ref=0)], {"dim": 0})), DPRelease(epsilon=1.0), [_meta(bounds=None)])
+
+
+def test_each_input_needs_its_description() -> None:
+    two = _plan(("add", [Ref(ref=0), Ref(ref=1)], {}), inputs=("births", "births"))
+    with pytest.raises(InvalidRequest, match="each of the plan's 2 inputs; 1 given"):
+        calibrate_release(two, DPRelease(epsilon=1.0), [_meta()])
 
 
 @pytest.mark.parametrize("changes, message", [

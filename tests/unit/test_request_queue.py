@@ -101,6 +101,9 @@ def test_decisions_leave_the_pending_queue_and_are_final(requests: Requests) -> 
     assert requests.get("ward:abc123").status == "approved"  # the refused decision changed nothing
     with pytest.raises(NotFound):
         requests.decide("nope", "approved")
+    with pytest.raises(InvalidRequest, match="approved or denied, not 'aproved'"):
+        requests.decide("clinic:abc999", "aproved")
+    assert requests.get("clinic:abc999").status == "pending"
 
 
 def test_pending_requests_survive_a_restart(requests: Requests, tmp_path: Path) -> None:

@@ -299,7 +299,7 @@ def runs_list(db: str = RUNS_DB) -> None:
         table.add_row(run_id, datetime.fromtimestamp(started).strftime("%Y-%m-%d %H:%M:%S"),
                       str(config.get("strategy", "")), str(len(config.get("nodes", []))),
                       f"{len(rounds)}/{config.get('rounds', '?')}",
-                      f"{last['loss']:.4f}" if last else "", f"{last['accuracy']:.3f}" if last else "")
+                      f"{last.loss:.4f}" if last else "", f"{last.accuracy:.3f}" if last else "")
     Console().print(table)
 
 
@@ -328,13 +328,13 @@ def runs_show(run_id: str, db: str = RUNS_DB) -> None:
                   "dropped out")
     for summary in summarize(records):
         why = [f"{h.node} ({h.status}: {h.error})" if h.error else f"{h.node} ({h.status})"
-               for h in records if h.round == summary["round"] and h.status != "done"]
+               for h in records if h.round == summary.round and h.status != "done"]
         evaluated = []
         if evaluations:
-            ev = weighted(evaluations[summary["round"]]) if summary["round"] in evaluations else None
+            ev = weighted(evaluations[summary.round]) if summary.round in evaluations else None
             evaluated = [f"{ev.loss:.4f}" if ev else "", f"{ev.accuracy:.3f}" if ev and ev.accuracy is not None else ""]
-        table.add_row(str(summary["round"]), str(summary["nodes"]), f"{summary['loss']:.4f}",
-                      f"{summary['accuracy']:.3f}", *evaluated, "; ".join(why))
+        table.add_row(str(summary.round), str(summary.nodes), f"{summary.loss:.4f}",
+                      f"{summary.accuracy:.3f}", *evaluated, "; ".join(why))
     Console().print(table)
 
 

@@ -141,8 +141,8 @@ def federated_learning(lg: LocalGrid) -> None:
                           history_db=f"sqlite:///{lg.home / 'runs.db'}")
         seconds = time.perf_counter() - t0
     for row in (result.rounds()[0], result.rounds()[-1]):
-        console.print(f"  round {row['round'] + 1}: {row['nodes']} nodes, training loss {row['loss']:.4f}, "
-                      f"training accuracy at the nodes {row['accuracy']:.3f}")
+        console.print(f"  round {row.round + 1}: {row.nodes} nodes, training loss {row.loss:.4f}, "
+                      f"training accuracy at the nodes {row.accuracy:.3f}")
     with torch.no_grad():
         accuracy = float((result.model(x_test).argmax(1).numpy() == y_test).mean())
     console.print(f"  10 rounds in {seconds:.1f} s; accuracy on {len(y_test)} held-out digits: {accuracy:.3f} "

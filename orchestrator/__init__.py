@@ -13,6 +13,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ b
     from orchestrator.evaluation import Evaluation
     from orchestrator.fl import FitResult, ModelPointer
     from orchestrator.grid import Grid
+    from orchestrator.history import RoundRecord, RoundSummary
     from orchestrator.pointer import DataPointer, Expression, cat, stack
     from orchestrator.strategies import FedAdam, FedAvg, FedProx
     from orchestrator.ticket import JobTicket, PrivateValue
@@ -26,13 +27,14 @@ _HOMES = {
     "JobTicket": "orchestrator.ticket", "PrivateValue": "orchestrator.ticket",
     "FitResult": "orchestrator.fl", "ModelPointer": "orchestrator.fl",
     "Evaluation": "orchestrator.evaluation",
+    "RoundRecord": "orchestrator.history", "RoundSummary": "orchestrator.history",
     "DPConfig": "protocol.messages", "TrainMetrics": "protocol.messages", "BudgetInfo": "protocol.messages",
     "ModelCard": "protocol.mpc.wire",
     "FedAvg": "orchestrator.strategies", "FedProx": "orchestrator.strategies", "FedAdam": "orchestrator.strategies",
 }
 __all__ = ["BudgetInfo", "DPConfig", "DataPointer", "Evaluation", "Expression", "FedAdam", "FedAvg", "FedProx",
-           "FitResult", "Grid", "JobTicket", "ModelCard", "ModelPointer", "PrivateValue", "TrainMetrics", "cat",
-           "stack"]
+           "FitResult", "Grid", "JobTicket", "ModelCard", "ModelPointer", "PrivateValue", "RoundRecord",
+           "RoundSummary", "TrainMetrics", "cat", "stack"]
 
 
 def __getattr__(name: str) -> Any:

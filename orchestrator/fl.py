@@ -47,7 +47,7 @@ from orchestrator import mpc
 from orchestrator.evaluation import Evaluation
 from orchestrator.evaluation import evaluate as federated_evaluation
 from orchestrator.gather import gather, same_node, seal_for
-from orchestrator.history import History, RoundRecord, summarize
+from orchestrator.history import History, RoundRecord, RoundSummary, summarize
 from orchestrator.strategies import Strategy
 from orchestrator.strategies import strategy as as_strategy
 from orchestrator.ticket import JobTicket
@@ -130,7 +130,7 @@ class FitResult:
     run_id: str = ""
     evaluations: list[Evaluation] = field(default_factory=list)  # with evaluate=: the global model after each round
 
-    def rounds(self) -> list[dict[str, Any]]:
+    def rounds(self) -> list[RoundSummary]:
         """Per round: nodes that answered, loss and accuracy of their trained models on their
         training data (weighted by samples: not a held-out evaluation), dropouts."""
         return summarize(self.history)
@@ -177,7 +177,7 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
                                       f"({'; '.join(f'{h.node}: {h.status} {h.error}' for h in records)})")
             state = server.aggregate(_secure_mean(grid, secure, state, updates) if secure else fedavg(state, updates))
             summary = result.rounds()[-1]
-            shown = f"round {r + 1}/{rounds}  train loss {summary['loss']:.4f}  train acc {summary['accuracy']:.3f}"
+            shown = f"round {r + 1}/{rounds}  train loss {summary.loss:.4f}  train acc {summary.accuracy:.3f}"
             if evaluate:  # the new global model, on held-out data at the nodes
                 ev = federated_evaluation(grid, spec, state, evaluate, loss=loss, timeout=round_timeout,
                                           label=f"[evaluation of {grid.identity.name}: round {r}]")
@@ -185,7 +185,7 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
                 result.evaluations.append(ev)
                 shown += f"  eval loss {ev.loss:.4f}" + (f"  eval acc {ev.accuracy:.3f}" if ev.accuracy is not None
                                                            else "")
-            bar.update(bar.task_ids[0], advance=1, description=f"{shown}  nodes {summary['nodes']}/{len(data)}")
+            bar.update(bar.task_ids[0], advance=1, description=f"{shown}  nodes {summary.nodes}/{len(data)}")
     model.load_state_dict(state)
     return result
 

@@ -126,15 +126,26 @@ class History:
                     for r in rows]
 
 
-def summarize(records: list[RoundRecord]) -> list[dict[str, Any]]:
-    """Per round: nodes that answered, loss and accuracy at the nodes weighted by their
-    samples, and the nodes that did not answer (late, failed, pending approval)."""
+@dataclass(frozen=True)
+class RoundSummary:
+    """One round of a federated run: how many nodes answered, the loss and accuracy of
+    their trained models on their training data (weighted by samples: not a held-out
+    evaluation), and the nodes that did not answer (late, failed, pending approval)."""
+
+    round: int
+    nodes: int
+    loss: float
+    accuracy: float
+    dropped: list[str]
+
+
+def summarize(records: list[RoundRecord]) -> list[RoundSummary]:
+    """One summary per round of ``records``."""
     out = []
     for r in sorted({h.round for h in records}):
         done = [h for h in records if h.round == r and h.status == "done"]
         n = sum(h.samples for h in done) or 1
-        out.append({"round": r, "nodes": len(done),
-                    "loss": sum(h.loss * h.samples for h in done) / n,
-                    "accuracy": sum((h.accuracy or 0.0) * h.samples for h in done) / n,
-                    "dropped": [h.node for h in records if h.round == r and h.status != "done"]})
+        out.append(RoundSummary(round=r, nodes=len(done), loss=sum(h.loss * h.samples for h in done) / n,
+                                accuracy=sum((h.accuracy or 0.0) * h.samples for h in done) / n,
+                                dropped=[h.node for h in records if h.round == r and h.status != "done"]))
     return out

@@ -238,7 +238,7 @@ def test_use_case_2_federated_learning_over_two_nodes(acl_grid: LocalGrid, no_de
         found = grid.search("#digits")
         data = [(found[n][0][:, :64], found[n][0][:, 64]) for n in ("hospital", "clinic")]
         result = grid.fit(model, data, rounds=3, lr=0.05, batch_size=32, progress=False)
-    assert [r["nodes"] for r in result.rounds()] == [2, 2, 2]
+    assert [r.nodes for r in result.rounds()] == [2, 2, 2]
     with torch.no_grad():
         accuracy = float((result.model(x_test).argmax(1).numpy() == y_test).mean())
     assert accuracy > 0.5
@@ -280,7 +280,7 @@ def test_secure_aggregation_through_the_mpc_user(mpc_pool: LocalGrid, no_denials
         data = [(found[n][0][:, :64], found[n][0][:, 64]) for n in ("hospital", "clinic")]
         result = grid.fit(model, data, rounds=1, lr=0.05, progress=False, secure_aggregation=True,
                           aggregators=["company", "public"])
-    assert [r["nodes"] for r in result.rounds()] == [2]
+    assert [r.nodes for r in result.rounds()] == [2]
 
 
 # --- the operator's view with the flower user ---------------------------------------------------------

@@ -101,7 +101,7 @@ def test_fit_over_three_sites_reaches_090(local_grid: LocalGrid, sites, tmp_path
     stored = History(db).rounds(result.run_id)
     assert len(stored) == 60 and all(r.status == "done" for r in stored)
     assert sum(r.samples for r in stored if r.round == 0) == 1437  # 80 % of 1,797 digits
-    assert result.rounds()[-1]["loss"] < result.rounds()[0]["loss"]
+    assert result.rounds()[-1].loss < result.rounds()[0].loss
 
 
 def test_fit_with_a_label_skew(local_grid: LocalGrid, sites, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -8,7 +8,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from ops.cli import app
-from orchestrator.history import History, RoundRecord, summarize
+from orchestrator.history import History, RoundRecord, RoundSummary, summarize
 from protocol.model import describe_model
 
 
@@ -26,8 +26,8 @@ def test_rounds_are_weighted_by_samples_and_name_their_dropouts(tmp_path: Path) 
     history = History(f"sqlite:///{tmp_path / 'runs.db'}")
     run_id = _run(history)
     first, second = summarize(history.rounds(run_id))
-    assert first == {"round": 0, "nodes": 2, "loss": 1.25, "accuracy": 0.6, "dropped": []}
-    assert second["nodes"] == 1 and second["loss"] == 0.5 and second["dropped"] == ["b"]
+    assert first == RoundSummary(round=0, nodes=2, loss=1.25, accuracy=0.6, dropped=[])
+    assert (second.nodes, second.loss, second.dropped) == (1, 0.5, ["b"])
     assert history.config(run_id)["strategy"] == "fedadam"
 
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import redis
 from celery import Celery
-from celery.app import trace
 
 from orchestrator.app import make_celery
 from orchestrator.registry import Registry
@@ -119,7 +118,6 @@ def start_gateway(broker: str, identity: Identity, database_url: str, loglevel: 
     app = make_gateway_app(broker, identity, database_url)
     client.set(GATEWAY_IDENTITY_KEY, json.dumps({"name": GATEWAY, "public_key": identity.public.text()}))
     client.close()
-    trace.LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"  # not the reply: the logs need no body
     app.worker_main([
         "worker", "--queues", GATEWAY_QUEUE, "--hostname", "gateway@%h", "--pool", "prefork",
         "--concurrency", "1", "--task-events", "--without-mingle", "--without-gossip",

@@ -154,14 +154,20 @@ class Role(Protocol):
 
 
 def serve_tasks(app: Any, tasks: Iterable[str], build: Callable[[], Role]) -> None:
-    """Register ``tasks`` on the Celery ``app``, each answered by the role ``build()`` makes.
+    """Register ``tasks`` on the Celery ``app``, each answered by the role ``build()`` makes,
+    and keep reply envelopes out of the worker's success log.
 
     The role is built once per pool process right after the fork (``worker_process_init``);
     where no fork happens (a solo pool, a process that calls the task itself) it is built
     at the first task."""
+    from celery.app import trace
     from celery.exceptions import Ignore
     from celery.signals import worker_process_init
 
+    # Celery logs "Task …[id] succeeded in …s: <return value>"; the value is a reply envelope,
+    # for its requester (through the result backend), not for whoever reads the logs. The
+    # format is read at each log call, so the pool processes forked later inherit it.
+    trace.LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
     built: list[Role] = []
 
     def role() -> Role:

@@ -12,18 +12,6 @@ from workers.mpc import mpc_tasks
 from workers.node import Node, make_celery, worker_tasks
 from workers.training import warm_up
 
-# Celery's "Task …[id] succeeded in …s: <return value>", without the return value: a reply
-# envelope is for its requester (through the result backend), not for whoever reads the logs
-SUCCESS_LOG = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
-
-
-def quiet_success_log() -> None:
-    """Log a task's success without its return value, in this process and the pool
-    processes it forks (``celery.app.trace.LOG_SUCCESS`` is read at each log call)."""
-    from celery.app import trace
-
-    trace.LOG_SUCCESS = SUCCESS_LOG
-
 
 def start_node(config_path: str | Path, loglevel: str = "INFO") -> None:
     """Load the config's datasets, register with the gateway, then serve the node's queue
@@ -37,7 +25,6 @@ def start_node(config_path: str | Path, loglevel: str = "INFO") -> None:
     node.register()
     node.close()  # the worker processes open their own connections after the fork
     worker_tasks(app, config)
-    quiet_success_log()
     app.worker_main([
         "worker", "--queues", node_queue(config.id), "--hostname", f"{config.id}@%h",
         "--pool", "prefork", "--concurrency", str(config.worker.concurrency),
@@ -56,7 +43,6 @@ def start_mpc(config_path: str | Path, loglevel: str = "INFO") -> None:
     node.register()
     node.close()
     mpc_tasks(app, config)
-    quiet_success_log()
     app.worker_main([
         "worker", "--queues", mpc_queue(config.id), "--hostname", f"{config.id}-mpc@%h",
         "--pool", "prefork", "--concurrency", "1",

@@ -115,3 +115,33 @@ def test_a_malformed_body_or_an_unknown_kind_is_an_invalid_request() -> None:
     answer = server.serve(env.model_dump(mode="json"), "j", {"alice": ALICE.public},
                           lambda opened: server.reply(opened, {"echo": Route(Echo, lambda e, b: Reply())}))
     assert "does not take 'shutdown' messages here; it takes echo" in json.loads(answer.signed["body"])["error"]
+
+
+def test_the_celery_shell_builds_the_role_after_the_fork_and_parks_what_waits() -> None:
+    """serve_tasks, with the task called in this process (no broker: this is the shell's
+    logic; the queue itself is the integration tests')."""
+    from celery import Celery
+    from celery.signals import worker_process_init
+
+    from protocol.serving import serve_tasks
+
+    built: list[int] = []
+
+    class Role:
+        def __init__(self) -> None:
+            built.append(len(built))
+            self.number = len(built)
+
+        def serve(self, task: str, payload: Any, delivery_id: str) -> Answer:
+            return Answer({"task": task, "payload": payload, "role": self.number}, parked=payload == "wait")
+
+    app = Celery("serving-test", set_as_current=False)
+    serve_tasks(app, ["t.one", "t.two"], Role)
+    assert built == []  # nothing is built where tasks are only registered (the parent process)
+    assert app.tasks["t.one"].apply(args=["x"]).get() == {"task": "t.one", "payload": "x", "role": 1}
+    assert app.tasks["t.two"].apply(args=["y"]).get()["role"] == 1  # one role serves every task
+    worker_process_init.send(sender=None)  # a pool process starts: its own role, built now
+    assert built == [0, 1]
+    assert app.tasks["t.one"].apply(args=["z"]).get()["role"] == 2
+    parked = app.tasks["t.one"].apply(args=["wait"])
+    assert parked.state == "IGNORED"  # the task leaves its PENDING_APPROVAL state standing

@@ -53,7 +53,11 @@ def flower_runs(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     monkeypatch.setattr("celery.bin.celery.main", lambda: started.append(list(sys.argv)))
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     for name in ("FLOWER_BASIC_AUTH", "FLOWER_UNAUTHENTICATED_API"):
-        monkeypatch.delenv(name, raising=False)
+        # set, then delete: monkeypatch then restores the variable's absence even after the
+        # command under test sets it (a bare delenv of an unset name records nothing to undo,
+        # and the password leaked into later tests' Flower processes)
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("GRIDQ_BROKER", "redis://127.0.0.1:1/0")
     return started
 

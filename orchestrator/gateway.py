@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -29,7 +30,7 @@ from protocol.messages import (
     UnpublishDataset,
     WireError,
 )
-from protocol.serving import Answer, EnvelopeServer, Route, Signed, parse, serve_tasks
+from protocol.serving import Answer, EnvelopeServer, Route, parse, serve_tasks
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +47,20 @@ class Gateway:
 
     def serve(self, task: str, payload: Any, delivery_id: str) -> Answer:
         if task == Tasks.SEARCH:
-            return Answer(self._sign(delivery_id, self.server.guarded(lambda: self.search(payload), delivery_id)))
+            return self._answer(lambda: self.search(payload), delivery_id)
         if task == Tasks.NODES:
-            return Answer(self._sign(delivery_id, GatewayReply(nodes=self.registry.nodes())))
+            return self._answer(lambda: GatewayReply(nodes=self.registry.nodes()), delivery_id)
         return self.server.serve(payload, delivery_id, _KeyringFor(self.registry, payload), self._from_node)
 
     def _from_node(self, env: Envelope) -> Answer:
         """A signed registration, publication or withdrawal from a node."""
-        reply = self.server.guarded(lambda: self.server.route(env, self.routes), env.job_id)
-        if reply.error is None:
-            log.info("%s from node %r", env.kind, env.sender)
-        return Answer(self._sign(env.job_id, reply))
+        answer = self._answer(lambda: self.server.route(env, self.routes), env.job_id)
+        log.info("%s from node %r", env.kind, env.sender)
+        return answer
+
+    def _answer(self, work: Callable[[], GatewayReply], job_id: str) -> Answer:
+        """The reply ``work`` gives (or its error, by the one policy), signed for anyone to read."""
+        return Answer(self.server.sign(PUBLIC, job_id, self.server.guarded(work, job_id)))
 
     def _register(self, env: Envelope, body: RegisterNode) -> GatewayReply:
         self.registry.register(env.sender, body.public_key, list(body.datasets))
@@ -74,9 +78,6 @@ class Gateway:
         q = parse(SearchQuery, query)
         return GatewayReply(datasets=self.registry.search(list(q.tags), list(q.words), q.node),
                             nodes=self.registry.nodes())
-
-    def _sign(self, job_id: str, reply: GatewayReply) -> Signed:
-        return self.server.sign(PUBLIC, job_id, reply)  # anyone may read the registry's answers
 
 
 def _failure(exc: GridError, job_id: str) -> GatewayReply:

@@ -52,12 +52,12 @@ class JobRunner:
     def run_approved(self, job_id: str) -> Signed:
         """Run a job the owner approved, as it was asked (its envelope was verified on arrival)."""
         env = Envelope.model_validate(self.requests.get(job_id).envelope)
-        return self._record(env, self._outcome(env, approved=True))
+        return self._record(env.sender, env.job_id, self._outcome(env, approved=True))
 
     def refuse(self, job_id: str, error: GridError) -> Signed:
         """Answer a parked job with the owner's refusal."""
         request = self.requests.get(job_id)
-        return self._sign_and_record(request.requester, job_id, Outcome(failure(error, job_id)))
+        return self._record(request.requester, job_id, Outcome(failure(error, job_id)))
 
     def _once(self, env: Envelope) -> Answer:
         try:
@@ -72,8 +72,8 @@ class JobRunner:
         except Parked as parked:
             self.requests.park(env.job_id, env.sender, env.model_dump(mode="json"), parked)
             log.info("job %s of %r waits for the owner's approval (%s)", env.job_id, env.sender, parked.kind)
-            return Answer(self._record(env, Outcome(JobReply(status="pending_approval"))), parked=True)
-        return Answer(self._record(env, outcome))
+            outcome = Outcome(JobReply(status="pending_approval"))
+        return Answer(self._record(env.sender, env.job_id, outcome), parked=outcome.reply.status == "pending_approval")
 
     def _outcome(self, env: Envelope, *, approved: bool) -> Outcome:
         """The verified message run by its route; every failure is an outcome (Parked excepted)."""
@@ -89,10 +89,8 @@ class JobRunner:
         return self.server.guarded(lambda: self.server.route(env, routes), env.job_id,
                                    lambda exc, job_id: Outcome(failure(exc, job_id)))
 
-    def _record(self, env: Envelope, outcome: Outcome) -> Signed:
-        return self._sign_and_record(env.sender, env.job_id, outcome)
-
-    def _sign_and_record(self, requester: str, job_id: str, outcome: Outcome) -> Signed:
+    def _record(self, requester: str, job_id: str, outcome: Outcome) -> Signed:
+        """Sign the reply and record it as the job's (with its charge, for a DP release)."""
         signed = self.server.sign(requester, job_id, outcome.reply)
         if outcome.charge is not None:  # a DP release leaves only if its charge is recorded with it
             charge = outcome.charge

@@ -70,6 +70,10 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "a
 
 def describe_model(model: nn.Module) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
     """Trace ``model`` and describe it; refuses what the node would refuse."""
+    if type(model).__name__ in LAYERS and type(model) is LAYERS[type(model).__name__][0]:
+        # a layer on its own traces as a call on its weights, not as a call of the layer
+        raise InvalidRequest(f"send a model, not a bare layer: wrap it, e.g. torch.nn.Sequential({type(model).__name__}"
+                             "(…)); its weights are then named '0.weight', '0.bias'")
     try:
         traced = torch.fx.symbolic_trace(model)
     except Exception as exc:  # value-dependent control flow and the like

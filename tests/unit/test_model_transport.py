@@ -81,6 +81,13 @@ def test_anything_off_the_allow_lists_is_refused_by_name() -> None:
         describe_model(Sneaky())
 
 
+def test_a_bare_layer_is_refused_with_the_way_to_send_it() -> None:
+    with pytest.raises(InvalidRequest, match=r"not a bare layer: wrap it, e\.g\. torch\.nn\.Sequential\(Linear"):
+        describe_model(nn.Linear(4, 2))
+    spec, state = describe_model(nn.Sequential(nn.Linear(4, 2)))  # as the message says
+    assert set(state) == {"0.weight", "0.bias"} and spec.layers["0"].type == "Linear"
+
+
 def test_weights_flatten_and_come_back_typed() -> None:
     _, state = describe_model(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)))
     flat = flatten_state(state)

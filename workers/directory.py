@@ -10,12 +10,14 @@ import uuid
 
 import redis
 from celery import Celery
+from celery.exceptions import TimeoutError as ResultTimeout
 
 from protocol.contract import GATEWAY, GATEWAY_IDENTITY_KEY, GATEWAY_QUEUE, PUBLIC, Tasks
 from protocol.envelope import MemoryNonceStore, open_envelope
-from protocol.errors import NodeUnavailable, UnknownSender
+from protocol.errors import NodeUnavailable, UnknownSender, error_from_wire
 from protocol.identity import PublicIdentity
-from protocol.messages import GatewayReply, parse_body
+from protocol.messages import GatewayReply
+from protocol.serving import parse
 
 
 class Directory:
@@ -24,9 +26,6 @@ class Directory:
         self.redis = client
         self.timeout = timeout
         self._keys: dict[str, PublicIdentity] = {}
-
-    def __contains__(self, node: str) -> bool:
-        return node in self._keys
 
     def key(self, node: str) -> PublicIdentity:
         """``node``'s key; asks the gateway again for a node not seen before."""
@@ -45,10 +44,11 @@ class Directory:
         try:
             raw = self.app.send_task(Tasks.NODES, queue=GATEWAY_QUEUE, task_id=job_id).get(
                 timeout=self.timeout, disable_sync_subtasks=False)
-        except Exception:  # celery's TimeoutError, or the gateway's crash
+        except ResultTimeout:
             raise NodeUnavailable(f"the gateway did not list the nodes within {self.timeout:g} s") from None
         env = open_envelope(raw, recipient=PUBLIC, keyring={GATEWAY: gateway}, nonces=MemoryNonceStore(),
                             delivery_id=job_id, now=time.time())
-        reply = parse_body(env.body_json())
-        assert isinstance(reply, GatewayReply)
+        reply = parse(GatewayReply, env.body_json())
+        if reply.error is not None:
+            raise error_from_wire(reply.error.model_dump())
         self._keys.update({n.node: PublicIdentity.parse(n.node, n.public_key) for n in reply.nodes})

@@ -15,10 +15,12 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.app import trace
+from celery.signals import worker_process_init
 
 from orchestrator.app import make_celery
 from orchestrator.registry import Registry
-from protocol.contract import GATEWAY, GATEWAY_IDENTITY_KEY, GATEWAY_QUEUE, PUBLIC, Tasks
+from protocol.contract import GATEWAY, GATEWAY_IDENTITY_KEY, GATEWAY_QUEUE, PUBLIC, QUIET_SUCCESS_LOG, Tasks
 from protocol.envelope import Envelope, MemoryNonceStore
 from protocol.errors import GridError
 from protocol.identity import Identity, PublicIdentity
@@ -30,7 +32,7 @@ from protocol.messages import (
     UnpublishDataset,
     WireError,
 )
-from protocol.serving import Answer, EnvelopeServer, Route, parse, serve_tasks
+from protocol.serving import Answer, EnvelopeServer, PerProcess, Route, Signed, parse
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +110,12 @@ class _KeyringFor(dict[str, PublicIdentity]):
 def make_gateway_app(broker: str, identity: Identity, database_url: str) -> Celery:
     identity = replace(identity, name=GATEWAY)  # the gateway signs as "gateway", whatever its key file says
     app = make_celery(broker, name="gridq-gateway")
-    serve_tasks(app, [Tasks.REGISTER, Tasks.PUBLISH, Tasks.UNPUBLISH, Tasks.SEARCH, Tasks.NODES],
-                lambda: Gateway(identity, Registry(database_url)))
+    gateway = PerProcess(lambda: Gateway(identity, Registry(database_url)))
+    worker_process_init.connect(gateway.after_fork, weak=False)
+    for name in (Tasks.REGISTER, Tasks.PUBLISH, Tasks.UNPUBLISH, Tasks.SEARCH, Tasks.NODES):
+        @app.task(name=name, bind=True)
+        def run(self: Any, payload: Any = None) -> Signed:
+            return gateway().serve(self.name, payload, self.request.id).signed
     return app
 
 
@@ -119,6 +125,7 @@ def start_gateway(broker: str, identity: Identity, database_url: str, loglevel: 
     app = make_gateway_app(broker, identity, database_url)
     client.set(GATEWAY_IDENTITY_KEY, json.dumps({"name": GATEWAY, "public_key": identity.public.text()}))
     client.close()
+    trace.LOG_SUCCESS = QUIET_SUCCESS_LOG  # the logs need no reply bodies
     app.worker_main([
         "worker", "--queues", GATEWAY_QUEUE, "--hostname", "gateway@%h", "--pool", "prefork",
         "--concurrency", "1", "--task-events", "--without-mingle", "--without-gossip",

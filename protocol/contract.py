@@ -67,6 +67,10 @@ class Tasks:
 
 PENDING_APPROVAL = "PENDING_APPROVAL"  # the Celery state of a job parked for the owner's approval
 
+# Celery's success log line without the task's return value (``celery.app.trace.LOG_SUCCESS``):
+# a reply envelope is for its requester, through the result backend, not for the logs
+QUIET_SUCCESS_LOG = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
+
 CLAIM_CHECK_PREFIX = "gridq:blob:"
 CLAIM_CHECK_THRESHOLD = 256 * 1024  # sealed values above this travel by claim-check
 CLAIM_CHECK_TTL_SECONDS = 3600

@@ -12,9 +12,8 @@ policy covers all of them:
   as ``JobFailed`` pointing to that log — the requester hears at once instead of waiting
   for a timeout, and the worker goes on serving.
 
-:func:`serve_tasks` is the Celery shell around a role: it registers the role's task names
-and builds the role in each pool process after the fork (``worker_process_init``), so no
-database or broker connection is shared across processes.
+Each side's Celery shell (``workers.tasks.serve_tasks``, the gateway's ``make_gateway_app``)
+registers a role's task names and keeps one role per pool process (:class:`PerProcess`).
 """
 
 from __future__ import annotations
@@ -22,13 +21,13 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from protocol.contract import PENDING_APPROVAL, PUBLIC
+from protocol.contract import PUBLIC
 from protocol.envelope import Envelope, NonceStore, open_envelope, seal_envelope
 from protocol.errors import GridError, InvalidRequest, JobFailed
 from protocol.identity import Identity, PublicIdentity
@@ -153,39 +152,23 @@ class Role(Protocol):
     def serve(self, task: str, payload: Any, delivery_id: str) -> Answer: ...
 
 
-def serve_tasks(app: Any, tasks: Iterable[str], build: Callable[[], Role]) -> None:
-    """Register ``tasks`` on the Celery ``app``, each answered by the role ``build()`` makes,
-    and keep reply envelopes out of the worker's success log.
+R = TypeVar("R", bound=Role)
 
-    The role is built once per pool process right after the fork (``worker_process_init``);
-    where no fork happens (a solo pool, a process that calls the task itself) it is built
-    at the first task."""
-    from celery.app import trace
-    from celery.exceptions import Ignore
-    from celery.signals import worker_process_init
 
-    # Celery logs "Task …[id] succeeded in …s: <return value>"; the value is a reply envelope,
-    # for its requester (through the result backend), not for whoever reads the logs. The
-    # format is read at each log call, so the pool processes forked later inherit it.
-    trace.LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
-    built: list[Role] = []
+class PerProcess(Generic[R]):
+    """The role of this worker process, built once per pool process right after the fork
+    (each side connects :meth:`after_fork` to Celery's ``worker_process_init``), so no
+    database or broker connection is shared across processes; where no fork happens (a
+    solo pool, a task applied in-process) it is built at first use."""
 
-    def role() -> Role:
-        if not built:
-            built.append(build())
-        return built[0]
+    def __init__(self, build: Callable[[], R]) -> None:
+        self._build = build
+        self._role: R | None = None
 
-    def after_fork(**_: Any) -> None:
-        built.clear()  # a role the parent built holds connections the child must not share
-        role()
+    def after_fork(self, **_: Any) -> None:
+        self._role = self._build()  # never the parent's: its connections are not this process's
 
-    worker_process_init.connect(after_fork, weak=False)
-
-    for name in tasks:
-        @app.task(name=name, bind=True)  # type: ignore[untyped-decorator]  # celery is untyped
-        def run(self: Any, payload: Any = None) -> Signed:
-            answer = role().serve(self.name, payload, self.request.id)
-            if answer.parked:  # the decision is stored under this task's id when the owner makes it
-                self.update_state(state=PENDING_APPROVAL, meta=answer.signed)
-                raise Ignore()
-            return answer.signed
+    def __call__(self) -> R:
+        if self._role is None:
+            self._role = self._build()
+        return self._role

@@ -33,7 +33,6 @@ from protocol.envelope import seal_envelope
 from protocol.errors import InvalidRequest, RequestDenied
 from protocol.identity import PublicIdentity
 from protocol.messages import DatasetMeta, PublishDataset, RegisterNode, UnpublishDataset
-from protocol.serving import serve_tasks
 from workers import claims
 from workers.approvals import Requests
 from workers.config import Bounds, NodeConfig, load_config
@@ -43,6 +42,7 @@ from workers.directory import Directory
 from workers.jobs import JobRunner
 from workers.ledger import Ledger
 from workers.store import RequestRow, Store
+from workers.tasks import serve_tasks
 
 
 def make_celery(config: NodeConfig) -> Celery:

@@ -117,13 +117,13 @@ def test_a_malformed_body_or_an_unknown_kind_is_an_invalid_request() -> None:
     assert "does not take 'shutdown' messages here; it takes echo" in json.loads(answer.signed["body"])["error"]
 
 
-def test_the_celery_shell_builds_the_role_after_the_fork_and_parks_what_waits() -> None:
-    """serve_tasks, with the task called in this process (no broker: this is the shell's
-    logic; the queue itself is the integration tests')."""
+def test_the_node_shell_builds_the_role_after_the_fork_and_parks_what_waits() -> None:
+    """workers.tasks.serve_tasks, with the task applied in this process (no broker: this is
+    the shell's logic; the queue itself is the integration tests')."""
     from celery import Celery
     from celery.signals import worker_process_init
 
-    from protocol.serving import serve_tasks
+    from workers.tasks import serve_tasks
 
     built: list[int] = []
 

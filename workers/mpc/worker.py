@@ -13,13 +13,14 @@ from protocol.errors import GridError
 from protocol.identity import PublicIdentity
 from protocol.messages import WireError
 from protocol.mpc.wire import Aggregate, Deal, MpcReply, QueryModel, RunSession, ServeModel, StoreShares
-from protocol.serving import Answer, EnvelopeServer, Route, serve_tasks
+from protocol.serving import Answer, EnvelopeServer, Route
 from workers.config import NodeConfig
 from workers.mpc.aggregator import Aggregator
 from workers.mpc.dealer import CryptoProvider
 from workers.mpc.host import Host
 from workers.mpc.member import MpcMember
 from workers.mpc.party import Party
+from workers.tasks import serve_tasks
 
 TASKS = (Tasks.MPC_SERVE, Tasks.MPC_STORE, Tasks.MPC_QUERY, Tasks.MPC_SESSION, Tasks.MPC_DEAL, Tasks.MPC_AGGREGATE)
 FROM_USERS = frozenset({"mpc_serve", "mpc_query", "mpc_aggregate"})  # the rest come from other nodes' workers

@@ -32,7 +32,8 @@ from protocol.errors import (
 from protocol.mpc.model import Layer, ModelPlan, encode_parameters
 from protocol.mpc.ring import FixedPoint
 from protocol.mpc.sharing import reconstruct, share
-from protocol.mpc.wire import ModelCard, MpcReply, QueryModel, ServeModel, pack, parse, unpack
+from protocol.mpc.wire import ModelCard, MpcReply, QueryModel, ServeModel, pack, unpack
+from protocol.serving import parse
 
 if TYPE_CHECKING:
     from orchestrator.grid import Grid

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Literal
 
 import torch
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.poly1305 import Poly1305
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
@@ -38,9 +38,6 @@ MAC_BYTES = 16  # a Poly1305 tag
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-B = TypeVar("B", bound=BaseModel)
 
 
 class ModelCard(_Body):
@@ -127,16 +124,6 @@ class MpcReply(_Body):
     kind: Literal["mpc_reply"] = "mpc_reply"
     error: WireError | None = None
     outputs: dict[Name, Sealed] = {}  # each party's output share, sealed to the querier
-
-
-def parse(model: type[B], data: object) -> B:
-    """A verified envelope's body as ``model``, or InvalidRequest saying what is wrong."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise InvalidRequest(f"malformed {model.__name__} message: {where}: {first['msg']}") from None
 
 
 def pack(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> bytes:

@@ -102,7 +102,8 @@ def test_sharing_needs_two_parties_and_ring_values() -> None:
 
 def test_round_messages_are_bound_to_their_key_and_place() -> None:
     from protocol.errors import BadSignature, InvalidRequest
-    from protocol.mpc.wire import Deal, open_round, parse, seal_round
+    from protocol.mpc.wire import Deal, open_round, seal_round
+    from protocol.serving import parse
 
     key, other = b"k" * 32, b"o" * 32
     message = seal_round(key, "session:p0:up:3", b"masked values")

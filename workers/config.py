@@ -17,6 +17,9 @@ taken relative to the config file. See ``ops/nodes/hospital.toml`` for an exampl
     path = "./private/births_feb.csv"
     tags = ["#february", "#birth-records"]
     allowed_users = ["alice", "bob", "ana"]
+    bounds = { weight = [0.0, 7.0], height = [20.0, 65.0] }   # every value is checked at publish
+    # clamp = true                       clamp values outside the bounds instead of refusing them
+    # dtype = "float32"                  a CSV loads as float64 unless a dtype is declared
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from protocol.contract import gridq_home
 from protocol.errors import InvalidRequest
@@ -75,7 +78,18 @@ class DatasetSection(_Section):
     columns: list[str] | None = None
     # value bounds per column name, or one [lo, hi] for every value: what DP sensitivity rests on
     bounds: Bounds | None = None
+    clamp: bool = False  # clamp values outside the bounds to them (recorded at the node), instead of refusing
+    dtype: str | None = None  # what the values are stored as (a CSV's default: float64, exact for decimals)
     mock: Path | None = None  # a synthetic twin with the same columns (else drawn within the bounds)
+
+    @field_validator("dtype")
+    @classmethod
+    def _allowed_dtype(cls, value: str | None) -> str | None:
+        from protocol.codec import ALLOWED_DTYPES  # here: reading a config without a dtype loads no torch
+
+        if value is not None and value not in ALLOWED_DTYPES:
+            raise ValueError(f"dtype {value!r} is not allowed; use one of {sorted(ALLOWED_DTYPES)}")
+        return value
 
 
 class UserBudget(_Section):

@@ -40,6 +40,8 @@ def load_table(path: Path) -> tuple[torch.Tensor, list[str]]:
 
 
 def _load_csv(path: Path) -> tuple[torch.Tensor, list[str]]:
+    """A CSV as float64: a decimal such as 3.14 stays the number its owner wrote (float32
+    would make it 3.1399998664855957). An owner who wants another dtype declares it."""
     with path.open(newline="") as f:
         reader = csv.reader(f)
         try:
@@ -56,4 +58,4 @@ def _load_csv(path: Path) -> tuple[torch.Tensor, list[str]]:
                 rows.append([float(v) for v in row])
             except ValueError as exc:
                 raise InvalidRequest(f"{path}:{line_no}: not a number: {exc}") from None
-    return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), len(header)), [h.strip() for h in header]
+    return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(header)), [h.strip() for h in header]

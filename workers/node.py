@@ -6,11 +6,12 @@
     >>> [d.name for d in node.datasets()]
     ['birth-records-feb', 'births-mar']
 
-Only metadata (name, shape, dtype, columns, description, tags) ever leaves the node.
+Only metadata (name, shape, dtype, columns, description, tags, bounds) ever leaves the node.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +22,7 @@ import redis
 import torch
 from celery import Celery
 
-from protocol.codec import dtype_name
+from protocol.codec import dtype_name, parse_dtype
 from protocol.contract import (
     GATEWAY,
     GATEWAY_QUEUE,
@@ -35,14 +36,17 @@ from protocol.identity import PublicIdentity
 from protocol.messages import DatasetMeta, PublishDataset, RegisterNode, UnpublishDataset
 from workers import claims
 from workers.approvals import Requests
+from workers.bounds import declared_pairs, enforce
 from workers.config import Bounds, NodeConfig, load_config
 from workers.context import NodeContext
 from workers.datasets import load_table
 from workers.directory import Directory
 from workers.jobs import JobRunner
 from workers.ledger import Ledger
-from workers.store import RequestRow, Store
+from workers.store import PublicationRow, RequestRow, Store
 from workers.tasks import serve_tasks
+
+log = logging.getLogger(__name__)
 
 
 def make_celery(config: NodeConfig) -> Celery:
@@ -89,34 +93,41 @@ class Node:
     def publish(self, name: str, data: torch.Tensor | np.ndarray | str | Path, *, description: str = "",
                 tags: list[str] | tuple[str, ...] = (), allowed_users: list[str] | tuple[str, ...] = (),
                 columns: list[str] | None = None, bounds: Bounds | None = None,
-                mock: torch.Tensor | np.ndarray | str | Path | None = None, notify: bool = True) -> DatasetMeta:
+                mock: torch.Tensor | np.ndarray | str | Path | None = None, dtype: str | None = None,
+                clamp: bool = False, replace: bool = False, notify: bool = True) -> DatasetMeta:
         """Publish a dataset: the values stay here, the metadata goes to the gateway.
 
         ``bounds`` (per column name, or one ``(lo, hi)`` for every value) are what DP
-        releases rest on; they are public, like the shape. ``mock`` is a synthetic twin with
-        the same kind of rows, which scientists may download (else one is drawn within the
-        bounds)."""
-        if isinstance(data, str | Path):
-            tensor, file_columns = load_table(Path(data))
-            columns = columns or file_columns
-        else:
-            tensor = torch.as_tensor(data)
+        releases rest on; they are public, like the shape, and a contract: a table with a
+        value outside them (or a NaN) is refused, unless ``clamp=True`` clamps it to them
+        (recorded at the node, see :meth:`publications`). A CSV loads as float64; ``dtype``
+        casts the data (and its twin) to another. ``mock`` is a synthetic twin with the same
+        kind of rows, which scientists may download (else one is drawn within the bounds).
+        A name already published is refused unless ``replace=True``, which sets data and
+        policy together (what the ledger charged on the name stays charged)."""
+        tensor, columns = _table(data, columns, dtype)
         if columns and (tensor.ndim != 2 or tensor.shape[1] != len(columns)):
             raise InvalidRequest(f"{len(columns)} column names given for data of shape {tuple(tensor.shape)}")
+        pairs = declared_pairs(bounds, columns, name)
+        tensor, clamped = enforce(name, tensor, pairs, columns, clamp)
         meta = DatasetMeta(node=self.id, name=name, shape=tuple(tensor.shape), dtype=dtype_name(tensor.dtype),
-                           columns=list(columns or []), description=description, tags=list(tags),
-                           bounds=_bounds_list(bounds, list(columns or []), name))
-        twin = None
-        if mock is not None:
-            twin = load_table(Path(mock))[0] if isinstance(mock, str | Path) else torch.as_tensor(mock)
-            if tuple(twin.shape[1:]) != tuple(tensor.shape[1:]) or twin.dtype != tensor.dtype:
-                raise InvalidRequest(
-                    f"the mock twin of {name!r} must have rows like the data's: {tuple(tensor.shape[1:])} "
-                    f"{tensor.dtype}, not {tuple(twin.shape[1:])} {twin.dtype}")
-        self.store.put_dataset(meta, tensor, list(allowed_users), twin)
+                           columns=columns, description=description, tags=list(tags), bounds=pairs)
+        twin = None if mock is None else _twin(mock, tensor.dtype, dtype is not None)
+        if twin is not None and (tuple(twin.shape[1:]) != tuple(tensor.shape[1:]) or twin.dtype != tensor.dtype):
+            raise InvalidRequest(
+                f"the mock twin of {name!r} must have rows like the data's: {tuple(tensor.shape[1:])} "
+                f"{tensor.dtype}, not {tuple(twin.shape[1:])} {twin.dtype}")
+        self.store.put_dataset(meta, tensor, list(allowed_users), twin, replace=replace, clamped=clamped)
+        if clamped:
+            log.warning("%s: %d value(s) outside the declared bounds clamped to them at publish", name, clamped)
         if notify:
             self._tell_gateway(PublishDataset(dataset=meta))
         return meta
+
+    def publications(self, name: str | None = None) -> list[PublicationRow]:
+        """This node's record of publications (of ``name``, or of every dataset): when, how
+        many rows, how many values were clamped, whether it replaced one. Never sent anywhere."""
+        return self.store.publications(name)
 
     def datasets(self) -> list[DatasetMeta]:
         return [DatasetMeta.model_validate(row.meta) for row in self.store.dataset_rows()]
@@ -126,10 +137,11 @@ class Node:
         self._tell_gateway(UnpublishDataset(name=name))
 
     def load_config_datasets(self) -> list[DatasetMeta]:
-        """(Re)load the datasets the config names from their files, without telling anyone."""
+        """(Re)load the datasets the config names from their files, without telling anyone.
+        The config holds data and policy together, so each one replaces what was published."""
         return [self.publish(ds.name, ds.path, description=ds.description, tags=ds.tags,
                              allowed_users=ds.allowed_users, columns=ds.columns, bounds=ds.bounds, mock=ds.mock,
-                             notify=False)
+                             dtype=ds.dtype, clamp=ds.clamp, replace=True, notify=False)
                 for ds in self.config.datasets]
 
     def register(self) -> None:
@@ -194,23 +206,34 @@ class Node:
         self.app.send_task(task, args=[env.model_dump(mode="json")], queue=GATEWAY_QUEUE, task_id=job_id)
 
 
-def _bounds_list(bounds: Bounds | None, columns: list[str], dataset: str) -> list[tuple[float, float]] | None:
-    """Declared bounds as one (lo, hi) per column, or a single pair for every value."""
-    if bounds is None:
-        return None
-    if isinstance(bounds, dict):
-        unknown = set(bounds) - set(columns)
-        missing = [c for c in columns if c not in bounds]
-        if unknown or missing:
-            raise InvalidRequest(f"bounds of {dataset!r} must name every column {columns} and no other "
-                                 f"(unknown: {sorted(unknown)}, missing: {missing})")
-        pairs = [tuple(bounds[c]) for c in columns]
+def _table(data: torch.Tensor | np.ndarray | str | Path, columns: list[str] | None,
+           dtype: str | None) -> tuple[torch.Tensor, list[str]]:
+    """The data to publish as a tensor (a file's columns if none are given), in ``dtype``
+    if its owner declared one."""
+    if isinstance(data, str | Path):
+        tensor, file_columns = load_table(Path(data))
+        columns = columns or file_columns
     else:
-        pairs = [tuple(bounds)]
-    for lo, hi in pairs:
-        if not lo <= hi:
-            raise InvalidRequest(f"bounds of {dataset!r}: lower bound {lo} is above upper bound {hi}")
-    return [(float(lo), float(hi)) for lo, hi in pairs]
+        tensor = torch.as_tensor(data)
+    return tensor if dtype is None else _cast(tensor, parse_dtype(dtype)), list(columns or [])
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The owner's declared dtype; a NaN or an infinity has no integer to become."""
+    if tensor.is_floating_point() and not dtype.is_floating_point and not bool(tensor.isfinite().all()):
+        raise InvalidRequest(f"the data holds NaN or infinite values, which {dtype_name(dtype)} cannot hold")
+    return tensor.to(dtype)
+
+
+def _twin(mock: torch.Tensor | np.ndarray | str | Path, data: torch.dtype, declared: bool) -> torch.Tensor:
+    """The owner's mock twin: in the data's dtype if the owner declared one, or if it is a
+    CSV (which has no dtype of its own); else as it comes, to be checked against the data."""
+    if not isinstance(mock, str | Path):
+        twin = torch.as_tensor(mock)
+    else:
+        twin = load_table(Path(mock))[0]
+        declared = declared or Path(mock).suffix.lower() == ".csv"
+    return _cast(twin, data) if declared else twin
 
 
 def worker_tasks(app: Celery, config: NodeConfig) -> None:

@@ -9,21 +9,26 @@ The tables are :mod:`workers.tables`.
 
 from __future__ import annotations
 
+import logging
+import os
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from sqlalchemy import bindparam, create_engine, delete, event, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from protocol.codec import dtype_name
-from protocol.errors import InvalidRequest, NotFound
+from protocol.codec import DTYPE_NAMES, dtype_name
+from protocol.errors import InvalidRequest, JobFailed, NotFound
 from protocol.messages import DatasetMeta
+from workers.bounds import outside
 from workers.tables import (
     Base,
     DatasetRow,
@@ -32,10 +37,13 @@ from workers.tables import (
     MpcShareRow,
     NonceRow,
     ObjectRow,
+    PublicationRow,
     RequestRow,
 )
 
-__all__ = ["DatasetRow", "JobRow", "ObjectRow", "RequestRow", "Store"]
+__all__ = ["DatasetRow", "JobRow", "ObjectRow", "PublicationRow", "RequestRow", "Store"]
+
+log = logging.getLogger(__name__)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -59,6 +67,51 @@ _FINISH_JOB = (update(JobRow).where(JobRow.job_id == bindparam("job"))
                .values(status=bindparam("status"), reply=bindparam("reply"), updated_at=bindparam("at")))
 
 
+FileVersion = tuple[float, str, int, int]  # the row's updated_at, the file, its mtime (ns) and size
+
+
+def _file_version(row: DatasetRow) -> FileVersion | None:
+    try:
+        stat = os.stat(row.file)
+    except OSError:
+        return None
+    return row.updated_at, row.file, stat.st_mtime_ns, stat.st_size
+
+
+def _verified(row: DatasetRow) -> torch.Tensor:
+    """The stored values, if they are still what the owner published; else JobFailed for
+    the requester (naming the dataset, and nothing about its values) and the details in the
+    owner's log."""
+    meta = DatasetMeta.model_validate(row.meta)
+    try:
+        tensor = load_file(row.file)["data"]
+    except (OSError, SafetensorError, KeyError) as exc:
+        problem = f"its file {row.file} cannot be read ({exc})"
+    else:
+        problem = _mismatch(meta, tensor)
+    if problem:
+        log.error("dataset %r is refused to every job: %s. Publish it again (publish(..., replace=True), or "
+                  "restart the node to load its config)", meta.name, problem)
+        raise JobFailed(f"dataset {meta.name!r} no longer matches what its owner published; its owner must "
+                        "publish it again (the node's log says why)")
+    return tensor
+
+
+def _mismatch(meta: DatasetMeta, tensor: torch.Tensor) -> str:
+    """How stored values differ from their metadata ('' if they do not)."""
+    shape, dtype = tuple(tensor.shape), DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
+    if shape != tuple(meta.shape) or dtype != meta.dtype:
+        return f"its file holds {shape} {dtype}, it was published as {tuple(meta.shape)} {meta.dtype}"
+    found = outside(tensor, meta.bounds, meta.columns) if meta.bounds else []
+    return "; ".join(o.describe() for o in found)
+
+
+def _remove(files: list[str | None]) -> None:
+    for file in files:
+        if file:
+            Path(file).unlink(missing_ok=True)
+
+
 class Store:
     """Datasets, result objects, jobs and nonces of one node."""
 
@@ -72,7 +125,7 @@ class Store:
             event.listen(self.engine, "begin", _sqlite_begin)
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._cache: dict[str, tuple[float, torch.Tensor]] = {}
+        self._cache: dict[str, tuple[FileVersion | None, torch.Tensor]] = {}
         self._remembered = 0
 
     @contextmanager
@@ -86,16 +139,43 @@ class Store:
     # --- datasets ------------------------------------------------------------------------
 
     def put_dataset(self, meta: DatasetMeta, tensor: torch.Tensor, allowed_users: list[str],
-                    mock: torch.Tensor | None = None) -> None:
-        file = self.folder / "datasets" / f"{meta.name}.safetensors"
+                    mock: torch.Tensor | None = None, *, replace: bool = False, clamped: int = 0) -> None:
+        """Store a dataset and record its publication (``clamped``: values its owner had
+        clamped to the bounds). A name already published is refused unless ``replace``,
+        which sets data and policy together; the ledger's charges on the name stay. Each
+        version gets files of its own, so a job never reads new values with old metadata."""
+        version = uuid.uuid4().hex[:12]
+        file = self.folder / "datasets" / f"{meta.name}.{version}.safetensors"
         save_file({"data": tensor.contiguous()}, str(file))
         mock_file = None
         if mock is not None:
-            mock_file = str(self.folder / "datasets" / f"{meta.name}.mock.safetensors")
+            mock_file = str(self.folder / "datasets" / f"{meta.name}.{version}.mock.safetensors")
             save_file({"data": mock.contiguous()}, mock_file)
+        try:
+            with self.session() as s:
+                old = s.get(DatasetRow, meta.name, with_for_update=True)
+                if old is not None and not replace:
+                    raise InvalidRequest(
+                        f"{meta.name!r} is already published; publish(..., replace=True) replaces its data and its "
+                        "policy together: give tags, allowed users and bounds again")
+                stale = [] if old is None else [old.file, old.mock_file]
+                now = time.time()
+                s.merge(DatasetRow(name=meta.name, file=str(file), meta=meta.model_dump(mode="json"),
+                                   allowed_users=sorted(allowed_users), updated_at=now, mock_file=mock_file))
+                s.add(PublicationRow(name=meta.name, published_at=now, rows=meta.shape[0] if meta.shape else 1,
+                                     dtype=meta.dtype, clamped=clamped, replaced=old is not None))
+        except BaseException:
+            _remove([str(file), mock_file])
+            raise
+        _remove(stale)
+
+    def publications(self, name: str | None = None) -> list[PublicationRow]:
+        """The owner's record of publications (of ``name``, or of every dataset), oldest first."""
+        query = select(PublicationRow).order_by(PublicationRow.id)
+        if name is not None:
+            query = query.where(PublicationRow.name == name)
         with self.session() as s:
-            s.merge(DatasetRow(name=meta.name, file=str(file), meta=meta.model_dump(mode="json"),
-                               allowed_users=sorted(allowed_users), updated_at=time.time(), mock_file=mock_file))
+            return list(s.scalars(query))
 
     def mock(self, name: str) -> torch.Tensor | None:
         """The owner's synthetic twin of a dataset, if one was supplied."""
@@ -117,6 +197,7 @@ class Store:
             if row is None:
                 raise NotFound(f"no dataset {name!r} is published on this node")
             s.delete(row)
+        _remove([row.file, row.mock_file])
 
     def dataset_rows(self) -> list[DatasetRow]:
         with self.session() as s:
@@ -130,10 +211,17 @@ class Store:
         return row
 
     def dataset(self, name: str) -> tuple[DatasetRow, torch.Tensor]:
+        """A dataset's row and values, for a job. The stored file is checked against what
+        its owner published (shape, dtype, bounds) once per version of it, then cached:
+        whatever happens to the file later, computation runs only on in-bound data."""
         row = self.dataset_row(name)
+        version = _file_version(row)
+        if version is None:  # its file went away: replaced since the row was read, most likely
+            row = self.dataset_row(name)
+            version = _file_version(row)
         cached = self._cache.get(name)
-        if cached is None or cached[0] != row.updated_at:
-            cached = (row.updated_at, load_file(row.file)["data"])
+        if cached is None or version is None or cached[0] != version:
+            cached = (version, _verified(row))
             self._cache[name] = cached
         return row, cached[1]
 

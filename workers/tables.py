@@ -1,9 +1,10 @@
 """The node database's tables (SQLAlchemy models); :class:`workers.store.Store` owns the
 engine and the sessions, and is the only way in.
 
-``datasets`` (published data and who may see it raw), ``objects`` (results kept for their
-requester), ``jobs`` (one row per job id: status, attempts and the signed reply, so a
-redelivered job answers the same), ``budgets`` and ``charges`` (the privacy ledger),
+``datasets`` (published data and who may see it raw), ``publications`` (the owner's
+record of each publish: rows, values clamped, replaced or not), ``objects`` (results
+kept for their requester), ``jobs`` (one row per job id: status, attempts and the signed
+reply, so a redelivered job answers the same), ``budgets`` and ``charges`` (the privacy ledger),
 ``requests`` (the approval queue), ``nonces`` (replay protection), and for the MPC worker
 ``mpc_models`` (cards of models this node hosts) and ``mpc_shares`` (its shares of models
 it computes on as a party).
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Float, Index, Integer, LargeBinary, String, Text
+from sqlalchemy import JSON, Boolean, Float, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -29,6 +30,21 @@ class DatasetRow(Base):
     allowed_users: Mapped[list[str]] = mapped_column(JSON)
     updated_at: Mapped[float] = mapped_column(Float)
     mock_file: Mapped[str | None] = mapped_column(Text, nullable=True)  # the owner's synthetic twin
+
+
+class PublicationRow(Base):
+    """The owner's record of each publish: when, how many rows, how many values were clamped
+    to the declared bounds, and whether it replaced an earlier publication. It stays at the
+    node: a count of clamped values says something about the data, so it is not metadata."""
+
+    __tablename__ = "publications"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128), index=True)
+    published_at: Mapped[float] = mapped_column(Float)
+    rows: Mapped[int] = mapped_column(Integer)
+    dtype: Mapped[str] = mapped_column(String(16))
+    clamped: Mapped[int] = mapped_column(Integer)
+    replaced: Mapped[bool] = mapped_column(Boolean)
 
 
 class ObjectRow(Base):

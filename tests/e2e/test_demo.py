@@ -16,7 +16,7 @@ def test_demo_runs_the_use_case_and_cleans_up() -> None:
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
     assert out.count("refused: PermissionDenied") == 3  # carol: the dataset, the derived mean; eve: the model
-    assert "hospital: <DataPointer hospital/birth-records-feb shape=(240, 2) float32" in out
+    assert "hospital: <DataPointer hospital/birth-records-feb shape=(240, 2) float64" in out  # a CSV, as written
     assert "identical" in out and "DIFFERENT" not in out
     assert out.count("PrivateValue(") == 2 and "laplace noise of scale 0.2917, ε=0.1" in out  # 7 kg / 240 / 0.1
     assert "ε 0.20 spent of 1 in 2 releases" in out

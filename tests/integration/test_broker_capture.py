@@ -135,9 +135,15 @@ def _walk(obj: Any) -> Iterator[bytes]:
 
 
 def private_patterns(table: torch.Tensor, csv_text: str) -> list[bytes]:
-    rows = [struct.pack("<ff", *map(float, row)) for row in table]  # 8 bytes: negligible chance hits
+    rows = [encoding for row in table for encoding in binary(row)]  # ≥ 8 bytes: negligible chance hits
     lines = [line.encode() for line in csv_text.splitlines()[1:] if line]
     return rows + lines
+
+
+def binary(values: torch.Tensor) -> set[bytes]:
+    """The values' bytes as the node stores them (a CSV's table is float64) and as float32,
+    which a cast on the way out would make them."""
+    return {values.contiguous().numpy().tobytes(), struct.pack(f"<{values.numel()}f", *map(float, values))}
 
 
 def found_in(commands: list[list[bytes]], patterns: list[bytes]) -> list[bytes]:
@@ -184,6 +190,6 @@ def test_private_values_never_cross_the_broker(local_grid: LocalGrid, births_feb
     patterns = private_patterns(births_feb, csv_text) + private_patterns(big[:2000], "")
     # (no 4-byte patterns: ~1 MB of ciphertext would match one by chance with p ≈ 2e-4)
     patterns += [repr(released[k].item()).encode() for k in ("weight", "height")]
-    patterns += [struct.pack("<ff", *map(float, released["sums"]))]
+    patterns += sorted(binary(released["sums"]))
     assert found_in(probe, patterns), "the positive control must find the leaked rows"
     assert found_in(rest, patterns) == []

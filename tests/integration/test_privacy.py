@@ -119,7 +119,7 @@ def test_mock_twins_let_a_plan_be_tried_locally_for_free(local_grid: LocalGrid, 
         assert tried.item() == pytest.approx(twin[:, 0].mean().item())
         (budget,) = grid.budget("hospital", "birth-records-feb")
         assert budget.releases == 0  # trying costs nothing
-    supplied = torch.tensor([[3.0, 50.0], [3.5, 52.0]])
+    supplied = torch.tensor([[3.0, 50.0], [3.5, 52.0]], dtype=births_feb.dtype)  # rows like the data's (float64)
     hospital_admin.publish("with-twin", births_feb, columns=["weight", "height"], tags=["#twin"],
                            bounds={"weight": (0.0, 7.0), "height": (20.0, 65.0)}, mock=supplied)
     with local_grid.connect("bob") as grid:

@@ -47,7 +47,9 @@ def test_datasets_round_trip_and_removal(store: Store) -> None:
     store.put_dataset(_meta("d", (3, 2)), data, ["alice"])
     row, tensor = store.dataset("d")
     assert torch.equal(tensor, data) and row.allowed_users == ["alice"]
-    store.put_dataset(_meta("d", (2, 2)), data[:2], ["bob"])  # republish replaces, cache follows
+    with pytest.raises(InvalidRequest, match="already published"):
+        store.put_dataset(_meta("d", (2, 2)), data[:2], ["bob"])  # a name is replaced only on purpose
+    store.put_dataset(_meta("d", (2, 2)), data[:2], ["bob"], replace=True)  # replaced, cache follows
     row, tensor = store.dataset("d")
     assert tensor.shape == (2, 2) and row.allowed_users == ["bob"]
     assert [r.name for r in store.dataset_rows()] == ["d"]

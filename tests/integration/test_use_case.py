@@ -19,7 +19,8 @@ def test_search_finds_the_dataset_by_tags_and_shows_metadata_only(local_grid: Lo
         births = found["hospital"][0]
         assert births.name == "birth-records-feb"
         assert births.shape == tuple(births_feb.shape) == (240, 2)
-        assert births.dtype == "float32"
+        assert births.dtype == "float64"  # a CSV's decimals as written (issue 14)
+        assert "float64" in repr(births)  # what a scientist sees of a search result shows it
         assert births.columns == ("weight", "height")
         assert "weight (kg)" in births.description
         assert set(births.tags) == {"#february", "#birth-records"}

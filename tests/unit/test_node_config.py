@@ -81,7 +81,8 @@ def test_datasets_load_from_csv_npy_and_safetensors_never_pickle(tmp_path: Path)
 
     (tmp_path / "t.csv").write_text("weight,height\n3.5,50\n2.9,48.5\n")
     table, columns = load_table(tmp_path / "t.csv")
-    assert columns == ["weight", "height"] and torch.equal(table, torch.tensor([[3.5, 50.0], [2.9, 48.5]]))
+    expected = torch.tensor([[3.5, 50.0], [2.9, 48.5]], dtype=torch.float64)  # a CSV's decimals, exactly
+    assert columns == ["weight", "height"] and torch.equal(table, expected) and table.dtype == torch.float64
     np.save(tmp_path / "a.npy", np.arange(4, dtype=np.int64))
     assert load_table(tmp_path / "a.npy")[0].tolist() == [0, 1, 2, 3]
     save_file({"x": torch.ones(2)}, str(tmp_path / "s.safetensors"))

@@ -45,7 +45,8 @@ class PrivateValue:
         n = self.noise
         shown = f"{self.item():.6g}" if self.value.numel() == 1 else f"tensor of shape {tuple(self.value.shape)}"
         privacy = f"ε={n.epsilon:g}" + (f", δ={n.delta:g}" if n.delta else "")
-        return f"PrivateValue({shown}; {n.mechanism} noise of scale {n.scale:.4g}, {privacy})"
+        after = " on its aggregates, then post-processed" if n.post_processed else ""
+        return f"PrivateValue({shown}; {n.mechanism} noise of scale {n.scale:.4g}{after}, {privacy})"
 
 
 class JobTicket:

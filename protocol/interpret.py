@@ -12,6 +12,7 @@ element cap — and :func:`evaluate` walks the same steps on real tensors.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -19,9 +20,11 @@ import torch
 from pydantic import ValidationError
 
 from protocol.codec import MAX_ELEMENTS, check_size, dtype_name, parse_dtype
-from protocol.errors import ForbiddenOperation, InvalidRequest
+from protocol.errors import ForbiddenOperation, InvalidRequest, JobFailed
 from protocol.ops import REGISTRY, Value
-from protocol.plan import Plan, Ref, TensorConst, TensorSpec
+from protocol.plan import Plan, Ref, Step, TensorConst, TensorSpec
+
+log = logging.getLogger(__name__)
 
 
 def constant(const: TensorConst, device: str = "cpu") -> torch.Tensor:
@@ -32,48 +35,61 @@ def constant(const: TensorConst, device: str = "cpu") -> torch.Tensor:
     return torch.tensor(const.values, dtype=parse_dtype(const.dtype), device=device).reshape(const.shape)
 
 
+def run_step(step: Step, number: int, values: Sequence[Value], limit: int = MAX_ELEMENTS,
+             device: str = "cpu") -> torch.Tensor:
+    """One step of a plan on the values before it (``meta`` tensors when validating).
+
+    On ``meta`` tensors an error says what is wrong with the plan. On data, an error could
+    say something of the data (a value, that a value exists), so it says only where it
+    happened; the details go to the owner's log."""
+    spec = REGISTRY.get(step.op)
+    if spec is None:
+        raise ForbiddenOperation(
+            f"operation {step.op!r} is not on the allow-list of plan operations; "
+            f"allowed: {', '.join(sorted(REGISTRY))}"
+        )
+    where = f"step {number} ({step.op})"
+    low, high = spec.arity
+    if not low <= len(step.args) <= high:
+        raise InvalidRequest(f"{where} takes {low}..{high} arguments, got {len(step.args)}")
+    args: list[Value] = []
+    for arg in step.args:
+        if isinstance(arg, Ref):
+            if arg.ref >= len(values):
+                raise InvalidRequest(f"{where} refers to value {arg.ref}, which is not defined yet")
+            args.append(values[arg.ref])
+        elif isinstance(arg, TensorConst):
+            args.append(constant(arg, device))
+        else:
+            args.append(arg.const)
+    if not any(isinstance(a, torch.Tensor) for a in args) or (
+        spec.tensors_only and not all(isinstance(a, torch.Tensor) for a in args)
+    ):
+        raise InvalidRequest(f"{where} needs tensor arguments, not only constants")
+    try:
+        params = spec.params.model_validate(step.params)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise InvalidRequest(f"{where}: parameter {field}: {first['msg']}") from None
+    try:
+        out = spec.fn(args, params)
+    except (RuntimeError, IndexError, ValueError, TypeError, OverflowError) as exc:
+        if device != "meta":
+            log.warning("%s failed on the data", where, exc_info=exc)
+            raise JobFailed(f"{where} failed on the data; its owner's log has the details") from None
+        raise InvalidRequest(f"{where} cannot run on these inputs: {exc}") from None
+    if not isinstance(out, torch.Tensor):
+        raise InvalidRequest(f"{where} did not produce a tensor")
+    check_size(out.shape, limit)
+    dtype_name(out.dtype)
+    return out
+
+
 def _run(plan: Plan, inputs: Sequence[torch.Tensor], limit: int, device: str = "cpu") -> list[Value]:
     values: list[Value] = list(inputs)
     for number, step in enumerate(plan.steps):
-        spec = REGISTRY.get(step.op)
-        if spec is None:
-            raise ForbiddenOperation(
-                f"operation {step.op!r} is not on the allow-list of plan operations; "
-                f"allowed: {', '.join(sorted(REGISTRY))}"
-            )
-        where = f"step {number} ({step.op})"
-        low, high = spec.arity
-        if not low <= len(step.args) <= high:
-            raise InvalidRequest(f"{where} takes {low}..{high} arguments, got {len(step.args)}")
-        args: list[Value] = []
-        for arg in step.args:
-            if isinstance(arg, Ref):
-                if arg.ref >= len(values):
-                    raise InvalidRequest(f"{where} refers to value {arg.ref}, which is not defined yet")
-                args.append(values[arg.ref])
-            elif isinstance(arg, TensorConst):
-                args.append(constant(arg, device))
-            else:
-                args.append(arg.const)
-        if not any(isinstance(a, torch.Tensor) for a in args) or (
-            spec.tensors_only and not all(isinstance(a, torch.Tensor) for a in args)
-        ):
-            raise InvalidRequest(f"{where} needs tensor arguments, not only constants")
-        try:
-            params = spec.params.model_validate(step.params)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(str(p) for p in first["loc"])
-            raise InvalidRequest(f"{where}: parameter {field}: {first['msg']}") from None
-        try:
-            out = spec.fn(args, params)
-        except (RuntimeError, IndexError, ValueError, TypeError, OverflowError) as exc:
-            raise InvalidRequest(f"{where} cannot run on these inputs: {exc}") from None
-        if not isinstance(out, torch.Tensor):
-            raise InvalidRequest(f"{where} did not produce a tensor")
-        check_size(out.shape, limit)
-        dtype_name(out.dtype)
-        values.append(out)
+        values.append(run_step(step, number, values, limit, device))
     return values
 
 

@@ -85,8 +85,9 @@ class NoiseInfo(_Model):
     mechanism: Literal["laplace", "gaussian"]
     epsilon: float
     delta: float
-    scale: float
-    sensitivity: float
+    scale: float  # of the noise on the plan's aggregates (sum, mean, count over rows)
+    sensitivity: float  # theirs, jointly: L1 for Laplace, L2 for Gaussian
+    post_processed: bool = False  # steps after the aggregates ran on their noisy values
 
 
 class BudgetInfo(_Model):

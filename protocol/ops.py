@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from protocol.codec import ALLOWED_DTYPES
 
@@ -48,6 +48,13 @@ class CountParams(Params):
 class ClampParams(Params):
     min: int | float | None = None  # an int bound keeps an integer tensor integer
     max: int | float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ClampParams:
+        # torch.clamp(x, 7, 0) silently gives 0 everywhere: an inverted clamp is a mistake (or a trick)
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        return self
 
 
 class CastParams(Params):
@@ -124,6 +131,31 @@ def _binary(fn: Callable[[Any, Any], Value]) -> Callable[[Sequence[Value], Any],
     return lambda args, _p: fn(args[0], args[1])
 
 
+# Where torch's CPU kernels refuse a dtype that its meta kernels accept, the op adapts, so that
+# a plan that validates also runs (tests/unit/test_dp_door.py checks it over the allow-list):
+def _on_bool_identity(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    # abs, floor, ceil and round of a bool are the bool; torch's CPU has no kernel for them
+    return lambda x: x.clone() if x.dtype == torch.bool else fn(x)
+
+
+def _bools_as_ints(fn: Callable[[Any, Any], Value]) -> Callable[[Any, Any], Value]:
+    # torch refuses bool - bool and bool ** bool on the CPU: count True as 1, as sum does
+    def run(a: Any, b: Any) -> Value:
+        def numeric(x: Any) -> Any:
+            return x.to(torch.int64) if isinstance(x, torch.Tensor) and x.dtype == torch.bool else x
+        return fn(numeric(a), numeric(b))
+
+    return run
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # torch's CPU matmul wants one dtype (and none for bool), while its meta kernel checks
+    # neither: promote here, so a plan that validates also runs
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    dtype = torch.int64 if dtype == torch.bool else dtype
+    return torch.matmul(a.to(dtype), b.to(dtype))
+
+
 @dataclass(frozen=True)
 class OpSpec:
     """One allow-listed operation: its arity, its parameter schema and its function."""
@@ -138,14 +170,15 @@ class OpSpec:
 
 def _specs() -> list[OpSpec]:
     unary: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "neg": torch.neg, "abs": torch.abs, "exp": torch.exp, "log": torch.log,
-        "sqrt": torch.sqrt, "square": torch.square, "sign": torch.sign, "floor": torch.floor,
-        "ceil": torch.ceil, "round": torch.round, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+        "neg": torch.neg, "abs": _on_bool_identity(torch.abs), "exp": torch.exp, "log": torch.log,
+        "sqrt": torch.sqrt, "square": torch.square, "sign": torch.sign, "floor": _on_bool_identity(torch.floor),
+        "ceil": _on_bool_identity(torch.ceil), "round": _on_bool_identity(torch.round), "sigmoid": torch.sigmoid,
+        "tanh": torch.tanh,
         "logical_not": torch.logical_not, "isnan": torch.isnan,
     }
     binary = {
-        "add": operator.add, "sub": operator.sub, "mul": operator.mul,
-        "div": operator.truediv, "pow": operator.pow,
+        "add": operator.add, "sub": _bools_as_ints(operator.sub), "mul": operator.mul,
+        "div": operator.truediv, "pow": _bools_as_ints(operator.pow),
         "eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le,
         "gt": operator.gt, "ge": operator.ge,
         "logical_and": torch.logical_and, "logical_or": torch.logical_or,
@@ -162,7 +195,7 @@ def _specs() -> list[OpSpec]:
         OpSpec("count", (1, 1), CountParams,
                lambda a, p: torch.count_nonzero(a[0], dim=_dim(p.dim)), True,  # type: ignore[arg-type]
                "number of non-zero (true) elements; with a comparison, a histogram count"),
-        OpSpec("matmul", (2, 2), NoParams, _binary(torch.matmul), True),
+        OpSpec("matmul", (2, 2), NoParams, _binary(_matmul), True),
         OpSpec("clamp", (1, 1), ClampParams, lambda a, p: torch.clamp(a[0], p.min, p.max), True),  # type: ignore[arg-type]
         OpSpec("where", (3, 3), NoParams, lambda a, _p: torch.where(a[0], a[1], a[2])),  # type: ignore[arg-type]
         OpSpec("cast", (1, 1), CastParams, lambda a, p: a[0].to(ALLOWED_DTYPES[p.dtype]), True),  # type: ignore[union-attr]

@@ -9,6 +9,7 @@ import torch
 
 from protocol.codec import parse_dtype
 from protocol.dp import add_noise
+from protocol.dp_release import run_release
 from protocol.errors import NotFound
 from protocol.interpret import evaluate
 from protocol.messages import AccessRequest, BudgetQuery, DatasetMeta, DPRelease, JobReply, MockRequest, RunJob
@@ -32,16 +33,15 @@ class ComputeJobs:
         if door is Door.PARK:
             raise Parked(job_kind(job.requester, body.release, sources), datasets, body.plan.describe(),
                          describe(body.release))
-        calibrated = None
         if isinstance(body.release, DPRelease):
             metas = [node.store.dataset_row(r.name).meta for r in body.plan.inputs if r.kind == "dataset"]
             calibrated = calibrate_release(body.plan, body.release, metas)
             node.ledger.precheck(job.requester, datasets, calibrated.charge, job.job_id)
-        result = evaluate(body.plan, inputs)
-        if calibrated is not None:
-            noisy = add_noise(result, calibrated.charge)
+            charge = calibrated.charge
+            noisy = run_release(body.plan, inputs, calibrated.analysis, lambda exact: add_noise(exact, charge))
             return Outcome(JobReply(status="done", value=node.seal(job.requester, noisy), noise=calibrated.noise),
-                           PendingCharge(datasets, calibrated.charge))
+                           PendingCharge(datasets, charge))
+        result = evaluate(body.plan, inputs)
         if door is Door.KEEP:
             return Outcome(JobReply(status="done", ticket=node.keep(job, result, datasets)))
         return Outcome(JobReply(status="done", value=node.seal(job.requester, result)))

@@ -38,10 +38,13 @@ def test_arithmetic_with_a_tensor_runs_at_the_node(alice: Grid, births_feb: torc
     assert torch.allclose((births(alice) * row).sum(dim=0).get(), (births_feb * row).sum(dim=0))
 
 
-def test_a_varying_tensor_constant_has_no_dp_sensitivity(alice: Grid) -> None:
+def test_a_varying_tensor_constant_along_the_rows_widens_each_rows_bounds(alice: Grid) -> None:
+    # a public shift per row is a row map: each row's contribution lies in [0, 7] + [0, 239]
     shift = torch.arange(240.0)
-    with pytest.raises(SensitivityUnknown, match="scalar constants"):
-        (births(alice)["weight"] + shift).mean().get(epsilon=0.1)
+    released = (births(alice)["weight"] + shift).mean().get(epsilon=0.1)
+    assert released.noise.sensitivity == pytest.approx((7.0 + 239.0) / 240)
+    with pytest.raises(SensitivityUnknown, match="combines rows"):
+        (births(alice)["weight"][1:] * births(alice)["weight"][:-1]).sum().get(epsilon=0.1)
 
 
 def test_a_missing_key_file_says_how_to_make_one(local_grid: LocalGrid, tmp_path: Path) -> None:

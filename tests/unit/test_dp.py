@@ -11,8 +11,8 @@ import torch
 
 from protocol.dp import Charge, gaussian, gaussian_scale, laplace, rho_to_approx, spent
 from protocol.errors import InvalidRequest, SensitivityUnknown
-from protocol.plan import InputRef, Plan, Step
-from protocol.sensitivity import rows_of, sensitivity
+from protocol.plan import InputRef, Plan, Step, TensorSpec
+from protocol.sensitivity import Analysis, Rows, analyse, declared
 
 
 def test_ten_laplace_releases_of_a_tenth_compose_to_one() -> None:
@@ -76,7 +76,11 @@ def test_bad_privacy_parameters_are_refused() -> None:
 
 # --- sensitivity ------------------------------------------------------------------------------
 
-BIRTHS = rows_of(200, (2,), [0.0, 20.0], [7.0, 65.0])
+BIRTHS = declared("b", 200, (2,), [(0.0, 7.0), (20.0, 65.0)])
+
+
+def sensitivity(plan: Plan, inputs: list[Rows]) -> Analysis:
+    return analyse(plan, inputs, [TensorSpec(shape=(r.n, *r.lo.shape), dtype="float64") for r in inputs])
 
 
 def _plan(*steps: tuple) -> Plan:  # (op, args, params)
@@ -99,23 +103,29 @@ def test_column_sums_and_their_norms() -> None:
     assert s.l1 == pytest.approx(7.0 + 45.0) and s.l2 == pytest.approx(math.hypot(7.0, 45.0)) and s.size == 2
 
 
-def test_public_constants_scale_and_shift() -> None:
+def test_public_constants_scale_and_shift_rows_and_post_process_the_noisy_mean() -> None:
     s = sensitivity(_plan(("getitem", [R(0)], COL(1)), ("mul", [R(1), C(0.01)], {}), ("add", [R(2), C(3)], {}),
                           ("mean", [R(3)], {}), ("mul", [C(2.0), R(4)], {}), ("sub", [R(5), C(1)], {})), [BIRTHS])
-    assert s.l1 == pytest.approx(2.0 * 0.45 / 200)
+    assert s.l1 == pytest.approx(0.45 / 200)  # the mean's: × 2 and − 1 apply to its noisy value
+    assert s.post == {4, 5} and s.post_processed
 
 
 def test_histogram_counts_move_by_one() -> None:
     s = sensitivity(_plan(("getitem", [R(0)], COL(0)), ("gt", [R(1), C(4.0)], {}), ("count", [R(2)], {})), [BIRTHS])
-    assert s.l1 == 1.0
+    assert s.l1 == pytest.approx(1.0)
 
 
 def test_clamp_bounds_an_undeclared_column() -> None:
-    unbounded = rows_of(100, (2,), None, None)
+    unbounded = declared("b", 100, (2,), None)
     with pytest.raises(SensitivityUnknown, match="unbounded"):
         sensitivity(_plan(("sum", [R(0)], {"dim": 0})), [unbounded])
     s = sensitivity(_plan(("clamp", [R(0)], {"min": 0, "max": 10}), ("sum", [R(1)], {"dim": 0})), [unbounded])
-    assert s.l1 == 20.0
+    assert s.l1 == pytest.approx(20.0)
+
+
+def test_ratios_of_aggregates_are_post_processing() -> None:
+    s = sensitivity(_plan(("sum", [R(0)], {}), ("sum", [R(0)], {}), ("div", [R(1), R(2)], {})), [BIRTHS])
+    assert s.l1 == pytest.approx(2 * (7.0 + 45.0)) and s.post == {2}  # one row reaches both sums
 
 
 def test_differences_of_aggregates_add_their_sensitivities() -> None:
@@ -125,9 +135,9 @@ def test_differences_of_aggregates_add_their_sensitivities() -> None:
 
 
 @pytest.mark.parametrize("steps, named", [
-    ([("matmul", [R(0), R(0)], {})], "matmul"),
+    ([("getitem", [R(0)], COL(0)), ("getitem", [R(0)], COL(1)), ("matmul", [R(1), R(2)], {})], "matmul"),
     ([("getitem", [R(0)], COL(0)), ("max", [R(1)], {})], "max"),
-    ([("sum", [R(0)], {}), ("sum", [R(0)], {}), ("div", [R(1), R(2)], {})], "div"),
+    ([("getitem", [R(0)], COL(0)), ("std", [R(1)], {})], "std"),
     ([("getitem", [R(0)], {"index": [3]}), ("sum", [R(1)], {})], "single rows"),
     ([("getitem", [R(0)], COL(0))], "one value per row"),
 ])

@@ -61,12 +61,15 @@ def test_gaussian_takes_the_l2_and_carries_epsilon_and_delta() -> None:
     assert 0.99 < rho_to_approx(both.charge.rho, 1e-6) <= 1.0 + 1e-9  # spends ε, not more
 
 
-def test_aggregates_of_two_datasets_add_their_sensitivities_in_input_order() -> None:
+def test_aggregates_of_two_datasets_are_calibrated_on_the_dataset_one_row_moves_most() -> None:
+    # a birth replaced moves only the births' sum (by 7), a death only the deaths' (by 3): each
+    # dataset's neighbours are its own, and each dataset is charged ε
     deaths = _meta(name="deaths", shape=(30, 1), bounds=[(0.0, 3.0)])
     plan = _plan(("getitem", [Ref(ref=0)], COL0), ("sum", [Ref(ref=2)], {}), ("sum", [Ref(ref=1)], {}),
                  ("sub", [Ref(ref=3), Ref(ref=4)], {}), inputs=("births", "deaths"))
     done = calibrate_release(plan, DPRelease(epsilon=2.0), [_meta(), deaths])
-    assert done.noise.sensitivity == pytest.approx(7.0 + 3.0) and done.charge.scale == pytest.approx(5.0)
+    assert done.noise.sensitivity == pytest.approx(7.0) and done.charge.scale == pytest.approx(3.5)
+    assert [a.dataset for a in done.analysis.aggregates] == ["births", "deaths"] and done.noise.post_processed
 
 
 def test_clamping_bounds_an_undeclared_column_and_tightens_a_declared_one() -> None:
@@ -76,11 +79,12 @@ def test_clamping_bounds_an_undeclared_column_and_tightens_a_declared_one() -> N
     tighter = _plan(("clamp", [Ref(ref=0)], {"min": 0, "max": 10}), ("sum", [Ref(ref=1)], {}),
                     ("mul", [Ref(ref=2), Const(const=0.5)], {}))
     done = calibrate_release(tighter, DPRelease(epsilon=1.0), [_meta(shape=(40,), bounds=[(0.0, 100.0)])])
-    assert done.noise.sensitivity == pytest.approx(0.5 * 10.0)
+    assert done.noise.sensitivity == pytest.approx(10.0)  # the sum's; × 0.5 applies to its noisy value
+    assert done.noise.post_processed
 
 
 def test_a_dataset_without_bounds_cannot_be_released_unclamped() -> None:
-    with pytest.raises(SensitivityUnknown, match=r"declare their bounds \(births declare\(s\) no bounds\)"):
+    with pytest.raises(SensitivityUnknown, match=r"declare the dataset's bounds \(births declare\(s\) no bounds\)"):
         calibrate_release(_plan(("sum", [Ref(ref=0)], {"dim": 0})), DPRelease(epsilon=1.0), [_meta(bounds=None)])
 
 

@@ -286,7 +286,7 @@ def runs_list(db: str = RUNS_DB) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from orchestrator.history import History, summarize
+    from orchestrator.history import History, figure, summarize
 
     history = History(_history_url(db))
     table = Table()
@@ -299,7 +299,7 @@ def runs_list(db: str = RUNS_DB) -> None:
         table.add_row(run_id, datetime.fromtimestamp(started).strftime("%Y-%m-%d %H:%M:%S"),
                       str(config.get("strategy", "")), str(len(config.get("nodes", []))),
                       f"{len(rounds)}/{config.get('rounds', '?')}",
-                      f"{last.loss:.4f}" if last else "", f"{last.accuracy:.3f}" if last else "")
+                      figure(last.loss) if last else "", figure(last.accuracy, 3) if last else "")
     Console().print(table)
 
 
@@ -314,7 +314,7 @@ def runs_show(run_id: str, db: str = RUNS_DB) -> None:
     from rich.table import Table
 
     from orchestrator.evaluation import weighted
-    from orchestrator.history import History, summarize
+    from orchestrator.history import History, figure, summarize
 
     history = History(_history_url(db))
     try:
@@ -332,9 +332,9 @@ def runs_show(run_id: str, db: str = RUNS_DB) -> None:
         evaluated = []
         if evaluations:
             ev = weighted(evaluations[summary.round]) if summary.round in evaluations else None
-            evaluated = [f"{ev.loss:.4f}" if ev else "", f"{ev.accuracy:.3f}" if ev and ev.accuracy is not None else ""]
-        table.add_row(str(summary.round), str(summary.nodes), f"{summary.loss:.4f}",
-                      f"{summary.accuracy:.3f}", *evaluated, "; ".join(why))
+            evaluated = [figure(ev.loss) if ev else "", figure(ev.accuracy, 3) if ev else ""]
+        table.add_row(str(summary.round), str(summary.nodes), figure(summary.loss),
+                      figure(summary.accuracy, 3), *evaluated, "; ".join(why))
     Console().print(table)
 
 

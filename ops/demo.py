@@ -19,6 +19,7 @@ from rich.console import Console
 
 from ops.demo_data import digits_split, write_demo_data
 from ops.local import NODE_CONFIGS, LocalGrid
+from orchestrator.history import figure
 from protocol.errors import InvalidRequest, PermissionDenied
 from workers.datasets import load_table
 
@@ -141,8 +142,8 @@ def federated_learning(lg: LocalGrid) -> None:
                           history_db=f"sqlite:///{lg.home / 'runs.db'}")
         seconds = time.perf_counter() - t0
     for row in (result.rounds()[0], result.rounds()[-1]):
-        console.print(f"  round {row.round + 1}: {row.nodes} nodes, training loss {row.loss:.4f}, "
-                      f"training accuracy at the nodes {row.accuracy:.3f}")
+        console.print(f"  round {row.round + 1}: {row.nodes} nodes, training loss {figure(row.loss)}, "
+                      f"training accuracy at the nodes {figure(row.accuracy, 3)}")
     with torch.no_grad():
         accuracy = float((result.model(x_test).argmax(1).numpy() == y_test).mean())
     console.print(f"  10 rounds in {seconds:.1f} s; accuracy on {len(y_test)} held-out digits: {accuracy:.3f} "

@@ -7,7 +7,10 @@
 Each node evaluates the weights sent (sealed to it) on its ``x`` and ``y`` and answers the
 loss and, for classification, the accuracy, sealed to you. That is a release of what the model does on
 private data, by the same door as trained weights: to an allowed user of the data, or once
-the owner approves (kind ``train``); never by the DP door, as it carries no noise.
+the owner approves (kind ``train``). Or by the DP door, with noise (``epsilon=``, charged
+to your budget on each node's dataset): the mean of each sample's loss clamped to
+[0, ``loss_bound``] and the share of right answers, both noised; x and y must then be one
+row per stored row of one dataset, the same rows (the privacy unit is a stored row).
 ``grid.fit(..., evaluate=[...])`` evaluates the global model so after every round, on
 held-out data at the nodes.
 """
@@ -21,8 +24,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from orchestrator.gather import gather, same_node, seal_for
+from orchestrator.history import figure, weighted_mean
 from protocol.errors import GridError, InvalidRequest, NodeUnavailable
-from protocol.messages import EvalJob, TrainMetrics
+from protocol.messages import DPRelease, EvalJob, RawRelease, TrainMetrics
 from protocol.model import ModelSpec, flatten_state
 
 if TYPE_CHECKING:
@@ -34,7 +38,7 @@ if TYPE_CHECKING:
 class Evaluation:
     """A model's loss and accuracy at the nodes, weighted by their samples, and per node."""
 
-    loss: float
+    loss: float | None  # None if no node's loss was a finite number
     accuracy: float | None  # None for a regression loss
     samples: int
     nodes: dict[str, TrainMetrics]
@@ -43,22 +47,27 @@ class Evaluation:
     def __repr__(self) -> str:
         acc = f", accuracy {self.accuracy:.4f}" if self.accuracy is not None else ""
         gone = f"; missing {sorted(self.missing)}" if self.missing else ""
-        return f"Evaluation(loss {self.loss:.4f}{acc} over {self.samples} samples at {len(self.nodes)} nodes{gone})"
+        return f"Evaluation(loss {figure(self.loss)}{acc} over {self.samples} samples at {len(self.nodes)} nodes{gone})"
 
 
 def evaluate(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor],
-             data: Sequence[tuple[Expression, Expression]], *, loss: str, timeout: float, label: str) -> Evaluation:
-    """Evaluate the weights ``state`` of the model ``spec`` at every node of ``data`` at once.
-    Raises the nodes' error if none of them answered with figures."""
+             data: Sequence[tuple[Expression, Expression]], *, loss: str, timeout: float, label: str,
+             release: RawRelease | DPRelease | None = None, loss_bound: float = 10.0) -> Evaluation:
+    """Evaluate the weights ``state`` of the model ``spec`` at every node of ``data`` at once
+    (``release``: exact figures, or with DP noise). Raises the nodes' error if none of them
+    answered with figures."""
     if loss not in ("cross_entropy", "mse"):
         raise InvalidRequest(f"loss {loss!r} is not known; use 'cross_entropy' or 'mse'")
+    if not 0 < loss_bound <= 1e6:
+        raise InvalidRequest(f"loss_bound (each sample's loss is clamped to [0, loss_bound]) must be in (0, 1e6], "
+                             f"not {loss_bound}")
     if not data:
         raise InvalidRequest("evaluate on at least one (x, y) pair")
     for x, y in data:
         same_node(x.node, x, y)
     flat = flatten_state(state)
     jobs = [(x.node, EvalJob(model=spec, weights=seal_for(grid, x.node, flat), x=x.plan, y=y.plan,
-                             loss=loss))  # type: ignore[arg-type]
+                             loss=loss, release=release or RawRelease(), loss_bound=loss_bound))  # type: ignore[arg-type]
             for x, y in data]
     nodes: dict[str, TrainMetrics] = {}
     missing: dict[str, str] = {}
@@ -82,10 +91,7 @@ def evaluate(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor],
 
 
 def weighted(nodes: dict[str, TrainMetrics], missing: dict[str, str] | None = None) -> Evaluation:
-    """The nodes' figures weighted by their samples."""
-    samples = sum(m.samples for m in nodes.values())
-    weight = {n: m.samples / samples if samples else 1 / len(nodes) for n, m in nodes.items()}
-    accuracy = None if any(m.accuracy is None for m in nodes.values()) else \
-        sum(weight[n] * (m.accuracy or 0.0) for n, m in nodes.items())
-    return Evaluation(loss=sum(weight[n] * m.loss for n, m in nodes.items()), accuracy=accuracy, samples=samples,
-                      nodes=dict(nodes), missing=dict(missing or {}))
+    """The nodes' figures weighted by their samples (of the nodes that have them)."""
+    return Evaluation(loss=weighted_mean([(m.loss, m.samples) for m in nodes.values()]),
+                      accuracy=weighted_mean([(m.accuracy, m.samples) for m in nodes.values()]),
+                      samples=sum(m.samples for m in nodes.values()), nodes=dict(nodes), missing=dict(missing or {}))

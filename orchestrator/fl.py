@@ -25,7 +25,10 @@ weighted by sample counts, becomes the new global model as the run's strategy sa
 With ``dp=DPConfig(noise_multiplier=, max_grad_norm=, delta=)`` the nodes train by
 DP-SGD and charge what their accountant says to your budget on their dataset; the weights
 then leave by the DP door, without approval, and a budget that cannot cover a round
-refuses it before it runs (``BudgetExhausted``). With ``secure_aggregation=True`` and two
+refuses it before it runs (``BudgetExhausted``). The round's loss and accuracy then reach
+someone who may not see the rows only with noise, if asked for
+(``DPConfig(metrics_epsilon=…)``, in the same charge); otherwise they are ``None`` in the
+history, and the node says why (``withheld``). With ``secure_aggregation=True`` and two
 or more ``aggregators`` (MPC pool nodes), each node sends its sample-weighted update as
 additive shares, one sealed to each aggregator; each aggregator adds up its shares of the
 round once and seals the sum to you: no one — you included — sees one node's update, only
@@ -47,7 +50,7 @@ from orchestrator import mpc
 from orchestrator.evaluation import Evaluation
 from orchestrator.evaluation import evaluate as federated_evaluation
 from orchestrator.gather import gather, same_node, seal_for
-from orchestrator.history import History, RoundRecord, RoundSummary, summarize
+from orchestrator.history import History, RoundRecord, RoundSummary, figure, summarize
 from orchestrator.strategies import Strategy
 from orchestrator.strategies import strategy as as_strategy
 from orchestrator.ticket import JobTicket
@@ -177,14 +180,15 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
                                       f"({'; '.join(f'{h.node}: {h.status} {h.error}' for h in records)})")
             state = server.aggregate(_secure_mean(grid, secure, state, updates) if secure else fedavg(state, updates))
             summary = result.rounds()[-1]
-            shown = f"round {r + 1}/{rounds}  train loss {summary.loss:.4f}  train acc {summary.accuracy:.3f}"
+            shown = f"round {r + 1}/{rounds}  train loss {figure(summary.loss)}  " \
+                    f"train acc {figure(summary.accuracy, 3)}"
             if evaluate:  # the new global model, on held-out data at the nodes
                 ev = federated_evaluation(grid, spec, state, evaluate, loss=loss, timeout=round_timeout,
                                           label=f"[evaluation of {grid.identity.name}: round {r}]")
                 history.record_evaluation(run_id, r, ev.nodes)
                 result.evaluations.append(ev)
-                shown += f"  eval loss {ev.loss:.4f}" + (f"  eval acc {ev.accuracy:.3f}" if ev.accuracy is not None
-                                                           else "")
+                shown += f"  eval loss {figure(ev.loss)}" + (f"  eval acc {ev.accuracy:.3f}" if ev.accuracy is not None
+                                                               else "")
             bar.update(bar.task_ids[0], advance=1, description=f"{shown}  nodes {summary.nodes}/{len(data)}")
     model.load_state_dict(state)
     return result
@@ -252,7 +256,7 @@ def _round(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor], data: Se
             records.append(RoundRecord(r, node, status, 0, 0.0, None, seconds, f"{type(exc).__name__}: {exc}"))
             errors.append(exc)
             continue
-        records.append(RoundRecord(r, node, "done", m.samples, m.loss, m.accuracy, seconds, ""))
+        records.append(RoundRecord(r, node, "done", m.samples, m.loss, m.accuracy, seconds, m.withheld))
         updates.append((node, update, m.samples))
     return records, updates, errors
 

@@ -40,6 +40,7 @@ from protocol.messages import (
     BudgetInfo,
     BudgetQuery,
     DatasetMeta,
+    DPRelease,
     MockRequest,
     NodeInfo,
     RunJob,
@@ -159,13 +160,18 @@ class Grid:
         return fl.fit(self, model, data, rounds=rounds, **options)
 
     def evaluate(self, model: torch.nn.Module, data: Sequence[tuple[Expression, Expression]], *,
-                 loss: str = "cross_entropy", timeout: float | None = None) -> Evaluation:
+                 loss: str = "cross_entropy", timeout: float | None = None, epsilon: float | None = None,
+                 delta: float = 0.0, loss_bound: float = 10.0) -> Evaluation:
         """``model``'s loss (and accuracy, for classification) on ``data`` — (x, y) pointers,
         one pair per node — computed at the nodes in parallel, weighted by their samples. The
-        figures are released as trained weights are (allowed users, or the owner's approval)."""
+        figures are released as trained weights are (allowed users, or the owner's approval);
+        with ``epsilon`` (and ``delta``), with DP noise instead, charged to your budget: the
+        mean of each sample's loss clamped to [0, ``loss_bound``], and the accuracy."""
         spec, state = describe_model(model)
+        release = None if epsilon is None else checked(DPRelease, epsilon=epsilon, delta=delta)
         return evaluation.evaluate(self, spec, state, data, loss=loss, timeout=self.timeout if timeout is None
-                                   else timeout, label=f"[evaluation of {self.identity.name}]")
+                                   else timeout, label=f"[evaluation of {self.identity.name}]", release=release,
+                                   loss_bound=loss_bound)
 
     # --- encrypted ML-as-a-service (orchestrator.mpc) ----------------------------------------
 

@@ -11,7 +11,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import JSON, Float, Integer, String, Text, create_engine, select
+from sqlalchemy import JSON, Engine, Float, Integer, String, Table, Text, create_engine, inspect, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from protocol.contract import gridq_home
@@ -25,7 +25,7 @@ class RoundRecord:
     node: str
     status: str  # done | late | failed | pending_approval
     samples: int
-    loss: float
+    loss: float | None  # None: the node withheld it (the requester may not see it), or not finite
     accuracy: float | None
     seconds: float
     error: str
@@ -50,7 +50,7 @@ class RoundRow(_Base):
     node: Mapped[str] = mapped_column(String(64), primary_key=True)
     status: Mapped[str] = mapped_column(String(16))
     samples: Mapped[int] = mapped_column(Integer)
-    loss: Mapped[float] = mapped_column(Float)
+    loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
     seconds: Mapped[float] = mapped_column(Float)
     error: Mapped[str] = mapped_column(Text)
@@ -64,8 +64,29 @@ class EvaluationRow(_Base):
     round: Mapped[int] = mapped_column(Integer, primary_key=True)
     node: Mapped[str] = mapped_column(String(64), primary_key=True)
     samples: Mapped[int] = mapped_column(Integer)
-    loss: Mapped[float] = mapped_column(Float)
+    loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+def _figures_may_be_missing(engine: Engine) -> None:
+    """History files written before figures could be withheld declare ``loss NOT NULL``:
+    relax it (SQLite cannot alter a column, so there the table is rebuilt)."""
+    found = inspect(engine)
+    for row in (RoundRow, EvaluationRow):
+        table = row.__table__
+        assert isinstance(table, Table)
+        loss = next(c for c in found.get_columns(table.name) if c["name"] == "loss")
+        if loss["nullable"]:
+            continue
+        with engine.begin() as conn:
+            if engine.dialect.name != "sqlite":
+                conn.exec_driver_sql(f"ALTER TABLE {table.name} ALTER COLUMN loss DROP NOT NULL")
+                continue
+            conn.exec_driver_sql(f"ALTER TABLE {table.name} RENAME TO {table.name}_before")
+            table.create(conn)
+            columns = ", ".join(c.name for c in table.columns)
+            conn.exec_driver_sql(f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM {table.name}_before")
+            conn.exec_driver_sql(f"DROP TABLE {table.name}_before")
 
 
 def default_url() -> str:
@@ -78,6 +99,7 @@ class History:
     def __init__(self, url: str | None = None) -> None:
         self.engine = create_engine(url or default_url())
         _Base.metadata.create_all(self.engine)
+        _figures_may_be_missing(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def start(self, spec: ModelSpec, config: dict[str, Any]) -> str:
@@ -130,12 +152,13 @@ class History:
 class RoundSummary:
     """One round of a federated run: how many nodes answered, the loss and accuracy of
     their trained models on their training data (weighted by samples: not a held-out
-    evaluation), and the nodes that did not answer (late, failed, pending approval)."""
+    evaluation), and the nodes that did not answer (late, failed, pending approval). Loss
+    and accuracy average the nodes that released them: None if none did."""
 
     round: int
     nodes: int
-    loss: float
-    accuracy: float
+    loss: float | None
+    accuracy: float | None
     dropped: list[str]
 
 
@@ -144,8 +167,24 @@ def summarize(records: list[RoundRecord]) -> list[RoundSummary]:
     out = []
     for r in sorted({h.round for h in records}):
         done = [h for h in records if h.round == r and h.status == "done"]
-        n = sum(h.samples for h in done) or 1
-        out.append(RoundSummary(round=r, nodes=len(done), loss=sum(h.loss * h.samples for h in done) / n,
-                                accuracy=sum((h.accuracy or 0.0) * h.samples for h in done) / n,
+        out.append(RoundSummary(round=r, nodes=len(done), loss=weighted_mean([(h.loss, h.samples) for h in done]),
+                                accuracy=weighted_mean([(h.accuracy, h.samples) for h in done]),
                                 dropped=[h.node for h in records if h.round == r and h.status != "done"]))
     return out
+
+
+def weighted_mean(figures: list[tuple[float | None, int]]) -> float | None:
+    """The mean of the figures that are there, weighted by their sample counts (equally if
+    they have none); None if none is there (withheld, or not computed)."""
+    there = [(value, n) for value, n in figures if value is not None]
+    if not there:
+        return None
+    total = sum(n for _, n in there)
+    if not total:
+        return sum(value for value, _ in there) / len(there)
+    return sum(value * n for value, n in there) / total
+
+
+def figure(value: float | None, digits: int = 4) -> str:
+    """A figure as tables and progress bars print it: "—" when it is not there."""
+    return "—" if value is None else f"{value:.{digits}f}"

@@ -131,7 +131,9 @@ class JobTicket:
 
     def metrics(self, timeout: float | None = None) -> TrainMetrics:
         """A training's or an evaluation's figures (samples, loss, accuracy, ε), opened with
-        the requester's key: they travel sealed, as figures of private data."""
+        the requester's key: they travel sealed, as figures of private data. Loss and accuracy
+        are None, with ``withheld`` saying why, where no door of the node's policy lets them
+        out to you (raw, approved, or with DP noise)."""
         reply = self.wait(timeout)._reply
         assert reply is not None
         if reply.metrics is None:

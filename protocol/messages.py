@@ -134,11 +134,17 @@ class TrainConfig(_Model):
 class DPConfig(_Model):
     """DP-SGD: each sample's gradient clipped to ``max_grad_norm``, Gaussian noise of
     ``noise_multiplier`` × that norm added to each batch's sum, batches drawn by Poisson
-    sampling; the node's accountant turns it into the (ε, δ) charged to your budget."""
+    sampling; the node's accountant turns it into the (ε, δ) charged to your budget. Its
+    privacy unit is a stored row: x and y must each be one row per stored row of one
+    dataset, the same rows, each once (no ``cat`` of rows, no shifted slices)."""
 
     noise_multiplier: Annotated[float, Field(gt=0, le=100)]
     max_grad_norm: Annotated[float, Field(gt=0, le=1000)]
     delta: Annotated[float, Field(gt=0, lt=1)] = 1e-6
+    # the loss and accuracy on the training rows are released only with noise: Laplace at this ε,
+    # added to the training's charge (0: they are withheld from anyone who may not see the rows)
+    metrics_epsilon: Annotated[float, Field(ge=0, le=100)] = 0.0
+    loss_bound: Annotated[float, Field(gt=0, le=1e6)] = 10.0  # public: each sample's loss is clamped to [0, this]
 
 
 class SecureAggregation(_Model):
@@ -152,15 +158,21 @@ class SecureAggregation(_Model):
 
 
 class TrainMetrics(_Model):
-    """What a node reports of a training job: on its own data, after training. Figures of
-    private data: they travel sealed to the requester (:class:`SealedMetrics`), never in
-    plaintext through the result backend or Flower."""
+    """What a node reports of a training or evaluation job: on its own data, after training.
+    Loss and accuracy are figures of private rows: they leave by a door of the release
+    policy as a value would (raw, approved, or with DP noise), else they are withheld —
+    ``None``, with the reason in ``withheld`` — and only what is public remains (samples, ε).
+    They travel sealed to the requester (:class:`SealedMetrics`), never in plaintext
+    through the result backend or Flower."""
 
-    samples: Annotated[int, Field(ge=0)]
-    loss: float
+    samples: Annotated[int, Field(ge=0)]  # public: the rows' count follows from the plans' shapes
+    loss: float | None = None  # None when withheld (see ``withheld``) or not a finite number
     accuracy: float | None = None
     seconds: Annotated[float, Field(ge=0)] = 0.0
-    epsilon: float | None = None  # DP-SGD: the ε charged for this training, at its δ
+    epsilon: float | None = None  # DP: the ε charged for this job, at its δ
+    # why loss and accuracy did not leave, and the way out: printable ASCII, no quote or backslash,
+    # so that the figures as JSON stay within the padded length whatever the reason says
+    withheld: Annotated[str, Field(max_length=240, pattern=r"^[ !#-\[\]-~]*$")] = ""
 
     def sealed_to(self, recipient: PublicIdentity) -> SealedMetrics:
         """These figures as JSON, padded to one length (the ciphertext's size tells nothing of
@@ -169,7 +181,7 @@ class TrainMetrics(_Model):
         return SealedMetrics(sealed=base64.b64encode(recipient.seal(text)).decode("ascii"))
 
 
-_METRICS_PADDED = 256  # a TrainMetrics as JSON is ~130 characters: padded with spaces to this
+_METRICS_PADDED = 512  # a TrainMetrics as JSON is at most ~400 ASCII characters: padded with spaces to this
 
 
 class SealedMetrics(_Model):
@@ -213,7 +225,9 @@ class EvalJob(_Model):
     """Data scientist → node: how do these weights do on the values of plans ``x`` and
     ``y``? The loss (and, for classification, the accuracy) comes back as ``metrics``,
     sealed to the requester and released as trained weights would be: to an allowed user
-    of the data, or once the owner approves (kind ``train``)."""
+    of the data, or once the owner approves (kind ``train``) — or, with a ``DPRelease``,
+    with noise, charged to the budget: the mean of each sample's loss clamped to
+    [0, ``loss_bound``] and the share of hits."""
 
     kind: Literal["evaluate"] = "evaluate"
     model: ModelSpec
@@ -221,6 +235,8 @@ class EvalJob(_Model):
     x: Plan
     y: Plan
     loss: Literal["cross_entropy", "mse"] = "cross_entropy"
+    release: Annotated[RawRelease | DPRelease, Field(discriminator="door")] = RawRelease()
+    loss_bound: Annotated[float, Field(gt=0, le=1e6)] = 10.0  # public, for a DP release
 
 
 class SealedValue(_Model):

@@ -228,6 +228,29 @@ def test_dp_sgd_weights_leave_by_the_dp_door_charged_as_the_accountant_says(loca
     assert all("BudgetExhausted" in r.error for r in rows if r.round == 1)
 
 
+def test_dp_sgd_rounds_show_their_figures_only_with_noise(local_grid: LocalGrid, sites,  # type: ignore[no-untyped-def]
+                                                          tmp_path) -> None:
+    from orchestrator import DPConfig
+    from protocol.messages import TrainConfig
+    from workers.training import dp_charge
+
+    dp = DPConfig(noise_multiplier=4.0, max_grad_norm=1.0, delta=1e-7)
+    db = f"sqlite:///{tmp_path / 'runs.db'}"
+    with local_grid.connect("bob") as grid:  # bob may not see the digits: DP is his door, for the figures too
+        data = pairs(grid, "#digits-skewed")  # a budget of its own: the test above spent the digits'
+        closed = grid.fit(mlp(), data, rounds=1, lr=0.05, dp=dp, progress=False, history_db=db)
+        noisy = grid.fit(mlp(), data, rounds=1, lr=0.05, dp=dp.model_copy(update={"metrics_epsilon": 0.1}),
+                         progress=False, history_db=db)
+        spent = {site: grid.budget(site, "digits-skewed")[0].spent_epsilon for site in SITES}
+    assert all(r.status == "done" and r.loss is None and r.accuracy is None and "metrics_epsilon" in r.error
+               for r in closed.history)
+    assert closed.rounds()[0].loss is None and History(db).rounds(closed.run_id)[0].loss is None
+    assert all(r.loss is not None and r.accuracy is not None for r in noisy.history)
+    for r in noisy.history:  # one charge a round: DP-SGD's ε, and the figures' 0.1 with it
+        sgd = dp_charge(TrainConfig(batch_size=32, lr=0.05), dp, r.samples).epsilon
+        assert spent[r.node] == pytest.approx(2 * sgd + 0.1)
+
+
 def test_secure_aggregation_equals_fedavg_and_hides_each_update(local_grid: LocalGrid, sites,  # type: ignore[no-untyped-def]
                                                                  tmp_path) -> None:
     import struct

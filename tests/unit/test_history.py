@@ -45,3 +45,39 @@ def test_gridq_runs_lists_and_shows_a_run(tmp_path: Path) -> None:
     assert "1.2500" in shown.output and "0.600" in shown.output
     missing = CliRunner().invoke(app, ["runs", "show", "nope", "--db", db])
     assert missing.exit_code == 1 and "no federated run 'nope'" in missing.output
+
+
+def test_withheld_figures_are_none_in_the_history_and_shown_as_a_dash(tmp_path: Path) -> None:
+    """A node that withholds a round's loss and accuracy (DP-SGD without private figures, a
+    user who may not see the rows): the round averages the nodes that released them."""
+    db = f"sqlite:///{tmp_path / 'runs.db'}"
+    history = History(db)
+    spec, _ = describe_model(nn.Sequential(nn.Linear(4, 2)))
+    run_id = history.start(spec, {"rounds": 2, "nodes": ["a", "b"]})
+    history.record(run_id, [RoundRecord(0, "a", "done", 30, None, None, 0.1, "withheld"),
+                            RoundRecord(0, "b", "done", 10, 2.0, 0.9, 0.1, "")])
+    history.record(run_id, [RoundRecord(1, "a", "done", 30, None, None, 0.1, "withheld"),
+                            RoundRecord(1, "b", "done", 10, None, None, 0.1, "withheld")])
+    first, second = summarize(history.rounds(run_id))
+    assert first == RoundSummary(round=0, nodes=2, loss=2.0, accuracy=0.9, dropped=[])
+    assert second == RoundSummary(round=1, nodes=2, loss=None, accuracy=None, dropped=[])
+    for args in (["runs", "show", run_id], ["runs", "list"]):
+        shown = CliRunner().invoke(app, [*args, "--db", db], env={"COLUMNS": "200"})
+        assert shown.exit_code == 0, shown.output
+        assert "—" in shown.output
+
+
+def test_a_history_written_before_figures_could_be_withheld_takes_them(tmp_path: Path) -> None:
+    """runs.db files of earlier versions declare loss NOT NULL; opening one relaxes it and
+    keeps its rounds."""
+    import sqlite3
+
+    file = tmp_path / "runs.db"
+    with sqlite3.connect(file) as db:
+        db.execute("CREATE TABLE fl_rounds (run_id VARCHAR(40) NOT NULL, round INTEGER NOT NULL, node VARCHAR(64) "
+                   "NOT NULL, status VARCHAR(16) NOT NULL, samples INTEGER NOT NULL, loss FLOAT NOT NULL, accuracy "
+                   "FLOAT, seconds FLOAT NOT NULL, error TEXT NOT NULL, PRIMARY KEY (run_id, round, node))")
+        db.execute("INSERT INTO fl_rounds VALUES ('old', 1, 'hospital', 'done', 10, 0.5, 0.9, 1.0, '')")
+    history = History(f"sqlite:///{file}")
+    history.record("new", [RoundRecord(1, "clinic", "done", 20, None, None, 1.0, "withheld")])
+    assert [r.loss for r in history.rounds("old")] == [0.5] and [r.loss for r in history.rounds("new")] == [None]

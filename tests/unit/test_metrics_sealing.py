@@ -49,3 +49,11 @@ def test_what_is_sealed_must_be_figures():
         assert raised.value.job_id == "hospital:2"
     with pytest.raises(InvalidRequest, match="not valid base64"):
         SealedMetrics(sealed="QUJDR").open(ALICE)
+
+
+def test_withheld_figures_seal_to_the_same_length_and_say_why():
+    withheld = TrainMetrics(samples=10**12, epsilon=98.76543210987654, withheld="x" * 240)
+    assert withheld.loss is None and withheld.accuracy is None
+    sealed = withheld.sealed_to(ALICE.public)
+    assert sealed.open(ALICE) == withheld
+    assert len(sealed.sealed) == len(TrainMetrics(samples=0, loss=0.0).sealed_to(ALICE.public).sealed)

@@ -36,6 +36,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m ops.bench.latency
 	$(BIN)/python -m ops.bench.dp
+	$(BIN)/python -m ops.bench.dp_sound
 	$(BIN)/python -m ops.bench.mpc
 	$(BIN)/python -m ops.bench.fl
 

@@ -28,6 +28,9 @@ node, is the same query released raw (``.get()``, as an allowed user). Measured 
 3. **where the time goes**: the node's ``JobRunner.serve`` run in this process on the same
    node database (no broker), raw and DP, by phase; and Celery's own run time of the node's
    ``run_job`` from its log during (1).
+4. **the sound path against the old path's work** (:mod:`ops.bench.dp_sound`): in-process,
+   for a few plans and table sizes, the analysis + OpenDP aggregates + noise the node does
+   now, against validate + torch + noise, the work the node did before issue 14.
 
 ``other load`` is the CPU used by processes outside the benchmark meanwhile, in cores (the
 PostgreSQL server is not a child of this process: its CPU is counted as the benchmark's).
@@ -55,6 +58,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from ops.bench import dp_sound
 from ops.bench.dp_breakdown import node_breakdown
 from ops.bench.measure import Load, Row, WorkerLog, p, timed, tree_ticks, wait_quiet
 from ops.local import LocalGrid
@@ -263,6 +267,7 @@ class Results:
     breakdown: Breakdown
     ledger: dict[str, int]  # node → releases charged to the latency user (a check that DP charged)
     drift: dict[str, tuple[float, float, int]] = field(default_factory=dict)  # node → DP p50 first/last k, k
+    sound: list[tuple[str, int, int, float, float]] = field(default_factory=list)  # (4): ops.bench.dp_sound
     seconds: float = 0.0
 
 
@@ -299,6 +304,8 @@ def run(args: argparse.Namespace) -> Results:
                 measure_all(lg, home, configs, database, names, args, res)
             finally:
                 lg.stop()  # the nodes let go of PostgreSQL before it stops
+    console.print("the sound DP path against the old path's work, in this process …")
+    res.sound = dp_sound.measure(args.sound_n)
     res.seconds = time.perf_counter() - t_start
     return res
 
@@ -432,7 +439,8 @@ def markdown(res: Results, args: argparse.Namespace) -> str:
     lines += ["", f"`{' '.join(['python -m ops.bench.dp', *args.argv])}`: n={args.n} (after {args.warmup} warm-up), "
               f"history {args.history:,} × {args.history_n}, bursts of {args.burst} × {args.rounds} rounds; total "
               f"{res.seconds:.0f} s; Python {platform.python_version()}, torch {torch.__version__}, "
-              f"{os.cpu_count()} CPUs"]
+              f"{os.cpu_count()} CPUs", "", "The sound DP path against the old path's work:", "",
+              dp_sound.markdown(res.sound, args.sound_n)]
     return "\n".join(lines)
 
 
@@ -447,6 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--c2", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure throughput with the nodes restarted with [worker] concurrency = 2")
     parser.add_argument("--breakdown-n", type=int, default=100, help="in-process jobs of each kind, per node")
+    parser.add_argument("--sound-n", type=int, default=30, help="in-process releases of each kind and plan in (4)")
     parser.add_argument("--wait-quiet", type=float, default=60.0, metavar="SECONDS",
                         help="first wait up to this long for other processes to leave the CPU idle (0: don't)")
     args = parser.parse_args(argv)
@@ -457,6 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Console()
     for t in tables(res):
         out.print(t)
+    out.print(dp_sound.table(res.sound))
     dp_rows = [row for row in res.latency if "DP release, .get" in row.what]
     out.print("DP / raw p50: " + ", ".join(f"{row.what.split(':')[0]} {row.ratio}" for row in dp_rows)
               + f"; DP p50 SQLite / PostgreSQL = {dp_ratio(res):.2f}; total {res.seconds:.0f} s")

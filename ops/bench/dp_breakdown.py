@@ -21,6 +21,7 @@ def node_breakdown(config: Path, identity_path: Path, plan: Plan, n: int, *, dat
                    epsilon: float, history_user: str) -> dict[str, dict[str, float]]:
     """The node's ``JobRunner.serve`` in this process on the same node database, raw and
     DP, p50 of each phase; ``{"raw": {step: ms}, "dp": {…}}``."""
+    import protocol.dp_release as dp_release
     import protocol.serving as serving
     import workers.compute as compute
     import workers.context as context
@@ -46,11 +47,14 @@ def node_breakdown(config: Path, identity_path: Path, plan: Plan, n: int, *, dat
                     (runner.store, "begin_job", "job row SELECT + INSERT + commit"),
                     (runner.store, "dataset_row", "dataset row SELECT (each; DP: one more per job)"),
                     (context, "validate", "validate plan on meta tensors"),
-                    (compute, "calibrate_release", "DP: calibrate (sensitivity → Laplace scale, OpenDP)"),
+                    (compute, "calibrate_release",
+                     "DP: analyse the plan + calibrate (OpenDP stability maps → Laplace scale)"),
                     (runner.node.ledger, "precheck", "DP: ledger precheck (own transaction)"),
                     (runner.node.ledger, "_check", "DP:   read + sum the user's charges (each; 2 per job)"),
-                    (compute, "evaluate", f"run plan (mean of {rows:,} rows)"),
-                    (compute, "add_noise", "DP: add Laplace noise (OpenDP sampler)"),
+                    (compute, "evaluate", f"raw: run plan (mean of {rows:,} rows, torch)"),
+                    (compute, "run_release", "DP: run the release (row phase, aggregate, noise)"),
+                    (dp_release, "aggregate", f"DP:   OpenDP clamp + mean of {rows:,} rows"),
+                    (compute, "add_noise", "DP:   add Laplace noise (OpenDP sampler)"),
                     (runner.node, "seal", "seal value for requester"),
                     (runner.server, "sign", "sign reply envelope"),
                     (runner.node.ledger, "charge_with_reply",

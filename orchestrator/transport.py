@@ -196,12 +196,14 @@ class Transport:
         return list(self.ask_gateway(Tasks.NODES).nodes)
 
     def verify(self, raw: Any, node: str, job_id: str) -> Envelope:
-        """``node``'s signed reply to ``job_id``, verified (sender, recipient, nonce, expiry)."""
+        """``node``'s signed reply to ``job_id``, verified (sender, recipient, nonce, expiry),
+        and signed for that job: whoever can write the result backend could otherwise put
+        the node's genuine answer to another job under this one's key."""
         key = self.node_key(node)
         # a refusal of a message that named no sender is addressed to anyone; it carries no value
         recipient = PUBLIC if isinstance(raw, dict) and raw.get("recipient") == PUBLIC else self.identity.name
-        return open_envelope(raw, recipient=recipient, keyring={node: key},
-                             nonces=self._nonces, delivery_id=job_id, now=time.time())
+        return open_envelope(raw, recipient=recipient, keyring={node: key}, nonces=self._nonces,
+                             delivery_id=job_id, now=time.time(), job_id=job_id)
 
     def state(self, job_id: str) -> str:
         """Celery's state of a job (PENDING, STARTED, a final one, or gridq's pending_approval)."""

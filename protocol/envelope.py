@@ -26,6 +26,7 @@ from protocol.errors import (
     InvalidRequest,
     LimitExceeded,
     MessageExpired,
+    MisdirectedReply,
     ReplayedNonce,
     UnknownSender,
     WrongRecipient,
@@ -130,8 +131,11 @@ def open_envelope(
     nonces: NonceStore,
     delivery_id: str,
     now: float,
+    job_id: str | None = None,
 ) -> Envelope:
-    """Verify an envelope as received from the wire and return it, or raise why not."""
+    """Verify an envelope as received from the wire and return it, or raise why not.
+    ``job_id``: the job the reader asked about; a reply signed for another job is refused
+    before its nonce is remembered (the genuine reply can still be read where it belongs)."""
     if isinstance(raw, dict) and "v" in raw and _major(str(raw["v"])) != _major(PROTOCOL_VERSION):
         raise IncompatibleProtocol(
             f"message speaks protocol {raw['v']!s:.16}, this side speaks {PROTOCOL_VERSION}",
@@ -171,6 +175,10 @@ def open_envelope(
             f"message is issued {env.issued_at - now:.0f} s in the future; check the clocks",
             job_id=env.job_id,
         )
+    if job_id is not None and env.job_id != job_id:
+        raise MisdirectedReply(f"the answer stored for job {job_id} is {env.sender!r}'s signed answer to job "
+                               f"{env.job_id}: refused (something with access to the broker moved it)",
+                               job_id=job_id)
     if not nonces.remember(env.sender, env.nonce, delivery_id, env.expires_at):
         raise ReplayedNonce(
             f"nonce {env.nonce[:8]}… of {env.sender!r} was already used", job_id=env.job_id

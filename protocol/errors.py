@@ -11,6 +11,7 @@ the code back into the matching type with :func:`error_from_wire`.
     │   ├── MessageExpired
     │   ├── ReplayedNonce
     │   ├── WrongRecipient
+    │   ├── MisdirectedReply           a signed reply, but to another job than the one asked about
     │   └── IncompatibleProtocol
     ├── PermissionDenied               trusted sender, but no door of the release policy opens
     │   └── RequestDenied              the owner denied this request (with a reason)
@@ -72,6 +73,10 @@ class ReplayedNonce(AuthenticationError):
 
 class WrongRecipient(AuthenticationError):
     code = "wrong_recipient"
+
+
+class MisdirectedReply(AuthenticationError):
+    code = "misdirected_reply"
 
 
 class IncompatibleProtocol(AuthenticationError):

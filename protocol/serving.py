@@ -100,8 +100,8 @@ class EnvelopeServer:
         except GridError as exc:
             to, job_id = claimed(raw)
             log.warning("%s refused message %s from %r: %s", self.identity.name, job_id or delivery_id, to, exc)
-            job_id = job_id or delivery_id
-            return Answer(self.sign(to, job_id, self.failure(exc, job_id)))
+            # signed for the delivery it answers (where it is stored), whatever job the message claimed
+            return Answer(self.sign(to, delivery_id, self.failure(exc, delivery_id)))
         return answer(env)
 
     def reply(self, env: Envelope, routes: Mapping[str, Route]) -> Answer:

@@ -151,3 +151,18 @@ def test_a_job_delivered_twice_has_the_effect_of_one(local_grid: LocalGrid, birt
         assert store.count_objects(env["job_id"]) == 1
     finally:
         store.close()
+
+
+def test_a_signed_reply_moved_onto_another_jobs_key_is_refused(local_grid: LocalGrid, births_feb):
+    """Issue 15: whoever can write the result backend copies the node's genuine, signed answer
+    to job A onto job B's key. The client must not return A's answer as B's."""
+    with local_grid.connect("alice") as grid:
+        births = grid.search("#birth-records", "#february")["hospital"][0]
+        a, b = births["weight"].mean().submit(epsilon=None), births["height"].mean().submit(epsilon=None)
+        a.wait(timeout=30), b.wait(timeout=30)
+        backend = grid.app.backend
+        backend.client.set(backend.get_key_for_task(b.id), backend.client.get(backend.get_key_for_task(a.id)))
+    with local_grid.connect("alice") as fresh:  # another process, which never saw A's reply
+        with pytest.raises(errors.MisdirectedReply, match=f"stored for job {b.id} is 'hospital'.*answer to job {a.id}"):
+            fresh.ticket(b.id).value(timeout=30)
+        assert torch.allclose(fresh.ticket(a.id).result(timeout=30).get(), births_feb[:, 0].mean())

@@ -21,6 +21,7 @@ from protocol.errors import (
     JobFailed,
     LimitExceeded,
     MessageExpired,
+    MisdirectedReply,
     NodeUnavailable,
     NotFound,
     PermissionDenied,
@@ -45,7 +46,7 @@ def _every_subclass(cls: type) -> list[type]:
 def test_registry_holds_every_documented_error() -> None:
     expected = {
         GridError, AuthenticationError, BadSignature, UnknownSender, MessageExpired,
-        ReplayedNonce, WrongRecipient, IncompatibleProtocol, PermissionDenied,
+        ReplayedNonce, WrongRecipient, MisdirectedReply, IncompatibleProtocol, PermissionDenied,
         ApprovalRequired, BudgetExhausted, InvalidRequest, ForbiddenOperation,
         LimitExceeded, SensitivityUnknown, NotFound, NodeUnavailable, BrokerUnavailable, JobFailed,
         RequestDenied,

@@ -45,15 +45,17 @@ def gather(grid: Grid, jobs: Sequence[tuple[str, TrainJob | EvalJob]], timeout: 
             out[node] = (timeout, None)
             continue
         seconds, meta = answered[job_id]
-        if meta["status"] == PENDING_APPROVAL:  # parked for the owner: the caller goes on without the node
+        try:
+            ticket = JobTicket.finished(grid, job_id, meta["status"], meta["result"])  # verified, both kinds
+        except GridError as exc:
+            out[node] = (seconds, exc)
+            continue
+        if ticket.status == "pending_approval":  # parked for the owner: the caller goes on without the node
             out[node] = (seconds, ApprovalRequired(
                 f"{node!r} parked the {what[node]} job for its owner's approval (kind 'train': you may not "
                 f"see what the model learns of its data); job id {job_id}", job_id=job_id))
-            continue
-        try:
-            out[node] = (seconds, JobTicket.finished(grid, job_id, meta["status"], meta["result"]))
-        except GridError as exc:
-            out[node] = (seconds, exc)
+        else:
+            out[node] = (seconds, ticket)
     return out
 
 

@@ -25,7 +25,9 @@ if TYPE_CHECKING:
     from orchestrator.pointer import DataPointer
 
 _STATES = {"PENDING": "queued", "RECEIVED": "queued", "STARTED": "running", "RETRY": "queued",
-           PENDING_APPROVAL: "pending_approval"}
+           PENDING_APPROVAL: "pending_approval",
+           # final states that nothing signed: not an answer, the job may yet be run (redelivered)
+           "FAILURE": "running", "REVOKED": "running"}
 
 
 @dataclass(frozen=True)
@@ -69,10 +71,13 @@ class JobTicket:
 
     @property
     def status(self) -> str:
+        """queued → pending_approval → running → done | failed | denied: ``done``, ``failed``,
+        ``denied`` and ``pending_approval`` only on the node's signed word."""
         if self._reply is None:
             found = self._grid.transport.result(self.id)
             if found is None:
-                return _STATES.get(self._grid.transport.state(self.id), "queued")
+                state = _STATES.get(self._grid.transport.state(self.id), "queued")
+                return "queued" if state == "pending_approval" and not self._parked() else state
             self._reply = self._open(*found)
         return self._reply.status
 
@@ -83,7 +88,7 @@ class JobTicket:
             found = self._grid.transport.result(self.id, timeout)
             if found is None:
                 state = _STATES.get(self._grid.transport.state(self.id), "queued")
-                if state == "pending_approval":
+                if state == "pending_approval" and self._parked():
                     raise ApprovalRequired(
                         f"job {self.id} waits for the approval of {self.node!r}'s owner; wait longer, or pick it "
                         f"up later with grid.ticket({self.id!r})", job_id=self.id)
@@ -91,7 +96,8 @@ class JobTicket:
                         else "it is still running")
                 raise NodeUnavailable(
                     f"job {self.id} on {self.node!r} is {state} after {timeout:.0f} s; {hint}. "
-                    f"Pick it up later with grid.ticket({self.id!r})", job_id=self.id)
+                    f"Pick it up later with grid.ticket({self.id!r}).{self._grid.transport.unsigned(self.id)}",
+                    job_id=self.id)
             self._reply = self._open(*found)
         if self._reply.error is not None:
             raise error_from_wire(self._reply.error.model_dump())
@@ -146,9 +152,16 @@ class JobTicket:
         assert reply is not None
         return reply
 
+    def _parked(self) -> bool:
+        """Whether the node's signed answer says it parked this job for its owner."""
+        raw = self._grid.transport.parked(self.id)
+        return raw is not None and self._open(PENDING_APPROVAL, raw).status == "pending_approval"
+
     def _open(self, state: str, result: Any) -> JobReply:
-        if state != "SUCCESS":
-            raise JobFailed(f"the worker of {self.node!r} crashed on job {self.id}: {result!r}", job_id=self.id)
+        """The node's signed reply to this job (an answer, or word that it is parked)."""
+        if state not in ("SUCCESS", PENDING_APPROVAL):  # unsigned: no answer at all
+            raise NodeUnavailable(f"job {self.id} has no signed answer from {self.node!r} (the backend says "
+                                  f"{state}, which proves nothing)", job_id=self.id)
         env = self._grid.transport.verify(result, self.node, self.id)
         body = parse_body(env.body_json(), self.id)
         if not isinstance(body, JobReply) or (env.recipient == PUBLIC and body.error is None):

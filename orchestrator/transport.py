@@ -34,6 +34,7 @@ from protocol.contract import (
     GATEWAY_IDENTITY_KEY,
     GATEWAY_QUEUE,
     MPC_MODELS_KEY,
+    PENDING_APPROVAL,
     PUBLIC,
     Tasks,
 )
@@ -68,9 +69,10 @@ def broker_errors(url: str) -> Iterator[None]:
 def poll_results(app: Celery, job_ids: Sequence[str], timeout: float, also: tuple[str, ...] = ()
                  ) -> dict[str, tuple[float, dict[str, Any]]]:
     """Poll the result backend for ``job_ids`` — one MGET for all of them every 5 ms — until
-    each is in a final state (or one of ``also``) or ``timeout`` has passed: for each that
-    got there, the seconds it took and its result's meta (status, result). (The benchmark's
-    bare-Celery rounds poll with it too, so both sides wait alike.)"""
+    each has succeeded (or is in one of ``also``) or ``timeout`` has passed: for each that
+    got there, the seconds it took and its result's meta (status, result). Another final
+    state is not an answer (see :meth:`Transport.result`). (The benchmark's bare-Celery
+    rounds poll with it too, so both sides wait alike.)"""
     backend = app.backend
     keys = {job_id: backend.get_key_for_task(job_id) for job_id in job_ids}
     started = time.monotonic()
@@ -79,7 +81,7 @@ def poll_results(app: Celery, job_ids: Sequence[str], timeout: float, also: tupl
         waiting = [j for j in keys if j not in answered]
         for job_id, raw in zip(waiting, backend.client.mget([keys[j] for j in waiting]), strict=True):
             meta = backend.decode_result(raw) if raw is not None else None
-            if meta is not None and meta["status"] in (*states.READY_STATES, *also):
+            if meta is not None and meta["status"] in (states.SUCCESS, *also):
                 answered[job_id] = (time.monotonic() - started, meta)
         time.sleep(0.005)
     return answered
@@ -156,11 +158,9 @@ class Transport:
         there if none comes within the timeout."""
         found = self.result(pending.job_id, self.timeout)
         if found is None:
-            raise NodeUnavailable(f"{pending.node!r} did not answer in {self.timeout:.0f} s; is its {what} running?")
-        state, raw = found
-        if state != states.SUCCESS:
-            raise NodeUnavailable(f"the worker of {pending.node!r} crashed on request {pending.job_id}: {raw!r:.200}")
-        return self.verify(raw, pending.node, pending.job_id)
+            raise NodeUnavailable(f"{pending.node!r} did not answer in {self.timeout:.0f} s; is its {what} running?"
+                                  + self.unsigned(pending.job_id))
+        return self.verify(found[1], pending.node, pending.job_id)
 
     def ask_gateway(self, task: str, *args: Any) -> GatewayReply:
         """The gateway's signed answer (a search, the node list); its typed error if it refused."""
@@ -168,9 +168,9 @@ class Transport:
         with broker_errors(self.url):
             self.app.send_task(task, args=list(args), queue=GATEWAY_QUEUE, task_id=job_id)
         found = self.result(job_id, self.timeout)
-        if found is None or found[0] != states.SUCCESS:
-            raise NodeUnavailable(f"the gateway did not answer in {self.timeout:.0f} s"
-                                  + (f" ({found[1]!r:.200})" if found else "") + "; is `gridq gateway start` running?")
+        if found is None:
+            raise NodeUnavailable(f"the gateway did not answer in {self.timeout:.0f} s; is `gridq gateway start` "
+                                  "running?" + self.unsigned(job_id))
         env = open_envelope(found[1], recipient=PUBLIC, keyring={GATEWAY: self._gateway}, nonces=self._nonces,
                             delivery_id=job_id, now=time.time())
         body = parse_body(env.body_json())
@@ -211,19 +211,43 @@ class Transport:
             return str(AsyncResult(job_id, app=self.app).state)
 
     def result(self, job_id: str, timeout: float = 0.0) -> tuple[str, Any] | None:
-        """A job's final state and result, waiting up to ``timeout`` seconds for it (woken by
-        the backend's pub/sub: no polling delay); None if it has none by then."""
-        async_result = AsyncResult(job_id, app=self.app)
+        """A job's answer — its state SUCCESS and the signed reply stored with it — waiting up
+        to ``timeout`` seconds for it (woken by the backend's pub/sub: no polling delay); None
+        if there is none by then. Any other final state (FAILURE, REVOKED) is not an answer:
+        nothing signed it, and whoever can write the backend can write one. Waiting on gives a
+        node whose worker died the time to run the job again (it is redelivered) and answer."""
+        deadline = time.monotonic() + timeout
         with broker_errors(self.url):
-            if timeout <= 0:
-                return (async_result.state, async_result.result) if async_result.ready() else None
-            try:
-                async_result.get(timeout=timeout, propagate=False, interval=0.05)
-            except CeleryTimeout:
-                # stop listening for it now, while the broker is there (not whenever it is collected)
-                self.app.backend.remove_pending_result(async_result)
-                return None
-            return async_result.state, async_result.result
+            while True:
+                async_result = AsyncResult(job_id, app=self.app)
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    try:
+                        async_result.get(timeout=remaining, propagate=False, interval=0.05)
+                    except CeleryTimeout:
+                        # stop listening for it now, while the broker is there (not whenever it is collected)
+                        self.app.backend.remove_pending_result(async_result)
+                        return None
+                if async_result.state == states.SUCCESS:
+                    return async_result.state, async_result.result
+                if deadline - time.monotonic() <= 0:
+                    return None
+                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))  # an unsigned final state: wait on
+
+    def parked(self, job_id: str) -> Any | None:
+        """What the node stored with a job it parked for its owner (its signed answer saying
+        so), or None if the job's state is not ``pending_approval``."""
+        with broker_errors(self.url):
+            async_result = AsyncResult(job_id, app=self.app)
+            return async_result.result if async_result.state == PENDING_APPROVAL else None
+
+    def unsigned(self, job_id: str) -> str:
+        """What the backend holds for a job that has no signed answer, as a hint ('' if nothing)."""
+        state = self.state(job_id)
+        if state not in (states.FAILURE, states.REVOKED):
+            return ""
+        return (f" The result backend says {state}, unsigned, which proves nothing: the worker may have died (its "
+                "owner's log says why) or something with access to the broker wrote it.")
 
     def results(self, job_ids: Sequence[str], timeout: float, also: tuple[str, ...] = ()
                 ) -> dict[str, tuple[float, dict[str, Any]]]:

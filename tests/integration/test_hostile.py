@@ -166,3 +166,28 @@ def test_a_signed_reply_moved_onto_another_jobs_key_is_refused(local_grid: Local
         with pytest.raises(errors.MisdirectedReply, match=f"stored for job {b.id} is 'hospital'.*answer to job {a.id}"):
             fresh.ticket(b.id).value(timeout=30)
         assert torch.allclose(fresh.ticket(a.id).result(timeout=30).get(), births_feb[:, 0].mean())
+
+
+def test_an_unsigned_failure_in_the_backend_decides_nothing(local_grid: LocalGrid, ward, monkeypatch):
+    """Issue 15: a FAILURE state written to the backend (by anything with broker access, or by
+    a dying worker) is not the node's answer: the ticket waits on for a signed one."""
+    from workers import Node
+
+    with local_grid.connect("carol") as grid:
+        ticket = grid.search("#ward")["ward"][0]["weight"].mean().submit()  # parked: a manual-approval node
+        deadline = time.monotonic() + 30
+        while ticket.status != "pending_approval" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert ticket.status == "pending_approval"  # on the node's signed word
+        grid.app.backend.store_result(ticket.id, RuntimeError("forged: the job failed"), "FAILURE")
+        assert ticket.status == "running"
+        with pytest.raises(errors.NodeUnavailable, match="says FAILURE, unsigned, which proves nothing"):
+            ticket.wait(timeout=1)
+        monkeypatch.setenv("GRIDQ_HOME", str(local_grid.home))
+        monkeypatch.setenv("GRIDQ_BROKER", local_grid.url)
+        owner = Node.from_config(ward)
+        try:
+            owner.approve(ticket.id)  # the node's signed answer replaces the forged state
+        finally:
+            owner.close()
+        assert ticket.wait(timeout=30).status == "done" and ticket.result().shape == ()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -85,7 +85,15 @@ def same_rows(s: Step_) -> RowValue:
     return first
 
 
-def describe(r: RowValue) -> str:
+class HeldRows(Protocol):
+    @property
+    def dataset(self) -> str: ...
+    @property
+    def rows(self) -> range: ...
+
+
+def describe(r: HeldRows) -> str:
+    """Which stored rows of which dataset, as a slice: ``1:240 of births``."""
     step = f":{r.rows.step}" if r.rows.step != 1 else ""
     return f"{r.rows.start}:{r.rows.stop}{step} of {r.dataset}"
 

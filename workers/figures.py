@@ -25,6 +25,7 @@ from protocol.dp import Charge, add_noise, aggregate_sensitivity, bounded_aggreg
 from protocol.errors import SensitivityUnknown
 from protocol.messages import DPConfig, TrainMetrics
 from protocol.plan import Plan
+from protocol.row_maps import describe
 from protocol.sensitivity import RowSource
 from workers.policy import Door, Source
 from workers.release import private_rows
@@ -71,7 +72,7 @@ def sample_rows(x: Plan, y: Plan, metas: Callable[[Plan], list[dict[str, Any]]])
     xs, ys = found
     if xs != ys:
         raise SensitivityUnknown(f"DP-SGD and private figures pair x's sample i with y's sample i, which must "
-                                 f"be the same stored row: x holds rows {_rows(xs)}, y rows {_rows(ys)}")
+                                 f"be the same stored row: x holds rows {describe(xs)}, y rows {describe(ys)}")
     return xs
 
 
@@ -100,8 +101,3 @@ def private(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, bound
     noisy = add_noise(torch.tensor(exact, dtype=torch.float64), charge).tolist()
     return TrainMetrics(samples=len(x), loss=noisy[0], accuracy=noisy[1] if hits is not None else None,
                         epsilon=charge.epsilon)
-
-
-def _rows(source: RowSource) -> str:
-    r = source.rows
-    return f"{r.start}:{r.stop}" + (f":{r.step}" if r.step != 1 else "") + f" of {source.dataset}"

@@ -106,6 +106,13 @@ def _mismatch(meta: DatasetMeta, tensor: torch.Tensor) -> str:
     return "; ".join(o.describe() for o in found)
 
 
+def _owner_only(database: str | None) -> None:
+    """A SQLite node database readable by its owner only (SQLite gives its WAL and shared-memory
+    files the database file's permissions)."""
+    if database and database != ":memory:" and os.path.exists(database):
+        os.chmod(database, 0o600)
+
+
 def _remove(files: list[str | None]) -> None:
     for file in files:
         if file:
@@ -117,13 +124,15 @@ class Store:
 
     def __init__(self, folder: Path, database_url: str) -> None:
         self.folder = folder
-        (folder / "objects").mkdir(parents=True, exist_ok=True)
-        (folder / "datasets").mkdir(parents=True, exist_ok=True)
+        for sub in (folder, folder / "objects", folder / "datasets"):
+            sub.mkdir(parents=True, exist_ok=True)
+            sub.chmod(0o700)  # private data, kept results, shares and request envelopes: the owner's only
         self.engine = create_engine(database_url)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
         Base.metadata.create_all(self.engine)
+        _owner_only(self.engine.url.database if self.engine.dialect.name == "sqlite" else None)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._cache: dict[str, tuple[FileVersion | None, torch.Tensor]] = {}
         self._remembered = 0

@@ -167,11 +167,16 @@ def row_source(plan: Plan, inputs: Sequence[Rows], specs: Sequence[TensorSpec]) 
 # --- the walk --------------------------------------------------------------------------------
 
 
-def _walk(plan: Plan, inputs: Sequence[Rows], specs: Sequence[TensorSpec]) -> tuple[list[Abstract], list[TensorSpec]]:
-    shapes = validate(plan, specs)  # every op allowed, every shape known: the rules may trust both
+def datasets_only(plan: Plan) -> None:
+    """A DP release reads datasets only: a kept result has no declared bounds (or rows)."""
     if any(ref.kind != "dataset" for ref in plan.inputs):
         raise SensitivityUnknown("a DP release runs on a plan over datasets: a kept result has no declared bounds; "
                                  "send the whole computation as one plan")
+
+
+def _walk(plan: Plan, inputs: Sequence[Rows], specs: Sequence[TensorSpec]) -> tuple[list[Abstract], list[TensorSpec]]:
+    shapes = validate(plan, specs)  # every op allowed, every shape known: the rules may trust both
+    datasets_only(plan)
     values: list[Abstract] = [RowValue(r.name, range(r.n), r.lo, r.hi) for r in inputs]
     for number, step in enumerate(plan.steps):
         args: list[Abstract] = []

@@ -12,7 +12,7 @@ from protocol.dp import Charge, calibrate
 from protocol.errors import InvalidRequest, SensitivityUnknown
 from protocol.messages import DatasetMeta, DPRelease, NoiseInfo
 from protocol.plan import Plan, TensorSpec
-from protocol.sensitivity import Analysis, Rows, RowSource, analyse, declared, row_source
+from protocol.sensitivity import Analysis, Rows, RowSource, analyse, datasets_only, declared, row_source
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,7 @@ def declared_rows(meta: DatasetMeta) -> Rows:
 
 
 def _described(plan: Plan, metas: Sequence[dict[str, Any]]) -> list[DatasetMeta]:
-    if any(ref.kind != "dataset" for ref in plan.inputs):
-        raise SensitivityUnknown("a DP release runs on a plan over datasets: a kept result has no declared bounds; "
-                                 "send the whole computation as one plan")
+    datasets_only(plan)  # before the metadata: a kept result has none
     described = [DatasetMeta.model_validate(m) for m in metas]
     if len(described) != len(plan.inputs):
         raise InvalidRequest(f"a DP release needs the description of each of the plan's {len(plan.inputs)} "

@@ -67,7 +67,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from protocol.contract import CLAIM_CHECK_PREFIX, GATEWAY_IDENTITY_KEY, GATEWAY_QUEUE, MPC_MODELS_KEY
+from protocol.contract import CLAIM_CHECK_PREFIX, GATEWAY_IDENTITY_KEY, GATEWAY_QUEUE, MPC_MODELS_KEY, dead_letter_key
 
 ROLES = ("gateway", "node", "mpc", "scientist", "flower", "admin")
 ROLE_WHO = {
@@ -159,11 +159,18 @@ def _consumer(db: int, queues: str) -> list[Rule]:
         Rule(f"({_keys('%W~', _bindings(queues))} +sadd)", "kombu declares the binding of the queues it consumes"),
         *_unacked(),
         *_restorer(),
+        *_dead_letters(queues),
         *_results_writer(),
         *_events(db),
         *_control_listener(db),
         *_binding_scripts("celery.pidbox"),
     ]
+
+
+def _dead_letters(queues: str) -> list[Rule]:
+    keys = " ".join(f"%W~{dead_letter_key(q)}" for q in queues.split() if "?" not in q)
+    return [Rule(f"({keys} +lpush +ltrim)", "put what it will not run (junk, a job given up) on its queues' "
+                                           "dead-letter lists, trimmed to their bound (protocol.inbox)")]
 
 
 def _unacked() -> list[Rule]:
@@ -268,6 +275,7 @@ def rules(role: str, db: int = 0) -> list[Rule]:
             *_gateway_key_reader(),
             *_sender(_queue_keys(GATEWAY_QUEUE), "the registered nodes, asked of the gateway by `gridq status`"),
             Rule(f"({_keys('%W~', WORKER_QUEUES)} +llen)", "queue lengths (`gridq status`, Flower's broker page)"),
+            Rule(f"(%R~{dead_letter_key('*')} +lrange +llen)", "read the dead-letter lists (`gridq dead-letters`)"),
             *_results_reader(),
             Rule(f"(&/{db}.celeryev/task.sent +publish)", "the task-sent event of its own gateway queries"),
             Rule(f"(&/{db}.celeryev/* +psubscribe +punsubscribe)", "Flower follows every Celery event"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -163,8 +164,8 @@ def gateway_start(broker: str | None = broker_option("gateway"),
 
     Example: gridq gateway start --broker redis://127.0.0.1:6379/0 --identity keys/gateway.key
     """
+    from ops.gateway import start_gateway
     from ops.keys import read_identity
-    from orchestrator.gateway import start_gateway
 
     start_gateway(_role_broker("gateway", broker), read_identity(identity), database, loglevel)
 
@@ -431,7 +432,7 @@ def status(broker: str | None = broker_option("flower"),
 
     from ops.keys import read_identity
     from orchestrator.grid import Grid
-    from protocol.contract import GATEWAY_QUEUE, mpc_queue
+    from protocol.contract import GATEWAY_QUEUE, dead_letter_key, mpc_queue
     from protocol.identity import Identity
 
     me = read_identity(identity) if identity else Identity.generate("operator")
@@ -445,7 +446,7 @@ def status(broker: str | None = broker_option("flower"),
         rows += [(q.removeprefix("mpc."), q) for q in sorted(queues_up) if q.startswith("mpc.")]
         rows += [(n, mpc_queue(n)) for n in sorted(nodes) if mpc_queue(n) not in queues_up
                  and transport.queue_length(mpc_queue(n))]
-        table = Table("node", "queue", "waiting jobs", "worker", "datasets")
+        table = Table("node", "queue", "waiting jobs", "dead letters", "worker", "datasets")
         for name, queue in sorted(rows, key=lambda r: (r[0] != "gateway", r[0], r[1])):
             if queue in queues_up:
                 state = "up"
@@ -456,8 +457,49 @@ def status(broker: str | None = broker_option("flower"),
             else:
                 state = "[red]down[/]"
             datasets = "" if queue.startswith("mpc.") else ", ".join(p.name for p in found.get(name, []))
-            table.add_row(name, queue, str(transport.queue_length(queue)), state, datasets)
+            dead = transport.queue_length(dead_letter_key(queue))
+            table.add_row(name, queue, str(transport.queue_length(queue)), f"[red]{dead}[/]" if dead else "0", state,
+                          datasets)
     Console().print(table)
+    if any(transport.queue_length(dead_letter_key(q)) for _, q in rows):
+        Console().print("`gridq dead-letters` shows what the workers would not run, and why.")
+
+
+@app.command("dead-letters")
+def dead_letters(queues: list[str] = typer.Argument(None, help="queues to show (default: the gateway's, and each "
+                                                                "registered node's node.<id> and mpc.<id>)"),
+                 broker: str | None = broker_option("flower"), limit: int = 20) -> None:
+    """What the workers took off their queues and would not run, newest first: junk (not a
+    gridq message, a task they do not serve) and jobs given up after too many deliveries.
+    Each list keeps its newest 1000.
+
+    Example: gridq dead-letters node.hospital --limit 5
+    """
+    import json
+
+    import redis
+    from rich.console import Console
+    from rich.table import Table
+
+    from protocol.contract import GATEWAY_QUEUE, dead_letter_key, mpc_queue, node_queue
+
+    url = _role_broker("flower", broker)
+    with redis.Redis.from_url(url) as client:
+        if not queues:
+            from orchestrator.grid import Grid
+            from protocol.identity import Identity
+
+            with Grid.connect(url, Identity.generate("operator"), timeout=10) as grid:
+                names = [info.node for info in grid.nodes()]
+            queues = [GATEWAY_QUEUE, *(q for n in names for q in (node_queue(n), mpc_queue(n)))]
+        table = Table("queue", "when (UTC)", "reason", "task / id", "what")
+        for queue in queues:
+            for raw in client.lrange(dead_letter_key(queue), 0, limit - 1):
+                entry = json.loads(raw)
+                what = entry.get("head") or ""
+                table.add_row(queue, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(entry["at"])), entry["reason"],
+                              f"{entry.get('task', '')} {entry.get('id', '')}".strip(), what[:80])
+    Console().print(table if table.row_count else "no dead letters")
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """The gateway worker: the grid's registry and search, behind the ``gateway`` queue.
 
 Nodes send signed registrations and publications; anyone may search. Every answer is an
-envelope signed by the gateway, whose public key is posted in Redis at start so clients
-can check it (or pin it: ``Grid.connect(..., gateway_key=...)``).
+envelope signed by the gateway, whose public key is posted in Redis (``ops.gateway``) so
+clients can check it (or pin it: ``Grid.connect(..., gateway_key=...)``).
 """
 
 from __future__ import annotations
@@ -10,17 +10,10 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
-import redis
-from celery import Celery
-from celery.app import trace
-from celery.signals import worker_process_init
-
-from orchestrator.app import make_celery
 from orchestrator.registry import Registry
-from protocol.contract import GATEWAY, GATEWAY_IDENTITY_KEY, GATEWAY_QUEUE, PUBLIC, QUIET_SUCCESS_LOG, Tasks
+from protocol.contract import PUBLIC, Tasks
 from protocol.envelope import Envelope, MemoryNonceStore
 from protocol.errors import GridError
 from protocol.identity import Identity, PublicIdentity
@@ -32,7 +25,7 @@ from protocol.messages import (
     UnpublishDataset,
     WireError,
 )
-from protocol.serving import Answer, EnvelopeServer, PerProcess, Route, Signed, parse
+from protocol.serving import Answer, EnvelopeServer, Route, parse
 
 log = logging.getLogger(__name__)
 
@@ -105,29 +98,3 @@ class _KeyringFor(dict[str, PublicIdentity]):
                 self[sender] = PublicIdentity.parse(sender, key)
             except GridError:
                 return
-
-
-def make_gateway_app(broker: str, identity: Identity, database_url: str) -> Celery:
-    identity = replace(identity, name=GATEWAY)  # the gateway signs as "gateway", whatever its key file says
-    app = make_celery(broker, name="gridq-gateway")
-    gateway = PerProcess(lambda: Gateway(identity, Registry(database_url)))
-    worker_process_init.connect(gateway.after_fork, weak=False)
-    for name in (Tasks.REGISTER, Tasks.PUBLISH, Tasks.UNPUBLISH, Tasks.SEARCH, Tasks.NODES):
-        @app.task(name=name, bind=True)
-        def run(self: Any, payload: Any = None) -> Signed:
-            return gateway().serve(self.name, payload, self.request.id).signed
-    return app
-
-
-def start_gateway(broker: str, identity: Identity, database_url: str, loglevel: str = "INFO") -> None:
-    """Post the gateway's public key in Redis, then serve the gateway queue until stopped."""
-    client = redis.Redis.from_url(broker)
-    app = make_gateway_app(broker, identity, database_url)
-    client.set(GATEWAY_IDENTITY_KEY, json.dumps({"name": GATEWAY, "public_key": identity.public.text()}))
-    client.close()
-    trace.LOG_SUCCESS = QUIET_SUCCESS_LOG  # the logs need no reply bodies
-    app.worker_main([
-        "worker", "--queues", GATEWAY_QUEUE, "--hostname", "gateway@%h", "--pool", "prefork",
-        "--concurrency", "1", "--task-events", "--without-mingle", "--without-gossip",
-        "--loglevel", loglevel,
-    ])

@@ -28,6 +28,15 @@ def mpc_queue(node_id: str) -> str:
 MPC_MODELS_KEY = "gridq:mpc:models"  # Redis hash: served model name -> its card, signed by its host
 
 
+def dead_letter_key(queue: str) -> str:
+    """The list where a worker of ``queue`` puts what it would not run (``protocol.inbox``):
+    junk, and messages given up after too many deliveries; the newest ``DEAD_LETTER_MAX``."""
+    return f"gridq:dead:{queue}"
+
+
+DEAD_LETTER_MAX = 1000
+
+
 def mpc_session_key(session: str, party: str, way: str) -> str:
     """A party's ``up`` or ``down`` list of one MPC session's rounds."""
     return f"gridq:mpc:session:{session}:{party}:{way}"

@@ -12,7 +12,7 @@ policy covers all of them:
   as ``JobFailed`` pointing to that log — the requester hears at once instead of waiting
   for a timeout, and the worker goes on serving.
 
-Each side's Celery shell (``workers.tasks.serve_tasks``, the gateway's ``make_gateway_app``)
+The Celery shell (``workers.tasks.serve_tasks``, for the node, MPC and gateway workers)
 registers a role's task names and keeps one role per pool process (:class:`PerProcess`).
 """
 
@@ -98,11 +98,16 @@ class EnvelopeServer:
             env = open_envelope(raw, recipient=self.identity.name, keyring=keyring, nonces=self.nonces,
                                 delivery_id=delivery_id, now=time.time())
         except GridError as exc:
-            to, job_id = claimed(raw)
-            log.warning("%s refused message %s from %r: %s", self.identity.name, job_id or delivery_id, to, exc)
-            # signed for the delivery it answers (where it is stored), whatever job the message claimed
-            return Answer(self.sign(to, delivery_id, self.failure(exc, delivery_id)))
+            return self.refuse(raw, delivery_id, exc)
         return answer(env)
+
+    def refuse(self, raw: Any, delivery_id: str, exc: GridError) -> Answer:
+        """``exc`` as the answer to an unverified message, to the sender it claims (a refusal
+        carries no secret); signed for the delivery it answers (where it is stored), whatever
+        job the message claimed."""
+        to, job_id = claimed(raw)
+        log.warning("%s refused message %s from %r: %s", self.identity.name, job_id or delivery_id, to, exc)
+        return Answer(self.sign(to, delivery_id, self.failure(exc, delivery_id)))
 
     def reply(self, env: Envelope, routes: Mapping[str, Route]) -> Answer:
         """The common answer: run the message's route, sign its reply to the sender."""
@@ -147,7 +152,9 @@ def unexpected(exc: BaseException, where: str, job_id: str) -> JobFailed:
 
 
 class Role(Protocol):
-    """A worker's logic, free of Celery: answers each task's payload."""
+    """A worker's logic, free of Celery: answers each task's payload, by its server."""
+
+    server: EnvelopeServer
 
     def serve(self, task: str, payload: Any, delivery_id: str) -> Answer: ...
 

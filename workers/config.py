@@ -118,6 +118,9 @@ class WorkerSection(_Section):
     # otherwise leaves a spinning thread on the core that Redis and Celery need next
     # (measured: 6.7 → 5.3 ms per job, 12.8 → 5.9 ms on a busy machine; ops/bench/RESULTS.md).
     torch_threads: Annotated[int, Field(ge=1, le=256)] = 1
+    # A job delivered this many times whose worker died each time (killed for memory, say)
+    # is answered with a failure instead of being run again (protocol.inbox)
+    max_deliveries: Annotated[int, Field(ge=1, le=100)] = 3
 
 
 JOB_KINDS = ("compute", "raw_if_allowed", "dp", "train", "raw", "access")

@@ -244,4 +244,4 @@ def worker_tasks(app: Celery, config: NodeConfig) -> None:
         torch.set_num_threads(config.worker.torch_threads)
         return Node(config, app).runner()
 
-    serve_tasks(app, [Tasks.RUN_JOB], runner)
+    serve_tasks(app, [Tasks.RUN_JOB], runner, config.worker.max_deliveries)

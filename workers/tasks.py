@@ -1,6 +1,7 @@
-"""The node's Celery shell: task names registered on an app, each answered by one role per
-pool process (the job runner, or the MPC worker); a parked job's task stays
-``PENDING_APPROVAL`` until the owner decides."""
+"""The Celery shell of every gridq worker (a node's jobs, its MPC worker, the gateway): task
+names registered on an app, each answered by one role per pool process; what the worker
+pops is screened first (``workers.inbox``); a parked job's task stays ``PENDING_APPROVAL``
+until the owner decides."""
 
 from __future__ import annotations
 
@@ -13,10 +14,16 @@ from celery.exceptions import Ignore
 from celery.signals import worker_process_init
 
 from protocol.contract import PENDING_APPROVAL, QUIET_SUCCESS_LOG
+from protocol.errors import JobFailed
+from protocol.inbox import DEFAULT_MAX_DELIVERIES, DELIVERY, GIVEN_UP
 from protocol.serving import PerProcess, Role, Signed
+from workers.inbox import given_up_reason, screened
 
 
-def serve_tasks(app: Celery, tasks: Iterable[str], build: Callable[[], Role]) -> None:
+def serve_tasks(app: Celery, tasks: Iterable[str], build: Callable[[], Role],
+                max_deliveries: int = DEFAULT_MAX_DELIVERIES) -> None:
+    tasks = tuple(tasks)
+    screened(app, tasks, max_deliveries)
     role = PerProcess(build)
     worker_process_init.connect(role.after_fork, weak=False)
     trace.LOG_SUCCESS = QUIET_SUCCESS_LOG  # read at each log call: the pool processes forked later inherit it
@@ -24,6 +31,11 @@ def serve_tasks(app: Celery, tasks: Iterable[str], build: Callable[[], Role]) ->
     for name in tasks:
         @app.task(name=name, bind=True)
         def run(self: Any, payload: Any = None) -> Signed:
+            if getattr(self.request, GIVEN_UP, False):  # the screen marked it: answer, do not run it again
+                deliveries = int(getattr(self.request, DELIVERY)) - 1
+                failure = JobFailed(f"this job was {given_up_reason(deliveries)}; its owner's log says why. Make "
+                                    "it smaller or ask the owner", job_id=self.request.id)
+                return role().server.refuse(payload, self.request.id, failure).signed
             answer = role().serve(self.name, payload, self.request.id)
             if answer.parked:  # the decision is stored under this task's id when the owner makes it
                 self.update_state(state=PENDING_APPROVAL, meta=answer.signed)

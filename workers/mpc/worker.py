@@ -53,4 +53,4 @@ def _failure(exc: GridError, job_id: str) -> MpcReply:
 
 
 def mpc_tasks(app: Celery, config: NodeConfig) -> None:
-    serve_tasks(app, TASKS, lambda: MpcWorker(config, app))
+    serve_tasks(app, TASKS, lambda: MpcWorker(config, app), config.worker.max_deliveries)

@@ -1,0 +1,196 @@
+"""Junk and poison on the queues (issue 15, part 1), pushed with the scientist's own broker
+user onto a grid whose broker runs one ACL user per role: every item is screened before
+kombu or Celery read it (protocol.inbox); junk goes to the queue's bounded dead-letter
+list, no worker stops, and the next real job is answered. A job whose worker is killed
+(SIGKILL, as the OOM killer does) at each delivery is given up after ``max_deliveries``
+and its requester gets a signed JobFailed instead of waiting forever."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import redis
+
+from ops.demo import prepare
+from ops.gateway import GATEWAY_TASKS
+from ops.local import LocalGrid
+from protocol.contract import DEAD_LETTER_MAX, GATEWAY_QUEUE, Tasks, dead_letter_key, node_queue
+from protocol.errors import JobFailed
+from protocol.inbox import Junk, screen
+from protocol.messages import RawRelease, RunJob
+from protocol.plan import InputRef, Plan, Step
+from workers.store import Store
+
+FUZZ = 2500  # items per queue: 5,000 in all, in seconds (the bound is 2 minutes)
+SERVED = {node_queue("hospital"): (Tasks.RUN_JOB,), GATEWAY_QUEUE: GATEWAY_TASKS}
+
+LAB = """
+[node]
+id = "lab"
+broker = "${GRIDQ_BROKER}"
+store = "${GRIDQ_HOME}/lab"
+identity = "${GRIDQ_HOME}/keys/lab.key"
+
+[users.alice]
+public_key_file = "${GRIDQ_HOME}/keys/alice.pub"
+
+[worker]
+time_limit = 60
+max_deliveries = 2
+
+[[datasets]]
+name = "square"
+path = "${GRIDQ_HOME}/data/square.npy"
+tags = ["#lab"]
+allowed_users = ["alice"]
+"""
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGrid]:
+    home = tmp_path_factory.mktemp("poison-grid")
+    configs = {Path(c).stem: c for c in prepare(home)}
+    np.save(home / "data" / "square.npy", np.random.default_rng(0).random((1536, 1536), dtype=np.float32) / 1536)
+    (home / "lab.toml").write_text(LAB)
+    with LocalGrid(home, acl=True) as lg:
+        lg.start([configs["hospital"], home / "lab.toml"])
+        yield lg
+
+
+def _captured(lg: LocalGrid) -> dict[str, Any]:
+    """A real job message, as alice's client writes it (sent to a queue nobody serves, taken
+    back by the broker's admin)."""
+    with lg.connect("alice") as g:
+        g.transport.send("hospital", Tasks.RUN_JOB, "node.nobody", RunJob(
+            plan=Plan(inputs=[InputRef(kind="dataset", name="birth-records-feb")],
+                      steps=[Step(op="mean", args=[{"ref": 0}])]), release=RawRelease()), uuid.uuid4().hex)
+    with redis.Redis.from_url(lg.url_for("admin")) as admin:
+        return json.loads(admin.rpop("node.nobody"))  # type: ignore[arg-type]
+
+
+def _jsonish(rng: random.Random, depth: int = 0) -> Any:
+    kinds = [lambda: None, lambda: True, lambda: rng.randint(-2**63, 2**64 - 1), lambda: rng.random() * 1e300,
+             lambda: "x" * rng.randrange(40), lambda: {"$gt": ""},
+             lambda: rng.choice(["gridq.node.run_job", "celery.chord_unlock", "celery.backend_cleanup"]),
+             lambda: [_jsonish(rng, depth + 1) for _ in range(rng.randrange(4))],
+             lambda: {str(rng.randrange(9)): _jsonish(rng, depth + 1) for _ in range(rng.randrange(4))}]
+    return rng.choice(kinds if depth < 3 else kinds[:-2])()
+
+
+def _fuzzed(template: dict[str, Any], rng: random.Random) -> bytes:
+    """One hostile item: random bytes, random JSON, or the real message with parts replaced,
+    its body re-encoded with other contents, or its text flipped and cut."""
+    way = rng.randrange(6)
+    if way == 0:
+        return rng.randbytes(rng.randrange(600))
+    if way == 1:
+        return json.dumps(_jsonish(rng)).encode()
+    msg = json.loads(json.dumps(template))
+    if way == 2:
+        for _ in range(rng.randint(1, 3)):
+            part = rng.choice([p for p in (msg, msg["headers"], msg["properties"]) if isinstance(p, dict)])
+            part[rng.choice([*part, "extra"])] = _jsonish(rng)
+    elif way == 3:
+        body = rng.choice([msgpack.packb(_jsonish(rng)), json.dumps(_jsonish(rng)).encode(), rng.randbytes(50),
+                           msgpack.packb([[_jsonish(rng)], {}, {}])])
+        msg["body"] = base64.b64encode(body).decode()
+    elif way == 4:
+        msg["headers"]["timelimit"] = rng.choice([[1e9, 1e9], "x", None, [None, -1]])
+        msg["headers"]["id"] = uuid.uuid4().hex  # an admitted message: answered (refused: it is a replay)
+        msg["headers"]["task"] = rng.choice([Tasks.RUN_JOB, Tasks.SEARCH])  # the node's or the gateway's
+    else:
+        text = bytearray(json.dumps(msg).encode())
+        for _ in range(rng.randint(1, 8)):
+            text[rng.randrange(len(text))] = rng.randrange(256)
+        return bytes(text[: rng.randrange(1, len(text) + 1)])
+    return json.dumps(msg).encode()
+
+
+def _mean_weight(lg: LocalGrid) -> float:
+    with lg.connect("alice") as g:
+        (births,) = g.search("#birth-records", "#february")["hospital"]
+        return float(births[:, 0].mean().submit().result(timeout=60).get())
+
+
+def _pids(lg: LocalGrid) -> dict[str, int]:
+    return {name: lg.procs[name].pid for name in ("gateway", "hospital")}
+
+
+def test_junk_of_any_shape_is_dead_lettered_and_no_worker_stops(grid: LocalGrid):
+    template = _captured(grid)
+    mean_before = _mean_weight(grid)
+    rng = random.Random(15)
+    builtin = json.loads(json.dumps(template))
+    builtin["headers"]["task"] = "celery.chord_unlock"  # Celery's own tasks are not served
+    items = [*(_fuzzed(template, rng) for _ in range(FUZZ - 1)), json.dumps(builtin).encode()]
+    expected = {q: sum(isinstance(screen(i, q, tasks, "t"), Junk) for i in items) for q, tasks in SERVED.items()}
+    assert all(FUZZ // 2 < n < FUZZ for n in expected.values()), expected  # the fuzz reaches both verdicts
+    before = _pids(grid)
+    started = time.monotonic()
+    with redis.Redis.from_url(grid.url_for("scientist")) as scientist, \
+            redis.Redis.from_url(grid.url_for("admin")) as admin:
+        for queue in SERVED:
+            admin.delete(dead_letter_key(queue))
+            for at in range(0, len(items), 100):
+                scientist.lpush(queue, *items[at:at + 100])  # the scientist's own user may push, not pop
+        deadline = time.monotonic() + 110
+        while any(admin.llen(q) for q in SERVED) or admin.hlen("unacked"):
+            assert time.monotonic() < deadline, {q: admin.llen(q) for q in SERVED}
+            assert all(grid.procs[n].poll() is None for n in before), grid._crashed()
+            time.sleep(0.2)
+        dead = {q: admin.llen(dead_letter_key(q)) for q in SERVED}
+        entries = [json.loads(e) for e in admin.lrange(dead_letter_key(node_queue("hospital")), 0, -1)]
+    took = time.monotonic() - started
+    assert dead == {q: min(n, DEAD_LETTER_MAX) for q, n in expected.items()}
+    assert all(e["reason"] and e["queue"] == node_queue("hospital") for e in entries)
+    assert "'celery.chord_unlock' is not served here" in entries[0]["reason"]  # the newest: pushed last
+    assert _pids(grid) == before and all(grid.procs[n].poll() is None for n in before)
+    for name in before:
+        assert "Unrecoverable error" not in (grid.logs / f"{name}.log").read_text()
+    assert _mean_weight(grid) == mean_before  # and they go on serving
+    print(f"{2 * FUZZ} items in {took:.1f} s; dead-lettered {dead}")
+
+
+def _pool_child(lg: LocalGrid, name: str) -> int:
+    pid = lg.procs[name].pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert len(children) == 1, children  # concurrency 1: the one pool process
+    return int(children[0])
+
+
+def test_a_job_that_keeps_killing_its_worker_is_given_up_and_its_requester_told(grid: LocalGrid):
+    store = Store(grid.home / "lab", f"sqlite:///{grid.home / 'lab' / 'node.db'}")
+    try:
+        with grid.connect("alice", timeout=120) as g:
+            x = g.search("#lab")["lab"][0]
+            slow = x
+            for _ in range(60):
+                slow = (slow @ x).clamp(-1.0, 1.0)
+            ticket = slow.sum().submit()
+            for attempt in (1, 2):  # the OOM killer's SIGKILL, to the process running the job, at each delivery
+                deadline = time.monotonic() + 60
+                while (job := store.job(ticket.id)) is None or job.attempts < attempt or job.status != "running":
+                    assert time.monotonic() < deadline, f"delivery {attempt} never started"
+                    time.sleep(0.02)
+                os.kill(_pool_child(grid, "lab"), signal.SIGKILL)
+            with pytest.raises(JobFailed, match="delivered 2 times"):
+                ticket.result(timeout=90)
+        assert grid.procs["lab"].poll() is None  # the worker itself lives on
+        with redis.Redis.from_url(grid.url_for("admin")) as admin:
+            (entry,) = [json.loads(e) for e in admin.lrange(dead_letter_key(node_queue("lab")), 0, -1)]
+        assert entry["id"] == ticket.id and "delivered 2 times" in entry["reason"]
+        assert store.job(ticket.id).attempts == 2  # not run a third time
+    finally:
+        store.close()

@@ -1,0 +1,110 @@
+"""kombu's Redis transport with a screen between the pop and the delivery.
+
+Every item a gridq worker pops from its queue goes through ``protocol.inbox.screen``
+before kombu parses it: what passes is delivered as the message gridq rebuilt, junk goes to
+the queue's dead-letter list (``protocol.contract.dead_letter_key``, the newest
+``DEAD_LETTER_MAX``) and the worker goes on. :func:`screened` puts it under a worker's app.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from celery import Celery
+from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+
+from protocol.contract import DEAD_LETTER_MAX, dead_letter_key
+from protocol.inbox import DEFAULT_MAX_DELIVERIES, Admitted, Junk, screen
+
+log = logging.getLogger(__name__)
+Empty = kombu_redis.Empty
+HEAD_CHARS = 2048  # how much of a dead item the operator sees
+
+
+class ScreenedChannel(kombu_redis.Channel):  # type: ignore[misc]
+    """kombu's Redis channel; each popped item is screened before it is delivered."""
+
+    from_transport_options = (  # type: ignore[assignment]  # kombu types it as its own fixed tuple
+        *kombu_redis.Channel.from_transport_options, "served_tasks", "max_deliveries")
+    served_tasks: tuple[str, ...] = ()
+    max_deliveries = DEFAULT_MAX_DELIVERIES
+
+    def _brpop_read(self, **options: Any) -> bool:
+        # kombu 5.x's _brpop_read, but the item is screened instead of json-loaded as it is
+        try:
+            try:
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()  # reconnect on the next iteration, as kombu does
+                raise
+            if not dest__item:
+                raise Empty()
+            dest, item = dest__item
+            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+        finally:
+            self._in_poll = None  # type: ignore[assignment]
+            self._flush_brpop_reauth()
+        admitted = self._admit(item, dest)
+        if admitted is not None:
+            self.connection._deliver(admitted, dest)
+        return True
+
+    def _get(self, queue: str, timeout: Any = None) -> dict[str, Any]:
+        with self.conn_or_acquire() as client:
+            for priority in self.priority_steps:
+                item = client.rpop(self._q_for_pri(queue, priority))
+                if item:
+                    admitted = self._admit(item, queue)
+                    if admitted is not None:
+                        return admitted
+            raise Empty()
+
+    def _admit(self, item: bytes | str, queue: str) -> dict[str, Any] | None:
+        """The message to deliver, or None when the item went to the dead-letter list."""
+        verdict = screen(item, queue, self.served_tasks, uuid.uuid4().hex, self.max_deliveries)
+        if isinstance(verdict, Junk):
+            head = item[:HEAD_CHARS]
+            self._dead_letter(queue, verdict.reason, {"bytes": len(item), "head": head.decode("utf-8", "replace")
+                                                      if isinstance(head, bytes) else head})
+            return None
+        if verdict.given_up:  # delivered once more, so that its task answers the requester a typed failure
+            self._dead_letter(queue, given_up_reason(verdict.delivery - 1), _named(verdict))
+        return verdict.message
+
+    def _dead_letter(self, queue: str, reason: str, what: dict[str, Any]) -> None:
+        log.warning("%s: dead-lettered %s: %s", queue, what.get("id") or "an item", reason)
+        entry = json.dumps({"queue": queue, "at": time.time(), "reason": reason, **what})
+        key = dead_letter_key(queue)
+        try:
+            with self.conn_or_acquire() as client, client.pipeline() as pipe:
+                pipe.lpush(key, entry).ltrim(key, 0, DEAD_LETTER_MAX - 1).execute()
+        except self.connection_errors:
+            log.exception("%s: could not write the dead-letter list; the item is dropped", queue)
+
+
+def _named(admitted: Admitted) -> dict[str, Any]:
+    return {"task": admitted.task, "id": admitted.id}
+
+
+def given_up_reason(deliveries: int) -> str:
+    return (f"delivered {deliveries} times and its worker stopped each time before finishing it (killed, out of "
+            "memory, or restarted); it is not run again")
+
+
+class ScreenedTransport(kombu_redis.Transport):  # type: ignore[misc]
+    Channel = ScreenedChannel
+
+
+def screened(app: Celery, tasks: Iterable[str], max_deliveries: int = DEFAULT_MAX_DELIVERIES) -> None:
+    """Make ``app``'s worker screen what it pops: only ``tasks`` are served, a message is
+    given up after ``max_deliveries`` deliveries."""
+    app.conf.broker_transport = ScreenedTransport
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options,
+                                         "served_tasks": tuple(tasks), "max_deliveries": max_deliveries}

@@ -39,7 +39,7 @@ def run_release(plan: Plan, inputs: Sequence[torch.Tensor], analysis: Analysis,
             assert isinstance(x, torch.Tensor)
             values.append(aggregate(aggregates[number], x))
         else:
-            values.append(run_step(step, number, values))  # type: ignore[arg-type]
+            values.append(run_step(step, number, values))
     if analysis.aggregates:
         exact = [values[first + a.step] for a in analysis.aggregates]
         flat = torch.cat([v.flatten() for v in exact if isinstance(v, torch.Tensor)])
@@ -48,7 +48,7 @@ def run_release(plan: Plan, inputs: Sequence[torch.Tensor], analysis: Analysis,
             assert isinstance(v, torch.Tensor)
             values[first + a.step] = n.reshape(v.shape)
     for number in sorted(analysis.post):
-        values[first + number] = run_step(plan.steps[number], number, values)  # type: ignore[arg-type]
+        values[first + number] = run_step(plan.steps[number], number, values)
     out = values[-1]
     assert isinstance(out, torch.Tensor)
     return out

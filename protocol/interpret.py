@@ -20,7 +20,7 @@ import torch
 from pydantic import ValidationError
 
 from protocol.codec import MAX_ELEMENTS, check_size, dtype_name, parse_dtype
-from protocol.errors import ForbiddenOperation, InvalidRequest, JobFailed
+from protocol.errors import ForbiddenOperation, InvalidRequest, JobFailed, LimitExceeded
 from protocol.ops import REGISTRY, Value
 from protocol.plan import Plan, Ref, Step, TensorConst, TensorSpec
 
@@ -35,7 +35,7 @@ def constant(const: TensorConst, device: str = "cpu") -> torch.Tensor:
     return torch.tensor(const.values, dtype=parse_dtype(const.dtype), device=device).reshape(const.shape)
 
 
-def run_step(step: Step, number: int, values: Sequence[Value], limit: int = MAX_ELEMENTS,
+def run_step(step: Step, number: int, values: Sequence[Value | None], limit: int = MAX_ELEMENTS,
              device: str = "cpu") -> torch.Tensor:
     """One step of a plan on the values before it (``meta`` tensors when validating).
 
@@ -57,7 +57,9 @@ def run_step(step: Step, number: int, values: Sequence[Value], limit: int = MAX_
         if isinstance(arg, Ref):
             if arg.ref >= len(values):
                 raise InvalidRequest(f"{where} refers to value {arg.ref}, which is not defined yet")
-            args.append(values[arg.ref])
+            value = values[arg.ref]
+            assert value is not None, "a value was let go before its last reader"  # _run's liveness
+            args.append(value)
         elif isinstance(arg, TensorConst):
             args.append(constant(arg, device))
         else:
@@ -86,20 +88,77 @@ def run_step(step: Step, number: int, values: Sequence[Value], limit: int = MAX_
     return out
 
 
-def _run(plan: Plan, inputs: Sequence[torch.Tensor], limit: int, device: str = "cpu") -> list[Value]:
-    values: list[Value] = list(inputs)
+def _last_reads(plan: Plan, n_inputs: int) -> list[int]:
+    """For each value (inputs, then one per step), the last step that reads it; a step's
+    value nobody reads lives only through its own step, the plan's result to the end."""
+    last = [-1] * n_inputs + list(range(len(plan.steps)))
+    for number, step in enumerate(plan.steps):
+        for arg in step.args:
+            if isinstance(arg, Ref) and arg.ref < len(last):
+                last[arg.ref] = max(last[arg.ref], number)
+    if plan.steps:
+        last[-1] = len(plan.steps)
+    return last
+
+
+def _run(plan: Plan, inputs: Sequence[torch.Tensor], limit: int, device: str = "cpu") -> list[Value | None]:
+    """Every value of the plan; on data, a value is let go after the last step that reads it
+    (the estimate of :func:`peak_bytes` counts on that), so only the result is left."""
+    values: list[Value | None] = list(inputs)
+    last = _last_reads(plan, len(inputs))
     for number, step in enumerate(plan.steps):
         values.append(run_step(step, number, values, limit, device))
+        if device != "meta":
+            for index in range(len(inputs), len(values)):
+                if last[index] <= number:
+                    values[index] = None
     return values
 
 
-def validate(plan: Plan, inputs: Sequence[TensorSpec], limit: int = MAX_ELEMENTS) -> list[TensorSpec]:
-    """Check the plan without running it on data; return the spec of every value."""
+def peak_bytes(plan: Plan, values: Sequence[Value | None], n_inputs: int) -> tuple[int, int]:
+    """The most bytes the plan's steps hold at once when :func:`evaluate` runs it, and the
+    step where that happens, from the ``meta`` values :func:`validate` made: a step's result
+    lives from its step to its last reader, and a view keeps the whole of what it views.
+    The inputs are not counted (they exist before the plan); what torch uses inside one op
+    is not either."""
+    last = _last_reads(plan, n_inputs)
+    inputs = {id(_root(v)) for v in values[:n_inputs] if isinstance(v, torch.Tensor)}
+    held: dict[int, tuple[int, int]] = {}  # storage -> (bytes, last step it is needed)
+    peak, at = 0, 0
+    for number in range(len(plan.steps)):
+        value = values[n_inputs + number]
+        if isinstance(value, torch.Tensor) and id(root := _root(value)) not in inputs:
+            size, until = held.get(id(root), (root.untyped_storage().nbytes(), number))
+            held[id(root)] = (size, max(until, last[n_inputs + number]))
+        now = sum(size for size, until in held.values() if until >= number)
+        if now > peak:
+            peak, at = now, number
+    return peak, at
+
+
+def _root(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor._base if tensor._base is not None else tensor
+
+
+def validate(plan: Plan, inputs: Sequence[TensorSpec], limit: int = MAX_ELEMENTS,
+             memory: int | None = None) -> list[TensorSpec]:
+    """Check the plan without running it on data; return the spec of every value. With
+    ``memory`` (bytes), a plan whose steps would hold more at once is refused."""
     if len(inputs) != len(plan.inputs):
         raise InvalidRequest(f"plan has {len(plan.inputs)} inputs, {len(inputs)} were given")
     metas = [torch.empty(s.shape, dtype=parse_dtype(s.dtype), device="meta") for s in inputs]
     values = _run(plan, metas, limit, device="meta")
+    if memory is not None:
+        peak, step = peak_bytes(plan, values, len(metas))
+        if peak > memory:
+            raise LimitExceeded(f"the plan would hold {_mib(peak)} of values at once (at step {step}, "
+                                f"{plan.steps[step].op}); this node runs a plan in at most {_mib(memory)}. "
+                                "Split it into smaller plans, or reduce what each step makes")
     return [TensorSpec(shape=tuple(v.shape), dtype=dtype_name(v.dtype)) for v in values]  # type: ignore[union-attr]
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:,.0f} MiB" if size < 2**30 else f"{size / 2**30:,.1f} GiB"
 
 
 def evaluate(plan: Plan, inputs: Sequence[torch.Tensor], limit: int = MAX_ELEMENTS) -> torch.Tensor:

@@ -121,6 +121,9 @@ class WorkerSection(_Section):
     # A job delivered this many times whose worker died each time (killed for memory, say)
     # is answered with a failure instead of being run again (protocol.inbox)
     max_deliveries: Annotated[int, Field(ge=1, le=100)] = 3
+    # The most a plan's steps may hold at once (estimated before it runs, on shapes alone:
+    # protocol.interpret.peak_bytes); a larger plan is refused, not run into the OOM killer
+    memory_limit_mb: Annotated[int, Field(ge=16)] = 2048
 
 
 JOB_KINDS = ("compute", "raw_if_allowed", "dp", "train", "raw", "access")

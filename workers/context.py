@@ -65,6 +65,7 @@ class NodeContext:
     claim_check: ClaimCheck
     claim_take: ClaimTake
     node_key: Callable[[str], PublicIdentity]  # another node's key, as the gateway lists it
+    memory_limit: int | None = None  # bytes a plan may hold at once ([worker] memory_limit_mb)
 
     def door(self, job: Job, release: KeepRelease | RawRelease | DPRelease, sources: list[Source],
              training: bool = False) -> Door:
@@ -88,7 +89,7 @@ class NodeContext:
                 sources.extend(self.sources(obj.sources))
             inputs.append(tensor)
             specs.append(TensorSpec(shape=tuple(tensor.shape), dtype=dtype_name(tensor.dtype)))
-        validate(plan, specs)
+        validate(plan, specs, memory=self.memory_limit)
         return inputs, sources
 
     def xy_inputs(self, job: TrainJob | EvalJob, requester: str

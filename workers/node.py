@@ -178,7 +178,8 @@ class Node:
 
     def runner(self) -> JobRunner:
         return JobRunner(NodeContext(self.id, self.identity, self.config.keyring(), self.store, self.ledger,
-                                     self.config.approval, self._claim_check, self._claim_take, self._node_key))
+                                     self.config.approval, self._claim_check, self._claim_take, self._node_key,
+                                     self.config.worker.memory_limit_mb * 2**20))
 
     @property
     def _broker(self) -> redis.Redis:

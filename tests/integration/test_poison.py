@@ -1,9 +1,10 @@
-"""Junk and poison on the queues (issue 15, part 1), pushed with the scientist's own broker
+"""Junk, poison and over-large plans (issue 15, parts 1 and 5), pushed with the scientist's own broker
 user onto a grid whose broker runs one ACL user per role: every item is screened before
 kombu or Celery read it (protocol.inbox); junk goes to the queue's bounded dead-letter
 list, no worker stops, and the next real job is answered. A job whose worker is killed
 (SIGKILL, as the OOM killer does) at each delivery is given up after ``max_deliveries``
-and its requester gets a signed JobFailed instead of waiting forever."""
+and its requester gets a signed JobFailed instead of waiting forever. A plan whose values
+would not fit the node's memory budget is refused before it runs."""
 
 from __future__ import annotations
 
@@ -27,10 +28,10 @@ from ops.demo import prepare
 from ops.gateway import GATEWAY_TASKS
 from ops.local import LocalGrid
 from protocol.contract import DEAD_LETTER_MAX, GATEWAY_QUEUE, Tasks, dead_letter_key, node_queue
-from protocol.errors import JobFailed
+from protocol.errors import JobFailed, LimitExceeded
 from protocol.inbox import Junk, screen
-from protocol.messages import RawRelease, RunJob
-from protocol.plan import InputRef, Plan, Step
+from protocol.messages import KeepRelease, RawRelease, RunJob
+from protocol.plan import InputRef, Plan, Ref, Step
 from workers.store import Store
 
 FUZZ = 2500  # items per queue: 5,000 in all, in seconds (the bound is 2 minutes)
@@ -194,3 +195,28 @@ def test_a_job_that_keeps_killing_its_worker_is_given_up_and_its_requester_told(
         assert store.job(ticket.id).attempts == 2  # not run a third time
     finally:
         store.close()
+
+
+def test_a_plan_over_the_nodes_memory_budget_is_refused_before_it_runs(grid: LocalGrid):
+    """~40 copies of a 3844 x 3844 product of 62 values, all held until the end: GiBs from a
+    tiny table, each value within the element cap. Refused on its shapes, at once; nothing ran."""
+    steps = [Step(op="reshape", args=[Ref(ref=0)], params={"shape": [-1]}),
+             Step(op="getitem", args=[Ref(ref=1)], params={"index": [{"start": 0, "stop": 62}]}),
+             Step(op="reshape", args=[Ref(ref=2)], params={"shape": [-1, 1]}),
+             Step(op="reshape", args=[Ref(ref=2)], params={"shape": [1, -1]}),
+             Step(op="add", args=[Ref(ref=3), Ref(ref=4)]),
+             Step(op="reshape", args=[Ref(ref=5)], params={"shape": [-1, 1]}),
+             Step(op="reshape", args=[Ref(ref=5)], params={"shape": [1, -1]}),
+             Step(op="add", args=[Ref(ref=6), Ref(ref=7)])]
+    steps += [Step(op="mul", args=[Ref(ref=8), {"const": float(i)}]) for i in range(40)]
+    steps += [Step(op="sum", args=[Ref(ref=9 + i)]) for i in range(40)]
+    plan = Plan(inputs=[InputRef(kind="dataset", name="birth-records-feb")], steps=steps)
+    job_id = f"hospital:{uuid.uuid4().hex}"
+    with grid.connect("alice") as g:
+        started = time.monotonic()
+        g.transport.send("hospital", Tasks.RUN_JOB, node_queue("hospital"), RunJob(plan=plan, release=KeepRelease()),
+                         job_id)
+        with pytest.raises(LimitExceeded, match=r"would hold [\d.]+ GiB of values at once .* at most 2\.0 GiB"):
+            g.ticket(job_id).result(timeout=60)
+        assert time.monotonic() - started < 10
+    assert grid.procs["hospital"].poll() is None

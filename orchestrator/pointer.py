@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, overload
 import torch
 from pydantic import ValidationError
 
+from protocol.codec import dtype_name, parse_dtype
 from protocol.errors import InvalidRequest
-from protocol.interpret import evaluate, validate
+from protocol.interpret import evaluate, run_step, validate
 from protocol.messages import AccessRequest, DatasetMeta, DPRelease, KeepRelease, RawRelease, RunJob
 from protocol.plan import Const, InputRef, Plan, Ref, Step, TensorConst, TensorSpec
 
@@ -31,14 +32,19 @@ class Expression:
     """A lazy computation on one node's data; nothing runs until submit() or get()."""
 
     def __init__(self, grid: Grid, node: str, inputs: Sequence[tuple[InputRef, TensorSpec]],
-                 steps: Sequence[Step] = (), columns: Sequence[str] = ()) -> None:
+                 steps: Sequence[Step] = (), columns: Sequence[str] = (),
+                 specs: Sequence[TensorSpec] | None = None) -> None:
+        """``specs``: every value's, when the caller checked the steps already (``_apply``
+        checks only the step it adds: checking the whole plan at each step would cost
+        quadratic time — seconds for a plan of a hundred steps)."""
         self._grid = grid
         self.node = node
         self._inputs = tuple(inputs)
         self._steps = tuple(steps)
         self.columns = tuple(columns)
-        specs = validate(self.plan, [spec for _, spec in self._inputs])  # fail early, client side
-        self.spec = specs[-1]
+        # fail early, client side
+        self._specs = tuple(specs if specs is not None else validate(self.plan, [spec for _, spec in self._inputs]))
+        self.spec = self._specs[-1]
 
     # --- what it is ------------------------------------------------------------------------
 
@@ -92,7 +98,9 @@ class Expression:
 
     # --- building it ------------------------------------------------------------------------
 
-    def _apply(self, op: str, *others: Any, **params: Any) -> Expression:
+    def _apply(self, op: str, *others: Any, constant_first: bool = False, **params: Any) -> Expression:
+        """This expression, then ``op`` on it and ``others`` (``constant_first``: ``2 - x``,
+        the one constant before it)."""
         exprs = [self] + [o for o in others if isinstance(o, Expression)]
         if any(e.node != self.node for e in exprs):
             raise InvalidRequest(f"cannot combine data of nodes {sorted({e.node for e in exprs})} in one plan: "
@@ -101,18 +109,23 @@ class Expression:
         for e in exprs:
             inputs.extend(i for i in e._inputs if i not in inputs)
         steps: list[Step] = []
+        specs = [spec for _, spec in inputs]
         outs: dict[int, int] = {}
         for e in exprs:
             mapping = {i: inputs.index(item) for i, item in enumerate(e._inputs)}
             for j, step in enumerate(e._steps):
                 mapping[len(e._inputs) + j] = len(inputs) + len(steps)
                 steps.append(_remap(step, mapping))
+                specs.append(e._specs[len(e._inputs) + j])
             outs[id(e)] = mapping[len(e._inputs) + len(e._steps) - 1]
         args: list[Ref | Const | TensorConst] = [Ref(ref=outs[id(self)])]
         for o in others:
             args.append(Ref(ref=outs[id(o)]) if isinstance(o, Expression) else _constant(o))
-        steps.append(Step(op=op, args=args, params={k: v for k, v in params.items() if v is not None}))
-        return Expression(self._grid, self.node, inputs, steps)
+        if constant_first:
+            args[0], args[1] = args[1], args[0]
+        step = Step(op=op, args=args, params={k: v for k, v in params.items() if v is not None})
+        steps.append(step)
+        return Expression(self._grid, self.node, inputs, steps, specs=[*specs, _checked(step, len(steps) - 1, specs)])
 
     def __getitem__(self, index: Any) -> Expression:
         if isinstance(index, str):  # a column name selects that column of a table
@@ -224,10 +237,7 @@ def stack(exprs: Sequence[Expression], dim: int = 0) -> Expression:
 
 def _const_first(op: str, const: Any, expr: Expression) -> Expression:
     """``2 - x``: the plan's arguments keep their order, the constant comes first."""
-    step = expr._apply(op, const)
-    last = step._steps[-1]
-    swapped = Step(op=last.op, args=[last.args[1], last.args[0]], params=last.params)
-    return Expression(expr._grid, expr.node, step._inputs, step._steps[:-1] + (swapped,))
+    return expr._apply(op, const, constant_first=True)
 
 
 def _dp_release(epsilon: float, delta: float) -> DPRelease:
@@ -236,6 +246,17 @@ def _dp_release(epsilon: float, delta: float) -> DPRelease:
     except ValidationError:
         raise InvalidRequest(f"a DP release needs 0 < epsilon ≤ 100 and 0 ≤ delta < 1, not epsilon={epsilon}, "
                              f"delta={delta}") from None
+
+
+def _checked(step: Step, number: int, specs: Sequence[TensorSpec]) -> TensorSpec:
+    """The spec of ``step``'s value, checked on ``meta`` tensors of the values it reads."""
+    values: list[torch.Tensor | None] = [None] * len(specs)
+    for arg in step.args:
+        if isinstance(arg, Ref):
+            spec = specs[arg.ref]
+            values[arg.ref] = torch.empty(spec.shape, dtype=parse_dtype(spec.dtype), device="meta")
+    out = run_step(step, number, values, device="meta")
+    return TensorSpec(shape=tuple(out.shape), dtype=dtype_name(out.dtype))
 
 
 def _remap(step: Step, mapping: dict[int, int]) -> Step:

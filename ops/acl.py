@@ -1,113 +1,142 @@
-"""Broker permissions per role: one Redis 7 ACL user per kind of participant.
+"""Broker permissions per identity: one Redis 7 ACL user per enrolled node, and one per role
+for the rest (gateway, scientist, flower, admin).
 
-Without ACLs everyone who can reach Redis may do anything there: a data scientist could
-FLUSHALL, delete another's results or claim-check blobs, rewrite the gateway's published
-key or the MPC model cards, or pop jobs off a node's queue. Here each role gets its own
-Redis user, allowed only the commands *and* keys its code uses (measured with MONITOR and
-``ACL LOG`` over the three use cases; see the table in ``rules_table()``), and the
-``default`` user is switched off::
+Without ACLs anyone who reaches Redis may do anything there (FLUSHALL, pop a node's jobs,
+rewrite the gateway's key); with one user shared by every node, a node could pop another
+node's jobs, read its in-flight ones, or take another MPC member's rounds and bundles. Here
+each user is allowed only the commands *and* keys its code uses (measured with MONITOR and
+``ACL LOG`` over the use cases; ``rules_table()``), a node's user only its own keys, and the
+``default`` user is off::
 
-    users = ensure_broker_users(home, "127.0.0.1", 6379)
+    users = ensure_broker_users(home, "127.0.0.1", 6379, nodes=["hospital", "clinic"])
     # redis-server --aclfile <home>/broker/users.acl
-    # users.urls["scientist"] == "redis://scientist:<password>@127.0.0.1:6379/0"
+    # users.urls["node-hospital"] == "redis://node-hospital:<password>@127.0.0.1:6379/0"
+
+Users follow enrolment (``ops.enrol.sync_broker_users``): enrolling a node gives it its user
+(``node-<id>``) and lets scientists and the other nodes send to its queues; unenrolling it
+deletes the user, which also cuts its open connections. They are applied to a running Redis
+with ``ACL SETUSER``/``ACL DELUSER`` (:func:`apply_users`), not ``ACL LOAD``: Redis 7.0's
+``ACL LOAD`` disconnects every client of every user, and compose's Redis reads a copy of
+the file.
 
 Files, under ``<home>/broker/`` (a 0700 folder):
 
-* ``users.acl`` (0600): Redis ``aclfile`` format, one ``user`` line per role, passwords as
+* ``users.acl`` (0600): Redis ``aclfile`` format, one ``user`` line per user, passwords as
   SHA-256 hashes (``#…``). Redis 7.0 does not accept comments in an ACL file: why each rule
   is there is in this module, and in ``users.rules.md`` written next to it.
-* ``<role>.url`` (0600): the role's broker URL, with its password in clear (the secret a
-  process of that role is given, e.g. as ``GRIDQ_BROKER``).
+* ``<user>.url`` (0600): the user's broker URL, with its password in clear (the secret a
+  process of that identity is given: a node's config names ``node-<id>.url``).
 
-Idempotent: existing passwords (read back from the ``.url`` files) are kept; only the host
-and port of the URLs follow the arguments.
+Idempotent: existing passwords (read back from the ``.url`` files) are kept.
 
 Rules are written with Redis 7 *selectors* — ``(keys commands)`` groups that each allow
-their commands on their keys only — so that a right needed on one kind of key (``SET`` of
-a claim-check blob, say) does not spill onto another (``SET`` over a node's queue).
-Key permissions: ``%R~`` read, ``%W~`` write, ``~`` both. Redis decides per key from the
-command's key specs: ``LPUSH`` only writes (a scientist may push onto a queue with
-``%W~``), ``BRPOP``/``LPOP`` read *and* write (so he may not pop), ``GETDEL`` too.
+their commands on their keys only — so that a right needed on one kind of key (``SETEX`` of
+a claim-check blob, say) does not spill onto another (a node's queue). Key permissions:
+``%R~`` read, ``%W~`` write, ``~`` both. Redis decides per key from the command's key
+specs: ``LPUSH``, ``SETEX`` and ``EXPIRE`` only write, ``BRPOP``/``LPOP``/``GETDEL`` read
+*and* write (so a write-only pattern may push or leave, never take).
 
-What Redis ACLs cannot express here (see also the report in ``rules_table``):
+No user but ``admin`` may run Lua (``EVAL``, ``EVALSHA``, ``SCRIPT``, ``FCALL``,
+``FUNCTION``): a script runs to its end while Redis answers ``BUSY`` to everyone. kombu needs
+scripts in two places, both avoided: its restore lock's release (redis-py ``Lock``) —
+workers release it with WATCH/MULTI (``workers.inbox.LuaFreeQoS``) and clients never
+restore (``orchestrator.app``) — and the bindings of expiring queues, which gridq does not
+declare (``control_queue_expires``/``event_queue_expires`` off, ``protocol.contract``).
 
-* Users of one role are indistinguishable: every scientist shares the ``scientist`` user,
-  every node the ``node`` user, because keys do not carry who they belong to (result keys
-  are ``celery-task-meta-<job id>``, blobs ``gridq:blob:<random>``). A scientist can read
-  any result (each is a signed envelope, addressed — and sealed where it carries a value —
-  to its one recipient) and take (GETDEL) any blob whose key he learns from a result; a
-  node can consume any node's queue.
-* Kombu keeps one ``unacked`` hash for every queue; each consuming role must read it and
-  push back onto every worker queue when it restores a message a dead worker left
-  (``visibility_timeout``), so gateway, node and MPC workers, and Flower, can read every
-  job that is in flight.
-* Celery's remote control (ping, inspect, shutdown, add_consumer) is one pub/sub channel;
-  Redis cannot allow ``ping`` and forbid ``shutdown``. Only ``flower`` (the operator) and
-  ``admin`` may publish there; no worker or scientist may.
-* Roles allowed Lua scripts (workers and Flower: kombu's and redis-py's locks and binding
-  tables need them) run commands inside the scripts under the same ACL, but a script
-  can still hold the server busy until ``SCRIPT KILL``.
-* ``_kombu.binding.<queue>`` tables are writable (``SADD``) by whoever may send to the queue:
-  kombu declares a queue on first send and Redis cannot tell a declaration from any other
-  member. gridq sends through the default exchange, which routes by queue name without
-  reading these tables, so an added member reroutes nothing; the one table that does route
-  (``reply.celery.pidbox``, control replies) only ``flower`` and ``admin`` may add to.
-* A role that may ``SET`` a key may overwrite it: a scientist can replace a claim-check blob
-  it knows the key of before its recipient takes it (a blob is sealed, but anyone can seal
-  to a public key). Blobs travel with their key inside a signed envelope, not their digest.
+What Redis ACLs cannot express here:
+
+* Scientists share the ``scientist`` user: result keys (``celery-task-meta-<job id>``) and
+  blobs (``gridq:blob:<random>``) do not name who they belong to. A scientist can read any
+  result (a signed envelope, sealed where it carries a value, to its one recipient) and
+  take (GETDEL) any blob whose key he learns; so can nodes, for blobs.
+* Results are written by every worker: a node can overwrite another's result key (a client
+  accepts only a reply signed by the node it asked, for that job).
+* Celery's remote control (ping, inspect, shutdown) is one pub/sub channel: Redis cannot
+  allow ``ping`` and forbid ``shutdown``. Only ``flower`` and ``admin`` may publish there.
+* ``_kombu.binding.<queue>`` tables are writable (``SADD``) by whoever may send to the queue
+  (kombu declares a queue on first send); gridq routes by queue name, never by these tables.
+* A user that may ``SETEX`` a blob may choose its TTL, and fill the broker up to its
+  ``maxmemory`` (``noeviction``: writes then fail for everyone until blobs expire). Redis has
+  no per-user quota.
+* ``gridq:mpc:models`` is one hash any node may ``HSET`` (clients check both the owner's and
+  the host's signatures on each card).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
+import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from protocol.contract import CLAIM_CHECK_PREFIX, GATEWAY_IDENTITY_KEY, GATEWAY_QUEUE, MPC_MODELS_KEY, dead_letter_key
+import redis
 
-ROLES = ("gateway", "node", "mpc", "scientist", "flower", "admin")
+from protocol.contract import (
+    CLAIM_CHECK_PREFIX,
+    GATEWAY_IDENTITY_KEY,
+    GATEWAY_QUEUE,
+    MPC_MODELS_KEY,
+    dead_letter_key,
+    in_flight_keys,
+    mpc_aggregated_key,
+    mpc_bundle_key,
+    mpc_pool_prefix,
+    mpc_queue,
+    mpc_session_key,
+    node_queue,
+)
+from protocol.errors import BrokerUnavailable
+
+ROLES = ("gateway", "scientist", "flower", "admin")  # users of their own; nodes get one each (node_user)
+NODE_USER_PREFIX = "node-"
 ROLE_WHO = {
     "gateway": "the gateway worker (registry and search)",
-    "node": "an owner's node worker, and the owner's admin API (workers.Node)",
-    "mpc": "an owner's MPC worker (host, party, crypto provider, aggregation party)",
+    "node": "one enrolled node: its worker, its MPC worker (host, party, crypto provider, aggregation "
+            "party) and its owner's admin API (workers.Node)",
     "scientist": "a data scientist's client (orchestrator.Grid)",
     "flower": "the operator's monitoring: Celery Flower and `gridq status` (events, control ping)",
     "admin": "the broker's owner: everything (never given to a worker or a scientist)",
 }
+SEP = "\x06\x16"  # kombu's separator of a queue's priority lists: ``<queue>\x06\x16<n>``
+_NODE_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # as protocol.envelope.Name: no glob character, no ':'
+
+
+def node_user(node: str) -> str:
+    """The broker user of node ``node``."""
+    return f"{NODE_USER_PREFIX}{node}"
 
 
 @dataclass(frozen=True)
 class Rule:
     """One ACL rule (a root rule such as ``+ping`` or a selector ``(~keys +cmds)``) and why
-    the role needs it."""
+    the user needs it."""
 
     rule: str
     why: str
 
 
-def _queue_keys(queue: str) -> str:
-    """A kombu queue's keys: the list itself and its priority lists (``queue\\x06\\x16<n>``)."""
-    return f"{queue} {queue}??[0-9]"
+def _queue_keys(queue: str) -> list[str]:
+    """A kombu queue's keys: the list itself and its priority lists (exactly: a glob ``??``
+    would also match the queue of a node whose id extends this one's)."""
+    return [queue, f"{queue}{SEP}[0-9]"]
 
 
-WORKER_QUEUES = f"{_queue_keys(GATEWAY_QUEUE)} node.* mpc.*"  # every queue a gridq worker consumes
+def _keys(prefix: str, patterns: Sequence[str]) -> str:
+    return " ".join(f"{prefix}{p}" for p in patterns)
+
+
+def _bindings(queues: Sequence[str]) -> list[str]:
+    """The kombu binding tables (and their ``permanent`` twins) of ``queues``."""
+    return [f"{t}{q}" for q in queues if SEP not in q for t in ("_kombu.binding.", "_kombu.binding_permanent.")]
+
+
 BLOB = f"{CLAIM_CHECK_PREFIX}*"
 RESULT = "celery-task-meta-*"  # Celery's Redis result backend: one key (and channel) per task id
-SCRIPT = "+evalsha +script|load +script|exists"
-
-
-def _keys(prefix: str, patterns: str) -> str:
-    return " ".join(f"{prefix}{p}" for p in patterns.split())
-
-
-def _bindings(queues: str) -> str:
-    """The kombu binding tables (and their ``permanent`` twins) of ``queues``."""
-    return " ".join(f"{t}{q}" for q in queues.split() if "?" not in q
-                    for t in ("_kombu.binding.", "_kombu.binding_permanent."))
+WORKER_QUEUES = [*_queue_keys(GATEWAY_QUEUE), "node.*", "mpc.*"]  # what the operator watches
 
 
 def _connection() -> list[Rule]:
@@ -118,14 +147,15 @@ def _connection() -> list[Rule]:
     ]
 
 
-def _sender(queues: str, what: str) -> list[Rule]:
+def _sender(queues: Sequence[str], what: str) -> list[Rule]:
     """Sending Celery tasks to ``queues`` (never receiving from them)."""
+    if not queues:
+        return []
     return [
         Rule(f"({_keys('%W~', queues)} +lpush +llen)",
              f"send {what}: kombu LPUSHes the message onto the queue (LLEN when it declares it); write-only, "
              "so no BRPOP/LPOP/DEL"),
-        Rule(f"({_keys('%W~', _bindings(queues))} +sadd)",
-             "kombu declares the queue's binding table on first send (SADD)"),
+        Rule(f"({_keys('%W~', _bindings(queues))} +sadd)", "kombu declares the queue's binding table on first send"),
     ]
 
 
@@ -143,8 +173,11 @@ def _gateway_key_reader() -> list[Rule]:
 
 
 def _claim_check() -> list[Rule]:
-    return [Rule(f"(~{BLOB} +set +getdel)",
-                 "claim-check: leave sealed bytes (SET with a TTL) and take those sealed to oneself (GETDEL)")]
+    return [
+        Rule(f"(%W~{BLOB} +setex)", "claim-check: leave sealed bytes, always with a TTL (SETEX; SET, which could "
+                                    "leave them for ever, is not allowed)"),
+        Rule(f"(~{BLOB} +getdel)", "claim-check: take the sealed bytes a message names (GETDEL)"),
+    ]
 
 
 def _events(db: int) -> list[Rule]:
@@ -152,42 +185,39 @@ def _events(db: int) -> list[Rule]:
                  "Celery task and worker events (heartbeats, task-started…), which Flower shows")]
 
 
-def _consumer(db: int, queues: str) -> list[Rule]:
-    """What a Celery worker consuming ``queues`` with acks_late needs from kombu."""
+def _consumer(db: int, queues: Sequence[str], hostnames: Sequence[str]) -> list[Rule]:
+    """What a Celery worker consuming ``queues`` (named ``hostnames``) needs from kombu."""
+    keys = [k for q in queues for k in _queue_keys(q)]
     return [
-        Rule(f"({_keys('~', queues)} +brpop +llen)", "consume its own queues (BRPOP); LLEN when kombu declares them"),
+        Rule(f"({_keys('~', keys)} +brpop +llen +lpush +rpush)",
+             "consume its own queues (BRPOP; LLEN when kombu declares them), put a message back on them (a job "
+             "deferred, or restored from its in-flight keys), and nobody else's"),
         Rule(f"({_keys('%W~', _bindings(queues))} +sadd)", "kombu declares the binding of the queues it consumes"),
-        *_unacked(),
-        *_restorer(),
+        *_in_flight(queues),
         *_dead_letters(queues),
         *_results_writer(),
         *_events(db),
-        *_control_listener(db),
-        *_binding_scripts("celery.pidbox"),
+        *_control_listener(db, hostnames),
     ]
 
 
-def _dead_letters(queues: str) -> list[Rule]:
-    keys = " ".join(f"%W~{dead_letter_key(q)}" for q in queues.split() if "?" not in q)
-    return [Rule(f"({keys} +lpush +ltrim)", "put what it will not run (junk, a job given up) on its queues' "
-                                           "dead-letter lists, trimmed to their bound (protocol.inbox)")]
-
-
-def _unacked() -> list[Rule]:
+def _in_flight(queues: Sequence[str]) -> list[Rule]:
+    own = [in_flight_keys(q) for q in queues]
     return [
-        Rule("(~unacked ~unacked_index +hset +hget +hdel +zadd +zrem +zrange +watch +unwatch)",
-             "kombu's ack emulation: a delivered message is kept in the `unacked` hash (and `unacked_index` "
-             "zset) until acknowledged, and put back from there if its worker dies"),
-        Rule(f"(~unacked_mutex +set +get +del {SCRIPT})",
-             "the lock (SET NX, released by a redis-py Lua script) that lets one consumer at a time restore "
-             "messages whose visibility timeout passed"),
+        Rule(f"({_keys('~', [k[n] for k in own for n in ('unacked_key', 'unacked_index_key')])} "
+             "+hset +hget +hdel +zadd +zrem +zrange +watch +unwatch)",
+             "kombu's ack emulation, on this worker's own keys (protocol.contract.in_flight_keys): a delivered "
+             "message is kept there until acknowledged, and put back on its queue if its worker dies"),
+        Rule(f"({_keys('~', [k['unacked_mutex_key'] for k in own])} +set +get +del +watch +unwatch)",
+             "the lock that lets one worker of a queue at a time restore messages whose visibility timeout "
+             "passed: SET NX EX, released with WATCH/MULTI/DEL (workers.inbox.LuaFreeQoS), not a script"),
     ]
 
 
-def _restorer() -> list[Rule]:
-    return [Rule(f"({_keys('%W~', WORKER_QUEUES)} +lpush +rpush)",
-                 "put a message back on its queue: its own on a lost worker or a shutdown, and any worker "
-                 "queue when restoring from the shared `unacked` hash after the visibility timeout")]
+def _dead_letters(queues: Sequence[str]) -> list[Rule]:
+    keys = _keys("%W~", [dead_letter_key(q) for q in queues])
+    return [Rule(f"({keys} +lpush +ltrim +expire)", "put what it will not run (junk, a job given up) on its own "
+                                                   "queues' dead-letter lists, bounded and expiring (protocol.inbox)")]
 
 
 def _results_writer() -> list[Rule]:
@@ -199,77 +229,79 @@ def _results_writer() -> list[Rule]:
     ]
 
 
-def _control_listener(db: int) -> list[Rule]:
+def _control_listener(db: int, hostnames: Sequence[str]) -> list[Rule]:
+    own = _keys("~", [f"{h}@*.celery.pidbox*" for h in hostnames])
     return [
         Rule(f"(&/{db}.celery.pidbox +psubscribe +punsubscribe)",
              "listen for remote-control broadcasts (ping from `gridq status`/Flower)"),
         Rule("(%R~_kombu.binding.reply.celery.pidbox +smembers)", "route a control reply to its asker"),
         Rule("(%W~*.reply.celery.pidbox +lpush)", "answer a control broadcast (pong) on the asker's reply queue"),
-        Rule("(~*@*.celery.pidbox* +llen +del)", "declare, and at shutdown delete, its own control queue"),
+        Rule(f"({own} +llen +del)", "declare, and at shutdown delete, its own control queue"),
         Rule("(~_kombu.binding.celery.pidbox ~_kombu.binding_permanent.celery.pidbox +sadd +srem)",
              "bind (and unbind at shutdown) its control queue to the broadcast exchange"),
     ]
 
 
-def _binding_scripts(*exchanges: str) -> list[Rule]:
-    """kombu's Lua scripts that keep expiring queues' binding tables alive and sweep dead ones."""
-    tables = " ".join(f"~_kombu.binding.{e}" for e in exchanges)
+def _mpc_member(node: str) -> list[Rule]:
+    """A node's MPC roles, each on the keys that name it (protocol.contract's MPC keys)."""
     return [
-        Rule(f"({tables} ~_kombu.binding_deadlines {SCRIPT} +sadd +zadd +time)",
-             "kombu refreshes the binding table of an expiring queue (a control or event queue) by a script"),
-        Rule(f"(~_kombu.binding_deadlines %R~_kombu.binding_permanent.* {SCRIPT} +zrangebyscore +zrem +exists +time)",
-             "kombu sweeps binding tables no consumer refreshed in time (script)"),
-        Rule("(~_kombu.binding.celery.pidbox ~_kombu.binding.reply.celery.pidbox ~_kombu.binding.celeryev +del)",
-             "… deleting only these expiring tables"),
+        Rule(f"(%W~{MPC_MODELS_KEY} +hset)", "a host publishes the card of a model it serves"),
+        Rule(f"(~{mpc_session_key(node, '*', '*', '*')} +rpush +blpop +expire +del)",
+             "as a host, the rounds of its own sessions: it pops the parties' parts, pushes opened values down, "
+             "and deletes the lists at the end"),
+        Rule(f"(%W~{mpc_session_key('*', '*', node, 'up')} +rpush +expire)",
+             "as a party, push its parts up, write-only"),
+        Rule(f"(~{mpc_session_key('*', '*', node, 'down')} +blpop)",
+             "as a party, pop the opened values the host sends down to it, and no other party's"),
+        Rule(f"(~{mpc_pool_prefix(node, '*')}* +lpop +blpop +llen)", "as a host, take dealer bundles from its pools"),
+        Rule(f"(%W~{mpc_pool_prefix('*', node)}* +rpush +expire)",
+             "as a crypto provider, fill the pools of hosts it deals for, write-only"),
+        Rule(f"(%W~{mpc_bundle_key(node, '*', '*')} +setex)",
+             "as a crypto provider, leave each party's part of a bundle it dealt (sealed, signed, with a TTL)"),
+        Rule(f"(~{mpc_bundle_key('*', '*', node)} +getdel)", "as a party, take its own parts of dealer bundles"),
+        Rule(f"(~{mpc_aggregated_key(node, '*')} +set)", "as a secure-aggregation party, add a round up once (SET NX)"),
     ]
 
 
-def rules(role: str, db: int = 0) -> list[Rule]:
-    """The ACL rules of ``role``, each with its reason."""
-    if role == "admin":
+def rules(user: str, db: int = 0, nodes: Sequence[str] = ()) -> list[Rule]:
+    """The ACL rules of ``user`` (a role, or ``node_user(id)``), each with its reason, on a
+    grid where ``nodes`` are enrolled."""
+    nodes = _checked(nodes)
+    if user == "admin":
         return [Rule("~* &* +@all", "the broker's owner: MONITOR, ACL, inspection and repairs")]
-    if role == "scientist":
+    if user == "scientist":
+        queues = [k for q in (GATEWAY_QUEUE, *(q for n in nodes for q in (node_queue(n), mpc_queue(n))))
+                  for k in _queue_keys(q)]
         return [
             *_connection(),
             *_gateway_key_reader(),
-            *_sender(WORKER_QUEUES, "searches (gateway), jobs (node.*) and MPC requests (mpc.*)"),
+            *_sender(queues, "searches (gateway), jobs and MPC requests to enrolled nodes only (node.<id>, "
+                             "mpc.<id>): a queue nobody will read cannot be filled"),
             *_results_reader(),
             *_claim_check(),
             Rule(f"(%R~{MPC_MODELS_KEY} +hgetall)", "list the models served by MPC (cards signed by their host)"),
             Rule(f"(&/{db}.celeryev/task.sent +publish)", "the task-sent event (Flower shows queued jobs); only "
                                                          "that event"),
         ]
-    if role == "gateway":
+    if user == "gateway":
         return [
             *_connection(),
             Rule(f"(%W~{GATEWAY_IDENTITY_KEY} +set)", "post the gateway's public key at start"),
-            *_consumer(db, _queue_keys(GATEWAY_QUEUE)),
+            *_consumer(db, [GATEWAY_QUEUE], ["gateway"]),
         ]
-    if role == "node":
+    if user.startswith(NODE_USER_PREFIX) and user[len(NODE_USER_PREFIX):] in nodes:
+        node = user[len(NODE_USER_PREFIX):]
+        peers = [k for n in nodes if n != node for k in _queue_keys(mpc_queue(n))]
         return [
             *_connection(),
             *_gateway_key_reader(),
-            *_sender(_queue_keys(GATEWAY_QUEUE), "registrations and publications to the gateway, and node listings"),
+            *_sender(_queue_keys(GATEWAY_QUEUE), "registrations and publications to the gateway, node listings"),
+            *_sender(peers, "MPC messages to the other enrolled nodes' MPC workers (store, session, deal)"),
             *_claim_check(),
-            *_consumer(db, "node.*"),
+            *_consumer(db, [node_queue(node), mpc_queue(node)], [node, f"{node}-mpc"]),
+            *_mpc_member(node),
         ]
-    if role == "mpc":
-        return [
-            *_connection(),
-            *_gateway_key_reader(),
-            *_sender(f"{_queue_keys(GATEWAY_QUEUE)} mpc.*", "node listings (gateway) and messages to the other "
-                                                           "MPC workers (store, session, deal)"),
-            *_claim_check(),
-            Rule(f"(%W~{MPC_MODELS_KEY} +hset)", "a host publishes the card of a model it serves"),
-            Rule("(~gridq:mpc:session:* +rpush +blpop +expire +del)",
-                 "the rounds of an MPC session: parties push their parts up, the host pushes opened values down"),
-            Rule("(~gridq:mpc:pool:* +rpush +lpop +blpop +llen +expire)",
-                 "pools of dealer bundles: the crypto provider fills them, the host takes from them"),
-            Rule("(~gridq:mpc:bundle:* +set +getdel)", "a dealer bundle's part for each party, sealed and signed"),
-            Rule("(%W~gridq:mpc:aggregated:* +set)", "secure aggregation: a round is added up once (SET NX)"),
-            *_consumer(db, "mpc.*"),
-        ]
-    if role == "flower":
+    if user == "flower":
         return [
             *_connection(),
             *_gateway_key_reader(),
@@ -287,16 +319,27 @@ def rules(role: str, db: int = 0) -> list[Rule]:
             Rule("(~*.reply.celery.pidbox* +brpop +llen +del)", "read the workers' replies on its own reply queue"),
             Rule("(~_kombu.binding.reply.celery.pidbox ~_kombu.binding_permanent.reply.celery.pidbox +sadd +srem "
                  "+smembers)", "bind its reply queue"),
-            *_unacked(),
-            *_restorer(),
-            *_binding_scripts("reply.celery.pidbox", "celeryev"),
         ]
-    raise ValueError(f"unknown role {role!r}; the roles are {', '.join(ROLES)}")
+    raise ValueError(f"unknown broker user {user!r}: the users are {', '.join(ROLES)} and "
+                     f"{NODE_USER_PREFIX}<id> for each enrolled node ({', '.join(nodes) or 'none enrolled'})")
 
 
-def acl_line(role: str, password: str, db: int = 0) -> str:
+def users(nodes: Sequence[str] = ()) -> list[str]:
+    """Every broker user of a grid where ``nodes`` are enrolled."""
+    return [*ROLES, *(node_user(n) for n in _checked(nodes))]
+
+
+def setuser_args(user: str, password: str, db: int = 0, nodes: Sequence[str] = ()) -> list[str]:
+    """``user``'s rules as ``ACL SETUSER`` takes them after its name (a selector is one argument)."""
     digest = hashlib.sha256(password.encode()).hexdigest()
-    return f"user {role} on #{digest} resetkeys resetchannels -@all " + " ".join(r.rule for r in rules(role, db))
+    args = ["on", f"#{digest}", "resetkeys", "resetchannels", "-@all"]
+    for r in rules(user, db, nodes):
+        args += [r.rule] if r.rule.startswith("(") else r.rule.split(" ")
+    return args
+
+
+def acl_line(user: str, password: str, db: int = 0, nodes: Sequence[str] = ()) -> str:
+    return f"user {user} " + " ".join(setuser_args(user, password, db, nodes))
 
 
 DEFAULT_OFF = "user default off resetkeys resetchannels -@all"  # unauthenticated connections can do nothing
@@ -304,61 +347,134 @@ DEFAULT_OFF = "user default off resetkeys resetchannels -@all"  # unauthenticate
 
 @dataclass(frozen=True)
 class BrokerUsers:
-    """The broker's ACL file and each role's URL."""
+    """The broker's ACL file, each user's URL, and its rules as ``ACL SETUSER`` takes them."""
 
     folder: Path
     acl_file: Path
     urls: dict[str, str]
+    setuser: dict[str, list[str]]
 
 
 def broker_folder(home: Path) -> Path:
     return Path(home) / "broker"
 
 
-def ensure_broker_users(home: Path, host: str = "127.0.0.1", port: int = 6379, db: int = 0) -> BrokerUsers:
-    """Write ``<home>/broker/users.acl`` and one ``<role>.url`` per role (all 0600), reusing
-    passwords already there; return the URLs."""
+def ensure_broker_users(home: Path, host: str = "127.0.0.1", port: int = 6379, db: int = 0,
+                        nodes: Sequence[str] = ()) -> BrokerUsers:
+    """Write ``<home>/broker/users.acl`` and one ``<user>.url`` per user (all 0600) for a grid
+    where ``nodes`` are enrolled, reusing passwords already there; the URL files of nodes no
+    longer enrolled are removed. Returns the URLs."""
+    nodes = _checked(nodes)
     folder = broker_folder(home)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(folder, 0o700)
-    passwords = {role: _password(folder / f"{role}.url") for role in ROLES}
+    names = users(nodes)
+    passwords = {u: _password(folder / f"{u}.url") for u in names}
+    setuser = {u: setuser_args(u, passwords[u], db, nodes) for u in names}
     acl_file = folder / "users.acl"
-    _write_private(acl_file, "\n".join([DEFAULT_OFF, *(acl_line(r, passwords[r], db) for r in ROLES)]) + "\n")
-    (folder / "users.rules.md").write_text(rules_table(db))
+    _write_private(acl_file, "\n".join([DEFAULT_OFF, *(f"user {u} " + " ".join(setuser[u]) for u in names)]) + "\n")
+    (folder / "users.rules.md").write_text(rules_table(db, nodes))
     urls = {}
-    for role in ROLES:
-        urls[role] = f"redis://{role}:{passwords[role]}@{host}:{port}/{db}"
-        _write_private(folder / f"{role}.url", urls[role] + "\n")
-    return BrokerUsers(folder, acl_file, urls)
+    for u in names:
+        urls[u] = f"redis://{u}:{passwords[u]}@{host}:{port}/{db}"
+        _write_private(folder / f"{u}.url", urls[u] + "\n")
+    _remove_stale_node_urls(folder, names)
+    return BrokerUsers(folder, acl_file, urls, setuser)
 
 
-def open_broker_urls(home: Path, url: str) -> None:
-    """A broker without ACLs (the test grid): every role's URL file holds the one open URL, so
-    configs that read ``<home>/broker/<role>.url`` work the same on both kinds of grid."""
+def apply_users(admin_url: str, broker_users: BrokerUsers) -> None:
+    """Make the running broker's users those of ``broker_users``: each one set afresh (``ACL
+    SETUSER name reset …``: its connections stay, under the new rules), and node users that
+    are no longer enrolled deleted (which closes their connections)."""
+    wanted = broker_users.setuser
+    try:
+        with redis.Redis.from_url(admin_url) as admin:
+            for name, args in wanted.items():
+                admin.execute_command("ACL", "SETUSER", name, "reset", *args)
+            stale = [u for u in (_text(x) for x in admin.acl_users()) if u.startswith(NODE_USER_PREFIX)
+                     and u not in wanted]
+            if stale:
+                admin.acl_deluser(*stale)
+    except redis.RedisError as exc:
+        raise BrokerUnavailable(
+            f"{broker_users.acl_file} is written, but the broker could not be given its users: "
+            f"{type(exc).__name__}: {exc}. They take effect when Redis starts with --aclfile on that file; or run "
+            "the same command again once Redis is up") from None
+
+
+def follow_enrolments(home: Path, nodes: Sequence[str]) -> BrokerUsers | None:
+    """The broker users of ``home`` (its ``broker/`` folder) made to follow the enrolled
+    ``nodes``, on disk and, through the admin URL there, in the running broker. A grid without
+    ACLs (no ``users.acl``) only gets each node's URL file, holding the one open URL; a home
+    with no broker folder is left alone (None)."""
+    admin = role_url(home, "admin")
+    if admin is None:
+        return None
+    if not (broker_folder(home) / "users.acl").exists():
+        open_broker_urls(home, admin, nodes)
+        return None
+    parts = urlsplit(admin)
+    db = int(parts.path.strip("/") or 0)
+    written = ensure_broker_users(home, parts.hostname or "127.0.0.1", parts.port or 6379, db, nodes)
+    apply_users(written.urls["admin"], written)
+    return written
+
+
+def open_broker_urls(home: Path, url: str, nodes: Sequence[str] = ()) -> None:
+    """A broker without ACLs (the test grid): every user's URL file holds the one open URL, so
+    configs that read ``<home>/broker/<user>.url`` work the same on both kinds of grid."""
     folder = broker_folder(home)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for role in ROLES:
-        _write_private(folder / f"{role}.url", url + "\n")
+    names = users(nodes)
+    for u in names:
+        _write_private(folder / f"{u}.url", url + "\n")
+    _remove_stale_node_urls(folder, names)
 
 
-def role_url(home: Path, role: str) -> str | None:
-    """``role``'s broker URL as written under ``<home>/broker``, or None if there is none (a
-    grid without ACLs): what a command run as that role connects with by default."""
-    if role not in ROLES:
-        raise ValueError(f"unknown role {role!r}; the roles are {', '.join(ROLES)}")
-    path = broker_folder(home) / f"{role}.url"
+def role_url(home: Path, user: str) -> str | None:
+    """``user``'s broker URL as written under ``<home>/broker``, or None if there is none (a
+    grid without ACLs): what a command run as that user connects with by default."""
+    if user not in ROLES and not (user.startswith(NODE_USER_PREFIX) and _NODE_ID.fullmatch(user.split("-", 1)[1])):
+        raise ValueError(f"unknown broker user {user!r}; the users are {', '.join(ROLES)} and "
+                         f"{NODE_USER_PREFIX}<id> for each enrolled node")
+    path = broker_folder(home) / f"{user}.url"
     return path.read_text().strip() if path.exists() else None
 
 
-def rules_table(db: int = 0) -> str:
-    """Every role's rules and why, as a Markdown table (the comments the ACL file cannot hold)."""
+def rules_table(db: int = 0, nodes: Sequence[str] = ()) -> str:
+    """Every user's rules and why, as a Markdown table (the comments the ACL file cannot hold)."""
     out = ["# Broker ACL users (generated by ops/acl.py; `users.acl` holds the same rules)", "",
-           "`user default off`: a connection that does not log in as one of these can do nothing.", ""]
-    for role in ROLES:
-        out += [f"## {role}: {ROLE_WHO[role]}", "", "| rule | why |", "|---|---|"]
-        out += [f"| `{r.rule.replace('|', '&#124;')}` | {r.why} |" for r in rules(role, db)]
+           "`user default off`: a connection that does not log in as one of these can do nothing. No user but "
+           "`admin` may run scripts or functions.", ""]
+    for user in users(nodes):
+        who = ROLE_WHO["node"] if user.startswith(NODE_USER_PREFIX) else ROLE_WHO[user]
+        out += [f"## {user}: {who}", "", "| rule | why |", "|---|---|"]
+        out += [f"| `{_shown(r.rule)}` | {r.why} |" for r in rules(user, db, nodes)]
         out.append("")
     return "\n".join(out)
+
+
+def _shown(rule: str) -> str:
+    return rule.replace("|", "&#124;").replace(SEP, "\\x06\\x16")
+
+
+def _checked(nodes: Sequence[str]) -> list[str]:
+    """Enrolled node ids, each a plain name: one holding a glob character or ':' would widen
+    every pattern it is put into."""
+    bad = [n for n in nodes if not _NODE_ID.fullmatch(n)]
+    if bad:
+        raise ValueError(f"not node ids: {bad!r} (1 to 64 letters, digits, '_', '.' or '-')")
+    return sorted(set(nodes))
+
+
+def _remove_stale_node_urls(folder: Path, names: Sequence[str]) -> None:
+    for path in folder.glob(f"{NODE_USER_PREFIX}*.url"):
+        if path.stem not in names:
+            path.unlink()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _password(url_file: Path) -> str:
@@ -375,19 +491,3 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
     os.chmod(path, 0o600)
 
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ops.acl", description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("home", type=Path, help="where <home>/broker/ is written (e.g. ~/.gridq)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=6379)
-    parser.add_argument("--db", type=int, default=0)
-    args = parser.parse_args(argv)
-    users = ensure_broker_users(args.home.expanduser(), args.host, args.port, args.db)
-    print(f"redis-server --aclfile {users.acl_file}")
-    for role in ROLES:
-        print(f"{role:10s} {users.folder / f'{role}.url'}")
-
-
-if __name__ == "__main__":
-    main()

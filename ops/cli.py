@@ -29,7 +29,8 @@ requests_app = typer.Typer(help="The owner's approval queue.", no_args_is_help=T
 app.add_typer(requests_app, name="requests")
 mpc = typer.Typer(help="Run a node's MPC worker: encrypted ML-as-a-service.", no_args_is_help=True)
 app.add_typer(mpc, name="mpc")
-acl_app = typer.Typer(help="The broker's users: one Redis ACL user per role.", no_args_is_help=True)
+acl_app = typer.Typer(help="The broker's users: one Redis ACL user per enrolled node, and per role.",
+                      no_args_is_help=True)
 app.add_typer(acl_app, name="acl")
 runs_app = typer.Typer(help="Federated runs of grid.fit, from the client's history database.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
@@ -37,6 +38,8 @@ RUNS_DB = typer.Option(None, "--db", help="the history: a file path or an SQLAlc
                                           "runs.db in $GRIDQ_HOME, ~/.gridq)")
 CONFIG = typer.Argument(..., help="the node's TOML config, or a node name for $GRIDQ_HOME/nodes/NAME.toml "
                                   "(where `gridq up` writes its nodes' configs)")
+GATEWAY_DATABASE = typer.Option(None, "--database", help="SQLAlchemy URL of the gateway's registry (default: "
+                                                         "gateway.db in $GRIDQ_HOME, ~/.gridq)")
 
 @contextmanager
 def owner_node(config: str | Path) -> Iterator[Node]:
@@ -104,6 +107,10 @@ def keys_new(name: str, folder: Path = typer.Option(None, "--dir", help="where t
     identity = write_identity(folder, name, overwrite=force)
     typer.echo(f"secret key: {folder / (name + '.key')} (mode 0600)")
     typer.echo(f"public key: {folder / (name + '.pub')}: {identity.public.text()}")
+    from protocol.pinning import fingerprint
+
+    # what a gateway's operator announces, and participants compare (`gridq trust-gateway`)
+    typer.echo(f"fingerprint: {fingerprint(identity.public.text())}")
 
 
 @app.command()
@@ -158,8 +165,7 @@ def mpc_start(config: str = CONFIG, loglevel: str = "INFO") -> None:
 @gateway.command("start")
 def gateway_start(broker: str | None = broker_option("gateway"),
                   identity: Path = typer.Option(..., help="the gateway's key file"),
-                  database: str = typer.Option("sqlite:///gateway.db", help="SQLAlchemy URL of the registry"),
-                  loglevel: str = "INFO") -> None:
+                  database: str | None = GATEWAY_DATABASE, loglevel: str = "INFO") -> None:
     """Serve the gateway queue: node registrations and dataset search.
 
     Example: gridq gateway start --broker redis://127.0.0.1:6379/0 --identity keys/gateway.key
@@ -167,7 +173,68 @@ def gateway_start(broker: str | None = broker_option("gateway"),
     from ops.gateway import start_gateway
     from ops.keys import read_identity
 
-    start_gateway(_role_broker("gateway", broker), read_identity(identity), database, loglevel)
+    start_gateway(_role_broker("gateway", broker), read_identity(identity), _gateway_database(database), loglevel)
+
+
+def _gateway_database(database: str | None) -> str:
+    from ops.enrol import gateway_database
+
+    return database or gateway_database(_home())
+
+
+@app.command()
+def enrol(node: str = typer.Argument(..., help="the node's id, as in its config's [node] id"),
+          key: Path = typer.Option(..., "--key", help="the node's public key file (NAME.pub, from its owner)"),
+          replace: bool = typer.Option(False, help="replace the key the node is enrolled with (its registration "
+                                                   "is dropped until it registers with the new key)"),
+          database: str | None = GATEWAY_DATABASE) -> None:
+    """Admit a node at the gateway (run on the gateway's host): only enrolled nodes may
+    register and publish datasets, and only signed with the key enrolled.
+
+    Example: gridq enrol hospital --key hospital.pub
+    """
+    from ops.enrol import enrol as enrol_node
+
+    changed = enrol_node(_gateway_database(database), node, key, replace=replace)
+    typer.echo(f"{node} {'enrolled' if changed else 'was already enrolled'} with {key}; it registers when it "
+               "starts (`gridq node start`)")
+    _follow_enrolments(database, f"broker user node-{node}: its URL is $GRIDQ_HOME/broker/node-{node}.url "
+                                 "(hand it to the node's owner, for its config's broker_file)")
+
+
+def _follow_enrolments(database: str | None, what: str) -> None:
+    """The broker's users after an enrolment changed, when this host keeps them
+    ($GRIDQ_HOME/broker with users.acl: the gateway's host in compose and `gridq up`)."""
+    from ops.enrol import sync_broker_users
+
+    if sync_broker_users(_home(), _gateway_database(database)) is not None:
+        typer.echo(what)
+
+
+@app.command()
+def unenrol(node: str, database: str | None = GATEWAY_DATABASE) -> None:
+    """Withdraw a node's admission: its registration and datasets leave the registry, and
+    its messages are refused until it is enrolled again.
+
+    Example: gridq unenrol clinic
+    """
+    from orchestrator.registry import Registry
+
+    Registry(_gateway_database(database)).unenrol(node)
+    typer.echo(f"{node} unenrolled: its datasets are no longer found")
+    _follow_enrolments(database, f"broker user node-{node} deleted: its connections are closed")
+
+
+@app.command()
+def enrolled(database: str | None = GATEWAY_DATABASE) -> None:
+    """The nodes enrolled at the gateway, with their public keys.
+
+    Example: gridq enrolled
+    """
+    from orchestrator.registry import Registry
+
+    for node, key in Registry(_gateway_database(database)).enrolments():
+        typer.echo(f"{node:24s} {key}")
 
 
 @budget.command("show")
@@ -379,31 +446,76 @@ def flower(broker: str | None = broker_option("flower"), port: int = 5555, addre
 @acl_app.command("init")
 def acl_init(home: Path = typer.Option(None, help="where broker/ is written (default: $GRIDQ_HOME, ~/.gridq)"),
              host: str = typer.Option("127.0.0.1", help="the broker's host, as the participants reach it"),
-             port: int = 6379, db: int = 0) -> None:
+             port: int = 6379, db: int = 0, database: str | None = GATEWAY_DATABASE) -> None:
     """Write the broker's ACL file (users.acl: hashed passwords, the default user off) and one
-    URL file per role (gateway, node, mpc, scientist, flower, admin), all mode 0600, keeping
-    the passwords already there. Start Redis with the file; give each participant its URL.
+    URL file per user (gateway, scientist, flower, admin, and node-<id> for each node enrolled
+    at the gateway), all mode 0600, keeping the passwords already there. Start Redis with the
+    file; give each participant its URL. `gridq enrol`/`unenrol` keep it up to date.
 
     Example: gridq acl init --host redis.example --port 6379
     """
-    from ops.acl import ROLES, ensure_broker_users
+    from ops.acl import ensure_broker_users
+    from ops.enrol import enrolled_nodes, gateway_database
 
-    users = ensure_broker_users((home or _home()).expanduser(), host, port, db)
-    typer.echo(f"redis-server --aclfile {users.acl_file}")
-    for role in ROLES:
-        typer.echo(f"{role:10s} {users.folder / f'{role}.url'}")
+    where = (home or _home()).expanduser()
+    users = ensure_broker_users(where, host, port, db, nodes=enrolled_nodes(database or gateway_database(where)))
+    typer.echo(f"redis-server --aclfile {users.acl_file} --maxmemory <bytes> --maxmemory-policy noeviction")
+    for user in users.urls:
+        typer.echo(f"{user:24s} {users.folder / f'{user}.url'}")
     typer.echo(f"what each role may do, and why: {users.folder / 'users.rules.md'}")
 
 
 @acl_app.command("show")
-def acl_show(db: int = 0) -> None:
-    """Every role's rules, with the reason for each.
+def acl_show(db: int = 0, database: str | None = GATEWAY_DATABASE) -> None:
+    """Every broker user's rules (one per role, one per enrolled node), with the reason for each.
 
     Example: gridq acl show
     """
     from ops.acl import rules_table
+    from ops.enrol import enrolled_nodes
 
-    typer.echo(rules_table(db))
+    typer.echo(rules_table(db, enrolled_nodes(_gateway_database(database))))
+
+
+@app.command("trust-gateway")
+def trust_gateway(url: str | None = typer.Argument(None, help="the broker's URL (default: your broker user's, "
+                                                               "$GRIDQ_HOME/broker/scientist.url, else $GRIDQ_BROKER)"),
+                  node_config: str | None = typer.Option(None, "--node", help="pin for a node (its config, or its "
+                                                         "name under $GRIDQ_HOME/nodes) in its database, not for you "
+                                                         "in $GRIDQ_HOME/known_gateways; its broker is its config's"),
+                  key: str | None = typer.Option(None, "--key", help="the key to pin, gridq1:… as the gateway's "
+                                                 "operator gave it (default: the one the broker posts now)"),
+                  yes: bool = typer.Option(False, "--yes", "-y", help="pin without asking")) -> None:
+    """Accept a rotated gateway key. Clients and nodes pin the key a broker's gateway posts on
+    first contact and refuse another one later (GatewayKeyChanged): whoever can write the
+    broker could post their own. Run this once the gateway's operator has told you the new
+    key's fingerprint, and compare it with the one shown.
+
+    Example: gridq trust-gateway redis://127.0.0.1:6379/0
+    """
+    from contextlib import nullcontext
+
+    from orchestrator.known_gateways import KnownGateways
+    from orchestrator.transport import posted_key
+    from protocol.contract import GATEWAY
+    from protocol.identity import PublicIdentity
+    from protocol.pinning import broker_address, fingerprint
+
+    with owner_node(node_config) if node_config else nullcontext() as node:
+        broker = node.config.node.broker if node is not None else _role_broker("scientist", url)
+        pins = node.store if node is not None else KnownGateways()
+        address = broker_address(broker)
+        new = PublicIdentity.parse(GATEWAY, key).text() if key else posted_key(broker)
+        old = pins.pinned_gateway(address)
+        if old == new:
+            typer.echo(f"{fingerprint(new)} is already the gateway key pinned for {address} in {pins.where}")
+            return
+        typer.echo(f"broker {address}\n  pinned: {fingerprint(old) if old else '(none)'}\n  new:    "
+                   f"{fingerprint(new)}{'' if key else ' (as the broker posts it now)'}")
+        if not yes and not typer.confirm("Has the gateway's operator given you this new fingerprint? Pin it"):
+            raise typer.Exit(1)
+        pins.pin_gateway(address, new, replace=True)
+        typer.echo(f"pinned {fingerprint(new)} for {address} in {pins.where}")
 
 
 def _history_url(db: str | None) -> str | None:

@@ -1,6 +1,7 @@
 """One-shot set-up of a docker-compose grid: keys of every demo participant, the demo data
 and Flower's basic-auth credentials, written into the shared volume at ``$GRIDQ_HOME``
-(see docker-compose.yml).
+(see docker-compose.yml); the demo nodes enrolled at the gateway (its registry database in
+the same volume), since their keys are made here.
 
     GRIDQ_HOME=/var/lib/gridq python -m ops.compose_init
 
@@ -17,6 +18,8 @@ import sys
 from pathlib import Path
 
 from ops.demo import prepare
+from ops.enrol import enrol, gateway_database
+from ops.local import NODE_CONFIGS
 
 FLOWER_AUTH = "flower.auth"  # "operator:<secret>", mode 0600: `gridq flower --auth-file` reads it
 FLOWER_USER = "operator"
@@ -37,18 +40,29 @@ def flower_auth(home: Path) -> Path:
     return path
 
 
+def enrol_demo_nodes(home: Path) -> list[str]:
+    """Enrol every demo node (its key in ``home/keys``) in the gateway's database in ``home``;
+    a node enrolled already keeps its key (a changed key is refused, not replaced)."""
+    nodes = sorted(config.stem for config in NODE_CONFIGS.glob("*.toml"))
+    for node in nodes:
+        enrol(gateway_database(home), node, home / "keys" / f"{node}.pub")
+    return nodes
+
+
 def main() -> None:
     home = os.environ.get("GRIDQ_HOME")
     if not home:
         sys.exit("GRIDQ_HOME is not set: it names the folder shared by the gateway and the nodes")
     home_path = Path(home)
     configs = prepare(home_path)
+    nodes = enrol_demo_nodes(home_path)
     auth = flower_auth(home_path)
     keys = sorted(p.name for p in (home_path / "keys").glob("*.pub"))
     data = sorted(p.name for p in (home_path / "data").iterdir())
     print(
         f"gridq init: {home_path}: public keys {', '.join(keys)}; data {', '.join(data)}; "
-        f"node configs {', '.join(str(c) for c in configs)}; Flower's basic auth in {auth} (mode 0600)",
+        f"node configs {', '.join(str(c) for c in configs)}; nodes enrolled at the gateway: {', '.join(nodes)}; "
+        f"Flower's basic auth in {auth} (mode 0600)",
         flush=True,
     )
 

@@ -208,8 +208,8 @@ def run(stay_up: bool = False, home: Path | None = None, play: bool = True) -> N
     with tempfile.TemporaryDirectory(prefix="gridq-") as tmp:
         home = Path(home or tmp).resolve()
         configs = prepare(home)
-        # the broker runs with one ACL user per role (ops/acl.py): a scientist cannot flush it,
-        # pop a node's queue or rewrite the registry
+        # the broker runs with one ACL user per node and per role (ops/acl.py): a scientist cannot
+        # flush it, pop a node's queue or rewrite the registry; a node reaches only its own keys
         with LocalGrid(home, acl=True) as lg, _one_grid_per_home(home, stay_up):
             console.print("[bold]Starting a local grid[/]: Redis, gateway, nodes hospital and clinic …")
             t0 = time.perf_counter()
@@ -217,7 +217,7 @@ def run(stay_up: bool = False, home: Path | None = None, play: bool = True) -> N
             if stay_up:
                 start_mpc_pool(lg)
             console.print(f"  ready in {time.perf_counter() - t0:.1f} s — broker on port {lg.port}, one user per "
-                          f"role ({lg.home / 'broker'}), logs in {lg.logs}")
+                          f"node and per role ({lg.home / 'broker'}), logs in {lg.logs}")
             if play:
                 private_statistics(lg)
                 federated_learning(lg)

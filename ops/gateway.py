@@ -17,6 +17,7 @@ from orchestrator.gateway import Gateway
 from orchestrator.registry import Registry
 from protocol.contract import GATEWAY, GATEWAY_IDENTITY_KEY, GATEWAY_QUEUE, Tasks
 from protocol.identity import Identity
+from workers.inbox import own_in_flight
 from workers.tasks import serve_tasks
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ def make_gateway_app(broker: str, identity: Identity, database_url: str) -> Cele
     identity = replace(identity, name=GATEWAY)  # the gateway signs as "gateway", whatever its key file says
     app = make_celery(broker, name="gridq-gateway")
     serve_tasks(app, GATEWAY_TASKS, lambda: Gateway(identity, Registry(database_url)))
+    own_in_flight(app, GATEWAY_QUEUE)
     return app
 
 

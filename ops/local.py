@@ -6,9 +6,11 @@ the integration tests; nothing here is assumed to run beforehand.
         lg.start(["ops/nodes/hospital.toml"])
         grid = lg.connect("alice")
 
-With ``acl=True`` the broker runs with one Redis ACL user per role (``ops/acl.py``): the
-``default`` user is off, and every process gets its role's URL (gateway, node, mpc,
-scientist, flower); ``lg.url`` is then the ``admin`` URL, the broker owner's.
+With ``acl=True`` the broker runs with one Redis ACL user per identity (``ops/acl.py``): the
+``default`` user is off, every process gets its own user's URL (gateway, ``node-<id>`` for
+a node's worker and its MPC worker, scientist, flower), and enrolling a node gives it its
+user; ``lg.url`` is then the ``admin`` URL, the broker owner's. Either way Redis runs with
+``maxmemory`` and ``noeviction``: queues are never evicted, a full broker refuses writes.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from pathlib import Path
 
 import redis
 
-from ops.acl import BrokerUsers, ensure_broker_users, open_broker_urls
+from ops.acl import BrokerUsers, ensure_broker_users, node_user, open_broker_urls
+from ops.enrol import enrol, enrolled_nodes, gateway_database, sync_broker_users
 from ops.keys import read_identity, write_identity
 from orchestrator.grid import Grid
 from protocol.contract import GATEWAY_IDENTITY_KEY
@@ -33,6 +36,10 @@ from protocol.errors import NodeUnavailable
 from workers.node import Node
 
 NODE_CONFIGS = Path(__file__).parent / "nodes"
+# The broker's memory bound. With ``noeviction`` Redis never drops a key to make room (a queue
+# or an unread job would be lost silently); once full it refuses writes, which clients see
+# as BrokerUnavailable, until blobs and results expire.
+MAXMEMORY = "512mb"
 
 
 def free_port() -> int:
@@ -74,8 +81,9 @@ class LocalGrid:
         self.stop()
 
     def url_for(self, role: str) -> str:
-        """The broker URL a process of ``role`` connects with (gateway, node, mpc, scientist,
-        flower, admin): its own ACL user's with ``acl=True``, else the one open URL."""
+        """The broker URL a process of ``role`` connects with (gateway, scientist, flower, admin,
+        or an enrolled node's ``node_user(id)``): its own ACL user's with ``acl=True``, else
+        the one open URL."""
         if self.users is None:
             return self.url
         return self.users.urls[role]
@@ -85,17 +93,23 @@ class LocalGrid:
                 "PYTHONUNBUFFERED": "1"}
 
     def start_redis(self, port: int | None = None) -> str:
+        """The broker, keeping its state across restarts in an append-only file in the home:
+        queued jobs, results and the gateway's key come back after a crash or a restart
+        (``appendfsync everysec``: a crash of Redis alone loses no write it acknowledged, as
+        each is handed to the OS before the reply; a power loss, up to the last second)."""
         port = self.port = port or free_port()
         self.home.mkdir(parents=True, exist_ok=True)
         argv = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", str(self.home)]
+                "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.home),
+                "--maxmemory", MAXMEMORY, "--maxmemory-policy", "noeviction"]
         if self.acl:
-            self.users = ensure_broker_users(self.home, "127.0.0.1", port)
+            self.users = ensure_broker_users(self.home, "127.0.0.1", port,
+                                             nodes=enrolled_nodes(gateway_database(self.home)))
             argv += ["--aclfile", str(self.users.acl_file)]
             self.url = self.users.urls["admin"]
         else:
             self.url = f"redis://127.0.0.1:{port}/0"
-            open_broker_urls(self.home, self.url)
+            open_broker_urls(self.home, self.url, enrolled_nodes(gateway_database(self.home)))
         self._spawn("redis", argv)
         client = redis.Redis.from_url(self.url)
         _until(lambda: _pings(client), 10, "redis-server did not start")
@@ -112,18 +126,28 @@ class LocalGrid:
         # the broker URL (with the gateway user's password) goes by GRIDQ_BROKER, not argv: `ps` shows argv
         self._spawn("gateway", [sys.executable, "-m", "ops.cli", "gateway", "start",
                                 "--identity", str(self.keys / "gateway.key"),
-                                "--database", f"sqlite:///{self.home / 'gateway.db'}"], role="gateway")
+                                "--database", gateway_database(self.home)], role="gateway")
+
+    def enrol(self, name: str) -> None:
+        """Admit node ``name`` at the gateway with its key in ``keys/`` (made if missing): the
+        gateway refuses nodes its operator did not enrol. Before the node starts, so that its
+        first registration is accepted."""
+        self.ensure_keys(name)
+        enrol(gateway_database(self.home), name, self.keys / f"{name}.pub")
+        if self.url:  # the node gets its broker user (or, without ACLs, its URL file)
+            self.users = sync_broker_users(self.home) or self.users
 
     def start_node(self, config: Path | str, name: str | None = None) -> None:
         name = name or Path(config).stem
-        self.ensure_keys(name)
-        self._spawn(name, [sys.executable, "-m", "ops.cli", "node", "start", str(config)], role="node")
+        self.enrol(name)
+        self._spawn(name, [sys.executable, "-m", "ops.cli", "node", "start", str(config)], role=node_user(name))
 
     def start_mpc(self, config: Path | str) -> None:
         """A node's MPC worker (host, party or crypto provider), as process ``<name>-mpc``."""
         name = Path(config).stem
-        self.ensure_keys(name)
-        self._spawn(f"{name}-mpc", [sys.executable, "-m", "ops.cli", "mpc", "start", str(config)], role="mpc")
+        self.enrol(name)
+        self._spawn(f"{name}-mpc", [sys.executable, "-m", "ops.cli", "mpc", "start", str(config)],
+                    role=node_user(name))
 
     def start(self, configs: Sequence[Path | str], timeout: float = 60.0) -> None:
         """Redis, the gateway and the given nodes; returns once every node serves."""
@@ -150,13 +174,20 @@ class LocalGrid:
                    deadline - time.monotonic(), f"workers {workers} did not start", self._crashed)
 
     def connect(self, user: str, timeout: float = 60.0, role: str = "scientist") -> Grid:
-        """``user``'s connection to the grid, with the broker rights of ``role``."""
+        """``user``'s connection to the grid, with the broker rights of ``role``. The gateway's
+        key is this grid's own (in ``keys/``): nothing is pinned in anyone's home."""
         self.ensure_keys(user)
-        return Grid.connect(self.url_for(role), read_identity(self.keys / f"{user}.key"), timeout=timeout)
+        return Grid.connect(self.url_for(role), read_identity(self.keys / f"{user}.key"), timeout=timeout,
+                            gateway_key=self.gateway_key())
+
+    def gateway_key(self) -> str:
+        """The public key of this grid's gateway, as its key file holds it."""
+        self.ensure_keys("gateway")
+        return read_identity(self.keys / "gateway.key").public.text()
 
     def owner(self, config: Path | str) -> Node:
         """A node's admin API (the owner's side), for a config of this grid."""
-        os.environ.update({"GRIDQ_HOME": str(self.home), "GRIDQ_BROKER": self.url_for("node")})
+        os.environ.update({"GRIDQ_HOME": str(self.home), "GRIDQ_BROKER": self.url_for(node_user(Path(config).stem))})
         return Node.from_config(config)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
@@ -167,6 +198,12 @@ class LocalGrid:
         except ProcessLookupError:
             pass
         proc.wait(timeout=30)
+
+    def restart_redis(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the broker (``SIGKILL``: as a crash) and start it again on the same port, from
+        its append-only file; the workers reconnect by themselves."""
+        self.kill("redis", sig)
+        self.start_redis(self.port)
 
     def stop(self) -> None:
         for name in [n for n in self.procs if n != "redis"] + (["redis"] if "redis" in self.procs else []):

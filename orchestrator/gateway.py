@@ -1,20 +1,22 @@
 """The gateway worker: the grid's registry and search, behind the ``gateway`` queue.
 
-Nodes send signed registrations and publications; anyone may search. Every answer is an
-envelope signed by the gateway, whose public key is posted in Redis (``ops.gateway``) so
-clients can check it (or pin it: ``Grid.connect(..., gateway_key=...)``).
+Nodes the operator enrolled (``gridq enrol``) send signed registrations and publications;
+anyone may search. Every answer is an envelope signed by the gateway, whose public key is
+posted in Redis (``ops.gateway``) so clients can check it (or pin it:
+``Grid.connect(..., gateway_key=...)``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from orchestrator.registry import Registry
+from orchestrator.nonces import RegistryNonces
+from orchestrator.registry import Registry, not_enrolled
 from protocol.contract import PUBLIC, Tasks
-from protocol.envelope import Envelope, MemoryNonceStore
+from protocol.envelope import Envelope
 from protocol.errors import GridError
 from protocol.identity import Identity, PublicIdentity
 from protocol.messages import (
@@ -31,12 +33,14 @@ log = logging.getLogger(__name__)
 
 
 class Gateway:
-    """The registry's logic, free of Celery: one route per message."""
+    """The registry's logic, free of Celery: one route per message. Node messages are
+    verified against the node's enrolled key, their nonces kept in the registry's database
+    (a replay after a restart is still a replay), and the registry refuses stale ones."""
 
     def __init__(self, identity: Identity, registry: Registry) -> None:
         self.identity = identity
         self.registry = registry
-        self.server = EnvelopeServer(identity, MemoryNonceStore(), _failure)
+        self.server = EnvelopeServer(identity, RegistryNonces(registry), _failure)
         self.routes = {"register": Route(RegisterNode, self._register), "publish": Route(PublishDataset, self._publish),
                        "unpublish": Route(UnpublishDataset, self._unpublish)}
 
@@ -58,15 +62,16 @@ class Gateway:
         return Answer(self.server.sign(PUBLIC, job_id, self.server.guarded(work, job_id)))
 
     def _register(self, env: Envelope, body: RegisterNode) -> GatewayReply:
-        self.registry.register(env.sender, body.public_key, list(body.datasets))
+        self.registry.register(env.sender, body.public_key, list(body.datasets), issued_at=env.issued_at,
+                               nonce=env.nonce)
         return GatewayReply()
 
     def _publish(self, env: Envelope, body: PublishDataset) -> GatewayReply:
-        self.registry.publish(env.sender, body.dataset)
+        self.registry.publish(env.sender, body.dataset, issued_at=env.issued_at, nonce=env.nonce)
         return GatewayReply()
 
     def _unpublish(self, env: Envelope, body: UnpublishDataset) -> GatewayReply:
-        self.registry.unpublish(env.sender, body.name)
+        self.registry.unpublish(env.sender, body.name, issued_at=env.issued_at, nonce=env.nonce)
         return GatewayReply()
 
     def search(self, query: Any) -> GatewayReply:
@@ -79,22 +84,35 @@ def _failure(exc: GridError, job_id: str) -> GatewayReply:
     return GatewayReply(error=WireError(**exc.to_wire()))
 
 
-class _KeyringFor(dict[str, PublicIdentity]):
-    """A node's pinned key; on its first registration, the key it presents (TOFU)."""
+class _KeyringFor(Mapping[str, PublicIdentity]):
+    """The one key a node's message may be signed with: its sender's enrolled key.
+
+    Looking up a sender that is not enrolled, or a registration presenting another key than
+    the enrolled one, raises NotEnrolled naming the operator's command, which the envelope
+    check (``open_envelope`` looks the sender up before anything else) answers as the refusal.
+    """
 
     def __init__(self, registry: Registry, raw: Any) -> None:
-        super().__init__()
         sender = raw.get("sender") if isinstance(raw, dict) else None
-        if not isinstance(sender, str):
-            return
-        key = registry.pinned_key(sender)
-        if key is None and raw.get("kind") == "register":
+        self._sender = sender if isinstance(sender, str) else None
+        self._key = registry.enrolled_key(self._sender) if self._sender is not None else None
+        self._presented: str | None = None
+        if isinstance(raw, dict) and raw.get("kind") == "register":
             try:
-                key = json.loads(raw.get("body", ""))["public_key"]
+                presented = json.loads(raw.get("body", ""))["public_key"]
             except (ValueError, KeyError, TypeError):
-                return
-        if isinstance(key, str):
-            try:
-                self[sender] = PublicIdentity.parse(sender, key)
-            except GridError:
-                return
+                presented = None  # a malformed body: the route refuses it once the signature checks out
+            self._presented = presented if isinstance(presented, str) else None
+
+    def __getitem__(self, name: str) -> PublicIdentity:
+        if name != self._sender:
+            raise KeyError(name)
+        if self._key is None or (self._presented is not None and self._presented != self._key):
+            raise not_enrolled(name, self._key, self._presented)
+        return PublicIdentity.parse(name, self._key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([self._sender] if self._sender is not None and self._key is not None else [])
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))

@@ -6,8 +6,9 @@
     >>> births["weight"].mean().get()                                                   # doctest: +SKIP
     tensor(3.4127)
 
-Everything the grid answers is signed: gateway answers with the gateway's key (read from
-Redis at connect, or pinned with ``gateway_key=``), node answers with the node's key as
+Everything the grid answers is signed: gateway answers with the gateway's key (given as
+``gateway_key=``, or read from Redis at connect and pinned on first contact in
+``$GRIDQ_HOME/known_gateways``, as ssh's known_hosts), node answers with the node's key as
 registered at the gateway.
 """
 
@@ -86,7 +87,12 @@ class Grid:
                 gateway_key: str | None = None, timeout: float = 60.0) -> Grid:
         """Connect to the grid whose broker is at ``url`` (default: ``$GRIDQ_BROKER``), as the
         identity in a key file: a path, or a name such as ``"alice"`` for
-        ``$GRIDQ_HOME/keys/alice.key`` (``GRIDQ_HOME`` defaults to ``~/.gridq``)."""
+        ``$GRIDQ_HOME/keys/alice.key`` (``GRIDQ_HOME`` defaults to ``~/.gridq``).
+
+        The gateway's key is ``gateway_key`` (``gridq1:…``, from the grid's operator) if given;
+        else the one the broker posts, pinned on first contact in ``$GRIDQ_HOME/known_gateways``:
+        a different one later raises ``GatewayKeyChanged`` (``gridq trust-gateway`` accepts
+        a rotation)."""
         url = url or os.environ.get("GRIDQ_BROKER")
         if not url:
             raise InvalidRequest("no broker URL: pass Grid.connect(url, ...) or set GRIDQ_BROKER "

@@ -10,33 +10,49 @@ several nodes, list served models, and query one privately.
 sealed to each party: no node — host, party or provider — ever holds a weight. ``query``
 does the same with the input; the parties' output shares come back sealed to the querier,
 who alone reconstructs the result.
+
+The owner signs the card (host, parties, provider, queriers with their keys) and each
+share for it; the querier signs each query and each input share for it
+(:mod:`protocol.mpc.cards`). Keys this client trusts without asking anyone: its own, and
+public key files handed over out of band, ``$GRIDQ_HOME/trusted/NAME.pub``. A card whose
+owner has such a file must carry that key; a querier named without one gets the key its
+host knows for them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import secrets
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from orchestrator.transport import Pending
-from protocol.contract import Tasks, mpc_queue
+from protocol.contract import Tasks, gridq_home, mpc_queue
 from protocol.errors import (
-    BadSignature,
     ForbiddenOperation,
+    GridError,
     InvalidRequest,
     NotFound,
     error_from_wire,
 )
+from protocol.identity import Identity, PublicIdentity, unreadable_key
+from protocol.mpc.cards import ModelCard, Query, SignedCard, SignedQuery, check_roles, input_label, share_label
 from protocol.mpc.model import Layer, ModelPlan, encode_parameters
 from protocol.mpc.ring import FixedPoint
 from protocol.mpc.sharing import reconstruct, share
-from protocol.mpc.wire import ModelCard, MpcReply, QueryModel, ServeModel, pack, unpack
+from protocol.mpc.wire import MpcReply, QueryModel, ServeModel, UserKeys, pack, seal_signed, unpack
 from protocol.serving import parse
 
 if TYPE_CHECKING:
     from orchestrator.grid import Grid
+
+log = logging.getLogger(__name__)
+Trusted = Sequence[PublicIdentity]  # keys the caller vouches for, by their names
 
 
 def plan_of(model: torch.nn.Module, frac_bits: int = 16) -> tuple[ModelPlan, dict[str, torch.Tensor]]:
@@ -73,51 +89,129 @@ def _flatten(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def serve(grid: Grid, model: torch.nn.Module, *, name: str, parties: Sequence[str], crypto_provider: str,
-          host: str, queriers: Sequence[str] = (), frac_bits: int = 16) -> ModelCard:
+          host: str, queriers: Sequence[str | PublicIdentity] = (), frac_bits: int = 16) -> ModelCard:
     plan, params = plan_of(model, frac_bits)
-    card = ModelCard(name=name, owner=grid.identity.name, host=host, parties=list(parties),
-                     provider=crypto_provider, queriers=list(queriers), plan=plan)
-    encoded = encode_parameters(plan, params)
-    split = {k: share(v, len(parties)) for k, v in encoded.items()}
-    shares = {p: grid.transport.leave(grid.transport.node_key(p).seal(pack({k: v[i] for k, v in split.items()})))
-              for i, p in enumerate(parties)}
-    ask(grid, host, Tasks.MPC_SERVE, ServeModel(card=card, shares=shares))
+    me = grid.identity
+    card = ModelCard(name=name, owner=me.name, owner_key=me.public.text(), host=host, parties=list(parties),
+                     provider=crypto_provider, plan=plan, issued_at=time.time())
+    check_roles(card)  # before asking anyone anything
+    card = ModelCard.model_validate({**card.model_dump(), "queriers": querier_keys(grid, host, queriers)})
+    shares = sealed_shares(grid, me, card, params)
+    ask(grid, host, Tasks.MPC_SERVE, ServeModel(card=SignedCard.sign(me, card), shares=shares))
     return card
 
 
-def models(grid: Grid) -> list[ModelCard]:
-    """Served models whose card carries a valid signature of its host."""
-    cards = []
+def sealed_shares(grid: Grid, signer: Identity, card: ModelCard, params: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Each party's additive share of ``params`` (float), sealed to that party and signed by
+    ``signer`` — the owner — for this card and this party (left by claim-check: the keys)."""
+    encoded = encode_parameters(card.plan, params)
+    split = {k: share(v, len(card.parties)) for k, v in encoded.items()}
+    return {p: grid.transport.leave(seal_signed(signer, grid.transport.node_key(p), share_label(card, p),
+                                                pack({k: v[i] for k, v in split.items()})))
+            for i, p in enumerate(card.parties)}
+
+
+def querier_keys(grid: Grid, host: str, queriers: Sequence[str | PublicIdentity]) -> dict[str, str]:
+    """The key of each querier, as the owner signs it into the card: given, or known here
+    (:func:`known_key`), else the one ``host`` knows for them (it vouches, once, at serving)."""
+    keys: dict[str, str] = {}
+    unknown: list[str] = []
+    for q in queriers:
+        key = q if isinstance(q, PublicIdentity) else known_key(grid, q)
+        if key is None:
+            unknown.append(str(q))
+        else:
+            keys[key.name] = key.text()
+    if unknown:
+        given = ask(grid, host, Tasks.MPC_KEYS, UserKeys(names=unknown)).keys
+        missing = [n for n in unknown if n not in given]
+        if missing:
+            raise InvalidRequest(f"host {host!r} gave no key for {missing}")
+        keys.update({n: PublicIdentity.parse(n, given[n]).text() for n in unknown})
+    return keys
+
+
+def known_key(grid: Grid, name: str) -> PublicIdentity | None:
+    """A key this client trusts for ``name`` without asking the grid: its own, or the public
+    key file ``$GRIDQ_HOME/trusted/NAME.pub`` (what ``gridq keys new`` writes as NAME.pub,
+    handed over by its owner)."""
+    if name == grid.identity.name:
+        return grid.identity.public
+    file = trusted_folder() / f"{name}.pub"
+    try:
+        text = file.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise unreadable_key(file, exc) from None
+    return PublicIdentity.parse(name, text.strip())
+
+
+def trusted_folder() -> Path:
+    return gridq_home() / "trusted"
+
+
+def models(grid: Grid, trusted: Trusted = ()) -> list[ModelCard]:
+    """Served models whose card its owner signed and its host countersigned, listed under its
+    owner's name. If the owner's key is known here (``trusted``, or :func:`known_key`), the
+    card must carry it: a host's card under another's name is not listed."""
+    given = {k.name: k for k in trusted}
+    cards: dict[str, ModelCard] = {}
     for raw in grid.transport.posted_models():
         try:
             entry = json.loads(raw)
-            card = ModelCard.model_validate_json(entry["card"])
+            signed = SignedCard.model_validate_json(entry["card"])
+            owner = signed.card.owner
+            card = signed.verify(given.get(owner) or known_key(grid, owner))
             grid.transport.node_key(card.host).verify(entry["card"].encode(), bytes.fromhex(entry["signature"]))
-        except (BadSignature, NotFound, ValueError, KeyError, TypeError):
-            continue  # malformed, or not signed by the host it names: not a model of this grid
-        cards.append(card)
-    return sorted(cards, key=lambda c: c.name)
+        except (GridError, ValueError, KeyError, TypeError) as exc:
+            log.warning("a model listing is not its owner's card, left out: %s", exc)
+            continue  # malformed, or not signed by the owner (and host) it names: not a model of this grid
+        if card.qualified not in cards or cards[card.qualified].issued_at < card.issued_at:
+            cards[card.qualified] = card  # the owner's newest card, wherever a host listed it
+    return sorted(cards.values(), key=lambda c: (c.name, c.owner))
 
 
-def query(grid: Grid, name: str, x: torch.Tensor) -> torch.Tensor:
-    card = next((c for c in models(grid) if c.name == name), None)
-    if card is None:
+def find(grid: Grid, name: str, trusted: Trusted = ()) -> ModelCard:
+    """The listed card of ``owner/model``, or of ``model`` if one owner serves that name."""
+    owner, _, model = name.rpartition("/")
+    found = [c for c in models(grid, trusted) if c.name == model and owner in ("", c.owner)]
+    if not found:
         raise NotFound(f"no served model {name!r}; grid.models() lists them")
+    if len(found) > 1:
+        raise InvalidRequest(f"{len(found)} owners serve a model {model!r}; name the one you mean: "
+                             + " or ".join(repr(c.qualified) for c in found))
+    return found[0]
+
+
+def query(grid: Grid, name: str, x: torch.Tensor, trusted: Trusted = ()) -> torch.Tensor:
+    """``name`` is ``owner/model``, or ``model`` if one owner serves that name."""
+    card = find(grid, name, trusted)
     batch = x.reshape(1, -1) if x.dim() == 1 else x
     if batch.dim() != 2 or batch.shape[1] != card.plan.in_features:
         raise InvalidRequest(f"model {name!r} takes inputs of {card.plan.in_features} features, not shape "
                              f"{tuple(x.shape)}")
     fp = FixedPoint(card.plan.frac_bits)
-    pieces = share(fp.encode(batch), len(card.parties))
-    inputs = {p: grid.transport.leave(grid.transport.node_key(p).seal(pack({"x": s})))
-              for p, s in zip(card.parties, pieces, strict=True)}
-    reply = ask(grid, card.host, Tasks.MPC_QUERY, QueryModel(name=name, batch=batch.shape[0], inputs=inputs))
+    signed, inputs = signed_query(grid, card, share(fp.encode(batch), len(card.parties)))
+    reply = ask(grid, card.host, Tasks.MPC_QUERY, QueryModel(query=signed, inputs=inputs))
     outputs = []
     for party in card.parties:
         tensors, _ = unpack(grid.identity.unseal(grid.transport.claim(reply.outputs[party])))
         outputs.append(tensors["y"])
     y = fp.decode(reconstruct(outputs)).to(x.dtype if x.is_floating_point() else torch.float64)
     return y[0] if x.dim() == 1 else y
+
+
+def signed_query(grid: Grid, card: ModelCard, pieces: Sequence[torch.Tensor]) -> tuple[SignedQuery, dict[str, str]]:
+    """A query of ``card`` signed by this client, and each party's input share sealed to it
+    and signed for this query: a share copied into another session does not open."""
+    me = grid.identity
+    q = Query(querier=me.name, owner=card.owner, model=card.name, card=card.digest(), batch=pieces[0].shape[0],
+              id=secrets.token_hex(16), issued_at=time.time())
+    inputs = {p: grid.transport.leave(seal_signed(me, grid.transport.node_key(p), input_label(q.id, p),
+                                                  pack({"x": s})))
+              for p, s in zip(card.parties, pieces, strict=True)}
+    return SignedQuery.sign(me, q), inputs
 
 
 def ask(grid: Grid, host: str, task: str, body: Any) -> MpcReply:

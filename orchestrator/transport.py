@@ -11,14 +11,12 @@ that name the fix (as httpx maps httpcore's), so none reaches a data scientist.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis
 from celery import Celery, group, states
@@ -27,12 +25,14 @@ from celery.result import AsyncResult
 from kombu.exceptions import KombuError, OperationalError
 
 from orchestrator.app import make_celery
+from orchestrator.known_gateways import KnownGateways
 from protocol.contract import (
     CLAIM_CHECK_PREFIX,
     CLAIM_CHECK_TTL_SECONDS,
     GATEWAY,
     GATEWAY_IDENTITY_KEY,
     GATEWAY_QUEUE,
+    INTERACTIVE_RESULT_RETRY,
     MPC_MODELS_KEY,
     PENDING_APPROVAL,
     PUBLIC,
@@ -42,28 +42,48 @@ from protocol.envelope import Envelope, MemoryNonceStore, open_envelope, seal_en
 from protocol.errors import BrokerUnavailable, NodeUnavailable, NotFound, error_from_wire
 from protocol.identity import Identity, PublicIdentity
 from protocol.messages import GatewayReply, NodeInfo, parse_body
+from protocol.pinning import GatewayPins, broker_address, posted_gateway_key, shown, trust_on_first_use
 
 # what the drivers raise → what the user gets
 DRIVER_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, KombuError, OperationalError)
 
 
-def shown(url: str) -> str:
-    """The URL without its password (broker URLs carry ACL credentials)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return parts._replace(netloc=netloc).geturl()
-
-
 @contextmanager
 def broker_errors(url: str) -> Iterator[None]:
+    """Driver errors inside become :class:`BrokerUnavailable`. Celery's result backend wraps
+    one in a RuntimeError once its reconnection retries run out (``reconnect_on_error``):
+    that is a broker failure too, known by its cause."""
     try:
         yield
     except DRIVER_ERRORS as exc:
-        raise BrokerUnavailable(f"the broker at {shown(url)} failed: {type(exc).__name__}: {exc}. Is Redis "
-                                "running there? `gridq up` starts a grid and prints its URL; `gridq status` "
-                                "checks one.") from None
+        raise _unavailable(url, exc) from None
+    except RuntimeError as exc:
+        if not isinstance(exc.__cause__, DRIVER_ERRORS):
+            raise
+        raise _unavailable(url, exc.__cause__) from None
+
+
+def _unavailable(url: str, exc: BaseException) -> BrokerUnavailable:
+    return BrokerUnavailable(f"the broker at {shown(url)} failed: {type(exc).__name__}: {exc}. Is Redis running "
+                             "there? `gridq up` starts a grid and prints its URL; `gridq status` checks one.")
+
+
+def posted_key(url: str) -> str:
+    """The public key the gateway posted on the broker at ``url`` (as it is now: not trusted)."""
+    with broker_errors(url), redis.Redis.from_url(url) as client:
+        posted = client.get(GATEWAY_IDENTITY_KEY)
+    if posted is None:
+        raise NodeUnavailable(f"no gateway has started on {shown(url)}: run `gridq gateway start` "
+                              "(or `gridq up`) first")
+    return posted_gateway_key(posted, broker_address(url))
+
+
+def pinned_key(url: str, pins: GatewayPins | None = None) -> str:
+    """The gateway key to trust on ``url``'s broker: the posted one, pinned on first contact
+    in ``pins`` (``$GRIDQ_HOME/known_gateways``); GatewayKeyChanged if it has changed since."""
+    address = broker_address(url)  # a URL that is not one fails here, before the broker is asked
+    return trust_on_first_use(pins if pins is not None else KnownGateways(), address, posted_key(url),
+                              accept=f"`gridq trust-gateway {shown(url)}`")
 
 
 def poll_results(app: Celery, job_ids: Sequence[str], timeout: float, also: tuple[str, ...] = ()
@@ -103,6 +123,8 @@ class Transport:
         self.identity = identity
         self.timeout = timeout
         self.app = make_celery(url)  # public for operator tools (Flower-like views) and tests
+        self.app.conf.result_backend_transport_options = {**self.app.conf.result_backend_transport_options,
+                                                          "retry_policy": INTERACTIVE_RESULT_RETRY}
         self._redis = redis.Redis.from_url(url)
         self._gateway = gateway_key
         self._nonces = MemoryNonceStore()
@@ -111,15 +133,13 @@ class Transport:
     @classmethod
     def connect(cls, url: str, identity: Identity, *, gateway_key: str | None = None,
                 timeout: float = 60.0) -> Transport:
-        """Connect as ``identity``; the gateway's key is read where the gateway posted it,
-        unless pinned with ``gateway_key``."""
+        """Connect as ``identity``. The gateway's key is ``gateway_key`` if given, else the one
+        the gateway posted on the broker, pinned on first contact (:func:`pinned_key`)."""
         if gateway_key is None:
+            gateway_key = pinned_key(url)
+        else:  # a dead broker is said now, as when the key is read from it, not at the first call
             with broker_errors(url), redis.Redis.from_url(url) as client:
-                posted = client.get(GATEWAY_IDENTITY_KEY)
-            if posted is None:
-                raise NodeUnavailable(f"no gateway has started on {shown(url)}: run `gridq gateway start` "
-                                      "(or `gridq up`) first")
-            gateway_key = json.loads(posted)["public_key"]
+                client.ping()
         return cls(url, identity, PublicIdentity.parse(GATEWAY, gateway_key), timeout)
 
     def close(self) -> None:
@@ -172,7 +192,7 @@ class Transport:
             raise NodeUnavailable(f"the gateway did not answer in {self.timeout:.0f} s; is `gridq gateway start` "
                                   "running?" + self.unsigned(job_id))
         env = open_envelope(found[1], recipient=PUBLIC, keyring={GATEWAY: self._gateway}, nonces=self._nonces,
-                            delivery_id=job_id, now=time.time())
+                            delivery_id=job_id, now=time.time(), job_id=job_id)  # its answer to this question
         body = parse_body(env.body_json())
         assert isinstance(body, GatewayReply)
         if body.error is not None:
@@ -228,11 +248,20 @@ class Transport:
                         # stop listening for it now, while the broker is there (not whenever it is collected)
                         self.app.backend.remove_pending_result(async_result)
                         return None
+                    except BaseException:
+                        self._forget(async_result)
+                        raise
                 if async_result.state == states.SUCCESS:
                     return async_result.state, async_result.result
                 if deadline - time.monotonic() <= 0:
                     return None
                 time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))  # an unsigned final state: wait on
+
+    def _forget(self, async_result: AsyncResult) -> None:
+        """Stop waiting for a result whose wait failed (the broker went away): now, and quietly,
+        rather than from its ``__del__``, where a failure would only be printed."""
+        with suppress(RuntimeError, *DRIVER_ERRORS):
+            self.app.backend.remove_pending_result(async_result)
 
     def parked(self, job_id: str) -> Any | None:
         """What the node stored with a job it parked for its owner (its signed answer saying
@@ -261,7 +290,7 @@ class Transport:
         """Leave sealed bytes in Redis by claim-check, for the one they are sealed to; the key."""
         key = f"{CLAIM_CHECK_PREFIX}{uuid.uuid4().hex}"
         with broker_errors(self.url):
-            self._redis.set(key, data, ex=CLAIM_CHECK_TTL_SECONDS)
+            self._redis.setex(key, CLAIM_CHECK_TTL_SECONDS, data)  # a blob always has a TTL (ops/acl.py)
         return key
 
     def claim(self, key: str) -> bytes:

@@ -14,6 +14,11 @@ GATEWAY = "gateway"
 PUBLIC = "public"  # recipient of answers meant for anyone: gateway answers, refusals of anonymous junk
 GATEWAY_QUEUE = "gateway"
 GATEWAY_IDENTITY_KEY = "gridq:gateway:identity"  # Redis key where the gateway posts its public key
+# How long a node's registration or publication stays valid on its way to the gateway. It
+# waits in the gateway's queue while the gateway is down, so not minutes; but a withheld
+# copy must not be replayable for a day (the gateway also refuses one older than what it
+# accepted since, and remembers nonces across restarts). A node registers again when it starts.
+NODE_MESSAGE_TTL_SECONDS = 3600.0
 
 
 def node_queue(node_id: str) -> str:
@@ -25,7 +30,7 @@ def mpc_queue(node_id: str) -> str:
     return f"mpc.{node_id}"
 
 
-MPC_MODELS_KEY = "gridq:mpc:models"  # Redis hash: served model name -> its card, signed by its host
+MPC_MODELS_KEY = "gridq:mpc:models"  # Redis hash: "owner/model" -> its card, signed by its owner and its host
 
 
 def dead_letter_key(queue: str) -> str:
@@ -35,21 +40,38 @@ def dead_letter_key(queue: str) -> str:
 
 
 DEAD_LETTER_MAX = 1000
+DEAD_LETTER_TTL_SECONDS = 7 * 24 * 3600  # a dead-letter list nobody wrote to for a week goes
 
 
-def mpc_session_key(session: str, party: str, way: str) -> str:
-    """A party's ``up`` or ``down`` list of one MPC session's rounds."""
-    return f"gridq:mpc:session:{session}:{party}:{way}"
+def in_flight_keys(queue: str) -> dict[str, str]:
+    """kombu's Redis transport options naming where a consumer of ``queue`` keeps the messages
+    it has taken but not yet acknowledged (kombu's defaults are one ``unacked`` hash for every
+    queue): with keys of its own, a node's broker user reads and restores only its own jobs."""
+    return {"unacked_key": f"gridq:unacked:{queue}", "unacked_index_key": f"gridq:unacked_index:{queue}",
+            "unacked_mutex_key": f"gridq:unacked_mutex:{queue}"}
 
 
-def mpc_pool_key(provider: str, parties: list[str], frac_bits: int, need: str) -> str:
+# MPC keys name the member whose they are first (host, provider) or last (party), so that
+# each node's broker user can be given its own keys only (ops/acl.py); node ids hold no ':'.
+def mpc_session_key(host: str, session: str, party: str, way: str) -> str:
+    """A party's ``up`` or ``down`` list of one MPC session's rounds, run by ``host``."""
+    return f"gridq:mpc:session:{host}:{session}:{party}:{way}"
+
+
+def mpc_pool_prefix(host: str, provider: str) -> str:
+    """Where ``host``'s pools of bundles dealt by ``provider`` are: the only pools it may ask
+    ``provider`` to fill."""
+    return f"gridq:mpc:pool:{host}:{provider}:"
+
+
+def mpc_pool_key(host: str, provider: str, parties: list[str], frac_bits: int, need: str) -> str:
     """A host's list of ready dealer bundles for one need (shape and kind of material)."""
-    return f"gridq:mpc:pool:{provider}:{','.join(parties)}:{frac_bits}:{need}".replace(" ", "")
+    return f"{mpc_pool_prefix(host, provider)}{','.join(parties)}:{frac_bits}:{need}".replace(" ", "")
 
 
-def mpc_bundle_key(bundle: str, party: str) -> str:
+def mpc_bundle_key(provider: str, bundle: str, party: str) -> str:
     """One party's part of a dealer bundle, sealed to it and signed by the provider."""
-    return f"gridq:mpc:bundle:{bundle}:{party}"
+    return f"gridq:mpc:bundle:{provider}:{bundle}:{party}"
 
 
 def mpc_aggregated_key(party: str, round_id: str) -> str:
@@ -72,6 +94,7 @@ class Tasks:
     MPC_SESSION = "gridq.mpc.session"
     MPC_DEAL = "gridq.mpc.deal"
     MPC_AGGREGATE = "gridq.mpc.aggregate"
+    MPC_KEYS = "gridq.mpc.keys"
 
 
 PENDING_APPROVAL = "PENDING_APPROVAL"  # the Celery state of a job parked for the owner's approval
@@ -79,6 +102,13 @@ PENDING_APPROVAL = "PENDING_APPROVAL"  # the Celery state of a job parked for th
 # Celery's success log line without the task's return value (``celery.app.trace.LOG_SUCCESS``):
 # a reply envelope is for its requester, through the result backend, not for the logs
 QUIET_SUCCESS_LOG = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
+
+# How a process someone waits on (a scientist's client, an owner's command) retries the
+# result backend before saying the broker is unavailable. Celery's default, 20 tries a
+# second apart, kept them ~19 s on a dead broker per call; a broker restart takes well
+# under the ~3 s here. Workers keep Celery's default: they have nobody waiting.
+INTERACTIVE_RESULT_RETRY: dict[str, float] = {"max_retries": 4, "interval_start": 0.0, "interval_step": 0.5,
+                                              "interval_max": 1.0}
 
 CLAIM_CHECK_PREFIX = "gridq:blob:"
 CLAIM_CHECK_THRESHOLD = 256 * 1024  # sealed values above this travel by claim-check
@@ -111,6 +141,10 @@ def celery_settings(
     * ``worker_proc_alive_timeout``: each pool process builds its role (store, keys, broker
       connections) at start, in ``worker_process_init``; Celery's 4 s for a process to come
       up is short for that on a loaded two-core machine.
+    * ``control_queue_expires``/``event_queue_expires`` off: kombu keeps the bindings of an
+      expiring queue (a worker's control queue, a ping's reply queue, Flower's event queue)
+      alive with Lua scripts, and no broker user but the admin may run scripts (one could
+      hold Redis busy for everyone). These queues are deleted when their consumer leaves.
     """
     visibility = visibility_timeout if visibility_timeout is not None else max(2 * time_limit, 600.0)
     if visibility <= time_limit:
@@ -135,6 +169,8 @@ def celery_settings(
         "task_send_sent_event": True,
         "task_track_started": True,
         "worker_proc_alive_timeout": 30.0,
+        "control_queue_expires": None,
+        "event_queue_expires": None,
         "task_annotations": {"*": {"resultrepr_maxsize": 0}},
         "result_expires": 24 * 3600,
         "broker_connection_retry_on_startup": True,

@@ -8,10 +8,13 @@ the code back into the matching type with :func:`error_from_wire`.
     ├── AuthenticationError            the message could not be trusted
     │   ├── BadSignature
     │   ├── UnknownSender
+    │   │   └── NotEnrolled            a node the gateway's operator has not enrolled (or with another key)
     │   ├── MessageExpired
     │   ├── ReplayedNonce
+    │   ├── StaleMessage               older than a message the gateway already accepted about the same thing
     │   ├── WrongRecipient
     │   ├── MisdirectedReply           a signed reply, but to another job than the one asked about
+    │   ├── GatewayKeyChanged          the broker posts another gateway key than the one pinned on first contact
     │   └── IncompatibleProtocol
     ├── PermissionDenied               trusted sender, but no door of the release policy opens
     │   └── RequestDenied              the owner denied this request (with a reason)
@@ -63,6 +66,12 @@ class UnknownSender(AuthenticationError):
     code = "unknown_sender"
 
 
+class NotEnrolled(UnknownSender):
+    """Only nodes the operator enrolled (id and public key) may register or publish."""
+
+    code = "not_enrolled"
+
+
 class MessageExpired(AuthenticationError):
     code = "expired"
 
@@ -71,12 +80,26 @@ class ReplayedNonce(AuthenticationError):
     code = "replayed_nonce"
 
 
+class StaleMessage(AuthenticationError):
+    """A signed, unreplayed message that is older than one already accepted about the same
+    thing: a delayed or withheld publication must not undo a newer withdrawal."""
+
+    code = "stale_message"
+
+
 class WrongRecipient(AuthenticationError):
     code = "wrong_recipient"
 
 
 class MisdirectedReply(AuthenticationError):
     code = "misdirected_reply"
+
+
+class GatewayKeyChanged(AuthenticationError):
+    """The gateway key posted on a broker is not the one pinned on first contact (as ssh's
+    known_hosts): whoever can write that Redis key could otherwise answer as the gateway."""
+
+    code = "gateway_key_changed"
 
 
 class IncompatibleProtocol(AuthenticationError):

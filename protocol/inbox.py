@@ -38,6 +38,7 @@ MAX_ITEM_BYTES = 4 * 1024 * 1024  # values above 256 KB travel by claim-check: a
 DELIVERY = "gridq_delivery"  # header: how many times this message has been delivered, this time included
 GIVEN_UP = "gridq_given_up"  # header: set on the delivery past the limit; the task answers a failure
 DEFAULT_MAX_DELIVERIES = 3
+ARGSREPR_CHARS = 1024  # what Flower shows of a task's arguments: the sender's summary, cut as Celery cuts it
 _ID = re.compile(r"[A-Za-z0-9_.:\-]{1,100}")
 _CODECS = {"application/json": "utf-8", "application/x-msgpack": "binary"}  # what gridq sends, nothing else
 
@@ -108,7 +109,7 @@ def _screen(item: bytes | str, queue: str, tasks: Collection[str], tag: str, max
     rebuilt_headers: dict[str, Any] = {
         "lang": "py", "task": task, "id": job_id, "shadow": None, "eta": None, "expires": None, "group": None,
         "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": job_id, "parent_id": None,
-        "argsrepr": _text(headers.get("argsrepr"), 200), "kwargsrepr": "{}",
+        "argsrepr": _text(headers.get("argsrepr"), ARGSREPR_CHARS), "kwargsrepr": "{}",
         "origin": _text(headers.get("origin"), 100),
         "ignore_result": False, "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
         DELIVERY: delivery,

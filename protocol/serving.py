@@ -43,10 +43,15 @@ Signed = dict[str, Any]  # a reply envelope, as it goes on the wire
 @dataclass(frozen=True)
 class Answer:
     """What a worker sends back: the signed reply, and whether the job now waits for its
-    owner (the Celery task then reads ``PENDING_APPROVAL`` until the owner decides)."""
+    owner (the Celery task then reads ``PENDING_APPROVAL`` until the owner decides) — or
+    no reply yet: the message is deferred, put back behind the others (``workers.slots``)."""
 
     signed: Signed
     parked: bool = False
+    deferred: bool = False
+
+
+DEFERRED = Answer({}, deferred=True)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,10 @@ loopback port (never 6379) and real Celery worker processes — no in-memory sta
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +14,12 @@ import pytest
 
 from ops.demo import prepare
 from ops.local import LocalGrid
+
+# No test writes the real ~/.gridq (keys, pinned gateway keys, run history): one that does
+# not point GRIDQ_HOME at a home of its own gets this temporary one (so do its subprocesses).
+if not os.environ.get("GRIDQ_HOME"):
+    os.environ["GRIDQ_HOME"] = tempfile.mkdtemp(prefix="gridq-test-home-")
+    atexit.register(shutil.rmtree, os.environ["GRIDQ_HOME"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ CLAIM_KEY = re.compile(re.escape(CLAIM_CHECK_PREFIX) + r"[A-Za-z0-9_\-]{16,64}")
 def leave(client: redis.Redis, data: bytes) -> str:
     """Keep ``data`` under a fresh claim-check key; return the key."""
     key = CLAIM_CHECK_PREFIX + secrets.token_urlsafe(24)
-    client.set(key, data, ex=CLAIM_CHECK_TTL_SECONDS)
+    client.setex(key, CLAIM_CHECK_TTL_SECONDS, data)  # SETEX: the only way a broker user may leave a blob
     return key
 
 

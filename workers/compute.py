@@ -56,11 +56,11 @@ class ComputeJobs:
     def access(self, job: Job, request: AccessRequest) -> Outcome:
         """Make the requester an allowed user of a dataset: always the owner's decision."""
         store = self.node.store
-        if job.requester not in store.dataset_row(request.dataset).allowed_users:
+        if job.requester not in store.allowed_users(request.dataset):
             if not job.approved:
                 raise Parked("access", [request.dataset], f"make {job.requester!r} an allowed user of "
                              f"{request.dataset}", "access", request.reason)
-            store.allow(request.dataset, job.requester)
+            store.allow(request.dataset, job.requester, job.job_id)
         return Outcome(JobReply(status="done"))
 
     def mock(self, job: Job, request: MockRequest) -> Outcome:

@@ -46,8 +46,8 @@ class _Section(BaseModel):
 class NodeSection(_Section):
     id: Annotated[str, Field(pattern=NAME, max_length=64)]
     broker: str = "redis://127.0.0.1:6379/0"
-    # or: a file holding the URL — a broker user's password stays out of the config (`gridq up`
-    # and docker-compose write one per role, $GRIDQ_HOME/broker/<role>.url)
+    # or: a file holding the URL — a broker user's password stays out of the config (`gridq up`,
+    # docker-compose and `gridq enrol` write one per enrolled node, $GRIDQ_HOME/broker/node-<id>.url)
     broker_file: Path | None = None
     store: Path
     identity: Path
@@ -110,7 +110,7 @@ class BudgetSection(_Section):
 
 
 class WorkerSection(_Section):
-    concurrency: Annotated[int, Field(ge=1, le=64)] = 1
+    concurrency: Annotated[int, Field(ge=1, le=64)] = 2  # 2: one requester's heavy plan cannot hold them all
     time_limit: Annotated[float, Field(gt=0)] = 300.0
     visibility_timeout: float | None = None
     restore_interval: Annotated[float, Field(gt=0)] = 10.0
@@ -124,6 +124,13 @@ class WorkerSection(_Section):
     # The most a plan's steps may hold at once (estimated before it runs, on shapes alone:
     # protocol.interpret.peak_bytes); a larger plan is refused, not run into the OOM killer
     memory_limit_mb: Annotated[int, Field(ge=16)] = 2048
+
+    @property
+    def slots_per_user(self) -> int:
+        """How many of the worker's processes one requester's jobs may hold at once: all but
+        one, so that another requester's job always finds one free (workers.slots); no cap
+        with one process, where nothing could be kept free."""
+        return self.concurrency - 1 if self.concurrency > 1 else 0
 
 
 JOB_KINDS = ("compute", "raw_if_allowed", "dp", "train", "raw", "access")
@@ -164,8 +171,8 @@ class MpcSection(_Section):
     for a party's round or the crypto provider before failing with ``NodeUnavailable``, and
     how many dealer bundles it keeps ready per shape."""
 
-    # the MPC worker's own broker user (a node user may not consume mpc.* queues): a URL or a
-    # file holding one; default: the node's
+    # a broker URL for the MPC worker, or a file holding one; default: the node's (its broker
+    # user consumes both node.<id> and mpc.<id>)
     broker: str | None = None
     broker_file: Path | None = None
     round_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
@@ -260,7 +267,8 @@ def _read_url(path: Path) -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         raise InvalidRequest(f"broker_file {path} does not exist: `gridq up` (or `gridq acl init`) writes the "
-                             "broker's URLs there") from None
+                             "broker's URLs there, a node's (broker/node-<id>.url) once the gateway's operator has "
+                             "enrolled it (`gridq enrol`)") from None
 
 
 def config_path(given: str | Path) -> Path:

@@ -66,6 +66,7 @@ class NodeContext:
     claim_take: ClaimTake
     node_key: Callable[[str], PublicIdentity]  # another node's key, as the gateway lists it
     memory_limit: int | None = None  # bytes a plan may hold at once ([worker] memory_limit_mb)
+    slots_per_user: int = 0  # worker processes one requester may hold at once (workers.slots); 0: no cap
 
     def door(self, job: Job, release: KeepRelease | RawRelease | DPRelease, sources: list[Source],
              training: bool = False) -> Door:
@@ -82,8 +83,8 @@ class NodeContext:
             if ref.kind == "dataset":
                 if ref.name not in seen:
                     seen[ref.name] = self.store.dataset(ref.name)
-                row, tensor = seen[ref.name]
-                sources.append(Source(ref.name, row.allowed_users))
+                _, tensor = seen[ref.name]
+                sources.append(Source(ref.name, self.store.allowed_users(ref.name)))
             else:  # a kept result carries the datasets it was derived from
                 obj, tensor = self.store.object(ref.name, requester)
                 sources.extend(self.sources(obj.sources))
@@ -102,7 +103,7 @@ class NodeContext:
         return x_inputs, y_inputs, x_sources + y_sources
 
     def sources(self, datasets: list[str]) -> list[Source]:
-        return [Source(n, self.store.dataset_row(n).allowed_users) for n in datasets]
+        return [Source(n, self.store.allowed_users(n)) for n in datasets]
 
     def keep(self, job: Job, result: torch.Tensor, datasets: list[str]) -> PointerTicket:
         object_id = "obj-" + hashlib.sha256(job.job_id.encode()).hexdigest()[:32]  # safe as a file name

@@ -1,10 +1,11 @@
 """Other nodes' public keys, as the gateway lists them — signed by the gateway, whose key
-is the one posted in Redis when it started. Nodes use it to seal to each other (MPC
-parties, secure-aggregation parties) and to verify each other's messages."""
+is the one posted in Redis when it started, pinned on first contact (``protocol.pinning``):
+a key posted later by whoever can write the broker is refused, not trusted. Nodes use the
+directory to seal to each other (MPC parties, secure-aggregation parties) and to verify
+each other's messages."""
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
@@ -17,14 +18,20 @@ from protocol.envelope import MemoryNonceStore, open_envelope
 from protocol.errors import NodeUnavailable, UnknownSender, error_from_wire
 from protocol.identity import PublicIdentity
 from protocol.messages import GatewayReply
+from protocol.pinning import GatewayPins, MemoryPins, broker_address, posted_gateway_key, trust_on_first_use
 from protocol.serving import parse
 
 
 class Directory:
-    def __init__(self, app: Celery, client: redis.Redis, timeout: float) -> None:
+    def __init__(self, app: Celery, client: redis.Redis, timeout: float, pins: GatewayPins | None = None,
+                 accept: str = "restart this worker (it pins the key posted then)") -> None:
+        """``pins``: where the gateway key is pinned (the node's store; without one, this
+        process's memory). ``accept``: how a rotated key is accepted there."""
         self.app = app
         self.redis = client
         self.timeout = timeout
+        self.pins: GatewayPins = pins if pins is not None else MemoryPins()
+        self.accept = accept
         self._keys: dict[str, PublicIdentity] = {}
 
     def key(self, node: str) -> PublicIdentity:
@@ -39,7 +46,9 @@ class Directory:
         posted = self.redis.get(GATEWAY_IDENTITY_KEY)
         if posted is None:
             raise NodeUnavailable("no gateway has started on this broker")
-        gateway = PublicIdentity.parse(GATEWAY, json.loads(posted)["public_key"])
+        address = broker_address(self.app.conf.broker_url)
+        key = trust_on_first_use(self.pins, address, posted_gateway_key(posted, address), accept=self.accept)
+        gateway = PublicIdentity.parse(GATEWAY, key)
         job_id = uuid.uuid4().hex
         try:
             raw = self.app.send_task(Tasks.NODES, queue=GATEWAY_QUEUE, task_id=job_id).get(

@@ -4,6 +4,11 @@ Every item a gridq worker pops from its queue goes through ``protocol.inbox.scre
 before kombu parses it: what passes is delivered as the message gridq rebuilt, junk goes to
 the queue's dead-letter list (``protocol.contract.dead_letter_key``, the newest
 ``DEAD_LETTER_MAX``) and the worker goes on. :func:`screened` puts it under a worker's app.
+
+The channel also keeps the worker's in-flight messages under keys of its queue's own
+(:func:`own_in_flight`), and restores those a dead worker left without a Lua script: kombu
+takes its restore lock with redis-py's ``Lock``, whose release is a script, and no worker's
+broker user may run scripts (ops/acl.py). :class:`LuaFreeQoS` releases it with WATCH/MULTI.
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+import redis
 from celery import Celery
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 
-from protocol.contract import DEAD_LETTER_MAX, dead_letter_key
+from protocol.contract import DEAD_LETTER_MAX, DEAD_LETTER_TTL_SECONDS, dead_letter_key, in_flight_keys
 from protocol.inbox import DEFAULT_MAX_DELIVERIES, Admitted, Junk, screen
 
 log = logging.getLogger(__name__)
@@ -27,8 +33,49 @@ Empty = kombu_redis.Empty
 HEAD_CHARS = 2048  # how much of a dead item the operator sees
 
 
+class LuaFreeQoS(kombu_redis.QoS):  # type: ignore[misc]
+    """kombu's ack emulation, restoring visibility-timed-out messages under a lock that is
+    taken with ``SET NX EX`` and released by ``WATCH``/``MULTI``/``DEL`` (only if still ours),
+    not by redis-py's Lua release script. One consumer of a queue restores at a time, as in
+    kombu; a lock whose holder died expires after ``unacked_mutex_expire``."""
+
+    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
+        self._vrestore_count += 1
+        if (self._vrestore_count - 1) % (interval or 1):  # kombu's throttle
+            return
+        with self.channel.conn_or_acquire() as client:
+            token = uuid.uuid4().hex
+            if not client.set(self.unacked_mutex_key, token, nx=True, ex=self.unacked_mutex_expire):
+                return  # another worker of this queue is restoring
+            try:
+                ceil = time.time() - self.visibility_timeout
+                visible = client.zrange(self.unacked_index_key, ceil, 0, desc=True, byscore=True,
+                                        offset=num and start, num=num, withscores=True)
+                for tag, _score in visible or []:
+                    self.restore_by_tag(tag, client)
+            finally:
+                _release(client, self.unacked_mutex_key, token)
+
+
+def _release(client: redis.Redis, key: str, token: str) -> None:
+    """Delete the lock ``key`` if it still holds ``token`` (not one another worker took since)."""
+    with client.pipeline() as pipe:
+        try:
+            pipe.watch(key)
+            if bytes_to_str(pipe.get(key) or b"") == token:
+                pipe.multi()
+                pipe.delete(key)
+                pipe.execute()
+            else:
+                pipe.unwatch()
+        except redis.WatchError:
+            pass  # it changed hands in between: not ours to delete
+
+
 class ScreenedChannel(kombu_redis.Channel):  # type: ignore[misc]
     """kombu's Redis channel; each popped item is screened before it is delivered."""
+
+    QoS = LuaFreeQoS
 
     from_transport_options = (  # type: ignore[assignment]  # kombu types it as its own fixed tuple
         *kombu_redis.Channel.from_transport_options, "served_tasks", "max_deliveries")
@@ -84,7 +131,8 @@ class ScreenedChannel(kombu_redis.Channel):  # type: ignore[misc]
         key = dead_letter_key(queue)
         try:
             with self.conn_or_acquire() as client, client.pipeline() as pipe:
-                pipe.lpush(key, entry).ltrim(key, 0, DEAD_LETTER_MAX - 1).execute()
+                pipe.lpush(key, entry).ltrim(key, 0, DEAD_LETTER_MAX - 1)
+                pipe.expire(key, DEAD_LETTER_TTL_SECONDS).execute()
         except self.connection_errors:
             log.exception("%s: could not write the dead-letter list; the item is dropped", queue)
 
@@ -108,3 +156,11 @@ def screened(app: Celery, tasks: Iterable[str], max_deliveries: int = DEFAULT_MA
     app.conf.broker_transport = ScreenedTransport
     app.conf.broker_transport_options = {**app.conf.broker_transport_options,
                                          "served_tasks": tuple(tasks), "max_deliveries": max_deliveries}
+
+
+def own_in_flight(app: Celery, queue: str) -> None:
+    """Keep what ``app``'s worker has taken from ``queue`` but not acknowledged under keys of
+    that queue's own (``protocol.contract.in_flight_keys``), not kombu's one ``unacked`` hash
+    shared by every queue: its broker user then needs no other queue's in-flight jobs, and
+    its restores put back only its own."""
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options, **in_flight_keys(queue)}

@@ -26,11 +26,12 @@ from protocol.messages import (
     TrainJob,
     WireError,
 )
-from protocol.serving import Answer, EnvelopeServer, Route, Signed
+from protocol.serving import DEFERRED, Answer, EnvelopeServer, Route, Signed, claimed
 from workers.approvals import Parked, Requests
 from workers.compute import ComputeJobs
 from workers.context import Job, NodeContext, Outcome
 from workers.model_jobs import ModelJobs
+from workers.slots import Slots
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,17 @@ class JobRunner:
         self.model_jobs = ModelJobs(node)
         self.server = EnvelopeServer(node.identity, node.store, failure, passthrough=(Parked,),
                                      time_limits=(SoftTimeLimitExceeded,))
+        self.slots = Slots(node.store.folder / "slots", node.slots_per_user)
 
     def serve(self, task: str, raw: Any, delivery_id: str) -> Answer:
-        """Answer one delivered message (whatever task carried it: a node has one)."""
-        return self.server.serve(raw, delivery_id, self.node.keyring, self._once)
+        """Answer one delivered message (whatever task carried it: a node has one), in a slot
+        of the requester it names; deferred if all of theirs are taken. Which requester is
+        decided before the message is verified — a forger can only delay the real one's jobs
+        by running jobs as them, which takes their key."""
+        with self.slots.take(claimed(raw)[0]) as held:
+            if not held:
+                return DEFERRED
+            return self.server.serve(raw, delivery_id, self.node.keyring, self._once)
 
     def run_approved(self, job_id: str) -> Signed:
         """Run a job the owner approved, as it was asked (its envelope was verified on arrival)."""

@@ -26,17 +26,19 @@ from protocol.codec import dtype_name, parse_dtype
 from protocol.contract import (
     GATEWAY,
     GATEWAY_QUEUE,
+    NODE_MESSAGE_TTL_SECONDS,
     Tasks,
     celery_settings,
     node_queue,
 )
 from protocol.envelope import seal_envelope
-from protocol.errors import InvalidRequest, RequestDenied
+from protocol.errors import BrokerUnavailable, InvalidRequest, RequestDenied
 from protocol.identity import PublicIdentity
 from protocol.messages import DatasetMeta, PublishDataset, RegisterNode, UnpublishDataset
 from workers import claims
 from workers.approvals import Requests
 from workers.bounds import declared_pairs, enforce
+from workers.broker import broker_errors, interactive
 from workers.config import Bounds, NodeConfig, load_config
 from workers.context import NodeContext
 from workers.datasets import load_table
@@ -80,7 +82,7 @@ class Node:
     @property
     def app(self) -> Celery:
         if self._app is None:
-            self._app = make_celery(self.config)
+            self._app = interactive(make_celery(self.config))  # the owner's: the worker passes its own
         return self._app
 
     def close(self) -> None:
@@ -158,28 +160,58 @@ class Node:
         return Requests(self.store).get(job_id)
 
     def approve(self, job_id: str) -> dict[str, Any]:
-        """Run the request as it was asked and complete the requester's ticket."""
-        job_id = Requests(self.store).decide(job_id, "approved").job_id
-        signed = self.runner().run_approved(job_id)
-        self.app.backend.store_result(job_id, signed, "SUCCESS")
-        return signed
+        """Run the request as it was asked and complete the requester's ticket. Approving a
+        request approved before sends its answer again: the broker may have been down."""
+        self._reachable()  # before the decision is recorded: it is final, and its answer goes by the broker
+        return self._answer(self._decide(job_id, "approved"))
 
     def deny(self, job_id: str, reason: str) -> None:
         """Refuse the request; the requester's ticket raises RequestDenied with ``reason``."""
         if not reason.strip():
             raise InvalidRequest("say why the request is denied: the requester reads the reason")
-        request = Requests(self.store).decide(job_id, "denied", reason)
-        job_id = request.job_id
-        error = RequestDenied(f"the owner of {self.id!r} denied {request.requester!r}'s {request.kind} request "
-                              f"on {', '.join(request.datasets)}: {reason}", job_id=job_id)
-        self.app.backend.store_result(job_id, self.runner().refuse(job_id, error), "SUCCESS")
+        self._reachable()
+        self._answer(self._decide(job_id, "denied", reason))
+
+    def resume_decisions(self, within: float = 24 * 3600) -> int:
+        """Deliver the answer to every request decided in the last ``within`` seconds (the
+        result backend keeps answers a day): one decided while the broker went down, or the
+        worker stopped, between the decision and its answer gets it now — a decision and
+        the job it resumes never come apart. Run at every start; the number delivered."""
+        decided = [r for r in Requests(self.store).list(None)
+                   if r.status != "pending" and (r.decided_at or 0) > time.time() - within]
+        for request in decided:
+            self._answer(request)
+        return len(decided)
+
+    def _decide(self, job_id: str, status: str, decision: str = "") -> RequestRow:
+        requests = Requests(self.store)
+        request = requests.get(job_id)
+        if request.status == status:  # decided so before: its answer is sent again
+            return request
+        return requests.decide(request.job_id, status, decision)
+
+    def _answer(self, request: RequestRow) -> dict[str, Any]:
+        """The answer to a decided request — computed once (a job runs once), then recorded —
+        stored where the requester's ticket reads it."""
+        job = self.store.job(request.job_id)
+        if job is not None and job.reply is not None and job.status != "pending_approval":
+            signed = job.reply
+        elif request.status == "approved":
+            signed = self.runner().run_approved(request.job_id)
+        else:
+            signed = self.runner().refuse(request.job_id, RequestDenied(
+                f"the owner of {self.id!r} denied {request.requester!r}'s {request.kind} request on "
+                f"{', '.join(request.datasets)}: {request.decision}", job_id=request.job_id))
+        with broker_errors(self.id, self.config.node.broker):
+            self.app.backend.store_result(request.job_id, signed, "SUCCESS")
+        return signed
 
     # --- the worker's side -----------------------------------------------------------------
 
     def runner(self) -> JobRunner:
         return JobRunner(NodeContext(self.id, self.identity, self.config.keyring(), self.store, self.ledger,
                                      self.config.approval, self._claim_check, self._claim_take, self._node_key,
-                                     self.config.worker.memory_limit_mb * 2**20))
+                                     self.config.worker.memory_limit_mb * 2**20, self.config.worker.slots_per_user))
 
     @property
     def _broker(self) -> redis.Redis:
@@ -195,16 +227,30 @@ class Node:
 
     def _node_key(self, node: str) -> PublicIdentity:
         if self._directory is None:
-            self._directory = Directory(self.app, self._broker, timeout=30.0)
+            # the gateway key is pinned in the node's own database, not taken afresh from the broker
+            self._directory = Directory(self.app, self._broker, timeout=30.0, pins=self.store,
+                                        accept=f"`gridq trust-gateway --node {self.id}`")
         return self._directory.key(node)
 
     def _tell_gateway(self, body: RegisterNode | PublishDataset | UnpublishDataset) -> None:
         # Fire and forget: the message waits in the gateway's queue if the gateway is down.
         job_id = uuid.uuid4().hex
         env = seal_envelope(self.identity, recipient=GATEWAY, kind=body.kind, job_id=job_id,
-                            body=body.model_dump(mode="json"), now=time.time(), ttl=24 * 3600)
+                            body=body.model_dump(mode="json"), now=time.time(), ttl=NODE_MESSAGE_TTL_SECONDS)
         task = {"register": Tasks.REGISTER, "publish": Tasks.PUBLISH, "unpublish": Tasks.UNPUBLISH}[body.kind]
-        self.app.send_task(task, args=[env.model_dump(mode="json")], queue=GATEWAY_QUEUE, task_id=job_id)
+        try:
+            with broker_errors(self.id, self.config.node.broker):
+                self.app.send_task(task, args=[env.model_dump(mode="json")], queue=GATEWAY_QUEUE, task_id=job_id)
+        except BrokerUnavailable as exc:
+            if body.kind == "register":
+                raise
+            raise BrokerUnavailable(f"{exc.message} The node has recorded the change; the gateway learns of it when "
+                                    "the node registers again (node.register(), or its worker's next start).") from None
+
+    def _reachable(self) -> None:
+        """BrokerUnavailable now if the broker does not answer a ping."""
+        with broker_errors(self.id, self.config.node.broker):
+            self._broker.ping()
 
 
 def _table(data: torch.Tensor | np.ndarray | str | Path, columns: list[str] | None,

@@ -40,12 +40,12 @@ def pop(client: redis.Redis, key: str, timeout: float) -> bytes | None:
 
 
 class PartyEnd:
-    """One party's end of a session."""
+    """One party's end of a session run by ``host``."""
 
-    def __init__(self, client: redis.Redis, session: str, party: str, key: bytes, timeout: float,
-                 host: str = "the host") -> None:
-        self.client, self.key, self.timeout, self.host = client, key, timeout, host
-        self.up, self.down = mpc_session_key(session, party, "up"), mpc_session_key(session, party, "down")
+    def __init__(self, client: redis.Redis, host: str, session: str, party: str, key: bytes, timeout: float) -> None:
+        self.client, self.key, self.timeout, self.host = client, key, timeout, f"host {host!r}"
+        self.up = mpc_session_key(host, session, party, "up")
+        self.down = mpc_session_key(host, session, party, "down")
         self.step = 0  # rounds received; the relay sends round k's values as message k
         self.sent = 0  # messages sent: one a round, so the relay reads message k in round k
 
@@ -74,13 +74,14 @@ class PartyEnd:
                 return output
 
 
-def relay(client: redis.Redis, session: str, keys: dict[str, bytes], timeout: float) -> list[dict[str, str]]:
-    """Open values round after round until every party sends its last message (not an
-    ``open``); returns those messages' metadata, in the order of ``keys``."""
+def relay(client: redis.Redis, host: str, session: str, keys: dict[str, bytes], timeout: float
+          ) -> list[dict[str, str]]:
+    """Open values round after round of ``host``'s ``session`` until every party sends its
+    last message (not an ``open``); returns those messages' metadata, in the order of ``keys``."""
     parties = list(keys)
     try:
         for step in range(MAX_ROUNDS):
-            messages = [_receive(client, session, p, keys[p], step, timeout) for p in parties]
+            messages = [_receive(client, host, session, p, keys[p], step, timeout) for p in parties]
             kinds = {meta.get("kind") for _, meta in messages}
             if "open" not in kinds:
                 return [meta for _, meta in messages]
@@ -90,18 +91,18 @@ def relay(client: redis.Redis, session: str, keys: dict[str, bytes], timeout: fl
             data = pack({str(k): v for k, v in enumerate(opened)})
             pipe = client.pipeline(transaction=False)
             for p in parties:
-                down = mpc_session_key(session, p, "down")
+                down = mpc_session_key(host, session, p, "down")
                 pipe.rpush(down, seal_round(keys[p], f"{down}:{step}", data))
                 pipe.expire(down, int(timeout) + 60)
             pipe.execute()
         raise JobFailed(f"the protocol did not finish in {MAX_ROUNDS} rounds")
     finally:
-        client.delete(*[mpc_session_key(session, p, w) for p in parties for w in ("up", "down")])
+        client.delete(*[mpc_session_key(host, session, p, w) for p in parties for w in ("up", "down")])
 
 
-def _receive(client: redis.Redis, session: str, party: str, key: bytes, step: int, timeout: float
+def _receive(client: redis.Redis, host: str, session: str, party: str, key: bytes, step: int, timeout: float
              ) -> tuple[Sequence[torch.Tensor], dict[str, str]]:
-    up = mpc_session_key(session, party, "up")
+    up = mpc_session_key(host, session, party, "up")
     got = pop(client, up, timeout)
     if got is None:
         raise NodeUnavailable(f"party {party!r} did not answer round {step} within {timeout:g} s; the computation "

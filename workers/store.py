@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,8 @@ from workers.bounds import outside
 from workers.tables import (
     Base,
     DatasetRow,
+    GatewayPinRow,
+    GrantRow,
     JobRow,
     MpcModelRow,
     MpcShareRow,
@@ -191,14 +193,24 @@ class Store:
         row = self.dataset_row(name)
         return load_file(row.mock_file)["data"] if row.mock_file else None
 
-    def allow(self, name: str, user: str) -> None:
-        """Make ``user`` an allowed user of dataset ``name`` (an approved access request)."""
+    def allow(self, name: str, user: str, job_id: str) -> None:
+        """Make ``user`` an allowed user of dataset ``name``: the access request ``job_id``
+        was approved. A grant of its own, so a restart (which publishes the config's datasets
+        again) keeps it."""
         with self.session() as s:
-            row = s.get(DatasetRow, name, with_for_update=True)
+            if s.get(DatasetRow, name) is None:
+                raise NotFound(f"no dataset {name!r} is published on this node")
+            s.merge(GrantRow(dataset=name, user=user, job_id=job_id, granted_at=time.time()))
+
+    def allowed_users(self, name: str) -> list[str]:
+        """Who may see dataset ``name`` raw: its published ``allowed_users`` and every user
+        an approved access request granted it to."""
+        with self.session() as s:
+            row = s.get(DatasetRow, name)
             if row is None:
                 raise NotFound(f"no dataset {name!r} is published on this node")
-            row.allowed_users = sorted({*row.allowed_users, user})
-            row.updated_at = time.time()
+            granted = s.scalars(select(GrantRow.user).where(GrantRow.dataset == name))
+            return sorted({*row.allowed_users, *granted})
 
     def remove_dataset(self, name: str) -> None:
         with self.session() as s:
@@ -206,6 +218,7 @@ class Store:
             if row is None:
                 raise NotFound(f"no dataset {name!r} is published on this node")
             s.delete(row)
+            s.execute(delete(GrantRow).where(GrantRow.dataset == name))  # a dataset of that name later is another
         _remove([row.file, row.mock_file])
 
     def dataset_rows(self) -> list[DatasetRow]:
@@ -310,6 +323,32 @@ class Store:
                 return row is not None and row.delivery_id == delivery_id
         return True
 
+    # --- the gateway key pinned per broker (protocol.pinning.GatewayPins) ----------------------
+
+    @property
+    def where(self) -> str:
+        return f"the node's database ({self.engine.url.render_as_string(hide_password=True)}, table gateway_pins)"
+
+    def pinned_gateway(self, address: str) -> str | None:
+        with self.session() as s:
+            row = s.get(GatewayPinRow, address)
+            return None if row is None else row.public_key
+
+    def pin_gateway(self, address: str, key: str, *, replace: bool = False) -> str:
+        """Pin ``key`` for ``address`` if none is (or, with ``replace``, whatever is); the key
+        pinned now. Two first contacts at once (pool processes) keep the one that wrote first."""
+        try:
+            with self.session() as s:
+                row = s.get(GatewayPinRow, address)
+                if row is not None and not replace:
+                    return row.public_key
+                s.merge(GatewayPinRow(address=address, public_key=key, pinned_at=time.time()))
+                return key
+        except IntegrityError:
+            pinned = self.pinned_gateway(address)
+            assert pinned is not None
+            return pinned
+
     # --- the MPC worker's: models hosted, shares held -------------------------------------------
 
     def served_card(self, name: str) -> dict[str, Any] | None:
@@ -321,11 +360,18 @@ class Store:
         with self.session() as s:
             s.merge(MpcModelRow(name=name, card=card, created_at=time.time()))
 
-    def shares(self, model: str) -> bytes | None:
+    def held(self, owner: str, model: str) -> tuple[dict[str, Any], bytes] | None:
+        """A party's pinned card of ``owner``'s ``model`` (as its owner signed it) and its share."""
         with self.session() as s:
-            row = s.get(MpcShareRow, model)
-            return None if row is None else row.data
+            row = s.get(MpcShareRow, (owner, model))
+            return None if row is None else (row.card, row.data)
 
-    def keep_shares(self, model: str, data: bytes) -> None:
+    def hold(self, owner: str, model: str, card: dict[str, Any], data: bytes,
+             check: Callable[[dict[str, Any]], None]) -> None:
+        """Pin ``card`` and keep ``data``; if a card is pinned already, ``check(pinned)`` first
+        (it raises to refuse), in the same transaction: two stores cannot both pass it."""
         with self.session() as s:
-            s.merge(MpcShareRow(model=model, data=data))
+            row = s.get(MpcShareRow, (owner, model))
+            if row is not None:
+                check(row.card)
+            s.merge(MpcShareRow(owner=owner, model=model, card=card, data=data))

@@ -5,7 +5,8 @@ engine and the sessions, and is the only way in.
 record of each publish: rows, values clamped, replaced or not), ``objects`` (results
 kept for their requester), ``jobs`` (one row per job id: status, attempts and the signed
 reply, so a redelivered job answers the same), ``budgets`` and ``charges`` (the privacy ledger),
-``requests`` (the approval queue), ``nonces`` (replay protection), and for the MPC worker
+``requests`` (the approval queue), ``grants`` (access the owner approved), ``nonces``
+(replay protection), ``gateway_pins`` (the gateway key pinned per broker), and for the MPC worker
 ``mpc_models`` (cards of models this node hosts) and ``mpc_shares`` (its shares of models
 it computes on as a party).
 """
@@ -30,6 +31,19 @@ class DatasetRow(Base):
     allowed_users: Mapped[list[str]] = mapped_column(JSON)
     updated_at: Mapped[float] = mapped_column(Float)
     mock_file: Mapped[str | None] = mapped_column(Text, nullable=True)  # the owner's synthetic twin
+
+
+class GrantRow(Base):
+    """An approved access request: ``user`` may see ``dataset`` raw, as if the owner had
+    listed them. Kept apart from the dataset's own ``allowed_users`` (which its config or a
+    ``publish(replace=True)`` sets again at every start), so that a decision outlives a restart;
+    it goes with the dataset when that is unpublished."""
+
+    __tablename__ = "grants"
+    dataset: Mapped[str] = mapped_column(String(128), primary_key=True)
+    user: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(128))  # the approved access request
+    granted_at: Mapped[float] = mapped_column(Float)
 
 
 class PublicationRow(Base):
@@ -123,6 +137,17 @@ class NonceRow(Base):
     expires_at: Mapped[float] = mapped_column(Float, index=True)
 
 
+class GatewayPinRow(Base):
+    """The gateway key this node pinned for a broker (``host:port/db``) on first contact
+    (``protocol.pinning``): the key it checks the gateway's node list with, whatever the
+    broker posts later. ``gridq trust-gateway --node`` replaces it."""
+
+    __tablename__ = "gateway_pins"
+    address: Mapped[str] = mapped_column(String(300), primary_key=True)
+    public_key: Mapped[str] = mapped_column(Text)
+    pinned_at: Mapped[float] = mapped_column(Float)
+
+
 class MpcModelRow(Base):
     """At an MPC host: a model it serves (its card: structure, parties, who may query)."""
 
@@ -133,8 +158,12 @@ class MpcModelRow(Base):
 
 
 class MpcShareRow(Base):
-    """At an MPC party: its share of a model's parameters (safetensors bytes of ring tensors)."""
+    """At an MPC party: its share of a model's parameters (safetensors bytes of ring tensors),
+    under the owner's name and the model's, with the card its owner signed (pinned: every
+    session is checked against it; only a newer card signed by the same key replaces it)."""
 
-    __tablename__ = "mpc_shares"
+    __tablename__ = "mpc_held_shares"  # keyed by (owner, model): the table before was by model name alone
+    owner: Mapped[str] = mapped_column(String(64), primary_key=True)
     model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    card: Mapped[dict[str, Any]] = mapped_column(JSON)
     data: Mapped[bytes] = mapped_column(LargeBinary)

@@ -1,10 +1,12 @@
 """The Celery shell of every gridq worker (a node's jobs, its MPC worker, the gateway): task
 names registered on an app, each answered by one role per pool process; what the worker
 pops is screened first (``workers.inbox``); a parked job's task stays ``PENDING_APPROVAL``
-until the owner decides."""
+until the owner decides; a deferred one goes back on its queue (``workers.slots``)."""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -18,6 +20,9 @@ from protocol.errors import JobFailed
 from protocol.inbox import DEFAULT_MAX_DELIVERIES, DELIVERY, GIVEN_UP
 from protocol.serving import PerProcess, Role, Signed
 from workers.inbox import given_up_reason, screened
+
+log = logging.getLogger(__name__)
+DEFER_PAUSE = 0.2  # seconds a deferred message waits before it goes back on the queue
 
 
 def serve_tasks(app: Celery, tasks: Iterable[str], build: Callable[[], Role],
@@ -37,6 +42,12 @@ def serve_tasks(app: Celery, tasks: Iterable[str], build: Callable[[], Role],
                                     "it smaller or ask the owner", job_id=self.request.id)
                 return role().server.refuse(payload, self.request.id, failure).signed
             answer = role().serve(self.name, payload, self.request.id)
+            if answer.deferred:  # its requester holds their share of this worker: behind the others it goes
+                log.info("%s deferred: its requester holds their share of this worker's processes", self.request.id)
+                time.sleep(DEFER_PAUSE)  # an otherwise idle queue does not spin
+                self.app.send_task(self.name, args=[payload], task_id=self.request.id,
+                                   queue=self.request.delivery_info["routing_key"])
+                raise Ignore()
             if answer.parked:  # the decision is stored under this task's id when the owner makes it
                 self.update_state(state=PENDING_APPROVAL, meta=answer.signed)
                 raise Ignore()

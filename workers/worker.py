@@ -8,6 +8,7 @@ import torch
 
 from protocol.contract import mpc_queue, node_queue
 from workers.config import load_config
+from workers.inbox import own_in_flight
 from workers.mpc import mpc_tasks
 from workers.node import Node, make_celery, worker_tasks
 from workers.training import warm_up
@@ -23,8 +24,10 @@ def start_node(config_path: str | Path, loglevel: str = "INFO") -> None:
     node = Node(config, app)
     node.load_config_datasets()
     node.register()
+    node.resume_decisions()  # answers the owner decided while this worker or the broker was down
     node.close()  # the worker processes open their own connections after the fork
     worker_tasks(app, config)
+    own_in_flight(app, node_queue(config.id))
     app.worker_main([
         "worker", "--queues", node_queue(config.id), "--hostname", f"{config.id}@%h",
         "--pool", "prefork", "--concurrency", str(config.worker.concurrency),
@@ -43,6 +46,7 @@ def start_mpc(config_path: str | Path, loglevel: str = "INFO") -> None:
     node.register()
     node.close()
     mpc_tasks(app, config)
+    own_in_flight(app, mpc_queue(config.id))
     app.worker_main([
         "worker", "--queues", mpc_queue(config.id), "--hostname", f"{config.id}-mpc@%h",
         "--pool", "prefork", "--concurrency", "1",

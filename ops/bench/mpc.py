@@ -63,7 +63,7 @@ def _party(index: int, url: str, jobs: Any, ready: Any) -> None:
         protocol = PROTOCOLS[op](index, inputs, material)
         ready.put(index)
         client.blpop([f"bench:go:{session}"], timeout=TIMEOUT)
-        end = PartyEnd(client, session, f"p{index}", key, TIMEOUT)
+        end = PartyEnd(client, "bench", session, f"p{index}", key, TIMEOUT)
         end.run(protocol)
         end.send({"kind": "out"}, {})
 
@@ -107,7 +107,7 @@ class Parties:
             self.ready.get(timeout=TIMEOUT)
         started = time.perf_counter()
         self.client.rpush(f"bench:go:{session}", *range(self.n))
-        relay(self.client, session, keys, TIMEOUT)
+        relay(self.client, "bench", session, keys, TIMEOUT)
         return time.perf_counter() - started
 
     def close(self) -> None:

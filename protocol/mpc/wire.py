@@ -3,7 +3,8 @@ round messages.
 
 Control messages (serve, store, query, session, deal) travel in signed envelopes like every
 other job; anything secret in them (a party's share, its input share, its session key)
-is sealed to the one party that may read it. Round messages travel on per-session Redis
+is sealed to the one party that may read it. What authorises them — the owner's signed card,
+the querier's signed query — is :mod:`protocol.mpc.cards`. Round messages travel on per-session Redis
 lists, authenticated with a per-session key (BLAKE2b MAC) that the host sealed to each
 party: a round can be large (16 MB for a 1M-element product), and Poly1305 tags it in
 3 ms where an Ed25519 signature would hash it for 30. What a round carries is masked (x - a, x + r): the
@@ -19,77 +20,70 @@ from typing import Annotated, Literal
 import torch
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.poly1305 import Poly1305
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from protocol.errors import BadSignature, InvalidRequest
 from protocol.identity import Identity, PublicIdentity
 from protocol.messages import WireError
+from protocol.mpc.cards import Key, Name, Names, SignedCard, SignedQuery, _Body
+from protocol.mpc.cards import ModelCard as ModelCard  # its home is cards; importers from here still find it
 from protocol.mpc.dealer import Part
-from protocol.mpc.model import ModelPlan, Need
+from protocol.mpc.model import Need
 
-Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
 # a sealed box left in Redis by claim-check: bodies stay small, big shares skip base64
 Sealed = Annotated[str, Field(max_length=80, pattern=r"^gridq:blob:[A-Za-z0-9_\-]{16,64}$")]
-Names = Annotated[list[Name], Field(min_length=1, max_length=16)]
 MAC_BYTES = 16  # a Poly1305 tag
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class ModelCard(_Body):
-    """What the grid knows of a served model: no number of it."""
-
-    name: Name
-    owner: Name
-    host: Name
-    parties: Names
-    provider: Name
-    queriers: Annotated[list[Name], Field(max_length=1024)]
-    plan: ModelPlan
-
-
 class ServeModel(_Body):
-    """Model owner → host: serve this model; each party's share is sealed to that party."""
+    """Model owner → host: serve this model. Each party's share is sealed to that party and
+    signed by the owner for this card (:func:`protocol.mpc.cards.share_label`)."""
 
     kind: Literal["mpc_serve"] = "mpc_serve"
-    card: ModelCard
+    card: SignedCard
     shares: dict[Name, Sealed]
 
 
 class StoreShares(_Body):
-    """Host → party: keep your share of a served model (sealed to you by its owner)."""
+    """Host → party: keep your share of a served model (sealed to you and signed by its
+    owner); the party pins the owner's signed card with it."""
 
     kind: Literal["mpc_store"] = "mpc_store"
-    card: ModelCard
+    card: SignedCard
     share: Sealed
 
 
+class UserKeys(_Body):
+    """Model owner → host: the keys this host knows for these users (the queriers the owner
+    names without a key of its own for them)."""
+
+    kind: Literal["mpc_keys"] = "mpc_keys"
+    names: Annotated[list[Name], Field(min_length=1, max_length=1024)]
+
+
 class QueryModel(_Body):
-    """Client → host: run the model on my input; each input share is sealed to its party."""
+    """Client → host: run the model on my input. The query is signed by the querier (it
+    travels on to the parties); each input share is sealed to its party and signed for
+    this query (:func:`protocol.mpc.cards.input_label`)."""
 
     kind: Literal["mpc_query"] = "mpc_query"
-    name: Name
-    batch: Annotated[int, Field(ge=1, le=1 << 16)]
+    query: SignedQuery
     inputs: dict[Name, Sealed]
 
 
 class RunSession(_Body):
-    """Host → party: compute your side of one query, rounds over the session's lists."""
+    """Host → party: compute your side of one query, rounds over the session's lists. The
+    party checks it against the card it pinned for the query's model, not against the host."""
 
     kind: Literal["mpc_session"] = "mpc_session"
     session: Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[0-9a-f]+$")]
-    card: ModelCard
+    query: SignedQuery
     index: Annotated[int, Field(ge=0, lt=16)]
-    batch: Annotated[int, Field(ge=1, le=1 << 16)]
     bundles: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=1024)]
     input: Sealed
     mac_key: Sealed
-    querier: Name
-    querier_key: Annotated[str, Field(max_length=256)]
     round_timeout: Annotated[float, Field(gt=0, le=3600)]
 
 
@@ -124,6 +118,7 @@ class MpcReply(_Body):
     kind: Literal["mpc_reply"] = "mpc_reply"
     error: WireError | None = None
     outputs: dict[Name, Sealed] = {}  # each party's output share, sealed to the querier
+    keys: dict[Name, Key] = {}  # a host's answer to UserKeys
 
 
 def pack(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> bytes:

@@ -26,7 +26,7 @@ def test_demo_runs_the_use_case_and_cleans_up() -> None:
     assert accuracy >= 0.90, out  # federated over hospital and clinic
     assert "plaintext [-2.45, -6.925]" in out and "equal within 1e-3" in out
     assert "may not query model 'triage'" in out
-    assert "one user per role" in out  # the broker runs with ACLs
+    assert "one user per node and per role" in out  # the broker runs with ACLs
     port = re.search(r"broker on port (\d+)", out)
     assert port is not None, out
     assert _processes_on(int(port.group(1))) == [], "the demo left processes running"

@@ -68,3 +68,46 @@ def test_access_request_survives_a_restart_and_makes_an_allowed_user(local_grid:
         owner(local_grid, ward, "approve", access.id)
         assert access.wait(timeout=30).status == "done"
         assert torch.equal(births["weight"].mean().get(), births_feb[:, 0].mean())  # now she may
+        local_grid.kill("ward")  # issue 16: a restart publishes the config's datasets again …
+        local_grid.start_node(ward, "ward")
+        local_grid.wait_ready(["ward"])
+        assert torch.equal(births["height"].mean().get(), births_feb[:, 1].mean())  # … and the grant holds
+    assert "approved" in owner(local_grid, ward, "list", "--all")
+
+
+def test_a_decision_and_the_job_it_resumes_never_come_apart(local_grid: LocalGrid, ward, births_feb,
+                                                           monkeypatch: pytest.MonkeyPatch):
+    """Issue 16: the broker fails between the owner's decision and its answer. The decision
+    stands; approving again sends the answer, and so does the node's next start."""
+    import redis
+
+    from protocol.errors import BrokerUnavailable
+    from workers import Node
+
+    monkeypatch.setenv("GRIDQ_HOME", str(local_grid.home))
+    monkeypatch.setenv("GRIDQ_BROKER", local_grid.url)
+    with local_grid.connect("alice") as grid:  # an allowed user: her kept results come back raw
+        births = grid.search("#ward")["ward"][0]
+        first, second = births["weight"].sum().submit(), births["height"].sum().submit()
+        assert _settled(first) == "pending_approval" and _settled(second) == "pending_approval"
+        node = Node.from_config(ward)
+        try:
+            def broker_gone(*args: object, **kwargs: object) -> None:
+                raise redis.ConnectionError("Connection refused")
+
+            for ticket in (first, second):
+                with monkeypatch.context() as m:
+                    m.setattr(node.app.backend, "store_result", broker_gone)
+                    with pytest.raises(BrokerUnavailable):
+                        node.approve(ticket.id)
+            assert {r.job_id: r.status for r in node.requests(None)}[first.id] == "approved"
+            with pytest.raises(ApprovalRequired):
+                first.wait(timeout=2)  # decided, but its answer never left
+            node.approve(first.id)  # approving again sends it
+        finally:
+            node.close()
+        assert torch.equal(first.result(timeout=30).get(), births_feb[:, 0].sum())
+        local_grid.kill("ward")  # the other one: the node's next start sends it
+        local_grid.start_node(ward, "ward")
+        local_grid.wait_ready(["ward"])
+        assert torch.equal(second.result(timeout=30).get(), births_feb[:, 1].sum())

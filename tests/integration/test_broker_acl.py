@@ -1,11 +1,13 @@
-"""Broker permissions per role (ops/acl.py) on a real grid: Redis with one ACL user per role
-and the ``default`` user off, the demo nodes, the MPC pool and Flower each connecting as
-their role. A scientist's connection is refused what would let it wreck or spy on the grid
-(NOPERM), other roles are refused what is not theirs, and the three use cases still pass —
-with no ACL denial at all logged by Redis while they run."""
+"""Broker permissions per identity (ops/acl.py) on a real grid: Redis with one ACL user per
+enrolled node and per role, the ``default`` user off, the demo nodes, the MPC pool and
+Flower each connecting as their own user. A scientist's connection is refused what would let
+it wreck or spy on the grid (NOPERM), a node is refused another node's queues, in-flight
+jobs, MPC rounds, pools and bundles, nobody but the admin runs scripts, and the three use
+cases still pass — with no ACL denial at all logged by Redis while they run."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import subprocess
@@ -24,9 +26,22 @@ from typer.testing import CliRunner
 
 from ops.cli import app as cli
 from ops.demo import prepare
+from ops.enrol import enrolled_nodes, gateway_database, sync_broker_users
 from ops.local import LocalGrid, free_port
-from protocol.contract import CLAIM_CHECK_PREFIX, GATEWAY_IDENTITY_KEY, MPC_MODELS_KEY
-from protocol.errors import PermissionDenied
+from orchestrator.registry import Registry
+from protocol.contract import (
+    CLAIM_CHECK_PREFIX,
+    GATEWAY_IDENTITY_KEY,
+    MPC_MODELS_KEY,
+    dead_letter_key,
+    in_flight_keys,
+    mpc_bundle_key,
+    mpc_pool_prefix,
+    mpc_queue,
+    mpc_session_key,
+    node_queue,
+)
+from protocol.errors import BrokerUnavailable, PermissionDenied
 from workers.datasets import load_table
 
 MPC_NODES = ("company", "university", "hospital", "public")
@@ -62,6 +77,14 @@ def client(lg: LocalGrid, role: str) -> redis.Redis:
     return redis.Redis.from_url(lg.url_for(role))
 
 
+def unenrol(database_url: str, node: str) -> None:
+    registry = Registry(database_url)
+    try:
+        registry.unenrol(node)
+    finally:
+        registry.engine.dispose()
+
+
 def refused(call: Any, *args: Any, **kwargs: Any) -> None:
     with pytest.raises(redis.exceptions.NoPermissionError):  # Redis answered NOPERM
         call(*args, **kwargs)
@@ -72,14 +95,17 @@ def refused(call: Any, *args: Any, **kwargs: Any) -> None:
 
 def test_users_and_files(acl_grid: LocalGrid, admin: redis.Redis) -> None:
     users = {u.decode() if isinstance(u, bytes) else u for u in admin.acl_users()}
-    assert users == {"default", "gateway", "node", "mpc", "scientist", "flower", "admin"}
+    nodes = {f"node-{n}" for n in enrolled_nodes(gateway_database(acl_grid.home))}
+    assert {"node-hospital", "node-clinic"} <= nodes  # one user per enrolled node, none shared by all of them
+    assert users == {"default", "gateway", "scientist", "flower", "admin", *nodes}
     assert "off" in admin.acl_getuser("default")["flags"]
     folder = acl_grid.home / "broker"
-    for path in (folder / "users.acl", *(folder / f"{r}.url" for r in ("gateway", "node", "scientist"))):
+    for path in (folder / "users.acl", *(folder / f"{r}.url" for r in ("gateway", "node-hospital", "scientist"))):
         assert path.stat().st_mode & 0o777 == 0o600
     assert acl_grid.url_for("scientist").startswith("redis://scientist:")
+    assert acl_grid.url_for("node-hospital").startswith("redis://node-hospital:")
     # passwords go to processes by their environment, never their command line (`ps` shows it to everyone)
-    secrets = [urlsplit(acl_grid.url_for(r)).password for r in ("gateway", "node", "mpc", "scientist", "flower")]
+    secrets = [urlsplit(acl_grid.url_for(r)).password for r in ("gateway", "scientist", "flower", *nodes)]
     for name, proc in acl_grid.procs.items():
         argv = Path(f"/proc/{proc.pid}/cmdline").read_text()
         assert not any(s and s in argv for s in secrets), name
@@ -162,12 +188,12 @@ def test_a_scientist_cannot_wreck_or_spy_on_the_grid(acl_grid: LocalGrid, admin:
 
 
 def test_other_roles_keep_to_their_own_keys(acl_grid: LocalGrid) -> None:
-    for role in ("gateway", "node", "mpc", "flower"):
+    for role in ("gateway", "node-hospital", "flower"):
         other = client(acl_grid, role)
         try:
             refused(other.flushall)
             refused(other.keys, "*")
-            if role != "mpc":  # only an MPC host publishes model cards
+            if role != "node-hospital":  # only a node (an MPC host) publishes model cards
                 refused(other.hset, MPC_MODELS_KEY, "triage", "{}")
             if role != "gateway":  # only the gateway posts its key
                 refused(other.set, GATEWAY_IDENTITY_KEY, "x")
@@ -175,21 +201,113 @@ def test_other_roles_keep_to_their_own_keys(acl_grid: LocalGrid) -> None:
             refused(other.set, "anything", "x")
         finally:
             other.close()
-    node, mpc, gateway, flower = (client(acl_grid, r) for r in ("node", "mpc", "gateway", "flower"))
+    node, gateway, flower = (client(acl_grid, r) for r in ("node-hospital", "gateway", "flower"))
     try:
-        refused(node.brpop, ["mpc.company"], 1)  # a node's worker serves node queues only …
+        refused(node.brpop, ["mpc.company"], 1)  # a node's workers serve its own queues only …
         refused(node.brpop, ["gateway"], 1)
         refused(node.publish, "/0.celery.pidbox", b"{}")  # … and cannot command other workers
-        refused(mpc.brpop, ["node.hospital"], 1)
-        refused(mpc.brpop, ["gateway"], 1)
         refused(gateway.brpop, ["node.hospital"], 1)
         refused(gateway.getdel, f"{CLAIM_CHECK_PREFIX}{'c' * 32}")  # the gateway never handles sealed values
         refused(flower.brpop, ["node.hospital"], 1)  # the operator watches, does not take jobs
         refused(flower.getdel, f"{CLAIM_CHECK_PREFIX}{'c' * 32}")
         refused(flower.set, "celery-task-meta-x", "forged", ex=10)
     finally:
-        for c in (node, mpc, gateway, flower):
+        for c in (node, gateway, flower):
             c.close()
+
+
+# --- each node its own: queues, in-flight jobs, scripts, enrolment ---------------------------------------
+
+
+def test_a_node_takes_only_its_own_jobs_and_in_flight_keys(acl_grid: LocalGrid, admin: redis.Redis) -> None:
+    admin.acl_log_reset()
+    with acl_grid.connect("alice") as grid:  # a job of the clinic's, kept in flight (acks_late) while it runs
+        assert grid.search("#birth-records", "#february")["clinic"][0].sum(dim=0).submit().wait().status == "done"
+    # no denial: the clinic's worker kept it under the only in-flight keys its user has, its own queue's
+    # (kombu's shared `unacked` hash, which every queue's worker could read, is nobody's now)
+    assert admin.acl_log() == []
+    queue, in_flight = node_queue("clinic"), in_flight_keys(node_queue("clinic"))
+    hospital = client(acl_grid, "node-hospital")
+    try:  # the hospital's broker user: not one of the clinic's jobs, waiting or in flight
+        refused(hospital.brpop, [queue], 1)
+        refused(hospital.lpop, queue)
+        refused(hospital.rpop, queue)
+        refused(hospital.lrange, queue, 0, -1)
+        refused(hospital.hgetall, in_flight["unacked_key"])
+        refused(hospital.hget, in_flight["unacked_key"], "a-tag")
+        refused(hospital.zrange, in_flight["unacked_index_key"], 0, -1)
+        refused(hospital.set, in_flight["unacked_mutex_key"], "mine", nx=True, ex=60)  # nor hold its restores back
+        refused(hospital.lpush, queue, b"{}")  # nor push into it (a job comes from a scientist, signed)
+        refused(hospital.brpop, [mpc_queue("clinic")], 1)
+        refused(hospital.hgetall, "unacked")  # kombu's shared hash: nobody's now
+        refused(hospital.lrange, dead_letter_key(queue), 0, -1)
+    finally:
+        hospital.close()
+
+
+def test_no_user_but_the_admin_runs_scripts_or_functions(acl_grid: LocalGrid, admin: redis.Redis) -> None:
+    endless = "while true do end"
+    sha = admin.script_load("return 1")
+    for user in ("scientist", "gateway", "flower", "node-hospital", "node-clinic"):
+        other = client(acl_grid, user)
+        try:
+            refused(other.script_load, endless)
+            refused(other.eval, endless, 0)
+            refused(other.evalsha, sha, 0)
+            refused(other.execute_command, "EVAL_RO", "return 1", 0)
+            refused(other.execute_command, "FUNCTION", "LOAD", "#!lua name=x\nredis.register_function('f', "
+                                                                "function() while true do end end)")
+            refused(other.execute_command, "FCALL", "f", 0)
+            refused(other.execute_command, "SCRIPT", "KILL")
+        finally:
+            other.close()
+    assert admin.ping()  # Redis is not busy: nothing ran
+
+
+def test_the_broker_is_bounded_and_never_evicts(acl_grid: LocalGrid, admin: redis.Redis) -> None:
+    bound = admin.config_get("maxmemory")["maxmemory"]
+    assert int(bound) > 0
+    assert admin.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+    mallory = client(acl_grid, "scientist")
+    blob = f"{CLAIM_CHECK_PREFIX}{'d' * 32}"
+    try:
+        refused(mallory.set, blob, b"parked for ever")  # a blob is left with a TTL or not at all
+        refused(mallory.persist, blob)
+        assert mallory.setex(blob, 60, b"sealed") and 0 < admin.ttl(blob) <= 60
+        with acl_grid.connect("carol") as grid:
+            admin.config_set("maxmemory", 1)  # full: nothing is evicted, a write is refused
+            try:
+                with pytest.raises(BrokerUnavailable, match="maxmemory"):
+                    grid.transport.leave(b"x" * 1000)
+            finally:
+                admin.config_set("maxmemory", bound)
+        assert admin.get(blob) == b"sealed"
+    finally:
+        mallory.close()
+        admin.delete(blob)
+
+
+def test_scientists_push_only_to_enrolled_nodes_and_users_follow_enrolment(acl_grid: LocalGrid,
+                                                                           admin: redis.Redis) -> None:
+    mallory = client(acl_grid, "scientist")  # one connection throughout: the broker changes its rights live
+    try:
+        for queue in (node_queue("ward"), mpc_queue("ward"), "node.hospital2"):
+            refused(mallory.lpush, queue, b"480 MB nobody will read")
+        acl_grid.enrol("ward")
+        assert mallory.lpush(node_queue("ward"), b"a job for ward") == 1
+        ward = client(acl_grid, "node-ward")
+        assert ward.brpop([node_queue("ward")], 1) is not None  # its own user takes its own queue
+        refused(ward.brpop, [node_queue("hospital")], 1)
+        unenrol(gateway_database(acl_grid.home), "ward")
+        assert sync_broker_users(acl_grid.home) is not None
+        refused(mallory.lpush, node_queue("ward"), b"x")
+        with pytest.raises(redis.exceptions.ConnectionError):  # its user is gone, its connection closed
+            ward.ping()
+        assert "node-ward" not in {u.decode() if isinstance(u, bytes) else u for u in admin.acl_users()}
+        assert not (acl_grid.home / "broker" / "node-ward.url").exists()
+    finally:
+        mallory.close()
+        admin.delete(node_queue("ward"))
 
 
 # --- the use cases, through the ACL'd grid ------------------------------------------------------------
@@ -272,7 +390,7 @@ def test_use_case_3_encrypted_serving(mpc_pool: LocalGrid, no_denials: None) -> 
         assert (y_again - model(x[0])).abs().max().item() < 1e-3
 
 
-def test_secure_aggregation_through_the_mpc_user(mpc_pool: LocalGrid, no_denials: None) -> None:
+def test_secure_aggregation_through_the_nodes_users(mpc_pool: LocalGrid, no_denials: None) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
     with mpc_pool.connect("alice") as grid:
@@ -281,6 +399,72 @@ def test_secure_aggregation_through_the_mpc_user(mpc_pool: LocalGrid, no_denials
         result = grid.fit(model, data, rounds=1, lr=0.05, progress=False, secure_aggregation=True,
                           aggregators=["company", "public"])
     assert [r.nodes for r in result.rounds()] == [2]
+
+
+def test_an_mpc_member_cannot_take_another_members_rounds_pools_or_bundles(mpc_pool: LocalGrid,
+                                                                          admin: redis.Redis) -> None:
+    admin.acl_log_reset()
+    with mpc_pool.connect("dana") as owner:
+        owner.serve(torch.nn.Linear(4, 2), name="acl-members", parties=["hospital", "public"],
+                    crypto_provider="university", host="company", queriers=["bob"])
+    with mpc_pool.connect("bob") as grid:
+        grid.query("acl-members", torch.ones(4))  # the host then has its pools refilled by the provider
+    # the keys the MPC workers really use: company's pools of bundles university dealt, and their parts
+    deadline = time.monotonic() + 60
+    pools: list[str] = []
+    while not pools and time.monotonic() < deadline:
+        pools = [k.decode() for k in admin.scan_iter(match=mpc_pool_prefix("company", "university") + "*")
+                 if admin.llen(k)]
+        time.sleep(0.2)
+    assert pools, "the host's pools were not refilled"
+    pool = pools[0]
+    bundle = admin.lindex(pool, 0).decode()
+    parts = {p: mpc_bundle_key("university", bundle, p) for p in ("hospital", "public")}
+    assert all(admin.exists(k) for k in parts.values())
+    assert admin.acl_log() == []  # serving, querying and dealing ran without a denial
+    session = "5" * 32  # a session of company's, as the host names its lists
+    rounds = {(p, w): mpc_session_key("company", session, p, w) for p in ("hospital", "public") for w in ("up", "down")}
+    for key in rounds.values():
+        admin.rpush(key, b"a round's masked part")
+        admin.expire(key, 60)
+    before = {k: admin.dump(k) for k in (pool, *parts.values(), *rounds.values())}
+    users = {n: client(mpc_pool, f"node-{n}") for n in ("company", "university", "hospital", "public", "clinic")}
+    try:
+        for name in ("public", "university", "clinic"):  # another party, the dealer, a node outside
+            refused(users[name].getdel, parts["hospital"])  # hospital's part of a bundle
+            refused(users[name].get, parts["hospital"])
+            refused(users[name].blpop, [rounds["hospital", "down"]], 1)  # what the host opens for hospital
+            refused(users[name].lrange, rounds["hospital", "up"], 0, -1)  # what hospital sends up
+            refused(users[name].rpush, rounds["hospital", "up"], b"injected")
+        refused(users["company"].getdel, parts["hospital"])  # the host never holds a party's material
+        for name in ("hospital", "public", "university", "clinic"):  # only the host takes from its pools
+            refused(users[name].lpop, pool)
+            refused(users[name].lrange, pool, 0, -1)
+        refused(users["hospital"].blpop, [mpc_session_key("university", session, "public", "down")], 1)
+        # … while each may do its own part (a spare key: the real bundle stays for the next query)
+        spare = mpc_bundle_key("university", "e" * 32, "hospital")
+        admin.setex(spare, 60, b"sealed to hospital")
+        assert users["hospital"].getdel(spare) == b"sealed to hospital"
+        assert users["university"].setex(mpc_bundle_key("university", "e" * 32, "public"), 60, b"dealt")
+    finally:
+        for c in users.values():
+            c.close()
+        admin.delete(*rounds.values(), mpc_bundle_key("university", "e" * 32, "public"))
+    assert {k: admin.dump(k) for k in before if k not in rounds.values()} == \
+           {k: v for k, v in before.items() if k not in rounds.values()}
+
+
+PERSISTENT = ("gateway", "node.*", "mpc.*", "_kombu.binding*", "gridq:unacked*", GATEWAY_IDENTITY_KEY, MPC_MODELS_KEY,
+              "*.celery.pidbox", "celeryev.*")  # queues and routing, the gateway's key, the model listing
+
+
+def test_every_blob_expires(mpc_pool: LocalGrid, admin: redis.Redis) -> None:
+    """After the use cases ran: every key but queues, routing and the two listings has a TTL —
+    claim-check blobs, results, MPC pools, bundles and round markers, dead letters."""
+    keys = [k.decode() for k in admin.scan_iter(count=1000)]
+    assert any(k.startswith(CLAIM_CHECK_PREFIX) or k.startswith("gridq:mpc:") for k in keys)
+    forever = [k for k in keys if admin.ttl(k) == -1 and not any(fnmatch.fnmatchcase(k, p) for p in PERSISTENT)]
+    assert forever == []
 
 
 # --- the operator's view with the flower user ---------------------------------------------------------

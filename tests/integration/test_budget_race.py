@@ -39,13 +39,13 @@ bounds = [0.0, 100.0]
 CLIENTS, PER_CLIENT = 4, 16
 
 
-def _client(args: tuple[str, str]) -> list[str]:
+def _client(args: tuple[str, str, str]) -> list[str]:
     """One data scientist's process: submit 16 DP queries at once, then collect them."""
-    url, key = args
+    url, key, gateway = args
     from ops.keys import read_identity
     from orchestrator import Grid
 
-    with Grid.connect(url, read_identity(key), timeout=120) as grid:
+    with Grid.connect(url, read_identity(key), timeout=120, gateway_key=gateway) as grid:
         scores = grid.search("#race")["racer"][0]
         tickets = [scores.mean().submit(epsilon=0.1) for _ in range(PER_CLIENT)]
         outcomes = []
@@ -66,9 +66,9 @@ def test_concurrent_dp_queries_never_overspend(local_grid: LocalGrid):
     local_grid.start_node(config, "racer")
     local_grid.wait_ready(["racer"])
     try:
-        key = str(Path(local_grid.keys) / "dana.key")
+        client = (local_grid.url, str(Path(local_grid.keys) / "dana.key"), local_grid.gateway_key())
         with multiprocessing.get_context("spawn").Pool(CLIENTS) as pool:
-            outcomes = [o for batch in pool.map(_client, [(local_grid.url, key)] * CLIENTS) for o in batch]
+            outcomes = [o for batch in pool.map(_client, [client] * CLIENTS) for o in batch]
         assert len(outcomes) == 64
         assert outcomes.count("released") == 10 and outcomes.count("exhausted") == 54
         with local_grid.connect("dana") as grid:

@@ -168,6 +168,24 @@ def test_a_signed_reply_moved_onto_another_jobs_key_is_refused(local_grid: Local
         assert torch.allclose(fresh.ticket(a.id).result(timeout=30).get(), births_feb[:, 0].mean())
 
 
+def test_a_gateway_answer_moved_onto_another_questions_key_is_refused(local_grid: LocalGrid, monkeypatch):
+    """Issue 15: the gateway's signed answer to one question (an old node list, a search)
+    copied onto another question's result key is not taken as the answer to it."""
+    import orchestrator.transport as transport_module
+
+    with local_grid.connect("alice") as grid:
+        first = uuid.uuid4()
+        grid.app.send_task(Tasks.NODES, queue="gateway", task_id=first.hex)
+        assert grid.transport.result(first.hex, timeout=30) is not None
+        backend = grid.app.backend
+        second = uuid.uuid4()
+        key = backend.get_key_for_task
+        backend.client.set(key(second.hex), backend.client.get(key(first.hex)))
+        monkeypatch.setattr(transport_module.uuid, "uuid4", lambda: second)  # the id of the next question
+        with pytest.raises(errors.MisdirectedReply, match=f"answer to job {first.hex}"):
+            grid.transport.nodes()
+
+
 def test_an_unsigned_failure_in_the_backend_decides_nothing(local_grid: LocalGrid, ward, monkeypatch):
     """Issue 15: a FAILURE state written to the backend (by anything with broker access, or by
     a dying worker) is not the node's answer: the ticket waits on for a signed one."""

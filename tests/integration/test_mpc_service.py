@@ -159,11 +159,11 @@ def test_a_model_name_is_its_owners(mpc_grid: LocalGrid) -> None:
 
 
 def test_hostile_messages_get_typed_errors_and_the_pool_goes_on(mpc_grid: LocalGrid) -> None:
-    from orchestrator.mpc import ask
+    from orchestrator.mpc import ask, find, signed_query
     from protocol.contract import Tasks, mpc_queue
     from protocol.errors import InvalidRequest
     from protocol.mpc.sharing import share
-    from protocol.mpc.wire import QueryModel, pack
+    from protocol.mpc.wire import QueryModel
 
     with mpc_grid.connect("dana") as owner:
         owner.serve(seed_model(), name="sturdy", parties=["hospital", "public"], crypto_provider="university",
@@ -173,12 +173,12 @@ def test_hostile_messages_get_typed_errors_and_the_pool_goes_on(mpc_grid: LocalG
             raw = grid.app.send_task(Tasks.MPC_QUERY, args=[junk], queue=mpc_queue("company")).get(timeout=30)
             assert '"error":{"code":' in raw["body"]  # signed, typed refusal
         # input shares of one row, under a query that claims two: the parties refuse at once
-        pieces = share(FixedPoint(16).encode(torch.zeros(1, 4)), 2)
-        inputs = {p: grid.transport.leave(grid.transport.node_key(p).seal(pack({"x": s})))
-                  for p, s in zip(["hospital", "public"], pieces, strict=True)}
+        card = find(grid, "sturdy")
+        signed, inputs = signed_query(grid, card, share(FixedPoint(16).encode(torch.zeros(1, 4)), 2))
+        signed = signed.sign(grid.identity, signed.query.model_copy(update={"batch": 2}))
         started = time.monotonic()
         with pytest.raises(InvalidRequest, match="must be int64 of shape \\(2, 4\\)"):
-            ask(grid, "company", Tasks.MPC_QUERY, QueryModel(name="sturdy", batch=2, inputs=inputs))
+            ask(grid, "company", Tasks.MPC_QUERY, QueryModel(query=signed, inputs=inputs))
         assert time.monotonic() - started < ROUND_TIMEOUT
         y = grid.query("sturdy", torch.ones(4))  # and the pool goes on serving
     assert (y - seed_model()(torch.ones(4))).abs().max().item() < 1e-3

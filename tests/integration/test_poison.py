@@ -27,7 +27,7 @@ import redis
 from ops.demo import prepare
 from ops.gateway import GATEWAY_TASKS
 from ops.local import LocalGrid
-from protocol.contract import DEAD_LETTER_MAX, GATEWAY_QUEUE, Tasks, dead_letter_key, node_queue
+from protocol.contract import DEAD_LETTER_MAX, GATEWAY_QUEUE, Tasks, dead_letter_key, in_flight_keys, node_queue
 from protocol.errors import JobFailed, LimitExceeded
 from protocol.inbox import Junk, screen
 from protocol.messages import KeepRelease, RawRelease, RunJob
@@ -50,6 +50,7 @@ public_key_file = "${GRIDQ_HOME}/keys/alice.pub"
 [worker]
 time_limit = 60
 max_deliveries = 2
+concurrency = 1
 
 [[datasets]]
 name = "square"
@@ -59,20 +60,46 @@ allowed_users = ["alice"]
 """
 
 
+FAIR = """
+[node]
+id = "fair"
+broker = "${GRIDQ_BROKER}"
+store = "${GRIDQ_HOME}/fair"
+identity = "${GRIDQ_HOME}/keys/fair.key"
+
+[users.alice]
+public_key_file = "${GRIDQ_HOME}/keys/alice.pub"
+[users.carol]
+public_key_file = "${GRIDQ_HOME}/keys/carol.pub"
+
+[worker]
+time_limit = 60
+concurrency = 2
+
+[[datasets]]
+name = "square"
+path = "${GRIDQ_HOME}/data/square.npy"
+tags = ["#fair"]
+allowed_users = ["alice", "carol"]
+"""
+
+
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGrid]:
     home = tmp_path_factory.mktemp("poison-grid")
     configs = {Path(c).stem: c for c in prepare(home)}
     np.save(home / "data" / "square.npy", np.random.default_rng(0).random((1536, 1536), dtype=np.float32) / 1536)
     (home / "lab.toml").write_text(LAB)
+    (home / "fair.toml").write_text(FAIR)
     with LocalGrid(home, acl=True) as lg:
-        lg.start([configs["hospital"], home / "lab.toml"])
+        lg.start([configs["hospital"], home / "lab.toml", home / "fair.toml"])
         yield lg
 
 
 def _captured(lg: LocalGrid) -> dict[str, Any]:
-    """A real job message, as alice's client writes it (sent to a queue nobody serves, taken
-    back by the broker's admin)."""
+    """A real job message, as alice's client writes it (sent to the queue of an enrolled node
+    whose worker is not running, taken back by the broker's admin)."""
+    lg.enrol("nobody")  # a scientist may send only to enrolled nodes' queues
     with lg.connect("alice") as g:
         g.transport.send("hospital", Tasks.RUN_JOB, "node.nobody", RunJob(
             plan=Plan(inputs=[InputRef(kind="dataset", name="birth-records-feb")],
@@ -147,7 +174,7 @@ def test_junk_of_any_shape_is_dead_lettered_and_no_worker_stops(grid: LocalGrid)
             for at in range(0, len(items), 100):
                 scientist.lpush(queue, *items[at:at + 100])  # the scientist's own user may push, not pop
         deadline = time.monotonic() + 110
-        while any(admin.llen(q) for q in SERVED) or admin.hlen("unacked"):
+        while any(admin.llen(q) or admin.hlen(in_flight_keys(q)["unacked_key"]) for q in SERVED):
             assert time.monotonic() < deadline, {q: admin.llen(q) for q in SERVED}
             assert all(grid.procs[n].poll() is None for n in before), grid._crashed()
             time.sleep(0.2)
@@ -162,6 +189,37 @@ def test_junk_of_any_shape_is_dead_lettered_and_no_worker_stops(grid: LocalGrid)
         assert "Unrecoverable error" not in (grid.logs / f"{name}.log").read_text()
     assert _mean_weight(grid) == mean_before  # and they go on serving
     print(f"{2 * FUZZ} items in {took:.1f} s; dead-lettered {dead}")
+
+
+def _heavy(pointer: Any) -> Any:
+    slow = pointer
+    for _ in range(60):
+        slow = (slow @ pointer).clamp(-1.0, 1.0)
+    return slow.sum()
+
+
+def test_one_requesters_heavy_plans_cannot_hold_every_worker_process(grid: LocalGrid):
+    """Two processes at the node, two heavy plans from alice: one runs, the other waits its
+    turn behind carol's small job, which is answered while alice's first plan still runs."""
+    store = Store(grid.home / "fair", f"sqlite:///{grid.home / 'fair' / 'node.db'}")
+    try:
+        with grid.connect("alice", timeout=120) as alice, grid.connect("carol", timeout=120) as carol:
+            plans = [_heavy(alice.search("#fair")["fair"][0]) for _ in range(2)]  # built first: seconds each
+            small_plan = carol.search("#fair")["fair"][0][0, 0]
+            heavy = [plan.submit() for plan in plans]
+            deadline = time.monotonic() + 60
+            while not any((job := store.job(t.id)) is not None and job.status == "running" for t in heavy):
+                assert time.monotonic() < deadline, "alice's plans never started"
+                time.sleep(0.02)
+            small = small_plan.submit()
+            assert small.result(timeout=60).get().shape == ()
+            states = [store.job(t.id) for t in heavy]
+            assert [s is not None and s.status == "done" for s in states] == [False, False], \
+                "carol's job waited for one of alice's plans"
+            for ticket in heavy:  # and alice's deferred plan is not lost: it runs after the first
+                assert ticket.result(timeout=120).shape == ()
+    finally:
+        store.close()
 
 
 def _pool_child(lg: LocalGrid, name: str) -> int:

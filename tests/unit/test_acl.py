@@ -12,11 +12,22 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from ops.acl import ROLES, acl_line, ensure_broker_users, role_url, rules, rules_table
+from ops.acl import (
+    ROLES,
+    acl_line,
+    ensure_broker_users,
+    node_user,
+    role_url,
+    rules,
+    rules_table,
+    setuser_args,
+)
 from protocol.contract import (
     CLAIM_CHECK_PREFIX,
     GATEWAY_IDENTITY_KEY,
     MPC_MODELS_KEY,
+    dead_letter_key,
+    in_flight_keys,
     mpc_aggregated_key,
     mpc_bundle_key,
     mpc_pool_key,
@@ -25,88 +36,109 @@ from protocol.contract import (
     node_queue,
 )
 
+NODES = ["clinic", "hospital"]
+USERS = [*ROLES, "node-clinic", "node-hospital"]
 
-def test_every_role_gets_a_user_a_url_and_the_default_user_is_off(tmp_path: Path) -> None:
-    users = ensure_broker_users(tmp_path, "10.0.0.5", 6380)
+
+def test_every_user_gets_a_url_and_the_default_user_is_off(tmp_path: Path) -> None:
+    users = ensure_broker_users(tmp_path, "10.0.0.5", 6380, nodes=NODES)
     lines = users.acl_file.read_text().splitlines()
     names = [line.split()[1] for line in lines]
-    assert names == ["default", *ROLES]
-    assert set(ROLES) == {"gateway", "node", "mpc", "scientist", "flower", "admin"}
+    assert names == ["default", *USERS]
+    assert set(ROLES) == {"gateway", "scientist", "flower", "admin"}  # no user shared by every node
     default = lines[0].split()
     assert "off" in default and "-@all" in default and "on" not in default
     assert not any(t.startswith((">", "#", "~", "&", "+")) or t == "nopass" for t in default[2:] if t != "-@all")
-    for role in ROLES:
-        url = users.urls[role]
+    for user in USERS:
+        url = users.urls[user]
         parts = urlsplit(url)
-        assert (parts.username, parts.hostname, parts.port, parts.path) == (role, "10.0.0.5", 6380, "/0")
+        assert (parts.username, parts.hostname, parts.port, parts.path) == (user, "10.0.0.5", 6380, "/0")
         assert parts.password and len(parts.password) >= 40
-        assert (users.folder / f"{role}.url").read_text().strip() == url
-        line = next(x for x in lines if x.split()[1] == role)
+        assert (users.folder / f"{user}.url").read_text().strip() == url
+        line = next(x for x in lines if x.split()[1] == user)
         # the ACL file holds the password's hash, never the password
         assert f"#{hashlib.sha256(parts.password.encode()).hexdigest()}" in line.split()
         assert parts.password not in users.acl_file.read_text()
         assert " on " in line and "resetkeys" in line and "-@all" in line
-    assert len({urlsplit(u).password for u in users.urls.values()}) == len(ROLES)
+        assert line == acl_line(user, parts.password, nodes=NODES)
+    assert len({urlsplit(u).password for u in users.urls.values()}) == len(USERS)
 
 
 def test_secret_files_are_0600_in_a_0700_folder(tmp_path: Path) -> None:
-    users = ensure_broker_users(tmp_path)
+    users = ensure_broker_users(tmp_path, nodes=NODES)
     assert users.folder == tmp_path / "broker"
     assert users.folder.stat().st_mode & 0o777 == 0o700
-    for path in (users.acl_file, *(users.folder / f"{r}.url" for r in ROLES)):
+    for path in (users.acl_file, *(users.folder / f"{u}.url" for u in USERS)):
         assert path.stat().st_mode & 0o777 == 0o600, path
 
 
 def test_idempotent_passwords_survive_a_new_port(tmp_path: Path) -> None:
-    first = ensure_broker_users(tmp_path, port=6379)
+    first = ensure_broker_users(tmp_path, port=6379, nodes=NODES)
     acl = first.acl_file.read_text()
-    again = ensure_broker_users(tmp_path, port=6379)
+    again = ensure_broker_users(tmp_path, port=6379, nodes=NODES)
     assert again.urls == first.urls and again.acl_file.read_text() == acl
-    moved = ensure_broker_users(tmp_path, port=7000)
+    moved = ensure_broker_users(tmp_path, port=7000, nodes=NODES)
     assert {r: urlsplit(u).password for r, u in moved.urls.items()} == \
            {r: urlsplit(u).password for r, u in first.urls.items()}
     assert all(urlsplit(u).port == 7000 for u in moved.urls.values())
     assert moved.acl_file.read_text() == acl  # the server's file does not depend on where it listens
 
 
+def test_users_follow_enrolment(tmp_path: Path) -> None:
+    first = ensure_broker_users(tmp_path, nodes=["hospital"])
+    assert "node-clinic" not in first.urls
+    both = ensure_broker_users(tmp_path, nodes=NODES)
+    assert both.urls["node-hospital"] == first.urls["node-hospital"]  # a new node leaves the others' passwords
+    gone = ensure_broker_users(tmp_path, nodes=["clinic"])
+    assert "node-hospital" not in gone.urls and not (gone.folder / "node-hospital.url").exists()
+    assert "user node-hospital " not in gone.acl_file.read_text()
+    assert gone.setuser["node-clinic"] == setuser_args("node-clinic", urlsplit(gone.urls["node-clinic"]).password or "",
+                                                       nodes=["clinic"])
+    with pytest.raises(ValueError, match="not node ids"):  # a glob in an id would widen every pattern
+        ensure_broker_users(tmp_path, nodes=["*"])
+
+
 def test_role_url_reads_back_what_was_written(tmp_path: Path) -> None:
-    assert role_url(tmp_path, "node") is None  # a grid without ACLs
-    users = ensure_broker_users(tmp_path, port=6390)
-    assert {r: role_url(tmp_path, r) for r in ROLES} == users.urls
-    with pytest.raises(ValueError):
-        role_url(tmp_path, "../keys/alice")
+    assert role_url(tmp_path, "node-hospital") is None  # a grid without ACLs
+    users = ensure_broker_users(tmp_path, port=6390, nodes=NODES)
+    assert {u: role_url(tmp_path, u) for u in USERS} == users.urls
+    for bad in ("../keys/alice", "node-../x", "node"):
+        with pytest.raises(ValueError):
+            role_url(tmp_path, bad)
 
 
 def test_a_lost_url_file_gets_a_new_password_the_others_are_kept(tmp_path: Path) -> None:
-    first = ensure_broker_users(tmp_path)
-    (first.folder / "node.url").unlink()
-    again = ensure_broker_users(tmp_path)
-    assert again.urls["node"] != first.urls["node"]
-    assert {r: u for r, u in again.urls.items() if r != "node"} == {r: u for r, u in first.urls.items() if r != "node"}
+    first = ensure_broker_users(tmp_path, nodes=NODES)
+    (first.folder / "node-hospital.url").unlink()
+    again = ensure_broker_users(tmp_path, nodes=NODES)
+    assert again.urls["node-hospital"] != first.urls["node-hospital"]
+    assert {r: u for r, u in again.urls.items() if r != "node-hospital"} == \
+           {r: u for r, u in first.urls.items() if r != "node-hospital"}
 
 
 def test_every_rule_says_why_and_the_table_lists_them(tmp_path: Path) -> None:
-    for role in ROLES:
-        assert rules(role), role
-        for rule in rules(role):
+    for user in USERS:
+        assert rules(user, nodes=NODES), user
+        for rule in rules(user, nodes=NODES):
             assert len(rule.why) > 10, rule
-    table = rules_table()
-    for role in ROLES:
-        assert f"## {role}:" in table
-    ensure_broker_users(tmp_path)
+    table = rules_table(0, NODES)
+    for user in USERS:
+        assert f"## {user}:" in table
+    ensure_broker_users(tmp_path, nodes=NODES)
     assert (tmp_path / "broker" / "users.rules.md").read_text() == table
-    with pytest.raises(ValueError, match="unknown role"):
-        rules("root")
+    for unknown in ("root", "node", "node-ward"):  # ward is not enrolled: it has no rules
+        with pytest.raises(ValueError, match="unknown broker user"):
+            rules(unknown, nodes=NODES)
 
 
 def _selectors(role: str, db: int = 0) -> list[tuple[list[str], list[str], set[str]]]:
     """(key patterns with their %R/%W/RW prefix, channel patterns, commands) of each selector."""
     out = []
-    for rule in rules(role, db):
+    for rule in rules(role, db, NODES):
         text = rule.rule
         if not text.startswith("("):
             continue
-        tokens = text.strip("()").split()
+        tokens = text.strip("()").split(" ")
         keys = [t for t in tokens if "~" in t]
         channels = [t[1:] for t in tokens if t.startswith("&")]
         commands = {t[1:] for t in tokens if t.startswith("+")}
@@ -138,14 +170,17 @@ def allows(role: str, command: str, key: str | None = None, *, write: bool = Fal
 def test_rules_fit_the_keys_the_code_builds() -> None:
     blob = f"{CLAIM_CHECK_PREFIX}{'a' * 32}"
     hospital = node_queue("hospital")
-    # a scientist sends to every worker queue, never takes from one
-    for queue in ("gateway", hospital, mpc_queue("company")):
+    # a scientist sends to the gateway and enrolled nodes' queues, never takes from one
+    for queue in ("gateway", hospital, mpc_queue("clinic")):
         assert allows("scientist", "lpush", queue, write=True)
         assert not allows("scientist", "brpop", queue, read=True, write=True)
         assert not allows("scientist", "lpop", queue, read=True, write=True)
+    for queue in (node_queue("ward"), mpc_queue("ward"), "node.hospital2", "anything"):  # not enrolled
+        assert not allows("scientist", "lpush", queue, write=True), queue
     assert allows("scientist", "getdel", blob, read=True, write=True)
-    assert allows("scientist", "set", blob, write=True)
-    assert not allows("scientist", "set", hospital, write=True)  # SET is for blobs, not queues
+    assert allows("scientist", "setex", blob, write=True)
+    assert not allows("scientist", "set", blob, write=True)  # a blob is left with a TTL, or not at all
+    assert not allows("scientist", "set", hospital, write=True)
     assert not allows("scientist", "del", blob, write=True)
     assert allows("scientist", "get", GATEWAY_IDENTITY_KEY, read=True)
     assert not allows("scientist", "set", GATEWAY_IDENTITY_KEY, write=True)
@@ -155,25 +190,52 @@ def test_rules_fit_the_keys_the_code_builds() -> None:
     assert not allows("scientist", "set", "celery-task-meta-hospital:" + "0" * 32, write=True)
     assert allows("scientist", "subscribe", channel="celery-task-meta-x")
     assert not allows("scientist", "publish", channel="/0.celery.pidbox")
-    # only the gateway posts its key; only MPC hosts post model cards
-    assert [r for r in ROLES if allows(r, "set", GATEWAY_IDENTITY_KEY, write=True)] == ["gateway", "admin"]
-    assert [r for r in ROLES if allows(r, "hset", MPC_MODELS_KEY, write=True)] == ["mpc", "admin"]
-    # consumers: each role its own queues
-    assert [r for r in ROLES if allows(r, "brpop", hospital, read=True, write=True)] == ["node", "admin"]
-    assert [r for r in ROLES if allows(r, "brpop", "mpc.company", read=True, write=True)] == ["mpc", "admin"]
-    assert [r for r in ROLES if allows(r, "brpop", "gateway", read=True, write=True)] == ["gateway", "admin"]
-    # MPC rounds, pools and bundles are the MPC workers' alone
-    for key in (mpc_session_key("s" * 32, "hospital", "up"),
-                mpc_pool_key("university", ["a", "b"], 16, "matmul:(1,4):(4,2)"), mpc_bundle_key("f" * 32, "hospital")):
-        assert [r for r in ROLES if any(allows(r, c, key, read=True, write=True)
-                                        for c in ("blpop", "getdel", "lpop"))] == ["mpc", "admin"]
+    # only the gateway posts its key; only nodes (as MPC hosts) post model cards
+    assert [r for r in USERS if allows(r, "set", GATEWAY_IDENTITY_KEY, write=True)] == ["gateway", "admin"]
+    assert [r for r in USERS if allows(r, "hset", MPC_MODELS_KEY, write=True)] == ["admin", *NODE_USERS]
+    # consumers: each identity its own queues, its own in-flight keys, its own dead letters
+    for node in NODES:
+        for queue in (node_queue(node), mpc_queue(node), f"{node_queue(node)}\x06\x169"):
+            assert [r for r in USERS if allows(r, "brpop", queue, read=True, write=True)] == ["admin", node_user(node)]
+        for key in in_flight_keys(node_queue(node)).values():
+            assert [r for r in USERS if allows(r, "hget", key, read=True) or allows(r, "get", key, read=True)] == \
+                   ["admin", node_user(node)]
+        assert [r for r in USERS if allows(r, "lpush", dead_letter_key(mpc_queue(node)), write=True)] == \
+               ["admin", node_user(node)]
+    assert not allows("node-hospital", "brpop", "node.hospital2", read=True, write=True)  # an id that extends its own
+    assert not allows("node-hospital", "hgetall", "unacked", read=True)  # kombu's shared hash: nobody's
+    assert [r for r in USERS if allows(r, "brpop", "gateway", read=True, write=True)] == ["gateway", "admin"]
+    # a node sends to the other enrolled nodes' MPC workers, never to their job queues
+    assert allows("node-hospital", "lpush", mpc_queue("clinic"), write=True)
+    assert not allows("node-hospital", "lpush", node_queue("clinic"), write=True)
+    assert not allows("node-hospital", "lpush", mpc_queue("ward"), write=True)
+    # MPC rounds, pools and bundles: each member only those that name it
+    pool = mpc_pool_key("hospital", "clinic", ["a", "b"], 16, "matmul:(1,4):(4,2)")
+    for key, owners in ((mpc_session_key("hospital", "s" * 32, "clinic", "up"), ["node-hospital"]),  # the host's
+                        (mpc_session_key("ward", "s" * 32, "hospital", "down"), ["node-hospital"]),  # the party's
+                        (mpc_session_key("clinic", "s" * 32, "hospital", "down"), NODE_USERS),  # … and its host's
+                        (pool, ["node-hospital"]), (mpc_bundle_key("clinic", "f" * 32, "hospital"), ["node-hospital"])):
+        assert [r for r in USERS if any(allows(r, c, key, read=True, write=True)
+                                        for c in ("blpop", "getdel", "lpop"))] == ["admin", *owners], key
+    assert allows("node-clinic", "rpush", pool, write=True)  # the provider fills it, write-only
+    assert allows("node-clinic", "rpush", mpc_session_key("hospital", "s" * 32, "clinic", "up"), write=True)
+    assert allows("node-clinic", "setex", mpc_bundle_key("clinic", "f" * 32, "hospital"), write=True)
+    assert not allows("node-hospital", "setex", mpc_bundle_key("clinic", "f" * 32, "hospital"), write=True)
     aggregated = mpc_aggregated_key("hospital", "f" * 32)
-    assert [r for r in ROLES if allows(r, "set", aggregated, write=True)] == ["mpc", "admin"]
-    # only the operator and the admin may command workers
-    assert [r for r in ROLES if allows(r, "publish", channel="/0.celery.pidbox")] == ["flower", "admin"]
+    assert [r for r in USERS if allows(r, "set", aggregated, write=True)] == ["admin", "node-hospital"]
+    # only the operator and the admin may command workers; nobody but the admin runs scripts
+    assert [r for r in USERS if allows(r, "publish", channel="/0.celery.pidbox")] == ["flower", "admin"]
+    scripting = {"eval", "evalsha", "eval_ro", "evalsha_ro", "script", "fcall", "fcall_ro", "function"}
+    for user in (u for u in USERS if u != "admin"):
+        tokens = " ".join(setuser_args(user, "pw", nodes=NODES)).replace("(", " ").replace(")", " ").split(" ")
+        allowed = {t[1:].split("|")[0] for t in tokens if t.startswith("+")}
+        assert allowed and not allowed & scripting and "@all" not in allowed and "@scripting" not in allowed, user
+
+
+NODE_USERS = ["node-clinic", "node-hospital"]
 
 
 def test_the_db_number_goes_into_the_pubsub_channels() -> None:
-    line = acl_line("node", "pw", db=3)
+    line = acl_line("node-hospital", "pw", db=3, nodes=NODES)
     assert "&/3.celery.pidbox" in line and "&/3.celeryev/*" in line and "/0." not in line
     assert re.search(r"#[0-9a-f]{64} ", line)

@@ -15,6 +15,7 @@ from protocol.errors import (
     BrokerUnavailable,
     BudgetExhausted,
     ForbiddenOperation,
+    GatewayKeyChanged,
     GridError,
     IncompatibleProtocol,
     InvalidRequest,
@@ -23,11 +24,13 @@ from protocol.errors import (
     MessageExpired,
     MisdirectedReply,
     NodeUnavailable,
+    NotEnrolled,
     NotFound,
     PermissionDenied,
     ReplayedNonce,
     RequestDenied,
     SensitivityUnknown,
+    StaleMessage,
     UnknownSender,
     WrongRecipient,
     error_from_wire,
@@ -49,7 +52,7 @@ def test_registry_holds_every_documented_error() -> None:
         ReplayedNonce, WrongRecipient, MisdirectedReply, IncompatibleProtocol, PermissionDenied,
         ApprovalRequired, BudgetExhausted, InvalidRequest, ForbiddenOperation,
         LimitExceeded, SensitivityUnknown, NotFound, NodeUnavailable, BrokerUnavailable, JobFailed,
-        RequestDenied,
+        RequestDenied, NotEnrolled, StaleMessage, GatewayKeyChanged,
     }
     assert set(ERRORS_BY_CODE.values()) == expected
 

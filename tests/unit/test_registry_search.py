@@ -1,5 +1,6 @@
-"""The gateway's registry over SQLite: nodes pin their key on first use, searches match every
-tag and every word, and publishing, unpublishing or registering again changes what is found."""
+"""The gateway's registry over SQLite: only enrolled nodes register, with their enrolled key;
+searches match every tag and every word, and publishing, unpublishing or registering again
+changes what is found."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 
 import orchestrator.registry as registry_module
 from orchestrator.registry import Registry
-from protocol.errors import AuthenticationError, NotFound
+from protocol.errors import AuthenticationError, NotEnrolled, NotFound
+from protocol.identity import Identity
 from protocol.messages import DatasetMeta
 
 
@@ -23,6 +25,14 @@ def _meta(node: str, name: str, description: str = "", tags: tuple[str, ...] = (
 BIRTHS = _meta("ward", "births", "Births in the maternity ward, 2024", ("#ward", "#Births"))
 DEATHS = _meta("ward", "deaths", "Deaths on the ward", ("#ward", "#mortality"))
 VISITS = _meta("clinic", "visits", "Outpatient visits and births referred", ("#clinic", "#births"))
+KEYS = {name: Identity.generate(name).public.text() for name in ("ward", "clinic", "mallory")}
+_sent = iter(range(1, 10_000))
+
+
+def sent() -> dict[str, Any]:
+    """A fresh envelope's issue time and nonce, newer than every one before."""
+    n = next(_sent)
+    return {"issued_at": float(n), "nonce": f"{n:032x}"}
 
 
 @pytest.fixture
@@ -30,8 +40,10 @@ def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Regist
     clock = iter(float(t) for t in range(1000, 2000))
     monkeypatch.setattr(registry_module, "time", SimpleNamespace(time=lambda: next(clock)))
     reg = Registry(f"sqlite:///{tmp_path / 'gateway.db'}")
-    reg.register("ward", "key-ward", [BIRTHS, DEATHS])
-    reg.register("clinic", "key-clinic", [VISITS])
+    reg.enrol("ward", KEYS["ward"])
+    reg.enrol("clinic", KEYS["clinic"])
+    reg.register("ward", KEYS["ward"], [BIRTHS, DEATHS], **sent())
+    reg.register("clinic", KEYS["clinic"], [VISITS], **sent())
     yield reg
     reg.engine.dispose()
 
@@ -64,55 +76,59 @@ def test_search_returns_the_metadata_as_published(registry: Registry) -> None:
 
 
 def test_publish_and_unpublish_change_what_is_found(registry: Registry) -> None:
-    registry.publish("clinic", _meta("clinic", "labs", "Lab results", ("#clinic",)))
+    registry.publish("clinic", _meta("clinic", "labs", "Lab results", ("#clinic",)), **sent())
     assert _names(registry.search(["#clinic"], [], None)) == ["clinic/labs", "clinic/visits"]
-    registry.publish("ward", _meta("ward", "births", "Births, revised", ("#ward",)))  # publishing again replaces
+    registry.publish("ward", _meta("ward", "births", "Births, revised", ("#ward",)), **sent())  # again: replaces
     assert _names(registry.search(["#births"], [], None)) == ["clinic/visits"]
     assert registry.search([], ["revised"], None)[0].description == "Births, revised"
-    registry.unpublish("ward", "deaths")
+    registry.unpublish("ward", "deaths", **sent())
     assert _names(registry.search([], [], "ward")) == ["ward/births"]
     with pytest.raises(NotFound, match="'deaths'"):
-        registry.unpublish("ward", "deaths")
+        registry.unpublish("ward", "deaths", **sent())
 
 
 def test_a_node_must_register_before_it_publishes(registry: Registry) -> None:
     with pytest.raises(NotFound, match="'stranger' publishes before it registered"):
-        registry.publish("stranger", _meta("stranger", "labs"))
+        registry.publish("stranger", _meta("stranger", "labs"), **sent())
     assert registry.search([], [], "stranger") == []
 
 
 def test_publishing_touches_the_node(registry: Registry) -> None:
     before = {n.node: n.last_seen for n in registry.nodes()}
-    registry.publish("ward", _meta("ward", "labs"))
+    registry.publish("ward", _meta("ward", "labs"), **sent())
     after = {n.node: n.last_seen for n in registry.nodes()}
     assert after["ward"] > before["ward"] and after["clinic"] == before["clinic"]
 
 
 def test_a_node_publishes_only_its_own_datasets(registry: Registry) -> None:
     with pytest.raises(AuthenticationError, match="'clinic' cannot publish a dataset of node 'ward'"):
-        registry.publish("clinic", _meta("ward", "forged"))
+        registry.publish("clinic", _meta("ward", "forged"), **sent())
     with pytest.raises(AuthenticationError):
-        registry.register("clinic", "key-clinic", [_meta("ward", "forged")])
+        registry.register("clinic", KEYS["clinic"], [_meta("ward", "forged")], **sent())
     assert registry.search([], ["forged"], None) == []
     assert _names(registry.search([], [], "clinic")) == ["clinic/visits"]
 
 
 def test_registering_again_replaces_the_datasets(registry: Registry) -> None:
-    registry.register("ward", "key-ward", [_meta("ward", "admissions", tags=("#ward",))])
+    registry.register("ward", KEYS["ward"], [_meta("ward", "admissions", tags=("#ward",))], **sent())
     assert _names(registry.search(["#ward"], [], None)) == ["ward/admissions"]
-    registry.register("ward", "key-ward", [])
+    registry.register("ward", KEYS["ward"], [], **sent())
     assert registry.search([], [], "ward") == [] and [n.node for n in registry.nodes()] == ["clinic", "ward"]
 
 
-def test_the_first_key_is_pinned(registry: Registry) -> None:
-    with pytest.raises(AuthenticationError, match="'ward' is registered with another key"):
-        registry.register("ward", "key-mallory", [])
-    assert registry.pinned_key("ward") == "key-ward" and registry.pinned_key("nowhere") is None
+def test_only_the_enrolled_key_registers(registry: Registry) -> None:
+    with pytest.raises(NotEnrolled, match="'ward' presents key .* enrolled with .*gridq enrol ward --key ward.pub "
+                                          "--replace"):
+        registry.register("ward", KEYS["mallory"], [], **sent())
+    assert registry.enrolled_key("ward") == KEYS["ward"] and registry.enrolled_key("nowhere") is None
     assert _names(registry.search([], [], "ward")) == ["ward/births", "ward/deaths"]  # the refusal changed nothing
+    with pytest.raises(NotEnrolled, match="'mallory' is not enrolled .*`gridq enrol mallory --key mallory.pub`"):
+        registry.register("mallory", KEYS["mallory"], [_meta("mallory", "lure", tags=("#births",))], **sent())
+    assert registry.search([], [], "mallory") == [] and "mallory" not in {n.node for n in registry.nodes()}
 
 
 def test_nodes_are_listed_by_id_with_their_queue(registry: Registry) -> None:
     listed: list[dict[str, Any]] = [n.model_dump() for n in registry.nodes()]
     assert [(n["node"], n["public_key"], n["queue"]) for n in listed] == [
-        ("clinic", "key-clinic", "node.clinic"), ("ward", "key-ward", "node.ward")]
+        ("clinic", KEYS["clinic"], "node.clinic"), ("ward", KEYS["ward"], "node.ward")]
     assert listed[0]["last_seen"] > listed[1]["last_seen"]  # clinic registered after ward

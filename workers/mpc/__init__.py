@@ -13,11 +13,17 @@ One worker per node, on the queue ``mpc.<node>``, plays whichever role a message
 * **crypto provider** — deals bundles (triples, truncation and comparison material) from
   shapes alone, each party's part sealed to it and signed, into the host's pool lists.
 
+What a party does with a model is its owner's to decide, not the host's: the party pins the
+card its owner signed when it stores its share (under owner and model name; only a newer
+card signed by the same key replaces it), and runs a session only from that card's host,
+for a query signed by a querier the card allows, whose input shares are signed for that
+query (:mod:`protocol.mpc.cards`).
+
 Rounds travel on per-session Redis lists, MAC'd with a key the host sealed to each party.
 A party that does not answer within the host's ``round_timeout`` fails the query with
 ``NodeUnavailable``; a party whose host stops answering gives up after the same time.
-Host, parties and provider must be distinct nodes: a dealer that is also a party could
-unmask, and a host that is also a party would wait on itself.
+Host, parties and provider must be distinct nodes: a dealer that is also a party or the
+host could unmask, and a host that is also a party would wait on itself.
 """
 
 from workers.mpc.worker import MpcWorker, mpc_tasks

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import uuid
 
-from protocol.contract import CLAIM_CHECK_TTL_SECONDS, mpc_bundle_key
+from protocol.contract import CLAIM_CHECK_TTL_SECONDS, mpc_bundle_key, mpc_pool_prefix
 from protocol.envelope import Envelope
 from protocol.errors import InvalidRequest, PermissionDenied
 from protocol.mpc.dealer import Dealer
@@ -27,6 +27,9 @@ class CryptoProvider:
             raise PermissionDenied(f"{m.id!r} is a party of this computation: it cannot also be its dealer")
         if len(body.needs) != len(body.pools):
             raise InvalidRequest("one pool list per need")
+        own = mpc_pool_prefix(env.sender, m.id)  # a host asks for its own pools only (its broker user's keys)
+        if not all(pool.startswith(own) for pool in body.pools):
+            raise PermissionDenied(f"{env.sender!r} may ask {m.id!r} to fill only its own pools ({own}…)")
         keys = [m.peer(p) for p in body.parties]
         dealer = Dealer(len(body.parties))
         for need, pool in zip(body.needs, body.pools, strict=True):
@@ -34,8 +37,8 @@ class CryptoProvider:
                 bundle = uuid.uuid4().hex
                 pipe = m.redis.pipeline()
                 for party, key, part in zip(body.parties, keys, need.deal(dealer, body.frac_bits), strict=True):
-                    where = mpc_bundle_key(bundle, party)
-                    pipe.set(where, seal_signed(m.identity, key, where, pack_part(part)), ex=CLAIM_CHECK_TTL_SECONDS)
+                    where = mpc_bundle_key(m.id, bundle, party)
+                    pipe.setex(where, CLAIM_CHECK_TTL_SECONDS, seal_signed(m.identity, key, where, pack_part(part)))
                 pipe.rpush(pool, bundle)
                 pipe.expire(pool, CLAIM_CHECK_TTL_SECONDS)
                 pipe.execute()

@@ -1,6 +1,8 @@
-"""The MPC host: keeps served models' cards (structure, parties, who may query: no numbers)
-and coordinates queries — takes dealer bundles from its pool, starts a session at each
-party, then relays the rounds, summing what the parties send (masked values only)."""
+"""The MPC host: keeps served models' cards (structure, parties, who may query: no numbers),
+as their owners signed them, and coordinates queries — takes dealer bundles from its pool,
+starts a session at each party, then relays the rounds, summing what the parties send
+(masked values only). It authorises nothing the parties rely on: each party checks a session
+against the owner's card it pinned and the querier's signed query that travels with it."""
 
 from __future__ import annotations
 
@@ -24,8 +26,9 @@ from protocol.errors import (
     PermissionDenied,
     error_from_wire,
 )
+from protocol.mpc.cards import ModelCard, SignedCard, check_roles
 from protocol.mpc.model import Need
-from protocol.mpc.wire import Deal, ModelCard, MpcReply, QueryModel, RunSession, ServeModel, StoreShares
+from protocol.mpc.wire import Deal, MpcReply, QueryModel, RunSession, ServeModel, StoreShares, UserKeys
 from protocol.serving import parse
 from workers.mpc.member import MpcMember
 from workers.rounds import pop, relay
@@ -36,7 +39,7 @@ MAX_QUERY_ELEMENTS = 1 << 22  # values in one tensor of a query: 4M int64 shares
 
 def pool_key(card: ModelCard, need: Need) -> str:
     need_label = f"{need.kind}:{need.shape}:{need.other}"
-    return mpc_pool_key(card.provider, list(card.parties), card.plan.frac_bits, need_label)
+    return mpc_pool_key(card.host, card.provider, list(card.parties), card.plan.frac_bits, need_label)
 
 
 class Host:
@@ -44,8 +47,9 @@ class Host:
         self.m = member
 
     def serve(self, env: Envelope, body: ServeModel) -> MpcReply:
-        """Serve a model its owner (a user of this host) secret-shared among the parties."""
-        m, card = self.m, body.card
+        """Serve a model its owner (a user of this host) signed and secret-shared among the parties."""
+        m = self.m
+        card = body.card.verify(m.users[env.sender])  # the owner's key as this host knows it
         if card.host != m.id or card.owner != env.sender:
             raise InvalidRequest(f"this card names host {card.host!r} and owner {card.owner!r}; it was sent to "
                                  f"{m.id!r} by {env.sender!r}")
@@ -56,21 +60,44 @@ class Host:
             raise InvalidRequest(f"model {card.name!r}: {exc}") from None
         if set(body.shares) != set(card.parties):
             raise InvalidRequest(f"shares are for {sorted(body.shares)}, the parties are {sorted(card.parties)}")
-        existing = m.store.served_card(card.name)
-        if existing is not None and existing.get("owner") != card.owner:
-            raise PermissionDenied(f"model {card.name!r} on {m.id!r} belongs to {existing.get('owner')!r}; "
+        for user, key in card.queriers.items():
+            if user in m.users and m.users[user].text() != key:
+                raise InvalidRequest(f"the card gives querier {user!r} a key other than {m.id!r} knows for them; "
+                                     "they could not query here")
+        existing = self._served(card.name)
+        if existing is not None and existing.owner != card.owner:
+            raise PermissionDenied(f"model {card.name!r} on {m.id!r} belongs to {existing.owner!r}; "
                                    "choose another name")
-        pending = {p: m.send(p, Tasks.MPC_STORE, StoreShares(card=card, share=body.shares[p]), f"{env.job_id}:{p}")
-                   for p in card.parties}
+        pending = {p: m.send(p, Tasks.MPC_STORE, StoreShares(card=body.card, share=body.shares[p]),
+                             f"{env.job_id}:{p}") for p in card.parties}
         for party, result in pending.items():
             self._expect_ok(party, result, m.config.mpc.round_timeout)
-        m.store.serve_card(card.name, card.model_dump(mode="json"))
-        text = json.dumps(card.model_dump(mode="json"), sort_keys=True)
-        m.redis.hset(MPC_MODELS_KEY, card.name, json.dumps({
-            "card": text, "signature": m.identity.sign(text.encode()).hex()}))
+        m.store.serve_card(card.name, body.card.model_dump(mode="json"))
+        self._post(body.card)
         self._refill(card, batch=1)
         log.info("serving model %r for %s over %s", card.name, env.sender, card.parties)
         return MpcReply()
+
+    def keys(self, env: Envelope, body: UserKeys) -> MpcReply:
+        """The keys this host knows for users an owner names as queriers (the owner signs them
+        into its card: this host vouches for them only if the owner has no key of its own)."""
+        unknown = [n for n in body.names if n not in self.m.users]
+        if unknown:
+            raise NotFound(f"{', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not a user of "
+                           f"host {self.m.id!r}: only its users can query there. Add them to its config "
+                           "([users]), or pass their public keys (keys/NAME.pub in $GRIDQ_HOME)")
+        return MpcReply(keys={n: self.m.users[n].text() for n in body.names})
+
+    def _served(self, name: str) -> ModelCard | None:
+        found = self.m.store.served_card(name)
+        return None if found is None else SignedCard.model_validate(found).card
+
+    def _post(self, signed: SignedCard) -> None:
+        """List the card grid-wide under ``owner/name``: the owner's signed card, countersigned
+        by this host. Clients check both signatures (any host may write the listing)."""
+        text = json.dumps(signed.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        self.m.redis.hset(MPC_MODELS_KEY, signed.card.qualified, json.dumps({
+            "card": text, "signature": self.m.identity.sign(text.encode()).hex()}))
 
     def _expect_ok(self, node: str, result: Any, timeout: float) -> None:
         try:
@@ -86,23 +113,22 @@ class Host:
 
     def query(self, env: Envelope, body: QueryModel) -> MpcReply:
         """Run one private inference: the outputs' shares come back sealed to the querier."""
-        m = self.m
-        found = m.store.served_card(body.name)
-        if found is None:
-            raise NotFound(f"host {m.id!r} serves no model {body.name!r}")
-        card = ModelCard.model_validate(found)
-        if env.sender != card.owner and env.sender not in card.queriers:
-            raise PermissionDenied(f"{env.sender!r} may not query model {card.name!r}; its owner "
-                                   f"{card.owner!r} lets {sorted(card.queriers)} query it")
+        m, q = self.m, body.query.query
+        card = self._served(q.model)
+        if card is None or card.owner != q.owner:
+            raise NotFound(f"host {m.id!r} serves no model {q.owner}/{q.model}")
+        if env.sender != q.querier:
+            raise PermissionDenied(f"{env.sender!r} sent a query signed for {q.querier!r}")
+        body.query.verify(card, time.time())  # the parties check it too: this is to fail early
         if set(body.inputs) != set(card.parties):
             raise InvalidRequest(f"input shares are for {sorted(body.inputs)}, the parties are {sorted(card.parties)}")
         widest = max(max(layer.in_features, layer.out_features) for layer in card.plan.layers)
-        if body.batch * widest > MAX_QUERY_ELEMENTS:
-            raise LimitExceeded(f"a batch of {body.batch} through layers {widest} wide is "
-                                f"{body.batch * widest} values a tensor; the limit is {MAX_QUERY_ELEMENTS}")
-        bundles = self._take_bundles(card, card.plan.material_needed(body.batch))
-        outputs = self._coordinate(card, body, bundles, env.sender, env.job_id)
-        self._refill(card, body.batch)
+        if q.batch * widest > MAX_QUERY_ELEMENTS:
+            raise LimitExceeded(f"a batch of {q.batch} through layers {widest} wide is "
+                                f"{q.batch * widest} values a tensor; the limit is {MAX_QUERY_ELEMENTS}")
+        bundles = self._take_bundles(card, card.plan.material_needed(q.batch))
+        outputs = self._coordinate(card, body, bundles, env.job_id)
+        self._refill(card, q.batch)
         return MpcReply(outputs=outputs)
 
     def _take_bundles(self, card: ModelCard, needs: list[Need]) -> list[str]:
@@ -133,34 +159,20 @@ class Host:
         self.m.send(card.provider, Tasks.MPC_DEAL, Deal(parties=card.parties, frac_bits=card.plan.frac_bits,
                                                         needs=needs, pools=pools, count=count), uuid.uuid4().hex)
 
-    def _coordinate(self, card: ModelCard, body: QueryModel, bundles: list[str], querier: str, job_id: str
-                    ) -> dict[str, str]:
+    def _coordinate(self, card: ModelCard, body: QueryModel, bundles: list[str], job_id: str) -> dict[str, str]:
         m = self.m
         session = secrets.token_hex(16)
         keys = {p: secrets.token_bytes(32) for p in card.parties}
         timeout = m.config.mpc.round_timeout
-        querier_key = m.users[querier].text()
         for i, party in enumerate(card.parties):
             sealed_key = m.leave(m.peer(party).seal(keys[party]))
             m.send(party, Tasks.MPC_SESSION, RunSession(
-                session=session, card=card, index=i, batch=body.batch, bundles=bundles, input=body.inputs[party],
-                mac_key=sealed_key, querier=querier, querier_key=querier_key, round_timeout=timeout),
-                f"{job_id}:{party}", ttl=timeout)
-        metas = relay(m.redis, session, keys, timeout)
+                session=session, query=body.query, index=i, bundles=bundles, input=body.inputs[party],
+                mac_key=sealed_key, round_timeout=timeout), f"{job_id}:{party}", ttl=timeout)
+        metas = relay(m.redis, m.id, session, keys, timeout)
         if any(meta.get("kind") != "out" for meta in metas):
-            raise JobFailed(f"parties of model {card.name!r} ended without an output")
+            raise JobFailed(f"parties of model {card.qualified!r} ended without an output")
         return {p: meta["blob"] for p, meta in zip(card.parties, metas, strict=True)}
-
-
-def check_roles(card: ModelCard) -> None:
-    """Host, parties and provider are distinct nodes: a dealer that is also a party could
-    unmask, and a host that is also a party would wait on itself."""
-    if len(set(card.parties)) != len(card.parties) or len(card.parties) < 2:
-        raise InvalidRequest(f"a model is shared among at least 2 distinct parties, not {card.parties}")
-    if card.provider in card.parties:
-        raise InvalidRequest(f"the crypto provider {card.provider!r} cannot also hold shares: it could unmask them")
-    if card.host in card.parties:
-        raise InvalidRequest(f"the host {card.host!r} cannot also hold shares; choose another node as host")
 
 
 def _text(value: Any) -> str | None:

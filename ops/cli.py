@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -102,9 +101,14 @@ def keys_new(name: str, folder: Path = typer.Option(None, "--dir", help="where t
     Example: gridq keys new zoe   (then give zoe.pub to the owners of the data)
     """
     from ops.keys import write_identity
+    from protocol.errors import GridError
 
     folder = (folder or _home() / "keys").expanduser()
-    identity = write_identity(folder, name, overwrite=force)
+    try:
+        identity = write_identity(folder, name, overwrite=force)
+    except GridError as exc:
+        _say(exc)
+        raise typer.Exit(1) from None
     typer.echo(f"secret key: {folder / (name + '.key')} (mode 0600)")
     typer.echo(f"public key: {folder / (name + '.pub')}: {identity.public.text()}")
     from protocol.pinning import fingerprint
@@ -249,6 +253,8 @@ def budget_show(config: str = CONFIG, user: str = typer.Option(None, help="one u
 
     with owner_node(config) as node:
         table = Table("user", "dataset", "ε spent", "ε budget", "δ", "releases")
+        if user:
+            node.check_users([user], "budget show")
         users = [user] if user else sorted(node.config.users)
         datasets = [dataset] if dataset else [d.name for d in node.datasets()]
         for u in users:
@@ -268,6 +274,7 @@ def budget_set(config: str = CONFIG, user: str = typer.Argument(...), dataset: s
     Example: gridq budget set hospital carol birth-records-feb --epsilon 2
     """
     with owner_node(config) as node:
+        node.check_users([user], "budget set")  # a misspelt name would get a budget no one spends
         node.store.dataset_row(dataset)
         node.ledger.set(user, dataset, epsilon, delta)
         info = node.ledger.info(user, dataset)
@@ -359,7 +366,7 @@ def runs_list(db: str = RUNS_DB) -> None:
     history = History(_history_url(db))
     table = Table()
     table.add_column("run", no_wrap=True, min_width=32)  # whole: it is what `gridq runs show` takes
-    for column in ("started", "strategy", "nodes", "rounds", "loss", "accuracy"):
+    for column in ("started", "strategy", "nodes", "rounds", "loss", "accuracy", "status"):
         table.add_column(column)
     for run_id, started, config in history.runs():
         rounds = summarize(history.rounds(run_id))
@@ -367,7 +374,8 @@ def runs_list(db: str = RUNS_DB) -> None:
         table.add_row(run_id, datetime.fromtimestamp(started).strftime("%Y-%m-%d %H:%M:%S"),
                       str(config.get("strategy", "")), str(len(config.get("nodes", []))),
                       f"{len(rounds)}/{config.get('rounds', '?')}",
-                      figure(last.loss) if last else "", figure(last.accuracy, 3) if last else "")
+                      figure(last.loss) if last else "", figure(last.accuracy, 3) if last else "",
+                      history.status(run_id)[0])  # running, done, interrupted, failed: `runs show` says why
     Console().print(table)
 
 
@@ -391,6 +399,8 @@ def runs_show(run_id: str, db: str = RUNS_DB) -> None:
         _say(exc)
         raise typer.Exit(1) from None
     typer.echo("\n".join(f"{k:14s} {v}" for k, v in config.items()))
+    status, reason = history.status(run_id)
+    typer.echo(f"{'status':14s} {status}" + (f": {reason}" if reason else ""))
     records, evaluations = history.rounds(run_id), history.evaluations(run_id)
     table = Table("round", "nodes", "train loss", "train acc", *(("eval loss", "eval acc") if evaluations else ()),
                   "dropped out")
@@ -420,7 +430,7 @@ def flower(broker: str | None = broker_option("flower"), port: int = 5555, addre
     from protocol.errors import GridError
 
     os.environ["GRIDQ_BROKER"] = _role_broker("flower", broker)  # before ops.flower_app builds its Celery app
-    from ops.flower_app import basic_auth, is_loopback
+    from ops.flower_app import basic_auth, is_loopback, run
 
     try:
         auth = basic_auth(auth_file)
@@ -437,10 +447,7 @@ def flower(broker: str | None = broker_option("flower"), port: int = 5555, addre
                    "grid and revoke jobs or shut workers down: give --auth-file PATH (one line 'user:password', "
                    "mode 0600) or set FLOWER_BASIC_AUTH=user:password, or bind --address 127.0.0.1", err=True)
         raise typer.Exit(1)
-    from celery.bin.celery import main as celery_main
-
-    sys.argv = ["celery", "-A", "ops.flower_app:app", "flower", f"--address={address}", f"--port={port}"]
-    celery_main()
+    run(["celery", "-A", "ops.flower_app:app", "flower", f"--address={address}", f"--port={port}"])
 
 
 @acl_app.command("init")

@@ -9,10 +9,13 @@ as a file of one line ``user:password`` (``--auth-file``, mode 0600: docker comp
 
 from __future__ import annotations
 
+import atexit
 import ipaddress
 import os
 import re
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 from orchestrator.app import make_celery
 from protocol.errors import InvalidRequest, NotFound
@@ -48,6 +51,28 @@ def basic_auth(auth_file: Path | None) -> str:
         raise InvalidRequest(f"the Flower auth file {path} must hold one line 'user:password' (no spaces or "
                              "commas)")
     return credential
+
+
+def run(argv: list[str]) -> NoReturn:
+    """Run Flower (``celery`` with ``argv``) and end the process as soon as Flower stops.
+
+    Flower stops its loop on SIGTERM (or Ctrl-C), but Python then joins its thread pool
+    before exiting, and with the broker gone a thread in it is retrying a broadcast
+    (``enable_events``, every 5 s) under kombu's retry policy — for many minutes: the process
+    never ended. So once Flower is done, the exit handlers run (Flower's own stop, logging's
+    flush) and the process ends without waiting for threads that only talk to the broker."""
+    from celery.bin.celery import main as celery_main
+
+    sys.argv = argv
+    code = 0
+    try:
+        celery_main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def is_loopback(address: str) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from dataclasses import replace
 
 import redis
@@ -15,8 +14,9 @@ from celery import Celery
 from orchestrator.app import make_celery
 from orchestrator.gateway import Gateway
 from orchestrator.registry import Registry
-from protocol.contract import GATEWAY, GATEWAY_IDENTITY_KEY, GATEWAY_QUEUE, Tasks
+from protocol.contract import GATEWAY, GATEWAY_IDENTITY_KEY, GATEWAY_QUEUE, Tasks, alive_key, node_queue
 from protocol.identity import Identity
+from workers.beacon import keep_posted
 from workers.inbox import own_in_flight
 from workers.tasks import serve_tasks
 
@@ -28,39 +28,30 @@ REPOST_SECONDS = 10.0
 def make_gateway_app(broker: str, identity: Identity, database_url: str) -> Celery:
     identity = replace(identity, name=GATEWAY)  # the gateway signs as "gateway", whatever its key file says
     app = make_celery(broker, name="gridq-gateway")
-    serve_tasks(app, GATEWAY_TASKS, lambda: Gateway(identity, Registry(database_url)))
+    serve_tasks(app, GATEWAY_TASKS, lambda: Gateway(identity, Registry(database_url), NodesUp(broker)))
     own_in_flight(app, GATEWAY_QUEUE)
     return app
 
 
-def post_key(broker: str, identity: Identity, every: float | None = None) -> threading.Event:
-    """Post the gateway's public key now and (with ``every``) again every ``every`` seconds
-    from a daemon thread, so that a broker that lost it (restarted without its append-only
-    file, or flushed) has it back within that time; the returned event stops the thread."""
-    posted = json.dumps({"name": GATEWAY, "public_key": identity.public.text()})
-    stop = threading.Event()
+class NodesUp:
+    """Which nodes have a live worker: those whose queue's liveness key is set (``workers.beacon``)."""
 
-    def post() -> None:
-        with redis.Redis.from_url(broker) as client:
-            client.set(GATEWAY_IDENTITY_KEY, posted)
+    def __init__(self, broker: str) -> None:
+        self.client = redis.Redis.from_url(broker)
 
-    def again() -> None:
-        while not stop.wait(every):
-            try:
-                post()
-            except redis.RedisError as exc:  # the broker is down: the worker says so too; try again later
-                log.warning("could not re-post the gateway key: %s", exc)
-
-    post()
-    if every is not None:
-        threading.Thread(target=again, name="gateway-key", daemon=True).start()
-    return stop
+    def __call__(self, nodes: list[str]) -> set[str]:
+        if not nodes:
+            return set()
+        seen = self.client.mget([alive_key(node_queue(n)) for n in nodes])
+        return {n for n, mark in zip(nodes, seen, strict=True) if mark is not None}
 
 
 def start_gateway(broker: str, identity: Identity, database_url: str, loglevel: str = "INFO") -> None:
     """Post the gateway's public key in Redis, then serve the gateway queue until stopped."""
     app = make_gateway_app(broker, identity, database_url)
-    post_key(broker, identity, every=REPOST_SECONDS)
+    # again and again: a broker that lost it (restarted without its append-only file, or flushed) has it back soon
+    keep_posted(broker, GATEWAY_IDENTITY_KEY, json.dumps({"name": GATEWAY, "public_key": identity.public.text()}),
+                every=REPOST_SECONDS)
     app.worker_main([
         "worker", "--queues", GATEWAY_QUEUE, "--hostname", "gateway@%h", "--pool", "prefork",
         "--concurrency", "1", "--task-events", "--without-mingle", "--without-gossip",

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from orchestrator.gather import gather, same_node, seal_for
+from orchestrator.gather import gather, pairs, seal_for
 from orchestrator.history import figure, weighted_mean
 from protocol.errors import GridError, InvalidRequest, NodeUnavailable
 from protocol.messages import DPRelease, EvalJob, RawRelease, TrainMetrics
@@ -61,10 +61,7 @@ def evaluate(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor],
     if not 0 < loss_bound <= 1e6:
         raise InvalidRequest(f"loss_bound (each sample's loss is clamped to [0, loss_bound]) must be in (0, 1e6], "
                              f"not {loss_bound}")
-    if not data:
-        raise InvalidRequest("evaluate on at least one (x, y) pair")
-    for x, y in data:
-        same_node(x.node, x, y)
+    data = pairs(data, "evaluate's data")
     flat = flatten_state(state)
     jobs = [(x.node, EvalJob(model=spec, weights=seal_for(grid, x.node, flat), x=x.plan, y=y.plan,
                              loss=loss, release=release or RawRelease(), loss_bound=loss_bound))  # type: ignore[arg-type]

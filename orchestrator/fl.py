@@ -38,6 +38,7 @@ their sum.
 from __future__ import annotations
 
 import copy
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from orchestrator import mpc
 from orchestrator.evaluation import Evaluation
 from orchestrator.evaluation import evaluate as federated_evaluation
-from orchestrator.gather import gather, same_node, seal_for
+from orchestrator.gather import gather, pairs, same_node, seal_for
 from orchestrator.history import History, RoundRecord, RoundSummary, figure, summarize
 from orchestrator.strategies import Strategy
 from orchestrator.strategies import strategy as as_strategy
@@ -73,6 +74,8 @@ from protocol.mpc.wire import Aggregate, unpack
 if TYPE_CHECKING:
     from orchestrator.grid import Grid
     from orchestrator.pointer import Expression
+
+log = logging.getLogger(__name__)
 
 
 class ModelPointer:
@@ -132,6 +135,7 @@ class FitResult:
     history: list[RoundRecord] = field(default_factory=list)
     run_id: str = ""
     evaluations: list[Evaluation] = field(default_factory=list)  # with evaluate=: the global model after each round
+    interrupted: bool = False  # stopped by Ctrl-C: ``model`` is the one after the last whole round
 
     def rounds(self) -> list[RoundSummary]:
         """Per round: nodes that answered, loss and accuracy of their trained models on their
@@ -145,11 +149,16 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
         min_nodes: int = 1, round_timeout: float = 120.0, seed: int = 0, progress: bool = True,
         history_db: str | None = None, dp: DPConfig | None = None, secure_aggregation: bool = False,
         aggregators: Sequence[str] = (), evaluate: Sequence[tuple[Expression, Expression]] = ()) -> FitResult:
+    """Ctrl-C stops the run between rounds: the round under way is dropped, the model of the
+    last whole round is returned (``interrupted=True``) and the run is recorded as interrupted."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise InvalidRequest(f"rounds must be a whole number of at least 1, not {rounds!r}: fit trains for that many "
+                             "rounds (with none, it would hand the model back untrained)")
+    data = pairs(data, "fit's data")
+    evaluate = pairs(evaluate, "evaluate") if evaluate else []
     server = as_strategy(strategy)
-    if not data or not 1 <= min_nodes <= len(data):
+    if not 1 <= min_nodes <= len(data):
         raise InvalidRequest(f"min_nodes must be within 1..{len(data)} (the nodes given)")
-    for x, y in (*data, *evaluate):
-        same_node(x.node, x, y)
     if secure_aggregation and (len(set(aggregators)) < 2 or set(aggregators) & {x.node for x, _ in data}):
         raise InvalidRequest("secure aggregation needs at least two aggregation parties (MPC pool nodes), none of "
                              "them a node whose data is trained on")
@@ -162,34 +171,50 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
                                   "nodes": [x.node for x, _ in data], "min_nodes": min_nodes,
                                   **({"evaluated_at": [x.node for x, _ in evaluate]} if evaluate else {})})
     result = FitResult(model, [], run_id)
-    with _progress(progress, rounds) as bar:
-        for r in range(rounds):
-            configs = [checked(TrainConfig, epochs=local_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,  # type: ignore[arg-type]
-                                   loss=loss, momentum=momentum, proximal_mu=server.proximal_mu,  # type: ignore[arg-type]
-                                   seed=seed + r * len(data) + i) for i in range(len(data))]
-            secure = SecureAggregation(round=uuid.uuid4().hex, aggregators=list(aggregators)) \
-                if secure_aggregation else None
-            records, updates, errors = _round(grid, spec, state, data, configs, r, round_timeout, dp, secure)
-            history.record(run_id, records)
-            result.history.extend(records)
-            if len(updates) < min_nodes and errors and len(errors) == len(data):
-                raise errors[0]  # every node refused, for a reason of its own: BudgetExhausted, PermissionDenied …
-            if len(updates) < min_nodes:
-                raise NodeUnavailable(f"round {r}: {len(updates)} of {len(data)} nodes answered within "
-                                      f"{round_timeout:g} s; min_nodes is {min_nodes} "
-                                      f"({'; '.join(f'{h.node}: {h.status} {h.error}' for h in records)})")
-            state = server.aggregate(_secure_mean(grid, secure, state, updates) if secure else fedavg(state, updates))
-            summary = result.rounds()[-1]
-            shown = f"round {r + 1}/{rounds}  train loss {figure(summary.loss)}  " \
-                    f"train acc {figure(summary.accuracy, 3)}"
-            if evaluate:  # the new global model, on held-out data at the nodes
-                ev = federated_evaluation(grid, spec, state, evaluate, loss=loss, timeout=round_timeout,
-                                          label=f"[evaluation of {grid.identity.name}: round {r}]")
-                history.record_evaluation(run_id, r, ev.nodes)
-                result.evaluations.append(ev)
-                shown += f"  eval loss {figure(ev.loss)}" + (f"  eval acc {ev.accuracy:.3f}" if ev.accuracy is not None
-                                                               else "")
-            bar.update(bar.task_ids[0], advance=1, description=f"{shown}  nodes {summary.nodes}/{len(data)}")
+    done = 0  # whole rounds so far: ``state`` is their aggregate
+    try:
+        with _progress(progress, rounds) as bar:
+            for r in range(rounds):
+                configs = [checked(TrainConfig, epochs=local_epochs, batch_size=batch_size, lr=lr,  # type: ignore[arg-type]
+                                   optimizer=optimizer, loss=loss, momentum=momentum,  # type: ignore[arg-type]
+                                   proximal_mu=server.proximal_mu, seed=seed + r * len(data) + i)
+                           for i in range(len(data))]
+                secure = SecureAggregation(round=uuid.uuid4().hex, aggregators=list(aggregators)) \
+                    if secure_aggregation else None
+                records, updates, errors = _round(grid, spec, state, data, configs, r, round_timeout, dp, secure)
+                history.record(run_id, records)
+                result.history.extend(records)
+                if len(updates) < min_nodes and errors and len(errors) == len(data):
+                    raise errors[0]  # every node refused, for a reason of its own: BudgetExhausted, PermissionDenied …
+                if len(updates) < min_nodes:
+                    raise NodeUnavailable(f"round {r}: {len(updates)} of {len(data)} nodes answered within "
+                                          f"{round_timeout:g} s; min_nodes is {min_nodes} "
+                                          f"({'; '.join(f'{h.node}: {h.status} {h.error}' for h in records)})")
+                state = server.aggregate(_secure_mean(grid, secure, state, updates) if secure
+                                         else fedavg(state, updates))
+                done = r + 1
+                summary = result.rounds()[-1]
+                shown = f"round {r + 1}/{rounds}  train loss {figure(summary.loss)}  " \
+                        f"train acc {figure(summary.accuracy, 3)}"
+                if evaluate:  # the new global model, on held-out data at the nodes
+                    ev = federated_evaluation(grid, spec, state, evaluate, loss=loss, timeout=round_timeout,
+                                              label=f"[evaluation of {grid.identity.name}: round {r}]")
+                    history.record_evaluation(run_id, r, ev.nodes)
+                    result.evaluations.append(ev)
+                    shown += f"  eval loss {figure(ev.loss)}" + (
+                        f"  eval acc {ev.accuracy:.3f}" if ev.accuracy is not None else "")
+                bar.update(bar.task_ids[0], advance=1, description=f"{shown}  nodes {summary.nodes}/{len(data)}")
+    except KeyboardInterrupt:
+        # Ctrl-C: what the round under way would add is dropped (its jobs finish at the nodes, unread)
+        why = f"stopped with Ctrl-C after {done} of {rounds} rounds; the model of round {done} was returned"
+        history.finish(run_id, "interrupted", why)
+        log.warning("grid.fit %s (run %s)", why, run_id)
+        result.interrupted = True
+    except Exception as exc:
+        history.finish(run_id, "failed", f"{type(exc).__name__}: {exc}")
+        raise
+    else:
+        history.finish(run_id, "done")
     model.load_state_dict(state)
     return result
 

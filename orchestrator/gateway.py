@@ -37,9 +37,13 @@ class Gateway:
     verified against the node's enrolled key, their nonces kept in the registry's database
     (a replay after a restart is still a replay), and the registry refuses stale ones."""
 
-    def __init__(self, identity: Identity, registry: Registry) -> None:
+    def __init__(self, identity: Identity, registry: Registry,
+                 up: Callable[[list[str]], set[str]] | None = None) -> None:
+        """``up``: which of the given nodes have a live worker (``ops.gateway`` reads the
+        workers' liveness keys); a search leaves the others' datasets out. None: all are."""
         self.identity = identity
         self.registry = registry
+        self.up = up
         self.server = EnvelopeServer(identity, RegistryNonces(registry), _failure)
         self.routes = {"register": Route(RegisterNode, self._register), "publish": Route(PublishDataset, self._publish),
                        "unpublish": Route(UnpublishDataset, self._unpublish)}
@@ -76,8 +80,11 @@ class Gateway:
 
     def search(self, query: Any) -> GatewayReply:
         q = parse(SearchQuery, query)
-        return GatewayReply(datasets=self.registry.search(list(q.tags), list(q.words), q.node),
-                            nodes=self.registry.nodes())
+        found = self.registry.search(list(q.tags), list(q.words), q.node)
+        if self.up is not None:  # a node with no live worker would only hold the jobs sent to it
+            up = self.up(sorted({meta.node for meta in found}))
+            found = [meta for meta in found if meta.node in up]
+        return GatewayReply(datasets=found, nodes=self.registry.nodes())
 
 
 def _failure(exc: GridError, job_id: str) -> GatewayReply:

@@ -67,6 +67,25 @@ def seal_for(grid: Grid, node: str, flat: torch.Tensor) -> SealedValue:
     return SealedValue.left(grid.transport.leave(sealed), sealed)
 
 
+def pairs(data: object, what: str) -> list[tuple[Expression, Expression]]:
+    """``data`` as (x, y) pairs, one per node, each on one node — or an InvalidRequest that
+    shows the shape to give (a bare ``(x, y)`` would otherwise fail deep inside with
+    ``too many values to unpack``)."""
+    from orchestrator.pointer import Expression
+
+    def pair(p: object) -> bool:
+        return isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(e, Expression) for e in p)
+
+    if pair(data):
+        raise InvalidRequest(f"{what} is a list of (x, y) pairs, one per node: pass [(x, y)], not (x, y)")
+    if not isinstance(data, list | tuple) or not data or not all(pair(p) for p in data):
+        raise InvalidRequest(f"{what} must be a non-empty list of (x, y) pairs of pointers (or expressions on them), "
+                             "one per node, e.g. [(t[:, :64], t[:, 64]) for t in tables]")
+    for x, y in data:
+        same_node(x.node, x, y)
+    return [(x, y) for x, y in data]
+
+
 def same_node(node: str, *exprs: Expression) -> None:
     if any(e.node != node for e in exprs):
         raise InvalidRequest(f"x and y must be data on the same node ({node!r}); got "

@@ -26,7 +26,7 @@ import torch
 from orchestrator import evaluation, fl, mpc
 from orchestrator.evaluation import Evaluation
 from orchestrator.fl import FitResult, ModelPointer
-from orchestrator.pointer import DataPointer, Expression
+from orchestrator.pointer import DataPointer, Expression, dp_release
 from orchestrator.ticket import JobTicket
 from orchestrator.transport import Transport
 from protocol.contract import (
@@ -34,14 +34,13 @@ from protocol.contract import (
     gridq_home,
     node_queue,
 )
-from protocol.errors import InvalidRequest
+from protocol.errors import InvalidRequest, NotFound
 from protocol.identity import Identity, unreadable_key
 from protocol.messages import (
     AccessRequest,
     BudgetInfo,
     BudgetQuery,
     DatasetMeta,
-    DPRelease,
     MockRequest,
     NodeInfo,
     RunJob,
@@ -60,18 +59,23 @@ JOB_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}:[0-9a-f]{32}")
 
 
 def key_path(identity: str | Path) -> Path:
-    """A key file's path; a bare name (``"alice"``) is ``$GRIDQ_HOME/keys/alice.key``."""
+    """A key file's path; a bare name (``"alice"``) is ``$GRIDQ_HOME/keys/alice.key``, and a
+    bare file name (``"alice.pub"``, given by mistake) is looked for there too."""
     text = str(identity)
-    if "/" not in text and not text.endswith(".key"):
+    if "/" not in text and text.endswith(".pub") and not Path(text).exists():
+        return gridq_home() / "keys" / text  # read, to say which file to give instead
+    if "/" not in text and not text.endswith((".key", ".pub")):
         return gridq_home() / "keys" / f"{text}.key"
     return Path(text).expanduser()
 
 
 def read_key(file: Path) -> Identity:
+    """A secret key file's identity, refused if others may read it (as ssh refuses one)."""
     try:
-        return Identity.from_json(file.read_text())
+        status, text = file.stat(), file.read_text()
     except OSError as exc:
         raise unreadable_key(file, exc) from None
+    return Identity.from_key_file(file, text, status.st_mode, status.st_uid == os.getuid())
 
 
 class Grid:
@@ -174,7 +178,7 @@ class Grid:
         with ``epsilon`` (and ``delta``), with DP noise instead, charged to your budget: the
         mean of each sample's loss clamped to [0, ``loss_bound``], and the accuracy."""
         spec, state = describe_model(model)
-        release = None if epsilon is None else checked(DPRelease, epsilon=epsilon, delta=delta)
+        release = dp_release(epsilon, delta)
         return evaluation.evaluate(self, spec, state, data, loss=loss, timeout=self.timeout if timeout is None
                                    else timeout, label=f"[evaluation of {self.identity.name}]", release=release,
                                    loss_bound=loss_bound)
@@ -204,6 +208,9 @@ class Grid:
             raise InvalidRequest(f"{job_id!r} is not a job id: they read '<node>:<32 hex digits>', as "
                                  "ticket.id prints them")
         self.transport.node_key(job_id.split(":")[0])  # a node this grid knows
+        if not self.transport.sent(job_id):
+            raise NotFound(f"no job {job_id} was sent on this broker, or it is older than its result's lifetime "
+                           f"({self.app.conf.result_expires or 86400:.0f} s): check the id (ticket.id prints it)")
         return JobTicket(self, job_id)
 
     def submit(self, node: str, job: RunJob | TrainJob | BudgetQuery | AccessRequest | MockRequest) -> JobTicket:

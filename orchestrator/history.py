@@ -41,6 +41,9 @@ class RunRow(_Base):
     started_at: Mapped[float] = mapped_column(Float)
     model: Mapped[dict[str, Any]] = mapped_column(JSON)
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # running (or killed) | done | interrupted | failed; None in files written before runs had one
+    status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)  # why it ended so, for people
 
 
 class RoundRow(_Base):
@@ -89,6 +92,16 @@ def _figures_may_be_missing(engine: Engine) -> None:
             conn.exec_driver_sql(f"DROP TABLE {table.name}_before")
 
 
+def _runs_have_a_status(engine: Engine) -> None:
+    """History files written before runs recorded how they ended lack those columns: add
+    them (an added nullable column needs no rebuild, on SQLite or elsewhere)."""
+    have = {c["name"] for c in inspect(engine).get_columns(RunRow.__tablename__)}
+    with engine.begin() as conn:
+        for column, kind in (("status", "VARCHAR(16)"), ("reason", "TEXT")):
+            if column not in have:
+                conn.exec_driver_sql(f"ALTER TABLE {RunRow.__tablename__} ADD COLUMN {column} {kind}")
+
+
 def default_url() -> str:
     folder = gridq_home()
     folder.mkdir(parents=True, exist_ok=True)
@@ -100,13 +113,30 @@ class History:
         self.engine = create_engine(url or default_url())
         _Base.metadata.create_all(self.engine)
         _figures_may_be_missing(self.engine)
+        _runs_have_a_status(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def start(self, spec: ModelSpec, config: dict[str, Any]) -> str:
         run_id = uuid.uuid4().hex
         with self._sessions.begin() as s:
-            s.add(RunRow(id=run_id, started_at=time.time(), model=json.loads(spec.model_dump_json()), config=config))
+            s.add(RunRow(id=run_id, started_at=time.time(), model=json.loads(spec.model_dump_json()), config=config,
+                         status="running"))
         return run_id
+
+    def finish(self, run_id: str, status: str, reason: str = "") -> None:
+        """How the run ended — done, interrupted or failed — and why, for `gridq runs`."""
+        with self._sessions.begin() as s:
+            row = s.get(RunRow, run_id)
+            if row is not None:
+                row.status, row.reason = status, reason[:2000]
+
+    def status(self, run_id: str) -> tuple[str, str]:
+        """How the run ended and why ("running" while it runs, or if its process was killed)."""
+        with self._sessions() as s:
+            row = s.get(RunRow, run_id)
+        if row is None:
+            raise KeyError(f"no federated run {run_id!r} in {self.engine.url}")
+        return row.status or "", row.reason or ""
 
     def record(self, run_id: str, records: list[RoundRecord]) -> None:
         with self._sessions.begin() as s:

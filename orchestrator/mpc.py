@@ -82,6 +82,26 @@ def plan_of(model: torch.nn.Module, frac_bits: int = 16) -> tuple[ModelPlan, dic
     return plan, params
 
 
+def encoded(fp: FixedPoint, values: torch.Tensor, what: str) -> torch.Tensor:
+    """``values`` in fixed point, refused if they are not real numbers it can hold."""
+    real(values, what)
+    try:
+        return fp.encode(values)
+    except ValueError as exc:
+        raise InvalidRequest(f"{what}: {exc}; scale the values down") from None
+
+
+def real(values: torch.Tensor, what: str) -> None:
+    """Refuse what fixed point cannot carry: a NaN would encode as -2^63 and come back as
+    an answer of -5e8 or so, silently; an infinity does not fit at all."""
+    if values.is_complex() or values.dtype == torch.bool:
+        raise InvalidRequest(f"{what} must hold real numbers, not {values.dtype}: pass a float tensor")
+    finite = values.isfinite() if values.is_floating_point() else torch.ones_like(values, dtype=torch.bool)
+    if not bool(finite.all()):
+        raise InvalidRequest(f"{what} holds {int((~finite).sum())} NaN or infinite value(s), which no encrypted "
+                             "computation can carry: replace them (torch.nan_to_num, or drop the rows) and ask again")
+
+
 def _flatten(model: torch.nn.Module) -> list[torch.nn.Module]:
     if isinstance(model, torch.nn.Sequential):
         return [leaf for m in model for leaf in _flatten(m)]
@@ -91,6 +111,9 @@ def _flatten(model: torch.nn.Module) -> list[torch.nn.Module]:
 def serve(grid: Grid, model: torch.nn.Module, *, name: str, parties: Sequence[str], crypto_provider: str,
           host: str, queriers: Sequence[str | PublicIdentity] = (), frac_bits: int = 16) -> ModelCard:
     plan, params = plan_of(model, frac_bits)
+    fp = FixedPoint(plan.frac_bits)
+    for key, value in params.items():  # before anything is sent: a NaN weight would serve garbage
+        encoded(fp, value, f"the model's parameter {key!r}")
     me = grid.identity
     card = ModelCard(name=name, owner=me.name, owner_key=me.public.text(), host=host, parties=list(parties),
                      provider=crypto_provider, plan=plan, issued_at=time.time())
@@ -186,13 +209,17 @@ def find(grid: Grid, name: str, trusted: Trusted = ()) -> ModelCard:
 
 def query(grid: Grid, name: str, x: torch.Tensor, trusted: Trusted = ()) -> torch.Tensor:
     """``name`` is ``owner/model``, or ``model`` if one owner serves that name."""
+    if not isinstance(x, torch.Tensor):
+        raise InvalidRequest(f"a query's input is a torch.Tensor, not a {type(x).__name__}: pass "
+                             "torch.tensor(x, dtype=torch.float64) — one row, or a batch of rows")
+    real(x, "the query's input")  # before anything is asked of the grid
     card = find(grid, name, trusted)
     batch = x.reshape(1, -1) if x.dim() == 1 else x
     if batch.dim() != 2 or batch.shape[1] != card.plan.in_features:
         raise InvalidRequest(f"model {name!r} takes inputs of {card.plan.in_features} features, not shape "
                              f"{tuple(x.shape)}")
     fp = FixedPoint(card.plan.frac_bits)
-    signed, inputs = signed_query(grid, card, share(fp.encode(batch), len(card.parties)))
+    signed, inputs = signed_query(grid, card, share(encoded(fp, batch, "the query's input"), len(card.parties)))
     reply = ask(grid, card.host, Tasks.MPC_QUERY, QueryModel(query=signed, inputs=inputs))
     outputs = []
     for party in card.parties:

@@ -69,8 +69,8 @@ class Expression:
     def submit(self, epsilon: float | None = None, delta: float = 0.0) -> JobTicket:
         """Run at the node and keep the result there; returns a ticket at once. With
         ``epsilon``, the job releases the value with DP instead: ``ticket.private_value()``."""
-        release = KeepRelease() if epsilon is None else _dp_release(epsilon, delta)
-        return self._grid.submit(self.node, RunJob(plan=self.plan, release=release))
+        dp = dp_release(epsilon, delta)
+        return self._grid.submit(self.node, RunJob(plan=self.plan, release=KeepRelease() if dp is None else dp))
 
     @overload
     def get(self, *, timeout: float | None = None) -> torch.Tensor: ...
@@ -82,7 +82,7 @@ class Expression:
         """Run at the node and release the value: exactly (allowed users, as policy says),
         or with differential privacy when ``epsilon`` is given — Laplace for a pure ε,
         Gaussian with a ``delta`` — charged to your budget on each dataset involved."""
-        if epsilon is None:
+        if dp_release(epsilon, delta) is None:
             return self._grid.submit(self.node, RunJob(plan=self.plan, release=RawRelease())).value(timeout)
         return self.submit(epsilon, delta).private_value(timeout)
 
@@ -240,7 +240,15 @@ def _const_first(op: str, const: Any, expr: Expression) -> Expression:
     return expr._apply(op, const, constant_first=True)
 
 
-def _dp_release(epsilon: float, delta: float) -> DPRelease:
+def dp_release(epsilon: float | None, delta: float) -> DPRelease | None:
+    """The DP release asked for, or None for none. A ``delta`` without an ``epsilon`` is a
+    mistake, not a request for the exact value: it is refused, naming both fixes."""
+    if epsilon is None:
+        if delta:
+            raise InvalidRequest(f"delta={delta} asks for a differentially private release, which needs an epsilon "
+                                 f"too: get(epsilon=0.2, delta={delta}); or leave delta out for the exact value "
+                                 "(released only if you may see it)")
+        return None
     try:
         return DPRelease(epsilon=epsilon, delta=delta)
     except ValidationError:

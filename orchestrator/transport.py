@@ -27,6 +27,7 @@ from kombu.exceptions import KombuError, OperationalError
 from orchestrator.app import make_celery
 from orchestrator.known_gateways import KnownGateways
 from protocol.contract import (
+    ALIVE_TTL_SECONDS,
     CLAIM_CHECK_PREFIX,
     CLAIM_CHECK_TTL_SECONDS,
     GATEWAY,
@@ -37,6 +38,8 @@ from protocol.contract import (
     PENDING_APPROVAL,
     PUBLIC,
     Tasks,
+    alive_key,
+    sent_key,
 )
 from protocol.envelope import Envelope, MemoryNonceStore, open_envelope, seal_envelope
 from protocol.errors import BrokerUnavailable, NodeUnavailable, NotFound, error_from_wire
@@ -154,18 +157,49 @@ class Transport:
                              body=body.model_dump(mode="json"), now=time.time(), **options).model_dump(mode="json")
 
     def send(self, node: str, task: str, queue: str, body: Any, job_id: str) -> None:
-        """Sign ``body`` for ``node`` and send it as ``task`` on ``queue``, with id ``job_id``."""
+        """Sign ``body`` for ``node`` and send it as ``task`` on ``queue``, with id ``job_id``;
+        NodeUnavailable at once if no worker serves ``queue`` (the job would only wait)."""
+        self.require_worker(node, queue)
         envelope = self._envelope(node, body, job_id, None)
         with broker_errors(self.url):
+            self.mark_sent([job_id])
             self.app.send_task(task, args=[envelope], queue=queue, task_id=job_id)
 
     def send_all(self, messages: Sequence[tuple[str, str, str, Any, str]], *, ttl: float, label: str) -> None:
         """Several (node, task, queue, body, job id) at once, as one Celery group. ``label`` is
         what Flower shows as their arguments (an envelope's repr is tens of KB of sealed bytes)."""
+        for node, queue in {(m[0], m[2]) for m in messages}:
+            self.require_worker(node, queue)
         signatures = [self.app.signature(task, args=[self._envelope(node, body, job_id, ttl)], queue=queue)
                       .set(task_id=job_id, argsrepr=label) for node, task, queue, body, job_id in messages]
         with broker_errors(self.url):
+            self.mark_sent([m[4] for m in messages])
             group(signatures).apply_async()
+
+    def mark_sent(self, job_ids: Sequence[str]) -> None:
+        """Record ``job_ids`` as sent (``Grid.ticket`` finds them): done by :meth:`send`; a
+        tool that sends messages of its own calls it."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.setex(sent_key(job_id), int(self.app.conf.result_expires or 86400), 1)
+            pipe.execute()
+
+    def sent(self, job_id: str) -> bool:
+        """Whether a job of this id was sent on this broker (its result may still be read)."""
+        with broker_errors(self.url):
+            return bool(self._redis.exists(sent_key(job_id))) or self.state(job_id) != states.PENDING
+
+    def require_worker(self, node: str, queue: str) -> None:
+        """NodeUnavailable unless a worker of ``queue`` said it is up within the last
+        ``ALIVE_TTL_SECONDS`` (``workers.beacon``). Asked for every job (one EXISTS): a yes
+        remembered even for a second would send jobs to a node that has just stopped."""
+        with broker_errors(self.url):
+            up = bool(self._redis.exists(alive_key(queue)))
+        if not up:
+            raise NodeUnavailable(f"no worker of {node!r} serves {queue} (none said so in the last "
+                                  f"{ALIVE_TTL_SECONDS:.0f} s): the job would only wait in its queue. Its owner starts "
+                                  f"it with `gridq {'mpc' if queue.startswith('mpc.') else 'node'} start`; "
+                                  "`gridq status` shows which are up")
 
     def ask(self, node: str, task: str, queue: str, body: Any) -> Pending:
         """Send a signed request whose answer :meth:`answer` reads (ask several, then read)."""

@@ -33,6 +33,22 @@ def mpc_queue(node_id: str) -> str:
 MPC_MODELS_KEY = "gridq:mpc:models"  # Redis hash: "owner/model" -> its card, signed by its owner and its host
 
 
+def alive_key(queue: str) -> str:
+    """Set (expiring after ``ALIVE_TTL_SECONDS``) while a worker consumes ``queue``, refreshed
+    every ``ALIVE_EVERY_SECONDS`` by its main process: no key, no live worker."""
+    return f"gridq:alive:{queue}"
+
+
+ALIVE_EVERY_SECONDS = 5.0
+ALIVE_TTL_SECONDS = 20.0  # a worker killed without a word is down after this long
+
+
+def sent_key(job_id: str) -> str:
+    """Set when a client sends a job, for as long as its result may be read: a ticket for an
+    id never sent is NotFound at once, not 'queued' until a timeout."""
+    return f"gridq:sent:{job_id}"
+
+
 def dead_letter_key(queue: str) -> str:
     """The list where a worker of ``queue`` puts what it would not run (``protocol.inbox``):
     junk, and messages given up after too many deliveries; the newest ``DEAD_LETTER_MAX``."""
@@ -114,9 +130,18 @@ CLAIM_CHECK_PREFIX = "gridq:blob:"
 CLAIM_CHECK_THRESHOLD = 256 * 1024  # sealed values above this travel by claim-check
 CLAIM_CHECK_TTL_SECONDS = 3600
 
+# How long a job's answer stays readable: its time to live in the result backend, and the
+# expiry a node signs into the reply (a client refuses an expired reply, so a result kept
+# longer than that is dead weight: Celery's default, a day, kept ~11 GB at 100 jobs/s).
+# A ticket is read at once or picked up with grid.ticket(id) within this; a node's
+# ``[retention] results`` sets another. A parked job's answer (PENDING_APPROVAL) has no TTL:
+# it waits for the owner.
+RESULT_TTL_SECONDS = 600.0
+
 
 def celery_settings(
-    *, time_limit: float = 300.0, visibility_timeout: float | None = None, restore_interval: float = 10.0
+    *, time_limit: float = 300.0, visibility_timeout: float | None = None, restore_interval: float = 10.0,
+    result_expires: float = RESULT_TTL_SECONDS,
 ) -> dict[str, Any]:
     """Celery settings chosen on purpose; every gridq process uses these.
 
@@ -138,6 +163,8 @@ def celery_settings(
       it — and out of the worker's success log line (the workers also log success without
       it: ``celery.app.trace.LOG_SUCCESS``). Replies are read from the result backend only.
     * ``task_track_started``: a ticket can tell ``queued`` from ``running``.
+    * ``result_expires``: :data:`RESULT_TTL_SECONDS` (not Celery's day): as long as the
+      signed answer stays valid.
     * ``worker_proc_alive_timeout``: each pool process builds its role (store, keys, broker
       connections) at start, in ``worker_process_init``; Celery's 4 s for a process to come
       up is short for that on a loaded two-core machine.
@@ -172,7 +199,7 @@ def celery_settings(
         "control_queue_expires": None,
         "event_queue_expires": None,
         "task_annotations": {"*": {"resultrepr_maxsize": 0}},
-        "result_expires": 24 * 3600,
+        "result_expires": int(result_expires),
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
         "enable_utc": True,

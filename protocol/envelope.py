@@ -13,9 +13,11 @@ job's idempotency makes the second delivery harmless.
 
 from __future__ import annotations
 
+import heapq
 import json
 import secrets
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -75,20 +77,37 @@ class NonceStore(Protocol):
 
 
 class MemoryNonceStore:
-    """A process-local nonce store, for clients, tests and single-process workers."""
+    """A process-local nonce store, for clients, tests and single-process workers.
 
-    def __init__(self) -> None:
+    A nonce is kept until its envelope expires, then forgotten: an expired envelope is
+    refused before its nonce is looked at (:func:`open_envelope`), so it can never be
+    replayed. Each :meth:`remember` forgets what has expired by then (oldest first, from a
+    heap: a few operations each, whatever the store holds), so a long-lived client holds
+    the nonces of the last envelope lifetime only, not one per reply it ever read.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
         self._seen: dict[tuple[str, str], tuple[str, float]] = {}
+        self._expiry: list[tuple[float, str, str]] = []  # a heap of (expires_at, sender, nonce)
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
     def remember(self, sender: str, nonce: str, delivery_id: str, expires_at: float) -> bool:
+        self.forget_expired(self._clock())
         seen = self._seen.get((sender, nonce))
         if seen is not None:
             return seen[0] == delivery_id
         self._seen[(sender, nonce)] = (delivery_id, expires_at)
+        heapq.heappush(self._expiry, (expires_at, sender, nonce))
         return True
 
     def forget_expired(self, now: float) -> None:
-        self._seen = {k: v for k, v in self._seen.items() if v[1] >= now}
+        """Forget the nonces of envelopes that expired before ``now``."""
+        while self._expiry and self._expiry[0][0] < now:
+            _, sender, nonce = heapq.heappop(self._expiry)
+            self._seen.pop((sender, nonce), None)
 
 
 def seal_envelope(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from nacl.signing import SigningKey, VerifyKey
 from protocol.errors import BadSignature, GridError, InvalidRequest, NotFound
 
 _PREFIX = "gridq1:"
+NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # what an envelope's sender may be called
 
 
 def _b64(data: bytes) -> str:
@@ -109,7 +111,28 @@ class Identity:
         )
 
     @classmethod
+    def from_key_file(cls, file: Path, text: str, mode: int, mine: bool) -> Identity:
+        """The identity in a secret key file, read by the caller (``text``, its ``mode`` and
+        whether it is ``mine``). As ssh refuses an UNPROTECTED PRIVATE KEY FILE, a file of
+        yours that group or others may read is refused: whoever read it can sign and unseal as
+        you. (Like ssh, a file owned by another user — mounted in by root, say — is not judged.)"""
+        if text.lstrip().startswith(_PREFIX):
+            raise InvalidRequest(f"{file} is a public key, which cannot sign: an identity is the secret key file "
+                                 f"({file.with_suffix('.key').name}) that `gridq keys new` wrote next to it")
+        if mine and mode & 0o077:
+            raise InvalidRequest(f"UNPROTECTED KEY FILE: {file} has mode {mode & 0o777:04o}, so others may read the "
+                                 f"secret key in it; refused. Run `chmod 600 {file}` (and make a new key with `gridq "
+                                 "keys new` if someone may have read it)")
+        try:
+            return cls.from_json(text)
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"{file}: {exc.message}") from None
+
+    @classmethod
     def from_json(cls, text: str) -> Identity:
+        if text.lstrip().startswith(_PREFIX):
+            raise InvalidRequest("this is a public key (a NAME.pub file), which cannot sign: an identity is the secret "
+                                 "key file NAME.key that `gridq keys new` wrote next to it")
         try:
             data = json.loads(text)
             keys = _unb64(data["signing_key"]), _unb64(data["box_secret"])

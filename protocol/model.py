@@ -74,10 +74,14 @@ def describe_model(model: nn.Module) -> tuple[ModelSpec, dict[str, torch.Tensor]
         # a layer on its own traces as a call on its weights, not as a call of the layer
         raise InvalidRequest(f"send a model, not a bare layer: wrap it, e.g. torch.nn.Sequential({type(model).__name__}"
                              "(…)); its weights are then named '0.weight', '0.bias'")
+    _allowed_layers(model)
     try:
         traced = torch.fx.symbolic_trace(model)
     except Exception as exc:  # value-dependent control flow and the like
-        raise InvalidRequest(f"the model's forward cannot be traced: {type(exc).__name__}: {exc}"[:500]) from None
+        raise InvalidRequest(
+            f"the model's forward cannot be traced ({type(exc).__name__}: {exc})"[:400] + ". A model travels as a "
+            "torch.fx graph: its forward must call allow-listed layers and functions in a fixed order — no `if` or "
+            "loop that depends on a tensor's values") from None
     layers = {}
     for name, module in traced.named_modules():
         if name and not list(module.children()):
@@ -148,6 +152,18 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 def parameter_count(state: dict[str, torch.Tensor]) -> int:
     return sum(math.prod(v.shape) for v in state.values())
+
+
+def _allowed_layers(model: nn.Module) -> None:
+    """Refuse, by name, a torch layer off the allow-list before tracing: torch.fx would trace
+    into some of them (an LSTM, a GRU) and fail on their control flow with a TraceError
+    that names neither the layer nor the fix."""
+    tracer = torch.fx.Tracer()
+    for name, module in model.named_modules():
+        if not any(module.children()) and tracer.is_leaf_module(module, name) and type(module) not in _LAYER_NAMES:
+            where = f"layer {name!r} is" if name else "the model is"
+            raise ForbiddenOperation(f"{where} a {type(module).__name__}, which is not allowed; build the model from "
+                                     f"{', '.join(sorted(LAYERS))} (in Sequentials or a custom forward)")
 
 
 def _layer_spec(name: str, module: nn.Module) -> LayerSpec:

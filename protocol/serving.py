@@ -27,7 +27,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from protocol.contract import PUBLIC
+from protocol.contract import PUBLIC, RESULT_TTL_SECONDS
 from protocol.envelope import Envelope, NonceStore, open_envelope, seal_envelope
 from protocol.errors import GridError, InvalidRequest, JobFailed
 from protocol.identity import Identity, PublicIdentity
@@ -85,16 +85,19 @@ class EnvelopeServer:
 
     ``failure`` builds the role's reply type carrying an error (each reply type has one);
     ``passthrough`` are exceptions that are control flow for the caller (a job parked for
-    approval), ``time_limits`` the worker's own time-limit exceptions."""
+    approval), ``time_limits`` the worker's own time-limit exceptions; ``reply_ttl`` how long
+    a signed reply stays valid (as long as the result backend keeps it: RESULT_TTL_SECONDS)."""
 
     def __init__(self, identity: Identity, nonces: NonceStore, failure: Callable[[GridError, str], BaseModel], *,
                  passthrough: tuple[type[BaseException], ...] = (),
-                 time_limits: tuple[type[BaseException], ...] = ()) -> None:
+                 time_limits: tuple[type[BaseException], ...] = (),
+                 reply_ttl: float = RESULT_TTL_SECONDS) -> None:
         self.identity = identity
         self.nonces = nonces
         self.failure = failure
         self.passthrough = passthrough
         self.time_limits = time_limits
+        self.reply_ttl = reply_ttl
 
     def serve(self, raw: Any, delivery_id: str, keyring: Mapping[str, PublicIdentity],
               answer: Callable[[Envelope], Answer]) -> Answer:
@@ -143,9 +146,11 @@ class EnvelopeServer:
         except Exception as exc:  # a bug or a resource problem: the log has the details, the requester hears now
             return fail(unexpected(exc, self.identity.name, job_id), job_id)  # type: ignore[no-any-return]
 
-    def sign(self, to: str, job_id: str, reply: BaseModel) -> Signed:
+    def sign(self, to: str, job_id: str, reply: BaseModel, ttl: float | None = None) -> Signed:
+        """``reply`` signed to ``to``, valid for ``ttl`` seconds (default: ``reply_ttl``)."""
         env = seal_envelope(self.identity, recipient=to, kind=reply.kind, job_id=job_id,  # type: ignore[attr-defined]
-                            body=reply.model_dump(mode="json"), now=time.time())
+                            body=reply.model_dump(mode="json"), now=time.time(),
+                            ttl=self.reply_ttl if ttl is None else ttl)
         return env.model_dump(mode="json")
 
 

@@ -88,10 +88,12 @@ def enforce(dataset: str, tensor: torch.Tensor, pairs: Pairs | None, columns: Se
             clamp: bool = False) -> tuple[torch.Tensor, int]:
     """The table as it may be published, and how many values were clamped: a table with
     values outside its bounds is refused (its owner reads why), or clamped to them if its
-    owner asked; NaN is refused either way (no bound says where it belongs)."""
+    owner asked; NaN is refused either way (no bound says where it belongs), and so are NaN
+    and infinities in a table without bounds."""
     if pairs is None:
         if clamp:
             raise InvalidRequest(f"{dataset!r}: clamp=True clamps to the declared bounds, and none are declared")
+        _finite(dataset, tensor, columns)
         return tensor, 0
     found = outside(tensor, pairs, columns)
     if not found:
@@ -111,6 +113,28 @@ def enforce(dataset: str, tensor: torch.Tensor, pairs: Pairs | None, columns: Se
         raise InvalidRequest(f"{dataset!r}: clamped values stored as {dtype_name(tensor.dtype)} still fall outside "
                              "the declared bounds; declare bounds that this dtype holds exactly")
     return clamped, sum(o.count for o in found)
+
+
+def _finite(dataset: str, tensor: torch.Tensor, columns: Sequence[str]) -> None:
+    """A table without declared bounds must still hold numbers: NaN is a missing value and
+    ±inf an overflow, and either makes every sum, mean or model trained on the table NaN or
+    infinite — as OpenDP's aggregates refuse NaN domains, the node refuses them at the door
+    (with bounds, ``clamp=True`` may clamp an infinity; NaN is refused there too)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    bad = ~tensor.isfinite()
+    if not bool(bad.any()):
+        return
+    if tensor.ndim == 2 and len(columns) == tensor.shape[1]:
+        counts = bad.sum(0).tolist()
+        where = "; ".join(f"column {c!r}: {n}" for c, n in zip(columns, counts, strict=True) if n)
+    else:
+        where = f"{int(bad.sum())} of {tensor.numel()} values"
+    nan = int(tensor.isnan().sum())
+    raise InvalidRequest(
+        f"{dataset!r} holds NaN or infinite values ({where}; {nan} NaN, {int(bad.sum()) - nan} infinite), which "
+        "make every aggregate of the table NaN or infinite. Remove or fill the missing values (for infinities, "
+        "declare bounds and publish with clamp=True to clamp them), then publish again")
 
 
 def _clamp(tensor: torch.Tensor, pairs: Pairs) -> torch.Tensor:

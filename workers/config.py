@@ -32,7 +32,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from protocol.contract import gridq_home
+from protocol.contract import RESULT_TTL_SECONDS, gridq_home
+from protocol.envelope import MAX_TTL_SECONDS
 from protocol.errors import InvalidRequest
 from protocol.identity import Identity, PublicIdentity, unreadable_key
 
@@ -133,6 +134,31 @@ class WorkerSection(_Section):
         return self.concurrency - 1 if self.concurrency > 1 else 0
 
 
+class RetentionSection(_Section):
+    """How long a node keeps what each job leaves behind (``workers.retention``).
+
+    ``results``: seconds a job's answer stays readable — its time to live in the result
+    backend, and the expiry of the signed reply (a client refuses an expired one, so a
+    result kept longer would be dead weight in Redis). A ticket is picked up with
+    ``grid.ticket(id)`` within this; a parked job's answer waits for the owner's decision
+    however long that takes. ``replies``: seconds the node keeps a job's reply body so that
+    a redelivered job answers the same; then the body goes and the job's row stays, with its
+    status (ledger charges and approval requests always stay). Pruned every ``prune_every``
+    seconds by the worker, at most ``prune_batch`` rows at a time."""
+
+    results: Annotated[float, Field(gt=0, le=MAX_TTL_SECONDS)] = RESULT_TTL_SECONDS
+    replies: Annotated[float, Field(gt=0)] = 24 * 3600.0
+    prune_every: Annotated[float, Field(gt=0)] = 60.0
+    prune_batch: Annotated[int, Field(ge=1, le=100_000)] = 1000
+
+    @model_validator(mode="after")
+    def _replies_outlive_results(self) -> RetentionSection:
+        if self.replies < self.results:
+            raise ValueError(f"replies ({self.replies:g} s) must be kept at least as long as results "
+                             f"({self.results:g} s): a redelivered job must answer as the stored result says")
+        return self
+
+
 JOB_KINDS = ("compute", "raw_if_allowed", "dp", "train", "raw", "access")
 JobKind = Literal["compute", "raw_if_allowed", "dp", "train"]  # the kinds that may be approved automatically
 
@@ -188,6 +214,7 @@ class NodeConfig(_Section):
     budget: BudgetSection = BudgetSection()
     approval: ApprovalSection = ApprovalSection()
     mpc: MpcSection = MpcSection()
+    retention: RetentionSection = RetentionSection()
 
     @property
     def id(self) -> str:
@@ -198,10 +225,13 @@ class NodeConfig(_Section):
         return self.node.database or f"sqlite:///{self.node.store / 'node.db'}"
 
     def identity(self) -> Identity:
+        """The node's secret key, refused if others may read its file (as ssh refuses one)."""
+        file = self.node.identity
         try:
-            return Identity.from_json(self.node.identity.read_text())
+            status, text = file.stat(), file.read_text()
         except OSError as exc:
-            raise unreadable_key(self.node.identity, exc) from None
+            raise unreadable_key(file, exc) from None
+        return Identity.from_key_file(file, text, status.st_mode, status.st_uid == os.getuid())
 
     def for_mpc(self) -> NodeConfig:
         """This config as the node's MPC worker connects: with ``[mpc]``'s broker, if it has one."""

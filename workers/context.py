@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,7 +27,7 @@ from protocol.messages import (
     TrainJob,
 )
 from protocol.plan import Plan, TensorSpec
-from workers.config import ApprovalSection
+from workers.config import ApprovalSection, RetentionSection
 from workers.ledger import Ledger
 from workers.policy import Door, Source, authorize
 from workers.release import PendingCharge
@@ -67,6 +67,7 @@ class NodeContext:
     node_key: Callable[[str], PublicIdentity]  # another node's key, as the gateway lists it
     memory_limit: int | None = None  # bytes a plan may hold at once ([worker] memory_limit_mb)
     slots_per_user: int = 0  # worker processes one requester may hold at once (workers.slots); 0: no cap
+    retention: RetentionSection = field(default_factory=RetentionSection)  # [retention]: workers.retention
 
     def door(self, job: Job, release: KeepRelease | RawRelease | DPRelease, sources: list[Source],
              training: bool = False) -> Door:

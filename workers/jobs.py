@@ -14,8 +14,8 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from protocol.envelope import Envelope
-from protocol.errors import AuthenticationError, BudgetExhausted, GridError, PermissionDenied
+from protocol.envelope import MAX_TTL_SECONDS, Envelope
+from protocol.errors import AuthenticationError, BudgetExhausted, GridError, JobFailed, PermissionDenied
 from protocol.messages import (
     AccessRequest,
     BudgetQuery,
@@ -31,7 +31,9 @@ from workers.approvals import Parked, Requests
 from workers.compute import ComputeJobs
 from workers.context import Job, NodeContext, Outcome
 from workers.model_jobs import ModelJobs
+from workers.retention import Pruner
 from workers.slots import Slots
+from workers.store import FINISHED
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,9 @@ class JobRunner:
         self.compute = ComputeJobs(node)
         self.model_jobs = ModelJobs(node)
         self.server = EnvelopeServer(node.identity, node.store, failure, passthrough=(Parked,),
-                                     time_limits=(SoftTimeLimitExceeded,))
+                                     time_limits=(SoftTimeLimitExceeded,), reply_ttl=node.retention.results)
         self.slots = Slots(node.store.folder / "slots", node.slots_per_user)
+        self.pruner = Pruner(node.store, node.retention)
 
     def serve(self, task: str, raw: Any, delivery_id: str) -> Answer:
         """Answer one delivered message (whatever task carried it: a node has one), in a slot
@@ -55,7 +58,9 @@ class JobRunner:
         with self.slots.take(claimed(raw)[0]) as held:
             if not held:
                 return DEFERRED
-            return self.server.serve(raw, delivery_id, self.node.keyring, self._once)
+            answer = self.server.serve(raw, delivery_id, self.node.keyring, self._once)
+        self.pruner.tick()  # now and then: replies past the node's retention go
+        return answer
 
     def run_approved(self, job_id: str) -> Signed:
         """Run a job the owner approved, as it was asked (its envelope was verified on arrival)."""
@@ -75,6 +80,11 @@ class JobRunner:
         if job.reply is not None:
             log.info("job %s delivered again; answering with its recorded reply", env.job_id)
             return Answer(job.reply, parked=job.status == "pending_approval")
+        if job.status in FINISHED:  # its reply was pruned ([retention] replies): answered, never run again
+            answered = JobFailed(f"job {env.job_id} was answered ({job.status}) more than "
+                                 f"{self.node.retention.replies:.0f} s ago; its answer is no longer kept. Send the "
+                                 "work again as a new job", job_id=env.job_id)
+            return Answer(self.server.sign(env.sender, env.job_id, failure(answered, env.job_id)))
         try:
             outcome = self._outcome(env, approved=False)
         except Parked as parked:
@@ -98,8 +108,11 @@ class JobRunner:
                                    lambda exc, job_id: Outcome(failure(exc, job_id)))
 
     def _record(self, requester: str, job_id: str, outcome: Outcome) -> Signed:
-        """Sign the reply and record it as the job's (with its charge, for a DP release)."""
-        signed = self.server.sign(requester, job_id, outcome.reply)
+        """Sign the reply and record it as the job's (with its charge, for a DP release). Word
+        that a job is parked stays valid as long as an envelope may (a day): the owner's
+        decision may take that long; an answer, as long as the result backend keeps it."""
+        parked = outcome.reply.status == "pending_approval"
+        signed = self.server.sign(requester, job_id, outcome.reply, MAX_TTL_SECONDS if parked else None)
         if outcome.charge is not None:  # a DP release leaves only if its charge is recorded with it
             charge = outcome.charge
             try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,9 @@ from protocol.contract import (
     node_queue,
 )
 from protocol.envelope import seal_envelope
-from protocol.errors import BrokerUnavailable, InvalidRequest, RequestDenied
+from protocol.errors import BrokerUnavailable, InvalidRequest, NotFound, RequestDenied
 from protocol.identity import PublicIdentity
-from protocol.messages import DatasetMeta, PublishDataset, RegisterNode, UnpublishDataset
+from protocol.messages import DatasetMeta, PublishDataset, RegisterNode, UnpublishDataset, checked
 from workers import claims
 from workers.approvals import Requests
 from workers.bounds import declared_pairs, enforce
@@ -45,7 +46,7 @@ from workers.datasets import load_table
 from workers.directory import Directory
 from workers.jobs import JobRunner
 from workers.ledger import Ledger
-from workers.store import PublicationRow, RequestRow, Store
+from workers.store import FINISHED, PublicationRow, RequestRow, Store
 from workers.tasks import serve_tasks
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def make_celery(config: NodeConfig) -> Celery:
                  set_as_current=False)
     w = config.worker
     app.conf.update(celery_settings(time_limit=w.time_limit, visibility_timeout=w.visibility_timeout,
-                                    restore_interval=w.restore_interval))
+                                    restore_interval=w.restore_interval, result_expires=config.retention.results))
     app.conf.task_default_queue = node_queue(config.id)
     return app
 
@@ -107,13 +108,15 @@ class Node:
         kind of rows, which scientists may download (else one is drawn within the bounds).
         A name already published is refused unless ``replace=True``, which sets data and
         policy together (what the ledger charged on the name stays charged)."""
+        self.check_users(allowed_users, f"allowed_users of {name!r}")
         tensor, columns = _table(data, columns, dtype)
         if columns and (tensor.ndim != 2 or tensor.shape[1] != len(columns)):
             raise InvalidRequest(f"{len(columns)} column names given for data of shape {tuple(tensor.shape)}")
         pairs = declared_pairs(bounds, columns, name)
         tensor, clamped = enforce(name, tensor, pairs, columns, clamp)
-        meta = DatasetMeta(node=self.id, name=name, shape=tuple(tensor.shape), dtype=dtype_name(tensor.dtype),
-                           columns=columns, description=description, tags=list(tags), bounds=pairs)
+        meta = checked(DatasetMeta, node=self.id, name=name, shape=tuple(tensor.shape),
+                       dtype=dtype_name(tensor.dtype), columns=columns, description=description, tags=list(tags),
+                       bounds=pairs)
         twin = None if mock is None else _twin(mock, tensor.dtype, dtype is not None)
         if twin is not None and (tuple(twin.shape[1:]) != tuple(tensor.shape[1:]) or twin.dtype != tensor.dtype):
             raise InvalidRequest(
@@ -125,6 +128,16 @@ class Node:
         if notify:
             self._tell_gateway(PublishDataset(dataset=meta))
         return meta
+
+    def check_users(self, names: Iterable[str], what: str) -> None:
+        """Refuse names that are not users of this node (``[users]`` in its config): a typo in
+        an allowed user or a budget would otherwise grant nothing to anyone, silently."""
+        unknown = sorted(set(names) - set(self.config.users))
+        if unknown:
+            raise NotFound(f"{what}: {', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not a "
+                           f"user of node {self.id!r} (its users: {', '.join(sorted(self.config.users)) or 'none'}). "
+                           "Check the spelling, or add [users.NAME] with their public key to the node's config and "
+                           "restart the node")
 
     def publications(self, name: str | None = None) -> list[PublicationRow]:
         """This node's record of publications (of ``name``, or of every dataset): when, how
@@ -173,15 +186,21 @@ class Node:
         self._answer(self._decide(job_id, "denied", reason))
 
     def resume_decisions(self, within: float = 24 * 3600) -> int:
-        """Deliver the answer to every request decided in the last ``within`` seconds (the
-        result backend keeps answers a day): one decided while the broker went down, or the
-        worker stopped, between the decision and its answer gets it now — a decision and
-        the job it resumes never come apart. Run at every start; the number delivered."""
+        """Deliver the answer to every request decided in the last ``within`` seconds (a
+        parked job's state waits in the result backend until then): one decided while the
+        broker went down, or the worker stopped, between the decision and its answer gets it
+        now — a decision and the job it resumes never come apart. Run at every start; the
+        number delivered (a job whose reply was pruned since is not: it was answered)."""
         decided = [r for r in Requests(self.store).list(None)
                    if r.status != "pending" and (r.decided_at or 0) > time.time() - within]
+        delivered = 0
         for request in decided:
-            self._answer(request)
-        return len(decided)
+            try:
+                self._answer(request)
+                delivered += 1
+            except NotFound:  # answered, and its reply pruned since ([retention] replies): nothing to resume
+                continue
+        return delivered
 
     def _decide(self, job_id: str, status: str, decision: str = "") -> RequestRow:
         requests = Requests(self.store)
@@ -194,6 +213,9 @@ class Node:
         """The answer to a decided request — computed once (a job runs once), then recorded —
         stored where the requester's ticket reads it."""
         job = self.store.job(request.job_id)
+        if job is not None and job.reply is None and job.status in FINISHED:  # never run twice
+            raise NotFound(f"{request.job_id} was answered ({job.status}) and its answer is no longer kept "
+                           f"(the node keeps replies {self.config.retention.replies:.0f} s: [retention] replies)")
         if job is not None and job.reply is not None and job.status != "pending_approval":
             signed = job.reply
         elif request.status == "approved":
@@ -211,7 +233,8 @@ class Node:
     def runner(self) -> JobRunner:
         return JobRunner(NodeContext(self.id, self.identity, self.config.keyring(), self.store, self.ledger,
                                      self.config.approval, self._claim_check, self._claim_take, self._node_key,
-                                     self.config.worker.memory_limit_mb * 2**20, self.config.worker.slots_per_user))
+                                     self.config.worker.memory_limit_mb * 2**20, self.config.worker.slots_per_user,
+                                     self.config.retention))
 
     @property
     def _broker(self) -> redis.Redis:

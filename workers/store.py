@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from sqlalchemy import bindparam, create_engine, delete, event, select, update
+from sqlalchemy import bindparam, create_engine, delete, event, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -43,7 +43,9 @@ from workers.tables import (
     RequestRow,
 )
 
-__all__ = ["DatasetRow", "JobRow", "ObjectRow", "PublicationRow", "RequestRow", "Store"]
+__all__ = ["FINISHED", "DatasetRow", "JobRow", "ObjectRow", "PublicationRow", "RequestRow", "Store"]
+
+FINISHED = ("done", "failed", "denied")  # a job's final statuses (pending_approval waits for its owner)
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +136,8 @@ class Store:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
         Base.metadata.create_all(self.engine)
+        for index in Base.metadata.tables[JobRow.__tablename__].indexes:  # a database from before it gets it
+            index.create(self.engine, checkfirst=True)
         _owner_only(self.engine.url.database if self.engine.dialect.name == "sqlite" else None)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._cache: dict[str, tuple[FileVersion | None, torch.Tensor]] = {}
@@ -277,7 +281,8 @@ class Store:
     # --- jobs ------------------------------------------------------------------------------
 
     def begin_job(self, job_id: str, requester: str) -> JobRow:
-        """Record an attempt at a job; returns the row (with the reply if already finished)."""
+        """Record an attempt at a job; returns the row (with the reply if already finished; a
+        finished job whose reply was pruned keeps its final status and no reply)."""
         now = time.time()
         with self.session() as s:
             row = s.get(JobRow, job_id, with_for_update=True)
@@ -287,7 +292,7 @@ class Store:
                 s.add(row)
             elif row.requester != requester:
                 raise InvalidRequest(f"job id {job_id!r} is already used by another requester")
-            if row.reply is None:
+            if row.reply is None and row.status not in FINISHED:
                 row.attempts += 1
                 row.status = "running"
                 row.updated_at = now
@@ -306,6 +311,26 @@ class Store:
     def job(self, job_id: str) -> JobRow | None:
         with self.session() as s:
             return s.get(JobRow, job_id)
+
+    def prune_replies(self, before: float, limit: int) -> int:
+        """Drop the reply bodies of finished jobs last updated before ``before``, at most
+        ``limit``, oldest first; how many. Their rows stay, with their status; parked jobs
+        keep theirs. Reads only replies still kept (``ix_jobs_unpruned``), never the pruned.
+
+        Each row is deleted and written again without its reply, not updated: SQLite leaves
+        the space an UPDATE frees inside a page unused (new rows go to the last page), so the
+        file would grow as if nothing were pruned; deleted in the order they were written,
+        whole pages come free and are reused."""
+        kept = (JobRow.job_id, JobRow.requester, JobRow.status, JobRow.attempts, JobRow.created_at,
+                JobRow.updated_at)
+        with self.session() as s:
+            rows = [dict(row._mapping) for row in s.execute(
+                select(*kept).where(JobRow.reply.is_not(None), JobRow.updated_at < before, JobRow.status.in_(FINISHED))
+                .order_by(JobRow.updated_at).limit(limit))]
+            if rows:
+                s.execute(delete(JobRow).where(JobRow.job_id.in_([row["job_id"] for row in rows])))
+                s.execute(insert(JobRow), [{**row, "reply": None} for row in rows])
+            return len(rows)
 
     # --- nonces (protocol.envelope.NonceStore) ----------------------------------------------
 

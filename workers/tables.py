@@ -4,7 +4,7 @@ engine and the sessions, and is the only way in.
 ``datasets`` (published data and who may see it raw), ``publications`` (the owner's
 record of each publish: rows, values clamped, replaced or not), ``objects`` (results
 kept for their requester), ``jobs`` (one row per job id: status, attempts and the signed
-reply, so a redelivered job answers the same), ``budgets`` and ``charges`` (the privacy ledger),
+reply, so a redelivered job answers the same), ``budgets``, ``charges`` and ``charge_totals`` (the privacy ledger),
 ``requests`` (the approval queue), ``grants`` (access the owner approved), ``nonces``
 (replay protection), ``gateway_pins`` (the gateway key pinned per broker), and for the MPC worker
 ``mpc_models`` (cards of models this node hosts) and ``mpc_shares`` (its shares of models
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, Index, Integer, LargeBinary, String, Text
+from sqlalchemy import JSON, Boolean, Float, Index, Integer, LargeBinary, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -74,12 +74,20 @@ class ObjectRow(Base):
 
 
 class JobRow(Base):
+    """One row per job id: its status, attempts and signed reply (a redelivered job answers
+    the same). The reply's body is dropped once the node's ``[retention] replies`` has passed
+    (``workers.retention``); the row stays, with its status, as the record that the job ran."""
+
     __tablename__ = "jobs"
+    # the replies not yet dropped, oldest first: what a pruning pass reads (never the pruned rows)
+    __table_args__ = (Index("ix_jobs_unpruned", "updated_at", sqlite_where=text("reply IS NOT NULL"),
+                            postgresql_where=text("reply IS NOT NULL")),)
     job_id: Mapped[str] = mapped_column(String(80), primary_key=True)
     requester: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(24))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    reply: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # none_as_null: a job without a reply (running, or pruned) is SQL NULL, out of ix_jobs_unpruned
+    reply: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
 
@@ -108,6 +116,22 @@ class ChargeRow(Base):
     rho: Mapped[float] = mapped_column(Float)
     scale: Mapped[float] = mapped_column(Float)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class ChargeTotalRow(Base):
+    """The ledger's running totals: what is spent of each user's budget on each dataset, per
+    mechanism, updated in the transaction that adds each charge row (``workers.ledger``).
+    A budget check reads these, never the charge rows: its cost stays the same at the
+    millionth release. The charge rows stay as the audit log; the totals are their sums."""
+
+    __tablename__ = "charge_totals"
+    user: Mapped[str] = mapped_column(String(64), primary_key=True)
+    dataset: Mapped[str] = mapped_column(String(128), primary_key=True)
+    mechanism: Mapped[str] = mapped_column(String(16), primary_key=True)
+    epsilon: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+    rho: Mapped[float] = mapped_column(Float)
+    releases: Mapped[int] = mapped_column(Integer)
 
 
 class RequestRow(Base):

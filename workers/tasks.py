@@ -49,6 +49,19 @@ def serve_tasks(app: Celery, tasks: Iterable[str], build: Callable[[], Role],
                                    queue=self.request.delivery_info["routing_key"])
                 raise Ignore()
             if answer.parked:  # the decision is stored under this task's id when the owner makes it
-                self.update_state(state=PENDING_APPROVAL, meta=answer.signed)
+                without_expiry(self.app.backend, lambda: self.update_state(state=PENDING_APPROVAL, meta=answer.signed))
                 raise Ignore()
             return answer.signed
+
+
+def without_expiry(backend: Any, store: Callable[[], None]) -> None:
+    """Run ``store`` with the result backend's expiry off: a parked job's state waits in the
+    backend for as long as its owner takes to decide (the answer then stored has the TTL,
+    ``result_expires``). The Redis backend reads ``expires`` at each write; a pool process
+    runs one task at a time."""
+    expires = backend.expires
+    backend.expires = 0  # 0: SET, not SETEX (celery.backends.redis.RedisBackend._set)
+    try:
+        store()
+    finally:
+        backend.expires = expires

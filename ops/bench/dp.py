@@ -257,6 +257,7 @@ def write_history(config: Path, user: str, releases: int) -> None:
         s.add_all([ChargeRow(job_id=f"history-{i}", dataset=DATASET, user=user, mechanism="laplace",
                              epsilon=EPSILON, delta=0.0, rho=0.0, scale=7.0 / ROWS / EPSILON, created_at=time.time())
                    for i in range(releases)])
+    node.ledger.rebuild_totals()  # the running totals a node keeps with each charge
     node.close()
 
 

@@ -50,7 +50,7 @@ def node_breakdown(config: Path, identity_path: Path, plan: Plan, n: int, *, dat
                     (compute, "calibrate_release",
                      "DP: analyse the plan + calibrate (OpenDP stability maps → Laplace scale)"),
                     (runner.node.ledger, "precheck", "DP: ledger precheck (own transaction)"),
-                    (runner.node.ledger, "_check", "DP:   read + sum the user's charges (each; 2 per job)"),
+                    (runner.node.ledger, "_check", "DP:   read the user's running totals (each; 2 per job)"),
                     (compute, "evaluate", f"raw: run plan (mean of {rows:,} rows, torch)"),
                     (compute, "run_release", "DP: run the release (row phase, aggregate, noise)"),
                     (dp_release, "aggregate", f"DP:   OpenDP clamp + mean of {rows:,} rows"),

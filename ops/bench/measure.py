@@ -29,7 +29,17 @@ def _busy_ticks() -> int:
 def tree_ticks(root: int | None = None) -> int:
     """CPU ticks of process ``root`` (default: this one) and all its descendants (redis,
     gateway, workers, pools)."""
-    root = os.getpid() if root is None else root
+    tree, ticks = _tree(os.getpid() if root is None else root)
+    return sum(ticks.get(pid, 0) for pid in tree)
+
+
+def tree_pids(root: int) -> set[int]:
+    """Process ``root`` and all its descendants (a worker and its pool processes)."""
+    return _tree(root)[0]
+
+
+def _tree(root: int) -> tuple[set[int], dict[int, int]]:
+    """The pids of ``root``'s process tree, and every process's CPU ticks."""
     parent: dict[int, int] = {}
     ticks: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -49,7 +59,19 @@ def tree_ticks(root: int | None = None) -> int:
             if ppid in tree and pid not in tree:
                 tree.add(pid)
                 changed = True
-    return sum(ticks.get(pid, 0) for pid in tree)
+    return tree, ticks
+
+
+def rss_bytes(pids: set[int] | list[int]) -> int:
+    """Resident memory of these processes, summed (VmRSS: pages they share count in each)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):  # gone meanwhile, or a zombie
+            continue
+    return total
 
 
 class Load:

@@ -39,7 +39,7 @@ class FixedPoint:
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         scaled = torch.round(x.to(torch.float64) * self.scale)
         limit = float(2 ** (RING_BITS - 1))
-        if scaled.numel() and scaled.abs().max().item() >= limit:
+        if scaled.numel() and not scaled.abs().max().item() < limit:  # NaN too: it would wrap to -2^63
             raise ValueError(f"values up to {scaled.abs().max().item() / self.scale:g} do not fit in "
                              f"{RING_BITS}-bit fixed point with {self.frac_bits} fractional bits")
         return scaled.to(torch.int64)

@@ -52,7 +52,8 @@ def raw_sum(grid: Grid, rows: int) -> Any:
 def test_jobs_queued_for_a_stopped_node_survive_a_broker_crash(lg: LocalGrid) -> None:
     expected = weights(lg)
     with lg.connect("alice", timeout=90) as grid:
-        lg.kill("hospital")  # its worker is gone: what is sent to it waits in its queue
+        lg.kill("hospital")  # its worker dies without a word: until its liveness key expires (ALIVE_TTL_SECONDS)
+        # jobs are still sent to it, and wait in its queue
         tickets = {rows: raw_sum(grid, rows) for rows in (1, 2, 3, 5, 8)}
         assert grid.transport.queue_length(node_queue("hospital")) == len(tickets)
         # appendfsync everysec: each write reaches the OS before Redis answers it, so a crash of
@@ -74,7 +75,7 @@ def test_every_call_on_a_dead_broker_is_broker_unavailable_and_quick(lg: LocalGr
     try:
         births = grid.search("#birth-records", "#february")["hospital"][0]
         lg.kill("hospital")
-        waiting = births["weight"].sum().submit()  # no worker: it stays queued
+        waiting = births["weight"].sum().submit()  # no worker (its liveness key not yet expired): it stays queued
         lg.kill("redis")
         calls: dict[str, Callable[[], object]] = {
             "Grid.connect with the grid's key": lambda: lg.connect("bob", timeout=5),

@@ -43,6 +43,7 @@ def _envelope_text(grid: Grid, text: str) -> dict[str, Any]:
 
 def _send(grid: Grid, envelope: dict[str, Any], task_id: str | None = None) -> Any:
     task_id = task_id or envelope.get("job_id") or f"hospital:{uuid.uuid4().hex}"
+    grid.transport.mark_sent([task_id])
     grid.app.send_task(Tasks.RUN_JOB, args=[envelope], queue=node_queue("hospital"), task_id=task_id)
     return grid.ticket(task_id)
 

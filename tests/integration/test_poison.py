@@ -25,9 +25,17 @@ import pytest
 import redis
 
 from ops.demo import prepare
-from ops.gateway import GATEWAY_TASKS
+from ops.gateway import GATEWAY_TASKS, REPOST_SECONDS
 from ops.local import LocalGrid
-from protocol.contract import DEAD_LETTER_MAX, GATEWAY_QUEUE, Tasks, dead_letter_key, in_flight_keys, node_queue
+from protocol.contract import (
+    DEAD_LETTER_MAX,
+    GATEWAY_IDENTITY_KEY,
+    GATEWAY_QUEUE,
+    Tasks,
+    dead_letter_key,
+    in_flight_keys,
+    node_queue,
+)
 from protocol.errors import JobFailed, LimitExceeded
 from protocol.inbox import Junk, screen
 from protocol.messages import KeepRelease, RawRelease, RunJob
@@ -60,6 +68,27 @@ allowed_users = ["alice"]
 """
 
 
+BRIEF = """
+[node]
+id = "brief"
+broker = "${GRIDQ_BROKER}"
+store = "${GRIDQ_HOME}/brief"
+identity = "${GRIDQ_HOME}/keys/brief.key"
+
+[users.alice]
+public_key_file = "${GRIDQ_HOME}/keys/alice.pub"
+
+[worker]
+time_limit = 6             # its soft limit, 1 s, stops a plan of seconds
+concurrency = 1
+
+[[datasets]]
+name = "square"
+path = "${GRIDQ_HOME}/data/square.npy"
+tags = ["#brief"]
+allowed_users = ["alice"]
+"""
+
 FAIR = """
 [node]
 id = "fair"
@@ -91,8 +120,9 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGrid]:
     np.save(home / "data" / "square.npy", np.random.default_rng(0).random((1536, 1536), dtype=np.float32) / 1536)
     (home / "lab.toml").write_text(LAB)
     (home / "fair.toml").write_text(FAIR)
+    (home / "brief.toml").write_text(BRIEF)
     with LocalGrid(home, acl=True) as lg:
-        lg.start([configs["hospital"], home / "lab.toml", home / "fair.toml"])
+        lg.start([configs["hospital"], home / "lab.toml", home / "fair.toml", home / "brief.toml"])
         yield lg
 
 
@@ -100,10 +130,11 @@ def _captured(lg: LocalGrid) -> dict[str, Any]:
     """A real job message, as alice's client writes it (sent to the queue of an enrolled node
     whose worker is not running, taken back by the broker's admin)."""
     lg.enrol("nobody")  # a scientist may send only to enrolled nodes' queues
-    with lg.connect("alice") as g:
-        g.transport.send("hospital", Tasks.RUN_JOB, "node.nobody", RunJob(
-            plan=Plan(inputs=[InputRef(kind="dataset", name="birth-records-feb")],
-                      steps=[Step(op="mean", args=[{"ref": 0}])]), release=RawRelease()), uuid.uuid4().hex)
+    with lg.connect("alice") as g:  # as Transport.send writes it, to a queue whose worker is not up
+        job = RunJob(plan=Plan(inputs=[InputRef(kind="dataset", name="birth-records-feb")],
+                               steps=[Step(op="mean", args=[{"ref": 0}])]), release=RawRelease())
+        envelope = g.transport._envelope("hospital", job, uuid.uuid4().hex, None)
+        g.app.send_task(Tasks.RUN_JOB, args=[envelope], queue="node.nobody", task_id=envelope["job_id"])
     with redis.Redis.from_url(lg.url_for("admin")) as admin:
         return json.loads(admin.rpop("node.nobody"))  # type: ignore[arg-type]
 
@@ -278,3 +309,29 @@ def test_a_plan_over_the_nodes_memory_budget_is_refused_before_it_runs(grid: Loc
             g.ticket(job_id).result(timeout=60)
         assert time.monotonic() - started < 10
     assert grid.procs["hospital"].poll() is None
+
+
+def test_the_nodes_time_limit_decides_not_the_clients(grid: LocalGrid):
+    """A client that asks Celery for a 1000 s limit (the task message's timelimit header) still
+    gets the node's: the screen drops the header, and the plan is stopped at the node's."""
+    with grid.connect("alice", timeout=60) as g:
+        plan = _heavy(g.search("#brief")["brief"][0]).plan
+        job_id = f"brief:{uuid.uuid4().hex}"
+        envelope = g.transport._envelope("brief", RunJob(plan=plan, release=KeepRelease()), job_id, None)
+        g.transport.mark_sent([job_id])
+        g.app.send_task(Tasks.RUN_JOB, args=[envelope], queue=node_queue("brief"), task_id=job_id,
+                        time_limit=1000, soft_time_limit=1000)
+        with pytest.raises(JobFailed, match="ran past this worker's time limit"):
+            g.ticket(job_id).result(timeout=60)
+    assert grid.procs["brief"].poll() is None
+
+
+def test_the_gateway_posts_its_key_again_if_the_broker_lost_it(grid: LocalGrid):
+    with redis.Redis.from_url(grid.url_for("admin")) as admin:
+        posted = admin.get(GATEWAY_IDENTITY_KEY)
+        admin.delete(GATEWAY_IDENTITY_KEY)  # a broker restarted without its append-only file, or flushed
+        deadline = time.monotonic() + REPOST_SECONDS + 5
+        while admin.get(GATEWAY_IDENTITY_KEY) is None:
+            assert time.monotonic() < deadline, "the gateway did not post its key again"
+            time.sleep(0.2)
+        assert admin.get(GATEWAY_IDENTITY_KEY) == posted

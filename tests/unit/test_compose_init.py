@@ -50,7 +50,8 @@ def test_loopback_addresses(address: str, loopback: bool):
 def flower_runs(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """Each argv `gridq flower` would start Flower with; the environment is restored after."""
     started: list[list[str]] = []
-    monkeypatch.setattr("celery.bin.celery.main", lambda: started.append(list(sys.argv)))
+    # ops.flower_app.run ends the process when Flower stops (os._exit): it must not run here
+    monkeypatch.setattr("ops.flower_app.run", lambda argv: started.append(list(argv)))
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     for name in ("FLOWER_BASIC_AUTH", "FLOWER_UNAUTHENTICATED_API"):
         # set, then delete: monkeypatch then restores the variable's absence even after the

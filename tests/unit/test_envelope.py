@@ -303,7 +303,7 @@ def test_issued_far_in_the_future() -> None:
 
 
 def test_replay_under_another_delivery_is_refused() -> None:
-    nonces = MemoryNonceStore()
+    nonces = MemoryNonceStore(clock=lambda: NOW)  # the fixed time of these envelopes
     raw = _wire(_seal())
     assert _open(raw, nonces=nonces, delivery_id="d-1").job_id == "job-1"
     with pytest.raises(ReplayedNonce) as info:
@@ -315,7 +315,7 @@ def test_replay_under_another_delivery_is_refused() -> None:
 
 
 def test_redelivery_under_the_same_delivery_id_is_accepted() -> None:
-    nonces = MemoryNonceStore()
+    nonces = MemoryNonceStore(clock=lambda: NOW)  # the fixed time of these envelopes
     raw = _wire(_seal())
     first = _open(raw, nonces=nonces, delivery_id="d-1")
     second = _open(raw, nonces=nonces, delivery_id="d-1", now=NOW + 5)
@@ -323,7 +323,7 @@ def test_redelivery_under_the_same_delivery_id_is_accepted() -> None:
 
 
 def test_nonces_are_per_sender_and_per_envelope() -> None:
-    nonces = MemoryNonceStore()
+    nonces = MemoryNonceStore(clock=lambda: NOW)  # the fixed time of these envelopes
     _open(_wire(_seal()), nonces=nonces, delivery_id="d-1")
     _open(_wire(_seal()), nonces=nonces, delivery_id="d-2")  # a fresh envelope, fresh nonce
     # mallory reusing alice's nonce is not alice's replay
@@ -334,7 +334,7 @@ def test_nonces_are_per_sender_and_per_envelope() -> None:
 
 
 def test_refused_message_does_not_burn_its_nonce() -> None:
-    nonces = MemoryNonceStore()
+    nonces = MemoryNonceStore(clock=lambda: NOW)  # the fixed time of these envelopes
     raw = _wire(_seal(now=NOW + 3600))  # from a fast clock
     with pytest.raises(MessageExpired):
         _open(raw, nonces=nonces, delivery_id="d-1")
@@ -342,7 +342,7 @@ def test_refused_message_does_not_burn_its_nonce() -> None:
 
 
 def test_expired_replay_is_reported_as_expired() -> None:
-    nonces = MemoryNonceStore()
+    nonces = MemoryNonceStore(clock=lambda: NOW)  # the fixed time of these envelopes
     raw = _wire(_seal())
     _open(raw, nonces=nonces, delivery_id="d-1")
     nonces.forget_expired(NOW + 601)
@@ -351,7 +351,7 @@ def test_expired_replay_is_reported_as_expired() -> None:
 
 
 def test_memory_nonce_store_forget_expired() -> None:
-    store = MemoryNonceStore()
+    store = MemoryNonceStore(clock=lambda: 0.0)  # the time of these expiries
     assert store.remember("a", "n1", "d1", expires_at=100.0)
     assert store.remember("a", "n2", "d1", expires_at=200.0)
     assert not store.remember("a", "n1", "d2", expires_at=100.0)

@@ -22,7 +22,7 @@ from protocol.codec import decode_tensor
 from protocol.contract import Tasks
 from protocol.dp import Charge
 from protocol.envelope import MemoryNonceStore, open_envelope, seal_envelope
-from protocol.errors import InvalidRequest, JobFailed
+from protocol.errors import InvalidRequest, JobFailed, NotFound
 from protocol.identity import Identity
 from protocol.messages import JobReply, RawRelease, RunJob
 from protocol.plan import InputRef, Plan, Ref, Step, TensorSpec
@@ -30,7 +30,7 @@ from workers.config import load_config
 from workers.ledger import Ledger
 from workers.node import Node
 
-ALICE = Identity.generate("alice")
+ALICE, BOB = Identity.generate("alice"), Identity.generate("bob")
 CONFIG = """
 [node]
 id = "lab"
@@ -40,13 +40,16 @@ identity = "lab.key"
 
 [users.alice]
 public_key = "{alice}"
+[users.bob]
+public_key = "{bob}"
 """
 
 
 def _config(tmp_path: Path, datasets: str = "") -> Path:
     (tmp_path / "lab.key").write_text(Identity.generate("lab").to_json())
+    (tmp_path / "lab.key").chmod(0o600)  # a secret key others may read is refused, as ssh refuses one
     path = tmp_path / "lab.toml"
-    path.write_text(CONFIG.format(alice=ALICE.public.text()) + datasets)
+    path.write_text(CONFIG.format(alice=ALICE.public.text(), bob=BOB.public.text()) + datasets)
     return path
 
 
@@ -131,7 +134,8 @@ def test_nan_is_outside_every_bound_and_is_refused_even_with_clamp(node: Node, t
         assert "column 'weight': 1 value outside the declared [0, 7] (1 of them NaN)" in message
         assert "cannot place" in message and "Remove or fill" in message
         assert "height" not in message  # the column that keeps its contract is not named
-    node.publish("gaps", data, notify=False)  # without bounds nothing is checked: DP is refused on it anyway
+    with pytest.raises(InvalidRequest, match="column 'weight': 1; 1 NaN"):  # nor without bounds (issue 16)
+        node.publish("gaps", data, notify=False)
 
 
 def test_clamp_needs_bounds_and_a_dtype_that_holds_them(node: Node) -> None:
@@ -299,3 +303,53 @@ def test_search_results_show_the_dtype() -> None:
                           TensorSpec(shape=meta.shape, dtype=meta.dtype), meta)
     assert pointer.dtype == "float64"
     assert repr(pointer) == "<DataPointer lab/pi shape=(2, 1) float64 #pi>"
+
+
+# --- issue 16, part 5: what enters at publish is checked there ------------------------------
+
+
+@pytest.mark.parametrize("bad, seen", [(float("nan"), "1 NaN, 0 infinite"), (float("inf"), "0 NaN, 1 infinite")])
+def test_nan_or_infinity_in_a_table_without_bounds_is_refused_naming_the_column(node: Node, bad: float,
+                                                                                 seen: str) -> None:
+    """Without bounds nothing else would stop it: every sum, mean or model of the table
+    would be NaN or infinite. (With bounds, NaN was refused already and clamp=True clamps
+    an infinity.)"""
+    table = torch.tensor([[3.0, 50.0], [bad, 51.0]], dtype=torch.float64)
+    with pytest.raises(InvalidRequest, match=rf"column 'w': 1; {seen}\).*Remove or fill the missing values"):
+        node.publish("holes", table, columns=["w", "h"], notify=False)
+    assert node.datasets() == []
+    clamped = node.publish("holes", table.nan_to_num(nan=3.0), columns=["w", "h"], bounds=(0.0, 65.0), clamp=True,
+                           notify=False)
+    assert clamped.shape == (2, 2) and node.publications("holes")[0].clamped == (1 if bad == float("inf") else 0)
+
+
+def test_a_tag_without_its_hash_is_an_invalid_request_naming_the_fix(node: Node) -> None:
+    with pytest.raises(InvalidRequest, match="tags start with '#', e.g. '#birth-records'"):
+        node.publish("births", torch.ones(2, 1), tags=["births"], notify=False)
+
+
+def test_allowed_users_must_be_users_of_the_node(node: Node) -> None:
+    """A misspelt name would let no one in, silently; the fix is in the message."""
+    with pytest.raises(NotFound, match=r"allowed_users of 'births': 'alcie' is not a user of node 'lab' \(its "
+                                       r"users: alice, bob\)\. Check the spelling, or add \[users\.NAME\]"):
+        node.publish("births", torch.ones(2, 1), allowed_users=["alice", "alcie"], notify=False)
+    assert node.datasets() == []
+
+
+def test_budget_set_refuses_a_user_the_node_does_not_know(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    config = _config(tmp_path)
+    owner = Node.from_config(config)
+    owner.publish("births", torch.ones(2, 1), notify=False)
+    owner.close()
+    runner = CliRunner()
+    refused = runner.invoke(app, ["budget", "set", str(config), "carl", "births", "--epsilon", "5"])
+    assert refused.exit_code == 1
+    assert "NotFound: budget set: 'carl' is not a user of node 'lab'" in refused.output
+    done = runner.invoke(app, ["budget", "set", str(config), "bob", "births", "--epsilon", "5"])
+    assert done.exit_code == 0, done.output
+    shown = runner.invoke(app, ["budget", "show", str(config)], env={"COLUMNS": "200"})
+    assert "carl" not in shown.output and "bob" in shown.output

@@ -65,6 +65,7 @@ def start(lg: LocalGrid, home: Path) -> None:
     prepare(home)  # keys of every demo participant + demo data
     url = lg.start_redis()
     os.environ.update(GRIDQ_HOME=str(home), GRIDQ_BROKER=url)  # as LocalGrid.env(): load_config expands them
+    lg.enrol("hospital")  # its broker URL file, and the gateway's admission
     # Published before the node starts: the data goes into the node's store, and the node's
     # registration at start-up carries the metadata of every stored dataset to the gateway.
     gen = torch.Generator().manual_seed(0)
@@ -94,7 +95,7 @@ def client_breakdown(grid: Grid, ptr: DataPointer, n: int) -> Breakdown:
     from protocol.identity import Identity
 
     total: list[float] = []
-    with phases((orchestrator.pointer, "validate", "client: build plan + validate on meta tensors"),
+    with phases((orchestrator.pointer, "run_step", "client: build plan + check each step on meta tensors"),
                 (orchestrator.transport, "seal_envelope", "client: sign job envelope"),
                 (grid.app, "send_task", "client: send_task (publish to Redis)"),
                 (celery.result.AsyncResult, "get", "client: wait for the reply (queue → node → backend)"),

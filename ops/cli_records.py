@@ -1,0 +1,237 @@
+"""The ``gridq`` commands over what the grid keeps: a node owner's privacy budgets and
+approval queue (``gridq budget``, ``gridq requests``, run with the node's admin API) and a
+data scientist's history of federated runs (``gridq runs``). ``ops.cli`` mounts them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+if TYPE_CHECKING:
+    from workers import Node
+
+budget = typer.Typer(help="Privacy budgets of a node's users (owner side).", no_args_is_help=True)
+requests_app = typer.Typer(help="The owner's approval queue.", no_args_is_help=True)
+runs_app = typer.Typer(help="Federated runs of grid.fit, from the client's history database.", no_args_is_help=True)
+RUNS_DB = typer.Option(None, "--db", help="the history: a file path or an SQLAlchemy URL (default: "
+                                          "runs.db in $GRIDQ_HOME, ~/.gridq)")
+CONFIG = typer.Argument(..., help="the node's TOML config, or a node name for $GRIDQ_HOME/nodes/NAME.toml "
+                                  "(where `gridq up` writes its nodes' configs)")
+
+
+@contextmanager
+def owner_node(config: str | Path) -> Iterator[Node]:
+    """The node's admin API for an owner's command; a GridError ends it with its message."""
+    from protocol.errors import GridError
+    from workers import Node
+
+    try:
+        node = Node.from_config(config)
+    except GridError as exc:
+        say(exc)
+        raise typer.Exit(1) from None
+    try:
+        yield node
+    except GridError as exc:
+        say(exc)
+        raise typer.Exit(1) from None
+    finally:
+        node.close()
+
+
+def say(exc: BaseException) -> None:
+    """A typed error is for people: its message on one line, not a traceback."""
+    message = " ".join(str(exc).split())
+    typer.echo(f"error: {type(exc).__name__}: {message}", err=True)
+
+
+@budget.command("show")
+def budget_show(config: str = CONFIG, user: str = typer.Option(None, help="one user (default: every user)"),
+                dataset: str = typer.Option(None, help="one dataset (default: every dataset)")) -> None:
+    """What each user has spent of their budget on each dataset.
+
+    Example: gridq budget show hospital --user carol
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    with owner_node(config) as node:
+        table = Table("user", "dataset", "ε spent", "ε budget", "δ", "releases")
+        if user:
+            node.check_users([user], "budget show")
+        users = [user] if user else sorted(node.config.users)
+        datasets = [dataset] if dataset else [d.name for d in node.datasets()]
+        for u in users:
+            for d in datasets:
+                info = node.ledger.info(u, d)
+                table.add_row(u, d, f"{info.spent_epsilon:.4g}", f"{info.epsilon:g}", f"{info.delta:g}",
+                              str(info.releases))
+        Console().print(table)
+
+
+@budget.command("set")
+def budget_set(config: str = CONFIG, user: str = typer.Argument(...), dataset: str = typer.Argument(...),
+               epsilon: float = typer.Option(..., min=0.0),
+               delta: float = typer.Option(1e-6, min=0.0, max=0.999)) -> None:
+    """Give USER a total budget of (ε, δ) on DATASET (what is spent stays spent).
+
+    Example: gridq budget set hospital carol birth-records-feb --epsilon 2
+    """
+    with owner_node(config) as node:
+        node.check_users([user], "budget set")  # a misspelt name would get a budget no one spends
+        node.store.dataset_row(dataset)
+        node.ledger.set(user, dataset, epsilon, delta)
+        info = node.ledger.info(user, dataset)
+        typer.echo(f"{user} on {dataset}: ε {info.spent_epsilon:.4g} spent of {info.epsilon:g}, δ = {info.delta:g}")
+
+
+@requests_app.command("list")
+def requests_list(config: str = CONFIG, all_: bool = typer.Option(False, "--all", help="decided ones too")) -> None:
+    """Requests waiting for your decision, with their whole ids (approve, deny and show take
+    the id or any unique prefix of it).
+
+    Example: gridq requests list hospital
+    """
+    from datetime import datetime
+
+    from rich.console import Console
+    from rich.table import Table
+
+    with owner_node(config) as node:
+        table = Table()
+        table.add_column("id", no_wrap=True, min_width=41)  # whole: what approve/deny take (or a prefix)
+        for column in ("when", "who", "kind", "datasets", "release", "status"):
+            table.add_column(column)
+        for r in node.requests(None if all_ else "pending"):
+            when = datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M:%S")
+            table.add_row(r.job_id, when, r.requester, r.kind, ", ".join(r.datasets), r.release, r.status)
+        Console().print(table)
+
+
+@requests_app.command("show")
+def requests_show(config: str = CONFIG, request_id: str = typer.Argument(..., help="the id or a unique prefix")
+                  ) -> None:
+    """Everything about one request: who, when, what it computes, what it releases.
+
+    Example: gridq requests show hospital hospital:9f3c
+    """
+    from datetime import datetime
+
+    with owner_node(config) as node:
+        r = node.request(request_id)
+        typer.echo(f"request  {r.job_id}\nfrom     {r.requester}\n"
+                   f"when     {datetime.fromtimestamp(r.created_at):%Y-%m-%d %H:%M:%S}\nkind     {r.kind}\n"
+                   f"datasets {', '.join(r.datasets)}\nrelease  {r.release}\nstatus   {r.status}"
+                   + (f" ({r.decision})" if r.decision else ""))
+        if r.reason:
+            typer.echo(f"reason   {r.reason}")
+        typer.echo("plan:\n  " + r.summary.replace("\n", "\n  "))
+
+
+@requests_app.command("approve")
+def requests_approve(config: str = CONFIG,
+                     request_id: str = typer.Argument(..., help="the id or a unique prefix")) -> None:
+    """Approve: the job runs as asked and the requester's ticket completes.
+
+    Example: gridq requests approve hospital hospital:9f3c
+    """
+    with owner_node(config) as node:
+        request = node.request(request_id)
+        node.approve(request.job_id)
+        typer.echo(f"approved {request.job_id}: {request.requester} has the answer")
+
+
+@requests_app.command("deny")
+def requests_deny(config: str = CONFIG, request_id: str = typer.Argument(..., help="the id or a unique prefix"),
+                  reason: str = typer.Option(..., "--reason", help="the requester reads it")) -> None:
+    """Deny, with a reason: the requester's ticket raises RequestDenied.
+
+    Example: gridq requests deny hospital hospital:9f3c --reason "not covered by the ethics approval"
+    """
+    with owner_node(config) as node:
+        request = node.request(request_id)
+        node.deny(request.job_id, reason)
+        typer.echo(f"denied {request.job_id}: {request.requester} reads your reason")
+
+
+@runs_app.command("list")
+def runs_list(db: str = RUNS_DB) -> None:
+    """Every run, newest first: strategy, nodes, rounds done, the last round's loss and accuracy.
+
+    Example: gridq runs list --db ~/.gridq/runs.db
+    """
+    from datetime import datetime
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from orchestrator.history import History, figure, summarize
+
+    history = History(_history_url(db))
+    table = Table()
+    table.add_column("run", no_wrap=True, min_width=32)  # whole: it is what `gridq runs show` takes
+    for column in ("started", "strategy", "nodes", "rounds", "loss", "accuracy", "status"):
+        table.add_column(column)
+    for run_id, started, config in history.runs():
+        rounds = summarize(history.rounds(run_id))
+        last = rounds[-1] if rounds else None
+        table.add_row(run_id, datetime.fromtimestamp(started).strftime("%Y-%m-%d %H:%M:%S"),
+                      str(config.get("strategy", "")), str(len(config.get("nodes", []))),
+                      f"{len(rounds)}/{config.get('rounds', '?')}",
+                      figure(last.loss) if last else "", figure(last.accuracy, 3) if last else "",
+                      history.status(run_id)[0])  # running, done, interrupted, failed: `runs show` says why
+    Console().print(table)
+
+
+@runs_app.command("show")
+def runs_show(run_id: str, db: str = RUNS_DB) -> None:
+    """One run: how it was asked, then each round — who answered, training loss and accuracy,
+    the global model's evaluation if the run asked for one, who dropped out and why.
+
+    Example: gridq runs show 3f2a9c0e5b7d4e1f8a6b2c9d0e1f2a3b
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from orchestrator.evaluation import weighted
+    from orchestrator.history import History, figure, summarize
+
+    history = History(_history_url(db))
+    try:
+        config = history.config(run_id)
+    except KeyError as exc:
+        say(exc)
+        raise typer.Exit(1) from None
+    typer.echo("\n".join(f"{k:14s} {v}" for k, v in config.items()))
+    status, reason = history.status(run_id)
+    typer.echo(f"{'status':14s} {status}" + (f": {reason}" if reason else ""))
+    records, evaluations = history.rounds(run_id), history.evaluations(run_id)
+    table = Table("round", "nodes", "train loss", "train acc", *(("eval loss", "eval acc") if evaluations else ()),
+                  "dropped out")
+    for summary in summarize(records):
+        why = [f"{h.node} ({h.status}: {h.error})" if h.error else f"{h.node} ({h.status})"
+               for h in records if h.round == summary.round and h.status != "done"]
+        evaluated = []
+        if evaluations:
+            ev = weighted(evaluations[summary.round]) if summary.round in evaluations else None
+            evaluated = [figure(ev.loss) if ev else "", figure(ev.accuracy, 3) if ev else ""]
+        table.add_row(str(summary.round), str(summary.nodes), figure(summary.loss),
+                      figure(summary.accuracy, 3), *evaluated, "; ".join(why))
+    Console().print(table)
+
+
+def _history_url(db: str | None) -> str | None:
+    """``--db`` as given: a URL, or a path to an SQLite file that must exist."""
+    if db is None or "://" in db:
+        return db
+    path = Path(db).expanduser()
+    if not path.is_file():
+        from protocol.errors import NotFound
+
+        raise NotFound(f"no run history at {path}; grid.fit writes one (history_db=), by default in "
+                       f"$GRIDQ_HOME/runs.db")
+    return f"sqlite:///{path.resolve()}"

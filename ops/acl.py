@@ -60,6 +60,8 @@ What Redis ACLs cannot express here:
   no per-user quota.
 * ``gridq:mpc:models`` is one hash any node may ``HSET`` (clients check both the owner's and
   the host's signatures on each card).
+* ``gridq:mpc:dispatch`` is one lock any node may take: a node that keeps it makes hosts wait
+  two seconds before they send each session without it (``workers.mpc.host``).
 """
 
 from __future__ import annotations
@@ -78,13 +80,17 @@ import redis
 from protocol.contract import (
     CLAIM_CHECK_PREFIX,
     GATEWAY_IDENTITY_KEY,
+    GATEWAY_NODES_KEY,
     GATEWAY_QUEUE,
+    MPC_DISPATCH_LOCK,
     MPC_MODELS_KEY,
     alive_key,
     dead_letter_key,
     in_flight_keys,
+    mpc_ack_key,
     mpc_aggregated_key,
     mpc_bundle_key,
+    mpc_peer_queue,
     mpc_pool_prefix,
     mpc_queue,
     mpc_session_key,
@@ -138,7 +144,7 @@ def _bindings(queues: Sequence[str]) -> list[str]:
 
 BLOB = f"{CLAIM_CHECK_PREFIX}*"
 RESULT = "celery-task-meta-*"  # Celery's Redis result backend: one key (and channel) per task id
-WORKER_QUEUES = [*_queue_keys(GATEWAY_QUEUE), "node.*", "mpc.*"]  # what the operator watches
+WORKER_QUEUES = [*_queue_keys(GATEWAY_QUEUE), "node.*", "mpc.*", "mpc-peer.*"]  # what the operator watches
 
 
 def _connection() -> list[Rule]:
@@ -170,8 +176,8 @@ def _results_reader() -> list[Rule]:
 
 
 def _gateway_key_reader() -> list[Rule]:
-    return [Rule(f"(%R~{GATEWAY_IDENTITY_KEY} +get +exists)",
-                 "read the gateway's posted public key, to verify its signed answers")]
+    return [Rule(f"(%R~{GATEWAY_IDENTITY_KEY} %R~{GATEWAY_NODES_KEY} +get +mget +exists)",
+                 "read the gateway's posted public key, to verify its signed answers, and its signed node listing")]
 
 
 def _liveness_reader() -> list[Rule]:
@@ -266,6 +272,11 @@ def _mpc_member(node: str) -> list[Rule]:
         Rule(f"(%W~{mpc_bundle_key(node, '*', '*')} +setex)",
              "as a crypto provider, leave each party's part of a bundle it dealt (sealed, signed, with a TTL)"),
         Rule(f"(~{mpc_bundle_key('*', '*', node)} +getdel)", "as a party, take its own parts of dealer bundles"),
+        Rule(f"(~{mpc_ack_key(node, '*', '*')} +blpop)", "as a host, pop its parties' answers to what it asked"),
+        Rule(f"(%W~{mpc_ack_key('*', node, '*')} +rpush +expire)", "as a party, answer a host, write-only"),
+        Rule(f"(~{MPC_DISPATCH_LOCK} +set +get +del +watch +unwatch)",
+             "as a host, send a session to all its parties under the grid's one dispatch lock (SET NX PX, released "
+             "with WATCH/MULTI/DEL), so every party sees sessions in one order"),
         Rule(f"(~{mpc_aggregated_key(node, '*')} +set)", "as a secure-aggregation party, add a round up once (SET NX)"),
     ]
 
@@ -296,22 +307,25 @@ def rules(user: str, db: int = 0, nodes: Sequence[str] = ()) -> list[Rule]:
     if user == "gateway":
         return [
             *_connection(),
-            Rule(f"(%W~{GATEWAY_IDENTITY_KEY} +set)", "post the gateway's public key at start"),
+            Rule(f"(%W~{GATEWAY_IDENTITY_KEY} +set)", "post the gateway's public key"),
+            Rule(f"(%W~{GATEWAY_NODES_KEY} +setex)", "post its signed node listing, expiring when too old to trust"),
             *_liveness_reader(),
             *_consumer(db, [GATEWAY_QUEUE], ["gateway"]),
         ]
     if user.startswith(NODE_USER_PREFIX) and user[len(NODE_USER_PREFIX):] in nodes:
         node = user[len(NODE_USER_PREFIX):]
-        peers = [k for n in nodes if n != node for k in _queue_keys(mpc_queue(n))]
+        peers = [k for n in nodes if n != node for k in _queue_keys(mpc_peer_queue(n))]
+        own = [node_queue(node), mpc_queue(node), mpc_peer_queue(node)]
         return [
             *_connection(),
             *_gateway_key_reader(),
             *_sender(_queue_keys(GATEWAY_QUEUE), "registrations and publications to the gateway, node listings"),
             *_sender(peers, "MPC messages to the other enrolled nodes' MPC workers (store, session, deal)"),
             *_claim_check(),
-            *_consumer(db, [node_queue(node), mpc_queue(node)], [node, f"{node}-mpc"]),
-            Rule(f"(%W~{alive_key(node_queue(node))} %W~{alive_key(mpc_queue(node))} +setex +del)",
+            *_consumer(db, own, [node, f"{node}-mpc", f"{node}-mpc-peer"]),
+            Rule(f"({_keys('%W~', [alive_key(q) for q in own])} +setex +del)",
                  "say that its workers are up (an expiring key each refreshes) and, stopping, that they are not"),
+            *_liveness_reader(),
             *_mpc_member(node),
         ]
     if user == "flower":

@@ -120,14 +120,20 @@ def node_start(config: str = CONFIG, loglevel: str = "INFO") -> None:
 
 
 @mpc.command("start")
-def mpc_start(config: str = CONFIG, loglevel: str = "INFO") -> None:
-    """Serve a node's MPC queue (mpc.<id>): host served models, hold shares, or deal triples.
+def mpc_start(config: str = CONFIG, loglevel: str = "INFO",
+              serve: str = typer.Option("both", help="both; users: only mpc.<id> (host, aggregation); peers: only "
+                                                     "mpc-peer.<id> (party, crypto provider)")) -> None:
+    """Serve a node's MPC queues: its users' requests (mpc.<id>: host served models, add up
+    federated rounds) and other nodes' (mpc-peer.<id>: hold shares, run sessions, deal
+    triples), each with a pool of its own.
 
     Example: gridq mpc start ./company.toml
     """
-    from workers.worker import start_mpc
+    from workers.worker import MPC_ROLES, start_mpc
 
-    start_mpc(config, loglevel)
+    if serve not in MPC_ROLES:
+        raise typer.BadParameter(f"one of {', '.join(MPC_ROLES)}", param_hint="--serve")
+    start_mpc(config, loglevel, serve)
 
 
 @gateway.command("start")
@@ -318,7 +324,8 @@ def trust_gateway(url: str | None = typer.Argument(None, help="the broker's URL 
 def status(broker: str | None = broker_option("flower"),
            identity: Path = typer.Option(None, help="a key file to ask as")) -> None:
     """Nodes registered at the gateway and every live worker: each queue (a node's own, and
-    mpc.<id> for its MPC worker), how many jobs wait in it, and whether a worker serves it.
+    mpc.<id> and mpc-peer.<id> for its MPC worker), how many jobs wait in it, and whether a
+    worker serves it.
 
     Example: gridq status --broker redis://127.0.0.1:6379/0
     """
@@ -327,9 +334,10 @@ def status(broker: str | None = broker_option("flower"),
 
     from ops.keys import read_identity
     from orchestrator.grid import Grid
-    from protocol.contract import GATEWAY_QUEUE, dead_letter_key, mpc_queue
+    from protocol.contract import GATEWAY_QUEUE, dead_letter_key, mpc_peer_queue, mpc_queue
     from protocol.identity import Identity
 
+    mpc_kinds = ("mpc.", "mpc-peer.")
     me = read_identity(identity) if identity else Identity.generate("operator")
     with Grid.connect(_role_broker("flower", broker), me, timeout=10) as grid:
         transport = grid.transport
@@ -338,20 +346,20 @@ def status(broker: str | None = broker_option("flower"),
         registered = grid.nodes()
         nodes = {info.node for info in registered}
         rows = [("gateway", GATEWAY_QUEUE)] + [(info.node, info.queue) for info in registered]
-        rows += [(q.removeprefix("mpc."), q) for q in sorted(queues_up) if q.startswith("mpc.")]
-        rows += [(n, mpc_queue(n)) for n in sorted(nodes) if mpc_queue(n) not in queues_up
-                 and transport.queue_length(mpc_queue(n))]
+        rows += [(q.split(".", 1)[1], q) for q in sorted(queues_up) if q.startswith(mpc_kinds)]
+        rows += [(n, q) for n in sorted(nodes) for q in (mpc_queue(n), mpc_peer_queue(n))
+                 if q not in queues_up and transport.queue_length(q)]
         table = Table("node", "queue", "waiting jobs", "dead letters", "worker", "datasets")
         for name, queue in sorted(rows, key=lambda r: (r[0] != "gateway", r[0], r[1])):
             if queue in queues_up:
                 state = "up"
-            elif name in nodes and queue.startswith("mpc."):
+            elif name in nodes and queue.startswith(mpc_kinds):
                 state = "[yellow]no MPC worker[/]"
             elif mpc_queue(name) in queues_up:
                 state = "[dim]MPC worker only[/]"
             else:
                 state = "[red]down[/]"
-            datasets = "" if queue.startswith("mpc.") else ", ".join(p.name for p in found.get(name, []))
+            datasets = "" if queue.startswith(mpc_kinds) else ", ".join(p.name for p in found.get(name, []))
             dead = transport.queue_length(dead_letter_key(queue))
             table.add_row(name, queue, str(transport.queue_length(queue)), f"[red]{dead}[/]" if dead else "0", state,
                           datasets)
@@ -362,7 +370,8 @@ def status(broker: str | None = broker_option("flower"),
 
 @app.command("dead-letters")
 def dead_letters(queues: list[str] = typer.Argument(None, help="queues to show (default: the gateway's, and each "
-                                                                "registered node's node.<id> and mpc.<id>)"),
+                                                                "registered node's node.<id>, mpc.<id> and "
+                                                                "mpc-peer.<id>)"),
                  broker: str | None = broker_option("flower"), limit: int = 20) -> None:
     """What the workers took off their queues and would not run, newest first: junk (not a
     gridq message, a task they do not serve) and jobs given up after too many deliveries.
@@ -376,7 +385,7 @@ def dead_letters(queues: list[str] = typer.Argument(None, help="queues to show (
     from rich.console import Console
     from rich.table import Table
 
-    from protocol.contract import GATEWAY_QUEUE, dead_letter_key, mpc_queue, node_queue
+    from protocol.contract import GATEWAY_QUEUE, dead_letter_key, mpc_peer_queue, mpc_queue, node_queue
 
     url = _role_broker("flower", broker)
     with redis.Redis.from_url(url) as client:
@@ -386,7 +395,7 @@ def dead_letters(queues: list[str] = typer.Argument(None, help="queues to show (
 
             with Grid.connect(url, Identity.generate("operator"), timeout=10) as grid:
                 names = [info.node for info in grid.nodes()]
-            queues = [GATEWAY_QUEUE, *(q for n in names for q in (node_queue(n), mpc_queue(n)))]
+            queues = [GATEWAY_QUEUE, *(q for n in names for q in (node_queue(n), mpc_queue(n), mpc_peer_queue(n)))]
         table = Table("queue", "when (UTC)", "reason", "task / id", "what")
         for queue in queues:
             for raw in client.lrange(dead_letter_key(queue), 0, limit - 1):

@@ -38,12 +38,16 @@ class Gateway:
     (a replay after a restart is still a replay), and the registry refuses stale ones."""
 
     def __init__(self, identity: Identity, registry: Registry,
-                 up: Callable[[list[str]], set[str]] | None = None) -> None:
+                 up: Callable[[list[str]], set[str]] | None = None,
+                 registered: Callable[[], None] | None = None) -> None:
         """``up``: which of the given nodes have a live worker (``ops.gateway`` reads the
-        workers' liveness keys); a search leaves the others' datasets out. None: all are."""
+        workers' liveness keys); a search leaves the others' datasets out. None: all are.
+        ``registered``: called after each registration (``ops.gateway`` posts the node
+        listing again, so a node's peers find its key at once)."""
         self.identity = identity
         self.registry = registry
         self.up = up
+        self.registered = registered
         self.server = EnvelopeServer(identity, RegistryNonces(registry), _failure)
         self.routes = {"register": Route(RegisterNode, self._register), "publish": Route(PublishDataset, self._publish),
                        "unpublish": Route(UnpublishDataset, self._unpublish)}
@@ -68,6 +72,8 @@ class Gateway:
     def _register(self, env: Envelope, body: RegisterNode) -> GatewayReply:
         self.registry.register(env.sender, body.public_key, list(body.datasets), issued_at=env.issued_at,
                                nonce=env.nonce)
+        if self.registered is not None:
+            self.registered()
         return GatewayReply()
 
     def _publish(self, env: Envelope, body: PublishDataset) -> GatewayReply:

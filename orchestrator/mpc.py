@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from orchestrator.transport import Pending
-from protocol.contract import Tasks, gridq_home, mpc_queue
+from protocol.contract import Tasks, gridq_home, mpc_queue_for
 from protocol.errors import (
     ForbiddenOperation,
     GridError,
@@ -248,7 +248,7 @@ def ask(grid: Grid, host: str, task: str, body: Any) -> MpcReply:
 def request(grid: Grid, host: str, task: str, body: Any) -> Pending:
     """Send a signed request to ``host``'s MPC worker, without waiting (see :func:`answer`):
     ask several parties at once, then read their answers."""
-    return grid.transport.ask(host, task, mpc_queue(host), body)
+    return grid.transport.ask(host, task, mpc_queue_for(host, task), body)
 
 
 def answer(grid: Grid, pending: Pending) -> MpcReply:

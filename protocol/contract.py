@@ -14,6 +14,9 @@ GATEWAY = "gateway"
 PUBLIC = "public"  # recipient of answers meant for anyone: gateway answers, refusals of anonymous junk
 GATEWAY_QUEUE = "gateway"
 GATEWAY_IDENTITY_KEY = "gridq:gateway:identity"  # Redis key where the gateway posts its public key
+# where the gateway posts the registered nodes' keys, signed (protocol.listing): a worker
+# that needs a peer's key reads it there rather than asking the gateway and waiting
+GATEWAY_NODES_KEY = "gridq:gateway:nodes"
 # How long a node's registration or publication stays valid on its way to the gateway. It
 # waits in the gateway's queue while the gateway is down, so not minutes; but a withheld
 # copy must not be replayable for a day (the gateway also refuses one older than what it
@@ -26,8 +29,22 @@ def node_queue(node_id: str) -> str:
 
 
 def mpc_queue(node_id: str) -> str:
-    """The queue of a node's MPC worker (host, party or crypto provider)."""
+    """The queue of a node's MPC worker for its users' requests (serve, query, aggregate):
+    it hosts models and coordinates their queries."""
     return f"mpc.{node_id}"
+
+
+def mpc_peer_queue(node_id: str) -> str:
+    """The queue of a node's MPC worker for other nodes' MPC workers (shares to keep,
+    sessions to run, bundles to deal). A pool of its own: a host waits on its parties and
+    its dealer, so their work must never queue behind a host's (``workers.mpc``). Not
+    ``mpc.<id>.…``: node ids may hold dots."""
+    return f"mpc-peer.{node_id}"
+
+
+def mpc_queue_for(node_id: str, task: str) -> str:
+    """Where ``task`` goes at ``node_id``'s MPC worker."""
+    return mpc_peer_queue(node_id) if task in MPC_FROM_PEERS else mpc_queue(node_id)
 
 
 MPC_MODELS_KEY = "gridq:mpc:models"  # Redis hash: "owner/model" -> its card, signed by its owner and its host
@@ -90,6 +107,16 @@ def mpc_bundle_key(provider: str, bundle: str, party: str) -> str:
     return f"gridq:mpc:bundle:{provider}:{bundle}:{party}"
 
 
+def mpc_ack_key(host: str, party: str, job_id: str) -> str:
+    """Where ``party`` puts its signed answer to a request of ``host``'s it waits on (keep
+    these shares): on a list the host pops, not in Celery's result backend."""
+    return f"gridq:mpc:ack:{host}:{job_id}:{party}"
+
+
+# held by a host while it sends one session to all its parties: sessions reach every party in one order
+MPC_DISPATCH_LOCK = "gridq:mpc:dispatch"
+
+
 def mpc_aggregated_key(party: str, round_id: str) -> str:
     """Set once when an aggregation party adds up a federated round: a second sum is refused."""
     return f"gridq:mpc:aggregated:{party}:{round_id}"
@@ -112,6 +139,9 @@ class Tasks:
     MPC_AGGREGATE = "gridq.mpc.aggregate"
     MPC_KEYS = "gridq.mpc.keys"
 
+
+# what other nodes' MPC workers send a node's (on mpc_peer_queue); users send the rest (on mpc_queue)
+MPC_FROM_PEERS = (Tasks.MPC_STORE, Tasks.MPC_SESSION, Tasks.MPC_DEAL)
 
 PENDING_APPROVAL = "PENDING_APPROVAL"  # the Celery state of a job parked for the owner's approval
 

@@ -1,5 +1,6 @@
 """Keeping a key posted on the broker from a worker's main process: the gateway's public key
-(no expiry: it is re-posted in case the broker lost it), and each worker's liveness (an
+and its signed node listing (no expiry: re-posted in case the broker lost them; the listing
+carries its own date), and each worker's liveness (an
 expiring key refreshed while the worker runs, ``protocol.contract.alive_key``: a node whose
 key has expired is down — search leaves its datasets out and a job for it fails at once).
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import redis
 
@@ -21,7 +23,7 @@ log = logging.getLogger(__name__)
 class Posting:
     """A key kept posted by a daemon thread until :meth:`stop`."""
 
-    def __init__(self, url: str, key: str, value: str, every: float, ttl: float | None) -> None:
+    def __init__(self, url: str, key: str, value: str | Callable[[], str], every: float, ttl: float | None) -> None:
         self.key, self.value, self.every, self.ttl = key, value, every, ttl
         self._stop = threading.Event()
         self._client = redis.Redis.from_url(url)
@@ -29,16 +31,17 @@ class Posting:
         threading.Thread(target=self._again, name=f"post {key}", daemon=True).start()
 
     def _post(self) -> None:
+        value = self.value() if callable(self.value) else self.value
         if self.ttl is None:
-            self._client.set(self.key, self.value)
+            self._client.set(self.key, value)
         else:
-            self._client.setex(self.key, int(self.ttl), self.value)
+            self._client.setex(self.key, int(self.ttl), value)
 
     def _again(self) -> None:
         while not self._stop.wait(self.every):
             try:
                 self._post()
-            except redis.RedisError as exc:  # the broker is down: the worker says so too; try again later
+            except Exception as exc:  # the broker is down (the worker says so too), or the value's source: again later
                 log.warning("could not post %s: %s", self.key, exc)
 
     def stop(self) -> None:
@@ -53,7 +56,9 @@ class Posting:
             self._client.close()
 
 
-def keep_posted(url: str, key: str, value: str, every: float, ttl: float | None = None) -> Posting:
+def keep_posted(url: str, key: str, value: str | Callable[[], str], every: float, ttl: float | None = None
+                ) -> Posting:
     """Post ``value`` under ``key`` now and again every ``every`` seconds from a daemon thread
-    (with ``ttl``, each post expires after it: a worker that dies stops refreshing)."""
+    (with ``ttl``, each post expires after it: a worker that dies stops refreshing). A
+    callable ``value`` is called at each post: what is posted stays current."""
     return Posting(url, key, value, every, ttl)

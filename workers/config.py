@@ -195,7 +195,8 @@ class ApprovalSection(_Section):
 class MpcSection(_Section):
     """The node's part in the MPC pool (``gridq mpc start``): as a host, how long it waits
     for a party's round or the crypto provider before failing with ``NodeUnavailable``, and
-    how many dealer bundles it keeps ready per shape."""
+    how many dealer bundles it keeps ready per shape; as a party, how many sessions it runs
+    at once."""
 
     # a broker URL for the MPC worker, or a file holding one; default: the node's (its broker
     # user consumes both node.<id> and mpc.<id>)
@@ -204,6 +205,10 @@ class MpcSection(_Section):
     round_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
     deal_timeout: Annotated[float, Field(gt=0, le=3600)] = 120.0
     pool_size: Annotated[int, Field(ge=0, le=64)] = 2
+    # processes serving other nodes' MPC workers (mpc-peer.<id>): sessions run at once as a
+    # party. One is enough to never stall (a host dispatches a session to all its parties at
+    # once, in one order grid-wide); more lets queries of different hosts overlap
+    sessions: Annotated[int, Field(ge=1, le=16)] = 1
 
 
 class NodeConfig(_Section):

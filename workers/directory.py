@@ -1,41 +1,38 @@
-"""Other nodes' public keys, as the gateway lists them — signed by the gateway, whose key
-is the one posted in Redis when it started, pinned on first contact (``protocol.pinning``):
-a key posted later by whoever can write the broker is refused, not trusted. Nodes use the
-directory to seal to each other (MPC parties, secure-aggregation parties) and to verify
-each other's messages."""
+"""Other nodes' public keys, from the listing the gateway posts on the broker, signed
+(``protocol.listing``) by the gateway whose key was posted when this worker first read it,
+pinned on first contact (``protocol.pinning``): a key posted later by whoever can write the
+broker is refused, not trusted. Nodes use the directory to seal to each other (MPC parties,
+secure-aggregation parties) and to verify each other's messages. Reading it is a GET: a
+task never asks the gateway and waits."""
 
 from __future__ import annotations
 
 import time
-import uuid
 
 import redis
-from celery import Celery
-from celery.exceptions import TimeoutError as ResultTimeout
 
-from protocol.contract import GATEWAY, GATEWAY_IDENTITY_KEY, GATEWAY_QUEUE, PUBLIC, Tasks
-from protocol.envelope import MemoryNonceStore, open_envelope
-from protocol.errors import NodeUnavailable, UnknownSender, error_from_wire
+from protocol.contract import GATEWAY, GATEWAY_IDENTITY_KEY, GATEWAY_NODES_KEY
+from protocol.errors import NodeUnavailable, UnknownSender
 from protocol.identity import PublicIdentity
-from protocol.messages import GatewayReply
+from protocol.listing import LISTING_MAX_AGE_SECONDS, open_listing
 from protocol.pinning import GatewayPins, MemoryPins, broker_address, posted_gateway_key, trust_on_first_use
-from protocol.serving import parse
 
 
 class Directory:
-    def __init__(self, app: Celery, client: redis.Redis, timeout: float, pins: GatewayPins | None = None,
+    def __init__(self, broker_url: str, client: redis.Redis, pins: GatewayPins | None = None,
                  accept: str = "restart this worker (it pins the key posted then)") -> None:
-        """``pins``: where the gateway key is pinned (the node's store; without one, this
+        """``client``: connected to the broker at ``broker_url`` (whose address keys the pin).
+        ``pins``: where the gateway key is pinned (the node's store; without one, this
         process's memory). ``accept``: how a rotated key is accepted there."""
-        self.app = app
+        self.address = broker_address(broker_url)
         self.redis = client
-        self.timeout = timeout
         self.pins: GatewayPins = pins if pins is not None else MemoryPins()
         self.accept = accept
         self._keys: dict[str, PublicIdentity] = {}
+        self._read_at = 0.0  # the date of the newest listing read: an older one is refused
 
     def key(self, node: str) -> PublicIdentity:
-        """``node``'s key; asks the gateway again for a node not seen before."""
+        """``node``'s key; reads the listing again for a node not seen before."""
         if node not in self._keys:
             self.refresh()
         if node not in self._keys:
@@ -43,21 +40,15 @@ class Directory:
         return self._keys[node]
 
     def refresh(self) -> None:
-        posted = self.redis.get(GATEWAY_IDENTITY_KEY)
+        posted, listed = self.redis.mget([GATEWAY_IDENTITY_KEY, GATEWAY_NODES_KEY])
         if posted is None:
-            raise NodeUnavailable("no gateway has started on this broker")
-        address = broker_address(self.app.conf.broker_url)
-        key = trust_on_first_use(self.pins, address, posted_gateway_key(posted, address), accept=self.accept)
-        gateway = PublicIdentity.parse(GATEWAY, key)
-        job_id = uuid.uuid4().hex
-        try:
-            raw = self.app.send_task(Tasks.NODES, queue=GATEWAY_QUEUE, task_id=job_id).get(
-                timeout=self.timeout, disable_sync_subtasks=False)
-        except ResultTimeout:
-            raise NodeUnavailable(f"the gateway did not list the nodes within {self.timeout:g} s") from None
-        env = open_envelope(raw, recipient=PUBLIC, keyring={GATEWAY: gateway}, nonces=MemoryNonceStore(),
-                            delivery_id=job_id, now=time.time())
-        reply = parse(GatewayReply, env.body_json())
-        if reply.error is not None:
-            raise error_from_wire(reply.error.model_dump())
-        self._keys.update({n.node: PublicIdentity.parse(n.node, n.public_key) for n in reply.nodes})
+            raise NodeUnavailable("no gateway has started on this broker (it posts its key there)")
+        if listed is None:
+            raise NodeUnavailable(f"the gateway has not posted its node listing in the last "
+                                  f"{LISTING_MAX_AGE_SECONDS:g} s: is `gridq gateway start` running?")
+        key = trust_on_first_use(self.pins, self.address, posted_gateway_key(posted, self.address),
+                                 accept=self.accept)
+        listing = open_listing(listed, PublicIdentity.parse(GATEWAY, key), now=time.time(), newer_than=self._read_at)
+        self._read_at = listing.issued_at
+        # the listing as it is: a node unenrolled since the last read is no longer known
+        self._keys = {n.node: PublicIdentity.parse(n.node, n.public_key) for n in listing.nodes}

@@ -20,13 +20,13 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-import redis
 from celery import Celery
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 
 from protocol.contract import DEAD_LETTER_MAX, DEAD_LETTER_TTL_SECONDS, dead_letter_key, in_flight_keys
 from protocol.inbox import DEFAULT_MAX_DELIVERIES, Admitted, Junk, screen
+from workers.locks import release
 
 log = logging.getLogger(__name__)
 Empty = kombu_redis.Empty
@@ -54,22 +54,7 @@ class LuaFreeQoS(kombu_redis.QoS):  # type: ignore[misc]
                 for tag, _score in visible or []:
                     self.restore_by_tag(tag, client)
             finally:
-                _release(client, self.unacked_mutex_key, token)
-
-
-def _release(client: redis.Redis, key: str, token: str) -> None:
-    """Delete the lock ``key`` if it still holds ``token`` (not one another worker took since)."""
-    with client.pipeline() as pipe:
-        try:
-            pipe.watch(key)
-            if bytes_to_str(pipe.get(key) or b"") == token:
-                pipe.multi()
-                pipe.delete(key)
-                pipe.execute()
-            else:
-                pipe.unwatch()
-        except redis.WatchError:
-            pass  # it changed hands in between: not ours to delete
+                release(client, self.unacked_mutex_key, token)
 
 
 class ScreenedChannel(kombu_redis.Channel):  # type: ignore[misc]

@@ -251,7 +251,7 @@ class Node:
     def _node_key(self, node: str) -> PublicIdentity:
         if self._directory is None:
             # the gateway key is pinned in the node's own database, not taken afresh from the broker
-            self._directory = Directory(self.app, self._broker, timeout=30.0, pins=self.store,
+            self._directory = Directory(self.app.conf.broker_url, self._broker, pins=self.store,
                                         accept=f"`gridq trust-gateway --node {self.id}`")
         return self._directory.key(node)
 

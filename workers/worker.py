@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
+import redis
 import torch
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
-from protocol.contract import ALIVE_EVERY_SECONDS, ALIVE_TTL_SECONDS, alive_key, mpc_queue, node_queue
+from protocol.contract import ALIVE_EVERY_SECONDS, ALIVE_TTL_SECONDS, alive_key, mpc_peer_queue, mpc_queue, node_queue
+from protocol.errors import NodeUnavailable
 from workers.beacon import Posting, keep_posted
 from workers.config import load_config
 from workers.inbox import own_in_flight
@@ -33,18 +43,80 @@ def start_node(config_path: str | Path, loglevel: str = "INFO") -> None:
     _serve(app, node_queue(config.id), f"{config.id}@%h", config.worker.concurrency, loglevel)
 
 
-def start_mpc(config_path: str | Path, loglevel: str = "INFO") -> None:
-    """Register with the gateway, then serve the node's MPC queue (``mpc.<id>``): host,
-    party or crypto provider, as the messages it receives ask."""
+log = logging.getLogger(__name__)
+MPC_ROLES = ("both", "users", "peers")
+PEER_START_SECONDS = 60.0
+
+
+def start_mpc(config_path: str | Path, loglevel: str = "INFO", serve: str = "both") -> None:
+    """Register with the gateway, then serve the node's MPC queues: ``mpc.<id>`` for its
+    users (a host: serve, query; secure aggregation) and ``mpc-peer.<id>`` for other nodes'
+    MPC workers (a party: keep shares, run sessions; a crypto provider: deal). Each has a
+    pool of its own — a host's query waits on its parties and dealer, and would wait forever
+    on one that hosts for it in turn if both shared one pool (``workers.mpc``) — so ``both``
+    (the default) runs the peers' pool as a child process of this one, ready before the
+    users' pool starts, and stops with it."""
+    if serve not in MPC_ROLES:
+        raise ValueError(f"serve one of {', '.join(MPC_ROLES)}, not {serve!r}")
     config = load_config(config_path).for_mpc()
     config.keyring()  # a missing user key file stops the worker here, not each query later
     torch.set_num_threads(config.worker.torch_threads)
     app = make_celery(config)
+    if serve == "peers":
+        mpc_tasks(app, config, peers=True)
+        _serve(app, mpc_peer_queue(config.id), f"{config.id}-mpc-peer@%h", config.mpc.sessions, loglevel)
+        return
     node = Node(config, app)
     node.register()
     node.close()
-    mpc_tasks(app, config)
+    if serve == "both":
+        _start_peers(config_path, loglevel, app.conf.broker_url, mpc_peer_queue(config.id))
+    mpc_tasks(app, config, peers=False)
     _serve(app, mpc_queue(config.id), f"{config.id}-mpc@%h", 1, loglevel)
+
+
+def _start_peers(config_path: str | Path, loglevel: str, broker: str, queue: str) -> None:
+    """``gridq mpc start --serve peers`` as a child that dies with this process (Linux:
+    PR_SET_PDEATHSIG) and is stopped when this worker stops; once it serves, this one
+    starts. If the child ends, this worker ends too: one command, one unit to supervise."""
+    child = subprocess.Popen([sys.executable, "-m", "ops.cli", "mpc", "start", str(config_path), "--loglevel",
+                              loglevel, "--serve", "peers"], preexec_fn=_die_with_parent)
+    with redis.Redis.from_url(broker) as client:
+        deadline = time.monotonic() + PEER_START_SECONDS
+        while not client.exists(alive_key(queue)):
+            if child.poll() is not None or time.monotonic() > deadline:
+                child.kill()
+                raise NodeUnavailable(f"the MPC worker for other nodes ({queue}) did not start within "
+                                      f"{PEER_START_SECONDS:g} s; its log is above")
+            time.sleep(0.2)
+
+    stopped = threading.Event()
+
+    def stopping(**_: object) -> None:
+        stopped.set()
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+    def watch() -> None:
+        code = child.wait()
+        if stopped.is_set():
+            return
+        log.error("the MPC worker for other nodes (%s) ended with code %s: stopping this one too", queue, code)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    worker_shutdown.connect(stopping, weak=False)
+    threading.Thread(target=watch, name="mpc peers", daemon=True).start()
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent still stops it when it stops cleanly
 
 
 def _serve(app: Celery, queue: str, hostname: str, concurrency: int, loglevel: str) -> None:

@@ -166,7 +166,8 @@ def input_label(query_id: str, party: str) -> str:
 
 def check_roles(card: ModelCard) -> None:
     """Host, parties and provider are distinct nodes: a dealer that is also a party, or the
-    host, could unmask what it dealt for; a host that is also a party would wait on itself."""
+    host, could unmask what it dealt for. A host that is also a party is refused too: each
+    role on a node of its own (the separate pools of ``workers.mpc`` would let it run)."""
     if len(set(card.parties)) != len(card.parties) or len(card.parties) < 2:
         raise InvalidRequest(f"a model is shared among at least 2 distinct parties, not {card.parties}")
     if card.provider in card.parties:

@@ -25,11 +25,15 @@ from ops.acl import (
 from protocol.contract import (
     CLAIM_CHECK_PREFIX,
     GATEWAY_IDENTITY_KEY,
+    GATEWAY_NODES_KEY,
+    MPC_DISPATCH_LOCK,
     MPC_MODELS_KEY,
     dead_letter_key,
     in_flight_keys,
+    mpc_ack_key,
     mpc_aggregated_key,
     mpc_bundle_key,
+    mpc_peer_queue,
     mpc_pool_key,
     mpc_queue,
     mpc_session_key,
@@ -190,12 +194,15 @@ def test_rules_fit_the_keys_the_code_builds() -> None:
     assert not allows("scientist", "set", "celery-task-meta-hospital:" + "0" * 32, write=True)
     assert allows("scientist", "subscribe", channel="celery-task-meta-x")
     assert not allows("scientist", "publish", channel="/0.celery.pidbox")
-    # only the gateway posts its key; only nodes (as MPC hosts) post model cards
+    # only the gateway posts its key and its node listing (which everyone reads); only nodes (as MPC hosts) post
+    # model cards
     assert [r for r in USERS if allows(r, "set", GATEWAY_IDENTITY_KEY, write=True)] == ["gateway", "admin"]
+    assert [r for r in USERS if allows(r, "setex", GATEWAY_NODES_KEY, write=True)] == ["gateway", "admin"]
+    assert allows("node-hospital", "mget", GATEWAY_NODES_KEY, read=True)
     assert [r for r in USERS if allows(r, "hset", MPC_MODELS_KEY, write=True)] == ["admin", *NODE_USERS]
     # consumers: each identity its own queues, its own in-flight keys, its own dead letters
     for node in NODES:
-        for queue in (node_queue(node), mpc_queue(node), f"{node_queue(node)}\x06\x169"):
+        for queue in (node_queue(node), mpc_queue(node), mpc_peer_queue(node), f"{node_queue(node)}\x06\x169"):
             assert [r for r in USERS if allows(r, "brpop", queue, read=True, write=True)] == ["admin", node_user(node)]
         for key in in_flight_keys(node_queue(node)).values():
             assert [r for r in USERS if allows(r, "hget", key, read=True) or allows(r, "get", key, read=True)] == \
@@ -205,19 +212,26 @@ def test_rules_fit_the_keys_the_code_builds() -> None:
     assert not allows("node-hospital", "brpop", "node.hospital2", read=True, write=True)  # an id that extends its own
     assert not allows("node-hospital", "hgetall", "unacked", read=True)  # kombu's shared hash: nobody's
     assert [r for r in USERS if allows(r, "brpop", "gateway", read=True, write=True)] == ["gateway", "admin"]
-    # a node sends to the other enrolled nodes' MPC workers, never to their job queues
-    assert allows("node-hospital", "lpush", mpc_queue("clinic"), write=True)
+    # a node sends to the other enrolled nodes' MPC workers for peers, never to their job queues nor as their users
+    assert allows("node-hospital", "lpush", mpc_peer_queue("clinic"), write=True)
+    assert not allows("node-hospital", "lpush", mpc_queue("clinic"), write=True)
     assert not allows("node-hospital", "lpush", node_queue("clinic"), write=True)
-    assert not allows("node-hospital", "lpush", mpc_queue("ward"), write=True)
+    assert not allows("node-hospital", "lpush", mpc_peer_queue("ward"), write=True)
+    assert [r for r in USERS if allows(r, "lpush", mpc_peer_queue("clinic"), write=True)] == \
+           ["admin", *NODE_USERS]  # the clinic itself puts a message back on its own queue
     # MPC rounds, pools and bundles: each member only those that name it
     pool = mpc_pool_key("hospital", "clinic", ["a", "b"], 16, "matmul:(1,4):(4,2)")
     for key, owners in ((mpc_session_key("hospital", "s" * 32, "clinic", "up"), ["node-hospital"]),  # the host's
                         (mpc_session_key("ward", "s" * 32, "hospital", "down"), ["node-hospital"]),  # the party's
                         (mpc_session_key("clinic", "s" * 32, "hospital", "down"), NODE_USERS),  # … and its host's
-                        (pool, ["node-hospital"]), (mpc_bundle_key("clinic", "f" * 32, "hospital"), ["node-hospital"])):
+                        (pool, ["node-hospital"]), (mpc_bundle_key("clinic", "f" * 32, "hospital"), ["node-hospital"]),
+                        (mpc_ack_key("hospital", "clinic", "j" * 32), ["node-hospital"])):  # the host's
         assert [r for r in USERS if any(allows(r, c, key, read=True, write=True)
                                         for c in ("blpop", "getdel", "lpop"))] == ["admin", *owners], key
     assert allows("node-clinic", "rpush", pool, write=True)  # the provider fills it, write-only
+    ack = mpc_ack_key("hospital", "clinic", "j" * 32)
+    assert [r for r in USERS if allows(r, "rpush", ack, write=True)] == ["admin", "node-clinic"]  # the party answers
+    assert [r for r in USERS if allows(r, "set", MPC_DISPATCH_LOCK, write=True)] == ["admin", *NODE_USERS]
     assert allows("node-clinic", "rpush", mpc_session_key("hospital", "s" * 32, "clinic", "up"), write=True)
     assert allows("node-clinic", "setex", mpc_bundle_key("clinic", "f" * 32, "hospital"), write=True)
     assert not allows("node-hospital", "setex", mpc_bundle_key("clinic", "f" * 32, "hospital"), write=True)

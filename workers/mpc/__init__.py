@@ -1,7 +1,10 @@
 """The MPC pool: a node's worker for encrypted ML-as-a-service (``gridq mpc start CONFIG``).
 
-One worker per node, on the queue ``mpc.<node>``, plays whichever role a message gives it
-(one module each; :mod:`workers.mpc.worker` routes the messages):
+One ``gridq mpc start`` per node, with two pools: ``mpc.<node>`` for its users' requests
+(host, aggregation party) and ``mpc-peer.<node>`` for other nodes' MPC workers (party,
+crypto provider). A host waits on its parties and its dealer, on lists they fill; with one
+pool for both, two nodes hosting for each other would each wait on work queued behind the
+other's wait. Each role has a module (:mod:`workers.mpc.worker` routes the messages):
 
 * **host** — keeps served models' cards (structure, parties, who may query: no numbers),
   and coordinates queries: it takes dealer bundles from its pool, starts a session at each
@@ -23,7 +26,7 @@ Rounds travel on per-session Redis lists, MAC'd with a key the host sealed to ea
 A party that does not answer within the host's ``round_timeout`` fails the query with
 ``NodeUnavailable``; a party whose host stops answering gives up after the same time.
 Host, parties and provider must be distinct nodes: a dealer that is also a party or the
-host could unmask, and a host that is also a party would wait on itself.
+host could unmask.
 """
 
 from workers.mpc.worker import MpcWorker, mpc_tasks

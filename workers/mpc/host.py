@@ -2,7 +2,14 @@
 as their owners signed them, and coordinates queries — takes dealer bundles from its pool,
 starts a session at each party, then relays the rounds, summing what the parties send
 (masked values only). It authorises nothing the parties rely on: each party checks a session
-against the owner's card it pinned and the querier's signed query that travels with it."""
+against the owner's card it pinned and the querier's signed query that travels with it.
+
+A host waits — for its parties' acks, their rounds, its dealer's bundles — but only on
+lists its peers fill from their own pool (``mpc-peer.<id>``), never on a Celery result and
+never on work queued behind its own: two nodes that host for each other both finish. It
+sends each session to all its parties under one grid-wide lock, so every party sees
+sessions in one order and one session pool process a party is enough: no two sessions each
+hold one party while waiting for the other's."""
 
 from __future__ import annotations
 
@@ -13,9 +20,7 @@ import time
 import uuid
 from typing import Any
 
-from celery.exceptions import TimeoutError as ResultTimeout
-
-from protocol.contract import MPC_MODELS_KEY, Tasks, mpc_pool_key
+from protocol.contract import MPC_DISPATCH_LOCK, MPC_MODELS_KEY, Tasks, mpc_ack_key, mpc_pool_key
 from protocol.envelope import Envelope, open_envelope
 from protocol.errors import (
     InvalidRequest,
@@ -30,11 +35,13 @@ from protocol.mpc.cards import ModelCard, SignedCard, check_roles
 from protocol.mpc.model import Need
 from protocol.mpc.wire import Deal, MpcReply, QueryModel, RunSession, ServeModel, StoreShares, UserKeys
 from protocol.serving import parse
+from workers.locks import held
 from workers.mpc.member import MpcMember
 from workers.rounds import pop, relay
 
 log = logging.getLogger(__name__)
 MAX_QUERY_ELEMENTS = 1 << 22  # values in one tensor of a query: 4M int64 shares = 32 MB a round
+DISPATCH_LOCK_SECONDS = 2.0  # held while a session goes out to its parties (milliseconds); waited for as long
 
 
 def pool_key(card: ModelCard, need: Need) -> str:
@@ -68,10 +75,11 @@ class Host:
         if existing is not None and existing.owner != card.owner:
             raise PermissionDenied(f"model {card.name!r} on {m.id!r} belongs to {existing.owner!r}; "
                                    "choose another name")
-        pending = {p: m.send(p, Tasks.MPC_STORE, StoreShares(card=body.card, share=body.shares[p]),
-                             f"{env.job_id}:{p}") for p in card.parties}
-        for party, result in pending.items():
-            self._expect_ok(party, result, m.config.mpc.round_timeout)
+        m.require_live(list(card.parties), "party")
+        asked = {p: f"{env.job_id}:{p}" for p in card.parties}
+        for party, job_id in asked.items():
+            m.send(party, Tasks.MPC_STORE, StoreShares(card=body.card, share=body.shares[party]), job_id)
+        self._acks(asked, m.config.mpc.round_timeout)
         m.store.serve_card(card.name, body.card.model_dump(mode="json"))
         self._post(body.card)
         self._refill(card, batch=1)
@@ -99,17 +107,21 @@ class Host:
         self.m.redis.hset(MPC_MODELS_KEY, signed.card.qualified, json.dumps({
             "card": text, "signature": self.m.identity.sign(text.encode()).hex()}))
 
-    def _expect_ok(self, node: str, result: Any, timeout: float) -> None:
-        try:
-            raw = result.get(timeout=timeout, disable_sync_subtasks=False)
-        except ResultTimeout:
-            raise NodeUnavailable(f"party {node!r} did not answer within {timeout:g} s; is its `gridq mpc start` "
-                                  "running?") from None
-        env = open_envelope(raw, recipient=self.m.id, keyring={node: self.m.peer(node)}, nonces=self.m.nonces,
-                            delivery_id=result.id, now=time.time())
-        reply = parse(MpcReply, env.body_json())
-        if reply.error is not None:
-            raise error_from_wire(reply.error.model_dump())
+    def _acks(self, asked: dict[str, str], timeout: float) -> None:
+        """Each party's signed answer to the request sent it under ``asked[party]`` (a job id),
+        popped from its ack list; the first error is raised."""
+        m = self.m
+        deadline = time.monotonic() + timeout
+        for node, job_id in asked.items():
+            raw = pop(m.redis, mpc_ack_key(m.id, node, job_id), max(0.01, deadline - time.monotonic()))
+            if raw is None:
+                raise NodeUnavailable(f"party {node!r} did not answer within {timeout:g} s; is its `gridq mpc start` "
+                                      "running?")
+            env = open_envelope(json.loads(raw), recipient=m.id, keyring={node: m.peer(node)}, nonces=m.nonces,
+                                delivery_id=job_id, now=time.time())
+            reply = parse(MpcReply, env.body_json())
+            if reply.error is not None:
+                raise error_from_wire(reply.error.model_dump())
 
     def query(self, env: Envelope, body: QueryModel) -> MpcReply:
         """Run one private inference: the outputs' shares come back sealed to the querier."""
@@ -137,6 +149,7 @@ class Host:
         taken: list[str | None] = [_text(m.redis.lpop(k)) for k in keys]
         missing = [i for i, b in enumerate(taken) if b is None]
         if missing:  # a cold pool: ask the provider now, and wait for it
+            m.require_live([card.provider], "crypto provider")
             self._ask_deal(card, [needs[i] for i in missing], [keys[i] for i in missing], count=1)
             deadline = time.monotonic() + m.config.mpc.deal_timeout
             for i in missing:
@@ -164,11 +177,13 @@ class Host:
         session = secrets.token_hex(16)
         keys = {p: secrets.token_bytes(32) for p in card.parties}
         timeout = m.config.mpc.round_timeout
-        for i, party in enumerate(card.parties):
-            sealed_key = m.leave(m.peer(party).seal(keys[party]))
-            m.send(party, Tasks.MPC_SESSION, RunSession(
-                session=session, query=body.query, index=i, bundles=bundles, input=body.inputs[party],
-                mac_key=sealed_key, round_timeout=timeout), f"{job_id}:{party}", ttl=timeout)
+        m.require_live(list(card.parties), "party")
+        sessions = [RunSession(session=session, query=body.query, index=i, bundles=bundles, input=body.inputs[party],
+                               mac_key=m.leave(m.peer(party).seal(keys[party])), round_timeout=timeout)
+                    for i, party in enumerate(card.parties)]
+        with held(m.redis, MPC_DISPATCH_LOCK, DISPATCH_LOCK_SECONDS, wait=DISPATCH_LOCK_SECONDS):
+            for party, run in zip(card.parties, sessions, strict=True):
+                m.send(party, Tasks.MPC_SESSION, run, f"{job_id}:{party}", ttl=timeout)
         metas = relay(m.redis, m.id, session, keys, timeout)
         if any(meta.get("kind") != "out" for meta in metas):
             raise JobFailed(f"parties of model {card.qualified!r} ended without an output")

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
 
 from celery import Celery
 from pydantic import BaseModel
 
-from protocol.contract import mpc_queue
+from protocol.contract import alive_key, mpc_peer_queue, mpc_queue_for
 from protocol.envelope import MemoryNonceStore, seal_envelope
-from protocol.errors import UnknownSender
+from protocol.errors import NodeUnavailable, UnknownSender
 from protocol.identity import PublicIdentity
 from workers import claims
 from workers.config import NodeConfig
@@ -32,7 +31,7 @@ class MpcMember:
         self.redis = connect(config.node.broker, max(config.mpc.round_timeout, config.mpc.deal_timeout))
         self.users = config.keyring()
         self.nonces = MemoryNonceStore()  # replays within this process; envelopes expire soon after
-        self.directory = Directory(app, self.redis, config.mpc.round_timeout)
+        self.directory = Directory(app.conf.broker_url, self.redis)
         self.store = Store(config.node.store, config.database_url)  # the node's database, its SQLite settings
         self.peers = Peers(self)
 
@@ -46,11 +45,23 @@ class MpcMember:
             raise UnknownSender(f"{name!r} is neither a user of {self.id!r} nor a node registered at the gateway"
                                 ) from None
 
-    def send(self, node: str, task: str, body: BaseModel, job_id: str, ttl: float = 600.0) -> Any:
-        """Send a signed message to another node's MPC worker; its AsyncResult."""
+    def send(self, node: str, task: str, body: BaseModel, job_id: str, ttl: float = 600.0) -> None:
+        """Send a signed message to another node's MPC worker. Its answer is not waited for
+        here: what a host needs back comes on lists (rounds, pools, acks)."""
         env = seal_envelope(self.identity, recipient=node, kind=body.kind, job_id=job_id,  # type: ignore[attr-defined]
                             body=body.model_dump(mode="json"), now=time.time(), ttl=ttl)
-        return self.app.send_task(task, args=[env.model_dump(mode="json")], queue=mpc_queue(node), task_id=job_id)
+        self.app.send_task(task, args=[env.model_dump(mode="json")], queue=mpc_queue_for(node, task), task_id=job_id,
+                           ignore_result=True)
+
+    def require_live(self, nodes: list[str], role: str) -> None:
+        """Fail now, rather than at a timeout, if one of ``nodes`` has no MPC worker serving
+        its peers (``workers.beacon`` keeps ``alive_key`` set while one does)."""
+        seen = self.redis.mget([alive_key(mpc_peer_queue(n)) for n in nodes])
+        down = [n for n, mark in zip(nodes, seen, strict=True) if mark is None]
+        if down:
+            verb = "has" if len(down) == 1 else "have"
+            raise NodeUnavailable(f"{role} {', '.join(map(repr, down))} of this model {verb} no MPC worker running "
+                                  "(`gridq mpc start` on that node)")
 
     def take(self, key: str) -> bytes:
         """Take a sealed value left by claim-check under a key a message named."""

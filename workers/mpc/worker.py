@@ -1,14 +1,17 @@
-"""The MPC worker of a node: one route per message kind, through the grid's one serving path."""
+"""The MPC worker of a node: one route per message kind, through the grid's one serving path.
+Two pools, one per queue: users' requests (``mpc.<id>``: serve, query, keys, aggregate) and
+other nodes' workers' (``mpc-peer.<id>``: store, session, deal)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
-from protocol.contract import Tasks
+from protocol.contract import MPC_FROM_PEERS, Tasks, mpc_ack_key
 from protocol.errors import GridError
 from protocol.identity import PublicIdentity
 from protocol.messages import WireError
@@ -22,38 +25,55 @@ from workers.mpc.member import MpcMember
 from workers.mpc.party import Party
 from workers.tasks import serve_tasks
 
-TASKS = (Tasks.MPC_SERVE, Tasks.MPC_STORE, Tasks.MPC_QUERY, Tasks.MPC_SESSION, Tasks.MPC_DEAL, Tasks.MPC_AGGREGATE,
-         Tasks.MPC_KEYS)
-# the kinds users send; the rest come from other nodes' workers
-FROM_USERS = frozenset({"mpc_serve", "mpc_keys", "mpc_query", "mpc_aggregate"})
+FROM_USERS = (Tasks.MPC_SERVE, Tasks.MPC_QUERY, Tasks.MPC_KEYS, Tasks.MPC_AGGREGATE)
+ACKED = frozenset({"mpc_store"})  # the kinds whose sender (a host) waits for the answer on an ack list
 
 
 class MpcWorker:
-    def __init__(self, config: NodeConfig, app: Celery) -> None:
+    def __init__(self, config: NodeConfig, app: Celery, peers: bool) -> None:
+        """``peers``: serve other nodes' MPC workers (else: this node's users)."""
         self.member = member = MpcMember(config, app)
-        host, party = Host(member), Party(member)
-        self.routes = {
-            "mpc_serve": Route(ServeModel, host.serve), "mpc_query": Route(QueryModel, host.query),
-            "mpc_keys": Route(UserKeys, host.keys),
-            "mpc_store": Route(StoreShares, party.store), "mpc_session": Route(RunSession, party.session),
-            "mpc_aggregate": Route(Aggregate, Aggregator(member).aggregate),
-            "mpc_deal": Route(Deal, CryptoProvider(member).deal),
-        }
+        self.peers = peers
+        if peers:
+            party = Party(member)
+            self.routes = {"mpc_store": Route(StoreShares, party.store),
+                           "mpc_session": Route(RunSession, party.session),
+                           "mpc_deal": Route(Deal, CryptoProvider(member).deal)}
+        else:
+            host = Host(member)
+            self.routes = {"mpc_serve": Route(ServeModel, host.serve), "mpc_query": Route(QueryModel, host.query),
+                           "mpc_keys": Route(UserKeys, host.keys),
+                           "mpc_aggregate": Route(Aggregate, Aggregator(member).aggregate)}
         self.server = EnvelopeServer(member.identity, member.nonces, _failure, time_limits=(SoftTimeLimitExceeded,))
 
     def serve(self, task: str, raw: Any, delivery_id: str) -> Answer:
-        return self.server.serve(raw, delivery_id, self._senders(raw), lambda env: self.server.reply(env, self.routes))
+        """Users' requests are signed by a user of this node (a scientist or owner it knows);
+        peers' by a node, with its key as the gateway lists it."""
+        senders: Mapping[str, PublicIdentity] = self.member.peers if self.peers else self.member.users
+        answer = self.server.serve(raw, delivery_id, senders, lambda env: self.server.reply(env, self.routes))
+        if self.peers and isinstance(raw, dict) and raw.get("kind") in ACKED:
+            self._ack(raw.get("sender"), delivery_id, answer)
+        return answer
 
-    def _senders(self, raw: Any) -> Mapping[str, PublicIdentity]:
-        """Who may send this kind: a user of this node (serve, query, aggregate: scientists and
-        owners it knows), or also another node's worker (the key as the gateway lists it)."""
-        kind = raw.get("kind") if isinstance(raw, dict) else None
-        return self.member.users if kind in FROM_USERS else self.member.peers
+    def _ack(self, host: Any, delivery_id: str, answer: Answer) -> None:
+        """Put the signed answer where its host pops it (refusals too: the host fails at once
+        rather than at its timeout). Whoever the message claims sent it: the answer is signed
+        for that name and bound to this job, useless to anyone else."""
+        if not isinstance(host, str) or not host or ":" in host or len(host) > 128:
+            return
+        m = self.member
+        key = mpc_ack_key(host, m.id, delivery_id)
+        pipe = m.redis.pipeline(transaction=False)
+        pipe.rpush(key, json.dumps(answer.signed))
+        pipe.expire(key, int(m.config.mpc.round_timeout) + 60)
+        pipe.execute()
 
 
 def _failure(exc: GridError, job_id: str) -> MpcReply:
     return MpcReply(error=WireError(**exc.to_wire()))
 
 
-def mpc_tasks(app: Celery, config: NodeConfig) -> None:
-    serve_tasks(app, TASKS, lambda: MpcWorker(config, app), config.worker.max_deliveries)
+def mpc_tasks(app: Celery, config: NodeConfig, peers: bool) -> None:
+    """The tasks of one of a node's two MPC pools: its users' (``peers=False``) or its peers'."""
+    tasks = MPC_FROM_PEERS if peers else FROM_USERS
+    serve_tasks(app, tasks, lambda: MpcWorker(config, app, peers), config.worker.max_deliveries)

@@ -8,7 +8,7 @@ each user is allowed only the commands *and* keys its code uses (measured with M
 ``ACL LOG`` over the use cases; ``rules_table()``), a node's user only its own keys, and the
 ``default`` user is off::
 
-    users = ensure_broker_users(home, "127.0.0.1", 6379, nodes=["hospital", "clinic"])
+    users = ensure_broker_users(home, "127.0.0.1", 6379, nodes=["hospital", "clinic"])  # ops.broker_users
     # redis-server --aclfile <home>/broker/users.acl
     # users.urls["node-hospital"] == "redis://node-hospital:<password>@127.0.0.1:6379/0"
 
@@ -67,15 +67,9 @@ What Redis ACLs cannot express here:
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from urllib.parse import urlsplit
-
-import redis
 
 from protocol.contract import (
     CLAIM_CHECK_PREFIX,
@@ -97,7 +91,6 @@ from protocol.contract import (
     node_queue,
     sent_key,
 )
-from protocol.errors import BrokerUnavailable
 
 ROLES = ("gateway", "scientist", "flower", "admin")  # users of their own; nodes get one each (node_user)
 NODE_USER_PREFIX = "node-"
@@ -110,7 +103,7 @@ ROLE_WHO = {
     "admin": "the broker's owner: everything (never given to a worker or a scientist)",
 }
 SEP = "\x06\x16"  # kombu's separator of a queue's priority lists: ``<queue>\x06\x16<n>``
-_NODE_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # as protocol.envelope.Name: no glob character, no ':'
+NODE_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # as protocol.envelope.Name: no glob character, no ':'
 
 
 def node_user(node: str) -> str:
@@ -284,7 +277,7 @@ def _mpc_member(node: str) -> list[Rule]:
 def rules(user: str, db: int = 0, nodes: Sequence[str] = ()) -> list[Rule]:
     """The ACL rules of ``user`` (a role, or ``node_user(id)``), each with its reason, on a
     grid where ``nodes`` are enrolled."""
-    nodes = _checked(nodes)
+    nodes = checked_nodes(nodes)
     if user == "admin":
         return [Rule("~* &* +@all", "the broker's owner: MONITOR, ACL, inspection and repairs")]
     if user == "scientist":
@@ -354,7 +347,7 @@ def rules(user: str, db: int = 0, nodes: Sequence[str] = ()) -> list[Rule]:
 
 def users(nodes: Sequence[str] = ()) -> list[str]:
     """Every broker user of a grid where ``nodes`` are enrolled."""
-    return [*ROLES, *(node_user(n) for n in _checked(nodes))]
+    return [*ROLES, *(node_user(n) for n in checked_nodes(nodes))]
 
 
 def setuser_args(user: str, password: str, db: int = 0, nodes: Sequence[str] = ()) -> list[str]:
@@ -386,114 +379,6 @@ def flattened(args: Sequence[str]) -> list[str]:
     return out
 
 
-DEFAULT_OFF = "user default off resetkeys resetchannels -@all"  # unauthenticated connections can do nothing
-
-
-@dataclass(frozen=True)
-class BrokerUsers:
-    """The broker's ACL file, each user's URL, and its rules as ``ACL SETUSER`` takes them."""
-
-    folder: Path
-    acl_file: Path
-    urls: dict[str, str]
-    setuser: dict[str, list[str]]
-
-
-def broker_folder(home: Path) -> Path:
-    return Path(home) / "broker"
-
-
-def ensure_broker_users(home: Path, host: str = "127.0.0.1", port: int = 6379, db: int = 0,
-                        nodes: Sequence[str] = (), selectors: bool | None = None) -> BrokerUsers:
-    """Write ``<home>/broker/users.acl`` and one ``<user>.url`` per user (all 0600) for a grid
-    where ``nodes`` are enrolled, reusing passwords already there; the URL files of nodes no
-    longer enrolled are removed. Returns the URLs. ``selectors=False``: for a Redis 6 server
-    (:func:`flattened`); None keeps what the folder was written for (``users.flat`` says)."""
-    nodes = _checked(nodes)
-    folder = broker_folder(home)
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(folder, 0o700)
-    flat = folder / "users.flat"
-    selectors = not flat.exists() if selectors is None else selectors
-    if selectors:
-        flat.unlink(missing_ok=True)
-    else:
-        flat.write_text("the broker is Redis 6: users.acl has no selectors (ops.acl.flattened)\n")
-    names = users(nodes)
-    passwords = {u: _password(folder / f"{u}.url") for u in names}
-    setuser = {u: setuser_args(u, passwords[u], db, nodes) for u in names}
-    if not selectors:
-        setuser = {u: flattened(args) for u, args in setuser.items()}
-    acl_file = folder / "users.acl"
-    _write_private(acl_file, "\n".join([DEFAULT_OFF, *(f"user {u} " + " ".join(setuser[u]) for u in names)]) + "\n")
-    (folder / "users.rules.md").write_text(rules_table(db, nodes))
-    urls = {}
-    for u in names:
-        urls[u] = f"redis://{u}:{passwords[u]}@{host}:{port}/{db}"
-        _write_private(folder / f"{u}.url", urls[u] + "\n")
-    _remove_stale_node_urls(folder, names)
-    return BrokerUsers(folder, acl_file, urls, setuser)
-
-
-def apply_users(admin_url: str, broker_users: BrokerUsers) -> None:
-    """Make the running broker's users those of ``broker_users``: each one set afresh (``ACL
-    SETUSER name reset …``: its connections stay, under the new rules), and node users that
-    are no longer enrolled deleted (which closes their connections)."""
-    wanted = broker_users.setuser
-    try:
-        with redis.Redis.from_url(admin_url) as admin:
-            for name, args in wanted.items():
-                admin.execute_command("ACL", "SETUSER", name, "reset", *args)
-            stale = [u for u in (_text(x) for x in admin.acl_users()) if u.startswith(NODE_USER_PREFIX)
-                     and u not in wanted]
-            if stale:
-                admin.acl_deluser(*stale)
-    except redis.RedisError as exc:
-        raise BrokerUnavailable(
-            f"{broker_users.acl_file} is written, but the broker could not be given its users: "
-            f"{type(exc).__name__}: {exc}. They take effect when Redis starts with --aclfile on that file; or run "
-            "the same command again once Redis is up") from None
-
-
-def follow_enrolments(home: Path, nodes: Sequence[str]) -> BrokerUsers | None:
-    """The broker users of ``home`` (its ``broker/`` folder) made to follow the enrolled
-    ``nodes``, on disk and, through the admin URL there, in the running broker. A grid without
-    ACLs (no ``users.acl``) only gets each node's URL file, holding the one open URL; a home
-    with no broker folder is left alone (None)."""
-    admin = role_url(home, "admin")
-    if admin is None:
-        return None
-    if not (broker_folder(home) / "users.acl").exists():
-        open_broker_urls(home, admin, nodes)
-        return None
-    parts = urlsplit(admin)
-    db = int(parts.path.strip("/") or 0)
-    written = ensure_broker_users(home, parts.hostname or "127.0.0.1", parts.port or 6379, db, nodes)
-    apply_users(written.urls["admin"], written)
-    return written
-
-
-def open_broker_urls(home: Path, url: str, nodes: Sequence[str] = ()) -> None:
-    """A broker without ACLs (the test grid): every user's URL file holds the one open URL, so
-    configs that read ``<home>/broker/<user>.url`` work the same on both kinds of grid."""
-    folder = broker_folder(home)
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    names = users(nodes)
-    for u in names:
-        _write_private(folder / f"{u}.url", url + "\n")
-    _remove_stale_node_urls(folder, names)
-
-
-def role_url(home: Path, user: str) -> str | None:
-    """``user``'s broker URL as written under ``<home>/broker``, or None if there is none (a
-    grid without ACLs): what a command run as that user connects with by default."""
-    if user not in ROLES and not (user.startswith(NODE_USER_PREFIX) and _NODE_ID.fullmatch(user.split("-", 1)[1])):
-        raise ValueError(f"unknown broker user {user!r}; the users are {', '.join(ROLES)} and "
-                         f"{NODE_USER_PREFIX}<id> for each enrolled node")
-    path = broker_folder(home) / f"{user}.url"
-    return path.read_text().strip() if path.exists() else None
-
-
 def rules_table(db: int = 0, nodes: Sequence[str] = ()) -> str:
     """Every user's rules and why, as a Markdown table (the comments the ACL file cannot hold)."""
     out = ["# Broker ACL users (generated by ops/acl.py; `users.acl` holds the same rules)", "",
@@ -511,36 +396,12 @@ def _shown(rule: str) -> str:
     return rule.replace("|", "&#124;").replace(SEP, "\\x06\\x16")
 
 
-def _checked(nodes: Sequence[str]) -> list[str]:
+def checked_nodes(nodes: Sequence[str]) -> list[str]:
     """Enrolled node ids, each a plain name: one holding a glob character or ':' would widen
     every pattern it is put into."""
-    bad = [n for n in nodes if not _NODE_ID.fullmatch(n)]
+    bad = [n for n in nodes if not NODE_ID.fullmatch(n)]
     if bad:
         raise ValueError(f"not node ids: {bad!r} (1 to 64 letters, digits, '_', '.' or '-')")
     return sorted(set(nodes))
 
-
-def _remove_stale_node_urls(folder: Path, names: Sequence[str]) -> None:
-    for path in folder.glob(f"{NODE_USER_PREFIX}*.url"):
-        if path.stem not in names:
-            path.unlink()
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _password(url_file: Path) -> str:
-    if url_file.exists():
-        old = urlsplit(url_file.read_text().strip()).password
-        if old:
-            return old
-    return secrets.token_urlsafe(32)
-
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(path, 0o600)
 

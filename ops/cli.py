@@ -39,7 +39,7 @@ def _role_broker(role: str, broker: str | None) -> str:
     """The broker URL a command acting as ``role`` logs in with: ``--broker``, else the role's
     URL file in the home (`gridq up`, `gridq acl init` and compose's init write them: e.g.
     the operator's view needs Flower's user, which may ping workers), else $GRIDQ_BROKER."""
-    from ops.acl import role_url
+    from ops.broker_users import role_url
 
     url = broker or role_url(_home(), role) or os.environ.get("GRIDQ_BROKER")
     if not url:
@@ -256,7 +256,7 @@ def acl_init(home: Path = typer.Option(None, help="where broker/ is written (def
 
     Example: gridq acl init --host redis.example --port 6379
     """
-    from ops.acl import ensure_broker_users
+    from ops.broker_users import ensure_broker_users
     from ops.enrol import enrolled_nodes, gateway_database
 
     where = (home or _home()).expanduser()

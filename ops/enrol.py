@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ops.acl import BrokerUsers, follow_enrolments
+from ops.broker_users import BrokerUsers, follow_enrolments
 from orchestrator.registry import Registry
 from protocol.errors import InvalidRequest, NotFound
 
@@ -68,5 +68,5 @@ def sync_broker_users(home: Path, database_url: str | None = None) -> BrokerUser
     """Make the broker users under ``home/broker`` follow the enrolments (in ``database_url``,
     default the gateway's registry in ``home``): a user for each enrolled node, none for the
     others, applied to the running broker as well. None if ``home`` keeps no broker users
-    (ops.acl.follow_enrolments); BrokerUnavailable if the broker could not be told."""
+    (ops.broker_users.follow_enrolments); BrokerUnavailable if the broker could not be told."""
     return follow_enrolments(home, enrolled_nodes(database_url or gateway_database(home)))

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import redis
 
-from ops.acl import BrokerUsers, ensure_broker_users, node_user, open_broker_urls
+from ops.acl import node_user
+from ops.broker_users import BrokerUsers, ensure_broker_users, open_broker_urls
 from ops.enrol import enrol, enrolled_nodes, gateway_database, sync_broker_users
 from ops.keys import read_identity, write_identity
 from orchestrator.grid import Grid

@@ -15,13 +15,12 @@ import pytest
 from ops.acl import (
     ROLES,
     acl_line,
-    ensure_broker_users,
     node_user,
-    role_url,
     rules,
     rules_table,
     setuser_args,
 )
+from ops.broker_users import ensure_broker_users, role_url
 from protocol.contract import (
     CLAIM_CHECK_PREFIX,
     GATEWAY_IDENTITY_KEY,

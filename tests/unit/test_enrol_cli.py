@@ -75,7 +75,7 @@ def test_enrolment_gives_and_takes_a_nodes_broker_user(home: Path) -> None:
     """On the gateway's host the broker's users follow enrolment: `gridq enrol` writes the new
     node's user and URL and tells the broker — here a broker that is down, which is said
     (the file is written for its next start), not hidden."""
-    from ops.acl import ensure_broker_users
+    from ops.broker_users import ensure_broker_users
     from ops.local import free_port
     from protocol.errors import BrokerUnavailable
 
@@ -95,7 +95,7 @@ def test_enrolment_gives_and_takes_a_nodes_broker_user(home: Path) -> None:
 
 
 def test_without_broker_acls_a_node_gets_the_open_url(home: Path) -> None:
-    from ops.acl import open_broker_urls
+    from ops.broker_users import open_broker_urls
 
     open_broker_urls(home, "redis://127.0.0.1:6390/0")
     write_identity(home / "keys", "annex")

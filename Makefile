@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.gridq-installed
 
-.PHONY: demo up test bench install clean
+.PHONY: demo up test ts bench install clean
 
 $(STAMP): pyproject.toml ops/requirements/torch-cpu.txt
 	$(PY) -m venv $(VENV)
@@ -27,7 +27,11 @@ demo: $(STAMP)
 up: $(STAMP)
 	$(BIN)/gridq up
 
-test: $(STAMP)
+# the TypeScript client: install from its lockfile, build, test (tests/unit/test_ts_interop.py runs the build)
+ts:
+	cd clients/ts && npm ci --no-audit --no-fund && npm run build && npm test
+
+test: $(STAMP) ts
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict protocol
 	$(BIN)/mypy orchestrator workers ops

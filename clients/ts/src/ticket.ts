@@ -1,0 +1,176 @@
+/**
+ * Job tickets: the handle on a job while it runs at a node (Python's `orchestrator/ticket.py`).
+ * A ticket comes back at once from `expr.submit()`; its status moves through
+ * `queued → pending_approval → running → done | failed | denied`, and only the node's signed
+ * word makes it `done`, `failed`, `denied` or `pending_approval`. `grid.ticket(id)` picks a
+ * ticket up again, from any process.
+ */
+import { decodeTensor } from "./codec.js";
+import { type Envelope, bodyJson } from "./envelope.js";
+import type { JobAnswer } from "./edge.js";
+import { ApprovalRequired, errorFromWire, JobFailed, NodeUnavailable } from "./errors.js";
+import type { Identity } from "./identity.js";
+import { type JobReply, type NoiseInfo, parseJobReply } from "./messages.js";
+import { DataPointer, type Runner } from "./pointers.js";
+import { openSealedValue } from "./seal.js";
+import type { Tensor } from "./tensor.js";
+
+export const PUBLIC = "public";
+
+/** What a ticket needs of its grid. */
+export interface TicketHost extends Runner {
+  readonly identity: Identity;
+  /** The job's state and (unverified) reply, waiting up to `wait` seconds. */
+  poll(jobId: string, wait: number): Promise<JobAnswer>;
+  /** `node`'s signed reply to `jobId`, verified (sender key, recipient, job, expiry, nonce). */
+  verifyReply(raw: unknown, node: string, jobId: string): Promise<Envelope>;
+  /** The bytes left under a claim-check key. */
+  claim(key: string): Promise<Uint8Array>;
+}
+
+const STATES: Readonly<Record<string, string>> = {
+  PENDING: "queued", RECEIVED: "queued", RETRY: "queued", STARTED: "running", PENDING_APPROVAL: "pending_approval",
+  // final states nothing signed: not an answer, the job may yet run again (redelivered)
+  FAILURE: "running", REVOKED: "running",
+};
+
+/** A differentially private release: the noisy value, and how it was made. */
+export class PrivateValue {
+  constructor(readonly value: Tensor, readonly noise: NoiseInfo) {}
+
+  item(): number {
+    return Number(this.value.item());
+  }
+
+  toString(): string {
+    const n = this.noise;
+    const shown = this.value.size === 1 ? this.item().toPrecision(6) : `tensor of shape [${this.value.shape.join(", ")}]`;
+    const privacy = `ε=${n.epsilon}` + (n.delta ? `, δ=${n.delta}` : "");
+    const after = n.post_processed ? " on its aggregates, then post-processed" : "";
+    return `PrivateValue(${shown}; ${n.mechanism} noise of scale ${n.scale.toPrecision(4)}${after}, ${privacy})`;
+  }
+}
+
+export class JobTicket {
+  readonly node: string;
+  private answered: JobReply | undefined;
+
+  constructor(private readonly host: TicketHost, readonly id: string) {
+    this.node = id.split(":", 1)[0] as string;
+  }
+
+  toString(): string {
+    return `<JobTicket ${this.id}>`;
+  }
+
+  /** queued → pending_approval → running → done | failed | denied (one look, no waiting). */
+  async status(): Promise<string> {
+    if (this.answered !== undefined) return this.answered.status;
+    const answer = await this.host.poll(this.id, 0);
+    if (answer.state === "SUCCESS") {
+      const body = await this.open(answer.reply);
+      if (body.status !== "pending_approval") this.answered = body;
+      return body.status;
+    }
+    const state = STATES[answer.state] ?? "queued";
+    if (state === "pending_approval") return (await this.parked(answer)) ? state : "queued";
+    return state;
+  }
+
+  /** Wait until the job ends (`timeout` seconds, default the grid's); throw its typed error if it
+   * failed or was denied, ApprovalRequired if it still waits for the owner. */
+  async wait(timeout?: number): Promise<JobTicket> {
+    if (this.answered === undefined) this.answered = await this.await(timeout ?? this.host.timeout);
+    const error = this.answered.error;
+    if (error != null) throw errorFromWire({ ...error, job_id: error.job_id ?? this.id });
+    return this;
+  }
+
+  /** A pointer to the result kept at the node. */
+  async result(timeout?: number): Promise<DataPointer> {
+    const reply = await this.reply(timeout);
+    if (reply.ticket == null) throw new JobFailed(`job ${this.id} released a value; it kept no result at the node`, { jobId: this.id });
+    const t = reply.ticket;
+    return new DataPointer(this.host, t.node, { kind: "object", name: t.object_id }, { shape: t.shape, dtype: t.dtype });
+  }
+
+  /** The released value, opened with the requester's key. */
+  async value(timeout?: number): Promise<Tensor> {
+    const reply = await this.reply(timeout);
+    if (reply.value == null) throw new JobFailed(`job ${this.id} kept its result at the node; use .result()`, { jobId: this.id });
+    const plain = await openSealedValue(reply.value, this.host.identity, (key) => this.host.claim(key), this.id);
+    return decodeTensor(plain);
+  }
+
+  /** A DP release: the noisy value with its mechanism, ε, δ and noise scale. */
+  async privateValue(timeout?: number): Promise<PrivateValue> {
+    const reply = await this.reply(timeout);
+    if (reply.noise == null) throw new JobFailed(`job ${this.id} was not a differentially private release`, { jobId: this.id });
+    return new PrivateValue(await this.value(timeout), reply.noise);
+  }
+
+  /** The node's whole (verified) reply. */
+  async reply(timeout?: number): Promise<JobReply> {
+    await this.wait(timeout);
+    return this.answered as JobReply;
+  }
+
+  private async await(timeout: number): Promise<JobReply> {
+    const deadline = Date.now() + timeout * 1000;
+    let parked = false;
+    let state = "queued";
+    let pause = 250;
+    for (;;) {
+      const started = Date.now();
+      const answer = await this.host.poll(this.id, Math.max(0, Math.min(30, (deadline - started) / 1000)));
+      if (answer.state === "SUCCESS") {
+        // a 'waiting' word is not the job's end, whatever state the relay files it under
+        const body = await this.open(answer.reply);
+        if (body.status !== "pending_approval") return body;
+        parked = true;
+        state = "pending_approval";
+      } else {
+        state = STATES[answer.state] ?? "queued";
+        if (state === "pending_approval") parked = (await this.parked(answer)) || parked;
+      }
+      if (Date.now() >= deadline) break;
+      // the edge answers a parked job at once (and an edge may not long-poll): no tight loop
+      if (Date.now() - started < 200) pause = await backoff(pause, deadline);
+    }
+    if (parked) {
+      throw new ApprovalRequired(
+        `job ${this.id} waits for the approval of '${this.node}''s owner; wait longer, or pick it up later with ` +
+          `grid.ticket('${this.id}')`, { jobId: this.id },
+      );
+    }
+    const shown = state === "pending_approval" ? "queued" : state;
+    const hint = shown === "queued" ? "no worker of this node took it: is the node running?" : "it is still running";
+    throw new NodeUnavailable(
+      `job ${this.id} on '${this.node}' is ${shown} after ${timeout.toFixed(0)} s; ${hint}. Pick it up later with ` +
+        `grid.ticket('${this.id}').`, { jobId: this.id },
+    );
+  }
+
+  /** Whether the node's signed answer says it parked this job for its owner. */
+  private async parked(answer: JobAnswer): Promise<boolean> {
+    if (answer.reply == null) return false;
+    return (await this.open(answer.reply)).status === "pending_approval";
+  }
+
+  /** The node's signed reply to this job (an answer, or word that it is parked). */
+  private async open(raw: unknown): Promise<JobReply> {
+    const env = await this.host.verifyReply(raw, this.node, this.id);
+    const body = parseJobReply(bodyJson(env), this.id);
+    if (env.recipient === PUBLIC && body.error == null) {
+      throw new JobFailed(`node '${this.node}' answered job ${this.id} with an unaddressed ${body.kind}`, { jobId: this.id });
+    }
+    return body;
+  }
+}
+
+/** Sleep `pause` ms (not past `deadline`); the next, longer pause (up to 5 s). */
+export async function backoff(pause: number, deadline: number): Promise<number> {
+  const ms = Math.max(0, Math.min(pause, deadline - Date.now()));
+  await new Promise((resolve) => setTimeout(resolve, ms));
+  return Math.min(pause * 2, 5000);
+}

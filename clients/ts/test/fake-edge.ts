@@ -1,0 +1,267 @@
+/**
+ * An in-memory grid behind the edge's HTTP API v1, as a `fetch` function: a gateway, a data node
+ * (`hospital`) and an MPC pool (host `company`, parties `hospital` and `clinic`), each signing its
+ * answers with its own key, as the Python workers do. It lets the Grid's whole flow run offline,
+ * and `tamper` plays a hostile relay.
+ */
+import {
+  type Envelope,
+  Identity,
+  MemoryNonceStore,
+  PublicIdentity,
+  Tensor,
+  cardDigest,
+  canonicalCard,
+  decodeTensor,
+  encodeTensor,
+  inputLabel,
+  openEnvelope,
+  openSigned,
+  pack,
+  pyDumps,
+  queryDigest,
+  reconstruct,
+  sealEnvelope,
+  share,
+  sha256Hex,
+  unpack,
+  FixedPoint,
+  type ModelCard,
+  type PyJson,
+  type Query,
+} from "../src/index.js";
+import { listingSignedPart } from "../src/listing.js";
+import { type DatasetMeta, matches, type SearchQuery } from "../src/messages.js";
+
+export interface StoredJob {
+  state: string;
+  reply: unknown;
+  task: string;
+  envelope: Envelope;
+  body: Record<string, unknown>;
+}
+
+const hex = (data: Uint8Array): string => Buffer.from(data).toString("hex");
+const b64 = (data: Uint8Array): string => Buffer.from(data).toString("base64");
+const now = (): number => Date.now() / 1000;
+
+export const BIRTHS: DatasetMeta = {
+  node: "hospital", name: "birth-records-feb", shape: [240, 2], dtype: "float32", columns: ["weight", "height"],
+  description: "Monthly birth records: weight (kg), height (cm)", tags: ["#february", "#birth-records"],
+};
+
+/** The served model: y = relu(x Wᵀ + b). */
+export const W = [[0.5, -1, 0.25], [1, 1, 1]];
+export const B = [0.1, -0.2];
+
+export class FakeGrid {
+  readonly gateway = Identity.generate("gateway");
+  readonly nodes = new Map(["hospital", "clinic", "company"].map((n) => [n, Identity.generate(n)]));
+  readonly dana = Identity.generate("dana");
+  readonly users = new Map<string, PublicIdentity>();
+  readonly jobs = new Map<string, StoredJob>();
+  readonly blobs = new Map<string, Uint8Array>();
+  readonly requests: string[] = [];
+  private readonly nonces = new MemoryNonceStore();
+  /** The value a run job releases. */
+  value: Tensor = Tensor.of(3.25);
+  /** Sealed values go by claim-check (as values above 256 KB do). */
+  claimCheck = false;
+  /** A hostile relay: rewrite what GET /v1/jobs/{id} answers. */
+  tamper: ((jobId: string, answer: { state: string; reply: unknown }) => { state: string; reply: unknown }) | undefined;
+  /** A hostile relay: rewrite what GET /v1/blobs/{key} answers. */
+  tamperBlob: ((key: string, data: Uint8Array) => Uint8Array) | undefined;
+  /** Answer the job with this error instead (code, message, status). */
+  refuse: { code: string; message: string; status: "denied" | "failed" } | undefined;
+  listingAge = 0;
+  readonly card: ModelCard;
+
+  constructor(readonly userNames: string[] = ["alice", "bob"]) {
+    this.card = {
+      name: "risk", owner: "dana", owner_key: this.dana.public.text(), host: "company", parties: ["hospital", "clinic"],
+      provider: "gateway", queriers: {}, plan: { layers: [{ kind: "linear", in_features: 3, out_features: 2 },
+        { kind: "relu", in_features: 0, out_features: 0 }], frac_bits: 16 }, issued_at: now(),
+    };
+  }
+
+  addUser(identity: Identity, querier = true): void {
+    this.users.set(identity.name, identity.public);
+    if (querier) (this.card as { queriers: Record<string, string> }).queriers[identity.name] = identity.public.text();
+  }
+
+  node(name: string): Identity {
+    return this.nodes.get(name) as Identity;
+  }
+
+  listing(): string {
+    const nodes = [...this.nodes.values()].map((n) => ({ node: n.name, public_key: n.public.text(), queue: `node.${n.name}`,
+      last_seen: now() }));
+    const text = JSON.stringify({ issued_at: now() - this.listingAge, nodes });
+    return JSON.stringify({ listing: text, signature: hex(this.gateway.sign(listingSignedPart(text))) });
+  }
+
+  readonly fetch: typeof fetch = async (input, init) => {
+    const url = new URL(String(input));
+    const method = init?.method ?? "GET";
+    this.requests.push(`${method} ${url.pathname}`);
+    const path = url.pathname.replace(/^\/+/, "").split("/").map(decodeURIComponent);
+    try {
+      if (method === "GET" && path[1] === "gateway") return json({ public_key: this.gateway.public.text(), listing: this.listing() });
+      if (method === "POST" && path[1] === "search") return json(this.search(JSON.parse(String(init?.body))));
+      if (method === "POST" && path[1] === "jobs") return json(this.enqueue(JSON.parse(String(init?.body))), 202);
+      if (method === "GET" && path[1] === "jobs") return json(this.answer(path[2] as string));
+      if (method === "POST" && path[1] === "blobs") return json({ key: this.leave(new Uint8Array(init?.body as Uint8Array)) });
+      if (method === "GET" && path[1] === "blobs") return new Response(this.take(path[2] as string) as BodyInit);
+      if (method === "GET" && path[1] === "models") return json({ models: this.models() });
+      return error(404, "not_found", `no route ${method} ${url.pathname}`);
+    } catch (exc) {
+      const e = exc as { code?: string; message: string };
+      return error(e.code === "not_found" ? 404 : 400, e.code ?? "invalid_request", e.message);
+    }
+  };
+
+  private search(query: SearchQuery): unknown {
+    const jobId = hex(crypto.getRandomValues(new Uint8Array(16)));
+    const datasets = [BIRTHS].filter((m) => matches(m, query));
+    const nodes = [...this.nodes.values()].map((n) => ({ node: n.name, public_key: n.public.text(), queue: `node.${n.name}`, last_seen: now() }));
+    const body = { kind: "gateway_reply", datasets, nodes, error: null } as unknown as PyJson;
+    return { job_id: jobId, reply: sealEnvelope(this.gateway, { recipient: "public", kind: "gateway_reply", jobId, body }) };
+  }
+
+  private enqueue(request: { task: string; envelope: Envelope }): unknown {
+    const env = request.envelope;
+    const recipient = this.node(env.recipient);
+    if (recipient === undefined) throw Object.assign(new Error(`no node ${env.recipient}`), { code: "not_found" });
+    // the node verifies as Python's open_envelope does
+    openEnvelope(env, { recipient: env.recipient, keyring: this.users, nonces: this.nonces, deliveryId: env.job_id });
+    const body = JSON.parse(env.body) as Record<string, unknown>;
+    const job: StoredJob = { state: "PENDING", reply: null, task: request.task, envelope: env, body };
+    this.jobs.set(env.job_id, job);
+    if (request.task === "gridq.mpc.query") this.runQuery(job);
+    else this.runJob(job);
+    return { job_id: env.job_id, queue: `node.${env.recipient}` };
+  }
+
+  private sign(job: StoredJob, reply: Record<string, unknown>, to = job.envelope.sender): unknown {
+    return sealEnvelope(this.node(job.envelope.recipient), { recipient: to, kind: String(reply["kind"]), jobId: job.envelope.job_id,
+      body: reply as PyJson });
+  }
+
+  private runJob(job: StoredJob): void {
+    const sender = this.users.get(job.envelope.sender) as PublicIdentity;
+    const body = job.body;
+    if (this.refuse !== undefined) {
+      const { status, code, message } = this.refuse;
+      job.state = "SUCCESS";
+      job.reply = this.sign(job, { kind: "job_reply", status, error: { code, message, job_id: job.envelope.job_id } });
+      return;
+    }
+    if (body["kind"] === "access") {
+      job.state = "PENDING_APPROVAL";
+      job.reply = this.sign(job, { kind: "job_reply", status: "pending_approval" });
+      return;
+    }
+    if (body["kind"] === "budget") {
+      job.state = "SUCCESS";
+      job.reply = this.sign(job, { kind: "job_reply", status: "done", budgets: [{ node: "hospital", dataset: "birth-records-feb",
+        user: sender.name, epsilon: 1, delta: 1e-6, spent_epsilon: 0.3, spent_delta: 0, releases: 3 }] });
+      return;
+    }
+    const release = (body["release"] ?? { door: "raw" }) as { door: string; epsilon?: number; delta?: number };
+    if (release.door === "keep") {
+      job.state = "SUCCESS";
+      job.reply = this.sign(job, { kind: "job_reply", status: "done", ticket: { node: "hospital", object_id: "obj-1",
+        job_id: job.envelope.job_id, shape: [...this.value.shape], dtype: this.value.dtype, sources: ["birth-records-feb"] } });
+      return;
+    }
+    const sealed = sender.seal(encodeTensor(this.value));
+    const value = this.claimCheck
+      ? { claim_check: this.leave(sealed), sha256: sha256Hex(sealed), size: sealed.length }
+      : { sealed: b64(sealed), size: sealed.length };
+    const noise = release.door === "dp"
+      ? { mechanism: release.delta ? "gaussian" : "laplace", epsilon: release.epsilon, delta: release.delta, scale: 0.29, sensitivity: 0.029 }
+      : null;
+    job.state = "SUCCESS";
+    job.reply = this.sign(job, { kind: "job_reply", status: "done", value, noise });
+  }
+
+  /** Approve a parked job (the owner's decision): its answer is then the node's. */
+  approve(jobId: string): void {
+    const job = this.jobs.get(jobId) as StoredJob;
+    job.state = "SUCCESS";
+    job.reply = this.sign(job, { kind: "job_reply", status: "done" });
+  }
+
+  private runQuery(job: StoredJob): void {
+    // a test double of the whole MPC pool: it opens the input shares the way each party does
+    // (sealed to it, signed by the querier for this query), then answers with output shares
+    const signed = job.body["query"] as { query: Query; signature: string };
+    const q = signed.query;
+    const querier = this.users.get(q.querier) as PublicIdentity;
+    querier.verify(queryDigest(q), Uint8Array.from(Buffer.from(signed.signature, "hex")));
+    if (q.card !== cardDigest(this.card)) throw new Error("query for another card");
+    const inputs = job.body["inputs"] as Record<string, string>;
+    const shares = this.card.parties.map((p) => {
+      const data = openSigned(this.node(p), querier, inputLabel(q.id, p), this.take(inputs[p] as string));
+      return (unpack(data).tensors["x"] as Tensor).data as BigInt64Array;
+    });
+    const fp = new FixedPoint(this.card.plan.frac_bits);
+    const x = fp.decode(reconstruct(shares));
+    const rows = q.batch;
+    const y: number[] = [];
+    for (let r = 0; r < rows; r++) {
+      for (let o = 0; o < W.length; o++) {
+        const wo = W[o] as number[];
+        let sum = B[o] as number;
+        for (let i = 0; i < wo.length; i++) sum += (wo[i] as number) * (x[r * 3 + i] as number);
+        y.push(Math.max(0, sum));
+      }
+    }
+    const outputs: Record<string, string> = {};
+    share(fp.encode(y), 2).forEach((s, i) => {
+      const party = this.card.parties[i] as string;
+      outputs[party] = this.leave(querier.seal(pack({ y: new Tensor("int64", [rows, W.length], s) })));
+    });
+    job.state = "SUCCESS";
+    job.reply = sealEnvelope(this.node("company"), { recipient: q.querier, kind: "mpc_reply", jobId: job.envelope.job_id,
+      body: { kind: "mpc_reply", error: null, outputs, keys: {} } });
+  }
+
+  private answer(jobId: string): unknown {
+    const job = this.jobs.get(jobId);
+    if (job === undefined) throw Object.assign(new Error(`no job ${jobId} was sent`), { code: "not_found" });
+    const answer = { state: job.state, reply: job.reply };
+    return this.tamper ? this.tamper(jobId, answer) : answer;
+  }
+
+  leave(data: Uint8Array): string {
+    const key = `gridq:blob:${hex(crypto.getRandomValues(new Uint8Array(16)))}`;
+    this.blobs.set(key, data);
+    return key;
+  }
+
+  private take(key: string): Uint8Array {
+    const data = this.blobs.get(key);
+    if (data === undefined) throw Object.assign(new Error(`no blob ${key}`), { code: "not_found" });
+    this.blobs.delete(key);
+    return this.tamperBlob ? this.tamperBlob(key, data) : data;
+  }
+
+  private models(): Record<string, unknown> {
+    const signature = hex(this.dana.sign(new TextEncoder().encode(cardDigest(this.card))));
+    const text = pyDumps({ card: JSON.parse(canonicalCard(this.card)), signature }, true);
+    return { "dana/risk": { card: text, signature: hex(this.node("company").sign(new TextEncoder().encode(text))) } };
+  }
+}
+
+export function decodeValue(data: Uint8Array): Tensor {
+  return decodeTensor(data);
+}
+
+function json(data: unknown, status = 200): Response {
+  return new Response(JSON.stringify(data), { status, headers: { "content-type": "application/json" } });
+}
+
+function error(status: number, code: string, message: string): Response {
+  return json({ error: { code, message } }, status);
+}

@@ -69,7 +69,7 @@ from protocol.messages import (
 )
 from protocol.model import ModelSpec, describe_model, flatten_state, unflatten_state
 from protocol.mpc.ring import FixedPoint
-from protocol.mpc.wire import Aggregate, unpack
+from protocol.mpc.wire import Aggregate, open_signed, sum_label, unpack
 
 if TYPE_CHECKING:
     from orchestrator.grid import Grid
@@ -239,7 +239,9 @@ def _secure_mean(grid: Grid, secure: SecureAggregation, like: dict[str, torch.Te
     total = None
     for party, pending in zip(secure.aggregators, asked, strict=True):
         reply = mpc.answer(grid, pending)
-        part = unpack(grid.identity.unseal(grid.transport.claim(reply.outputs[party])))[0]["sum"]
+        sealed = grid.transport.claim(reply.outputs[party])  # signed by the party, for this round
+        part = unpack(open_signed(grid.identity, grid.transport.node_key(party), sum_label(secure.round, party),
+                                  sealed))[0]["sum"]
         total = part if total is None else total + part
     assert total is not None
     mean = FixedPoint(secure.frac_bits).decode(total) / sum(n for _, _, n in updates)

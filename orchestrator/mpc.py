@@ -41,11 +41,20 @@ from protocol.errors import (
     error_from_wire,
 )
 from protocol.identity import Identity, PublicIdentity, unreadable_key
-from protocol.mpc.cards import ModelCard, Query, SignedCard, SignedQuery, check_roles, input_label, share_label
+from protocol.mpc.cards import (
+    ModelCard,
+    Query,
+    SignedCard,
+    SignedQuery,
+    check_roles,
+    input_label,
+    output_label,
+    share_label,
+)
 from protocol.mpc.model import Layer, ModelPlan, encode_parameters
 from protocol.mpc.ring import FixedPoint
 from protocol.mpc.sharing import reconstruct, share
-from protocol.mpc.wire import MpcReply, QueryModel, ServeModel, UserKeys, pack, seal_signed, unpack
+from protocol.mpc.wire import MpcReply, QueryModel, ServeModel, UserKeys, open_signed, pack, seal_signed, unpack
 from protocol.serving import parse
 
 if TYPE_CHECKING:
@@ -223,7 +232,9 @@ def query(grid: Grid, name: str, x: torch.Tensor, trusted: Trusted = ()) -> torc
     reply = ask(grid, card.host, Tasks.MPC_QUERY, QueryModel(query=signed, inputs=inputs))
     outputs = []
     for party in card.parties:
-        tensors, _ = unpack(grid.identity.unseal(grid.transport.claim(reply.outputs[party])))
+        sealed = grid.transport.claim(reply.outputs[party])  # signed by the party, for this query
+        label = output_label(signed.query.id, party)
+        tensors, _ = unpack(open_signed(grid.identity, grid.transport.node_key(party), label, sealed))
         outputs.append(tensors["y"])
     y = fp.decode(reconstruct(outputs)).to(x.dtype if x.is_floating_point() else torch.float64)
     return y[0] if x.dim() == 1 else y

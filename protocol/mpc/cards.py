@@ -164,6 +164,12 @@ def input_label(query_id: str, party: str) -> str:
     return f"mpc-input:{query_id}:{party}"
 
 
+def output_label(query_id: str, party: str) -> str:
+    """What a party's signature on its output share binds it to: this query, this party (a
+    value sealed to the querier alone could have been sealed by anyone who can write a blob)."""
+    return f"mpc-output:{query_id}:{party}"
+
+
 def check_roles(card: ModelCard) -> None:
     """Host, parties and provider are distinct nodes: a dealer that is also a party, or the
     host, could unmask what it dealt for. A host that is also a party is refused too: each

@@ -114,10 +114,15 @@ def aggregation_label(round_id: str, node: str) -> str:
     return f"aggregate:{round_id}:{node}"
 
 
+def sum_label(round_id: str, party: str) -> str:
+    """What an aggregation party's signature on its sum binds it to: this round, this party."""
+    return f"aggregate-sum:{round_id}:{party}"
+
+
 class MpcReply(_Body):
     kind: Literal["mpc_reply"] = "mpc_reply"
     error: WireError | None = None
-    outputs: dict[Name, Sealed] = {}  # each party's output share, sealed to the querier
+    outputs: dict[Name, Sealed] = {}  # each party's output share, sealed to the querier and signed by the party
     keys: dict[Name, Key] = {}  # a host's answer to UserKeys
 
 

@@ -11,7 +11,16 @@ import torch
 from protocol.contract import mpc_aggregated_key
 from protocol.envelope import Envelope
 from protocol.errors import InvalidRequest, PermissionDenied
-from protocol.mpc.wire import Aggregate, MpcReply, aggregation_label, open_signed, pack, unpack
+from protocol.mpc.wire import (
+    Aggregate,
+    MpcReply,
+    aggregation_label,
+    open_signed,
+    pack,
+    seal_signed,
+    sum_label,
+    unpack,
+)
 from workers.mpc.member import MpcMember
 
 log = logging.getLogger(__name__)
@@ -36,6 +45,6 @@ class Aggregator:
             total = part if total is None else total + part
         if total is None:
             raise InvalidRequest("an aggregation names the shares of at least one node")
-        sealed = m.users[env.sender].seal(pack({"sum": total}))
+        sealed = seal_signed(m.identity, m.users[env.sender], sum_label(body.round, m.id), pack({"sum": total}))
         log.info("added up %d shares of round %s for %r", len(body.shares), body.round, env.sender)
         return MpcReply(outputs={m.id: m.leave(sealed)})

@@ -26,11 +26,12 @@ from protocol.mpc.cards import (
     SignedCard,
     check_roles,
     input_label,
+    output_label,
     share_label,
 )
 from protocol.mpc.dealer import Material
 from protocol.mpc.model import infer, shapes_of
-from protocol.mpc.wire import MpcReply, RunSession, StoreShares, open_signed, pack, unpack, unpack_part
+from protocol.mpc.wire import MpcReply, RunSession, StoreShares, open_signed, pack, seal_signed, unpack, unpack_part
 from protocol.serving import unexpected
 from workers import claims
 from workers.mpc.member import MpcMember
@@ -95,7 +96,8 @@ class Party:
                 raise InvalidRequest(f"the input share must be int64 of shape ({q.batch}, "
                                      f"{card.plan.in_features}), as the query says")
             output = end.run(infer(body.index, card.plan, params, x, self._materials(card, body.bundles)))
-            end.send({"kind": "out", "blob": m.leave(querier.seal(pack({"y": output})))}, {})
+            sealed = seal_signed(m.identity, querier, output_label(q.id, m.id), pack({"y": output}))
+            end.send({"kind": "out", "blob": m.leave(sealed)}, {})
             return MpcReply()
         except Exception as exc:  # tell the host now, rather than let it wait out the round timeout
             error = exc if isinstance(exc, GridError) else unexpected(exc, m.id, env.job_id)

@@ -23,11 +23,11 @@ import { BadSignature, errorFromWire, GatewayKeyChanged, GridError, InvalidReque
 import { PublicIdentity, type Identity } from "./identity.js";
 import { type NodeInfo, nodeKeys, openListing } from "./listing.js";
 import { type BudgetInfo, type DatasetMeta, matches, type MpcReply, parseGatewayReply, parseMpcReply, searchQuery } from "./messages.js";
-import { inFeatures, type ModelCard, prepareQuery, qualified, queryInput, reconstruct, verifySignedCard } from "./mpc.js";
+import { inFeatures, type ModelCard, outputLabel, prepareQuery, qualified, queryInput, reconstruct, verifySignedCard } from "./mpc.js";
 import { fingerprint, type GatewayPins, MemoryPins } from "./pins.js";
 import { DataPointer } from "./pointers.js";
 import { type PyJson, utf8 } from "./pyjson.js";
-import { isBlobKey } from "./seal.js";
+import { isBlobKey, openSigned } from "./seal.js";
 import { ready } from "./sodium.js";
 import { Tensor } from "./tensor.js";
 import { backoff, JobTicket, PUBLIC, type TicketHost } from "./ticket.js";
@@ -281,7 +281,9 @@ export class Grid implements TicketHost {
     for (const party of card.parties) {
       const key = reply.outputs[party];
       if (key === undefined || !isBlobKey(key)) throw new JobFailed(`the host gave no output share of party '${party}'`, { jobId });
-      const { tensors } = unpack(this.identity.unseal(await this.edge.getBlob(key)));
+      const sealed = await this.edge.getBlob(key);  // signed by the party, for this query
+      const { tensors } = unpack(openSigned(this.identity, partyKeys.get(party) as PublicIdentity,
+        outputLabel(prepared.query.id, party), sealed));
       const y = tensors["y"];
       if (y === undefined || y.dtype !== "int64" || y.ndim !== 2 || y.shape[0] !== input.rows ||
         (outputs[0] !== undefined && outputs[0].length !== y.size)) {

@@ -30,4 +30,5 @@ export { Grid, type ConnectOptions, type SearchOptions, Tasks, GATEWAY } from ".
 export {
   FixedPoint, share, reconstruct, type ModelCard, type Query, cardDigest, canonicalCard, verifySignedCard, queryDigest,
   inputLabel,
+  outputLabel,
 } from "./mpc.js";

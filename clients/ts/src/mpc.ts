@@ -213,6 +213,12 @@ export function inputLabel(queryId: string, party: string): string {
   return `mpc-input:${queryId}:${party}`;
 }
 
+/** What a party's signature on its output share covers: this query, this party (a share only
+ * sealed to the querier could have been sealed by anyone who can write a blob). */
+export function outputLabel(queryId: string, party: string): string {
+  return `mpc-output:${queryId}:${party}`;
+}
+
 export interface PreparedQuery {
   readonly query: Query;
   /** The query as it travels (`SignedQuery`): the parties check its signature too. */

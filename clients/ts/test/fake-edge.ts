@@ -17,11 +17,13 @@ import {
   inputLabel,
   openEnvelope,
   openSigned,
+  outputLabel,
   pack,
   pyDumps,
   queryDigest,
   reconstruct,
   sealEnvelope,
+  sealSigned,
   share,
   sha256Hex,
   unpack,
@@ -111,7 +113,11 @@ export class FakeGrid {
       if (method === "POST" && path[1] === "jobs") return json(this.enqueue(JSON.parse(String(init?.body))), 202);
       if (method === "GET" && path[1] === "jobs") return json(this.answer(path[2] as string));
       if (method === "POST" && path[1] === "blobs") return json({ key: this.leave(new Uint8Array(init?.body as Uint8Array)) });
-      if (method === "GET" && path[1] === "blobs") return new Response(this.take(path[2] as string) as BodyInit);
+      if (method === "GET" && path[1] === "blobs") {
+        const key = path[2] as string;
+        const data = this.take(key);
+        return new Response((this.tamperBlob ? this.tamperBlob(key, data) : data) as BodyInit);
+      }
       if (method === "GET" && path[1] === "models") return json({ models: this.models() });
       return error(404, "not_found", `no route ${method} ${url.pathname}`);
     } catch (exc) {
@@ -220,7 +226,8 @@ export class FakeGrid {
     const outputs: Record<string, string> = {};
     share(fp.encode(y), 2).forEach((s, i) => {
       const party = this.card.parties[i] as string;
-      outputs[party] = this.leave(querier.seal(pack({ y: new Tensor("int64", [rows, W.length], s) })));
+      const y = pack({ y: new Tensor("int64", [rows, W.length], s) });
+      outputs[party] = this.leave(sealSigned(this.node(party), querier, outputLabel(q.id, party), y));
     });
     job.state = "SUCCESS";
     job.reply = sealEnvelope(this.node("company"), { recipient: q.querier, kind: "mpc_reply", jobId: job.envelope.job_id,
@@ -244,7 +251,7 @@ export class FakeGrid {
     const data = this.blobs.get(key);
     if (data === undefined) throw Object.assign(new Error(`no blob ${key}`), { code: "not_found" });
     this.blobs.delete(key);
-    return this.tamperBlob ? this.tamperBlob(key, data) : data;
+    return data;
   }
 
   private models(): Record<string, unknown> {

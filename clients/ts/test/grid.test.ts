@@ -20,6 +20,7 @@ import {
   StaleMessage,
   WrongRecipient,
   float,
+  pack,
   Tensor,
 } from "../src/index.js";
 import { B, FakeGrid, W } from "./fake-edge.js";
@@ -240,6 +241,13 @@ describe("use case 3 through the edge", () => {
     const job = [...fake.jobs.values()].at(-1)!;
     expect([job.task, job.envelope.recipient, job.envelope.kind]).toEqual(["gridq.mpc.query", "company", "mpc_query"]);
     expect(job.envelope.body).not.toContain("0.3"); // the input travels only as sealed shares
+  });
+
+  it("refuses an output share its party did not sign, though it is sealed to the querier", async () => {
+    const grid = await connect();
+    // whoever can write a blob (the relay; any broker user) swaps a share for one of its own, sealed to alice
+    fake.tamperBlob = () => alice.public.seal(pack({ y: new Tensor("int64", [1, 2], new BigInt64Array(2)) }));
+    await expect(grid.query("dana/risk", [0.3, -1.2, 2.5])).rejects.toThrow(BadSignature);
   });
 
   it("refuses inputs it cannot carry, before sending anything", async () => {

@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python -m ops.bench.mpc
 	$(BIN)/python -m ops.bench.fl
 	$(BIN)/python -m ops.bench.soak
+	$(BIN)/python -m ops.bench.edge
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,5 +1,5 @@
 """Broker permissions per identity: one Redis 7 ACL user per enrolled node, and one per role
-for the rest (gateway, scientist, flower, admin).
+for the rest (gateway, scientist, edge, flower, admin).
 
 Without ACLs anyone who reaches Redis may do anything there (FLUSHALL, pop a node's jobs,
 rewrite the gateway's key); with one user shared by every node, a node could pop another
@@ -80,6 +80,7 @@ from protocol.contract import (
     MPC_MODELS_KEY,
     alive_key,
     dead_letter_key,
+    edge_nonce_key,
     in_flight_keys,
     mpc_ack_key,
     mpc_aggregated_key,
@@ -92,13 +93,14 @@ from protocol.contract import (
     sent_key,
 )
 
-ROLES = ("gateway", "scientist", "flower", "admin")  # users of their own; nodes get one each (node_user)
+ROLES = ("gateway", "scientist", "edge", "flower", "admin")  # users of their own; nodes get one each (node_user)
 NODE_USER_PREFIX = "node-"
 ROLE_WHO = {
     "gateway": "the gateway worker (registry and search)",
     "node": "one enrolled node: its worker, its MPC worker (host, party, crypto provider, aggregation "
             "party) and its owner's admin API (workers.Node)",
     "scientist": "a data scientist's client (orchestrator.Grid)",
+    "edge": "the HTTP edge (`gridq edge`, ops/edge): relays signed envelopes of clients that cannot reach Redis",
     "flower": "the operator's monitoring: Celery Flower and `gridq status` (events, control ping)",
     "admin": "the broker's owner: everything (never given to a worker or a scientist)",
 }
@@ -274,6 +276,24 @@ def _mpc_member(node: str) -> list[Rule]:
     ]
 
 
+def _client(db: int, nodes: Sequence[str]) -> list[Rule]:
+    """What a client of the grid needs (a scientist's, or the HTTP edge relaying clients' envelopes)."""
+    queues = [k for q in (GATEWAY_QUEUE, *(q for n in nodes for q in (node_queue(n), mpc_queue(n))))
+              for k in _queue_keys(q)]
+    return [
+        *_connection(),
+        *_gateway_key_reader(),
+        *_sender(queues, "searches (gateway), jobs and MPC requests to enrolled nodes only (node.<id>, "
+                         "mpc.<id>): a queue nobody will read cannot be filled"),
+        *_results_reader(),
+        *_claim_check(),
+        Rule(f"(%R~{MPC_MODELS_KEY} +hgetall)", "list the models served by MPC (cards signed by their host)"),
+        Rule(f"(&/{db}.celeryev/task.sent +publish)", "the task-sent event (Flower shows queued jobs); only "
+                                                     "that event"),
+        *_liveness_reader(),
+    ]
+
+
 def rules(user: str, db: int = 0, nodes: Sequence[str] = ()) -> list[Rule]:
     """The ACL rules of ``user`` (a role, or ``node_user(id)``), each with its reason, on a
     grid where ``nodes`` are enrolled."""
@@ -281,21 +301,20 @@ def rules(user: str, db: int = 0, nodes: Sequence[str] = ()) -> list[Rule]:
     if user == "admin":
         return [Rule("~* &* +@all", "the broker's owner: MONITOR, ACL, inspection and repairs")]
     if user == "scientist":
-        queues = [k for q in (GATEWAY_QUEUE, *(q for n in nodes for q in (node_queue(n), mpc_queue(n))))
-                  for k in _queue_keys(q)]
         return [
-            *_connection(),
-            *_gateway_key_reader(),
-            *_sender(queues, "searches (gateway), jobs and MPC requests to enrolled nodes only (node.<id>, "
-                             "mpc.<id>): a queue nobody will read cannot be filled"),
-            *_results_reader(),
-            *_claim_check(),
-            Rule(f"(%R~{MPC_MODELS_KEY} +hgetall)", "list the models served by MPC (cards signed by their host)"),
-            Rule(f"(&/{db}.celeryev/task.sent +publish)", "the task-sent event (Flower shows queued jobs); only "
-                                                         "that event"),
-            *_liveness_reader(),
+            *_client(db, nodes),
             Rule(f"(%W~{sent_key('*')} +setex)", "mark a job as sent, for as long as its result lives …"),
             Rule(f"(%R~{sent_key('*')} +exists)", "… so that a ticket for an id never sent is NotFound at once"),
+        ]
+    if user == "edge":
+        return [
+            *_client(db, nodes),
+            Rule(f"(%W~{sent_key('*')} +set)", "mark a job as sent (SET NX EX, for as long as its result lives): "
+                                              "a job id already sent is refused, not sent twice …"),
+            Rule(f"(%R~{sent_key('*')} +exists)", "… and a job id never sent is NotFound at once"),
+            Rule(f"(%W~{edge_nonce_key('*', '*')} +set)",
+                 "remember each relayed envelope's nonce until it expires (SET NX EX, write-only): a replay is "
+                 "refused by every edge process, after a restart too"),
         ]
     if user == "gateway":
         return [

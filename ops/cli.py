@@ -96,16 +96,18 @@ def demo() -> None:
 @app.command()
 def up(home: Path = typer.Option(None, help="keys, node configs, data and logs (default: $GRIDQ_HOME, "
                                             "~/.gridq); kept across runs"),
-       play: bool = typer.Option(False, "--demo", help="play the demo's use cases once it is up")) -> None:
+       play: bool = typer.Option(False, "--demo", help="play the demo's use cases once it is up"),
+       edge_port: int = typer.Option(8750, help="the HTTP edge's port on 127.0.0.1 (0, or taken: a free one)")
+       ) -> None:
     """Start a whole grid on this machine — Redis, gateway, nodes hospital and clinic, the MPC
-    pool — and keep it up until Ctrl-C. Prints the `export` line that points gridq and the
-    README's examples at it.
+    pool, the HTTP edge — and keep it up until Ctrl-C. Prints the `export` line that points
+    gridq and the README's examples at it, and the edge's address.
 
     Example: gridq up --home ~/.gridq
     """
     from ops.demo import run
 
-    run(stay_up=True, home=(home or _home()).expanduser(), play=play)
+    run(stay_up=True, home=(home or _home()).expanduser(), play=play, edge_port=edge_port)
 
 
 @node.command("start")
@@ -148,6 +150,42 @@ def gateway_start(broker: str | None = broker_option("gateway"),
     from ops.keys import read_identity
 
     start_gateway(_role_broker("gateway", broker), read_identity(identity), _gateway_database(database), loglevel)
+
+
+@app.command("edge")
+def edge_start(broker: str | None = broker_option("edge"),
+               host: str = typer.Option("127.0.0.1", help="address to listen on"),
+               port: int = typer.Option(8750, help="port to listen on"),
+               users: Path = typer.Option(None, help="folder of NAME.pub files: the senders admitted (default: "
+                                                     "$GRIDQ_HOME/keys; only .pub files are read)"),
+               static: Path = typer.Option(None, help="static files served at / if the folder exists (default: "
+                                                      "clients/ts/web in the repository)"),
+               job_body_max: int = typer.Option(1 << 20, help="bytes of a POST /v1/jobs body, at most"),
+               blob_body_max: int = typer.Option(16 << 20, help="bytes of a POST /v1/blobs body, at most"),
+               job_rate: float = typer.Option(50.0, help="jobs a second per sender (token bucket) …"),
+               job_burst: float = typer.Option(100.0, help="… saved up to this many"),
+               ip_rate: float = typer.Option(100.0, help="other requests a second per client address …"),
+               ip_burst: float = typer.Option(200.0, help="… saved up to this many"),
+               blob_rate: float = typer.Option(8.0 * (1 << 20), help="blob bytes a second per client address"),
+               max_waiters: int = typer.Option(1000, help="long-polls at once, at most (429 beyond)"),
+               access_log: bool = typer.Option(False, help="log every request"),
+               loglevel: str = "INFO") -> None:
+    """Serve the HTTP edge for clients that cannot reach Redis: it verifies signed envelopes,
+    enqueues them as its own broker user, and relays the signed replies. It holds no key.
+
+    Example: gridq edge --port 8750
+    """
+    from ops.edge.run import serve
+    from ops.edge.settings import DEFAULT_STATIC, EdgeSettings
+
+    settings = EdgeSettings(
+        broker=_role_broker("edge", broker), users=(users or _home() / "keys").expanduser(),
+        static=(static or DEFAULT_STATIC).expanduser(), host=host, port=port, job_body_max=job_body_max,
+        blob_body_max=blob_body_max, job_rate=job_rate, job_burst=job_burst, ip_rate=ip_rate, ip_burst=ip_burst,
+        blob_rate=blob_rate, max_waiters=max_waiters, access_log=access_log)
+    typer.echo(f"edge on http://{host}:{port} (users: {settings.users}; static: "
+               f"{settings.static if settings.static and settings.static.is_dir() else 'none'})")
+    serve(settings, loglevel)
 
 
 def _gateway_database(database: str | None) -> str:
@@ -250,7 +288,7 @@ def acl_init(home: Path = typer.Option(None, help="where broker/ is written (def
              host: str = typer.Option("127.0.0.1", help="the broker's host, as the participants reach it"),
              port: int = 6379, db: int = 0, database: str | None = GATEWAY_DATABASE) -> None:
     """Write the broker's ACL file (users.acl: hashed passwords, the default user off) and one
-    URL file per user (gateway, scientist, flower, admin, and node-<id> for each node enrolled
+    URL file per user (gateway, scientist, edge, flower, admin, and node-<id> for each node enrolled
     at the gateway), all mode 0600, keeping the passwords already there. Start Redis with the
     file; give each participant its URL. `gridq enrol`/`unenrol` keep it up to date.
 

@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 
 from ops.demo_data import digits_split, write_demo_data
-from ops.local import NODE_CONFIGS, LocalGrid
+from ops.local import NODE_CONFIGS, LocalGrid, port_free
 from orchestrator.history import figure
 from protocol.errors import InvalidRequest, PermissionDenied
 from workers.datasets import load_table
@@ -201,9 +201,11 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def run(stay_up: bool = False, home: Path | None = None, play: bool = True) -> None:
+def run(stay_up: bool = False, home: Path | None = None, play: bool = True, edge_port: int = 0) -> None:
     """``gridq demo`` (a temporary home, the use cases played, then stopped) and ``gridq up``
-    (a kept home, the MPC pool started too, up until Ctrl-C; the use cases only if asked)."""
+    (a kept home, the MPC pool started too, up until Ctrl-C; the use cases only if asked).
+    Both start the HTTP edge too, on ``edge_port`` (0: a free port; a port that is taken: a
+    free one, said so)."""
     _stop_on_sigterm()
     with tempfile.TemporaryDirectory(prefix="gridq-") as tmp:
         home = Path(home or tmp).resolve()
@@ -214,10 +216,16 @@ def run(stay_up: bool = False, home: Path | None = None, play: bool = True) -> N
             console.print("[bold]Starting a local grid[/]: Redis, gateway, nodes hospital and clinic …")
             t0 = time.perf_counter()
             lg.start(configs)
+            if edge_port and not port_free(edge_port):
+                console.print(f"  [yellow]port {edge_port} is taken: the edge takes a free one[/] (--edge-port N)")
+                edge_port = 0
+            lg.start_edge(edge_port or None)  # for clients that cannot reach Redis (ops/edge)
             if stay_up:
                 start_mpc_pool(lg)
             console.print(f"  ready in {time.perf_counter() - t0:.1f} s — broker on port {lg.port}, one user per "
                           f"node and per role ({lg.home / 'broker'}), logs in {lg.logs}")
+            console.print(f"  HTTP edge: {lg.edge_url} (clients that cannot reach Redis; GET /healthz)",
+                          soft_wrap=True)
             console.print(f"  broker: {lg.server}", soft_wrap=True)
             if play:
                 private_statistics(lg)
@@ -237,6 +245,7 @@ def _serve_until_stopped(lg: LocalGrid) -> None:
                   "then, for example (owner and operator commands log in as their broker users, from "
                   "$GRIDQ_HOME/broker):\n  gridq status\n  gridq requests list hospital\n"
                   "  python   # and the README's examples, which connect with Grid.connect(identity=\"alice\")\n"
+                  f"  curl {lg.edge_url}/v1/gateway   # the HTTP edge, for clients that cannot reach Redis\n"
                   f"Keys are in {lg.keys} (users {', '.join(USERS)}); logs in {lg.logs}. Ctrl-C stops it.",
                   soft_wrap=True)
     try:

@@ -50,6 +50,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def port_free(port: int) -> bool:
+    """Whether a server could listen on 127.0.0.1:``port`` now."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def redis_version(binary: str) -> str:
     """The version a ``redis-server`` binary says it is ("7.0.15"; "0" if it will not say)."""
     shown = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30).stdout
@@ -80,6 +91,7 @@ class LocalGrid:
         self.url = ""
         self.port = 0
         self.server = ""  # which redis-server runs the broker, once started
+        self.edge_url = ""  # the HTTP edge's base URL, once started (start_edge)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -148,6 +160,19 @@ class LocalGrid:
         self._spawn("gateway", [sys.executable, "-m", "ops.cli", "gateway", "start",
                                 "--identity", str(self.keys / "gateway.key"),
                                 "--database", gateway_database(self.home)], role="gateway")
+
+    def start_edge(self, port: int | None = None, *options: str, name: str = "edge", timeout: float = 30.0) -> str:
+        """The HTTP edge (``gridq edge``, on 127.0.0.1) as process ``name``, logged in as the
+        ``edge`` broker user and admitting the keys in ``keys/``; its base URL, once ``/healthz``
+        answers. ``options``: more of its command-line options (limits)."""
+        port = port or free_port()
+        self._spawn(name, [sys.executable, "-m", "ops.cli", "edge", "--host", "127.0.0.1", "--port", str(port),
+                           *options], role="edge")
+        url = f"http://127.0.0.1:{port}"
+        _until(lambda: _healthy(url), timeout, f"the edge ({name}) did not start", self._crashed)
+        if name == "edge":
+            self.edge_url = url
+        return url
 
     def enrol(self, name: str) -> None:
         """Admit node ``name`` at the gateway with its key in ``keys/`` (made if missing): the
@@ -259,6 +284,16 @@ class LocalGrid:
 
 def _ping(grid: Grid) -> list[str]:
     return grid.transport.ping(timeout=0.5)
+
+
+def _healthy(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=2) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False
 
 
 def _pings(client: redis.Redis) -> bool:

@@ -66,6 +66,12 @@ def sent_key(job_id: str) -> str:
     return f"gridq:sent:{job_id}"
 
 
+def edge_nonce_key(sender: str, nonce: str) -> str:
+    """Set (SET NX, expiring with its envelope) when the HTTP edge (``ops.edge``) lets an
+    envelope through: a replay is refused by every edge process of the grid, after a restart too."""
+    return f"gridq:edge:nonce:{sender}:{nonce}"
+
+
 def dead_letter_key(queue: str) -> str:
     """The list where a worker of ``queue`` puts what it would not run (``protocol.inbox``):
     junk, and messages given up after too many deliveries; the newest ``DEAD_LETTER_MAX``."""

@@ -155,6 +155,37 @@ def open_envelope(
     """Verify an envelope as received from the wire and return it, or raise why not.
     ``job_id``: the job the reader asked about; a reply signed for another job is refused
     before its nonce is remembered (the genuine reply can still be read where it belongs)."""
+    env = _signed(raw, keyring, recipient)
+    if env.recipient != recipient:
+        raise WrongRecipient(
+            f"message is addressed to {env.recipient!r}, not {recipient!r}", job_id=env.job_id
+        )
+    _fresh(env, now)
+    if job_id is not None and env.job_id != job_id:
+        raise MisdirectedReply(f"the answer stored for job {job_id} is {env.sender!r}'s signed answer to job "
+                               f"{env.job_id}: refused (something with access to the broker moved it)",
+                               job_id=job_id)
+    if not nonces.remember(env.sender, env.nonce, delivery_id, env.expires_at):
+        raise ReplayedNonce(
+            f"nonce {env.nonce[:8]}… of {env.sender!r} was already used", job_id=env.job_id
+        )
+    return env
+
+
+def verify_envelope(raw: Any, *, keyring: Mapping[str, PublicIdentity], now: float, verifier: str) -> Envelope:
+    """What anyone holding the sender's public key can check of an envelope, without being
+    its recipient: protocol version, form, a sender in ``keyring``, the signature, expiry and
+    issue time (within the clock skew). A relay that forwards envelopes it cannot open (the
+    HTTP edge, ``verifier``) checks this; the nonce is the caller's to remember (then the
+    recipient checks everything again, with :func:`open_envelope`)."""
+    env = _signed(raw, keyring, verifier)
+    _fresh(env, now)
+    return env
+
+
+def _signed(raw: Any, keyring: Mapping[str, PublicIdentity], reader: str) -> Envelope:
+    """``raw`` parsed as an envelope of this protocol's major version, from a sender in
+    ``keyring``, whose signature checks out."""
     if isinstance(raw, dict) and "v" in raw and _major(str(raw["v"])) != _major(PROTOCOL_VERSION):
         raise IncompatibleProtocol(
             f"message speaks protocol {raw['v']!s:.16}, this side speaks {PROTOCOL_VERSION}",
@@ -169,7 +200,7 @@ def open_envelope(
     sender = keyring.get(env.sender)
     if sender is None:
         raise UnknownSender(
-            f"{env.sender!r} is not a known user of {recipient!r}; the owner must add its "
+            f"{env.sender!r} is not a known user of {reader!r}; the owner must add its "
             "public key to the node config", job_id=env.job_id,
         )
     try:
@@ -180,10 +211,12 @@ def open_envelope(
         sender.verify(env.signed_bytes(), signature)
     except BadSignature as exc:
         raise BadSignature(exc.message, job_id=env.job_id) from None
-    if env.recipient != recipient:
-        raise WrongRecipient(
-            f"message is addressed to {env.recipient!r}, not {recipient!r}", job_id=env.job_id
-        )
+    return env
+
+
+def _fresh(env: Envelope, now: float) -> None:
+    """Refuse an envelope that has expired (or claims a lifetime over the maximum), or is
+    issued further in the future than the clock skew allows."""
     if env.expires_at < now or env.expires_at - env.issued_at > MAX_TTL_SECONDS:
         raise MessageExpired(
             f"message expired {now - env.expires_at:.1f} s ago; send the job again",
@@ -194,12 +227,3 @@ def open_envelope(
             f"message is issued {env.issued_at - now:.0f} s in the future; check the clocks",
             job_id=env.job_id,
         )
-    if job_id is not None and env.job_id != job_id:
-        raise MisdirectedReply(f"the answer stored for job {job_id} is {env.sender!r}'s signed answer to job "
-                               f"{env.job_id}: refused (something with access to the broker moved it)",
-                               job_id=job_id)
-    if not nonces.remember(env.sender, env.nonce, delivery_id, env.expires_at):
-        raise ReplayedNonce(
-            f"nonce {env.nonce[:8]}… of {env.sender!r} was already used", job_id=env.job_id
-        )
-    return env

@@ -34,7 +34,7 @@ from ops.cli import app
 ROOT = Path(__file__).resolve().parents[2]
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
 EXPORTS = r'export GRIDQ_BROKER="\$\(cat \S+/broker/scientist\.url\)" GRIDQ_HOME=\S+\n'
-SERVERS = {("up",), ("demo",), ("flower",), ("node", "start"), ("mpc", "start"), ("gateway", "start")}
+SERVERS = {("up",), ("demo",), ("flower",), ("edge",), ("node", "start"), ("mpc", "start"), ("gateway", "start")}
 
 
 def blocks() -> list[tuple[str, str]]:
@@ -140,3 +140,8 @@ def test_every_readme_block_runs_against_gridq_up(grid_up: dict[str, str], tmp_p
     # what the blocks claim
     assert namespace["first"].wait().status == "done"          # approved by the sh block
     assert (namespace["y"] - namespace["model"](namespace["x"])).abs().max() < 1e-3
+    from orchestrator.grid import Grid
+
+    for value in namespace.values():  # the README's session stays open, as a user's would; closed here, not by GC
+        if isinstance(value, Grid):
+            value.close()

@@ -97,7 +97,7 @@ def test_users_and_files(acl_grid: LocalGrid, admin: redis.Redis) -> None:
     users = {u.decode() if isinstance(u, bytes) else u for u in admin.acl_users()}
     nodes = {f"node-{n}" for n in enrolled_nodes(gateway_database(acl_grid.home))}
     assert {"node-hospital", "node-clinic"} <= nodes  # one user per enrolled node, none shared by all of them
-    assert users == {"default", "gateway", "scientist", "flower", "admin", *nodes}
+    assert users == {"default", "gateway", "scientist", "edge", "flower", "admin", *nodes}
     assert "off" in admin.acl_getuser("default")["flags"]
     folder = acl_grid.home / "broker"
     for path in (folder / "users.acl", *(folder / f"{r}.url" for r in ("gateway", "node-hospital", "scientist"))):
@@ -248,7 +248,7 @@ def test_a_node_takes_only_its_own_jobs_and_in_flight_keys(acl_grid: LocalGrid, 
 def test_no_user_but_the_admin_runs_scripts_or_functions(acl_grid: LocalGrid, admin: redis.Redis) -> None:
     endless = "while true do end"
     sha = admin.script_load("return 1")
-    for user in ("scientist", "gateway", "flower", "node-hospital", "node-clinic"):
+    for user in ("scientist", "edge", "gateway", "flower", "node-hospital", "node-clinic"):
         other = client(acl_grid, user)
         try:
             refused(other.script_load, endless)
@@ -494,3 +494,82 @@ def test_status_and_flower_with_the_flower_user(acl_grid: LocalGrid, no_denials:
     finally:
         flower.terminate()
         flower.wait(timeout=15)
+
+
+# --- the HTTP edge with the edge user ------------------------------------------------------------------
+
+
+def test_the_edge_relays_jobs_and_an_encrypted_query_as_its_own_user(mpc_pool: LocalGrid, admin: redis.Redis,
+                                                                      no_denials: None) -> None:
+    """The HTTP edge (ops/edge) logs in as `edge`: a job, a search, the model list, blobs and an
+    MPC query — its input shares left and its output shares taken through the edge — all pass
+    with no ACL denial; what its user may not do is refused."""
+    import secrets
+    import uuid
+
+    from ops.edge.client import EdgeClient, signed_job
+    from ops.keys import read_identity
+    from orchestrator.mpc import find
+    from orchestrator.ticket import JobTicket
+    from protocol.contract import Tasks
+    from protocol.messages import RawRelease, RunJob
+    from protocol.mpc.cards import Query, SignedQuery, input_label, output_label
+    from protocol.mpc.ring import FixedPoint
+    from protocol.mpc.sharing import reconstruct, share
+    from protocol.mpc.wire import MpcReply, QueryModel, open_signed, pack, seal_signed, unpack
+    from protocol.serving import parse
+
+    url = mpc_pool.start_edge(name="edge-acl")
+    model = torch.nn.Linear(4, 2)
+    x = torch.tensor([[1.0, 2.0, -0.5, 3.0]])
+    try:
+        with mpc_pool.connect("dana") as owner:
+            owner.serve(model, name="edge-triage", parties=["hospital", "public"], crypto_provider="university",
+                        host="company", queriers=["bob"])
+        alice, bob = (read_identity(mpc_pool.keys / f"{u}.key") for u in ("alice", "bob"))
+        with mpc_pool.connect("bob") as grid, EdgeClient(url) as edge:
+            assert edge.gateway()["public_key"] == mpc_pool.gateway_key()
+            assert "hospital" in {meta["node"] for meta in json.loads(edge.search(["#birth-records"])[1]["body"])
+                                  ["datasets"]}
+            births = grid.search("#birth-records", "#february")["hospital"][0]
+            job_id = edge.submit(signed_job(alice, "hospital", RunJob(plan=births["weight"].mean().plan,
+                                                                      release=RawRelease())))
+            state, reply = edge.reply(job_id, wait=30)
+            with mpc_pool.connect("alice") as mine:
+                assert JobTicket.finished(mine, job_id, state, reply).value().item() == pytest.approx(
+                    load_table(mpc_pool.home / "data" / "hospital_births_feb.csv")[0][:, 0].mean().item())
+            # bob queries dana's model through the edge, as a browser would
+            assert "dana/edge-triage" in edge.models()
+            card = find(grid, "dana/edge-triage")
+            fp = FixedPoint(card.plan.frac_bits)
+            query = Query(querier="bob", owner=card.owner, model=card.name, card=card.digest(), batch=1,
+                          id=secrets.token_hex(16), issued_at=time.time())
+            inputs = {}
+            for party, piece in zip(card.parties, share(fp.encode(x), len(card.parties)), strict=True):
+                sealed = seal_signed(bob, grid.transport.node_key(party), input_label(query.id, party),
+                                     pack({"x": piece}))
+                inputs[party] = json.loads(edge.raw("POST", "/v1/blobs", sealed)[2])["key"]
+            request = signed_job(bob, card.host, QueryModel(query=SignedQuery.sign(bob, query), inputs=inputs),
+                                 task=Tasks.MPC_QUERY, job_id=uuid.uuid4().hex)
+            assert edge.call("POST", "/v1/jobs", request)[1]["queue"] == "mpc.company"
+            state, reply = edge.reply(request["envelope"]["job_id"], wait=30)
+            answer = parse(MpcReply, grid.transport.verify(reply, card.host, request["envelope"]["job_id"]).body_json())
+            outputs = [unpack(open_signed(bob, grid.transport.node_key(p), output_label(query.id, p),
+                                          edge.raw("GET", f"/v1/blobs/{answer.outputs[p]}")[2]))[0]["y"]
+                       for p in card.parties]
+        with torch.no_grad():
+            assert (fp.decode(reconstruct(outputs)) - model(x)).abs().max().item() < 1e-3
+        assert admin.acl_log(128) == []  # the relaying needed nothing its user may not do; now, what it may not:
+        edge_user = client(mpc_pool, "edge")
+        try:
+            refused(edge_user.brpop, ["node.hospital"], timeout=1)  # it sends jobs, never takes one
+            refused(edge_user.eval, "return 1", 0)
+            if not (mpc_pool.home / "broker" / "users.flat").exists():  # Redis 7: rules per key (selectors)
+                refused(edge_user.set, "celery-task-meta-x", "forged")  # it writes no result
+                refused(edge_user.get, "gridq:edge:nonce:alice:x")  # its nonces are write-only
+            refused(edge_user.publish, "/0.celery.pidbox", "shutdown")
+        finally:
+            edge_user.close()
+            admin.acl_log_reset()  # those refusals were asked for
+    finally:
+        mpc_pool.kill("edge-acl")

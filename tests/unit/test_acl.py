@@ -48,7 +48,7 @@ def test_every_user_gets_a_url_and_the_default_user_is_off(tmp_path: Path) -> No
     lines = users.acl_file.read_text().splitlines()
     names = [line.split()[1] for line in lines]
     assert names == ["default", *USERS]
-    assert set(ROLES) == {"gateway", "scientist", "flower", "admin"}  # no user shared by every node
+    assert set(ROLES) == {"gateway", "scientist", "edge", "flower", "admin"}  # no user shared by every node
     default = lines[0].split()
     assert "off" in default and "-@all" in default and "on" not in default
     assert not any(t.startswith((">", "#", "~", "&", "+")) or t == "nopass" for t in default[2:] if t != "-@all")
@@ -246,6 +246,49 @@ def test_rules_fit_the_keys_the_code_builds() -> None:
 
 
 NODE_USERS = ["node-clinic", "node-hospital"]
+
+
+def test_the_edge_relays_as_a_scientist_sends_and_keeps_only_its_marks() -> None:
+    """The HTTP edge (ops/edge, issue 17): it sends what a scientist's client sends, reads
+    results, marks jobs sent and remembers nonces (SET NX EX, write-only) — and cannot take a
+    job off a queue, write a result, command a worker or run a script."""
+    from protocol.contract import alive_key, edge_nonce_key, sent_key
+
+    hospital = node_queue("hospital")
+    for queue in ("gateway", hospital, mpc_queue("clinic"), f"{hospital}\x06\x163"):
+        assert allows("edge", "lpush", queue, write=True), queue
+        for take in ("brpop", "lpop", "rpop", "lrange", "del"):
+            assert not allows("edge", take, queue, read=True, write=True), (take, queue)
+    for queue in (node_queue("ward"), mpc_peer_queue("hospital"), "node.hospital2", "anything"):
+        assert not allows("edge", "lpush", queue, write=True), queue
+    nonce = edge_nonce_key("alice", "n" * 32)
+    assert [r for r in USERS if allows(r, "set", nonce, write=True)] == ["edge", "admin"]
+    assert not allows("edge", "get", nonce, read=True) and not allows("edge", "del", nonce, write=True)
+    sent = sent_key("hospital:" + "0" * 32)
+    assert [r for r in USERS if allows(r, "set", sent, write=True)] == ["edge", "admin"]  # SET NX: never twice
+    assert allows("edge", "exists", sent, read=True)
+    result = "celery-task-meta-hospital:" + "0" * 32
+    assert allows("edge", "get", result, read=True) and allows("edge", "subscribe", channel=result)
+    assert not any(allows("edge", c, result, write=True) for c in ("set", "setex", "del"))
+    assert not allows("edge", "publish", channel=result)
+    assert allows("edge", "exists", alive_key(hospital), read=True)
+    assert not allows("edge", "setex", alive_key(hospital), write=True)
+    assert allows("edge", "get", GATEWAY_IDENTITY_KEY, read=True) and allows("edge", "get", GATEWAY_NODES_KEY,
+                                                                              read=True)
+    assert not allows("edge", "set", GATEWAY_IDENTITY_KEY, write=True)
+    assert allows("edge", "hgetall", MPC_MODELS_KEY, read=True) and not allows("edge", "hset", MPC_MODELS_KEY,
+                                                                               write=True)
+    blob = f"{CLAIM_CHECK_PREFIX}{'a' * 32}"
+    assert allows("edge", "setex", blob, write=True) and allows("edge", "getdel", blob, read=True, write=True)
+    assert not allows("edge", "set", blob, write=True)  # a blob always expires
+    for key in in_flight_keys(hospital).values():
+        assert not any(allows("edge", c, key, read=True) for c in ("hget", "get", "zrange"))
+    assert not allows("edge", "publish", channel="/0.celery.pidbox")  # no worker control
+    assert allows("edge", "publish", channel="/0.celeryev/task.sent")
+    assert not allows("edge", "publish", channel="/0.celeryev/task-succeeded")
+    tokens = " ".join(setuser_args("edge", "pw", nodes=NODES)).replace("(", " ").replace(")", " ").split(" ")
+    assert not {t[1:] for t in tokens if t.startswith("+")} & {"eval", "evalsha", "script", "fcall", "function",
+                                                               "@all", "@scripting"}
 
 
 def test_the_db_number_goes_into_the_pubsub_channels() -> None:

@@ -1,13 +1,14 @@
 # Two commands do all set-up on a fresh machine (no Redis, no root needed):
 #   make demo   — venv, torch (CPU build, pinned), gridq; then a whole local grid plays the three use cases
-#   make test   — the same set-up, then the full test suite (what CI runs)
+#   make test   — the same set-up, then the full test suite (what CI runs); apt-installs chromium (root or sudo) if missing
 #   make up     — the same grid, kept running in ~/.gridq until Ctrl-C
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.gridq-installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo up test ts bench install clean
+.PHONY: demo up test ts browser bench install clean
 
 $(STAMP): pyproject.toml ops/requirements/torch-cpu.txt
 	$(PY) -m venv $(VENV)
@@ -31,7 +32,13 @@ up: $(STAMP)
 ts:
 	cd clients/ts && npm ci --no-audit --no-fund && npm run build && npm test
 
-test: $(STAMP) ts
+# tests/e2e/test_browser.py: Debian's headless Chromium (apt, only if missing; never a browser
+# download), driven by the Python package playwright
+browser: $(STAMP)
+	command -v chromium >/dev/null || { $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+	$(BIN)/python -c 'import playwright' 2>/dev/null || $(BIN)/pip install --quiet 'playwright>=1.40'
+
+test: $(STAMP) ts browser
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict protocol
 	$(BIN)/mypy orchestrator workers ops

@@ -83,7 +83,8 @@ def _start_peers(config_path: str | Path, loglevel: str, broker: str, queue: str
                               loglevel, "--serve", "peers"], preexec_fn=_die_with_parent)
     with redis.Redis.from_url(broker) as client:
         deadline = time.monotonic() + PEER_START_SECONDS
-        while not client.exists(alive_key(queue)):
+        # its own post (its pid), not one a killed predecessor left to expire
+        while client.get(alive_key(queue)) != str(child.pid).encode():
             if child.poll() is not None or time.monotonic() > deadline:
                 child.kill()
                 raise NodeUnavailable(f"the MPC worker for other nodes ({queue}) did not start within "
@@ -126,7 +127,8 @@ def _serve(app: Celery, queue: str, hostname: str, concurrency: int, loglevel: s
     beacon: list[Posting] = []
 
     def ready(**_: object) -> None:
-        beacon.append(keep_posted(app.conf.broker_url, alive_key(queue), "1", every=ALIVE_EVERY_SECONDS,
+        # its pid: whoever started this worker tells its post from one left by a worker killed before it
+        beacon.append(keep_posted(app.conf.broker_url, alive_key(queue), str(os.getpid()), every=ALIVE_EVERY_SECONDS,
                                   ttl=ALIVE_TTL_SECONDS))
 
     def stopping(**_: object) -> None:

@@ -4,7 +4,8 @@ HTTP status (``ops.edge.checks.http_status``).
 
     GET  /healthz                       {"ok": true}
     GET  /v1/gateway                    {"public_key", "listing"}: the gateway's key and signed node listing
-    POST /v1/search     SearchQuery     {"job_id", "reply"}: the gateway's signed reply
+    POST /v1/search?job_id=ID  SearchQuery  {"job_id", "reply"}: the gateway's signed reply to job ID (the
+                                        client's fresh id, which the reply is signed for; else the edge picks one)
     POST /v1/jobs       {"task", "envelope"}   202 {"job_id", "queue"}
     GET  /v1/jobs/{id}?wait=SECONDS     {"state", "reply"}: SUCCESS / PENDING_APPROVAL with the signed reply,
                                         else PENDING / STARTED (…) and null
@@ -83,8 +84,10 @@ class Edge:
 
     async def search(self, request: Request) -> Response:
         self.ips.check(_ip(request))
+        asked = request.query_params.get("job_id")  # the client's: the gateway signs its reply for this id
+        job_id = None if asked is None else check_job_id(asked)
         query = parse_search(await read_body(request, self.settings.search_body_max))
-        job_id, reply = await self.broker.search(query.model_dump(mode="json"), self.settings.search_timeout)
+        job_id, reply = await self.broker.search(query.model_dump(mode="json"), self.settings.search_timeout, job_id)
         return JSONResponse({"job_id": job_id, "reply": reply})
 
     async def submit(self, request: Request) -> Response:

@@ -197,11 +197,17 @@ class EdgeBroker:
 
     # --- the gateway --------------------------------------------------------------------------
 
-    async def search(self, query: dict[str, Any], timeout: float) -> tuple[str, Any]:
-        """The gateway's signed answer to ``query``, sent as ``Transport.ask_gateway`` sends it."""
-        job_id = uuid4().hex
+    async def search(self, query: dict[str, Any], timeout: float, job_id: str | None = None) -> tuple[str, Any]:
+        """The gateway's signed answer to ``query``, sent as ``Transport.ask_gateway`` sends it,
+        with ``job_id`` as its task id: the client's (the gateway signs its reply for that id,
+        so a client that chose a fresh one knows the reply answers its question), else a new
+        one. An id is sent once (else ReplayedNonce): a client cannot have the gateway's reply
+        stored over another job's result."""
+        job_id = job_id or uuid4().hex
         key = f"{RESULT_PREFIX}{job_id}"
         with self._reserved():
+            if not await self.redis.set(sent_key(job_id), 1, nx=True, ex=self.sent_ttl):
+                raise ReplayedNonce(f"job {job_id} was sent already: each job id is sent once", job_id=job_id)
             async with self.waiter.watch(key) as messages:
                 await asyncio.get_running_loop().run_in_executor(self._senders, functools.partial(
                     self.app.send_task, Tasks.SEARCH, args=[query], queue=GATEWAY_QUEUE, task_id=job_id))

@@ -149,6 +149,34 @@ def test_search_models_and_blobs_through_the_edge(local_grid: LocalGrid, http: E
     assert http.call("GET", "/healthz") == (200, {"ok": True})
 
 
+def test_a_search_runs_under_the_client_s_job_id_so_its_reply_is_bound_to_the_question(local_grid: LocalGrid,
+                                                                                       http: EdgeClient) -> None:
+    """POST /v1/search?job_id=ID: the edge sends the gateway's task under the client's fresh id, so
+    the gateway's signed reply names it (as Transport.ask_gateway's do): a relay cannot answer with
+    the reply to another search. An id is taken once; a job's id cannot be taken over."""
+    gateway = PublicIdentity.parse(GATEWAY, local_grid.gateway_key())
+    query = {"tags": ["#birth-records", "#february"], "words": []}
+    job_id = uuid.uuid4().hex
+    status, answer = http.call("POST", f"/v1/search?job_id={job_id}", query)
+    assert status == 200 and answer["job_id"] == job_id, answer
+    env = open_envelope(answer["reply"], recipient=PUBLIC, keyring={GATEWAY: gateway}, nonces=MemoryNonceStore(),
+                        delivery_id=job_id, now=time.time(), job_id=job_id)  # signed for the client's id
+    found = parse_body(env.body_json())
+    assert isinstance(found, GatewayReply) and ("hospital", "birth-records-feb") in {(m.node, m.name)
+                                                                                    for m in found.datasets}
+    refused(http, 409, "replayed_nonce", "POST", f"/v1/search?job_id={job_id}", query)  # each id once
+    # a job's id: the gateway's reply is not stored over the node's
+    request = mean_job(local_grid)
+    sent = http.submit(request)
+    state, reply = http.reply(sent, wait=30)
+    refused(http, 409, "replayed_nonce", "POST", f"/v1/search?job_id={sent.replace(':', '%3A')}", query)
+    assert http.reply(sent) == (state, reply) and reply["sender"] == "hospital"
+    for bad in ("", "a/b", "x" * 81, "hospital:..%2Fx", "%00"):  # not ids a worker takes, or a URL names
+        refused(http, 400, "invalid_request", "POST", f"/v1/search?job_id={bad}", query)
+    other, _ = http.search(["#birth-records"])  # without one, the edge picks a fresh id, as before
+    assert other != job_id and len(other) == 32
+
+
 def test_concurrent_long_polls_each_wake_with_their_own_reply(local_grid: LocalGrid, edge: str) -> None:
     """Eight clients at once, each waiting on jobs (pairs of them on the same job): one pub/sub
     connection at the edge wakes each wait with its own job's reply (bounded: 12 jobs)."""

@@ -9,7 +9,7 @@
  *     const { public_key, listing } = await edge.gateway();
  */
 import type { Envelope } from "./envelope.js";
-import { errorFromWire, type GridError, InvalidRequest, NodeUnavailable, NotFound } from "./errors.js";
+import { errorFromWire, type GridError, InvalidRequest, MisdirectedReply, NodeUnavailable, NotFound } from "./errors.js";
 import type { SearchQuery } from "./messages.js";
 
 /** The longest a single long-poll may ask the edge to wait. */
@@ -55,11 +55,15 @@ export class Edge {
     return { public_key: data["public_key"], listing: data["listing"] };
   }
 
-  /** Run a search at the gateway: its job id and signed reply (unverified). */
-  async search(query: SearchQuery): Promise<{ job_id: string; reply: unknown }> {
-    const data = await this.json("POST", "v1/search", JSON.stringify(query), undefined, 60);
-    if (typeof data["job_id"] !== "string") throw new InvalidRequest(`the edge at ${this.url} answered a search without a job id`);
-    return { job_id: data["job_id"], reply: data["reply"] };
+  /** Run a search at the gateway as job `jobId` (the caller's fresh id, which the gateway signs
+   * its reply for): the signed reply (unverified: the caller opens it for `jobId`). */
+  async search(query: SearchQuery, jobId: string): Promise<{ job_id: string; reply: unknown }> {
+    const data = await this.json("POST", `v1/search?job_id=${encodeURIComponent(jobId)}`, JSON.stringify(query), undefined, 60);
+    if (data["job_id"] !== jobId) {
+      throw new MisdirectedReply(`the edge at ${this.url} answered search ${jobId} as job ${String(data["job_id"])}: ` +
+        "refused (an edge that predates ?job_id= on /v1/search, or an answer to another search)", { jobId });
+    }
+    return { job_id: jobId, reply: data["reply"] };
   }
 
   /** Hand a signed envelope to the edge, to be enqueued as `task`. */

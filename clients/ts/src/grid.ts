@@ -4,7 +4,7 @@
  *
  *     import { Grid, Identity, ready } from "@gridq/client";
  *     await ready();
- *     const grid = await Grid.connect("http://127.0.0.1:8470", Identity.fromJson(keyFile), { gatewayKey });
+ *     const grid = await Grid.connect("http://127.0.0.1:8750", Identity.fromJson(keyFile), { gatewayKey });
  *     const births = (await grid.search("#birth-records", "#february"))["hospital"][0];
  *     await births.col("weight").mean().get();                   // Tensor
  *     await births.col("weight").mean().get({ epsilon: 0.1 });   // PrivateValue
@@ -97,7 +97,9 @@ export class Grid implements TicketHost {
     const tags = args.filter((a): a is string => typeof a === "string");
     const options = (args.find((a) => typeof a !== "string") ?? {}) as SearchOptions;
     const query = searchQuery(tags, options.words ?? [], options.node ?? null);
-    const { job_id: jobId, reply } = await this.edge.search(query);
+    // a fresh id of our own: the gateway signs its answer for it, so no other search's answer passes as this one's
+    const jobId = randomHex(16);
+    const { reply } = await this.edge.search(query, jobId);
     const env = openEnvelope(reply, { recipient: PUBLIC, keyring: new Map([[GATEWAY, this.gateway]]), nonces: this.nonces,
       deliveryId: jobId, jobId });
     const body = parseGatewayReply(bodyJson(env), jobId);
@@ -106,7 +108,7 @@ export class Grid implements TicketHost {
     const found: Record<string, DataPointer[]> = {};
     for (const meta of body.datasets) {
       if (!matches(meta, query)) {
-        // the gateway's signed answer names no question: this may be another search's answer
+        // signed for this job id, so for this question: a dataset that does not fit it is a gateway's error
         throw new BadSignature(`the search answer lists ${meta.node}/${meta.name}, which does not match this search: ` +
           "refused (an answer to another search?)", { jobId });
       }

@@ -109,7 +109,9 @@ export class FakeGrid {
     const path = url.pathname.replace(/^\/+/, "").split("/").map(decodeURIComponent);
     try {
       if (method === "GET" && path[1] === "gateway") return json({ public_key: this.gateway.public.text(), listing: this.listing() });
-      if (method === "POST" && path[1] === "search") return json(this.search(JSON.parse(String(init?.body))));
+      if (method === "POST" && path[1] === "search") {
+        return json(this.search(JSON.parse(String(init?.body)), url.searchParams.get("job_id")));
+      }
       if (method === "POST" && path[1] === "jobs") return json(this.enqueue(JSON.parse(String(init?.body))), 202);
       if (method === "GET" && path[1] === "jobs") return json(this.answer(path[2] as string));
       if (method === "POST" && path[1] === "blobs") return json({ key: this.leave(new Uint8Array(init?.body as Uint8Array)) });
@@ -126,8 +128,9 @@ export class FakeGrid {
     }
   };
 
-  private search(query: SearchQuery): unknown {
-    const jobId = hex(crypto.getRandomValues(new Uint8Array(16)));
+  /** The gateway's signed answer, for the client's job id (as the edge sends the task), else a new one. */
+  private search(query: SearchQuery, asked: string | null): unknown {
+    const jobId = asked ?? hex(crypto.getRandomValues(new Uint8Array(16)));
     const datasets = [BIRTHS].filter((m) => matches(m, query));
     const nodes = [...this.nodes.values()].map((n) => ({ node: n.name, public_key: n.public.text(), queue: `node.${n.name}`, last_seen: now() }));
     const body = { kind: "gateway_reply", datasets, nodes, error: null } as unknown as PyJson;

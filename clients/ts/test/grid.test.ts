@@ -211,9 +211,30 @@ describe("a hostile relay", () => {
     const original = fake.fetch;
     const stale = await (await original("http://edge.test/v1/search", { method: "POST",
       body: JSON.stringify({ tags: ["#birth-records"], words: [], node: null }) })).json();
-    (grid.edge as unknown as { fetcher: typeof fetch }).fetcher = async (input, init) =>
-      String(input).endsWith("/v1/search") ? new Response(JSON.stringify(stale)) : original(input, init);
-    await expect(grid.search("#digits")).rejects.toThrow(/does not match this search/);
+    const asked: string[] = [];
+    let relay = (_jobId: string): unknown => stale;
+    (grid.edge as unknown as { fetcher: typeof fetch }).fetcher = async (input, init) => {
+      const url = new URL(String(input));
+      if (url.pathname !== "/v1/search") return original(input, init);
+      asked.push(url.searchParams.get("job_id") ?? "");
+      return new Response(JSON.stringify(relay(asked.at(-1) as string)));
+    };
+    // an earlier answer to another search, or to this very question (it may have changed since: a
+    // dataset withdrawn, a node gone), as the relay kept it
+    await expect(grid.search("#digits")).rejects.toThrow(MisdirectedReply);
+    await expect(grid.search("#birth-records")).rejects.toThrow(MisdirectedReply);
+    // filed under this search's id by the relay: the id the gateway signed is still the other one
+    relay = (jobId) => ({ ...(stale as object), job_id: jobId });
+    await expect(grid.search("#birth-records")).rejects.toThrow(MisdirectedReply);
+    // each search asked under a fresh id of the client's own, which the gateway's answer must be signed for
+    expect(asked).toHaveLength(3);
+    for (const id of asked) expect(id).toMatch(/^[0-9a-f]{32}$/);
+    expect(new Set(asked).size).toBe(3);
+    relay = (jobId) => ({ job_id: jobId, reply: { ...((stale as { reply: object }).reply), job_id: jobId } });
+    await expect(grid.search("#birth-records")).rejects.toThrow(BadSignature); // the job id is signed
+    (grid.edge as unknown as { fetcher: typeof fetch }).fetcher = original;
+    expect(Object.keys(await grid.search("#birth-records"))).toEqual(["hospital"]);
+    expect(fake.requests.filter((r) => r === "POST /v1/search")).toHaveLength(2); // the stale one, and this one
   });
 });
 

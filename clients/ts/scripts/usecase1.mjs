@@ -21,64 +21,19 @@
 // Values: float values as JSON numbers (NaN and ±Infinity as strings), int64 as decimal strings.
 // Exit status 0 whenever the steps ran (a refusal is a result); 2 on a bad input or a failure
 // outside the steps (the edge unreachable, the search refused), said on stderr.
-import { existsSync, readFileSync } from "node:fs";
-import { fileURLToPath } from "node:url";
+import { connect, failing, gridq, jsonInput, refusal, shown } from "./common.mjs";
 
-const dist = new URL("../dist/index.js", import.meta.url);
-if (!existsSync(fileURLToPath(dist))) {
-  process.stderr.write("clients/ts/dist is missing: build the client first (`make ts`, or `npm ci && npm run build` in clients/ts)\n");
-  process.exit(2);
-}
-const gridq = await import(dist.href);
-const { readKey } = await import(new URL("../dist/node.js", import.meta.url).href);
-const { Grid, GridError, Tensor, float } = gridq;
-
-function fail(message) {
-  process.stderr.write(`usecase1: ${message}\n`);
-  process.exit(2);
-}
+const { Tensor, float } = gridq;
+const fail = failing("usecase1");
 
 function input() {
-  const text = process.argv[2] ?? readFileSync(0, "utf8");
-  let args;
-  try {
-    args = JSON.parse(text);
-  } catch (exc) {
-    fail(`the input is not JSON: ${exc.message}`);
-  }
-  for (const field of ["edge", "key", "gateway_key"]) {
-    if (typeof args?.[field] !== "string") fail(`the input needs "${field}" (a string)`);
-  }
+  const args = jsonInput(fail, ["edge", "key", "gateway_key"]);
   if (!Array.isArray(args.tags) || !args.tags.every((t) => typeof t === "string")) fail('the input needs "tags" (strings)');
   return { node: "hospital", dp: true, timeout: 60, pending: null, ...args };
 }
 
-/** A tensor as JSON: dtype, shape and row-major values (int64 as strings, non-finite floats as strings). */
-function shown(t) {
-  return {
-    dtype: t.dtype, shape: [...t.shape],
-    values: t.values().map((v) => (typeof v === "bigint" ? v.toString() : typeof v === "number" && !Number.isFinite(v) ? String(v) : v)),
-  };
-}
-
-function refusal(exc) {
-  if (!(exc instanceof GridError)) throw exc;  // a bug here, not the grid's answer: exit non-zero, with its stack
-  return { ok: false, error: { code: exc.code, name: exc.name, message: exc.message } };
-}
-
 const args = input();
-let identity;
-try {
-  identity = await readKey(args.key);
-} catch (exc) {
-  fail(`${exc.name}: ${exc.message}`);
-}
-let grid;
-try {
-  grid = await Grid.connect(args.edge, identity, { gatewayKey: args.gateway_key, timeout: args.timeout });
-} catch (exc) {
-  fail(`cannot connect through ${args.edge}: ${exc.name}: ${exc.message}`);
-}
+const grid = await connect(fail, args);
 
 // the ids of the jobs each step sends: every job goes out through grid.submit
 let sent = [];
@@ -116,7 +71,7 @@ try {
 const births = found[args.node]?.[0];
 if (births === undefined) fail(`no dataset of ${args.node} carries ${args.tags.join(" ")}`);
 const out = {
-  identity: identity.name,
+  identity: grid.identity.name,
   edge: grid.edge.url,
   found: Object.fromEntries(Object.entries(found).map(([node, ptrs]) => [node, ptrs.map((p) => ({
     name: p.name, shape: [...p.shape], dtype: p.dtype, columns: [...p.columns], description: p.description, tags: [...p.tags],

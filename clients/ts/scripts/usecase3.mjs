@@ -23,36 +23,16 @@
 // false, "error": {"code", "name", "message"}}. Exit status 0 whenever the queries ran (a
 // refusal is a result); 2 on a bad input or a failure outside them (the edge unreachable), said
 // on stderr.
-import { existsSync, readFileSync } from "node:fs";
-import { fileURLToPath } from "node:url";
+import { connect, failing, gridq, jsonInput, refusal, shown } from "./common.mjs";
 
-const dist = new URL("../dist/index.js", import.meta.url);
-if (!existsSync(fileURLToPath(dist))) {
-  process.stderr.write("clients/ts/dist is missing: build the client first (`make ts`, or `npm ci && npm run build` in clients/ts)\n");
-  process.exit(2);
-}
-const { Grid, GridError, Tensor } = await import(dist.href);
-const { readKey } = await import(new URL("../dist/node.js", import.meta.url).href);
-
-function fail(message) {
-  process.stderr.write(`usecase3: ${message}\n`);
-  process.exit(2);
-}
+const { Tensor } = gridq;
+const fail = failing("usecase3");
 
 const isRow = (v) => Array.isArray(v) && v.length > 0 && v.every((n) => typeof n === "number");
 const isInput = (v) => isRow(v) || (Array.isArray(v) && v.length > 0 && v.every(isRow));
 
 function input() {
-  const text = process.argv[2] ?? readFileSync(0, "utf8");
-  let args;
-  try {
-    args = JSON.parse(text);
-  } catch (exc) {
-    fail(`the input is not JSON: ${exc.message}`);
-  }
-  for (const field of ["edge", "key", "gateway_key", "model"]) {
-    if (typeof args?.[field] !== "string") fail(`the input needs "${field}" (a string)`);
-  }
+  const args = jsonInput(fail, ["edge", "key", "gateway_key", "model"]);
   const inputs = args.inputs ?? (args.x === undefined ? undefined : [args.x]);
   if (!Array.isArray(inputs) || inputs.length === 0 || !inputs.every(isInput)) {
     fail('the input needs "x" (a row of numbers, or rows of them) or "inputs" (a list of such)');
@@ -62,32 +42,8 @@ function input() {
   return options;
 }
 
-/** A tensor as JSON: dtype, shape and row-major values (non-finite floats as strings). */
-function shown(t) {
-  return {
-    dtype: t.dtype, shape: [...t.shape],
-    values: t.values().map((v) => (typeof v === "number" && !Number.isFinite(v) ? String(v) : v)),
-  };
-}
-
-function refusal(exc) {
-  if (!(exc instanceof GridError)) throw exc;  // a bug here, not the grid's answer: exit non-zero, with its stack
-  return { ok: false, error: { code: exc.code, name: exc.name, message: exc.message } };
-}
-
 const args = input();
-let identity;
-try {
-  identity = await readKey(args.key);
-} catch (exc) {
-  fail(`${exc.name}: ${exc.message}`);
-}
-let grid;
-try {
-  grid = await Grid.connect(args.edge, identity, { gatewayKey: args.gateway_key, timeout: args.timeout });
-} catch (exc) {
-  fail(`cannot connect through ${args.edge}: ${exc.name}: ${exc.message}`);
-}
+const grid = await connect(fail, args);
 
 let models;
 try {
@@ -98,7 +54,7 @@ try {
 const slash = args.model.lastIndexOf("/");
 const listed = models.find((c) => c.name === args.model.slice(slash + 1) && (slash < 0 || c.owner === args.model.slice(0, slash)));
 const out = {
-  identity: identity.name,
+  identity: grid.identity.name,
   edge: grid.edge.url,
   model: listed === undefined ? null : {
     name: listed.name, owner: listed.owner, host: listed.host, parties: [...listed.parties], provider: listed.provider,

@@ -88,7 +88,7 @@ from protocol.contract import (
     mpc_peer_queue,
     mpc_pool_prefix,
     mpc_queue,
-    mpc_session_key,
+    mpc_round_channel,
     node_queue,
     sent_key,
 )
@@ -254,13 +254,10 @@ def _mpc_member(node: str) -> list[Rule]:
     """A node's MPC roles, each on the keys that name it (protocol.contract's MPC keys)."""
     return [
         Rule(f"(%W~{MPC_MODELS_KEY} +hset)", "a host publishes the card of a model it serves"),
-        Rule(f"(~{mpc_session_key(node, '*', '*', '*')} +rpush +blpop +expire +del)",
-             "as a host, the rounds of its own sessions: it pops the parties' parts, pushes opened values down, "
-             "and deletes the lists at the end"),
-        Rule(f"(%W~{mpc_session_key('*', '*', node, 'up')} +rpush +expire)",
-             "as a party, push its parts up, write-only"),
-        Rule(f"(~{mpc_session_key('*', '*', node, 'down')} +blpop)",
-             "as a party, pop the opened values the host sends down to it, and no other party's"),
+        Rule(f"(&{mpc_round_channel('*', '*', node, '*')} +publish)",
+             "as a party, send its parts of each round to the other parties, as itself only"),
+        Rule(f"(&{mpc_round_channel('*', '*', '*', node)} +subscribe +unsubscribe)",
+             "as a party, hear the parts the other parties send it, and no other party's"),
         Rule(f"(~{mpc_pool_prefix(node, '*')}* +lpop +blpop +llen)", "as a host, take dealer bundles from its pools"),
         Rule(f"(%W~{mpc_pool_prefix('*', node)}* +rpush +expire)",
              "as a crypto provider, fill the pools of hosts it deals for, write-only"),

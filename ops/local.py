@@ -128,7 +128,9 @@ class LocalGrid:
                                                       "; its ACLs have no selectors: production wants Redis 7")
         argv = [binary, "--port", str(port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.home),
-                "--maxmemory", MAXMEMORY, "--maxmemory-policy", "noeviction"]
+                "--maxmemory", MAXMEMORY, "--maxmemory-policy", "noeviction",
+                # MPC rounds go party to party by pub/sub: a subscriber may hold a whole round unread
+                "--client-output-buffer-limit", "pubsub 512mb 256mb 60"]
         if self.acl:
             self.users = ensure_broker_users(self.home, "127.0.0.1", port,
                                              nodes=enrolled_nodes(gateway_database(self.home)),

@@ -56,6 +56,7 @@ from protocol.mpc.ring import FixedPoint
 from protocol.mpc.sharing import reconstruct, share
 from protocol.mpc.wire import MpcReply, QueryModel, ServeModel, UserKeys, open_signed, pack, seal_signed, unpack
 from protocol.serving import parse
+from protocol.spans import Tally
 
 if TYPE_CHECKING:
     from orchestrator.grid import Grid
@@ -222,14 +223,18 @@ def query(grid: Grid, name: str, x: torch.Tensor, trusted: Trusted = ()) -> torc
         raise InvalidRequest(f"a query's input is a torch.Tensor, not a {type(x).__name__}: pass "
                              "torch.tensor(x, dtype=torch.float64) — one row, or a batch of rows")
     real(x, "the query's input")  # before anything is asked of the grid
+    tally = Tally()
     card = find(grid, name, trusted)
     batch = x.reshape(1, -1) if x.dim() == 1 else x
     if batch.dim() != 2 or batch.shape[1] != card.plan.in_features:
         raise InvalidRequest(f"model {name!r} takes inputs of {card.plan.in_features} features, not shape "
                              f"{tuple(x.shape)}")
+    tally.lap("find the model's card")
     fp = FixedPoint(card.plan.frac_bits)
     signed, inputs = signed_query(grid, card, share(encoded(fp, batch, "the query's input"), len(card.parties)))
+    tally.lap("share the input, seal each share, sign the query")
     reply = ask(grid, card.host, Tasks.MPC_QUERY, QueryModel(query=signed, inputs=inputs))
+    tally.lap("ask the host (send, wait, verify the reply)")
     outputs = []
     for party in card.parties:
         sealed = grid.transport.claim(reply.outputs[party])  # signed by the party, for this query
@@ -237,6 +242,8 @@ def query(grid: Grid, name: str, x: torch.Tensor, trusted: Trusted = ()) -> torc
         tensors, _ = unpack(open_signed(grid.identity, grid.transport.node_key(party), label, sealed))
         outputs.append(tensors["y"])
     y = fp.decode(reconstruct(outputs)).to(x.dtype if x.is_floating_point() else torch.float64)
+    tally.lap("take and open the output shares, reconstruct")
+    tally.flush()
     return y[0] if x.dim() == 1 else y
 
 

@@ -92,9 +92,11 @@ def in_flight_keys(queue: str) -> dict[str, str]:
 
 # MPC keys name the member whose they are first (host, provider) or last (party), so that
 # each node's broker user can be given its own keys only (ops/acl.py); node ids hold no ':'.
-def mpc_session_key(host: str, session: str, party: str, way: str) -> str:
-    """A party's ``up`` or ``down`` list of one MPC session's rounds, run by ``host``."""
-    return f"gridq:mpc:session:{host}:{session}:{party}:{way}"
+def mpc_round_channel(host: str, session: str, sender: str, receiver: str) -> str:
+    """The pub/sub channel on which ``sender`` sends its round messages to ``receiver`` in one
+    MPC session started by ``host`` (a channel per pair: each node may publish only as the
+    sender and subscribe only as the receiver)."""
+    return f"gridq:mpc:round:{host}:{session}:{sender}:{receiver}"
 
 
 def mpc_pool_prefix(host: str, provider: str) -> str:

@@ -32,6 +32,7 @@ from protocol.envelope import Envelope, NonceStore, open_envelope, seal_envelope
 from protocol.errors import GridError, InvalidRequest, JobFailed
 from protocol.identity import Identity, PublicIdentity
 from protocol.messages import first_problem
+from protocol.spans import span
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -103,8 +104,9 @@ class EnvelopeServer:
               answer: Callable[[Envelope], Answer]) -> Answer:
         """Verify ``raw`` against ``keyring`` and answer it; what cannot be verified is refused."""
         try:
-            env = open_envelope(raw, recipient=self.identity.name, keyring=keyring, nonces=self.nonces,
-                                delivery_id=delivery_id, now=time.time())
+            with span("open the signed request"):
+                env = open_envelope(raw, recipient=self.identity.name, keyring=keyring, nonces=self.nonces,
+                                    delivery_id=delivery_id, now=time.time())
         except GridError as exc:
             return self.refuse(raw, delivery_id, exc)
         return answer(env)
@@ -119,7 +121,9 @@ class EnvelopeServer:
 
     def reply(self, env: Envelope, routes: Mapping[str, Route]) -> Answer:
         """The common answer: run the message's route, sign its reply to the sender."""
-        return Answer(self.sign(env.sender, env.job_id, self.guarded(lambda: self.route(env, routes), env.job_id)))
+        body = self.guarded(lambda: self.route(env, routes), env.job_id)
+        with span("sign the reply"):
+            return Answer(self.sign(env.sender, env.job_id, body))
 
     def route(self, env: Envelope, routes: Mapping[str, Route]) -> Any:
         """Run the route for the envelope's kind on its parsed body (no error policy: see guarded)."""

@@ -1,22 +1,35 @@
-"""Rounds of an MPC session over Redis lists: each party pushes its parts to its ``up``
-list and pops the opened values from its ``down`` list; the relay (the host) pops every
-party's parts, sums them and pushes the result down. Each message carries a MAC under the
-party's session key, bound to its list and round number, so nothing can be injected,
-replayed or reordered. A silent side is detected by a bounded blocking pop: never a hang.
+"""Rounds of an MPC session, party to party through Redis pub/sub.
+
+Each party publishes its parts of a round once to each other party, on a channel named for
+the pair (``mpc_round_channel``: the broker's ACLs let a node publish only as itself and
+subscribe only to what is sent to it, so the dealer, who knows the masks, never sees a
+round), and adds up what the others sent. No relay copies a round through a list, and
+nothing of a round is written to the broker's append-only file or left in its memory:
+pub/sub is delivered, not stored. The host only starts the session and hears its end
+(``workers.mpc.host``).
+
+Each message carries a Poly1305 tag under a one-time key derived from the session's round
+key (sealed by the host to each party) and the message's place — channel and number — so
+nothing can be injected, replayed or reordered by anyone outside the session. Pub/sub keeps
+no backlog: before its first round a party says hello on each of its channels until the
+broker reports the peer subscribed. A silent peer is detected by a bounded wait: never a hang.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections import deque
 
 import redis
 import torch
+from redis.client import PubSub
 from redis.connection import Encoder, PythonRespSerializer
 
-from protocol.contract import mpc_session_key
-from protocol.errors import JobFailed, NodeUnavailable, error_from_wire
+from protocol.contract import mpc_round_channel
+from protocol.errors import GridError, JobFailed, NodeUnavailable, error_from_wire
 from protocol.mpc.beaver import PartyProtocol, combine_parts
 from protocol.mpc.wire import open_round, pack, seal_round, unpack
+from protocol.spans import Tally
 
 MAX_ROUNDS = 10_000
 
@@ -40,75 +53,134 @@ def pop(client: redis.Redis, key: str, timeout: float) -> bytes | None:
 
 
 class PartyEnd:
-    """One party's end of a session run by ``host``."""
+    """One party's end of ``host``'s ``session`` among ``parties``."""
 
-    def __init__(self, client: redis.Redis, host: str, session: str, party: str, key: bytes, timeout: float) -> None:
-        self.client, self.key, self.timeout, self.host = client, key, timeout, f"host {host!r}"
-        self.up = mpc_session_key(host, session, party, "up")
-        self.down = mpc_session_key(host, session, party, "down")
-        self.step = 0  # rounds received; the relay sends round k's values as message k
-        self.sent = 0  # messages sent: one a round, so the relay reads message k in round k
+    def __init__(self, client: redis.Redis, host: str, session: str, parties: list[str], me: str, key: bytes,
+                 timeout: float) -> None:
+        self.client, self.key, self.timeout, self.me = client, key, timeout, me
+        self.peers = [p for p in parties if p != me]
+        self.outbox = {p: mpc_round_channel(host, session, me, p) for p in self.peers}
+        self.incoming = {p: mpc_round_channel(host, session, p, me) for p in self.peers}
+        self.inbox = {channel: p for p, channel in self.incoming.items()}
+        self.sent = dict.fromkeys(self.peers, 0)  # messages sent to each peer: 0 is the hello
+        self.received = dict.fromkeys(self.peers, 0)  # messages taken from each peer, the hello included
+        self.waiting: dict[str, deque[bytes]] = {p: deque() for p in self.peers}  # arrived, not yet read
+        self.sub: PubSub | None = None
+        self.step = 0
+
+    def __enter__(self) -> PartyEnd:
+        self.sub = self.client.pubsub(ignore_subscribe_messages=True)
+        self.sub.subscribe(*self.inbox)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.sub is not None:
+            self.sub.close()
+
+    def join(self) -> None:
+        """Say hello to each peer until it is subscribed, then wait for every peer's hello:
+        from here on nothing sent is lost."""
+        deadline = time.monotonic() + self.timeout
+        for peer in self.peers:
+            if not self._deliver(peer, {"kind": "hello"}, deadline):
+                raise NodeUnavailable(f"party {peer!r} did not answer the start of the session within "
+                                      f"{self.timeout:g} s")
+        for peer in self.peers:
+            self._receive(peer, deadline)
+
+    def _deliver(self, peer: str, meta: dict[str, str], deadline: float) -> bool:
+        """Publish a small first message until the broker counts a receiver (pub/sub keeps no
+        backlog for a peer not yet subscribed)."""
+        channel, pause = self.outbox[peer], 0.0005
+        message = seal_round(self.key, f"{channel}:0", pack({}, meta))
+        while not self.client.publish(channel, message):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+        self.sent[peer] = 1
+        return True
 
     def send(self, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+        data = pack(tensors, meta)
         pipe = self.client.pipeline(transaction=False)
-        pipe.rpush(self.up, seal_round(self.key, f"{self.up}:{self.sent}", pack(tensors, meta)))
-        pipe.expire(self.up, int(self.timeout) + 60)
+        for peer, channel in self.outbox.items():
+            pipe.publish(channel, seal_round(self.key, f"{channel}:{self.sent[peer]}", data))
+            self.sent[peer] += 1
         pipe.execute()
-        self.sent += 1
+
+    def abort(self, error: GridError) -> None:
+        """Tell the peers this party stops, rather than let them wait out their timeout (best
+        effort: a peer not subscribed within a second will time out)."""
+        meta = {"kind": "error", "code": error.code, "message": error.message[:500]}
+        deadline = time.monotonic() + 1.0
+        try:
+            for peer, channel in self.outbox.items():
+                if self.sent[peer]:
+                    self.client.publish(channel, seal_round(self.key, f"{channel}:{self.sent[peer]}", pack({}, meta)))
+                else:
+                    self._deliver(peer, meta, deadline)
+        except redis.RedisError:
+            pass
 
     def run(self, protocol: PartyProtocol) -> torch.Tensor:
         """Drive this party's protocol to its end; returns its output share."""
+        tally = Tally()
+        self.join()
+        tally.lap("join: hello to every peer")
         request = next(protocol)
-        while True:
-            self.send({"kind": "open", "xor": "1" if request.xor else "0"},
-                      {str(k): v for k, v in enumerate(request.parts)})
-            got = pop(self.client, self.down, self.timeout)
-            if got is None:
-                raise NodeUnavailable(f"{self.host} stopped answering at round {self.step}")
-            tensors, _ = unpack(open_round(self.key, f"{self.down}:{self.step}", got))
-            self.step += 1
-            try:
-                request = protocol.send([tensors[str(k)] for k in range(len(tensors))])
-            except StopIteration as done:
-                output: torch.Tensor = done.value
-                return output
+        try:
+            for self.step in range(MAX_ROUNDS):
+                tally.lap("rounds: compute")
+                mine = [request.parts]
+                self.send({"kind": "open"}, {str(k): v for k, v in enumerate(request.parts)})
+                tally.lap("rounds: pack, tag, publish")
+                deadline = time.monotonic() + self.timeout
+                for peer in self.peers:
+                    tensors, meta = self._receive(peer, deadline, tally)
+                    if meta.get("kind") != "open" or len(tensors) != len(request.parts):
+                        raise JobFailed(f"party {peer!r} fell out of step at round {self.step}")
+                    mine.append([tensors[str(k)] for k in range(len(tensors))])
+                opened = combine_parts(mine, request.xor)
+                tally.lap("rounds: add up the parts")
+                try:
+                    request = protocol.send(opened)
+                except StopIteration as done:
+                    tally.lap("rounds: compute")
+                    output: torch.Tensor = done.value
+                    return output
+            raise JobFailed(f"the protocol did not finish in {MAX_ROUNDS} rounds")
+        finally:
+            tally.flush()
+
+    def _receive(self, peer: str, deadline: float, tally: Tally | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """``peer``'s next message, checked; a peer's error is raised as its own."""
+        assert self.sub is not None, "a PartyEnd is used in a with block"
+        queue = self.waiting[peer]
+        while not queue:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                what = f"round {self.step}" if self.received[peer] else "the start of the session"
+                raise NodeUnavailable(f"party {peer!r} did not answer {what} within {self.timeout:g} s; "
+                                      "the computation is abandoned")
+            got = self.sub.get_message(timeout=left)
+            if got is not None and got.get("type") == "message":
+                sender = self.inbox.get(_text(got["channel"]))
+                if sender is not None:
+                    self.waiting[sender].append(got["data"])
+        if tally is not None:
+            tally.lap("rounds: wait for and read the peers' parts")
+        label = f"{self.incoming[peer]}:{self.received[peer]}"
+        tensors, meta = unpack(open_round(self.key, label, queue.popleft()))
+        if tally is not None:
+            tally.lap("rounds: check tag, unpack")
+        self.received[peer] += 1
+        if meta.get("kind") == "error":
+            raise error_from_wire({"code": meta.get("code", "job_failed"),
+                                   "message": f"party {peer!r}: {meta.get('message', '')}"})
+        return tensors, meta
 
 
-def relay(client: redis.Redis, host: str, session: str, keys: dict[str, bytes], timeout: float
-          ) -> list[dict[str, str]]:
-    """Open values round after round of ``host``'s ``session`` until every party sends its
-    last message (not an ``open``); returns those messages' metadata, in the order of ``keys``."""
-    parties = list(keys)
-    try:
-        for step in range(MAX_ROUNDS):
-            messages = [_receive(client, host, session, p, keys[p], step, timeout) for p in parties]
-            kinds = {meta.get("kind") for _, meta in messages}
-            if "open" not in kinds:
-                return [meta for _, meta in messages]
-            if kinds != {"open"}:
-                raise JobFailed(f"parties fell out of step at round {step}")
-            opened = combine_parts([parts for parts, _ in messages], messages[0][1].get("xor") == "1")
-            data = pack({str(k): v for k, v in enumerate(opened)})
-            pipe = client.pipeline(transaction=False)
-            for p in parties:
-                down = mpc_session_key(host, session, p, "down")
-                pipe.rpush(down, seal_round(keys[p], f"{down}:{step}", data))
-                pipe.expire(down, int(timeout) + 60)
-            pipe.execute()
-        raise JobFailed(f"the protocol did not finish in {MAX_ROUNDS} rounds")
-    finally:
-        client.delete(*[mpc_session_key(host, session, p, w) for p in parties for w in ("up", "down")])
-
-
-def _receive(client: redis.Redis, host: str, session: str, party: str, key: bytes, step: int, timeout: float
-             ) -> tuple[Sequence[torch.Tensor], dict[str, str]]:
-    up = mpc_session_key(host, session, party, "up")
-    got = pop(client, up, timeout)
-    if got is None:
-        raise NodeUnavailable(f"party {party!r} did not answer round {step} within {timeout:g} s; the computation "
-                              "is abandoned")
-    tensors, meta = unpack(open_round(key, f"{up}:{step}", got))
-    if meta.get("kind") == "error":
-        raise error_from_wire({"code": meta.get("code", "job_failed"),
-                               "message": f"party {party!r}: {meta.get('message', '')}"})
-    return [tensors[str(k)] for k in range(len(tensors))], meta
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

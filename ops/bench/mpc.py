@@ -4,10 +4,10 @@
     python -m ops.bench.mpc --parties 2     # one party count only
 
 Primitives (for 2 and 3 parties): each party is its own process, running the very code of
-a pool party (:class:`workers.rounds.PartyEnd` driving a protocol generator), and the relay
-in this process is the host's (:func:`workers.rounds.relay`): every round crosses Redis as
-MAC'd lists. Inputs are already shared and the dealer's bundles already dealt (the pool
-pre-deals them); the dealer's time for each bundle is printed apart (``offline``).
+a pool party (:class:`workers.rounds.PartyEnd` driving a protocol generator): every round
+crosses Redis, party to party, as MAC'd pub/sub messages. Inputs are already shared and the
+dealer's bundles already dealt (the pool pre-deals them); the dealer's time for each bundle
+is printed apart (``offline``).
 
 * share + reconstruct 1M values: encode, split, each share SET and GET through Redis,
   sum, decode — against one SET and GET of the plaintext tensor;
@@ -42,30 +42,33 @@ from rich.table import Table
 from ops.bench.measure import Load, wait_quiet
 from ops.demo import prepare
 from ops.local import NODE_CONFIGS, LocalGrid
+from protocol import spans
 from protocol.mpc import Dealer, FixedPoint, reconstruct, share
 from protocol.mpc.beaver import PartyProtocol, beaver
 from protocol.mpc.nonlinear import relu, truncate
 from protocol.mpc.wire import pack, unpack
-from workers.rounds import PartyEnd, connect, relay
+from workers.rounds import PartyEnd, connect
 
 console = Console(stderr=True)
 FP = FixedPoint(16)
 TIMEOUT = 120.0
 
 
-def _party(index: int, url: str, jobs: Any, ready: Any) -> None:
-    """A party process: for each job, build its protocol, say ready, wait for go, run it
-    through Redis, and end with the last message a pool party sends."""
+def _party(index: int, n: int, url: str, jobs: Any, ready: Any, done: Any) -> None:
+    """A party process: for each job, build its protocol, subscribe, say ready, wait for go,
+    run it with the other parties through Redis (as a pool party does), and say done."""
     torch.set_num_threads(1)
+    spans.set_role("party")
     client = connect(url, TIMEOUT)
+    names = [f"p{i}" for i in range(n)]
     while (job := jobs.get()) is not None:
         op, session, key, inputs, material = job
         protocol = PROTOCOLS[op](index, inputs, material)
-        ready.put(index)
-        client.blpop([f"bench:go:{session}"], timeout=TIMEOUT)
-        end = PartyEnd(client, "bench", session, f"p{index}", key, TIMEOUT)
-        end.run(protocol)
-        end.send({"kind": "out"}, {})
+        with PartyEnd(client, "bench", session, names, names[index], key, TIMEOUT) as end:
+            ready.put(index)
+            client.blpop([f"bench:go:{session}"], timeout=TIMEOUT)
+            end.run(protocol)
+        done.put(time.perf_counter())
 
 
 def _mul(i: int, inputs: dict[str, torch.Tensor], m: dict[str, Any]) -> PartyProtocol:
@@ -91,24 +94,27 @@ class Parties:
         ctx = mp.get_context("fork")
         self.n = n
         self.jobs = [ctx.Queue() for _ in range(n)]
-        self.ready = ctx.Queue()
-        self.procs = [ctx.Process(target=_party, args=(i, url, self.jobs[i], self.ready), daemon=True)
+        self.ready, self.done = ctx.Queue(), ctx.Queue()
+        self.procs = [ctx.Process(target=_party, args=(i, n, url, self.jobs[i], self.ready, self.done), daemon=True)
                       for i in range(n)]
         for p in self.procs:
             p.start()
         self.client = connect(url, TIMEOUT)
 
-    def run(self, op: str, inputs: list[dict[str, torch.Tensor]], material: list[dict[str, Any]]) -> float:
-        session = secrets.token_hex(16)
-        keys = {f"p{i}": secrets.token_bytes(32) for i in range(self.n)}
+    def run(self, op: str, inputs: list[dict[str, torch.Tensor]], material: list[dict[str, Any]],
+            window: list[tuple[float, float]]) -> float:
+        """From go to the last party's end (fork start: perf_counter is one clock for all);
+        the run's wall-clock ``window`` is appended (where its spans fall)."""
+        session, key = secrets.token_hex(16), secrets.token_bytes(32)
         for i in range(self.n):
-            self.jobs[i].put((op, session, keys[f"p{i}"], inputs[i], material[i]))
+            self.jobs[i].put((op, session, key, inputs[i], material[i]))
         for _ in range(self.n):
             self.ready.get(timeout=TIMEOUT)
-        started = time.perf_counter()
+        wall, started = time.time(), time.perf_counter()
         self.client.rpush(f"bench:go:{session}", *range(self.n))
-        relay(self.client, "bench", session, keys, TIMEOUT)
-        return time.perf_counter() - started
+        took = max(self.done.get(timeout=TIMEOUT) for _ in range(self.n)) - started
+        window.append((wall, wall + took + 0.05))
+        return took
 
     def close(self) -> None:
         for q in self.jobs:
@@ -116,6 +122,39 @@ class Parties:
         for p in self.procs:
             p.join(timeout=10)
         self.client.close()
+
+
+Windows = dict[str, list[tuple[float, float]]]  # a case's runs: where each started and ended (wall clock)
+NESTED = ("join:", "rounds:")  # a party's phases inside "the protocol (rounds)"
+ROLES = ("client", "host", "party")
+
+
+def phases(recorded: list[dict[str, Any]], windows: list[tuple[float, float]]) -> list[tuple[str, str, float]]:
+    """(role, phase, median ms over the runs) of one case. A party's figure is the mean of the
+    parties that ran the protocol in that run (the dealer's refills are left out); what the
+    broker and Celery take is what a waiting side saw minus what the other side spent."""
+    per_run: list[dict[tuple[str, str], float]] = []
+    for start, end in windows:
+        inside = [r for r in recorded if start <= r["at"] <= end]
+        parties = {r["pid"] for r in inside if r["role"] == "party" and r["name"] in ("the protocol (rounds)",
+                                                                                      "rounds: compute")}
+        sums: dict[tuple[str, str], float] = {}
+        for r in inside:
+            if r["role"] != "party" or r["pid"] in parties:
+                key = (r["role"], r["name"])
+                sums[key] = sums.get(key, 0.0) + r["ms"] / (len(parties) if r["role"] == "party" else 1)
+        total = {role: sum(ms for (ro, name), ms in sums.items() if ro == role and not name.startswith(NESTED))
+                 for role in ROLES}
+        ask, wait = sums.get(("client", "ask the host (send, wait, verify the reply)")), \
+            sums.get(("host", "wait for the parties' answers"))
+        if ask is not None:
+            sums[("client", "… of which broker and Celery, to the host and back")] = ask - total["host"]
+        if wait is not None:
+            sums[("host", "… of which broker and Celery, to the parties and back")] = wait - total["party"]
+        per_run.append(sums)
+    keys = list(dict.fromkeys(k for run in per_run for k in run))
+    keys.sort(key=lambda k: ROLES.index(k[0]) if k[0] in ROLES else 9)
+    return [(role, name, statistics.median(run.get((role, name), 0.0) for run in per_run)) for role, name in keys]
 
 
 def best(fn: Callable[[], float], repeat: int) -> float:
@@ -130,7 +169,7 @@ def timed(fn: Callable[[], object], repeat: int = 5) -> float:
     return best(once, repeat)
 
 
-def primitives(n: int, url: str, rows: list[tuple[str, ...]]) -> None:
+def primitives(n: int, url: str, rows: list[tuple[str, ...]], windows: Windows) -> None:
     client = redis.Redis.from_url(url)
     gen = torch.Generator().manual_seed(n)
     dealer = Dealer(n)
@@ -178,7 +217,7 @@ def primitives(n: int, url: str, rows: list[tuple[str, ...]]) -> None:
                         bundles = [{"triple": t.materialize(), "trunc": u.materialize()}
                                    for t, u in zip(trip, tr, strict=True)]
                     offline.append(time.perf_counter() - started)
-                    online.append(parties.run(op, inputs, bundles))
+                    online.append(parties.run(op, inputs, bundles, windows.setdefault(f"{label}, {n} parties", [])))
             plain_time = timed(lambda f=plain, a=a, b=b: f(a, b), 20)  # type: ignore[misc]
             rows.append(_row(n, label, statistics.median(online), plain_time, statistics.median(offline), load.cores))
     finally:
@@ -196,7 +235,7 @@ def _row(n: int, label: str, t: float, plain: float, offline: float | None, load
             "" if offline is None else f"{offline * 1e3:.0f}", f"{load:.2f}")
 
 
-def end_to_end(lg: LocalGrid, rows: list[tuple[str, ...]], counts: list[int]) -> None:
+def end_to_end(lg: LocalGrid, rows: list[tuple[str, ...]], counts: list[int], windows: Windows) -> None:
     torch.manual_seed(0)
     linear = torch.nn.Linear(784, 10)
     mlp = torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
@@ -215,9 +254,10 @@ def end_to_end(lg: LocalGrid, rows: list[tuple[str, ...]], counts: list[int]) ->
                 with Load() as load:
                     for _ in range(9):
                         time.sleep(0.3)  # let the provider refill the pool between queries
-                        t = time.perf_counter()
+                        wall, t = time.time(), time.perf_counter()
                         y = grid.query(name, x)
                         samples.append(time.perf_counter() - t)
+                        windows.setdefault(f"{label}, {n} parties", []).append((wall, time.time() + 0.05))
                 with torch.no_grad():
                     error = (y - model(x)).abs().max().item()
                     plain = timed(lambda m=model: m(x), 50)  # type: ignore[misc]
@@ -233,14 +273,16 @@ def main() -> None:
     torch.set_num_threads(1)
     wait_quiet(60, console.print)
     rows: list[tuple[str, ...]] = []
+    windows: Windows = {}
     with tempfile.TemporaryDirectory(prefix="gridq-bench-mpc-") as tmp:
         home = Path(tmp)
+        os.environ[spans.SPANS_ENV] = str(home / "spans.jsonl")  # every worker started below records its phases
         prepare(home)
         with LocalGrid(home) as lg:
             url = lg.start_redis()
             for n in counts:
                 console.print(f"primitives, {n} parties …")
-                primitives(n, url, rows)
+                primitives(n, url, rows, windows)
             console.print("end to end through the pool …")
             nodes = ["company", "university", "hospital", "public", "clinic"]
             lg.ensure_keys(*nodes, "dana", "bob", "eve")
@@ -248,13 +290,22 @@ def main() -> None:
             for node in nodes:
                 lg.start_mpc(NODE_CONFIGS / f"{node}.toml")
             lg.wait_ready(nodes, timeout=120, workers=[f"{n}-mpc" for n in nodes])
-            end_to_end(lg, rows, counts)
+            end_to_end(lg, rows, counts, windows)
+        recorded = spans.read(os.environ[spans.SPANS_ENV])
     table = Table(title=f"gridq MPC through Redis vs plaintext torch (medians; {os.cpu_count()} cores)")
     for col in ("parties", "operation", "gridq ms", "plaintext ms", "ratio", "dealer ms (offline)", "other load"):
         table.add_column(col)
     for row in rows:
         table.add_row(*row)
     Console(width=150).print(table)
+    for case, runs in windows.items():
+        if case.startswith(("multiply 1M", "inference")):
+            detail = Table(title=f"where the time goes: {case} (median of {len(runs)} runs, ms)")
+            for col in ("side", "phase", "ms"):
+                detail.add_column(col)
+            for role, name, ms in phases(recorded, runs):
+                detail.add_row(role, name, f"{ms:.2f}")
+            Console(width=150).print(detail)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,11 @@ round messages.
 Control messages (serve, store, query, session, deal) travel in signed envelopes like every
 other job; anything secret in them (a party's share, its input share, its session key)
 is sealed to the one party that may read it. What authorises them — the owner's signed card,
-the querier's signed query — is :mod:`protocol.mpc.cards`. Round messages travel on per-session Redis
-lists, authenticated with a per-session key (BLAKE2b MAC) that the host sealed to each
-party: a round can be large (16 MB for a 1M-element product), and Poly1305 tags it in
-3 ms where an Ed25519 signature would hash it for 30. What a round carries is masked (x - a, x + r): the
-host that sums it learns nothing.
+the querier's signed query — is :mod:`protocol.mpc.cards`. Round messages travel party to
+party on per-session pub/sub channels (:mod:`workers.rounds`), authenticated with a
+per-session key that the host sealed to each party: a round can be large (16 MB for a
+1M-element product), and Poly1305 tags it in 3 ms where an Ed25519 signature would hash it
+for 30. What a round carries is masked (x - a, x + r).
 """
 
 from __future__ import annotations
@@ -74,8 +74,10 @@ class QueryModel(_Body):
 
 
 class RunSession(_Body):
-    """Host → party: compute your side of one query, rounds over the session's lists. The
-    party checks it against the card it pinned for the query's model, not against the host."""
+    """Host → party: compute your side of one query, its rounds exchanged with the other
+    parties under ``round_key`` (the same for all of them, sealed to each), and answer with
+    your output share sealed to the querier. The party checks the session against the card
+    it pinned for the query's model, not against the host."""
 
     kind: Literal["mpc_session"] = "mpc_session"
     session: Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[0-9a-f]+$")]
@@ -83,7 +85,7 @@ class RunSession(_Body):
     index: Annotated[int, Field(ge=0, lt=16)]
     bundles: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=1024)]
     input: Sealed
-    mac_key: Sealed
+    round_key: Sealed
     round_timeout: Annotated[float, Field(gt=0, le=3600)]
 
 

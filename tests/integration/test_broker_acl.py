@@ -38,7 +38,7 @@ from protocol.contract import (
     mpc_bundle_key,
     mpc_pool_prefix,
     mpc_queue,
-    mpc_session_key,
+    mpc_round_channel,
     node_queue,
 )
 from protocol.errors import BrokerUnavailable, PermissionDenied
@@ -422,25 +422,23 @@ def test_an_mpc_member_cannot_take_another_members_rounds_pools_or_bundles(mpc_p
     parts = {p: mpc_bundle_key("university", bundle, p) for p in ("hospital", "public")}
     assert all(admin.exists(k) for k in parts.values())
     assert admin.acl_log() == []  # serving, querying and dealing ran without a denial
-    session = "5" * 32  # a session of company's, as the host names its lists
-    rounds = {(p, w): mpc_session_key("company", session, p, w) for p in ("hospital", "public") for w in ("up", "down")}
-    for key in rounds.values():
-        admin.rpush(key, b"a round's masked part")
-        admin.expire(key, 60)
-    before = {k: admin.dump(k) for k in (pool, *parts.values(), *rounds.values())}
+    session = "5" * 32  # a session of company's: hospital's round messages to public go on this channel
+    to_public = mpc_round_channel("company", session, "hospital", "public")
+    before = {k: admin.dump(k) for k in (pool, *parts.values())}
     users = {n: client(mpc_pool, f"node-{n}") for n in ("company", "university", "hospital", "public", "clinic")}
     try:
         for name in ("public", "university", "clinic"):  # another party, the dealer, a node outside
             refused(users[name].getdel, parts["hospital"])  # hospital's part of a bundle
             refused(users[name].get, parts["hospital"])
-            refused(users[name].blpop, [rounds["hospital", "down"]], 1)  # what the host opens for hospital
-            refused(users[name].lrange, rounds["hospital", "up"], 0, -1)  # what hospital sends up
-            refused(users[name].rpush, rounds["hospital", "up"], b"injected")
+            refused(users[name].publish, to_public, b"injected")  # only hospital sends as hospital
+        for name in ("hospital", "university", "clinic"):  # the sender, the dealer, a node outside
+            refused(subscribed, users[name], to_public)  # only public hears what is sent to public
         refused(users["company"].getdel, parts["hospital"])  # the host never holds a party's material
         for name in ("hospital", "public", "university", "clinic"):  # only the host takes from its pools
             refused(users[name].lpop, pool)
             refused(users[name].lrange, pool, 0, -1)
-        refused(users["hospital"].blpop, [mpc_session_key("university", session, "public", "down")], 1)
+        assert users["hospital"].publish(to_public, b"a round's masked part") == 0  # nobody listening yet
+        subscribed(users["public"], to_public)
         # … while each may do its own part (a spare key: the real bundle stays for the next query)
         spare = mpc_bundle_key("university", "e" * 32, "hospital")
         admin.setex(spare, 60, b"sealed to hospital")
@@ -449,9 +447,18 @@ def test_an_mpc_member_cannot_take_another_members_rounds_pools_or_bundles(mpc_p
     finally:
         for c in users.values():
             c.close()
-        admin.delete(*rounds.values(), mpc_bundle_key("university", "e" * 32, "public"))
-    assert {k: admin.dump(k) for k in before if k not in rounds.values()} == \
-           {k: v for k, v in before.items() if k not in rounds.values()}
+        admin.delete(mpc_bundle_key("university", "e" * 32, "public"))
+    assert {k: admin.dump(k) for k in before} == before
+
+
+def subscribed(client: redis.Redis, channel: str) -> None:
+    """Subscribe, and read the broker's answer (a refusal is raised as NOPERM)."""
+    listener = client.pubsub()
+    try:
+        listener.subscribe(channel)
+        assert listener.get_message(timeout=5)["type"] == "subscribe"
+    finally:
+        listener.close()
 
 
 PERSISTENT = ("gateway", "node.*", "mpc.*", "_kombu.binding*", "gridq:unacked*", GATEWAY_IDENTITY_KEY, MPC_MODELS_KEY,

@@ -22,7 +22,7 @@ from ops.keys import read_identity
 from ops.local import NODE_CONFIGS, LocalGrid
 from orchestrator import mpc
 from orchestrator.grid import Grid
-from protocol.contract import MPC_MODELS_KEY, Tasks, mpc_session_key
+from protocol.contract import MPC_MODELS_KEY, Tasks
 from protocol.errors import (
     BadSignature,
     InvalidRequest,
@@ -129,16 +129,16 @@ def test_a_session_from_a_node_other_than_the_cards_host_is_refused(pool: LocalG
         for target in (card, dealt):
             signed, inputs = mpc.signed_query(bob, target, share(FixedPoint(16).encode(X.reshape(1, 4)), 2))
             session = secrets.token_hex(16)
+            round_key = rogue.transport.leave(rogue.transport.node_key("hospital").seal(b"k" * 32))
             with pytest.raises(PermissionDenied, match=f"'rogue' is not the host of model 'dana/{target.name}': "
                                                        "the card its owner signed, pinned at 'hospital', names "
                                                        "'company'"):
                 mpc.ask(rogue, "hospital", Tasks.MPC_SESSION, RunSession(
                     session=session, query=signed, index=0, bundles=[], input=inputs["hospital"],
-                    mac_key=rogue.transport.leave(rogue.transport.node_key("hospital").seal(b"k" * 32)),
-                    round_timeout=5))
+                    round_key=round_key, round_timeout=5))
             broker = redis.Redis.from_url(pool.url)
             assert broker.exists(inputs["hospital"]) == 1, "the party took bob's input share"
-            assert broker.llen(mpc_session_key("company", session, "hospital", "up")) == 0, "the party computed"
+            assert broker.exists(round_key) == 1, "the party opened the session's round key"
             broker.close()
     with pool.connect("bob") as bob:  # and the model still answers bob through its host
         assert alike(bob.query("dana/risk-a", X), DANA_MODEL)
@@ -178,7 +178,7 @@ def test_a_copied_input_share_does_not_open_in_another_session(pool: LocalGrid, 
     def session(query: SignedQuery, index: int = 1, given: str | None = None) -> RunSession:
         dummies = ["0" * 32] * len(trap.plan.material_needed(1))  # as many bundle ids as the model takes
         return RunSession(session=secrets.token_hex(16), query=query, index=index, bundles=dummies,
-                          input=given or inputs["public"], mac_key=rogue.transport.leave(
+                          input=given or inputs["public"], round_key=rogue.transport.leave(
                               rogue.transport.node_key("public").seal(b"k" * 32)), round_timeout=5)
 
     with pytest.raises(BadSignature, match="does not match the key of 'carol'"):

@@ -35,7 +35,7 @@ from protocol.contract import (
     mpc_peer_queue,
     mpc_pool_key,
     mpc_queue,
-    mpc_session_key,
+    mpc_round_channel,
     node_queue,
 )
 
@@ -220,10 +220,7 @@ def test_rules_fit_the_keys_the_code_builds() -> None:
            ["admin", *NODE_USERS]  # the clinic itself puts a message back on its own queue
     # MPC rounds, pools and bundles: each member only those that name it
     pool = mpc_pool_key("hospital", "clinic", ["a", "b"], 16, "matmul:(1,4):(4,2)")
-    for key, owners in ((mpc_session_key("hospital", "s" * 32, "clinic", "up"), ["node-hospital"]),  # the host's
-                        (mpc_session_key("ward", "s" * 32, "hospital", "down"), ["node-hospital"]),  # the party's
-                        (mpc_session_key("clinic", "s" * 32, "hospital", "down"), NODE_USERS),  # … and its host's
-                        (pool, ["node-hospital"]), (mpc_bundle_key("clinic", "f" * 32, "hospital"), ["node-hospital"]),
+    for key, owners in ((pool, ["node-hospital"]), (mpc_bundle_key("clinic", "f" * 32, "hospital"), ["node-hospital"]),
                         (mpc_ack_key("hospital", "clinic", "j" * 32), ["node-hospital"])):  # the host's
         assert [r for r in USERS if any(allows(r, c, key, read=True, write=True)
                                         for c in ("blpop", "getdel", "lpop"))] == ["admin", *owners], key
@@ -231,7 +228,10 @@ def test_rules_fit_the_keys_the_code_builds() -> None:
     ack = mpc_ack_key("hospital", "clinic", "j" * 32)
     assert [r for r in USERS if allows(r, "rpush", ack, write=True)] == ["admin", "node-clinic"]  # the party answers
     assert [r for r in USERS if allows(r, "set", MPC_DISPATCH_LOCK, write=True)] == ["admin", *NODE_USERS]
-    assert allows("node-clinic", "rpush", mpc_session_key("hospital", "s" * 32, "clinic", "up"), write=True)
+    # rounds, party to party: each publishes only as itself and hears only what is sent to it
+    to_clinic = mpc_round_channel("ward", "s" * 32, "hospital", "clinic")
+    assert [r for r in USERS if allows(r, "publish", channel=to_clinic)] == ["admin", "node-hospital"]
+    assert [r for r in USERS if allows(r, "subscribe", channel=to_clinic)] == ["admin", "node-clinic"]
     assert allows("node-clinic", "setex", mpc_bundle_key("clinic", "f" * 32, "hospital"), write=True)
     assert not allows("node-hospital", "setex", mpc_bundle_key("clinic", "f" * 32, "hospital"), write=True)
     aggregated = mpc_aggregated_key("hospital", "f" * 32)

@@ -8,9 +8,10 @@ other's wait. Each role has a module (:mod:`workers.mpc.worker` routes the messa
 
 * **host** — keeps served models' cards (structure, parties, who may query: no numbers),
   and coordinates queries: it takes dealer bundles from its pool, starts a session at each
-  party, then relays rounds, summing what the parties send (masked values only);
+  party and waits for their answers (output shares sealed to the querier): it sees no round;
 * **party** — keeps its shares of served models in its own database, and computes its side
-  of each round (:func:`protocol.mpc.model.infer`, the same code as the tests run);
+  of each round (:func:`protocol.mpc.model.infer`, the same code as the tests run),
+  exchanging its masked parts with the other parties directly (:mod:`workers.rounds`);
 * **aggregation party** — adds up its shares of a federated round's updates (each signed
   by its node) and sends the sum, sealed, to the scientist: once per round;
 * **crypto provider** — deals bundles (triples, truncation and comparison material) from
@@ -22,9 +23,9 @@ card signed by the same key replaces it), and runs a session only from that card
 for a query signed by a querier the card allows, whose input shares are signed for that
 query (:mod:`protocol.mpc.cards`).
 
-Rounds travel on per-session Redis lists, MAC'd with a key the host sealed to each party.
-A party that does not answer within the host's ``round_timeout`` fails the query with
-``NodeUnavailable``; a party whose host stops answering gives up after the same time.
+Rounds travel party to party on per-session pub/sub channels, tagged with a key the host
+sealed to each party. A party whose peer does not answer within the ``round_timeout`` gives
+up and says so: the query fails with ``NodeUnavailable``, naming the silent party.
 Host, parties and provider must be distinct nodes: a dealer that is also a party or the
 host could unmask.
 """

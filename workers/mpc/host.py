@@ -1,10 +1,10 @@
 """The MPC host: keeps served models' cards (structure, parties, who may query: no numbers),
 as their owners signed them, and coordinates queries — takes dealer bundles from its pool,
-starts a session at each party, then relays the rounds, summing what the parties send
-(masked values only). It authorises nothing the parties rely on: each party checks a session
+starts a session at each party and waits for their output shares, sealed to the querier
+(the parties exchange the rounds among themselves: the host sees none). It authorises nothing the parties rely on: each party checks a session
 against the owner's card it pinned and the querier's signed query that travels with it.
 
-A host waits — for its parties' acks, their rounds, its dealer's bundles — but only on
+A host waits — for its parties' answers, its dealer's bundles — but only on
 lists its peers fill from their own pool (``mpc-peer.<id>``), never on a Celery result and
 never on work queued behind its own: two nodes that host for each other both finish. It
 sends each session to all its parties under one grid-wide lock, so every party sees
@@ -35,9 +35,10 @@ from protocol.mpc.cards import ModelCard, SignedCard, check_roles
 from protocol.mpc.model import Need
 from protocol.mpc.wire import Deal, MpcReply, QueryModel, RunSession, ServeModel, StoreShares, UserKeys
 from protocol.serving import parse
+from protocol.spans import Tally
 from workers.locks import held
 from workers.mpc.member import MpcMember
-from workers.rounds import pop, relay
+from workers.rounds import pop
 
 log = logging.getLogger(__name__)
 MAX_QUERY_ELEMENTS = 1 << 22  # values in one tensor of a query: 4M int64 shares = 32 MB a round
@@ -107,25 +108,36 @@ class Host:
         self.m.redis.hset(MPC_MODELS_KEY, signed.card.qualified, json.dumps({
             "card": text, "signature": self.m.identity.sign(text.encode()).hex()}))
 
-    def _acks(self, asked: dict[str, str], timeout: float) -> None:
+    def _acks(self, asked: dict[str, str], timeout: float, protocol: bool = False) -> dict[str, MpcReply]:
         """Each party's signed answer to the request sent it under ``asked[party]`` (a job id),
-        popped from its ack list; the first error is raised."""
+        popped from its ack list as it comes; the first error is raised. ``timeout`` bounds a
+        wait for one answer; for a session (``protocol``) the wait goes on as long as every
+        party's MPC worker is live: a party whose peer goes silent says so itself, within its
+        round timeout."""
         m = self.m
-        deadline = time.monotonic() + timeout
-        for node, job_id in asked.items():
-            raw = pop(m.redis, mpc_ack_key(m.id, node, job_id), max(0.01, deadline - time.monotonic()))
-            if raw is None:
-                raise NodeUnavailable(f"party {node!r} did not answer within {timeout:g} s; is its `gridq mpc start` "
+        waiting = {mpc_ack_key(m.id, node, job_id): node for node, job_id in asked.items()}
+        replies: dict[str, MpcReply] = {}
+        while waiting:
+            got = m.redis.blpop(list(waiting), timeout=timeout)
+            if got is None:
+                if protocol:
+                    m.require_live(list(waiting.values()), "party")
+                    continue
+                late = ", ".join(map(repr, waiting.values()))
+                raise NodeUnavailable(f"party {late} did not answer within {timeout:g} s; is its `gridq mpc start` "
                                       "running?")
-            env = open_envelope(json.loads(raw), recipient=m.id, keyring={node: m.peer(node)}, nonces=m.nonces,
-                                delivery_id=job_id, now=time.time())
-            reply = parse(MpcReply, env.body_json())
+            node = waiting.pop(_text(got[0]) or "")
+            env = open_envelope(json.loads(got[1]), recipient=m.id, keyring={node: m.peer(node)}, nonces=m.nonces,
+                                delivery_id=asked[node], now=time.time())
+            reply = replies[node] = parse(MpcReply, env.body_json())
             if reply.error is not None:
                 raise error_from_wire(reply.error.model_dump())
+        return replies
 
     def query(self, env: Envelope, body: QueryModel) -> MpcReply:
         """Run one private inference: the outputs' shares come back sealed to the querier."""
         m, q = self.m, body.query.query
+        tally = Tally()
         card = self._served(q.model)
         if card is None or card.owner != q.owner:
             raise NotFound(f"host {m.id!r} serves no model {q.owner}/{q.model}")
@@ -138,9 +150,13 @@ class Host:
         if q.batch * widest > MAX_QUERY_ELEMENTS:
             raise LimitExceeded(f"a batch of {q.batch} through layers {widest} wide is "
                                 f"{q.batch * widest} values a tensor; the limit is {MAX_QUERY_ELEMENTS}")
+        tally.lap("load the card, check the query")
         bundles = self._take_bundles(card, card.plan.material_needed(q.batch))
-        outputs = self._coordinate(card, body, bundles, env.job_id)
+        tally.lap("take dealer bundles from the pool")
+        outputs = self._coordinate(card, body, bundles, env.job_id, tally)
         self._refill(card, q.batch)
+        tally.lap("top the pool up (ask the dealer)")
+        tally.flush()
         return MpcReply(outputs=outputs)
 
     def _take_bundles(self, card: ModelCard, needs: list[Need]) -> list[str]:
@@ -172,22 +188,28 @@ class Host:
         self.m.send(card.provider, Tasks.MPC_DEAL, Deal(parties=card.parties, frac_bits=card.plan.frac_bits,
                                                         needs=needs, pools=pools, count=count), uuid.uuid4().hex)
 
-    def _coordinate(self, card: ModelCard, body: QueryModel, bundles: list[str], job_id: str) -> dict[str, str]:
+    def _coordinate(self, card: ModelCard, body: QueryModel, bundles: list[str], job_id: str, tally: Tally
+                    ) -> dict[str, str]:
+        """Start the session at every party: they run its rounds among themselves and each
+        answers with its output share, sealed to the querier."""
         m = self.m
-        session = secrets.token_hex(16)
-        keys = {p: secrets.token_bytes(32) for p in card.parties}
+        session, key = secrets.token_hex(16), secrets.token_bytes(32)
         timeout = m.config.mpc.round_timeout
         m.require_live(list(card.parties), "party")
         sessions = [RunSession(session=session, query=body.query, index=i, bundles=bundles, input=body.inputs[party],
-                               mac_key=m.leave(m.peer(party).seal(keys[party])), round_timeout=timeout)
+                               round_key=m.leave(m.peer(party).seal(key)), round_timeout=timeout)
                     for i, party in enumerate(card.parties)]
+        asked = {party: f"{job_id}:{party}" for party in card.parties}
         with held(m.redis, MPC_DISPATCH_LOCK, DISPATCH_LOCK_SECONDS, wait=DISPATCH_LOCK_SECONDS):
             for party, run in zip(card.parties, sessions, strict=True):
-                m.send(party, Tasks.MPC_SESSION, run, f"{job_id}:{party}", ttl=timeout)
-        metas = relay(m.redis, m.id, session, keys, timeout)
-        if any(meta.get("kind") != "out" for meta in metas):
-            raise JobFailed(f"parties of model {card.qualified!r} ended without an output")
-        return {p: meta["blob"] for p, meta in zip(card.parties, metas, strict=True)}
+                m.send(party, Tasks.MPC_SESSION, run, asked[party], ttl=timeout)
+        tally.lap("start the session at each party")
+        replies = self._acks(asked, timeout, protocol=True)
+        tally.lap("wait for the parties' answers")
+        missing = [p for p in card.parties if p not in replies[p].outputs]
+        if missing:
+            raise JobFailed(f"parties {missing} of model {card.qualified!r} ended without an output")
+        return {p: replies[p].outputs[p] for p in card.parties}
 
 
 def _text(value: Any) -> str | None:

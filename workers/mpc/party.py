@@ -33,6 +33,7 @@ from protocol.mpc.dealer import Material
 from protocol.mpc.model import infer, shapes_of
 from protocol.mpc.wire import MpcReply, RunSession, StoreShares, open_signed, pack, seal_signed, unpack, unpack_part
 from protocol.serving import unexpected
+from protocol.spans import Tally
 from workers import claims
 from workers.mpc.member import MpcMember
 from workers.rounds import PartyEnd
@@ -72,37 +73,48 @@ class Party:
     def session(self, env: Envelope, body: RunSession) -> MpcReply:
         """Compute this party's side of one query; the output share goes to the querier, sealed."""
         m, q = self.m, body.query.query
+        tally = Tally()
         card, params = self._pinned(q.owner, q.model)
-        if env.sender != card.host:  # refused before anything is opened or sent on a session list
+        tally.lap("load the pinned card and shares")
+        if env.sender != card.host:  # refused before anything is opened or sent on a round channel
             raise PermissionDenied(f"{env.sender!r} is not the host of model {card.qualified!r}: the card its "
                                    f"owner signed, pinned at {m.id!r}, names {card.host!r}")
-        key = m.identity.unseal(m.take(body.mac_key))
-        end = PartyEnd(m.redis, card.host, body.session, m.id, key, body.round_timeout)
-        try:
-            if body.index >= len(card.parties) or card.parties[body.index] != m.id:
-                raise PermissionDenied(f"{m.id!r} is not party {body.index} of model {card.qualified!r}")
-            check_roles(card)
-            querier = body.query.verify(card, time.time())
-            needed = len(card.plan.material_needed(q.batch))
-            if len(body.bundles) != needed:
-                raise InvalidRequest(f"the host sent {len(body.bundles)} dealer bundle(s); a batch of {q.batch} "
-                                     f"through {card.qualified!r} takes {needed}")
-            if not m.store.remember(q.querier, f"mpc-query:{q.id}", env.job_id,
-                                    q.issued_at + QUERY_TTL_SECONDS + CLOCK_SKEW_SECONDS):
-                raise ReplayedNonce(f"query {q.id} of {q.querier!r} ran at {m.id!r} already: a query runs once")
-            inputs, _ = unpack(open_signed(m.identity, querier, input_label(q.id, m.id), m.take(body.input)))
-            x = inputs.get("x")
-            if x is None or x.dtype != torch.int64 or tuple(x.shape) != (q.batch, card.plan.in_features):
-                raise InvalidRequest(f"the input share must be int64 of shape ({q.batch}, "
-                                     f"{card.plan.in_features}), as the query says")
-            output = end.run(infer(body.index, card.plan, params, x, self._materials(card, body.bundles)))
-            sealed = seal_signed(m.identity, querier, output_label(q.id, m.id), pack({"y": output}))
-            end.send({"kind": "out", "blob": m.leave(sealed)}, {})
-            return MpcReply()
-        except Exception as exc:  # tell the host now, rather than let it wait out the round timeout
-            error = exc if isinstance(exc, GridError) else unexpected(exc, m.id, env.job_id)
-            end.send({"kind": "error", "code": error.code, "message": error.message[:500]}, {})
-            raise error from None
+        key = m.identity.unseal(m.take(body.round_key))
+        with PartyEnd(m.redis, card.host, body.session, list(card.parties), m.id, key, body.round_timeout) as end:
+            tally.lap("take the round key, subscribe")
+            try:
+                if body.index >= len(card.parties) or card.parties[body.index] != m.id:
+                    raise PermissionDenied(f"{m.id!r} is not party {body.index} of model {card.qualified!r}")
+                check_roles(card)
+                querier = body.query.verify(card, time.time())
+                needed = len(card.plan.material_needed(q.batch))
+                if len(body.bundles) != needed:
+                    raise InvalidRequest(f"the host sent {len(body.bundles)} dealer bundle(s); a batch of {q.batch} "
+                                         f"through {card.qualified!r} takes {needed}")
+                tally.lap("check the session and the query's signature")
+                if not m.store.remember(q.querier, f"mpc-query:{q.id}", env.job_id,
+                                        q.issued_at + QUERY_TTL_SECONDS + CLOCK_SKEW_SECONDS):
+                    raise ReplayedNonce(f"query {q.id} of {q.querier!r} ran at {m.id!r} already: a query runs once")
+                tally.lap("record the query id (replays)")
+                inputs, _ = unpack(open_signed(m.identity, querier, input_label(q.id, m.id), m.take(body.input)))
+                x = inputs.get("x")
+                if x is None or x.dtype != torch.int64 or tuple(x.shape) != (q.batch, card.plan.in_features):
+                    raise InvalidRequest(f"the input share must be int64 of shape ({q.batch}, "
+                                         f"{card.plan.in_features}), as the query says")
+                tally.lap("take and open the input share")
+                materials = list(self._materials(card, body.bundles))  # all opened and checked before any round
+                tally.lap("take and open the dealer's bundles")
+                output = end.run(infer(body.index, card.plan, params, x, iter(materials)))
+                tally.lap("the protocol (rounds)")
+            except Exception as exc:  # tell the other parties now, rather than let them wait out the round timeout
+                error = exc if isinstance(exc, GridError) else unexpected(exc, m.id, env.job_id)
+                end.abort(error)
+                raise error from None
+        sealed = seal_signed(m.identity, querier, output_label(q.id, m.id), pack({"y": output}))
+        reply = MpcReply(outputs={m.id: m.leave(sealed)})
+        tally.lap("seal and leave the output share")
+        tally.flush()
+        return reply
 
     def _pinned(self, owner: str, model: str) -> tuple[ModelCard, dict[str, Any]]:
         held = self.m.store.held(owner, model)

@@ -11,6 +11,7 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
+from protocol import spans
 from protocol.contract import MPC_FROM_PEERS, Tasks, mpc_ack_key
 from protocol.errors import GridError
 from protocol.identity import PublicIdentity
@@ -26,7 +27,7 @@ from workers.mpc.party import Party
 from workers.tasks import serve_tasks
 
 FROM_USERS = (Tasks.MPC_SERVE, Tasks.MPC_QUERY, Tasks.MPC_KEYS, Tasks.MPC_AGGREGATE)
-ACKED = frozenset({"mpc_store"})  # the kinds whose sender (a host) waits for the answer on an ack list
+ACKED = frozenset({"mpc_store", "mpc_session"})  # the kinds whose sender (a host) waits for the answer on an ack list
 
 
 class MpcWorker:
@@ -34,6 +35,7 @@ class MpcWorker:
         """``peers``: serve other nodes' MPC workers (else: this node's users)."""
         self.member = member = MpcMember(config, app)
         self.peers = peers
+        spans.set_role("party" if peers else "host")
         if peers:
             party = Party(member)
             self.routes = {"mpc_store": Route(StoreShares, party.store),

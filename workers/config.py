@@ -204,7 +204,7 @@ class MpcSection(_Section):
     broker_file: Path | None = None
     round_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
     deal_timeout: Annotated[float, Field(gt=0, le=3600)] = 120.0
-    pool_size: Annotated[int, Field(ge=0, le=64)] = 2
+    pool_size: Annotated[int, Field(ge=0, le=64)] = 4  # refilled when half are used, not after each query
     # processes serving other nodes' MPC workers (mpc-peer.<id>): sessions run at once as a
     # party. One is enough to never stall (a host dispatches a session to all its parties at
     # once, in one order grid-wide); more lets queries of different hosts overlap

@@ -391,6 +391,11 @@ class Store:
             row = s.get(MpcShareRow, (owner, model))
             return None if row is None else (row.card, row.data)
 
+    def pinned(self, owner: str, model: str) -> dict[str, Any] | None:
+        """The card a party pinned for ``owner``'s ``model``, without its share."""
+        with self.session() as s:
+            return s.scalar(select(MpcShareRow.card).where(MpcShareRow.owner == owner, MpcShareRow.model == model))
+
     def hold(self, owner: str, model: str, card: dict[str, Any], data: bytes,
              check: Callable[[dict[str, Any]], None]) -> None:
         """Pin ``card`` and keep ``data``; if a card is pinned already, ``check(pinned)`` first

@@ -1,8 +1,9 @@
 """The MPC host: keeps served models' cards (structure, parties, who may query: no numbers),
 as their owners signed them, and coordinates queries — takes dealer bundles from its pool,
 starts a session at each party and waits for their output shares, sealed to the querier
-(the parties exchange the rounds among themselves: the host sees none). It authorises nothing the parties rely on: each party checks a session
-against the owner's card it pinned and the querier's signed query that travels with it.
+(the parties exchange the rounds among themselves: the host sees none). It authorises
+nothing the parties rely on: each party checks a session against the owner's card it pinned
+and the querier's signed query that travels with it.
 
 A host waits — for its parties' answers, its dealer's bundles — but only on
 lists its peers fill from their own pool (``mpc-peer.<id>``), never on a Celery result and
@@ -179,8 +180,13 @@ class Host:
     def _refill(self, card: ModelCard, batch: int) -> None:
         """Top the pool up for this batch size, without waiting: the next query finds it ready."""
         target = self.m.config.mpc.pool_size
-        short = [(n, k) for n in card.plan.material_needed(batch)
-                 if (k := pool_key(card, n)) and self.m.redis.llen(k) < target]
+        needs = card.plan.material_needed(batch)
+        pipe = self.m.redis.pipeline(transaction=False)
+        for need in needs:
+            pipe.llen(pool_key(card, need))
+        # below half: a deal is asked for every few queries, not after each (a signed message each time)
+        short = [(n, pool_key(card, n)) for n, length in zip(needs, pipe.execute(), strict=True)
+                 if length <= target // 2]
         if short:
             self._ask_deal(card, [n for n, _ in short], [k for _, k in short], count=target)
 
@@ -196,14 +202,18 @@ class Host:
         session, key = secrets.token_hex(16), secrets.token_bytes(32)
         timeout = m.config.mpc.round_timeout
         m.require_live(list(card.parties), "party")
+        tally.lap("start: check the parties are live")
         sessions = [RunSession(session=session, query=body.query, index=i, bundles=bundles, input=body.inputs[party],
                                round_key=m.leave(m.peer(party).seal(key)), round_timeout=timeout)
                     for i, party in enumerate(card.parties)]
         asked = {party: f"{job_id}:{party}" for party in card.parties}
+        tally.lap("start: seal and leave the round key for each party")
         with held(m.redis, MPC_DISPATCH_LOCK, DISPATCH_LOCK_SECONDS, wait=DISPATCH_LOCK_SECONDS):
+            tally.lap("start: take the dispatch lock")
             for party, run in zip(card.parties, sessions, strict=True):
                 m.send(party, Tasks.MPC_SESSION, run, asked[party], ttl=timeout)
-        tally.lap("start the session at each party")
+            tally.lap("start: sign and send each party's session")
+        tally.lap("start: release the dispatch lock")
         replies = self._acks(asked, timeout, protocol=True)
         tally.lap("wait for the parties' answers")
         missing = [p for p in card.parties if p not in replies[p].outputs]

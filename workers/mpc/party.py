@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 class Party:
     def __init__(self, member: MpcMember) -> None:
         self.m = member
+        self.parsed: dict[tuple[str, str], tuple[dict[str, Any], ModelCard, dict[str, torch.Tensor]]] = {}
 
     def store(self, env: Envelope, body: StoreShares) -> MpcReply:
         """Keep this party's share of a model, pinned to the card its owner signed."""
@@ -117,10 +118,15 @@ class Party:
         return reply
 
     def _pinned(self, owner: str, model: str) -> tuple[ModelCard, dict[str, Any]]:
-        held = self.m.store.held(owner, model)
-        if held is None:
-            raise NotFound(f"party {self.m.id!r} holds no shares of model {owner}/{model}")
-        return SignedCard.model_validate(held[0]).card, unpack(held[1])[0]
+        """The pinned card and shares, parsed once per card: each query reads the card alone
+        and reuses what was parsed while it is the one pinned."""
+        cached = self.parsed.get((owner, model))
+        if cached is None or cached[0] != self.m.store.pinned(owner, model):
+            held = self.m.store.held(owner, model)  # card and share of one row: never one card's plan, another's share
+            if held is None:
+                raise NotFound(f"party {self.m.id!r} holds no shares of model {owner}/{model}")
+            cached = self.parsed[owner, model] = (held[0], SignedCard.model_validate(held[0]).card, unpack(held[1])[0])
+        return cached[1], cached[2]
 
     def _materials(self, card: ModelCard, bundles: list[str]) -> Iterator[Material]:
         m = self.m

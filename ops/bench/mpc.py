@@ -15,6 +15,10 @@ is printed apart (``offline``).
 * matmul 128×784 · 784×10 (+ truncation: 9 rounds) — against ``x @ w``;
 * ReLU on 128×10 and on 1M (9 rounds) — against ``x.clamp(min=0)``.
 
+CrypTen 0.4.1 (2 and 3 parties, its trusted third party dealing during each op, gloo over
+loopback) runs after ours in its own venv (``ops/bench/crypten_anchor.py``; ``make bench``
+installs it), its figures beside ours; where it cannot run, its dated figures, said so.
+
 End to end: the served linear model (784 → 10) and an MLP (784 → 128 → ReLU → 10), batch
 1, through the whole pool (``gridq mpc start`` workers, ``grid.query``): client sharing and
 sealing, the host's authorisation, pool bundles, the session, sealed output shares — against
@@ -39,6 +43,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from ops.bench import crypten_anchor
 from ops.bench.measure import Load, wait_quiet
 from ops.demo import prepare
 from ops.local import NODE_CONFIGS, LocalGrid
@@ -124,6 +129,9 @@ class Parties:
         self.client.close()
 
 
+CRYPTEN_OPS = {"share + reconstruct 1M": crypten_anchor.SHARE, "multiply 1M × 1M": crypten_anchor.MUL,
+               "matmul 128×784 · 784×10": crypten_anchor.MATMUL, "ReLU 128×10": crypten_anchor.RELU_SMALL,
+               "ReLU 1M": crypten_anchor.RELU_1M}  # our rows → CrypTen's (its sharing is local: no reconstruct)
 Windows = dict[str, list[tuple[float, float]]]  # a case's runs: where each started and ended (wall clock)
 NESTED = ("join:", "rounds:")  # a party's phases inside "the protocol (rounds)"
 ROLES = ("client", "host", "party")
@@ -292,12 +300,17 @@ def main() -> None:
             lg.wait_ready(nodes, timeout=120, workers=[f"{n}-mpc" for n in nodes])
             end_to_end(lg, rows, counts, windows)
         recorded = spans.read(os.environ[spans.SPANS_ENV])
-    table = Table(title=f"gridq MPC through Redis vs plaintext torch (medians; {os.cpu_count()} cores)")
-    for col in ("parties", "operation", "gridq ms", "plaintext ms", "ratio", "dealer ms (offline)", "other load"):
+    console.print("CrypTen, same machine, same run …")
+    crypten, note = crypten_anchor.figures()
+    table = Table(title=f"gridq MPC through Redis vs plaintext torch and CrypTen (medians; {os.cpu_count()} cores)",
+                  caption=note)
+    for col in ("parties", "operation", "gridq ms", "plaintext ms", "ratio", "dealer ms (offline)", "other load",
+                "CrypTen ms", "gridq / CrypTen"):
         table.add_column(col)
     for row in rows:
-        table.add_row(*row)
-    Console(width=150).print(table)
+        theirs = crypten.get("ms" if row[0] == "2" else "ms3", {}).get(CRYPTEN_OPS.get(row[1], ""))
+        table.add_row(*row, *(("", "") if theirs is None else (f"{theirs:.1f}", f"{float(row[2]) / theirs:.2f}×")))
+    Console(width=170).print(table)
     for case, runs in windows.items():
         if case.startswith(("multiply 1M", "inference")):
             detail = Table(title=f"where the time goes: {case} (median of {len(runs)} runs, ms)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from typing import Any
 
 import redis
 import torch
@@ -79,27 +80,40 @@ class PartyEnd:
 
     def join(self) -> None:
         """Say hello to each peer until it is subscribed, then wait for every peer's hello:
-        from here on nothing sent is lost."""
+        from here on nothing sent is lost. A peer that stops before it says hello says why."""
         deadline = time.monotonic() + self.timeout
         for peer in self.peers:
-            if not self._deliver(peer, {"kind": "hello"}, deadline):
+            if not self._deliver(peer, {"kind": "hello"}, deadline, listen=True):
                 raise NodeUnavailable(f"party {peer!r} did not answer the start of the session within "
                                       f"{self.timeout:g} s")
         for peer in self.peers:
-            self._receive(peer, deadline)
+            if not self.received[peer]:
+                self._receive(peer, deadline)
 
-    def _deliver(self, peer: str, meta: dict[str, str], deadline: float) -> bool:
+    def _deliver(self, peer: str, meta: dict[str, str], deadline: float, listen: bool = False) -> bool:
         """Publish a small first message until the broker counts a receiver (pub/sub keeps no
-        backlog for a peer not yet subscribed)."""
+        backlog for a peer not yet subscribed); ``listen``: meanwhile read the peers' first
+        messages (a peer's error is raised: it may have stopped, and will never subscribe)."""
         channel, pause = self.outbox[peer], 0.0005
         message = seal_round(self.key, f"{channel}:0", pack({}, meta))
         while not self.client.publish(channel, message):
             if time.monotonic() > deadline:
                 return False
-            time.sleep(pause)
+            if listen:
+                self._listen(pause, deadline)
+            else:
+                time.sleep(pause)
             pause = min(pause * 2, 0.02)
         self.sent[peer] = 1
         return True
+
+    def _listen(self, seconds: float, deadline: float) -> None:
+        """Read what arrives within ``seconds``, and take each peer's first message (a hello,
+        or the error it stopped with: raised)."""
+        self._file(self._next(seconds))
+        for peer in self.peers:
+            if self.waiting[peer] and not self.received[peer]:
+                self._receive(peer, deadline)
 
     def send(self, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
         data = pack(tensors, meta)
@@ -153,10 +167,20 @@ class PartyEnd:
         finally:
             tally.flush()
 
+    def _next(self, seconds: float) -> dict[str, Any] | None:
+        assert self.sub is not None, "a PartyEnd is used in a with block"
+        return self.sub.get_message(timeout=seconds)
+
+    def _file(self, got: dict[str, Any] | None) -> None:
+        """Queue a message under the peer whose channel it came on (anything else is dropped)."""
+        if got is not None and got.get("type") == "message":
+            sender = self.inbox.get(_text(got["channel"]))
+            if sender is not None:
+                self.waiting[sender].append(got["data"])
+
     def _receive(self, peer: str, deadline: float, tally: Tally | None = None
                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """``peer``'s next message, checked; a peer's error is raised as its own."""
-        assert self.sub is not None, "a PartyEnd is used in a with block"
         queue = self.waiting[peer]
         while not queue:
             left = deadline - time.monotonic()
@@ -164,11 +188,7 @@ class PartyEnd:
                 what = f"round {self.step}" if self.received[peer] else "the start of the session"
                 raise NodeUnavailable(f"party {peer!r} did not answer {what} within {self.timeout:g} s; "
                                       "the computation is abandoned")
-            got = self.sub.get_message(timeout=left)
-            if got is not None and got.get("type") == "message":
-                sender = self.inbox.get(_text(got["channel"]))
-                if sender is not None:
-                    self.waiting[sender].append(got["data"])
+            self._file(self._next(left))
         if tally is not None:
             tally.lap("rounds: wait for and read the peers' parts")
         label = f"{self.incoming[peer]}:{self.received[peer]}"

@@ -49,6 +49,9 @@ What Redis ACLs cannot express here:
   blobs (``gridq:blob:<random>``) do not name who they belong to. A scientist can read any
   result (a signed envelope, sealed where it carries a value, to its one recipient) and
   take (GETDEL) any blob whose key he learns; so can nodes, for blobs.
+* ``gridq:cancel:<job id>`` (``ticket.cancel()``, ``protocol.cancel``) is writable by every
+  scientist: one who knows another's job id can write its key first. The node ignores a
+  cancellation the job's sender did not sign (the job runs), but the real one is then refused.
 * Results are written by every worker: a node can overwrite another's result key (a client
   accepts only a reply signed by the node it asked, for that job).
 * Celery's remote control (ping, inspect, shutdown) is one pub/sub channel: Redis cannot
@@ -79,6 +82,7 @@ from protocol.contract import (
     MPC_DISPATCH_LOCK,
     MPC_MODELS_KEY,
     alive_key,
+    cancel_key,
     dead_letter_key,
     edge_nonce_key,
     in_flight_keys,
@@ -302,6 +306,9 @@ def rules(user: str, db: int = 0, nodes: Sequence[str] = ()) -> list[Rule]:
             *_client(db, nodes),
             Rule(f"(%W~{sent_key('*')} +setex)", "mark a job as sent, for as long as its result lives …"),
             Rule(f"(%R~{sent_key('*')} +exists)", "… so that a ticket for an id never sent is NotFound at once"),
+            Rule(f"(~{cancel_key('*')} +set +get)", "ticket.cancel(): put a signed cancellation under the job's key "
+                                                   "unless its node has started it (SET NX EX), else read who was "
+                                                   "first (protocol.cancel)"),
         ]
     if user == "edge":
         return [
@@ -335,6 +342,9 @@ def rules(user: str, db: int = 0, nodes: Sequence[str] = ()) -> list[Rule]:
             Rule(f"({_keys('%W~', [alive_key(q) for q in own])} +setex +del)",
                  "say that its workers are up (an expiring key each refreshes) and, stopping, that they are not"),
             *_liveness_reader(),
+            Rule(f"(~{cancel_key(node + ':*')} +set +get)", "take up each of its jobs: mark it started (SET NX EX) "
+                                                          "unless its requester's signed cancellation came first, "
+                                                          "and read it (protocol.cancel)"),
             *_mpc_member(node),
         ]
     if user == "flower":

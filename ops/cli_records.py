@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import typer
 
 if TYPE_CHECKING:
+    from orchestrator.history import History
     from workers import Node
 
 budget = typer.Typer(help="Privacy budgets of a node's users (owner side).", no_args_is_help=True)
@@ -187,41 +188,90 @@ def runs_list(db: str = RUNS_DB) -> None:
     Console().print(table)
 
 
-@runs_app.command("show")
-def runs_show(run_id: str, db: str = RUNS_DB) -> None:
-    """One run: how it was asked, then each round — who answered, training loss and accuracy,
-    the global model's evaluation if the run asked for one, who dropped out and why.
+RUN_ID = typer.Argument(..., help="the run's id, or a unique prefix of it (as `gridq runs list` shows it)")
 
-    Example: gridq runs show 3f2a9c0e5b7d4e1f8a6b2c9d0e1f2a3b
+
+@runs_app.command("show")
+def runs_show(run_id: str = RUN_ID, db: str = RUNS_DB) -> None:
+    """One run: how it was asked — DP-SGD and secure aggregation included — then each round,
+    numbered from 1 as fit's progress bar counts them: who answered, training loss and
+    accuracy, the global model's evaluation if the run asked for one, the ε charged under
+    DP-SGD, who dropped out and why.
+
+    Example: gridq runs show 3f2a9c0e
     """
     from rich.console import Console
     from rich.table import Table
 
-    from orchestrator.evaluation import weighted
-    from orchestrator.history import History, figure, summarize
+    from orchestrator.history import figure, privacy_settings, round_rows
 
-    history = History(_history_url(db))
-    try:
-        config = history.config(run_id)
-    except KeyError as exc:
-        say(exc)
-        raise typer.Exit(1) from None
-    typer.echo("\n".join(f"{k:14s} {v}" for k, v in config.items()))
+    with runs_history(db) as history:
+        run_id = history.resolve(run_id)  # NotFound, or InvalidRequest naming the runs a prefix matches
+    config = history.config(run_id)
+    typer.echo(f"{'run':14s} {run_id}")
+    typer.echo("\n".join(f"{k:14s} {v}" for k, v in config.items() if k not in ("dp", "secure_aggregation")))
+    typer.echo("\n".join(f"{k:14s} {v}" for k, v in privacy_settings(config).items()))
     status, reason = history.status(run_id)
     typer.echo(f"{'status':14s} {status}" + (f": {reason}" if reason else ""))
-    records, evaluations = history.rounds(run_id), history.evaluations(run_id)
-    table = Table("round", "nodes", "train loss", "train acc", *(("eval loss", "eval acc") if evaluations else ()),
-                  "dropped out")
-    for summary in summarize(records):
+    records, evaluated = history.rounds(run_id), history.evaluated(run_id)
+    rows = round_rows(records, evaluated)
+    charged = any(r["epsilon"] is not None for r in rows)
+    table = Table("round", "nodes", "train loss", "train acc", *(("eval loss", "eval acc") if evaluated else ()),
+                  *(("ε",) if charged else ()), "dropped out")
+    for row in rows:
         why = [f"{h.node} ({h.status}: {h.error})" if h.error else f"{h.node} ({h.status})"
-               for h in records if h.round == summary.round and h.status != "done"]
-        evaluated = []
-        if evaluations:
-            ev = weighted(evaluations[summary.round]) if summary.round in evaluations else None
-            evaluated = [figure(ev.loss) if ev else "", figure(ev.accuracy, 3) if ev else ""]
-        table.add_row(str(summary.round), str(summary.nodes), figure(summary.loss),
-                      figure(summary.accuracy, 3), *evaluated, "; ".join(why))
+               for h in records if h.round + 1 == row["round"] and h.status != "done"]
+        table.add_row(str(row["round"]), f"{row['nodes']}/{row['asked']}", figure(row["loss"]),
+                      figure(row["accuracy"], 3),
+                      *((figure(row["eval_loss"]), figure(row["eval_accuracy"], 3)) if evaluated else ()),
+                      *((figure(row["epsilon"], 3),) if charged else ()), "; ".join(why))
     Console().print(table)
+
+
+PLOT_OUTPUT = typer.Option(None, "--output", "-o", help="the image to write: PNG, SVG or PDF by its suffix "
+                                                     "(default: run-<id prefix>.png here)")
+
+
+@runs_app.command("plot")
+def runs_plot(run_id: str = RUN_ID, output: Path = PLOT_OUTPUT, db: str = RUNS_DB,
+              width: float = typer.Option(8.0, min=2.0, max=40.0, help="inches"),
+              height: float = typer.Option(6.0, min=2.0, max=40.0, help="inches"),
+              dpi: int = typer.Option(100, min=30, max=600)) -> None:
+    """The run's learning curve: loss and accuracy per round (training solid, the global
+    model's evaluation dashed), rounds where nodes dropped out marked in red.
+
+    Example: gridq runs plot 3f2a9c0e -o curve.png
+    """
+    from orchestrator.history import plot_rounds, round_rows
+    from protocol.errors import NotFound
+
+    with runs_history(db) as history:
+        run_id = history.resolve(run_id)
+        rows = round_rows(history.rounds(run_id), history.evaluated(run_id))
+        if not rows:
+            raise NotFound(f"run {run_id} has no round recorded yet: nothing to plot")
+    config = history.config(run_id)
+    guard = [name for name, on in (("DP-SGD", config.get("dp")), ("secure aggregation",
+                                                                   config.get("secure_aggregation"))) if on]
+    title = (f"run {run_id[:12]}: {config.get('strategy', '?')}, {len(config.get('nodes', []))} nodes, "
+             f"{len(rows)}/{config.get('rounds', '?')} rounds" + (f", {' + '.join(guard)}" if guard else ""))
+    output = output or Path(f"run-{run_id[:8]}.png")
+    plot_rounds(rows, title, (width, height), dpi).savefig(output)
+    typer.echo(f"wrote {output}: {len(rows)} rounds, {sum(1 for r in rows if r['dropouts'])} with dropouts")
+
+
+@contextmanager
+def runs_history(db: str | None) -> Iterator[History]:
+    """The run history ``--db`` names; a GridError inside (no such file, no such run, an
+    ambiguous prefix) ends the command with its message."""
+    from orchestrator.history import History
+    from protocol.errors import GridError
+
+    try:
+        yield History(_history_url(db))
+    except GridError as exc:
+        say(exc)
+        raise typer.Exit(1) from None
 
 
 def _history_url(db: str | None) -> str | None:

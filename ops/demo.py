@@ -5,8 +5,10 @@ and encrypted ML-as-a-service."""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -16,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from ops.demo_data import digits_split, write_demo_data
-from ops.local import NODE_CONFIGS, LocalGrid, port_free
+from ops.local import NODE_CONFIGS, LocalGrid, kept_broker_port, port_free
 from orchestrator.history import figure
 from protocol.errors import InvalidRequest, PermissionDenied
 from workers.datasets import load_table
@@ -215,6 +218,11 @@ def run(stay_up: bool = False, home: Path | None = None, play: bool = True, edge
         with LocalGrid(home, acl=True) as lg, _one_grid_per_home(home, stay_up):
             console.print("[bold]Starting a local grid[/]: Redis, gateway, nodes hospital and clinic …")
             t0 = time.perf_counter()
+            if stay_up:  # the same port as last time: the URLs in broker/ (exported, handed out) stay valid
+                port, note = kept_broker_port(home)
+                if note:
+                    console.print(f"  [yellow]{escape(note)}[/]", soft_wrap=True)
+                lg.start_redis(port)
             lg.start(configs)
             if edge_port and not port_free(edge_port):
                 console.print(f"  [yellow]port {edge_port} is taken: the edge takes a free one[/] (--edge-port N)")
@@ -222,8 +230,10 @@ def run(stay_up: bool = False, home: Path | None = None, play: bool = True, edge
             lg.start_edge(edge_port or None)  # for clients that cannot reach Redis (ops/edge)
             if stay_up:
                 start_mpc_pool(lg)
-            console.print(f"  ready in {time.perf_counter() - t0:.1f} s — broker on port {lg.port}, one user per "
-                          f"node and per role ({lg.home / 'broker'}), logs in {lg.logs}")
+            console.print(f"  ready in {time.perf_counter() - t0:.1f} s — broker on port {lg.port}"
+                          + (" (the same at every start: broker.port)" if stay_up else "")
+                          + f", one user per node and per role ({lg.home / 'broker'}), logs in {lg.logs}",
+                          soft_wrap=True)
             console.print(f"  HTTP edge: {lg.edge_url} (clients that cannot reach Redis; GET /healthz)",
                           soft_wrap=True)
             console.print(f"  broker: {lg.server}", soft_wrap=True)
@@ -237,17 +247,44 @@ def run(stay_up: bool = False, home: Path | None = None, play: bool = True, edge
         console.print("[bold green]done[/]")
 
 
+def gridq_bin() -> Path | None:
+    """The folder of this project's ``gridq`` command (the venv's bin), which ``env.sh`` puts
+    on PATH; None if it has none (gridq not installed as a command)."""
+    for folder in (Path(sys.prefix) / "bin", Path(sys.executable).parent):
+        if (folder / "gridq").is_file():
+            return folder.absolute()
+    return None
+
+
+def exports_line(home: Path) -> str:
+    """The line that points a shell at the grid of ``home`` (README: "A grid to work with")."""
+    return f'export GRIDQ_BROKER="$(cat {shlex.quote(str(home / "broker" / "scientist.url"))})" ' \
+           f"GRIDQ_HOME={shlex.quote(str(home))}"
+
+
+def env_script(home: Path, bin_dir: Path | None) -> str:
+    """``home/env.sh``, which a second shell sources (``. ~/.gridq/env.sh``): the exports line,
+    and the project's ``gridq`` put on PATH (once, however often it is sourced)."""
+    lines = [exports_line(home)]
+    if bin_dir is not None:
+        quoted = shlex.quote(str(bin_dir))
+        lines.append(f'case ":$PATH:" in *:{quoted}:*) ;; *) export PATH={quoted}:"$PATH" ;; esac')
+    return "\n".join(lines) + "\n"
+
+
 def _serve_until_stopped(lg: LocalGrid) -> None:
-    exports = f'export GRIDQ_BROKER="$(cat {lg.home}/broker/scientist.url)" GRIDQ_HOME={lg.home}'
-    (lg.home / "env.sh").write_text(exports + "\n")
-    console.print("\n[bold]The grid is up.[/] Paste this in another shell (it is also in "
-                  f"{lg.home / 'env.sh'}):\n\n{exports}\n\n"
-                  "then, for example (owner and operator commands log in as their broker users, from "
-                  "$GRIDQ_HOME/broker):\n  gridq status\n  gridq requests list hospital\n"
+    env_sh = lg.home / "env.sh"
+    bin_dir = gridq_bin()
+    env_sh.write_text(env_script(lg.home, bin_dir))
+    on_path = f"It also puts {bin_dir} on PATH, for this project's gridq.\n" if bin_dir else ""
+    console.print(f"\n[bold]The grid is up.[/] In another shell, run\n\n  . {escape(str(env_sh))}\n\n"
+                  f"It exports what this line does (or paste the line):\n\n{escape(exports_line(lg.home))}\n\n"
+                  f"{escape(on_path)}Then, for example (owner and operator commands log in as their broker users, from "
+                  "$GRIDQ_HOME/broker):\n  gridq status --watch\n  gridq requests list hospital\n"
                   "  python   # and the README's examples, which connect with Grid.connect(identity=\"alice\")\n"
                   f"  curl {lg.edge_url}/v1/gateway   # the HTTP edge, for clients that cannot reach Redis\n"
-                  f"Keys are in {lg.keys} (users {', '.join(USERS)}); logs in {lg.logs}. Ctrl-C stops it.",
-                  soft_wrap=True)
+                  f"Keys are in {lg.keys} (users {', '.join(USERS)}); logs in {lg.logs}. The broker keeps port "
+                  f"{lg.port} across restarts. Ctrl-C stops it.", soft_wrap=True)
     try:
         while all(p.poll() is None for p in lg.procs.values()):
             time.sleep(1)
@@ -255,7 +292,7 @@ def _serve_until_stopped(lg: LocalGrid) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        (lg.home / "env.sh").unlink(missing_ok=True)
+        env_sh.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -271,8 +308,9 @@ def _one_grid_per_home(home: Path, kept: bool) -> Iterator[None]:
     except (FileNotFoundError, ValueError, ProcessLookupError):
         pass
     else:
-        env = (home / "env.sh").read_text().strip() if (home / "env.sh").exists() else ""
-        raise InvalidRequest(f"a grid is already up on {home} (process {other}); {env or 'stop it first'}")
+        env_sh = home / "env.sh"
+        reach = f"`. {env_sh}` reaches it from another shell" if env_sh.exists() else "stop it first"
+        raise InvalidRequest(f"a grid is already up on {home} (process {other}); {reach}")
     pidfile.write_text(str(os.getpid()))
     try:
         yield

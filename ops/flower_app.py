@@ -5,7 +5,18 @@ to read the workers' msgpack replies.
 Also what ``gridq flower`` checks before it starts Flower: Flower off this machine's
 loopback needs HTTP basic auth (its UI and API can revoke jobs and shut workers down), given
 as a file of one line ``user:password`` (``--auth-file``, mode 0600: docker compose's
-``init`` writes ``/var/lib/gridq/flower.auth``) or as ``FLOWER_BASIC_AUTH``."""
+``init`` writes ``/var/lib/gridq/flower.auth``) or as ``FLOWER_BASIC_AUTH``.
+
+And how Flower is set up, on import (before Flower reads its options):
+
+* ``/metrics`` and ``/healthcheck`` ask for the same password as the rest (Flower 2 serves
+  them to anyone: the task counts by name and worker, the workers' names).
+* A task's result is how its job ended — ``answered``, ``refused: budget_exhausted``,
+  ``failed: job_failed``… — from the worker's ``task-outcome`` event (``workers.tasks``),
+  and the task list has a Result column. A refused job is a Celery ``SUCCESS`` like a served
+  one (the client reads the refusal from the signed reply); this is how an operator tells
+  them apart. No reply is shown: Celery's own events carry none (``resultrepr_maxsize=0``).
+  ``FLOWER_TASKS_COLUMNS`` (or ``--tasks_columns``) still picks other columns."""
 
 from __future__ import annotations
 
@@ -15,12 +26,22 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
+
+from celery.events.state import Task as EventTask
+from flower.options import options as flower_options
+from flower.views import monitor
+from tornado import web
 
 from orchestrator.app import make_celery
 from protocol.errors import InvalidRequest, NotFound
+from workers.tasks import OUTCOME_EVENT, OUTCOME_FIELD, OUTCOMES
 
 app = make_celery(os.environ.get("GRIDQ_BROKER", "redis://127.0.0.1:6379/0"), name="gridq-flower")
+
+# what Celery's event state calls a task whose last event was its outcome (a custom task-* event)
+OUTCOME_STATE = OUTCOME_EVENT.removeprefix("task-").upper()
+TASKS_COLUMNS = "name,uuid,state,result,received,runtime,worker"  # Flower's default, and the Result column
 
 _CREDENTIAL = re.compile(r"[^\s:,]+:[^\s,]+")  # Flower splits FLOWER_BASIC_AUTH on commas
 
@@ -84,3 +105,42 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:
         return False
+
+
+def format_task(task: Any) -> Any:
+    """Flower's ``format_task`` (applied to a copy of each task it shows, in its list and on
+    its page): the result is the outcome the worker announced, if it is one of the words
+    ``workers.tasks.outcome`` says (anything else, a forged event's, is not shown). The
+    event is sent once the reply is stored, so a task whose last event was it is a
+    ``SUCCESS`` (Celery's ``task-succeeded`` comes a moment later, from the worker's parent)."""
+    said = getattr(task, OUTCOME_FIELD, None)
+    if isinstance(said, str) and OUTCOMES.fullmatch(said):
+        task.result = said
+        if task.state == OUTCOME_STATE:
+            task.state = "SUCCESS"
+    setattr(task, OUTCOME_FIELD, None)  # shown as the result; not twice on the task's page
+    return task
+
+
+def _behind_auth(handler: type[web.RequestHandler]) -> None:
+    """Make ``handler``'s GET ask for what Flower's pages ask for (``tornado.web.authenticated``
+    over Flower's ``get_current_user``: basic auth, OAuth; nothing when Flower has none)."""
+    if not getattr(handler.get, "gridq_authenticated", False):
+        guarded = web.authenticated(handler.get)
+        guarded.gridq_authenticated = True  # type: ignore[attr-defined]
+        handler.get = guarded  # type: ignore[method-assign]
+
+
+def _set_up_flower() -> None:
+    for handler in (monitor.Metrics, monitor.Healthcheck):
+        _behind_auth(handler)
+    # Celery's event state keeps a custom event's fields on the task, but Flower copies a task
+    # (to format it, to list it) by its declared fields only: the outcome is declared one
+    if OUTCOME_FIELD not in EventTask._fields:
+        EventTask._fields = (*EventTask._fields, OUTCOME_FIELD)
+        setattr(EventTask, OUTCOME_FIELD, None)
+    flower_options.format_task = format_task
+    flower_options.tasks_columns = TASKS_COLUMNS  # FLOWER_TASKS_COLUMNS, --tasks_columns: applied after this
+
+
+_set_up_flower()

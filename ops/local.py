@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -42,6 +43,7 @@ NODE_CONFIGS = Path(__file__).parent / "nodes"
 # or an unread job would be lost silently); once full it refuses writes, which clients see
 # as BrokerUnavailable, until blobs and results expire.
 MAXMEMORY = "512mb"
+BROKER_PORT_FILE = "broker.port"  # in a kept home (`gridq up`): its broker's port, the same across restarts
 
 
 def free_port() -> int:
@@ -59,6 +61,63 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def kept_broker_port(home: Path) -> tuple[int, str]:
+    """The port a kept home's broker listens on (``gridq up``), and what to tell the operator
+    about it ("" if nothing): the one stored in ``home/broker.port``, so that the URLs under
+    ``home/broker`` — exported from ``env.sh``, given to nodes and Flower started by hand —
+    stay valid across restarts; else a free one, stored. A stored port taken by another
+    program: a free one, stored, and a note that says so. Taken by this home's own Redis (an
+    earlier ``gridq up`` that was killed and left it running): NodeUnavailable naming it, as
+    a second Redis on the same append-only file would corrupt it."""
+    file = Path(home) / BROKER_PORT_FILE
+    try:
+        stored = int(file.read_text().strip())
+    except (OSError, ValueError):
+        stored = 0
+    if stored and port_free(stored):
+        return stored, ""
+    note = ""
+    if stored:
+        pid = _own_broker(Path(home), stored)
+        if pid:
+            raise NodeUnavailable(f"port {stored} (kept in {file}) is taken by this home's own Redis (process {pid}), "
+                                  "left running by an earlier `gridq up` that did not stop: stop it (kill "
+                                  f"{pid}; the workers it served log in {Path(home) / 'logs'}) and start again")
+    port = free_port()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    if stored:
+        note = (f"port {stored}, where this home's broker listened before (kept in {file}), is taken by another "
+                f"program: the broker listens on port {port} now. Shells that exported the old URLs must "
+                f"`. {Path(home) / 'env.sh'}` again, and nodes or Flower started by hand must be restarted")
+    file.write_text(f"{port}\n")
+    return port, note
+
+
+def _own_broker(home: Path, port: int) -> int | None:
+    """The process id of the Redis on ``port`` if it is this home's (its admin user logs in,
+    and it keeps its files in ``home``), else None."""
+    from ops.broker_users import role_url
+
+    try:
+        admin = role_url(home, "admin")
+    except ValueError:
+        return None
+    if not admin:
+        return None
+    parts = urlsplit(admin)
+    auth = parts.netloc.rpartition("@")[0]
+    url = urlunsplit(parts._replace(netloc=f"{auth}@127.0.0.1:{port}" if auth else f"127.0.0.1:{port}"))
+    try:
+        with redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2) as client:
+            folder = client.config_get("dir").get("dir")
+            pid = client.info("server").get("process_id")
+    except (redis.RedisError, OSError, ValueError):  # not Redis, or not one this home's admin logs in to
+        return None
+    if folder and Path(folder).resolve() == home.resolve() and pid:
+        return int(pid)
+    return None
 
 
 def redis_version(binary: str) -> str:
@@ -143,10 +202,12 @@ class LocalGrid:
         self._spawn("redis", argv)
         client = redis.Redis.from_url(self.url)
         try:
-            _until(lambda: _pings(client), 10, f"redis-server ({binary}) did not start", self._crashed)
-        except NodeUnavailable as exc:  # say why: its log has it
+            _until(lambda: _pings(client), 10, f"redis-server ({binary}) did not start on port {port}", self._crashed)
+        except NodeUnavailable as exc:  # say why: its log has it (already in the message if it exited)
+            if self.procs["redis"].poll() is not None:
+                raise
             log = self.logs / "redis.log"
-            raise NodeUnavailable(f"{exc}. The end of {log}:\n{log.read_text()[-1500:]}") from None
+            raise NodeUnavailable(f"{exc}; the end of {log}:\n{log.read_text()[-1500:]}") from None
         finally:
             client.close()
         return self.url

@@ -42,7 +42,8 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -51,7 +52,18 @@ from orchestrator import mpc
 from orchestrator.evaluation import Evaluation
 from orchestrator.evaluation import evaluate as federated_evaluation
 from orchestrator.gather import gather, pairs, same_node, seal_for
-from orchestrator.history import History, RoundRecord, RoundSummary, figure, summarize
+from orchestrator.history import (
+    NODE_COLUMNS,
+    ROUND_COLUMNS,
+    History,
+    RoundRecord,
+    RoundSummary,
+    figure,
+    node_rows,
+    plot_rounds,
+    round_rows,
+    summarize,
+)
 from orchestrator.strategies import Strategy
 from orchestrator.strategies import strategy as as_strategy
 from orchestrator.ticket import JobTicket
@@ -72,10 +84,14 @@ from protocol.mpc.ring import FixedPoint
 from protocol.mpc.wire import Aggregate, open_signed, sum_label, unpack
 
 if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
     from orchestrator.grid import Grid
     from orchestrator.pointer import Expression
 
 log = logging.getLogger(__name__)
+FRAC_BITS = SecureAggregation.model_fields["frac_bits"].default  # secure aggregation's fixed point, as recorded
 
 
 class ModelPointer:
@@ -139,8 +155,49 @@ class FitResult:
 
     def rounds(self) -> list[RoundSummary]:
         """Per round: nodes that answered, loss and accuracy of their trained models on their
-        training data (weighted by samples: not a held-out evaluation), dropouts."""
+        training data (weighted by samples: not a held-out evaluation), dropouts. Numbered
+        from 0, as the history stores them (to_dataframe numbers them from 1)."""
         return summarize(self.history)
+
+    def to_dataframe(self, by: Literal["round", "node"] = "round") -> pd.DataFrame:
+        """The rounds as a pandas DataFrame, numbered from 1 as the progress bar counts them.
+        ``by="round"``: one row per round — round, nodes (that answered), asked, samples,
+        loss, accuracy (training, weighted by samples), eval_loss, eval_accuracy (the global
+        model on held-out data, with ``evaluate=``), dropouts, dropped ("node (status)"),
+        seconds (the round's slowest answer), epsilon (DP-SGD: the largest ε a node charged).
+        ``by="node"``: one row per node and round — round, node, status, samples, loss,
+        accuracy, seconds, epsilon, error. A withheld figure is NaN."""
+        import pandas as pd
+
+        floats: tuple[str, ...]
+        ints: tuple[str, ...]
+        if by == "round":
+            evaluated = {r: (ev.loss, ev.accuracy) for r, ev in enumerate(self.evaluations)}
+            frame = pd.DataFrame(round_rows(self.history, evaluated), columns=list(ROUND_COLUMNS))
+            floats = ("loss", "accuracy", "eval_loss", "eval_accuracy", "seconds", "epsilon")
+            ints = ("round", "nodes", "asked", "samples", "dropouts")
+        elif by == "node":
+            frame = pd.DataFrame(node_rows(self.history), columns=list(NODE_COLUMNS))
+            floats, ints = ("loss", "accuracy", "seconds", "epsilon"), ("round", "samples")
+        else:
+            raise InvalidRequest(f"by must be 'round' or 'node', not {by!r}")
+        return frame.astype({**{c: "float64" for c in floats}, **{c: "int64" for c in ints}})
+
+    def to_csv(self, path: str | Path, by: Literal["round", "node"] = "round") -> Path:
+        """Write :meth:`to_dataframe` to ``path`` as CSV (a header, then one line per row; a
+        withheld figure is an empty field). Returns the path."""
+        path = Path(path)
+        self.to_dataframe(by).to_csv(path, index=False)
+        return path
+
+    def plot(self, path: str | Path | None = None, title: str = "") -> Figure:
+        """The learning curve: loss and accuracy per round, dropouts marked (as ``gridq runs
+        plot``); saved to ``path`` (PNG, SVG, PDF by its suffix) if given."""
+        evaluated = {r: (ev.loss, ev.accuracy) for r, ev in enumerate(self.evaluations)}
+        fig = plot_rounds(round_rows(self.history, evaluated), title or f"run {self.run_id[:12]}")
+        if path is not None:
+            fig.savefig(path)
+        return fig
 
 
 def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Expression]], *, rounds: int,
@@ -167,9 +224,14 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
     server.start(model)
     history = History(history_db)
     run_id = history.start(spec, {"rounds": rounds, "local_epochs": local_epochs, "batch_size": batch_size, "lr": lr,
-                                  "optimizer": optimizer, "loss": loss, **server.config(),
+                                  "optimizer": optimizer, "loss": loss, "momentum": momentum, **server.config(),
                                   "nodes": [x.node for x, _ in data], "min_nodes": min_nodes,
-                                  **({"evaluated_at": [x.node for x, _ in evaluate]} if evaluate else {})})
+                                  "round_timeout": round_timeout, "seed": seed,
+                                  **({"evaluated_at": [x.node for x, _ in evaluate]} if evaluate else {}),
+                                  # how the nodes' data was protected, for `gridq runs show`
+                                  "dp": dp.model_dump(mode="json") if dp is not None else None,
+                                  "secure_aggregation": {"aggregators": list(aggregators), "frac_bits": FRAC_BITS}
+                                  if secure_aggregation else None})
     result = FitResult(model, [], run_id)
     done = 0  # whole rounds so far: ``state`` is their aggregate
     try:
@@ -283,7 +345,7 @@ def _round(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor], data: Se
             records.append(RoundRecord(r, node, status, 0, 0.0, None, seconds, f"{type(exc).__name__}: {exc}"))
             errors.append(exc)
             continue
-        records.append(RoundRecord(r, node, "done", m.samples, m.loss, m.accuracy, seconds, m.withheld))
+        records.append(RoundRecord(r, node, "done", m.samples, m.loss, m.accuracy, seconds, m.withheld, m.epsilon))
         updates.append((node, update, m.samples))
     return records, updates, errors
 

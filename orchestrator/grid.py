@@ -34,15 +34,18 @@ from protocol.contract import (
     gridq_home,
     node_queue,
 )
-from protocol.errors import InvalidRequest, NotFound
+from protocol.errors import InvalidRequest, NodeUnavailable, NotFound
 from protocol.identity import Identity, unreadable_key
 from protocol.messages import (
     AccessRequest,
     BudgetInfo,
     BudgetQuery,
+    CancelRequest,
     DatasetMeta,
     MockRequest,
+    MyRequests,
     NodeInfo,
+    RequestInfo,
     RunJob,
     SearchQuery,
     TrainJob,
@@ -151,6 +154,51 @@ class Grid:
         ticket = self.submit(node, BudgetQuery(dataset=dataset))
         return list(ticket.reply().budgets)
 
+    # --- your requests in the nodes' approval queues -------------------------------------------
+
+    def requests(self, node: str | None = None, status: str | None = None) -> list[RequestInfo]:
+        """Your own requests in the approval queue of ``node`` (None: of every node whose
+        worker is up), of one ``status`` — ``pending``, ``approved``, ``denied``, ``expired``,
+        ``cancelled`` — or all, oldest first: each with its id (its ticket's), kind, datasets,
+        release, status, when it was sent and decided, and when a pending one expires (the
+        node's ``[approval] expire_after``). Nobody else's requests are ever shown."""
+        query = checked(MyRequests, status=status)
+        nodes = [node] if node is not None else [info.node for info in self.nodes() if self._serving(info.node)]
+        tickets = [self.submit(n, query) for n in nodes]
+        found = [request for ticket in tickets for request in ticket.reply().requests]
+        return sorted(found, key=lambda r: (r.created_at, r.id))
+
+    def cancel_request(self, request_id: str) -> RequestInfo:
+        """Withdraw your pending request ``request_id`` (its ticket's id) from its node's
+        approval queue: it never runs, its owner no longer sees it waiting, and its ticket
+        raises ``JobCancelled``. ``PermissionDenied`` if it is another user's request,
+        ``InvalidRequest`` if it was decided or expired already (cancelling it twice is no
+        error), ``NotFound`` if the node has no such request. ``request_id`` may be a unique
+        prefix of one of yours (``node:`` and some hex digits), as ``gridq requests`` takes
+        an owner's. The request, as it now stands."""
+        node, _, digits = request_id.partition(":")
+        if not JOB_ID.fullmatch(request_id):
+            if not digits or not JOB_ID.fullmatch(f"{node}:{digits.ljust(32, '0')}"):
+                raise InvalidRequest(f"{request_id!r} is not a request id: they read '<node>:<32 hex digits>' (or a "
+                                     "prefix of one of yours), as ticket.id and grid.requests() show them")
+            mine = [r.id for r in self.requests(node) if r.id.startswith(request_id)]
+            if len(mine) != 1:
+                error = NotFound if not mine else InvalidRequest
+                raise error(f"{request_id!r} names {len(mine)} of your requests at {node!r}"
+                            + (f" ({', '.join(mine)}): give more of the id" if mine else
+                               "; grid.requests() lists yours"))
+            request_id = mine[0]
+        reply = self.submit(node, CancelRequest(request=request_id)).reply()
+        return reply.requests[0]
+
+    def _serving(self, node: str) -> bool:
+        """Whether a worker serves ``node``'s job queue now (an MPC-only node has none)."""
+        try:
+            self.transport.require_worker(node, node_queue(node))
+        except NodeUnavailable:
+            return False
+        return True
+
     # --- federated learning (orchestrator.fl) -------------------------------------------------
 
     def send(self, model: torch.nn.Module, node: str) -> ModelPointer:
@@ -213,7 +261,8 @@ class Grid:
                            f"({self.app.conf.result_expires or 86400:.0f} s): check the id (ticket.id prints it)")
         return JobTicket(self, job_id)
 
-    def submit(self, node: str, job: RunJob | TrainJob | BudgetQuery | AccessRequest | MockRequest) -> JobTicket:
+    def submit(self, node: str, job: RunJob | TrainJob | BudgetQuery | AccessRequest | MockRequest | MyRequests
+               | CancelRequest) -> JobTicket:
         """Send one job to ``node`` (pointers and models build them): its ticket, at once."""
         self.transport.node_key(node)  # an unknown node fails now, not after a timeout
         job_id = f"{node}:{uuid.uuid4().hex}"

@@ -26,6 +26,7 @@ from kombu.exceptions import KombuError, OperationalError
 
 from orchestrator.app import make_celery
 from orchestrator.known_gateways import KnownGateways
+from protocol.cancel import CANCEL_TTL_SECONDS
 from protocol.contract import (
     ALIVE_TTL_SECONDS,
     CLAIM_CHECK_PREFIX,
@@ -39,6 +40,7 @@ from protocol.contract import (
     PUBLIC,
     Tasks,
     alive_key,
+    cancel_key,
     sent_key,
 )
 from protocol.envelope import Envelope, MemoryNonceStore, open_envelope, seal_envelope
@@ -183,6 +185,23 @@ class Transport:
             for job_id in job_ids:
                 pipe.setex(sent_key(job_id), int(self.app.conf.result_expires or 86400), 1)
             pipe.execute()
+
+    def cancel(self, job_id: str, mark: bytes) -> bytes | None:
+        """Put a signed cancellation under the job's cancel key unless its node (or anything
+        else) got there first (``SET NX``, :mod:`protocol.cancel`): None if it was put — the
+        node will not run the job — else what is there."""
+        key = cancel_key(job_id)
+        with broker_errors(self.url):
+            if self._redis.set(key, mark, nx=True, ex=CANCEL_TTL_SECONDS):
+                return None
+            there = self._redis.get(key) or b""  # b"": it expired in between (nothing to cancel any more)
+        return there.encode() if isinstance(there, str) else there
+
+    def cancel_mark(self, job_id: str) -> bytes | None:
+        """What the job's cancel key holds: the node's ``started``, a cancellation, or None."""
+        with broker_errors(self.url):
+            mark = self._redis.get(cancel_key(job_id))
+        return mark.encode() if isinstance(mark, str) else mark
 
     def sent(self, job_id: str) -> bool:
         """Whether a job of this id was sent on this broker (its result may still be read)."""

@@ -66,6 +66,14 @@ def sent_key(job_id: str) -> str:
     return f"gridq:sent:{job_id}"
 
 
+def cancel_key(job_id: str) -> str:
+    """Who took a job up first, its node or its requester (``protocol.cancel``): the node
+    sets it (SET NX) when it starts the job, the requester's ``ticket.cancel()`` to its
+    signed cancellation. The first wins: a job is cancelled only before its node starts it,
+    and then never runs."""
+    return f"gridq:cancel:{job_id}"
+
+
 def edge_nonce_key(sender: str, nonce: str) -> str:
     """Set (SET NX, expiring with its envelope) when the HTTP edge (``ops.edge``) lets an
     envelope through: a replay is refused by every edge process of the grid, after a restart too."""
@@ -197,8 +205,9 @@ def celery_settings(
     * ``worker_send_task_events``/``task_send_sent_event``: Flower sees every job.
       Task arguments are envelopes (plans and ids): Flower shows nothing secret.
     * ``task_annotations`` ``resultrepr_maxsize=0``: a task's return value (a reply
-      envelope) is left out of its ``task-succeeded`` event — Flower shows ``", ..."`` for
-      it — and out of the worker's success log line (the workers also log success without
+      envelope) is left out of its ``task-succeeded`` event — Flower shows the job's
+      outcome instead (``answered``, ``refused: <code>``: ``workers.tasks.outcome``) — and
+      out of the worker's success log line (the workers also log success without
       it: ``celery.app.trace.LOG_SUCCESS``). Replies are read from the result backend only.
     * ``task_track_started``: a ticket can tell ``queued`` from ``running``.
     * ``result_expires``: :data:`RESULT_TTL_SECONDS` (not Celery's day): as long as the

@@ -18,6 +18,7 @@ the code back into the matching type with :func:`error_from_wire`.
     │   └── IncompatibleProtocol
     ├── PermissionDenied               trusted sender, but no door of the release policy opens
     │   └── RequestDenied              the owner denied this request (with a reason)
+    │       └── RequestExpired         no decision within the node's [approval] expire_after: send it again
     ├── ApprovalRequired               the owner must approve this job first (ticket parked)
     ├── BudgetExhausted                the privacy budget does not cover the request
     ├── InvalidRequest                 malformed or oversized input
@@ -26,7 +27,9 @@ the code back into the matching type with :func:`error_from_wire`.
     │   └── LimitExceeded              an element-count, size or length cap
     ├── NotFound                       no such node, dataset, object or job
     ├── NodeUnavailable                the node did not answer in time (retryable)
+    ├── CannotCancel                   ticket.cancel() of a job that has started or finished
     └── JobFailed                      the job was valid but failed while running
+        └── JobCancelled               its requester cancelled it before it started: it never ran
 
 Retry is a property of the type: only ``retryable`` errors are worth sending again.
 """
@@ -114,6 +117,14 @@ class RequestDenied(PermissionDenied):
     code = "request_denied"
 
 
+class RequestExpired(RequestDenied):
+    """A request waited in the owner's approval queue longer than the node's ``[approval]
+    expire_after`` without a decision: it is closed, and never runs. Send the work again (a
+    new job), or ask the owner to decide sooner."""
+
+    code = "request_expired"
+
+
 class ApprovalRequired(GridError):
     code = "approval_required"
 
@@ -155,6 +166,20 @@ class BrokerUnavailable(NodeUnavailable):
 
 class JobFailed(GridError):
     code = "job_failed"
+
+
+class JobCancelled(JobFailed):
+    """Its requester cancelled the job (``ticket.cancel()``) before its node started it: it
+    never ran, and nothing of it was charged or kept."""
+
+    code = "job_cancelled"
+
+
+class CannotCancel(GridError):
+    """``ticket.cancel()`` came too late: the node has started the job (a running job is not
+    stopped) or has answered it. The message says which, and what to do instead."""
+
+    code = "cannot_cancel"
 
 
 def _all_subclasses(cls: type[GridError]) -> list[type[GridError]]:

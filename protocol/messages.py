@@ -294,6 +294,40 @@ class MockRequest(_Model):
     dataset: Name
 
 
+RequestStatus = Literal["pending", "approved", "denied", "expired", "cancelled"]
+JobId = Annotated[str, Field(min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_.\-:]+$")]
+
+
+class MyRequests(_Model):
+    """Data scientist → node: my own requests in your approval queue (of one status, or all)."""
+
+    kind: Literal["requests"] = "requests"
+    status: RequestStatus | None = None
+
+
+class CancelRequest(_Model):
+    """Data scientist → node: withdraw my pending request ``request`` (its job id) from your
+    approval queue: it never runs, and its ticket ends with ``JobCancelled``. Another user's
+    request is refused (``PermissionDenied``)."""
+
+    kind: Literal["cancel"] = "cancel"
+    request: JobId
+
+
+class RequestInfo(_Model):
+    """One of the requester's own requests in a node's approval queue, as they may see it."""
+
+    id: JobId
+    kind: Annotated[str, Field(max_length=24)]
+    datasets: Annotated[list[Name], Field(max_length=64)]
+    release: Annotated[str, Field(max_length=512)]
+    status: RequestStatus
+    created_at: float
+    decided_at: float | None = None
+    expires_at: float | None = None  # a pending request's deadline ([approval] expire_after); None: none
+    decision: Text = ""  # the owner's reason for a denial, or how it closed
+
+
 class JobReply(_Model):
     """Node → data scientist: how the job ended."""
 
@@ -307,6 +341,7 @@ class JobReply(_Model):
     # secure aggregation: aggregation party → claim-check key of the share sealed to it
     shares: Annotated[dict[Name, Annotated[str, Field(max_length=80, pattern=r"^gridq:blob:[A-Za-z0-9_\-]{16,64}$")]],
                       Field(max_length=8)] = {}
+    requests: Annotated[list[RequestInfo], Field(max_length=1000)] = []  # MyRequests, CancelRequest
     error: WireError | None = None
 
 
@@ -345,8 +380,8 @@ class GatewayReply(_Model):
 
 
 Body = Annotated[
-    RunJob | TrainJob | EvalJob | BudgetQuery | AccessRequest | MockRequest | JobReply
-    | RegisterNode | PublishDataset | UnpublishDataset | GatewayReply,
+    RunJob | TrainJob | EvalJob | BudgetQuery | AccessRequest | MockRequest | MyRequests | CancelRequest
+    | JobReply | RegisterNode | PublishDataset | UnpublishDataset | GatewayReply,
     Field(discriminator="kind"),
 ]
 _BODY = TypeAdapter(Body)

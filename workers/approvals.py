@@ -5,17 +5,41 @@ here with what a person needs to judge it (who, when, which datasets, the plan a
 operations, the release asked for) and its verified envelope, so that approving it later
 runs exactly what was asked. Pending requests live in the node database: they survive a
 restart. The scientist's ticket reads ``pending_approval`` meanwhile.
+
+A request ends once: ``approved`` or ``denied`` by the owner, ``cancelled`` by its
+requester (:class:`OwnRequests`, the requester's own view of the queue), or ``expired`` —
+no decision within ``[approval] expire_after`` seconds of its arrival. The last two never
+run; their requester's ticket ends with ``JobCancelled`` or ``RequestExpired``
+(:func:`refusal`), answered by whoever closes them, or by the worker's sweep
+(``Node.expire_requests``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
 
-from protocol.errors import InvalidRequest, NotFound
-from workers.store import RequestRow, Store
+from protocol.errors import (
+    GridError,
+    InvalidRequest,
+    JobCancelled,
+    NotFound,
+    PermissionDenied,
+    RequestDenied,
+    RequestExpired,
+)
+from protocol.messages import CancelRequest, JobReply, MyRequests, RequestInfo
+from workers.context import Job, Outcome
+from workers.store import JobRow, RequestRow, Store
+
+STATUSES = ("pending", "approved", "denied", "expired", "cancelled")
+CLOSED = ("expired", "cancelled")  # ended without the owner's decision: they never run
+MAX_LISTED = 1000  # a requester's requests in one answer (JobReply.requests), the newest
+Rows = list[RequestRow]  # (inside Requests, ``list`` is its method)
 
 
 class Parked(Exception):  # noqa: N818 - a signal inside the runner, not an error for users
@@ -26,9 +50,24 @@ class Parked(Exception):  # noqa: N818 - a signal inside the runner, not an erro
         self.kind, self.datasets, self.summary, self.release, self.reason = kind, datasets, summary, release, reason
 
 
+def iso(when: float) -> str:
+    """A time as ISO-8601 in UTC, to the second (``2026-12-06T22:46:38Z``)."""
+    return datetime.fromtimestamp(when, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def sweep_every(expire_after: float) -> float | None:
+    """How often a worker closes expired requests: a quarter of ``expire_after``, between
+    half a second and a minute (None: requests never expire)."""
+    return min(60.0, max(0.5, expire_after / 4)) if expire_after > 0 else None
+
+
 class Requests:
-    def __init__(self, store: Store) -> None:
+    """The approval queue in the node database. ``expire_after`` (seconds, ``[approval]
+    expire_after``; 0: never) closes requests left undecided that long."""
+
+    def __init__(self, store: Store, expire_after: float = 0.0) -> None:
         self.store = store
+        self.expire_after = expire_after
 
     def park(self, job_id: str, requester: str, envelope: dict[str, Any], parked: Parked) -> None:
         with self.store.session() as s:
@@ -39,12 +78,21 @@ class Requests:
                              envelope=envelope, status="pending", decision="", created_at=time.time(),
                              decided_at=None))
 
-    def list(self, status: str | None = "pending") -> list[RequestRow]:
+    def list(self, status: str | None = "pending", *, requester: str | None = None,
+             newest: int | None = None) -> Rows:
+        """Requests of ``status`` (None: all), of ``requester`` (None: everyone's), oldest
+        first; with ``newest``, only the newest that many."""
+        if status is not None and status not in STATUSES:
+            raise InvalidRequest(f"a request is {', '.join(STATUSES)}, not {status!r}")
         with self.store.session() as s:
-            query = select(RequestRow).order_by(RequestRow.created_at)
+            query = select(RequestRow)
             if status is not None:
                 query = query.where(RequestRow.status == status)
-            return list(s.scalars(query))
+            if requester is not None:
+                query = query.where(RequestRow.requester == requester)
+            if newest is None:
+                return list(s.scalars(query.order_by(RequestRow.created_at)))
+            return list(reversed(list(s.scalars(query.order_by(RequestRow.created_at.desc()).limit(newest)))))
 
     def resolve(self, given: str) -> str:
         """The whole id of the request ``given`` names: the id itself, or a unique prefix of it
@@ -71,8 +119,13 @@ class Requests:
             raise NotFound(f"no request {job_id!r} on this node; `gridq requests list` shows the pending ones")
         return row
 
+    def deadline(self, row: RequestRow) -> float | None:
+        """When a request expires if nobody decides it (None: never)."""
+        return row.created_at + self.expire_after if self.expire_after > 0 else None
+
     def decide(self, job_id: str, status: str, decision: str = "") -> RequestRow:
-        """Mark a pending request approved or denied (once: a decision is final)."""
+        """Mark a pending request approved or denied (once: a decision is final). One past
+        its deadline is closed as expired instead, and the decision refused."""
         if status not in ("approved", "denied"):
             raise InvalidRequest(f"a request is approved or denied, not {status!r}")
         job_id = self.resolve(job_id)
@@ -81,6 +134,112 @@ class Requests:
             if row is None:
                 raise NotFound(f"no request {job_id!r} on this node")
             if row.status != "pending":
-                raise InvalidRequest(f"request {job_id} was already {row.status}")
-            row.status, row.decision, row.decided_at = status, decision, time.time()
-            return row
+                raise self._closed(row)
+            if not self._expire(row, time.time()):
+                row.status, row.decision, row.decided_at = status, decision, time.time()
+                return row
+        raise self._closed(row)  # expired just now: that is recorded, the decision is not
+
+    def cancel(self, job_id: str, requester: str) -> RequestRow:
+        """Withdraw ``requester``'s pending request ``job_id`` (its whole id): it never runs.
+        Cancelling one cancelled before is no error (its answer may not have left)."""
+        with self.store.session() as s:
+            row = s.get(RequestRow, job_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"no request {job_id!r} is in this node's approval queue; grid.requests() lists "
+                               "yours (a job the node has not taken up yet is withdrawn with ticket.cancel())",
+                               job_id=job_id)
+            if row.requester != requester:  # ids are unguessable: whoever names one was shown it
+                raise PermissionDenied(f"request {job_id} is not {requester!r}'s: only the user who sent it may "
+                                       "cancel it", job_id=job_id)
+            if row.status == "cancelled":
+                return row
+            if row.status != "pending":
+                raise self._closed(row)
+            if not self._expire(row, time.time()):
+                row.status, row.decision, row.decided_at = "cancelled", f"cancelled by {requester}", time.time()
+                return row
+        raise self._closed(row)
+
+    def expire_due(self, now: float | None = None) -> Rows:
+        """Close every pending request past its deadline as ``expired``; those closed now."""
+        if self.expire_after <= 0:
+            return []
+        now = time.time() if now is None else now
+        with self.store.session() as s:
+            due = list(s.scalars(select(RequestRow).where(RequestRow.status == "pending",
+                                                          RequestRow.created_at <= now - self.expire_after)))
+            for row in due:
+                self._expire(row, now)
+            return due
+
+    def unanswered(self) -> Rows:
+        """Requests closed without the owner (expired, cancelled) whose job still reads
+        ``pending_approval``: their requester has not been told yet."""
+        with self.store.session() as s:
+            return list(s.scalars(select(RequestRow).join(JobRow, JobRow.job_id == RequestRow.job_id).where(
+                RequestRow.status.in_(CLOSED), JobRow.status == "pending_approval").order_by(RequestRow.created_at)))
+
+    def info(self, row: RequestRow) -> RequestInfo:
+        """A request as its requester may see it (not the plan: they wrote it)."""
+        return RequestInfo(id=row.job_id, kind=row.kind, datasets=row.datasets[:64], release=row.release[:512],
+                           status=row.status, created_at=row.created_at, decided_at=row.decided_at,
+                           expires_at=self.deadline(row) if row.status == "pending" else None,
+                           decision=row.decision[:4096])
+
+    def _expire(self, row: RequestRow, now: float) -> bool:
+        """Close ``row`` (pending, in the caller's session) as expired if it is past its deadline."""
+        deadline = self.deadline(row)
+        if deadline is None or now < deadline:
+            return False
+        row.status, row.decided_at = "expired", deadline
+        row.decision = f"no decision within {self.expire_after:g} s ([approval] expire_after)"
+        return True
+
+    def _closed(self, row: RequestRow) -> InvalidRequest:
+        """Why a request that is no longer pending cannot be decided or cancelled."""
+        if row.status == "expired":
+            return InvalidRequest(f"request {row.job_id} expired at {iso(row.decided_at or 0)} ({row.decision}) "
+                                  f"before anyone decided it; {row.requester!r} is told so (RequestExpired) and may "
+                                  "send the work again")
+        if row.status == "cancelled":
+            return InvalidRequest(f"request {row.job_id} was cancelled by its requester, {row.requester!r}")
+        return InvalidRequest(f"request {row.job_id} was already {row.status}")
+
+
+def refusal(request: RequestRow, node: str) -> GridError:
+    """What the requester's ticket raises for a request that will not run."""
+    datasets = ", ".join(request.datasets)
+    if request.status == "expired":
+        return RequestExpired(
+            f"{request.requester!r}'s {request.kind} request on {datasets} waited in {node!r}'s approval queue "
+            f"until {iso(request.decided_at or 0)} without a decision ({request.decision}); it will not run. Send "
+            "the work again as a new job, or ask the owner to decide sooner", job_id=request.job_id)
+    if request.status == "cancelled":
+        return JobCancelled(f"{request.requester!r} cancelled this {request.kind} request on {datasets} while it "
+                            f"waited in {node!r}'s approval queue: it never ran", job_id=request.job_id)
+    return RequestDenied(f"the owner of {node!r} denied {request.requester!r}'s {request.kind} request on "
+                         f"{datasets}: {request.decision}", job_id=request.job_id)
+
+
+class OwnRequests:
+    """A requester's own view of the approval queue: the routes of :class:`MyRequests` and
+    :class:`CancelRequest`. ``closed`` answers a request closed here (records its refusal
+    and delivers it to the requester's ticket)."""
+
+    def __init__(self, requests: Requests, closed: Callable[[RequestRow], None]) -> None:
+        self.requests = requests
+        self.closed = closed
+
+    def list(self, job: Job, query: MyRequests) -> Outcome:
+        for row in self.requests.expire_due():  # what is shown is what holds
+            self.closed(row)
+        rows = self.requests.list(query.status, requester=job.requester, newest=MAX_LISTED)
+        return Outcome(JobReply(status="done", requests=[self.requests.info(r) for r in rows]))
+
+    def cancel(self, job: Job, body: CancelRequest) -> Outcome:
+        row = self.requests.cancel(body.request, job.requester)
+        parked = self.requests.store.job(row.job_id)
+        if parked is None or parked.status == "pending_approval":  # not answered yet (a second cancel: it was)
+            self.closed(row)
+        return Outcome(JobReply(status="done", requests=[self.requests.info(row)]))

@@ -174,11 +174,20 @@ class ApprovalSection(_Section):
     for anyone else: the approved door) and ``access`` (a request to become an allowed
     user). ``raw`` and ``access`` always wait; ``train`` runs at once only if listed in
     ``auto``; with ``default = "auto"`` the others run at once, with ``"manual"`` only the
-    ``auto`` kinds do."""
+    ``auto`` kinds do.
+
+    ``expire_after``: seconds a request waits in the approval queue for a decision (default
+    a week: an owner away for a weekend still finds it). Past it the request is closed as
+    ``expired`` — the owner can no longer approve it, and its requester's ticket raises
+    ``RequestExpired`` (send the work again). The worker closes and answers expired requests
+    as it runs (``workers.approvals.sweep_every`` apart) and at every start. ``0``: requests
+    never expire. A deadline is ``created_at + expire_after`` under the config in force: a
+    longer ``expire_after`` also keeps requests already waiting."""
 
     default: Literal["auto", "manual"] = "auto"
     auto: list[JobKind] = ["compute", "raw_if_allowed", "dp"]
     users: dict[str, UserApproval] = {}
+    expire_after: Annotated[float, Field(ge=0)] = 7 * 24 * 3600.0
 
     def automatic(self, user: str, kind: str) -> bool:
         if kind in ("raw", "access"):

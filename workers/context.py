@@ -35,6 +35,13 @@ from workers.store import DatasetRow, Store
 
 ClaimCheck = Callable[[bytes], str]  # stores sealed bytes, returns their key
 ClaimTake = Callable[[str], bytes]  # takes (fetches and deletes) bytes left by claim-check
+# takes a job up: marks it started unless something came first (its requester's cancellation,
+# protocol.cancel); None if the node was first, else what is there
+TakeUp = Callable[[str], bytes | None]
+
+
+def _taken_up_here(job_id: str) -> bytes | None:
+    return None  # without a broker (tests of the runner alone): nothing can cancel a job
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,7 @@ class NodeContext:
     memory_limit: int | None = None  # bytes a plan may hold at once ([worker] memory_limit_mb)
     slots_per_user: int = 0  # worker processes one requester may hold at once (workers.slots); 0: no cap
     retention: RetentionSection = field(default_factory=RetentionSection)  # [retention]: workers.retention
+    take_up: TakeUp = _taken_up_here  # workers.node: SET NX of the job's cancel key on the broker
 
     def door(self, job: Job, release: KeepRelease | RawRelease | DPRelease, sources: list[Source],
              training: bool = False) -> Door:

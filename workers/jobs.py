@@ -10,39 +10,47 @@ Model-free jobs are :mod:`workers.compute`'s, model jobs :mod:`workers.model_job
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from protocol.cancel import STARTED, cancelled_by
 from protocol.envelope import MAX_TTL_SECONDS, Envelope
-from protocol.errors import AuthenticationError, BudgetExhausted, GridError, JobFailed, PermissionDenied
+from protocol.errors import AuthenticationError, BudgetExhausted, GridError, JobCancelled, JobFailed, PermissionDenied
 from protocol.messages import (
     AccessRequest,
     BudgetQuery,
+    CancelRequest,
     EvalJob,
     JobReply,
     MockRequest,
+    MyRequests,
     RunJob,
     TrainJob,
     WireError,
 )
 from protocol.serving import DEFERRED, Answer, EnvelopeServer, Route, Signed, claimed
-from workers.approvals import Parked, Requests
+from workers import audit
+from workers.approvals import OwnRequests, Parked, Requests, refusal
 from workers.compute import ComputeJobs
 from workers.context import Job, NodeContext, Outcome
 from workers.model_jobs import ModelJobs
 from workers.retention import Pruner
 from workers.slots import Slots
-from workers.store import FINISHED
+from workers.store import FINISHED, RequestRow
 
 log = logging.getLogger(__name__)
 
 
 class JobRunner:
-    def __init__(self, node: NodeContext) -> None:
+    def __init__(self, node: NodeContext, deliver: Callable[[str, Signed], None] | None = None) -> None:
         self.node = node
         self.store = node.store
-        self.requests = Requests(node.store)
+        self.requests = Requests(node.store, node.approval.expire_after)
+        self.deliver = deliver  # stores a signed answer under a job's id in the result backend (workers.node)
+        self.own = OwnRequests(self.requests, self.close_request)
         self.compute = ComputeJobs(node)
         self.model_jobs = ModelJobs(node)
         self.server = EnvelopeServer(node.identity, node.store, failure, passthrough=(Parked,),
@@ -65,12 +73,24 @@ class JobRunner:
     def run_approved(self, job_id: str) -> Signed:
         """Run a job the owner approved, as it was asked (its envelope was verified on arrival)."""
         env = Envelope.model_validate(self.requests.get(job_id).envelope)
-        return self._record(env.sender, env.job_id, self._outcome(env, approved=True))
+        return self._record(env.sender, env.job_id, self._outcome(env, approved=True), env, approved=True)
 
     def refuse(self, job_id: str, error: GridError) -> Signed:
         """Answer a parked job with the owner's refusal."""
         request = self.requests.get(job_id)
         return self._record(request.requester, job_id, Outcome(failure(error, job_id)))
+
+    def close_request(self, request: RequestRow) -> None:
+        """Answer a parked job that will not run (cancelled, expired): its refusal recorded,
+        and delivered to its requester's ticket if this runner can (else the node's sweep and
+        its next start do: ``Node.expire_requests``, ``Node.resume_decisions``)."""
+        signed = self.refuse(request.job_id, refusal(request, self.node.node_id))
+        if self.deliver is not None:
+            try:
+                self.deliver(request.job_id, signed)
+            except GridError as exc:  # the broker is down: the node's next start sends it
+                log.warning("request %s closed (%s), its answer not delivered: %s", request.job_id, request.status,
+                            exc)
 
     def _once(self, env: Envelope) -> Answer:
         try:
@@ -85,13 +105,36 @@ class JobRunner:
                                  f"{self.node.retention.replies:.0f} s ago; its answer is no longer kept. Send the "
                                  "work again as a new job", job_id=env.job_id)
             return Answer(self.server.sign(env.sender, env.job_id, failure(answered, env.job_id)))
+        if self._cancelled(env):  # nothing of it runs: no plan read, nothing charged, kept or parked
+            log.info("job %s of %r was cancelled by its requester before it started", env.job_id, env.sender)
+            cancelled = JobCancelled(f"{env.sender} cancelled this job before {self.node.node_id!r} started it: it "
+                                     "did not run", job_id=env.job_id)
+            return Answer(self._record(env.sender, env.job_id, Outcome(failure(cancelled, env.job_id))))
         try:
             outcome = self._outcome(env, approved=False)
         except Parked as parked:
             self.requests.park(env.job_id, env.sender, env.model_dump(mode="json"), parked)
             log.info("job %s of %r waits for the owner's approval (%s)", env.job_id, env.sender, parked.kind)
             outcome = Outcome(JobReply(status="pending_approval"))
-        return Answer(self._record(env.sender, env.job_id, outcome), parked=outcome.reply.status == "pending_approval")
+        return Answer(self._record(env.sender, env.job_id, outcome, env),
+                      parked=outcome.reply.status == "pending_approval")
+
+    def _cancelled(self, env: Envelope) -> bool:
+        """Whether the job's requester cancelled it before this node took it up (its signed
+        cancellation came first, :mod:`protocol.cancel`); if not, the job is now marked
+        started and no cancellation can come any more. One that the job's sender did not
+        sign is ignored."""
+        if not env.job_id.startswith(f"{self.node.node_id}:"):  # not a client's id: none can cancel it
+            return False
+        first = self.node.take_up(env.job_id)
+        if first is None or first == STARTED:
+            return False
+        key = self.node.keyring.get(env.sender)
+        if key is not None and cancelled_by(first, key, env.job_id):
+            return True
+        log.warning("job %s of %r: its cancel key holds a mark %r did not sign; the job runs", env.job_id,
+                    env.sender, env.sender)
+        return False
 
     def _outcome(self, env: Envelope, *, approved: bool) -> Outcome:
         """The verified message run by its route; every failure is an outcome (Parked excepted)."""
@@ -103,12 +146,15 @@ class JobRunner:
         compute, models = self.compute, self.model_jobs
         routes = {"budget": route(BudgetQuery, compute.budgets), "access": route(AccessRequest, compute.access),
                   "mock": route(MockRequest, compute.mock), "run": route(RunJob, compute.run),
-                  "train": route(TrainJob, models.train), "evaluate": route(EvalJob, models.evaluate)}
+                  "train": route(TrainJob, models.train), "evaluate": route(EvalJob, models.evaluate),
+                  "requests": route(MyRequests, self.own.list), "cancel": route(CancelRequest, self.own.cancel)}
         return self.server.guarded(lambda: self.server.route(env, routes), env.job_id,
                                    lambda exc, job_id: Outcome(failure(exc, job_id)))
 
-    def _record(self, requester: str, job_id: str, outcome: Outcome) -> Signed:
-        """Sign the reply and record it as the job's (with its charge, for a DP release). Word
+    def _record(self, requester: str, job_id: str, outcome: Outcome, env: Envelope | None = None,
+                approved: bool = False) -> Signed:
+        """Sign the reply and record it as the job's (with its charge, for a DP release; with
+        its entry in the audit log of releases, for a value released raw or approved). Word
         that a job is parked stays valid as long as an envelope may (a day): the owner's
         decision may take that long; an answer, as long as the result backend keeps it."""
         parked = outcome.reply.status == "pending_approval"
@@ -122,8 +168,24 @@ class JobRunner:
             except BudgetExhausted as exc:
                 outcome = Outcome(failure(exc, job_id))
                 signed = self.server.sign(requester, job_id, outcome.reply)
-        self.store.finish_job(job_id, outcome.reply.status, signed)
+        released = self._released(env, outcome.reply, approved) if env is not None else None
+        if released is None:
+            self.store.finish_job(job_id, outcome.reply.status, signed)
+            return signed
+        with self.store.session() as s:  # the release is logged if, and only if, its reply is recorded
+            self.store.finish_job(job_id, outcome.reply.status, signed, s)
+            audit.record(s, job_id, requester, released, time.time())
         return signed
+
+    def _released(self, env: Envelope, reply: JobReply, approved: bool) -> audit.Released | None:
+        """What the reply releases by the raw or approved door (None: nothing, or by DP)."""
+        if reply.status != "done" or (reply.value is None and reply.metrics is None and not reply.shares):
+            return None  # kept at the node, or an answer about budgets and requests: nothing leaves
+        try:
+            return audit.released(env, reply, approved, self.store)
+        except Exception:  # never fails the job: its answer is what the requester waits for
+            log.exception("job %s: its release could not be logged for the audit", env.job_id)
+            return None
 
 
 def failure(exc: GridError, job_id: str) -> JobReply:

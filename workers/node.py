@@ -23,21 +23,23 @@ import redis
 import torch
 from celery import Celery
 
+from protocol.cancel import STARTED
 from protocol.codec import dtype_name, parse_dtype
 from protocol.contract import (
     GATEWAY,
     GATEWAY_QUEUE,
     NODE_MESSAGE_TTL_SECONDS,
     Tasks,
+    cancel_key,
     celery_settings,
     node_queue,
 )
 from protocol.envelope import seal_envelope
-from protocol.errors import BrokerUnavailable, InvalidRequest, NotFound, RequestDenied
+from protocol.errors import BrokerUnavailable, InvalidRequest, NotFound
 from protocol.identity import PublicIdentity
 from protocol.messages import DatasetMeta, PublishDataset, RegisterNode, UnpublishDataset, checked
 from workers import claims
-from workers.approvals import Requests
+from workers.approvals import Requests, refusal
 from workers.bounds import declared_pairs, enforce
 from workers.broker import broker_errors, interactive
 from workers.config import Bounds, NodeConfig, load_config
@@ -166,11 +168,31 @@ class Node:
     # --- the approval queue ----------------------------------------------------------------
 
     def requests(self, status: str | None = "pending") -> list[RequestRow]:
-        """Requests waiting for a decision (``status=None``: every request, decided or not)."""
-        return Requests(self.store).list(status)
+        """Requests waiting for a decision (``status=None``: every request, decided, expired or
+        cancelled too). One left undecided past ``[approval] expire_after`` is ``expired``
+        here at once; its requester is told by the worker (:meth:`expire_requests`)."""
+        requests = self._requests()
+        requests.expire_due()
+        return requests.list(status)
 
     def request(self, job_id: str) -> RequestRow:
-        return Requests(self.store).get(job_id)
+        requests = self._requests()
+        requests.expire_due()
+        return requests.get(job_id)
+
+    def expire_requests(self) -> int:
+        """Close every request left undecided past ``[approval] expire_after`` as expired, and
+        answer each request closed without its owner's decision (expired, or cancelled by its
+        requester) whose requester has not been told yet: their tickets raise
+        ``RequestExpired`` or ``JobCancelled``. The worker runs this at its start and every
+        ``workers.approvals.sweep_every`` seconds; how many were answered."""
+        requests = self._requests()
+        requests.expire_due()
+        answered = 0
+        for request in requests.unanswered():
+            self._answer(request)
+            answered += 1
+        return answered
 
     def approve(self, job_id: str) -> dict[str, Any]:
         """Run the request as it was asked and complete the requester's ticket. Approving a
@@ -203,11 +225,18 @@ class Node:
         return delivered
 
     def _decide(self, job_id: str, status: str, decision: str = "") -> RequestRow:
-        requests = Requests(self.store)
+        requests = self._requests()
         request = requests.get(job_id)
         if request.status == status:  # decided so before: its answer is sent again
             return request
-        return requests.decide(request.job_id, status, decision)
+        try:
+            return requests.decide(request.job_id, status, decision)
+        except InvalidRequest:  # closed already: expired (maybe just now: its requester hears at once) or cancelled
+            self.expire_requests()
+            raise
+
+    def _requests(self) -> Requests:
+        return Requests(self.store, self.config.approval.expire_after)
 
     def _answer(self, request: RequestRow) -> dict[str, Any]:
         """The answer to a decided request — computed once (a job runs once), then recorded —
@@ -220,13 +249,15 @@ class Node:
             signed = job.reply
         elif request.status == "approved":
             signed = self.runner().run_approved(request.job_id)
-        else:
-            signed = self.runner().refuse(request.job_id, RequestDenied(
-                f"the owner of {self.id!r} denied {request.requester!r}'s {request.kind} request on "
-                f"{', '.join(request.datasets)}: {request.decision}", job_id=request.job_id))
-        with broker_errors(self.id, self.config.node.broker):
-            self.app.backend.store_result(request.job_id, signed, "SUCCESS")
+        else:  # denied, expired or cancelled: it never runs
+            signed = self.runner().refuse(request.job_id, refusal(request, self.id))
+        self._deliver(request.job_id, signed)
         return signed
+
+    def _deliver(self, job_id: str, signed: dict[str, Any]) -> None:
+        """Store a job's signed answer where its requester's ticket reads it (the result backend)."""
+        with broker_errors(self.id, self.config.node.broker):
+            self.app.backend.store_result(job_id, signed, "SUCCESS")
 
     # --- the worker's side -----------------------------------------------------------------
 
@@ -234,7 +265,7 @@ class Node:
         return JobRunner(NodeContext(self.id, self.identity, self.config.keyring(), self.store, self.ledger,
                                      self.config.approval, self._claim_check, self._claim_take, self._node_key,
                                      self.config.worker.memory_limit_mb * 2**20, self.config.worker.slots_per_user,
-                                     self.config.retention))
+                                     self.config.retention, take_up=self._take_up), deliver=self._deliver)
 
     @property
     def _broker(self) -> redis.Redis:
@@ -247,6 +278,24 @@ class Node:
 
     def _claim_take(self, key: str) -> bytes:
         return claims.take(self._broker, key)
+
+    def _take_up(self, job_id: str) -> bytes | None:
+        """Mark the job started (``SET NX``) unless its requester's cancellation came first
+        (protocol.cancel): None if the node was first, else what is there. The mark lasts as
+        long as the job may run and its answer be read: a cancel() meanwhile finds it."""
+        key = cancel_key(job_id)
+        ttl = int(self.config.worker.time_limit + self.config.retention.results) + 1
+        try:
+            with self._broker.pipeline(transaction=False) as pipe:
+                pipe.set(key, STARTED, nx=True, ex=ttl)
+                pipe.get(key)
+                first, there = pipe.execute()
+        except redis.RedisError as exc:  # the job runs as before this key existed; only a cancellation is lost
+            log.warning("job %s: its cancel key could not be set (%s: %s); it runs, and a cancellation cannot stop "
+                        "it. A broker ACL without the node's rule for %s? (ops/acl.py)", job_id, type(exc).__name__,
+                        exc, cancel_key(f"{self.id}:*"))
+            return None
+        return None if first else (there or b"")
 
     def _node_key(self, node: str) -> PublicIdentity:
         if self._directory is None:

@@ -5,7 +5,8 @@ engine and the sessions, and is the only way in.
 record of each publish: rows, values clamped, replaced or not), ``objects`` (results
 kept for their requester), ``jobs`` (one row per job id: status, attempts and the signed
 reply, so a redelivered job answers the same), ``budgets``, ``charges`` and ``charge_totals`` (the privacy ledger),
-``requests`` (the approval queue), ``grants`` (access the owner approved), ``nonces``
+``requests`` (the approval queue), ``grants`` (access the owner approved), ``releases`` (values
+released raw or approved, for the audit trail), ``nonces``
 (replay protection), ``gateway_pins`` (the gateway key pinned per broker), and for the MPC worker
 ``mpc_models`` (cards of models this node hosts) and ``mpc_shares`` (its shares of models
 it computes on as a party).
@@ -151,6 +152,20 @@ class RequestRow(Base):
     decision: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[float] = mapped_column(Float)
     decided_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class ReleaseRow(Base):
+    """The audit log of values released by the raw and approved doors (``workers.audit``):
+    one row per job and dataset the value derives from, written in the transaction that
+    records the job's reply. DP releases are the ledger's ``charges``. Never pruned."""
+
+    __tablename__ = "releases"
+    job_id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    dataset: Mapped[str] = mapped_column(String(128), primary_key=True)
+    user: Mapped[str] = mapped_column(String(64))
+    door: Mapped[str] = mapped_column(String(16))  # raw | approved
+    what: Mapped[str] = mapped_column(String(64))  # value | weights and figures | figures | ...
+    created_at: Mapped[float] = mapped_column(Float)
 
 
 class NonceRow(Base):

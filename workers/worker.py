@@ -19,8 +19,9 @@ from celery.signals import worker_ready, worker_shutdown
 
 from protocol.contract import ALIVE_EVERY_SECONDS, ALIVE_TTL_SECONDS, alive_key, mpc_peer_queue, mpc_queue, node_queue
 from protocol.errors import NodeUnavailable
+from workers.approvals import sweep_every
 from workers.beacon import Posting, keep_posted
-from workers.config import load_config
+from workers.config import NodeConfig, load_config
 from workers.inbox import own_in_flight
 from workers.mpc import mpc_tasks
 from workers.node import Node, make_celery, worker_tasks
@@ -38,9 +39,41 @@ def start_node(config_path: str | Path, loglevel: str = "INFO") -> None:
     node.load_config_datasets()
     node.register()
     node.resume_decisions()  # answers the owner decided while this worker or the broker was down
+    node.expire_requests()  # requests left undecided past [approval] expire_after: their requesters are told
     node.close()  # the worker processes open their own connections after the fork
     worker_tasks(app, config)
+    _keep_expiring(config)
     _serve(app, node_queue(config.id), f"{config.id}@%h", config.worker.concurrency, loglevel)
+
+
+def _keep_expiring(config: NodeConfig) -> None:
+    """While the worker serves, close the requests left undecided past ``[approval]
+    expire_after`` and tell their requesters (``Node.expire_requests``), every
+    ``sweep_every`` seconds, from a thread of the main process: with a Celery app and a node
+    of its own, opened for each sweep and closed after it (no connection is shared with the
+    pool's processes, or outlives a sweep)."""
+    every = sweep_every(config.approval.expire_after)
+    if every is None:
+        return
+    stop = threading.Event()
+
+    def sweep() -> None:
+        app = make_celery(config)
+        while not stop.wait(every):
+            try:
+                node = Node(config, app)
+                try:
+                    node.expire_requests()
+                finally:
+                    node.close()
+            except Exception as exc:  # the broker down, the database busy: again at the next sweep
+                log.warning("closing expired requests failed, tried again in %.1f s: %s", every, exc)
+
+    def ready(**_: object) -> None:
+        threading.Thread(target=sweep, name="expire requests", daemon=True).start()
+
+    worker_ready.connect(ready, weak=False)
+    worker_shutdown.connect(lambda **_: stop.set(), weak=False)
 
 
 log = logging.getLogger(__name__)

@@ -53,7 +53,9 @@ def grid_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
             assert proc.poll() is None, (home.parent / "up.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "gridq up did not come up in 240 s"
             time.sleep(0.5)
-        assert re.fullmatch(EXPORTS, (home / "env.sh").read_text())  # what the README shows
+        exports, path = (home / "env.sh").read_text().split("\n", 1)
+        assert re.fullmatch(EXPORTS, exports + "\n")  # what the README shows, then the line that puts gridq on PATH
+        assert "export PATH=" in path
         shown = subprocess.run(["bash", "-c", 'source "$1" && printf "%s\n%s" "$GRIDQ_BROKER" "$GRIDQ_HOME"', "-",
                                 str(home / "env.sh")], capture_output=True, text=True, check=True, timeout=10)
         broker, gridq_home = shown.stdout.split("\n")

@@ -5,16 +5,34 @@ started here: Celery's entry point is replaced by a stand-in that records its ar
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 import sys
+import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from typer.testing import CliRunner
 
+from ops.broker_users import ensure_broker_users
 from ops.cli import app
-from ops.compose_init import flower_auth
+from ops.compose_init import (
+    NODE_CONFIGS,
+    acting_as,
+    broker_users,
+    demo_user_keys,
+    flower_auth,
+    host_port,
+    main,
+    outside_url,
+    seed_keys,
+    seed_nodes,
+    unreadable,
+)
 from ops.flower_app import is_loopback
+from ops.keys import write_identity
+from workers.config import load_config
 
 
 def mode(path: Path) -> int:
@@ -120,3 +138,132 @@ def test_flower_auth_files_that_are_refused(flower_runs: list[list[str]], tmp_pa
     result = flower("--address", "0.0.0.0")
     assert result.exit_code == 1 and "FLOWER_BASIC_AUTH must be user:password" in result.output
     assert flower_runs == []
+
+
+# --- the host's deploy folder and the broker seen from outside (docker-compose.yml's init) -------
+
+DEMO_NODES = sorted(p.stem for p in NODE_CONFIGS.glob("*.toml"))
+
+
+@pytest.fixture()
+def demo_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A compose volume's keys and broker URLs, without the demo data (not needed to load a config)."""
+    home = tmp_path / "home"
+    for name in [*DEMO_NODES, *(k.removesuffix(".pub") for k in demo_user_keys())]:
+        write_identity(home / "keys", name)
+    ensure_broker_users(home, "redis", 6379, nodes=DEMO_NODES)
+    monkeypatch.setenv("GRIDQ_HOME", str(home))
+    return home
+
+
+def test_seeded_configs_take_their_users_keys_from_the_host_folder(demo_home: Path, tmp_path: Path):
+    nodes, keys = tmp_path / "deploy" / "nodes", tmp_path / "deploy" / "keys"
+    nodes.mkdir(parents=True)
+    keys.mkdir()
+    (nodes / ".gitkeep").touch()  # as in the repository: not a config, the folder counts as empty
+    assert [p.name for p in seed_nodes(nodes)] == [f"{n}.toml" for n in DEMO_NODES]
+    assert [p.name for p in seed_keys(keys, demo_home)] == demo_user_keys()
+    assert "alice.pub" in demo_user_keys() and not list(keys.glob("*.key"))  # public keys only
+    for config_file in nodes.glob("*.toml"):
+        assert mode(config_file) == 0o644 and config_file.read_text().startswith("# Seeded by docker compose's `init`")
+        config = load_config(config_file)
+        assert config.node.identity == demo_home / "keys" / f"{config.node.id}.key"  # its secret stays in the volume
+        for name, user in config.users.items():
+            assert user.public_key_file == keys / f"{name}.pub"
+        for name, public in config.keyring().items():
+            assert public.text() == (demo_home / "keys" / f"{name}.pub").read_text().strip()
+    assert unreadable(nodes) == [] and unreadable(keys) == []
+    (keys / "alice.pub").chmod(0o600)
+    assert unreadable(keys) == [keys / "alice.pub"]
+
+
+def test_seeding_never_touches_an_owners_folder(demo_home: Path, tmp_path: Path):
+    nodes, keys = tmp_path / "nodes", tmp_path / "keys"
+    nodes.mkdir()
+    keys.mkdir()
+    (nodes / "ward.toml").write_text("# the owner's\n")
+    (keys / "zoe.pub").write_text("gridq1:the-owner's\n")
+    assert seed_nodes(nodes) == [] and seed_keys(keys, demo_home) == []
+    (keys / "zoe.pub").unlink()
+    assert seed_keys(keys, demo_home, configs=nodes) == []  # an owner's own configs admit no demo user
+    (keys / "zoe.pub").write_text("gridq1:the-owner's\n")
+    assert sorted(p.name for p in nodes.iterdir()) == ["ward.toml"]
+    assert sorted(p.name for p in keys.iterdir()) == ["zoe.pub"]
+    seeded = tmp_path / "seeded"
+    seeded.mkdir()
+    seed_nodes(seeded)
+    (seeded / "hospital.toml").write_text("# edited\n")
+    (seeded / "clinic.toml").unlink()  # an owner who runs no clinic
+    assert seed_nodes(seeded) == []
+    assert (seeded / "hospital.toml").read_text() == "# edited\n" and not (seeded / "clinic.toml").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root writes files for another user")
+def test_as_root_seeded_files_belong_to_the_folders_owner(demo_home: Path, tmp_path: Path):
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    os.chown(nodes, 4242, 4343)  # the host user who cloned the repository
+    for path in seed_nodes(nodes):
+        assert (path.stat().st_uid, path.stat().st_gid) == (4242, 4343)
+    with tempfile.TemporaryDirectory() as folder:  # not under pytest's tmp_path, which only root may enter
+        shared = Path(folder)
+        shared.chmod(0o777)
+        with acting_as("nobody"):  # in compose: the image's user, gridq
+            (shared / "made").touch()
+        assert (shared / "made").stat().st_uid == pwd.getpwnam("nobody").pw_uid
+    assert os.geteuid() == 0 and os.getegid() == 0  # back to root
+    with acting_as("no-such-user"):  # nothing changes
+        assert os.geteuid() == 0
+
+
+def test_the_outside_url_is_the_same_user_at_another_address():
+    url = "redis://scientist:pa%2Fss@redis:6379/0"
+    assert outside_url(url, "127.0.0.1", 6390) == "redis://scientist:pa%2Fss@127.0.0.1:6390/0"
+    assert outside_url(url, "::1", 6379) == "redis://scientist:pa%2Fss@[::1]:6379/0"
+    assert outside_url("redis://redis:6379/0", "127.0.0.1", 6379) == "redis://127.0.0.1:6379/0"
+    assert host_port("redis:6379") == ("redis", 6379) and host_port("[::1]:6380") == ("::1", 6380)
+    for bad in ("redis", ":6379", "redis:", "redis:http", "redis:0", "redis:65536"):
+        with pytest.raises(ValueError):
+            host_port(bad)
+
+
+def test_broker_users_write_the_scientists_outside_url(tmp_path: Path):
+    (written,) = broker_users(tmp_path, "redis:6379", "127.0.0.1:6390")
+    assert written == tmp_path / "broker" / "scientist.outside.url" and mode(written) == 0o600
+    inside = urlsplit((tmp_path / "broker" / "scientist.url").read_text().strip())
+    outside = urlsplit(written.read_text().strip())
+    assert (inside.hostname, inside.port, outside.hostname, outside.port) == ("redis", 6379, "127.0.0.1", 6390)
+    assert (outside.username, outside.password) == ("scientist", inside.password)
+    first = written.read_text()
+    broker_users(tmp_path, "redis:6379", "127.0.0.1:6390")
+    assert written.read_text() == first  # passwords are kept: the URL handed out stays valid
+    broker_users(tmp_path, "redis:6379", "127.0.0.1:6391")  # another published port
+    assert urlsplit(written.read_text().strip()).port == 6391
+    (tmp_path / "other").mkdir()
+    assert broker_users(tmp_path / "other", "redis:6379", None) == []  # no --outside: no such file
+
+
+def test_init_run_twice_keeps_what_the_owner_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]):
+    home, nodes, keys = tmp_path / "home", tmp_path / "nodes", tmp_path / "keys"
+    nodes.mkdir()
+    keys.mkdir()
+    monkeypatch.setenv("GRIDQ_HOME", str(home))
+    monkeypatch.setattr("ops.compose_init.SERVICE_USER", None)
+    argv = ["--nodes", str(nodes), "--keys", str(keys), "--broker", "redis:6379", "--outside", "127.0.0.1:6379"]
+    main(argv)
+    out = capsys.readouterr().out
+    assert f"{nodes}: seeded with the demo's" in out and f"{keys}: seeded with the demo's" in out
+    assert f'export GRIDQ_BROKER="$(docker compose exec -T gateway cat {home}/broker/scientist.outside.url)"' in out
+    url = (home / "broker" / "scientist.outside.url").read_text()
+    hospital = nodes / "hospital.toml"
+    hospital.write_text(hospital.read_text() + '\n[users.zoe]\npublic_key_file = "../keys/zoe.pub"\n')
+    write_identity(tmp_path / "zoe", "zoe")
+    (keys / "zoe.pub").write_text((tmp_path / "zoe" / "zoe.pub").read_text())
+    (keys / "eve.pub").unlink()
+    main(argv)
+    out = capsys.readouterr().out
+    assert f"{nodes}: kept as it is (not empty)" in out and f"{keys}: kept as it is (not empty)" in out
+    assert "[users.zoe]" in hospital.read_text() and not (keys / "eve.pub").exists()
+    assert (home / "broker" / "scientist.outside.url").read_text() == url
+    assert "zoe" in load_config(hospital).keyring()

@@ -53,6 +53,8 @@ def test_registry_holds_every_documented_error() -> None:
         ApprovalRequired, BudgetExhausted, InvalidRequest, ForbiddenOperation,
         LimitExceeded, SensitivityUnknown, NotFound, NodeUnavailable, BrokerUnavailable, JobFailed,
         RequestDenied, NotEnrolled, StaleMessage, GatewayKeyChanged,
+        errors.JobCancelled, errors.CannotCancel,  # ticket.cancel()
+        errors.RequestExpired,  # [approval] expire_after
     }
     assert set(ERRORS_BY_CODE.values()) == expected
 

@@ -10,10 +10,10 @@ bundle fails this test (``make browser``, ``make ts`` provide them); it does not
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import pytest
@@ -24,7 +24,6 @@ pytestmark = pytest.mark.integration
 WEB = Path(__file__).resolve().parents[2] / "clients" / "ts" / "web"
 SCREENSHOT = Path(tempfile.gettempdir()) / "gridq-browser-use-case-1.png"
 ANSWER_MS = 90_000  # search, one job, its long-polled answer: seconds on a loaded 2-core machine
-LAUNCH_ARGS = ["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"]  # root, containers' small /dev/shm
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +33,9 @@ def edge(local_grid: LocalGrid) -> Iterator[str]:
     local_grid.kill("edge-browser")
 
 
-def test_the_edge_s_page_does_use_case_1_in_headless_chromium(local_grid: LocalGrid, edge: str) -> None:
-    try:
-        from playwright.sync_api import Request, sync_playwright
-    except ImportError:
-        pytest.fail("the Python package playwright is not installed: `make browser` (.venv/bin/pip install playwright)")
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.fail("no `chromium` on PATH: `make browser` installs Debian's (apt-get install chromium)")
+def test_the_edge_s_page_does_use_case_1_in_headless_chromium(local_grid: LocalGrid, edge: str,
+                                                              chromium: dict[str, Any]) -> None:
+    from playwright.sync_api import Request, sync_playwright
     if not (WEB / "gridq.js").is_file():
         pytest.fail(f"no browser bundle {WEB / 'gridq.js'}: `make ts` (cd clients/ts && npm run build) makes it")
 
@@ -60,7 +54,7 @@ def test_the_edge_s_page_does_use_case_1_in_headless_chromium(local_grid: LocalG
 
     problems: list[str] = []
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=LAUNCH_ARGS)
+        browser = playwright.chromium.launch(**chromium)
         try:
             page = browser.new_page(viewport={"width": 1000, "height": 900})
             page.on("request", record)

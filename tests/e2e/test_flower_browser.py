@@ -18,7 +18,6 @@ import csv
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -42,7 +41,6 @@ from protocol.messages import RawRelease, RunJob
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-LAUNCH_ARGS = ["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"]  # root, containers' small /dev/shm
 # a decimal number standing alone (not the seconds of a time of day, not part of a word or an id)
 NUMBER = re.compile(r"(?<![\w.:])\d+\.\d+(?![\w.])")
 ONLINE = re.compile(r'^flower_worker_online\{worker="hospital@[^"]*"\} 1\.0$', re.MULTILINE)
@@ -176,21 +174,14 @@ def field_leaks(text: str, jobs: Jobs) -> list[str]:
 
 
 def test_flower_in_chromium_tells_a_refused_job_from_a_served_one_and_shows_no_value(
-        flower: Flower, jobs: Jobs, tmp_path: Path) -> None:
+        flower: Flower, jobs: Jobs, tmp_path: Path, chromium: dict[str, Any]) -> None:
     from flower.views.tasks import visible_task_columns
-
-    try:
-        from playwright.sync_api import Error as PlaywrightError
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("the Python package playwright is not installed: `make browser` (.venv/bin/pip install playwright)")
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.fail("no `chromium` on PATH: `make browser` installs Debian's (apt-get install chromium)")
+    from playwright.sync_api import Error as PlaywrightError
+    from playwright.sync_api import sync_playwright
 
     problems: list[str] = []
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=LAUNCH_ARGS)
+        browser = playwright.chromium.launch(**chromium)
         try:
             # no password, or a wrong one: no page (Chromium gives up on the 401 it cannot answer)
             for credentials in (None, {"username": flower.user, "password": "not-the-password"}):

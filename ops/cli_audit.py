@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from ops.cli_records import CONFIG, owner_node
+from ops.cli_common import CONFIG, owner_node
 
 audit_app = typer.Typer(help="A node's audit trail: releases and decisions (owner side).", no_args_is_help=True)
 
@@ -47,7 +47,7 @@ def audit_export(config: str = CONFIG, fmt: Format = FORMAT, output: Path = OUTP
         return
     output = output.expanduser()
     if not output.parent.is_dir() or output.is_dir():
-        from ops.cli_records import say
+        from ops.cli_output import say
         from protocol.errors import InvalidRequest
 
         say(InvalidRequest(f"cannot write the audit to {output}: "

@@ -3,8 +3,8 @@ from the shell, with the node's admin API (``workers.Node``: what ``node.publish
 ``node.unpublish`` and ``node.datasets()`` do from Python). The node is named as for
 ``gridq budget`` and ``gridq requests``: its config, or its name under ``$GRIDQ_HOME/nodes``.
 
-Tables are for people at a terminal; piped or redirected, ``list`` prints tab-separated
-lines with a header instead, every value whole (``--json`` for one JSON object a line).
+Tables as every ``gridq`` command prints them (``ops.cli_output``: never a value cut);
+``--json`` for scripts, one JSON object a line.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from ops.cli_records import CONFIG, owner_node
+from ops.cli_common import CONFIG, owner_node
+from ops.cli_output import show, table
 
 if TYPE_CHECKING:
     from workers import Node
@@ -140,18 +141,12 @@ def datasets_list(config: str = CONFIG, as_json: bool = JSON) -> None:
     rows = [(d["name"], d["rows"], "x".join(map(str, d["shape"])) or "()", d["dtype"], d["columns"], d["tags"],
              d["allowed_users"], [g["user"] for g in d["granted"]], d["published_at"],
              "yes" if d["in_config"] else "no", d["description"]) for d in described]
-    if not sys.stdout.isatty():  # for scripts: every value whole, tab-separated
-        typer.echo("\t".join(headers))
-        for r in rows:
-            typer.echo("\t".join(_cell(v) for v in r))
-        return
-    from rich.console import Console
-    from rich.table import Table
+    from rich.markup import escape
 
-    table = Table(*headers)
+    shown = table(*headers, whole=("name",))
     for r in rows:
-        table.add_row(*(_cell(v) for v in r))
-    Console().print(table if rows else "no datasets published")
+        shown.add_row(*(escape(_cell(v)) for v in r))
+    show(shown if rows else "no datasets published")
 
 
 @datasets_app.command("show")

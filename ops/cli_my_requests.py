@@ -4,14 +4,13 @@ do from Python. Run as the scientist (``--identity``), with the scientist's brok
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 
-from ops.cli_records import say
+from ops.cli_common import role_broker
+from ops.cli_output import say, show, table
 
 if TYPE_CHECKING:
     from orchestrator.grid import Grid
@@ -25,24 +24,25 @@ BROKER = typer.Option(None, "--broker", help="Redis URL (default: $GRIDQ_HOME/br
 
 
 def _connect(identity: str, broker: str | None) -> Grid:
-    from ops.broker_users import role_url
     from orchestrator.grid import Grid
-    from protocol.contract import gridq_home
 
-    return Grid.connect(broker or role_url(gridq_home(), "scientist") or os.environ.get("GRIDQ_BROKER"),
-                        identity=Path(identity) if "/" in identity else identity, timeout=30)
+    return Grid.connect(role_broker("scientist", broker), identity=Path(identity) if "/" in identity else identity,
+                        timeout=30)
 
 
 @my_requests_app.command("list")
 def my_requests_list(identity: str = IDENTITY, broker: str | None = BROKER,
                      node: str = typer.Option(None, help="one node (default: every node that is up)"),
                      status: str = typer.Option(None, help="pending, approved, denied, expired or cancelled "
-                                                           "(default: all)")) -> None:
+                                                           "(default: all)"),
+                     as_json: bool = typer.Option(False, "--json", help="one JSON object per line, for scripts")
+                     ) -> None:
     """Your requests waiting for (or past) an owner's decision: id, node, kind, datasets,
-    release, status, when sent, and when a pending one expires. Tab-separated when piped.
+    release, status, when sent, and when a pending one expires (--json: every field, for scripts).
 
     Example: gridq my-requests list -i alice --status pending
     """
+    import json
     from datetime import UTC, datetime
 
     from protocol.errors import GridError
@@ -59,21 +59,16 @@ def my_requests_list(identity: str = IDENTITY, broker: str | None = BROKER,
     headers = ("id", "kind", "datasets", "release", "status", "sent (UTC)", "expires / decided (UTC)", "decision")
     rows = [(r.id, r.kind, ", ".join(r.datasets), r.release, r.status, when(r.created_at),
              when(r.expires_at if r.status == "pending" else r.decided_at), r.decision) for r in found]
-    if not sys.stdout.isatty():
-        typer.echo("\t".join(headers))
-        for row in rows:
-            typer.echo("\t".join(v.replace("\t", " ").replace("\n", " ") for v in row))
+    if as_json:
+        for r in found:
+            typer.echo(json.dumps(r.model_dump(mode="json"), ensure_ascii=False))
         return
-    from rich.console import Console
-    from rich.table import Table
+    from rich.markup import escape
 
-    table = Table()
-    table.add_column("id", no_wrap=True, min_width=41)
-    for column in headers[1:]:
-        table.add_column(column)
+    shown = table(*headers, whole=("id",))
     for row in rows:
-        table.add_row(*row)
-    Console().print(table if rows else "no requests")
+        shown.add_row(*map(escape, row))
+    show(shown if rows else "no requests" + (f" {status}" if status else "") + (f" at {node}" if node else ""))
 
 
 @my_requests_app.command("cancel")

@@ -11,43 +11,17 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from ops.cli_common import CONFIG, owner_node
+from ops.cli_output import say, show, table
+
 if TYPE_CHECKING:
     from orchestrator.history import History
-    from workers import Node
 
 budget = typer.Typer(help="Privacy budgets of a node's users (owner side).", no_args_is_help=True)
 requests_app = typer.Typer(help="The owner's approval queue.", no_args_is_help=True)
 runs_app = typer.Typer(help="Federated runs of grid.fit, from the client's history database.", no_args_is_help=True)
 RUNS_DB = typer.Option(None, "--db", help="the history: a file path or an SQLAlchemy URL (default: "
                                           "runs.db in $GRIDQ_HOME, ~/.gridq)")
-CONFIG = typer.Argument(..., help="the node's TOML config, or a node name for $GRIDQ_HOME/nodes/NAME.toml "
-                                  "(where `gridq up` writes its nodes' configs)")
-
-
-@contextmanager
-def owner_node(config: str | Path) -> Iterator[Node]:
-    """The node's admin API for an owner's command; a GridError ends it with its message."""
-    from protocol.errors import GridError
-    from workers import Node
-
-    try:
-        node = Node.from_config(config)
-    except GridError as exc:
-        say(exc)
-        raise typer.Exit(1) from None
-    try:
-        yield node
-    except GridError as exc:
-        say(exc)
-        raise typer.Exit(1) from None
-    finally:
-        node.close()
-
-
-def say(exc: BaseException) -> None:
-    """A typed error is for people: its message on one line, not a traceback."""
-    message = " ".join(str(exc).split())
-    typer.echo(f"error: {type(exc).__name__}: {message}", err=True)
 
 
 @budget.command("show")
@@ -57,11 +31,10 @@ def budget_show(config: str = CONFIG, user: str = typer.Option(None, help="one u
 
     Example: gridq budget show hospital --user carol
     """
-    from rich.console import Console
-    from rich.table import Table
+    from rich.markup import escape
 
     with owner_node(config) as node:
-        table = Table("user", "dataset", "ε spent", "ε budget", "δ", "releases")
+        spent = table("user", "dataset", "ε spent", "ε budget", "δ", "releases", whole=("user", "dataset"))
         if user:
             node.check_users([user], "budget show")
         users = [user] if user else sorted(node.config.users)
@@ -69,9 +42,9 @@ def budget_show(config: str = CONFIG, user: str = typer.Option(None, help="one u
         for u in users:
             for d in datasets:
                 info = node.ledger.info(u, d)
-                table.add_row(u, d, f"{info.spent_epsilon:.4g}", f"{info.epsilon:g}", f"{info.delta:g}",
-                              str(info.releases))
-        Console().print(table)
+                spent.add_row(escape(u), escape(d), f"{info.spent_epsilon:.4g}", f"{info.epsilon:g}",
+                              f"{info.delta:g}", str(info.releases))
+    show(spent if spent.row_count else "no users or no datasets: nothing to show")
 
 
 @budget.command("set")
@@ -91,26 +64,34 @@ def budget_set(config: str = CONFIG, user: str = typer.Argument(...), dataset: s
 
 
 @requests_app.command("list")
-def requests_list(config: str = CONFIG, all_: bool = typer.Option(False, "--all", help="decided ones too")) -> None:
+def requests_list(config: str = CONFIG, all_: bool = typer.Option(False, "--all", help="decided ones too"),
+                  as_json: bool = typer.Option(False, "--json", help="one JSON object per line, for scripts")
+                  ) -> None:
     """Requests waiting for your decision, with their whole ids (approve, deny and show take
     the id or any unique prefix of it).
 
     Example: gridq requests list hospital
     """
+    import json
     from datetime import datetime
 
-    from rich.console import Console
-    from rich.table import Table
+    from rich.markup import escape
 
     with owner_node(config) as node:
-        table = Table()
-        table.add_column("id", no_wrap=True, min_width=41)  # whole: what approve/deny take (or a prefix)
-        for column in ("when", "who", "kind", "datasets", "release", "status"):
-            table.add_column(column)
-        for r in node.requests(None if all_ else "pending"):
-            when = datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M:%S")
-            table.add_row(r.job_id, when, r.requester, r.kind, ", ".join(r.datasets), r.release, r.status)
-        Console().print(table)
+        found = node.requests(None if all_ else "pending")
+    if as_json:
+        for r in found:
+            typer.echo(json.dumps({"id": r.job_id, "created_at": r.created_at, "requester": r.requester,
+                                   "kind": r.kind, "datasets": list(r.datasets), "release": r.release,
+                                   "status": r.status, "decision": r.decision, "reason": r.reason},
+                                  ensure_ascii=False))
+        return
+    shown = table("id", "when", "who", "kind", "datasets", "release", "status", whole=("id",))
+    for r in found:  # the whole id: what approve, deny and show take (or a unique prefix of it)
+        when = datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M:%S")
+        shown.add_row(*map(escape, (r.job_id, when, r.requester, r.kind, ", ".join(r.datasets), r.release,
+                                    r.status)))
+    show(shown if found else "no requests" if all_ else "no requests waiting for your decision")
 
 
 @requests_app.command("show")
@@ -167,25 +148,19 @@ def runs_list(db: str = RUNS_DB) -> None:
     """
     from datetime import datetime
 
-    from rich.console import Console
-    from rich.table import Table
-
     from orchestrator.history import History, figure, summarize
 
     history = History(_history_url(db))
-    table = Table()
-    table.add_column("run", no_wrap=True, min_width=32)  # whole: it is what `gridq runs show` takes
-    for column in ("started", "strategy", "nodes", "rounds", "loss", "accuracy", "status"):
-        table.add_column(column)
+    shown = table("run", "started", "strategy", "nodes", "rounds", "loss", "accuracy", "status", whole=("run",))
     for run_id, started, config in history.runs():
         rounds = summarize(history.rounds(run_id))
         last = rounds[-1] if rounds else None
-        table.add_row(run_id, datetime.fromtimestamp(started).strftime("%Y-%m-%d %H:%M:%S"),
+        shown.add_row(run_id, datetime.fromtimestamp(started).strftime("%Y-%m-%d %H:%M:%S"),
                       str(config.get("strategy", "")), str(len(config.get("nodes", []))),
                       f"{len(rounds)}/{config.get('rounds', '?')}",
                       figure(last.loss) if last else "", figure(last.accuracy, 3) if last else "",
                       history.status(run_id)[0])  # running, done, interrupted, failed: `runs show` says why
-    Console().print(table)
+    show(shown if shown.row_count else "no runs recorded yet: grid.fit records each run here")
 
 
 RUN_ID = typer.Argument(..., help="the run's id, or a unique prefix of it (as `gridq runs list` shows it)")
@@ -200,8 +175,7 @@ def runs_show(run_id: str = RUN_ID, db: str = RUNS_DB) -> None:
 
     Example: gridq runs show 3f2a9c0e
     """
-    from rich.console import Console
-    from rich.table import Table
+    from rich.markup import escape
 
     from orchestrator.history import figure, privacy_settings, round_rows
 
@@ -216,16 +190,16 @@ def runs_show(run_id: str = RUN_ID, db: str = RUNS_DB) -> None:
     records, evaluated = history.rounds(run_id), history.evaluated(run_id)
     rows = round_rows(records, evaluated)
     charged = any(r["epsilon"] is not None for r in rows)
-    table = Table("round", "nodes", "train loss", "train acc", *(("eval loss", "eval acc") if evaluated else ()),
+    shown = table("round", "nodes", "train loss", "train acc", *(("eval loss", "eval acc") if evaluated else ()),
                   *(("ε",) if charged else ()), "dropped out")
     for row in rows:
         why = [f"{h.node} ({h.status}: {h.error})" if h.error else f"{h.node} ({h.status})"
                for h in records if h.round + 1 == row["round"] and h.status != "done"]
-        table.add_row(str(row["round"]), f"{row['nodes']}/{row['asked']}", figure(row["loss"]),
+        shown.add_row(str(row["round"]), f"{row['nodes']}/{row['asked']}", figure(row["loss"]),
                       figure(row["accuracy"], 3),
                       *((figure(row["eval_loss"]), figure(row["eval_accuracy"], 3)) if evaluated else ()),
-                      *((figure(row["epsilon"], 3),) if charged else ()), "; ".join(why))
-    Console().print(table)
+                      *((figure(row["epsilon"], 3),) if charged else ()), escape("; ".join(why)))
+    show(shown if shown.row_count else "no round recorded yet")
 
 
 PLOT_OUTPUT = typer.Option(None, "--output", "-o", help="the image to write: PNG, SVG or PDF by its suffix "

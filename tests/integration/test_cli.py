@@ -3,7 +3,9 @@ by unique prefix, MPC workers in `gridq status`, and every error as one `error:`
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -52,6 +54,15 @@ def test_requests_by_node_name_whole_ids_and_unique_prefixes(two_requests: tuple
     listed = CliRunner().invoke(app, ["requests", "list", "ward"], env=owner_env)  # $GRIDQ_HOME/nodes/ward.toml
     assert listed.exit_code == 0, listed.output
     assert first in listed.output and second in listed.output  # whole, in 80 columns
+    in_terminal = CliRunner().invoke(app, ["requests", "list", "ward"], env={**owner_env, "TTY_COMPATIBLE": "1",
+                                                                              "NO_COLOR": "1"})
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", in_terminal.output).splitlines()
+    assert all(len(line) <= 80 for line in lines) and "…" not in in_terminal.output, in_terminal.output
+    assert any(first in line for line in lines) and any(second in line for line in lines)  # each id on one line
+    listed_json = gridq("requests", "list", "ward", "--json", env=owner_env).stdout
+    as_json = [json.loads(line) for line in listed_json.splitlines()]
+    assert {r["id"]: (r["requester"], r["status"]) for r in as_json} == {first: ("carol", "pending"),
+                                                                        second: ("carol", "pending")}
 
     ambiguous = gridq("requests", "approve", "ward", "ward:", env=owner_env)
     assert ambiguous.returncode == 1
@@ -66,6 +77,7 @@ def test_requests_by_node_name_whole_ids_and_unique_prefixes(two_requests: tuple
     denied = gridq("requests", "deny", "ward", second.split(":")[1][:12], "--reason", "no", env=owner_env)
     assert denied.returncode == 0, denied.stderr
     assert f"denied {second}" in denied.stdout
+    assert gridq("requests", "list", "ward", env=owner_env).stdout == "no requests waiting for your decision\n"
 
 
 @pytest.fixture()

@@ -106,10 +106,11 @@ def exactly(grid: Grid, expr: Expression) -> JobTicket:
     return grid.submit(expr.node, RunJob(plan=expr.plan, release=RawRelease()))
 
 
-def _tsv(output: str) -> list[dict[str, str]]:
-    lines = output.splitlines()
-    headers = lines[0].split("\t")
-    return [dict(zip(headers, line.split("\t"), strict=True)) for line in lines[1:]]
+def _table_rows(output: str) -> list[dict[str, str]]:
+    """A table as `gridq` prints it piped: one line a row, every value whole."""
+    header, *rows = [[cell.strip() for cell in line.rstrip()[1:-1].split(line[0])]
+                     for line in output.splitlines() if line.startswith(("│", "┃"))]
+    return [dict(zip(header, row, strict=True)) for row in rows]
 
 
 # --- 1. gridq datasets ---------------------------------------------------------------------------
@@ -127,15 +128,16 @@ def test_the_owner_publishes_lists_shows_and_unpublishes_from_the_shell(local_gr
         visits = alice.search("#visits")["desk"][0]
         assert torch.equal(visits["weight"].sum().get(), torch.tensor(9.75, dtype=torch.float64))
 
-    listed = {row["name"]: row for row in _tsv(gridq(local_grid, "datasets", "list", str(desk)))}  # piped: TSV
+    listed = {row["name"]: row for row in _table_rows(gridq(local_grid, "datasets", "list", str(desk)))}  # piped
     assert set(listed) == {"desk-births", "desk-visits"}
     row = listed["desk-visits"]
-    assert row["description"] == description  # whole, however long
+    assert row["description"] == description.strip()  # whole, however long (a cell's edges are padding)
     assert (row["rows"], row["dtype"], row["tags"], row["allowed users"], row["in config"]) == (
         "3", "float64", "#visits, #spring", "alice", "no")
     assert listed["desk-births"]["in config"] == "yes"
     as_json = gridq(local_grid, "datasets", "list", str(desk), "--json").splitlines()
     assert [json.loads(line)["name"] for line in as_json] == ["desk-births", "desk-visits"]
+    assert json.loads(as_json[1])["description"] == description  # exactly, trailing space and all
 
     shown = json.loads(gridq(local_grid, "datasets", "show", str(desk), "desk-visits", "--json"))
     assert shown["bounds"] == {"weight": [0.0, 7.0], "height": [20.0, 65.0]}
@@ -265,8 +267,11 @@ def test_alice_lists_and_cancels_hers_and_not_bobs(local_grid: LocalGrid, desk: 
         assert "cancelled by its requester, 'alice'" in refused
 
         # the same from the shell, as alice
-        rows = _tsv(gridq(local_grid, "my-requests", "list", "-i", "alice", "--node", "desk"))
+        rows = _table_rows(gridq(local_grid, "my-requests", "list", "-i", "alice", "--node", "desk"))
         assert {r["id"]: r["status"] for r in rows}[kept.id] == "cancelled" and theirs.id not in {r["id"] for r in rows}
+        as_json = [json.loads(line) for line in gridq(local_grid, "my-requests", "list", "-i", "alice", "--node",
+                                                       "desk", "--json").splitlines()]
+        assert {r["id"]: r["status"] for r in as_json}[kept.id] == "cancelled"
         out = gridq(local_grid, "my-requests", "cancel", theirs.id, "-i", "alice", ok=False)
         assert "PermissionDenied" in out
         assert "cancelled" in gridq(local_grid, "my-requests", "cancel", private.id, "-i", "alice")

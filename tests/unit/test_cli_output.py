@@ -16,7 +16,9 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from ops.acl import SEP, rules, users
-from ops.cli import _head, _sentence, _show, _table, app
+from ops.cli import app
+from ops.cli_operator import preview
+from ops.cli_output import sentence, show, table
 from ops.enrol import enrol, gateway_database
 from ops.keys import write_identity
 from ops.local import BROKER_PORT_FILE, kept_broker_port
@@ -29,10 +31,10 @@ SEP_SHOWN = "\\x06\\x16"  # kombu's separator of priority lists, as `acl show` w
 def test_a_table_piped_at_80_columns_keeps_every_value_whole_on_its_row(capsys: pytest.CaptureFixture[str],
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "80")
-    table = _table("queue", "when (UTC)", "reason", "task / id", "what")
-    table.add_row(f"node.{LONG_NODE}", "2026-12-06 22:00:00", "given up after 5 deliveries",
+    made = table("queue", "when (UTC)", "reason", "task / id", "what")
+    made.add_row(f"node.{LONG_NODE}", "2026-12-06 22:00:00", "given up after 5 deliveries",
                   f"gridq.node.run_job {LONG_ID}", "")
-    _show(table, "no jobs waiting in any queue")
+    show(made, "no jobs waiting in any queue")
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if LONG_ID in line)
     assert f"node.{LONG_NODE}" in row and "given up after 5 deliveries" in row and "…" not in out
@@ -40,11 +42,11 @@ def test_a_table_piped_at_80_columns_keeps_every_value_whole_on_its_row(capsys: 
 
 
 def test_a_table_in_an_80_column_terminal_folds_values_instead_of_cutting_them() -> None:
-    table = _table("queue", "when (UTC)", "reason", "task / id", "what")
-    table.add_row(f"node.{LONG_NODE}", "2026-12-06 22:00:00", "given up after 5 deliveries",
+    made = table("queue", "when (UTC)", "reason", "task / id", "what")
+    made.add_row(f"node.{LONG_NODE}", "2026-12-06 22:00:00", "given up after 5 deliveries",
                   f"gridq.node.run_job {LONG_ID}", "")
     out = io.StringIO()
-    Console(file=out, width=80, force_terminal=True, color_system=None).print(table)
+    Console(file=out, width=80, force_terminal=True, color_system=None).print(made)
     lines = out.getvalue().splitlines()
     assert all(len(line) <= 80 for line in lines) and "…" not in out.getvalue()
     cells = [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines if line.count("│") == 6]  # body
@@ -58,10 +60,10 @@ def test_in_an_80_column_terminal_ids_and_names_stay_on_one_line(capsys: pytest.
     monkeypatch.setenv("COLUMNS", "80")
     monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: a terminal (what `gridq status` sees in one)
     monkeypatch.setenv("NO_COLOR", "1")
-    table = _table("node", "queue", "waiting jobs", "dead letters", "worker", "datasets", whole=("node", "queue"))
-    table.add_row("clinic", "node.clinic", "0", "0", "up", "birth-records-feb, birth-records-mar, digits")
-    table.add_row("university", "mpc-peer.university", "0", "[red]1[/]", "[dim]MPC worker only[/]", "")
-    _show(table)
+    made = table("node", "queue", "waiting jobs", "dead letters", "worker", "datasets", whole=("node", "queue"))
+    made.add_row("clinic", "node.clinic", "0", "0", "up", "birth-records-feb, birth-records-mar, digits")
+    made.add_row("university", "mpc-peer.university", "0", "[red]1[/]", "[dim]MPC worker only[/]", "")
+    show(made)
     lines = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out).splitlines()  # styles (bold headers) off
     assert all(len(line) <= 80 for line in lines) and "…" not in "".join(lines)
     assert any("│ university │ mpc-peer.university │" in line for line in lines), "\n".join(lines)
@@ -111,7 +113,7 @@ def test_acl_show_prints_a_pipe_as_a_pipe(tmp_path: Path, monkeypatch: pytest.Mo
     ("version 1.2.3 of `x`.. ok", "version 1.2.3 of `x`. ok"),
 ])
 def test_messages_have_no_doubled_punctuation(joined: str, shown: str) -> None:
-    assert _sentence(joined) == shown
+    assert sentence(joined) == shown
 
 
 def test_cli_error_messages_end_without_doubled_punctuation() -> None:
@@ -123,8 +125,8 @@ def test_cli_error_messages_end_without_doubled_punctuation() -> None:
 
 
 def test_a_dead_letter_head_is_one_line_and_says_when_it_is_cut() -> None:
-    assert _head("PING\r\nsomething", 15) == "PING\\r\\nsomething"
-    assert _head("x" * 200, 5000) == "x" * 80 + "… (5000 bytes)"
+    assert preview("PING\r\nsomething", 15) == "PING\\r\\nsomething"
+    assert preview("x" * 200, 5000) == "x" * 80 + "… (5000 bytes)"
 
 
 def test_env_sh_exports_the_grid_and_puts_gridq_on_path_once(tmp_path: Path) -> None:
@@ -158,3 +160,21 @@ def test_the_broker_port_is_kept_and_a_taken_one_is_said(tmp_path: Path) -> None
     assert other != port and f"port {port}" in note and "taken by another program" in note and str(other) in note
     assert kept_broker_port(tmp_path) == (other, "")
 
+
+
+def test_a_table_that_cannot_keep_its_ids_whole_at_80_columns_is_shown_a_row_at_a_time(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("NO_COLOR", "1")
+    made = table("id", "when", "who", "kind", "datasets", "release", "status", whole=("id",))
+    ids = [f"{LONG_NODE[:20]}:{LONG_ID[:32]}", f"ward:{LONG_ID[32:]}"]
+    for job in ids:
+        made.add_row(job, "2026-12-07 01:02:03", "carol", "compute", "birth-records-feb, birth-records-mar", "raw",
+                     "pending")
+    show(made, "2 requests waiting")
+    lines = [line.rstrip() for line in re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out).splitlines()]
+    assert all(len(line) <= 80 for line in lines) and "…" not in "".join(lines)
+    assert [line.split()[1] for line in lines if line.startswith("id ")] == ids  # each id whole, on its line
+    assert lines.count("datasets  birth-records-feb, birth-records-mar") == 2
+    assert lines[-1] == "2 requests waiting"

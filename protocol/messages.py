@@ -11,7 +11,15 @@ import binascii
 import hashlib
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    ValidationError,
+    model_serializer,
+)
 
 from protocol.errors import BadSignature, InvalidRequest
 from protocol.identity import Identity, PublicIdentity
@@ -343,6 +351,15 @@ class JobReply(_Model):
                       Field(max_length=8)] = {}
     requests: Annotated[list[RequestInfo], Field(max_length=1000)] = []  # MyRequests, CancelRequest
     error: WireError | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_empty_requests(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """``requests`` only in the replies that list some: a client older than the field
+        (``extra="forbid"``) still reads every other reply."""
+        fields: dict[str, Any] = handler(self)
+        if not fields.get("requests"):
+            fields.pop("requests", None)
+        return fields
 
 
 class RegisterNode(_Model):

@@ -220,6 +220,26 @@ def test_replies_validate():
     assert_valid("JobReply.json", failed.model_dump(mode="json"))
 
 
+def test_a_reply_lists_requests_only_when_it_has_some_so_older_clients_read_the_rest():
+    """``requests`` came after the other fields: a client whose JobReply lacks it (extra
+    fields forbidden) must still read every reply that lists none."""
+    from pydantic import create_model
+
+    from protocol.messages import RequestInfo
+
+    fields = {name: (field.annotation, field) for name, field in JobReply.model_fields.items() if name != "requests"}
+    older = create_model("OlderJobReply", __config__=JobReply.model_config, **fields)  # type: ignore[call-overload]
+    plain = JobReply(status="done").model_dump(mode="json")
+    assert "requests" not in plain and older.model_validate(plain).status == "done"
+    assert JobReply.model_validate(plain) == JobReply(status="done")
+    listed = JobReply(status="done", requests=[RequestInfo(id="desk:" + "0" * 32, kind="run",
+                                                           datasets=["births"], release="raw", status="pending",
+                                                           created_at=1.0)]).model_dump(mode="json")
+    assert len(listed["requests"]) == 1
+    assert_valid("JobReply.json", plain)
+    assert_valid("JobReply.json", listed)
+
+
 def test_a_train_job_validates():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     spec, _ = describe_model(model)

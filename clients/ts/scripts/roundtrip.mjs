@@ -16,6 +16,7 @@ if (!existsSync(fileURLToPath(dist))) {
   process.exit(2);
 }
 const gridq = await import(dist.href);
+const messages = await import(new URL("../dist/messages.js", import.meta.url).href); // the reply parsers, the request bodies
 await gridq.ready();
 
 const bytes = (text) => new Uint8Array(Buffer.from(text, "base64"));
@@ -40,6 +41,30 @@ const OPS = {
     });
     return { body: gridq.bodyJson(env) };
   },
+  /** Verify a Python-signed reply, then read its body as the client reads that kind (job_reply,
+   * gateway_reply, mpc_reply): what the client makes of it. */
+  parse_reply: (r) => {
+    const keyring = new Map(Object.entries(r.keyring).map(([name, key]) => [name, gridq.PublicIdentity.parse(name, key)]));
+    const env = gridq.openEnvelope(r.envelope, {
+      recipient: r.recipient, keyring, nonces: new gridq.MemoryNonceStore(), deliveryId: r.job_id, jobId: r.job_id, now: r.now,
+    });
+    const parse = { job_reply: messages.parseJobReply, gateway_reply: messages.parseGatewayReply, mpc_reply: messages.parseMpcReply };
+    if (!(r.parser in parse)) throw new Error(`no parser ${r.parser}`);
+    return { parsed: parse[r.parser](gridq.bodyJson(env), r.job_id) };
+  },
+  /** The body text of MyRequests / CancelRequest as the client sends it. */
+  my_requests: (r) => ({ body: gridq.pyDumps(messages.myRequests(r.status ?? null)) }),
+  cancel_request: (r) => ({ body: gridq.pyDumps(messages.cancelRequest(r.request)) }),
+  /** A signed cancellation of a job (protocol/cancel.py's mark), and the check of one. */
+  cancellation: (r) => ({ mark: gridq.cancellation(gridq.Identity.fromJson(r.key_file), r.job_id) }),
+  cancelled_by: (r) => ({ ok: gridq.cancelledBy(r.mark, gridq.PublicIdentity.parse(r.name, r.public_key), r.job_id) }),
+  /** The client's error classes: wire code → class name, parent's code, retryable. */
+  errors: () => ({
+    errors: Object.fromEntries([...gridq.ERRORS_BY_CODE].map(([code, cls]) => {
+      const parent = Object.getPrototypeOf(cls);
+      return [code, { class: cls.name, parent: parent === Error ? null : parent.code, retryable: cls.retryable }];
+    })),
+  }),
   seal: (r) => ({ sealed_b64: text64(gridq.PublicIdentity.parse("recipient", r.public_key).seal(bytes(r.plaintext_b64))) }),
   open: (r) => ({ plaintext_b64: text64(gridq.Identity.fromJson(r.key_file).unseal(bytes(r.sealed_b64))) }),
   /** An MPC input share: packed {"x": int64}, sealed to the party and signed for the label. */

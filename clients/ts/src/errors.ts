@@ -5,13 +5,15 @@
  *     ├── AuthenticationError      BadSignature, UnknownSender (NotEnrolled), MessageExpired,
  *     │                            ReplayedNonce, StaleMessage, WrongRecipient, MisdirectedReply,
  *     │                            GatewayKeyChanged, IncompatibleProtocol
- *     ├── PermissionDenied         RequestDenied
+ *     ├── PermissionDenied         RequestDenied › RequestExpired (no decision within the node's
+ *     │                            [approval] expire_after: send the work again)
  *     ├── ApprovalRequired
  *     ├── BudgetExhausted
  *     ├── InvalidRequest           ForbiddenOperation, SensitivityUnknown, LimitExceeded
  *     ├── NotFound
  *     ├── NodeUnavailable          BrokerUnavailable   (retryable)
- *     └── JobFailed
+ *     ├── CannotCancel             ticket.cancel() of a job that has started or finished
+ *     └── JobFailed                JobCancelled (its requester cancelled it before it ran: it never ran)
  *
  * Errors cross the wire as data (`{code, message, job_id}`); {@link errorFromWire} turns the
  * code back into the class, so `catch (e) { if (e instanceof BudgetExhausted) … }` works
@@ -57,6 +59,9 @@ export class IncompatibleProtocol extends AuthenticationError {
 }
 export class PermissionDenied extends GridError { static override readonly code: string = "permission_denied"; }
 export class RequestDenied extends PermissionDenied { static override readonly code: string = "request_denied"; }
+/** A request waited in the owner's approval queue longer than the node's `[approval] expire_after`
+ * without a decision: it is closed, and never runs. Send the work again (a new job). */
+export class RequestExpired extends RequestDenied { static override readonly code: string = "request_expired"; }
 export class ApprovalRequired extends GridError { static override readonly code: string = "approval_required"; }
 export class BudgetExhausted extends GridError { static override readonly code: string = "budget_exhausted"; }
 export class InvalidRequest extends GridError { static override readonly code: string = "invalid_request"; }
@@ -76,12 +81,18 @@ export class BrokerUnavailable extends NodeUnavailable {
   static override readonly code: string = "broker_unavailable";
 }
 export class JobFailed extends GridError { static override readonly code: string = "job_failed"; }
+/** Its requester cancelled the job before its node started it: it never ran, and nothing of it
+ * was charged or kept. */
+export class JobCancelled extends JobFailed { static override readonly code: string = "job_cancelled"; }
+/** `ticket.cancel()` could not cancel the job: its node has started it (a running job is not
+ * stopped) or answered it. The message says which, and what to do instead. */
+export class CannotCancel extends GridError { static override readonly code: string = "cannot_cancel"; }
 
 const CLASSES: (typeof GridError)[] = [
   GridError, AuthenticationError, BadSignature, UnknownSender, NotEnrolled, MessageExpired, ReplayedNonce,
   StaleMessage, WrongRecipient, MisdirectedReply, GatewayKeyChanged, IncompatibleProtocol, PermissionDenied,
-  RequestDenied, ApprovalRequired, BudgetExhausted, InvalidRequest, ForbiddenOperation, SensitivityUnknown,
-  LimitExceeded, NotFound, NodeUnavailable, BrokerUnavailable, JobFailed,
+  RequestDenied, RequestExpired, ApprovalRequired, BudgetExhausted, InvalidRequest, ForbiddenOperation,
+  SensitivityUnknown, LimitExceeded, NotFound, NodeUnavailable, BrokerUnavailable, CannotCancel, JobFailed, JobCancelled,
 ];
 
 /** Error classes by wire code. */

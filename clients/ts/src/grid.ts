@@ -19,10 +19,15 @@ import { randomHex, unhex } from "./bytes.js";
 import { unpack } from "./codec.js";
 import { Edge, type EdgeOptions, type JobAnswer } from "./edge.js";
 import { bodyJson, type Envelope, MemoryNonceStore, now, openEnvelope, sealEnvelope } from "./envelope.js";
-import { BadSignature, errorFromWire, GatewayKeyChanged, GridError, InvalidRequest, JobFailed, NodeUnavailable, NotFound } from "./errors.js";
+import {
+  BadSignature, BrokerUnavailable, errorFromWire, GatewayKeyChanged, GridError, InvalidRequest, JobFailed, NodeUnavailable, NotFound,
+} from "./errors.js";
 import { PublicIdentity, type Identity } from "./identity.js";
 import { type NodeInfo, nodeKeys, openListing } from "./listing.js";
-import { type BudgetInfo, type DatasetMeta, matches, type MpcReply, parseGatewayReply, parseMpcReply, searchQuery } from "./messages.js";
+import {
+  type BudgetInfo, cancelRequest, type DatasetMeta, matches, type MpcReply, myRequests, parseGatewayReply, parseMpcReply,
+  type RequestInfo, type RequestStatus, searchQuery,
+} from "./messages.js";
 import { inFeatures, type ModelCard, outputLabel, prepareQuery, qualified, queryInput, reconstruct, verifySignedCard } from "./mpc.js";
 import { fingerprint, type GatewayPins, MemoryPins } from "./pins.js";
 import { DataPointer } from "./pointers.js";
@@ -130,6 +135,62 @@ export class Grid implements TicketHost {
   async budget(node: string, dataset?: string): Promise<BudgetInfo[]> {
     const ticket = await this.submit(node, "budget", { kind: "budget", dataset: dataset ?? null });
     return [...((await ticket.reply()).budgets ?? [])];
+  }
+
+  // --- your requests in the nodes' approval queues ----------------------------------------------
+
+  /** Your own requests in the approval queue of `node` (null or undefined: of every node whose
+   * worker is up), of one `status` — `pending`, `approved`, `denied`, `expired`, `cancelled` — or
+   * all, oldest first: each with its id (its ticket's), kind, datasets, release, status, when it
+   * was sent and decided, and when a pending one expires (the node's `[approval] expire_after`).
+   * Nobody else's requests are ever shown. */
+  async requests(node?: string | null, status?: RequestStatus | null): Promise<RequestInfo[]> {
+    const query = myRequests(status ?? null);
+    const nodes = node != null ? [node] : (await this.nodes()).map((info) => info.node);
+    const tickets = await Promise.all(nodes.map(async (n) => {
+      try {
+        return await this.submit(n, "requests", query);
+      } catch (exc) {
+        // the edge refuses a job for a node no worker serves (an MPC-only node, one that is down):
+        // asked of every node, that node has no queue to list; asked of one, it is the answer
+        if (node == null && exc instanceof NodeUnavailable && !(exc instanceof BrokerUnavailable)) return undefined;
+        throw exc;
+      }
+    }));
+    const replies = await Promise.all(tickets.map((t) => t?.reply()));
+    const found = replies.flatMap((reply) => [...(reply?.requests ?? [])]);
+    return found.sort((a, b) => a.created_at - b.created_at || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+  }
+
+  /** Withdraw your pending request `requestId` (its ticket's id) from its node's approval queue: it
+   * never runs, its owner no longer sees it waiting, and its ticket throws JobCancelled.
+   * PermissionDenied if it is another user's request, InvalidRequest if it was decided or expired
+   * already (cancelling it twice is no error), NotFound if the node has no such request.
+   * `requestId` may be a unique prefix of one of yours (`node:` and some hex digits). The request,
+   * as it now stands. */
+  async cancelRequest(requestId: string): Promise<RequestInfo> {
+    const colon = requestId.indexOf(":");
+    const node = colon < 0 ? requestId : requestId.slice(0, colon);
+    const digits = colon < 0 ? "" : requestId.slice(colon + 1);
+    if (!JOB_ID.test(requestId)) {
+      if (!digits || !JOB_ID.test(`${node}:${digits.padEnd(32, "0")}`)) {
+        throw new InvalidRequest(`'${requestId}' is not a request id: they read '<node>:<32 hex digits>' (or a prefix of ` +
+          "one of yours), as ticket.id and grid.requests() show them");
+      }
+      const mine = (await this.requests(node)).map((r) => r.id).filter((id) => id.startsWith(requestId));
+      if (mine.length !== 1) {
+        const message = `'${requestId}' names ${mine.length} of your requests at '${node}'` +
+          (mine.length ? ` (${mine.join(", ")}): give more of the id` : "; grid.requests() lists yours");
+        throw mine.length ? new InvalidRequest(message) : new NotFound(message);
+      }
+      requestId = mine[0] as string;
+    }
+    const reply = await (await this.submit(node, "cancel", cancelRequest(requestId))).reply();
+    const info = reply.requests?.[0];
+    if (info === undefined || info.id !== requestId) {
+      throw new JobFailed(`'${node}' answered the cancellation of ${requestId} without that request`, { jobId: requestId });
+    }
+    return info;
   }
 
   /** A dataset's mock twin (synthetic rows, same schema: public). */

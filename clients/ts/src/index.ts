@@ -18,7 +18,12 @@ export {
 export { Tensor, tensor, type DType, DTYPES, type Nested, type Scalar } from "./tensor.js";
 export { encodeTensor, decodeTensor, pack, unpack, MAX_ELEMENTS } from "./codec.js";
 export { type NodeInfo, type NodeListing, openListing, LISTING_MAX_AGE_SECONDS } from "./listing.js";
-export type { BudgetInfo, DatasetMeta, JobReply, NoiseInfo, PointerTicket, Release, SearchQuery, WireError } from "./messages.js";
+export type {
+  BudgetInfo, DatasetMeta, JobReply, NoiseInfo, PointerTicket, Release, RequestInfo, RequestStatus, SealedMetrics, SearchQuery,
+  WireError,
+} from "./messages.js";
+export { REQUEST_STATUSES } from "./messages.js";
+export { cancellation, cancelledBy, STARTED as CANCEL_STARTED } from "./cancel.js";
 export { Edge, type EdgeOptions, type JobAnswer, MAX_WAIT_SECONDS } from "./edge.js";
 export {
   Expression, DataPointer, cat, stack, slice, planJson, type Plan, type Step, type InputRef, type TensorSpec,

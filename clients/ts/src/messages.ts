@@ -61,6 +61,34 @@ export interface BudgetInfo {
 
 export type JobStatus = "done" | "failed" | "denied" | "pending_approval";
 
+/** Where a request in a node's approval queue stands. */
+export const REQUEST_STATUSES = ["pending", "approved", "denied", "expired", "cancelled"] as const;
+export type RequestStatus = (typeof REQUEST_STATUSES)[number];
+
+/** One of your own requests in a node's approval queue, as you may see it (Python's `RequestInfo`). */
+export interface RequestInfo {
+  /** Its job id: the id of the ticket that sent it. */
+  readonly id: string;
+  /** What it asks: `compute`, `raw_if_allowed`, `dp`, `train`, `raw`, `access`. */
+  readonly kind: string;
+  readonly datasets: readonly string[];
+  /** The release asked for, as the node shows it. */
+  readonly release: string;
+  readonly status: RequestStatus;
+  /** Unix time (seconds) it was sent, and decided (or closed); null while pending. */
+  readonly created_at: number;
+  readonly decided_at: number | null;
+  /** A pending request's deadline (the node's `[approval] expire_after`); null: none, or not pending. */
+  readonly expires_at: number | null;
+  /** The owner's reason for a denial, or how it closed. */
+  readonly decision: string;
+}
+
+/** A training's or an evaluation's figures, sealed to the requester (base64 of a sealed box). */
+export interface SealedMetrics {
+  readonly sealed: string;
+}
+
 export interface JobReply {
   readonly kind: "job_reply";
   readonly status: JobStatus;
@@ -68,6 +96,11 @@ export interface JobReply {
   readonly value?: SealedValue | null;
   readonly noise?: NoiseInfo | null;
   readonly budgets?: readonly BudgetInfo[];
+  readonly metrics?: SealedMetrics | null;
+  /** Secure aggregation: aggregation party → claim-check key of the share sealed to it. */
+  readonly shares?: Readonly<Record<string, string>>;
+  /** Your requests, in answer to `grid.requests()` and `grid.cancelRequest()` (else empty). */
+  readonly requests?: readonly RequestInfo[];
   readonly error?: WireError | null;
 }
 
@@ -115,6 +148,26 @@ export function dpRelease(epsilon: number | undefined, delta = 0): Release | und
 
 const TAG = /^#[A-Za-z0-9_.-]+$/;
 const NODE_NAME = /^[A-Za-z0-9_.#-]+$/;
+const REQUEST_ID = /^[A-Za-z0-9_.:-]{1,80}$/;  // Python's messages.JobId
+
+/** The body asking a node for your own requests in its approval queue, of one status or all
+ * (Python's `checked(MyRequests, status=...)`). */
+export function myRequests(status: RequestStatus | null = null): PyJson {
+  if (status !== null && !(REQUEST_STATUSES as readonly string[]).includes(status)) {
+    throw new InvalidRequest(`MyRequests: status = ${JSON.stringify(status)}: not one of ` +
+      REQUEST_STATUSES.map((s) => `'${s}'`).join(", "));
+  }
+  return { kind: "requests", status };
+}
+
+/** The body withdrawing your pending request `request` (its job id) from a node's approval queue. */
+export function cancelRequest(request: string): PyJson {
+  if (typeof request !== "string" || !REQUEST_ID.test(request)) {
+    throw new InvalidRequest(`CancelRequest: request = ${JSON.stringify(request)}: 1 to 80 letters, digits, '_', '.', ':' ` +
+      "or '-' (a request's id, as ticket.id and grid.requests() show it)");
+  }
+  return { kind: "cancel", request };
+}
 
 export interface SearchQuery {
   readonly tags: readonly string[];
@@ -167,7 +220,32 @@ export function parseJobReply(data: unknown, jobId?: string): JobReply {
     fail("JobReply (ticket)", jobId);
   }
   if (data["budgets"] !== undefined && !Array.isArray(data["budgets"])) fail("JobReply (budgets)", jobId);
-  return data as unknown as JobReply;
+  const metrics = data["metrics"];
+  if (metrics != null && !(isRecord(metrics) && typeof metrics["sealed"] === "string")) fail("JobReply (metrics)", jobId);
+  const shares = data["shares"] ?? {};
+  if (!isRecord(shares) || !Object.values(shares).every((k) => typeof k === "string")) fail("JobReply (shares)", jobId);
+  const requests = data["requests"] ?? [];
+  if (!Array.isArray(requests)) fail("JobReply (requests)", jobId);
+  return { ...data, shares, requests: requests.map((r) => requestInfo(r, jobId)) } as unknown as JobReply;
+}
+
+const finite = (v: unknown): v is number => typeof v === "number" && Number.isFinite(v);
+
+/** A `RequestInfo` as a node sends it (its optional fields filled in), or InvalidRequest. */
+function requestInfo(value: unknown, jobId?: string): RequestInfo {
+  if (!isRecord(value)) fail("JobReply (requests)", jobId);
+  const { id, kind, datasets, release, status, created_at } = value;
+  const decided = value["decided_at"] ?? null;
+  const expires = value["expires_at"] ?? null;
+  const decision = value["decision"] ?? "";
+  if (typeof id !== "string" || !REQUEST_ID.test(id) || typeof kind !== "string" || typeof release !== "string" ||
+    !Array.isArray(datasets) || !datasets.every((d) => typeof d === "string") ||
+    !(REQUEST_STATUSES as readonly unknown[]).includes(status) || !finite(created_at) ||
+    (decided !== null && !finite(decided)) || (expires !== null && !finite(expires)) || typeof decision !== "string") {
+    fail("JobReply (requests)", jobId);
+  }
+  return { id, kind, datasets: [...datasets] as string[], release, status: status as RequestStatus, created_at,
+    decided_at: decided as number | null, expires_at: expires as number | null, decision };
 }
 
 export function parseGatewayReply(data: unknown, jobId?: string): GatewayReply {

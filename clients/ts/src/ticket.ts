@@ -1,16 +1,17 @@
 /**
  * Job tickets: the handle on a job while it runs at a node (Python's `orchestrator/ticket.py`).
  * A ticket comes back at once from `expr.submit()`; its status moves through
- * `queued → pending_approval → running → done | failed | denied`, and only the node's signed
- * word makes it `done`, `failed`, `denied` or `pending_approval`. `grid.ticket(id)` picks a
- * ticket up again, from any process.
+ * `queued → pending_approval → running → done | failed | denied`, or `→ cancelled`, and only the
+ * node's signed word makes it `done`, `failed`, `denied`, `cancelled` or `pending_approval`
+ * (`cancelled` also once this ticket withdrew the job). `cancel()` withdraws a job waiting for its
+ * owner's approval. `grid.ticket(id)` picks a ticket up again, from any process.
  */
 import { decodeTensor } from "./codec.js";
 import { type Envelope, bodyJson } from "./envelope.js";
 import type { JobAnswer } from "./edge.js";
-import { ApprovalRequired, errorFromWire, JobFailed, NodeUnavailable } from "./errors.js";
+import { ApprovalRequired, CannotCancel, errorFromWire, InvalidRequest, JobCancelled, JobFailed, NodeUnavailable } from "./errors.js";
 import type { Identity } from "./identity.js";
-import { type JobReply, type NoiseInfo, parseJobReply } from "./messages.js";
+import { type JobReply, type NoiseInfo, parseJobReply, type RequestInfo } from "./messages.js";
 import { DataPointer, type Runner } from "./pointers.js";
 import { openSealedValue } from "./seal.js";
 import type { Tensor } from "./tensor.js";
@@ -26,6 +27,8 @@ export interface TicketHost extends Runner {
   verifyReply(raw: unknown, node: string, jobId: string): Promise<Envelope>;
   /** The bytes left under a claim-check key. */
   claim(key: string): Promise<Uint8Array>;
+  /** Withdraw your pending request `requestId` from its node's approval queue: the request, as it now stands. */
+  cancelRequest(requestId: string): Promise<RequestInfo>;
 }
 
 const STATES: Readonly<Record<string, string>> = {
@@ -54,6 +57,8 @@ export class PrivateValue {
 export class JobTicket {
   readonly node: string;
   private answered: JobReply | undefined;
+  /** This ticket withdrew the job from its owner's approval queue (the node's answer may be on its way). */
+  private cancelled = false;
 
   constructor(private readonly host: TicketHost, readonly id: string) {
     this.node = id.split(":", 1)[0] as string;
@@ -63,27 +68,112 @@ export class JobTicket {
     return `<JobTicket ${this.id}>`;
   }
 
-  /** queued → pending_approval → running → done | failed | denied (one look, no waiting). */
+  /** queued → pending_approval → running → done | failed | denied, or cancelled (one look, no waiting). */
   async status(): Promise<string> {
-    if (this.answered !== undefined) return this.answered.status;
-    const answer = await this.host.poll(this.id, 0);
-    if (answer.state === "SUCCESS") {
-      const body = await this.open(answer.reply);
-      if (body.status !== "pending_approval") this.answered = body;
-      return body.status;
+    if (this.answered === undefined) {
+      const answer = await this.host.poll(this.id, 0);
+      if (answer.state === "SUCCESS") {
+        const body = await this.open(answer.reply);
+        if (body.status !== "pending_approval") this.answered = body;
+        else if (!this.cancelled) return body.status;
+      } else if (this.cancelled) {
+        return "cancelled";
+      } else {
+        const state = STATES[answer.state] ?? "queued";
+        if (state === "pending_approval") return (await this.parked(answer)) ? state : "queued";
+        return state;
+      }
     }
-    const state = STATES[answer.state] ?? "queued";
-    if (state === "pending_approval") return (await this.parked(answer)) ? state : "queued";
-    return state;
+    if (this.answered === undefined) return "cancelled"; // withdrawn here; the node's word is on its way
+    return wasCancelled(this.answered) ? "cancelled" : this.answered.status;
   }
 
   /** Wait until the job ends (`timeout` seconds, default the grid's); throw its typed error if it
-   * failed or was denied, ApprovalRequired if it still waits for the owner. */
+   * failed, was denied or cancelled, ApprovalRequired if it still waits for the owner. */
   async wait(timeout?: number): Promise<JobTicket> {
+    if (this.answered === undefined && this.cancelled) {
+      // withdrawn from here: the node's answer (JobCancelled) is normally there already; no waiting for it
+      const answer = await this.host.poll(this.id, 0);
+      const body = answer.state === "SUCCESS" ? await this.open(answer.reply) : undefined;
+      if (body === undefined || body.status === "pending_approval") throw this.cancelledError();
+      this.answered = body;
+    }
     if (this.answered === undefined) this.answered = await this.await(timeout ?? this.host.timeout);
     const error = this.answered.error;
     if (error != null) throw errorFromWire({ ...error, job_id: error.job_id ?? this.id });
     return this;
+  }
+
+  /**
+   * Cancel the job, as Python's `ticket.cancel()` does, as far as the HTTP edge allows: a job
+   * waiting for its owner's approval is withdrawn from the owner's queue (`grid.cancelRequest`):
+   * it never runs, the ticket says `cancelled` and `wait()` throws JobCancelled. Cancelling a
+   * cancelled job again does nothing. CannotCancel if the node has answered the job (done,
+   * failed, denied), if the owner decided it meanwhile — or if it is queued or running: the edge
+   * has no route yet to cancel a job before its node takes it up (Python's client writes the
+   * job's cancel key on the broker; see README.md), so it will run. NotFound for a job never sent.
+   */
+  async cancel(): Promise<JobTicket> {
+    let state = "queued";
+    if (this.answered === undefined && !this.cancelled) {
+      const answer = await this.host.poll(this.id, 0); // NotFound if it was never sent (or is long gone)
+      if (answer.state === "SUCCESS") {
+        const body = await this.open(answer.reply);
+        if (body.status === "pending_approval") state = body.status;
+        else this.answered = body;
+      } else {
+        state = STATES[answer.state] ?? "queued";
+        if (state === "pending_approval" && !(await this.parked(answer))) state = "queued"; // only on the node's word
+      }
+    }
+    if (this.answered !== undefined) return this.finishedAlready();
+    if (this.cancelled) return this;
+    if (state === "pending_approval") return this.withdraw();
+    throw new CannotCancel(
+      `job ${this.id} is ${state} at '${this.node}', not waiting for its owner's approval, and the HTTP edge has no ` +
+        "route to cancel a job before its node takes it up (only a request in an owner's approval queue can be " +
+        "withdrawn through it): it will run. Wait for it (ticket.wait()) or ignore its result", { jobId: this.id },
+    );
+  }
+
+  /** cancel() of a job parked for its owner's approval: its request is withdrawn from the
+   * owner's queue, unless the owner decided it meanwhile. */
+  private async withdraw(): Promise<JobTicket> {
+    let info: RequestInfo;
+    try {
+      info = await this.host.cancelRequest(this.id);
+    } catch (exc) {
+      if (!(exc instanceof InvalidRequest)) throw exc;
+      const answer = await this.host.poll(this.id, 0); // decided (or expired) in the meantime
+      if (answer.state === "SUCCESS") {
+        const body = await this.open(answer.reply);
+        if (body.status !== "pending_approval") {
+          this.answered = body;
+          return this.finishedAlready();
+        }
+      }
+      throw new CannotCancel(`job ${this.id} waited for the approval of '${this.node}''s owner, who has decided it ` +
+        `since: ${exc.message}`, { jobId: this.id });
+    }
+    if (info.status !== "cancelled") {
+      throw new CannotCancel(`job ${this.id}'s request at '${this.node}' is ${info.status}: there is nothing left to cancel`,
+        { jobId: this.id });
+    }
+    this.cancelled = true;
+    return this;
+  }
+
+  /** cancel() of a job that has its node's answer: nothing to do if it was a cancellation. */
+  private finishedAlready(): JobTicket {
+    const reply = this.answered as JobReply;
+    if (wasCancelled(reply)) return this;
+    const hint = reply.status === "done" ? "its result is there (ticket.result(), .value())" : "ticket.wait() throws its error";
+    throw new CannotCancel(`job ${this.id} has already finished at '${this.node}' (${reply.status}): there is nothing ` +
+      `left to cancel; ${hint}`, { jobId: this.id });
+  }
+
+  private cancelledError(): JobCancelled {
+    return new JobCancelled(`you cancelled job ${this.id} before '${this.node}' ran it: it did not run`, { jobId: this.id });
   }
 
   /** A pointer to the result kept at the node. */
@@ -166,6 +256,11 @@ export class JobTicket {
     }
     return body;
   }
+}
+
+/** Whether the node answered that the job's requester cancelled it before it ran. */
+function wasCancelled(reply: JobReply): boolean {
+  return reply.error != null && reply.error.code === JobCancelled.code;
 }
 
 /** Sleep `pause` ms (not past `deadline`); the next, longer pause (up to 5 s). */

@@ -35,6 +35,20 @@ import {
 import { listingSignedPart } from "../src/listing.js";
 import { type DatasetMeta, matches, type SearchQuery } from "../src/messages.js";
 
+/** A request in the node's approval queue (workers/approvals.py's row, as its requester sees it). */
+export interface ApprovalRow {
+  id: string;
+  requester: string;
+  kind: string;
+  datasets: string[];
+  release: string;
+  status: "pending" | "approved" | "denied" | "expired" | "cancelled";
+  created_at: number;
+  decided_at: number | null;
+  expires_at: number | null;
+  decision: string;
+}
+
 export interface StoredJob {
   state: string;
   reply: unknown;
@@ -77,6 +91,18 @@ export class FakeGrid {
   refuse: { code: string; message: string; status: "denied" | "failed" } | undefined;
   listingAge = 0;
   readonly card: ModelCard;
+  /** Run jobs wait for the owner's approval (a node with `[approval] default = "manual"`). */
+  manual = false;
+  /** Seconds a parked request waits before it expires (the node's `[approval] expire_after`); 0: never. */
+  expireAfter = 0;
+  /** Jobs are taken but not answered (a busy node): they stay queued. */
+  hold = false;
+  /** Nodes no worker serves: the edge refuses their jobs (503 node_unavailable). */
+  readonly down = new Set<string>();
+  /** The approval queue, by job id. */
+  readonly approvals = new Map<string, ApprovalRow>();
+  /** Runs when a CancelRequest reaches the node, before it is handled (the owner deciding meanwhile). */
+  onCancel: ((request: string) => void) | undefined;
 
   constructor(readonly userNames: string[] = ["alice", "bob"]) {
     this.card = {
@@ -124,7 +150,7 @@ export class FakeGrid {
       return error(404, "not_found", `no route ${method} ${url.pathname}`);
     } catch (exc) {
       const e = exc as { code?: string; message: string };
-      return error(e.code === "not_found" ? 404 : 400, e.code ?? "invalid_request", e.message);
+      return error(e.code === "not_found" ? 404 : e.code === "node_unavailable" ? 503 : 400, e.code ?? "invalid_request", e.message);
     }
   };
 
@@ -141,6 +167,9 @@ export class FakeGrid {
     const env = request.envelope;
     const recipient = this.node(env.recipient);
     if (recipient === undefined) throw Object.assign(new Error(`no node ${env.recipient}`), { code: "not_found" });
+    if (this.down.has(env.recipient)) {
+      throw Object.assign(new Error(`no worker of '${env.recipient}' serves node.${env.recipient}`), { code: "node_unavailable" });
+    }
     // the node verifies as Python's open_envelope does
     openEnvelope(env, { recipient: env.recipient, keyring: this.users, nonces: this.nonces, deliveryId: env.job_id });
     const body = JSON.parse(env.body) as Record<string, unknown>;
@@ -159,13 +188,24 @@ export class FakeGrid {
   private runJob(job: StoredJob): void {
     const sender = this.users.get(job.envelope.sender) as PublicIdentity;
     const body = job.body;
+    if (body["kind"] === "requests" || body["kind"] === "cancel") {
+      this.own(job, body);
+      return;
+    }
+    if (this.hold) return;
     if (this.refuse !== undefined) {
       const { status, code, message } = this.refuse;
       job.state = "SUCCESS";
       job.reply = this.sign(job, { kind: "job_reply", status, error: { code, message, job_id: job.envelope.job_id } });
       return;
     }
-    if (body["kind"] === "access") {
+    if (body["kind"] === "access" || (this.manual && body["kind"] === "run")) {
+      const created = now();
+      const release = (body["release"] ?? { door: "keep" }) as { door: string };
+      this.approvals.set(job.envelope.job_id, { id: job.envelope.job_id, requester: sender.name,
+        kind: body["kind"] === "access" ? "access" : release.door === "keep" ? "compute" : release.door,
+        datasets: ["birth-records-feb"], release: release.door, status: "pending", created_at: created, decided_at: null,
+        expires_at: this.expireAfter ? created + this.expireAfter : null, decision: "" });
       job.state = "PENDING_APPROVAL";
       job.reply = this.sign(job, { kind: "job_reply", status: "pending_approval" });
       return;
@@ -197,8 +237,48 @@ export class FakeGrid {
   /** Approve a parked job (the owner's decision): its answer is then the node's. */
   approve(jobId: string): void {
     const job = this.jobs.get(jobId) as StoredJob;
+    const row = this.approvals.get(jobId);
+    if (row !== undefined) Object.assign(row, { status: "approved", decided_at: now(), expires_at: null });
     job.state = "SUCCESS";
     job.reply = this.sign(job, { kind: "job_reply", status: "done" });
+  }
+
+  /** Close a parked request (denied by the owner, expired, cancelled by its requester) and answer its job so. */
+  close(jobId: string, status: "denied" | "expired" | "cancelled", decision = ""): void {
+    const row = this.approvals.get(jobId) as ApprovalRow;
+    Object.assign(row, { status, decided_at: now(), expires_at: null, decision });
+    const [code, replied] = status === "denied" ? ["request_denied", "denied"] : status === "expired"
+      ? ["request_expired", "denied"] : ["job_cancelled", "failed"];
+    const job = this.jobs.get(jobId) as StoredJob;
+    job.state = "SUCCESS";
+    job.reply = this.sign(job, { kind: "job_reply", status: replied, error: { code, message: `${status}: ${decision}`, job_id: jobId } });
+  }
+
+  /** MyRequests and CancelRequest, as workers/approvals.py's OwnRequests answers them. */
+  private own(job: StoredJob, body: Record<string, unknown>): void {
+    const me = job.envelope.sender;
+    const answer = (reply: Record<string, unknown>): void => {
+      job.state = "SUCCESS";
+      job.reply = this.sign(job, { kind: "job_reply", ...reply });
+    };
+    const refuse = (status: string, code: string, message: string): void =>
+      answer({ status, error: { code, message, job_id: job.envelope.job_id } });
+    if (body["kind"] === "requests") {
+      const node = `${job.envelope.recipient}:`; // each node's own queue
+      const rows = [...this.approvals.values()].filter((r) => r.id.startsWith(node) && r.requester === me &&
+        (body["status"] == null || r.status === body["status"]));
+      answer({ status: "done", requests: rows.map((r) => { const { requester: _, ...info } = r; return info; }) });
+      return;
+    }
+    const id = String(body["request"]);
+    this.onCancel?.(id);
+    const row = this.approvals.get(id);
+    if (row === undefined) return refuse("failed", "not_found", `no request ${id} at this node`);
+    if (row.requester !== me) return refuse("denied", "permission_denied", `request ${id} is not yours: only the user who sent it may cancel it`);
+    if (row.status === "pending") this.close(id, "cancelled");
+    else if (row.status !== "cancelled") return refuse("failed", "invalid_request", `request ${id} was already ${row.status}`);
+    const { requester: _, ...info } = row;
+    answer({ status: "done", requests: [info] });
   }
 
   private runQuery(job: StoredJob): void {

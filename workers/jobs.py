@@ -18,7 +18,15 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from protocol.cancel import STARTED, cancelled_by
 from protocol.envelope import MAX_TTL_SECONDS, Envelope
-from protocol.errors import AuthenticationError, BudgetExhausted, GridError, JobCancelled, JobFailed, PermissionDenied
+from protocol.errors import (
+    AuthenticationError,
+    BudgetExhausted,
+    GridError,
+    JobCancelled,
+    JobFailed,
+    NodeUnavailable,
+    PermissionDenied,
+)
 from protocol.messages import (
     AccessRequest,
     BudgetQuery,
@@ -105,7 +113,11 @@ class JobRunner:
                                  f"{self.node.retention.replies:.0f} s ago; its answer is no longer kept. Send the "
                                  "work again as a new job", job_id=env.job_id)
             return Answer(self.server.sign(env.sender, env.job_id, failure(answered, env.job_id)))
-        if self._cancelled(env):  # nothing of it runs: no plan read, nothing charged, kept or parked
+        try:
+            cancelled = self._cancelled(env)
+        except NodeUnavailable as exc:  # whether it was cancelled is unknown: it does not run (fails closed)
+            return Answer(self._record(env.sender, env.job_id, Outcome(failure(exc, env.job_id))))
+        if cancelled:  # nothing of it runs: no plan read, nothing charged, kept or parked
             log.info("job %s of %r was cancelled by its requester before it started", env.job_id, env.sender)
             cancelled = JobCancelled(f"{env.sender} cancelled this job before {self.node.node_id!r} started it: it "
                                      "did not run", job_id=env.job_id)

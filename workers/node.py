@@ -35,7 +35,7 @@ from protocol.contract import (
     node_queue,
 )
 from protocol.envelope import seal_envelope
-from protocol.errors import BrokerUnavailable, InvalidRequest, NotFound
+from protocol.errors import BrokerUnavailable, InvalidRequest, NodeUnavailable, NotFound
 from protocol.identity import PublicIdentity
 from protocol.messages import DatasetMeta, PublishDataset, RegisterNode, UnpublishDataset, checked
 from workers import claims
@@ -282,7 +282,11 @@ class Node:
     def _take_up(self, job_id: str) -> bytes | None:
         """Mark the job started (``SET NX``) unless its requester's cancellation came first
         (protocol.cancel): None if the node was first, else what is there. The mark lasts as
-        long as the job may run and its answer be read: a cancel() meanwhile finds it."""
+        long as the job may run and its answer be read: a cancel() meanwhile finds it.
+
+        Fails closed: if the key can be neither set nor read (the broker gone, or a broker
+        ACL without the node's rule for it), the job does not run — a cancellation there
+        would go unseen — and its requester reads a retryable NodeUnavailable."""
         key = cancel_key(job_id)
         ttl = int(self.config.worker.time_limit + self.config.retention.results) + 1
         try:
@@ -290,11 +294,13 @@ class Node:
                 pipe.set(key, STARTED, nx=True, ex=ttl)
                 pipe.get(key)
                 first, there = pipe.execute()
-        except redis.RedisError as exc:  # the job runs as before this key existed; only a cancellation is lost
-            log.warning("job %s: its cancel key could not be set (%s: %s); it runs, and a cancellation cannot stop "
-                        "it. A broker ACL without the node's rule for %s? (ops/acl.py)", job_id, type(exc).__name__,
-                        exc, cancel_key(f"{self.id}:*"))
-            return None
+        except redis.RedisError as exc:
+            log.error("job %s: its cancel key could not be set (%s: %s); it does not run. A broker ACL without the "
+                      "node's rule for %s? (ops/acl.py; `gridq acl init` writes it)", job_id, type(exc).__name__, exc,
+                      cancel_key(f"{self.id}:*"))
+            raise NodeUnavailable(f"node {self.id!r} could not check on the broker whether this job was cancelled "
+                                  f"({type(exc).__name__}), so it did not run it: send it again; if this keeps "
+                                  "happening, tell the node's owner (its log says why)", job_id=job_id) from None
         return None if first else (there or b"")
 
     def _node_key(self, node: str) -> PublicIdentity:

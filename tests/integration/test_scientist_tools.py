@@ -197,6 +197,35 @@ def test_a_job_waiting_for_approval_is_withdrawn_from_the_owners_queue(desk, no_
     assert store.count_objects(parked.id) == 0
 
 
+def test_a_node_that_cannot_check_for_a_cancellation_does_not_run_the_job(desk) -> None:  # type: ignore[no-untyped-def]
+    """Fails closed: the node's broker user without its rule for the cancel keys (an ACL
+    not brought up to date), a job is refused with a retryable NodeUnavailable saying why,
+    and nothing of it runs; with the rule back, the same plan runs."""
+    import re
+
+    from ops.acl import node_user
+    from protocol.errors import NodeUnavailable
+
+    lg, store = desk
+    user = node_user("desk")
+    with redis.Redis.from_url(lg.url_for("admin"), decode_responses=True) as admin:
+        line = next(u for u in admin.acl_list() if u.split()[1] == user)
+        tokens = re.findall(r"\([^)]*\)|\S+", line)[2:]  # after "user <name>": flags, #hashes, rules, (selectors)
+        admin.execute_command("ACL", "SETUSER", user, "reset", *(t for t in tokens if "gridq:cancel:" not in t))
+        try:
+            with lg.connect("alice", timeout=60) as grid:
+                x = grid.search("#desk")["desk"][0]
+                refused = x.sum().submit()
+                with pytest.raises(NodeUnavailable, match="could not check on the broker whether this job was "
+                                                          "cancelled .*so it did not run it: send it again"):
+                    refused.result(timeout=60)
+                assert store.count_objects(refused.id) == 0
+        finally:
+            admin.execute_command("ACL", "SETUSER", user, "reset", *tokens)
+    with lg.connect("alice", timeout=60) as grid:
+        assert grid.search("#desk")["desk"][0][0, 0].get().shape == ()
+
+
 def test_a_cancellation_verifies_only_for_its_job_and_its_signer(tmp_path: Path) -> None:
     alice, carol = Identity.generate("alice"), Identity.generate("carol")
     mark = cancellation(alice, "desk:1")

@@ -55,10 +55,11 @@ def iso(when: float) -> str:
     return datetime.fromtimestamp(when, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def sweep_every(expire_after: float) -> float | None:
-    """How often a worker closes expired requests: a quarter of ``expire_after``, between
-    half a second and a minute (None: requests never expire)."""
-    return min(60.0, max(0.5, expire_after / 4)) if expire_after > 0 else None
+def sweep_every(expire_after: float) -> float:
+    """How often a worker sweeps its approval queue (closes expired requests, keeps the word
+    that a job waits signed): a quarter of ``expire_after``, between half a second and a
+    minute; a minute if requests never expire (0)."""
+    return min(60.0, max(0.5, expire_after / 4)) if expire_after > 0 else 60.0
 
 
 class Requests:

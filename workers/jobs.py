@@ -83,6 +83,12 @@ class JobRunner:
         env = Envelope.model_validate(self.requests.get(job_id).envelope)
         return self._record(env.sender, env.job_id, self._outcome(env, approved=True), env, approved=True)
 
+    def repark(self, job_id: str, requester: str) -> Signed | None:
+        """The word that a parked job waits for its owner, signed again (valid a day from now)
+        and recorded as the job's reply; None if it was decided meanwhile."""
+        signed = self.server.sign(requester, job_id, JobReply(status="pending_approval"), MAX_TTL_SECONDS)
+        return signed if self.store.repark_job(job_id, signed) else None
+
     def refuse(self, job_id: str, error: GridError) -> Signed:
         """Answer a parked job with the owner's refusal."""
         request = self.requests.get(job_id)
@@ -119,9 +125,9 @@ class JobRunner:
             return Answer(self._record(env.sender, env.job_id, Outcome(failure(exc, env.job_id))))
         if cancelled:  # nothing of it runs: no plan read, nothing charged, kept or parked
             log.info("job %s of %r was cancelled by its requester before it started", env.job_id, env.sender)
-            cancelled = JobCancelled(f"{env.sender} cancelled this job before {self.node.node_id!r} started it: it "
-                                     "did not run", job_id=env.job_id)
-            return Answer(self._record(env.sender, env.job_id, Outcome(failure(cancelled, env.job_id))))
+            refused = JobCancelled(f"{env.sender} cancelled this job before {self.node.node_id!r} started it: it "
+                                   "did not run", job_id=env.job_id)
+            return Answer(self._record(env.sender, env.job_id, Outcome(failure(refused, env.job_id))))
         try:
             outcome = self._outcome(env, approved=False)
         except Parked as parked:

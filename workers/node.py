@@ -15,6 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,13 @@ from protocol.contract import (
     GATEWAY,
     GATEWAY_QUEUE,
     NODE_MESSAGE_TTL_SECONDS,
+    PENDING_APPROVAL,
     Tasks,
     cancel_key,
     celery_settings,
     node_queue,
 )
-from protocol.envelope import seal_envelope
+from protocol.envelope import MAX_TTL_SECONDS, seal_envelope
 from protocol.errors import BrokerUnavailable, InvalidRequest, NodeUnavailable, NotFound
 from protocol.identity import PublicIdentity
 from protocol.messages import DatasetMeta, PublishDataset, RegisterNode, UnpublishDataset, checked
@@ -49,7 +51,7 @@ from workers.directory import Directory
 from workers.jobs import JobRunner
 from workers.ledger import Ledger
 from workers.store import FINISHED, PublicationRow, RequestRow, Store
-from workers.tasks import serve_tasks
+from workers.tasks import serve_tasks, without_expiry
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +195,32 @@ class Node:
             self._answer(request)
             answered += 1
         return answered
+
+    def refresh_parked(self, within: float = MAX_TTL_SECONDS / 2) -> int:
+        """Sign again the word that a job waits for its owner's decision where it expires
+        within ``within`` seconds: that word is an envelope, valid a day at most
+        (protocol.envelope.MAX_TTL_SECONDS), while a request may wait ``[approval]
+        expire_after`` (a week by default, or for ever) — without it, a waiting ticket would
+        read an expired answer. The worker's sweep runs this; how many were signed again."""
+        runner = None
+        refreshed = 0
+        for request in self._requests().list("pending"):
+            job = self.store.job(request.job_id)
+            if job is None or job.status != "pending_approval" or job.reply is None \
+                    or job.reply["expires_at"] > time.time() + within:
+                continue
+            runner = runner or self.runner()
+            signed = runner.repark(request.job_id, request.requester)
+            if signed is None:  # decided meanwhile
+                continue
+            with broker_errors(self.id, self.config.node.broker):
+                without_expiry(self.app.backend, partial(self.app.backend.store_result, request.job_id, signed,
+                                                         PENDING_APPROVAL))
+            decided = self.store.job(request.job_id)
+            if decided is not None and decided.status != "pending_approval" and decided.reply is not None:
+                self._deliver(request.job_id, decided.reply)  # decided while we wrote: its answer, not the word
+            refreshed += 1
+        return refreshed
 
     def approve(self, job_id: str) -> dict[str, Any]:
         """Run the request as it was asked and complete the requester's ticket. Approving a

@@ -312,6 +312,15 @@ class Store:
         with self.session() as s:
             return s.get(JobRow, job_id)
 
+    def repark_job(self, job_id: str, reply: dict[str, Any]) -> bool:
+        """Replace a parked job's word that it waits (a fresh signature) if it still waits:
+        False if it was decided, and its answer recorded, meanwhile."""
+        with self.session() as s:
+            done = s.connection().execute(update(JobRow).where(JobRow.job_id == job_id,
+                                                               JobRow.status == "pending_approval")
+                                          .values(reply=reply, updated_at=time.time()))
+            return bool(done.rowcount)
+
     def prune_replies(self, before: float, limit: int) -> int:
         """Drop the reply bodies of finished jobs last updated before ``before``, at most
         ``limit``, oldest first; how many. Their rows stay, with their status; parked jobs

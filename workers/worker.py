@@ -40,21 +40,21 @@ def start_node(config_path: str | Path, loglevel: str = "INFO") -> None:
     node.register()
     node.resume_decisions()  # answers the owner decided while this worker or the broker was down
     node.expire_requests()  # requests left undecided past [approval] expire_after: their requesters are told
+    node.refresh_parked()  # the word that a job waits, signed again where it would expire (it lasts a day)
     node.close()  # the worker processes open their own connections after the fork
     worker_tasks(app, config)
-    _keep_expiring(config)
+    _keep_sweeping(config)
     _serve(app, node_queue(config.id), f"{config.id}@%h", config.worker.concurrency, loglevel)
 
 
-def _keep_expiring(config: NodeConfig) -> None:
+def _keep_sweeping(config: NodeConfig) -> None:
     """While the worker serves, close the requests left undecided past ``[approval]
-    expire_after`` and tell their requesters (``Node.expire_requests``), every
-    ``sweep_every`` seconds, from a thread of the main process: with a Celery app and a node
-    of its own, opened for each sweep and closed after it (no connection is shared with the
-    pool's processes, or outlives a sweep)."""
+    expire_after`` and tell their requesters (``Node.expire_requests``), and keep the word
+    that a job waits for its owner valid (``Node.refresh_parked``), every ``sweep_every``
+    seconds, from a thread of the main process: with a Celery app and a node of its own,
+    opened for each sweep and closed after it (no connection is shared with the pool's
+    processes, or outlives a sweep)."""
     every = sweep_every(config.approval.expire_after)
-    if every is None:
-        return
     stop = threading.Event()
 
     def sweep() -> None:
@@ -64,13 +64,14 @@ def _keep_expiring(config: NodeConfig) -> None:
                 node = Node(config, app)
                 try:
                     node.expire_requests()
+                    node.refresh_parked()
                 finally:
                     node.close()
             except Exception as exc:  # the broker down, the database busy: again at the next sweep
-                log.warning("closing expired requests failed, tried again in %.1f s: %s", every, exc)
+                log.warning("the approval queue's sweep failed, tried again in %.1f s: %s", every, exc)
 
     def ready(**_: object) -> None:
-        threading.Thread(target=sweep, name="expire requests", daemon=True).start()
+        threading.Thread(target=sweep, name="approval queue sweep", daemon=True).start()
 
     worker_ready.connect(ready, weak=False)
     worker_shutdown.connect(lambda **_: stop.set(), weak=False)

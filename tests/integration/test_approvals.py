@@ -111,3 +111,38 @@ def test_a_decision_and_the_job_it_resumes_never_come_apart(local_grid: LocalGri
         local_grid.start_node(ward, "ward")
         local_grid.wait_ready(["ward"])
         assert torch.equal(second.result(timeout=30).get(), births_feb[:, 1].sum())
+
+
+def test_a_waiting_job_stays_waiting_past_a_day_and_a_decision_is_never_overwritten(
+        local_grid: LocalGrid, ward, monkeypatch: pytest.MonkeyPatch):
+    """The word that a job waits (a signed envelope, valid a day at most) is signed again by
+    the node's sweep while the owner takes longer (a week by default): the ticket keeps
+    reading ``pending_approval``; once decided, a sweep never puts the word back."""
+    from protocol.envelope import MAX_TTL_SECONDS, Envelope
+    from workers import Node
+
+    monkeypatch.setenv("GRIDQ_HOME", str(local_grid.home))
+    monkeypatch.setenv("GRIDQ_BROKER", local_grid.url)
+    node = Node.from_config(ward)  # the owner's admin API
+    with local_grid.connect("carol") as grid:
+        births = grid.search("#ward")["ward"][0]
+        ticket = births["weight"].sum().submit()
+        assert _settled(ticket) == "pending_approval"
+        first = Envelope.model_validate(grid.transport.parked(ticket.id))
+        assert first.expires_at - first.issued_at == MAX_TTL_SECONDS
+
+        assert node.refresh_parked() == 0  # far from expiring: left alone
+        time.sleep(1.1)
+        assert node.refresh_parked(within=MAX_TTL_SECONDS) >= 1  # as the sweep does half a day before it expires
+        again = Envelope.model_validate(grid.transport.parked(ticket.id))
+        assert again.expires_at > first.expires_at and again.body_json()["status"] == "pending_approval"
+        assert node.store.job(ticket.id).reply == grid.transport.parked(ticket.id)  # a redelivery answers the same
+        assert grid.ticket(ticket.id).status == "pending_approval"
+
+        node.approve(ticket.id)
+        assert ticket.wait(timeout=30).status == "done"
+        assert node.runner().repark(ticket.id, "carol") is None  # a sweep that read it as waiting loses the race
+        node.refresh_parked(within=MAX_TTL_SECONDS)
+        assert grid.ticket(ticket.id).status == "done"
+        assert grid.transport.parked(ticket.id) is None
+    node.close()

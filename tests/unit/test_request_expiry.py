@@ -62,7 +62,7 @@ def test_the_setting_has_a_sane_default_and_refuses_negatives() -> None:
     assert ApprovalSection(expire_after=0).expire_after == 0  # never
     with pytest.raises(ValidationError):
         ApprovalSection(expire_after=-1)
-    assert sweep_every(WEEK) == 60.0 and sweep_every(2.0) == 0.5 and sweep_every(0) is None
+    assert sweep_every(WEEK) == 60.0 and sweep_every(2.0) == 0.5 and sweep_every(0) == 60.0
 
 
 def test_an_undecided_request_expires_at_its_deadline(store: Store, clock: list[float]) -> None:

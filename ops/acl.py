@@ -151,6 +151,8 @@ def _connection() -> list[Rule]:
         Rule("+ping", "redis-py and kombu health checks"),
         Rule("+multi +exec +discard", "kombu and Celery send pipelines as transactions (commands inside are "
                                       "checked one by one)"),
+        Rule("+wait", "on a replicated broker (Sentinel), what it sends or stores counts only once a replica holds "
+                      "it: the write, then WAIT (protocol.broker); WAIT blocks only its caller"),
     ]
 
 
@@ -315,7 +317,13 @@ def rules(user: str, db: int = 0, nodes: Sequence[str] = ()) -> list[Rule]:
             *_client(db, nodes),
             Rule(f"(%W~{sent_key('*')} +set)", "mark a job as sent (SET NX EX, for as long as its result lives): "
                                               "a job id already sent is refused, not sent twice …"),
-            Rule(f"(%R~{sent_key('*')} +exists)", "… and a job id never sent is NotFound at once"),
+            Rule(f"(%R~{sent_key('*')} +exists +get)", "… and a job id never sent is NotFound at once; the mark "
+                                                       "names the job's sender, whom alone the edge lets cancel it"),
+            Rule(f"(%W~{cancel_key('*')} +set)", "cancel a job for its sender (POST /v1/jobs/{id}/cancel): put the "
+                                                "signed cancellation it verified under the job's key unless its node "
+                                                "has started it (SET NX EX), write-only …"),
+            Rule(f"(%R~{cancel_key('*')} +get)", "… else read who was first, and show a ticket its job's mark "
+                                                "(protocol.cancel); no DEL: a mark is never taken back"),
             Rule(f"(%W~{edge_nonce_key('*', '*')} +set)",
                  "remember each relayed envelope's nonce until it expires (SET NX EX, write-only): a replay is "
                  "refused by every edge process, after a restart too"),
@@ -369,6 +377,46 @@ def rules(user: str, db: int = 0, nodes: Sequence[str] = ()) -> list[Rule]:
         ]
     raise ValueError(f"unknown broker user {user!r}: the users are {', '.join(ROLES)} and "
                      f"{NODE_USER_PREFIX}<id> for each enrolled node ({', '.join(nodes) or 'none enrolled'})")
+
+
+# --- a replicated broker: the servers' own users, and the sentinels' ---------------------------------
+
+REPLICA_USER = "replica"  # a replica logs in to its primary as this user (masteruser/masterauth)
+SENTINEL_USER = "sentinel"  # the sentinels log in to the servers, and to each other, as this user
+DISCOVERY_USER = "discovery"  # every participant asks the sentinels where the primary is as this user
+SERVER_USERS = (REPLICA_USER, SENTINEL_USER)  # on every server of a replicated broker, never a participant's
+SERVER_RULES = {
+    REPLICA_USER: Rule("+psync +replconf +ping", "a replica copies its primary (PSYNC, REPLCONF): nothing else; "
+                                                "ACLs are not replicated, so every server holds every user"),
+    SENTINEL_USER: Rule("allchannels +multi +exec +slaveof +ping +subscribe +publish +info +role +config|rewrite "
+                        "+client|setname +client|kill +script|kill",
+                        "the sentinels watch every server (INFO, ROLE, pub/sub hellos) and, in a failover, promote a "
+                        "replica and repoint the others (SLAVEOF, CONFIG REWRITE, CLIENT KILL): the set Redis' "
+                        "Sentinel documentation gives"),
+}
+# On the sentinels themselves: their peers (and the operator: SENTINEL FAILOVER) as `sentinel`,
+# participants as `discovery`, which may only ask where the primary and its replicas are.
+SENTINEL_SIDE_RULES = {
+    SENTINEL_USER: "allchannels +@all",
+    DISCOVERY_USER: "-@all +ping +hello +auth +client|setname +sentinel|masters +sentinel|master "
+                    "+sentinel|get-master-addr-by-name +sentinel|sentinels +sentinel|replicas +sentinel|slaves",
+}
+
+
+def server_line(user: str, password: str) -> str:
+    """The ACL line of a server user (:data:`SERVER_USERS`) on a replicated broker's servers."""
+    digest = hashlib.sha256(password.encode()).hexdigest()
+    return f"user {user} on #{digest} resetkeys resetchannels -@all {SERVER_RULES[user].rule}"
+
+
+def sentinel_acl(passwords: dict[str, str]) -> list[str]:
+    """The ACL lines of a sentinel's configuration: ``default`` off, ``sentinel`` and
+    ``discovery`` with ``passwords``."""
+    lines = ["user default off resetchannels -@all"]
+    for user, rule in SENTINEL_SIDE_RULES.items():
+        digest = hashlib.sha256(passwords[user].encode()).hexdigest()
+        lines.append(f"user {user} on #{digest} resetchannels {rule}")
+    return lines
 
 
 def users(nodes: Sequence[str] = ()) -> list[str]:

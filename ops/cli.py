@@ -272,20 +272,39 @@ def flower(broker: str | None = broker_option("flower"), port: int = 5555, addre
 @acl_app.command("init")
 def acl_init(home: Path = typer.Option(None, help="where broker/ is written (default: $GRIDQ_HOME, ~/.gridq)"),
              host: str = typer.Option("127.0.0.1", help="the broker's host, as the participants reach it"),
-             port: int = 6379, db: int = 0, database: str | None = GATEWAY_DATABASE) -> None:
+             port: int = 6379, db: int = 0, database: str | None = GATEWAY_DATABASE,
+             tls: bool = typer.Option(False, "--tls", help="Redis' own TLS: make the grid's CA and the server's "
+                                      "certificate (HOME/broker/tls) and write rediss:// URLs"),
+             tls_name: list[str] = typer.Option([], "--tls-name", help="another name the certificate holds")) -> None:
     """Write the broker's ACL file (users.acl: hashed passwords, the default user off) and one
     URL file per user (gateway, scientist, edge, flower, admin, and node-<id> for each node enrolled
     at the gateway), all mode 0600, keeping the passwords already there. Start Redis with the
     file; give each participant its URL. `gridq enrol`/`unenrol` keep it up to date.
 
-    Example: gridq acl init --host redis.example --port 6379
+    With --tls, the broker speaks only TLS: the grid's CA and the server's certificate are
+    made (kept if there), the URLs are rediss:// with the CA's certificate, which every
+    participant gets with its URL.
+
+    Example: gridq acl init --host redis.example --port 6379 --tls
     """
     from ops.broker_users import ensure_broker_users
     from ops.enrol import enrolled_nodes, gateway_database
 
     where = (home or home_dir()).expanduser()
-    users = ensure_broker_users(where, host, port, db, nodes=enrolled_nodes(database or gateway_database(where)))
-    typer.echo(f"redis-server --aclfile {users.acl_file} --maxmemory <bytes> --maxmemory-policy noeviction")
+    endpoint, tls_args, ca_cert = None, "", None
+    if tls:
+        from ops.tls import ensure_tls
+
+        files = ensure_tls(where / "broker" / "tls", [host, "localhost", "127.0.0.1", *tls_name])
+        ca_cert = files.ca_cert
+        endpoint = f"rediss://{host}:{port}/{db}?ssl_ca_certs={ca_cert}"
+        tls_args = (f" --port 0 --tls-port {port} --tls-cert-file {files.server_cert} --tls-key-file "
+                    f"{files.server_key} --tls-ca-cert-file {ca_cert} --tls-auth-clients no")
+    users = ensure_broker_users(where, host, port, db, nodes=enrolled_nodes(database or gateway_database(where)),
+                                endpoint=endpoint)
+    typer.echo(f"redis-server{tls_args} --aclfile {users.acl_file} --maxmemory <bytes> --maxmemory-policy noeviction")
+    if ca_cert is not None:
+        typer.echo(f"the CA's certificate, for every participant (ssl_ca_certs in its URL): {ca_cert}")
     for user in users.urls:
         typer.echo(f"{user:24s} {users.folder / f'{user}.url'}")
     typer.echo(f"what each role may do, and why: {users.folder / 'users.rules.md'}")

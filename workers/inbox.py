@@ -9,6 +9,10 @@ The channel also keeps the worker's in-flight messages under keys of its queue's
 (:func:`own_in_flight`), and restores those a dead worker left without a Lua script: kombu
 takes its restore lock with redis-py's ``Lock``, whose release is a script, and no worker's
 broker user may run scripts (ops/acl.py). :class:`LuaFreeQoS` releases it with WATCH/MULTI.
+
+On a Sentinel broker (``protocol.broker``) the channel is kombu's Sentinel channel, and what
+a worker sends (a job it defers, a registration) counts as sent once a replica holds it
+(:meth:`ScreenedChannel._put`).
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ from typing import Any
 from celery import Celery
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps
 
+from protocol.broker import is_sentinel, replicated_write, unconfirmed
 from protocol.contract import DEAD_LETTER_MAX, DEAD_LETTER_TTL_SECONDS, dead_letter_key, in_flight_keys
 from protocol.inbox import DEFAULT_MAX_DELIVERIES, Admitted, Junk, screen
+from workers.broker import RETRY_ON
 from workers.locks import release
 
 log = logging.getLogger(__name__)
@@ -63,9 +70,40 @@ class ScreenedChannel(kombu_redis.Channel):  # type: ignore[misc]
     QoS = LuaFreeQoS
 
     from_transport_options = (  # type: ignore[assignment]  # kombu types it as its own fixed tuple
-        *kombu_redis.Channel.from_transport_options, "served_tasks", "max_deliveries")
+        *kombu_redis.Channel.from_transport_options, "served_tasks", "max_deliveries", "wait_replicas",
+        "wait_timeout")
     served_tasks: tuple[str, ...] = ()
     max_deliveries = DEFAULT_MAX_DELIVERIES
+    wait_replicas = 0  # on a Sentinel broker: replicas that must hold what is sent (protocol.broker)
+    wait_timeout = 30.0
+
+    @property
+    def supports_batch_publish(self) -> bool:
+        return not self.wait_replicas and bool(super().supports_batch_publish)
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        """kombu's LPUSH of a message; on a replicated broker followed by WAIT on the same
+        connection, and made again to the primary the sentinels name now until a replica
+        holds it (``protocol.broker.replicated_write``)."""
+        if not self.wait_replicas or kwargs.get("_publish_batch") is not None or queue in (self._expires or {}):
+            super()._put(queue, message, **kwargs)
+            return
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        body = dumps(message)
+
+        def write(wait_ms: int) -> int:
+            with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+                pipe.lpush(key, body)
+                pipe.execute_command("WAIT", self.wait_replicas, wait_ms)
+                return int(pipe.execute()[-1])
+
+        done = replicated_write(write, lambda: self.pool.disconnect(inuse_connections=False), self.wait_replicas,
+                                self.wait_timeout, retry_on=RETRY_ON)
+        if done.replicas < self.wait_replicas:
+            if done.error is not None:
+                raise done.error
+            log.warning("%s", unconfirmed(f"a message sent on {queue}", "the primary", done, self.wait_replicas,
+                                          self.wait_timeout))
 
     def _brpop_read(self, **options: Any) -> bool:
         # kombu 5.x's _brpop_read, but the item is screened instead of json-loaded as it is
@@ -135,10 +173,22 @@ class ScreenedTransport(kombu_redis.Transport):  # type: ignore[misc]
     Channel = ScreenedChannel
 
 
+class ScreenedSentinelChannel(ScreenedChannel, kombu_redis.SentinelChannel):  # type: ignore[misc]
+    """The same, on a Sentinel broker: each new connection asks the sentinels for the primary."""
+
+    from_transport_options = (  # type: ignore[assignment]
+        *kombu_redis.SentinelChannel.from_transport_options, "served_tasks", "max_deliveries", "wait_replicas",
+        "wait_timeout")
+
+
+class ScreenedSentinelTransport(kombu_redis.SentinelTransport):  # type: ignore[misc]
+    Channel = ScreenedSentinelChannel
+
+
 def screened(app: Celery, tasks: Iterable[str], max_deliveries: int = DEFAULT_MAX_DELIVERIES) -> None:
     """Make ``app``'s worker screen what it pops: only ``tasks`` are served, a message is
     given up after ``max_deliveries`` deliveries."""
-    app.conf.broker_transport = ScreenedTransport
+    app.conf.broker_transport = ScreenedSentinelTransport if is_sentinel(app.conf.broker_url) else ScreenedTransport
     app.conf.broker_transport_options = {**app.conf.broker_transport_options,
                                          "served_tasks": tuple(tasks), "max_deliveries": max_deliveries}
 

@@ -24,6 +24,7 @@ import redis
 import torch
 from celery import Celery
 
+from protocol.broker import connection_settings, parse_broker
 from protocol.cancel import STARTED
 from protocol.codec import dtype_name, parse_dtype
 from protocol.contract import (
@@ -43,7 +44,7 @@ from protocol.messages import DatasetMeta, PublishDataset, RegisterNode, Unpubli
 from workers import claims
 from workers.approvals import Requests, refusal
 from workers.bounds import declared_pairs, enforce
-from workers.broker import broker_errors, interactive
+from workers.broker import broker_errors, interactive, redis_client, replicated_results
 from workers.config import Bounds, NodeConfig, load_config
 from workers.context import NodeContext
 from workers.datasets import load_table
@@ -58,13 +59,13 @@ log = logging.getLogger(__name__)
 
 def make_celery(config: NodeConfig) -> Celery:
     """The node's Celery app: the shared settings, its own queue as default."""
-    app = Celery(f"gridq-node-{config.id}", broker=config.node.broker, backend=config.node.broker,
-                 set_as_current=False)
+    app = Celery(f"gridq-node-{config.id}", set_as_current=False)
     w = config.worker
-    app.conf.update(celery_settings(time_limit=w.time_limit, visibility_timeout=w.visibility_timeout,
-                                    restore_interval=w.restore_interval, result_expires=config.retention.results))
+    app.conf.update(connection_settings(config.node.broker, celery_settings(
+        time_limit=w.time_limit, visibility_timeout=w.visibility_timeout, restore_interval=w.restore_interval,
+        result_expires=config.retention.results)))
     app.conf.task_default_queue = node_queue(config.id)
-    return app
+    return replicated_results(app)
 
 
 class Node:
@@ -298,11 +299,12 @@ class Node:
     @property
     def _broker(self) -> redis.Redis:
         if self._redis is None:
-            self._redis = redis.Redis.from_url(self.config.node.broker)
+            self._redis = redis_client(self.config.node.broker)
         return self._redis
 
     def _claim_check(self, sealed: bytes) -> str:
-        return claims.leave(self._broker, sealed)
+        broker = parse_broker(self.config.node.broker)
+        return claims.leave(self._broker, sealed, broker.wait_replicas, broker.wait_timeout)
 
     def _claim_take(self, key: str) -> bytes:
         return claims.take(self._broker, key)
@@ -334,7 +336,7 @@ class Node:
     def _node_key(self, node: str) -> PublicIdentity:
         if self._directory is None:
             # the gateway key is pinned in the node's own database, not taken afresh from the broker
-            self._directory = Directory(self.app.conf.broker_url, self._broker, pins=self.store,
+            self._directory = Directory(self.config.node.broker, self._broker, pins=self.store,
                                         accept=f"`gridq trust-gateway --node {self.id}`")
         return self._directory.key(node)
 

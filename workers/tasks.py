@@ -28,6 +28,7 @@ from protocol.contract import PENDING_APPROVAL, QUIET_SUCCESS_LOG
 from protocol.errors import ERRORS_BY_CODE, GridError, JobFailed, NodeUnavailable
 from protocol.inbox import DEFAULT_MAX_DELIVERIES, DELIVERY, GIVEN_UP
 from protocol.serving import PerProcess, Role, Signed
+from workers.broker import replicated_results
 from workers.inbox import given_up_reason, screened
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ def serve_tasks(app: Celery, tasks: Iterable[str], build: Callable[[], Role],
                 max_deliveries: int = DEFAULT_MAX_DELIVERIES) -> None:
     tasks = tuple(tasks)
     screened(app, tasks, max_deliveries)
+    replicated_results(app)  # on a Sentinel broker, a result counts as stored once a replica holds it
     role = PerProcess(build)
     worker_process_init.connect(role.after_fork, weak=False)
     trace.LOG_SUCCESS = QUIET_SUCCESS_LOG  # read at each log call: the pool processes forked later inherit it

@@ -12,15 +12,16 @@ import threading
 import time
 from pathlib import Path
 
-import redis
 import torch
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
+from protocol.broker import GRIDQ_BROKER
 from protocol.contract import ALIVE_EVERY_SECONDS, ALIVE_TTL_SECONDS, alive_key, mpc_peer_queue, mpc_queue, node_queue
 from protocol.errors import NodeUnavailable
 from workers.approvals import sweep_every
 from workers.beacon import Posting, keep_posted
+from workers.broker import redis_client
 from workers.config import NodeConfig, load_config
 from workers.inbox import own_in_flight
 from workers.mpc import mpc_tasks
@@ -104,7 +105,7 @@ def start_mpc(config_path: str | Path, loglevel: str = "INFO", serve: str = "bot
     node.register()
     node.close()
     if serve == "both":
-        _start_peers(config_path, loglevel, app.conf.broker_url, mpc_peer_queue(config.id))
+        _start_peers(config_path, loglevel, config.node.broker, mpc_peer_queue(config.id))
     mpc_tasks(app, config, peers=False)
     _serve(app, mpc_queue(config.id), f"{config.id}-mpc@%h", 1, loglevel)
 
@@ -115,7 +116,7 @@ def _start_peers(config_path: str | Path, loglevel: str, broker: str, queue: str
     starts. If the child ends, this worker ends too: one command, one unit to supervise."""
     child = subprocess.Popen([sys.executable, "-m", "ops.cli", "mpc", "start", str(config_path), "--loglevel",
                               loglevel, "--serve", "peers"], preexec_fn=_die_with_parent)
-    with redis.Redis.from_url(broker) as client:
+    with redis_client(broker) as client:
         deadline = time.monotonic() + PEER_START_SECONDS
         # its own post (its pid), not one a killed predecessor left to expire
         while client.get(alive_key(queue)) != str(child.pid).encode():
@@ -162,7 +163,8 @@ def _serve(app: Celery, queue: str, hostname: str, concurrency: int, loglevel: s
 
     def ready(**_: object) -> None:
         # its pid: whoever started this worker tells its post from one left by a worker killed before it
-        beacon.append(keep_posted(app.conf.broker_url, alive_key(queue), str(os.getpid()), every=ALIVE_EVERY_SECONDS,
+        url = app.conf.get(GRIDQ_BROKER) or app.conf.broker_url  # the gridq URL (broker_url is kombu's form of it)
+        beacon.append(keep_posted(url, alive_key(queue), str(os.getpid()), every=ALIVE_EVERY_SECONDS,
                                   ttl=ALIVE_TTL_SECONDS))
 
     def stopping(**_: object) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from celery import Celery
 
+from protocol.broker import connection_settings
 from protocol.contract import celery_settings
 from protocol.messages import TrainConfig
 from protocol.model import ModelSpec, build_model, flatten_state, unflatten_state
@@ -32,8 +33,8 @@ ECHO_SIZE = "bench.bare.echo_size"
 TRAIN = "bench.bare.train"
 
 broker = os.environ.get("GRIDQ_BROKER", "redis://127.0.0.1:6379/0")
-app = Celery("gridq-bench-bare", broker=broker, backend=broker, set_as_current=False)
-app.conf.update(celery_settings())
+app = Celery("gridq-bench-bare", set_as_current=False)
+app.conf.update(connection_settings(broker, celery_settings()))
 app.conf.task_default_queue = QUEUE
 
 

@@ -47,6 +47,7 @@ from ops.demo_data import digits_split
 from ops.local import NODE_CONFIGS, LocalGrid
 from orchestrator.fl import fedavg
 from orchestrator.transport import poll_results
+from protocol.broker import connection_settings
 from protocol.contract import celery_settings
 from protocol.messages import DPConfig, TrainConfig
 from protocol.model import build_model, describe_model, flatten_state
@@ -109,8 +110,8 @@ def start_bare(lg: LocalGrid, sites: list[str]) -> Celery:
                                    "--queues", f"{bare.QUEUE}.{site}", "--hostname", f"bare-{site}@%h",
                                    "--loglevel", "WARNING", "--pool", "prefork", "--concurrency", "1",
                                    "--without-mingle", "--without-gossip", "--task-events"])
-    app = Celery("gridq-bench-fl", broker=lg.url, backend=lg.url, set_as_current=False)
-    app.conf.update(celery_settings())
+    app = Celery("gridq-bench-fl", set_as_current=False)
+    app.conf.update(connection_settings(lg.url, celery_settings()))
     for site in sites:
         app.send_task(bare.ADD, args=[1, 2], queue=f"{bare.QUEUE}.{site}").get(timeout=180, interval=0.05)
     return app

@@ -34,7 +34,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import redis
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -46,6 +45,7 @@ from ops.local import NODE_CONFIGS, LocalGrid
 from orchestrator.app import make_celery
 from orchestrator.grid import Grid
 from orchestrator.pointer import DataPointer
+from orchestrator.transport import redis_client
 from protocol.contract import Tasks
 from protocol.envelope import seal_envelope
 from protocol.messages import RawRelease, RunJob
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], Breakdown, float]:
         client = make_celery(lg.url, "gridq-bench-client")  # the client settings of orchestrator.Grid
         client.send_task(ADD, args=[1, 2], queue=QUEUE).get(timeout=60)  # the bare worker is up
         payload = os.urandom(BIG_ELEMENTS * 4)
-        r = redis.Redis.from_url(lg.url)
+        r = redis_client(lg.url)
 
         def bare_add() -> None:
             assert client.send_task(ADD, args=[1, 2], queue=QUEUE).get(timeout=30, interval=0.05) == 3

@@ -38,7 +38,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import redis
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -47,6 +46,7 @@ from ops.bench import crypten_anchor
 from ops.bench.measure import Load, wait_quiet
 from ops.demo import prepare
 from ops.local import NODE_CONFIGS, LocalGrid
+from orchestrator.transport import redis_client
 from protocol import spans
 from protocol.mpc import Dealer, FixedPoint, reconstruct, share
 from protocol.mpc.beaver import PartyProtocol, beaver
@@ -178,7 +178,7 @@ def timed(fn: Callable[[], object], repeat: int = 5) -> float:
 
 
 def primitives(n: int, url: str, rows: list[tuple[str, ...]], windows: Windows) -> None:
-    client = redis.Redis.from_url(url)
+    client = redis_client(url)
     gen = torch.Generator().manual_seed(n)
     dealer = Dealer(n)
     parties = Parties(n, url)

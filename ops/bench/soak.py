@@ -54,6 +54,7 @@ from rich.table import Table
 
 from ops.bench.measure import Load, p, rss_bytes, tree_pids, wait_quiet
 from ops.local import LocalGrid
+from orchestrator.transport import redis_client
 
 console = Console(stderr=True, width=160)  # the tables are wide: not wrapped in a log
 KINDS = ("raw", "refused", "dp", "claim-check")
@@ -215,7 +216,7 @@ def run(args: argparse.Namespace) -> tuple[list[Window], dict[str, int], dict[st
             wait_quiet(args.wait_quiet, console.print, threshold=0.3)
         node_pid = lg.procs["soak"].pid
         windows: list[Window] = []
-        broker = redis.Redis.from_url(lg.url)
+        broker = redis_client(lg.url)
         console.print(f"{len(CLIENTS)} clients, {count} windows of {args.window:g} s …")
         start = time.time()
         go.set()

@@ -7,8 +7,12 @@ HTTP status (``ops.edge.checks.http_status``).
     POST /v1/search?job_id=ID  SearchQuery  {"job_id", "reply"}: the gateway's signed reply to job ID (the
                                         client's fresh id, which the reply is signed for; else the edge picks one)
     POST /v1/jobs       {"task", "envelope"}   202 {"job_id", "queue"}
-    GET  /v1/jobs/{id}?wait=SECONDS     {"state", "reply"}: SUCCESS / PENDING_APPROVAL with the signed reply,
-                                        else PENDING / STARTED (…) and null
+    GET  /v1/jobs/{id}?wait=SECONDS     {"state", "reply", "cancel_mark"}: SUCCESS / PENDING_APPROVAL with the
+                                        signed reply, else PENDING / STARTED (…) and null; what the job's
+                                        cancel key holds (protocol.cancel), or null
+    POST /v1/jobs/{id}/cancel  {"cancellation"}  {"job_id", "cancelled": true}: the sender's signed
+                                        cancellation is under the job's key before its node took it up;
+                                        else {"job_id", "cancelled": false, "mark"}: what got there first
     POST /v1/blobs      raw bytes       {"key"}: left by claim-check, for an hour
     GET  /v1/blobs/{key}                the bytes, taken once
     GET  /v1/models                     {"models": {"owner/name": card}}
@@ -33,6 +37,7 @@ from starlette.staticfiles import StaticFiles
 
 from ops.edge.broker import EdgeBroker
 from ops.edge.checks import (
+    CANCEL_BODY_MAX,
     Keyring,
     RateLimiter,
     TooLarge,
@@ -43,14 +48,17 @@ from ops.edge.checks import (
     check_task,
     error_body,
     http_status,
+    parse_cancel,
     parse_job_request,
     parse_search,
     queue_for,
     verify,
+    verify_cancellation,
     wait_seconds,
 )
 from ops.edge.settings import EdgeSettings
-from protocol.errors import BrokerUnavailable, GridError, InvalidRequest, NotFound
+from protocol.contract import node_queue
+from protocol.errors import BrokerUnavailable, GridError, InvalidRequest, NotFound, PermissionDenied
 from protocol.pinning import shown
 
 log = logging.getLogger(__name__)
@@ -110,9 +118,35 @@ class Edge:
     async def job(self, request: Request) -> Response:
         self.ips.check(_ip(request))
         job_id = check_job_id(request.path_params["job_id"])
-        state, reply = await self.broker.job(job_id, wait_seconds(request.query_params.get("wait"),
-                                                                  self.settings.max_wait))
-        return JSONResponse({"state": state, "reply": reply})
+        state, reply, mark = await self.broker.job(job_id, wait_seconds(request.query_params.get("wait"),
+                                                                        self.settings.max_wait))
+        return JSONResponse({"state": state, "reply": reply, "cancel_mark": mark})
+
+    async def cancel(self, request: Request) -> Response:
+        """Put the job's sender's signed cancellation under its cancel key, as the Python
+        client's ``ticket.cancel()`` does (``protocol.cancel``): the node then never runs it.
+        Only the job's own sender, as the edge recorded it when it relayed the job."""
+        try:  # what fails before its signer is known counts against the client's address
+            job_id = check_job_id(request.path_params["job_id"])
+            mark = parse_cancel(await read_body(request, CANCEL_BODY_MAX))
+            name = verify_cancellation(mark, self.keyring, job_id)
+        except GridError:
+            self.ips.check(_ip(request))
+            raise
+        self.jobs.check(name)
+        sender, queue = await self.broker.sent_by(job_id)  # NotFound for a job never sent
+        if sender != name:  # whose it is, the edge does not say
+            why = "another user's" if sender else "not one the edge relayed: cancel it from the client that sent it"
+            raise PermissionDenied(f"job {job_id} is {why}; only the user who sent a job through the edge may "
+                                   "cancel it there", job_id=job_id)
+        if queue != node_queue(job_id.split(":", 1)[0]):  # what a node checks its cancel key for (workers.jobs)
+            raise InvalidRequest(f"job {job_id} went to {queue}: only a node's job (gridq.node.run_job, its id "
+                                 "'<node>:…') can be cancelled", job_id=job_id)
+        first = await self.broker.cancel(job_id, mark)
+        if first is None:
+            log.info("job %s cancelled by %r", job_id, name)
+            return JSONResponse({"job_id": job_id, "cancelled": True})
+        return JSONResponse({"job_id": job_id, "cancelled": False, "mark": first or None})
 
     async def leave_blob(self, request: Request) -> Response:
         ip = _ip(request)
@@ -143,6 +177,7 @@ def make_app(settings: EdgeSettings, *, keyring: Keyring | None = None, broker: 
         Route("/v1/search", edge.search, methods=["POST"]),
         Route("/v1/jobs", edge.submit, methods=["POST"]),
         Route("/v1/jobs/{job_id}", edge.job, methods=["GET"]),
+        Route("/v1/jobs/{job_id}/cancel", edge.cancel, methods=["POST"]),
         Route("/v1/blobs", edge.leave_blob, methods=["POST"]),
         Route("/v1/blobs/{key}", edge.take_blob, methods=["GET"]),
         Route("/v1/models", edge.models, methods=["GET"]),

@@ -24,9 +24,12 @@ from uuid import uuid4
 import redis.asyncio as aioredis
 from celery import states
 from kombu.utils.json import loads as celery_json
+from redis.asyncio.sentinel import Sentinel
 
 from ops.edge.checks import TooMany, nonce_ttl
 from orchestrator.app import make_celery
+from protocol.broker import parse_broker, sentinel_arguments
+from protocol.cancel import CANCEL_TTL_SECONDS, STARTED
 from protocol.contract import (
     ALIVE_TTL_SECONDS,
     CLAIM_CHECK_PREFIX,
@@ -38,6 +41,7 @@ from protocol.contract import (
     PENDING_APPROVAL,
     Tasks,
     alive_key,
+    cancel_key,
     edge_nonce_key,
     sent_key,
 )
@@ -51,6 +55,18 @@ RESULT_PREFIX = "celery-task-meta-"  # Celery's Redis backend: a task's result k
 ANSWERS = (states.SUCCESS, PENDING_APPROVAL)  # states a node signed what it stored: a reply to relay
 RECHECK_SECONDS = 1.0  # a long-poll GETs the result this often too (a missed message, a broker back)
 IDLE_CHANNEL = "celery-task-meta-gridq-edge-idle"  # keeps the pub/sub connection subscribed (and ACL-allowed)
+
+
+def async_client(url: str) -> aioredis.Redis:
+    """redis.asyncio's client of the broker at ``url``, any form ``protocol.broker`` reads:
+    redis://, rediss:// and unix:// by its own ``from_url``, sentinel:// and sentinels://
+    through its Sentinel (the primary asked of the sentinels at each new connection)."""
+    broker = parse_broker(url)
+    if broker.master is None:
+        return aioredis.Redis.from_url(url)
+    connect = sentinel_arguments(broker)
+    return Sentinel(connect.sentinels, sentinel_kwargs=connect.sentinel_kwargs,
+                    **connect.connection_kwargs).master_for(connect.master)
 
 
 class ResultWaiter:
@@ -131,7 +147,7 @@ class EdgeBroker:
         # channel, which nobody reads, and stored results would pile up on that connection. The workers
         # store results as ever; the edge reads them with redis.asyncio.
         self.app.conf.result_backend = "disabled"
-        self.redis = aioredis.Redis.from_url(url)
+        self.redis = async_client(url)
         self.sent_ttl = int(self.app.conf.result_expires or 86400)  # as Transport.mark_sent
         self.waiter = ResultWaiter(self.redis)
         self.max_waiters = max_waiters
@@ -159,7 +175,7 @@ class EdgeBroker:
                                   job_id=env.job_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(edge_nonce_key(env.sender, env.nonce), 1, nx=True, ex=nonce_ttl(env, now))
-            pipe.set(sent_key(env.job_id), 1, nx=True, ex=self.sent_ttl)
+            pipe.set(sent_key(env.job_id), f"{env.sender} {queue}", nx=True, ex=self.sent_ttl)  # whose: sent_by
             fresh_nonce, fresh_job = await pipe.execute()
         if not fresh_nonce:
             raise ReplayedNonce(f"nonce {env.nonce[:8]}… of {env.sender!r} was already used", job_id=env.job_id)
@@ -172,28 +188,55 @@ class EdgeBroker:
         await asyncio.get_running_loop().run_in_executor(
             self._senders, functools.partial(self.app.send_task, task, args=[envelope], queue=queue, task_id=job_id))
 
-    async def job(self, job_id: str, wait: float) -> tuple[str, Any]:
-        """A job's state and the reply its node signed (SUCCESS, PENDING_APPROVAL), waiting up
-        to ``wait`` seconds for one; NotFound if the job was never sent."""
+    async def job(self, job_id: str, wait: float) -> tuple[str, Any, str | None]:
+        """A job's state, the reply its node signed (SUCCESS, PENDING_APPROVAL) and what its
+        cancel key holds (``protocol.cancel``: ``started``, a cancellation, or None), waiting up
+        to ``wait`` seconds for a reply — not for one the node gives a job cancelled before it
+        took it up, which may be long in coming; NotFound if the job was never sent."""
         key = f"{RESULT_PREFIX}{job_id}"
         if wait <= 0:
-            return _shown(await self._sent_meta(job_id, key))
+            meta, mark = await self._sent_meta(job_id, key)
+            return (*_shown(meta), mark)
         with self._reserved():
             async with self.waiter.watch(key) as messages:
-                meta = await self._sent_meta(job_id, key)  # after subscribing: nothing stored since is missed
-                meta = await self._until(key, messages, meta, wait, ANSWERS)
-        return _shown(meta)
+                meta, mark = await self._sent_meta(job_id, key)  # after subscribing: nothing stored since is missed
+                if mark is None or mark == STARTED.decode():  # else cancelled: the node answers when it gets there
+                    meta = await self._until(key, messages, meta, wait, ANSWERS)
+                    if mark is None and _shown(meta)[1] is None:  # cancelled meanwhile?
+                        mark = _mark(await self.redis.get(cancel_key(job_id)))
+        return (*_shown(meta), mark)
 
-    async def _sent_meta(self, job_id: str, key: str) -> dict[str, Any] | None:
-        """The job's stored state, if any; NotFound if it has none and was never sent."""
+    async def _sent_meta(self, job_id: str, key: str) -> tuple[dict[str, Any] | None, str | None]:
+        """The job's stored state, if any, and its cancel mark; NotFound if it has no state
+        and was never sent."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(key)
             pipe.exists(sent_key(job_id))
-            raw, sent = await pipe.execute()
+            pipe.get(cancel_key(job_id))
+            raw, sent, mark = await pipe.execute()
         if raw is None and not sent:
             raise NotFound(f"no job {job_id} was sent on this grid, or it is older than its result's lifetime",
                            job_id=job_id)
-        return None if raw is None else self._decode(raw)
+        return None if raw is None else self._decode(raw), _mark(mark)
+
+    async def sent_by(self, job_id: str) -> tuple[str, str]:
+        """Who sent ``job_id`` through an edge and to which queue (``admit`` keeps both under
+        the job's sent key); ("", "") for a job sent otherwise (a Python client's, a search);
+        NotFound if it was never sent, or its result's lifetime is over."""
+        value = await self.redis.get(sent_key(job_id))
+        if value is None:
+            raise NotFound(f"no job {job_id} was sent on this grid, or it is older than its result's lifetime",
+                           job_id=job_id)
+        sender, _, queue = _text(value).partition(" ")
+        return (sender, queue) if queue else ("", "")
+
+    async def cancel(self, job_id: str, mark: str) -> str | None:
+        """Put a verified cancellation under the job's cancel key unless its node (or anything
+        else) got there first (``SET NX EX``, as ``Transport.cancel``): None if it was put — the
+        node will not run the job — else what is there ("" if it expired in between)."""
+        if await self.redis.set(cancel_key(job_id), mark, nx=True, ex=CANCEL_TTL_SECONDS):
+            return None
+        return _mark(await self.redis.get(cancel_key(job_id))) or ""
 
     # --- the gateway --------------------------------------------------------------------------
 
@@ -309,3 +352,8 @@ def _shown(meta: dict[str, Any] | None) -> tuple[str, Any]:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _mark(value: bytes | str | None) -> str | None:
+    """A cancel key's value as JSON can carry it (it is ASCII when a node or a client wrote it)."""
+    return None if value is None else value.decode("utf-8", "replace") if isinstance(value, bytes) else value

@@ -27,10 +27,12 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from protocol.cancel import cancelled_by, signer
 from protocol.contract import CLAIM_CHECK_PREFIX, Tasks, mpc_queue, node_queue
 from protocol.envelope import Envelope, verify_envelope
 from protocol.errors import (
     AuthenticationError,
+    BadSignature,
     GridError,
     InvalidRequest,
     LimitExceeded,
@@ -59,6 +61,7 @@ USER_TASKS: dict[str, Callable[[str], str]] = {
 KNOWN_TASKS = {v for k, v in vars(Tasks).items() if k.isupper() and isinstance(v, str)}
 BLOB_KEY = re.compile(re.escape(CLAIM_CHECK_PREFIX) + r"[A-Za-z0-9_\-]{1,128}")
 JOB_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,80}")  # what a worker takes as a task id (protocol/inbox.py), and a URL names
+CANCEL_BODY_MAX = 4096  # {"cancellation": "cancel <name> <88 base64 characters>"}: a few hundred bytes
 
 
 class TooLarge(LimitExceeded):
@@ -118,6 +121,42 @@ def parse_job_request(body: bytes) -> tuple[str, dict[str, Any]]:
         raise InvalidRequest(f'the request body must be {{"task": "<task name>", "envelope": {{…}}}}: '
                              f"{first_problem(exc, 'body')}") from None
     return request.task, request.envelope
+
+
+class CancelRequest(BaseModel):
+    """The body of ``POST /v1/jobs/{id}/cancel``: the sender's signed cancellation of the job
+    (``protocol.cancel.cancellation``), exactly as it is to be kept under the job's key."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    cancellation: Annotated[str, Field(max_length=256)]
+
+
+def parse_cancel(body: bytes) -> str:
+    """The (unverified) signed cancellation a cancel request carries."""
+    try:
+        return CancelRequest.model_validate(parse_json(body, "the request body")).cancellation
+    except ValidationError as exc:
+        raise InvalidRequest('the request body must be {"cancellation": "cancel <name> <signature>"} '
+                             f"(protocol/cancel.py): {first_problem(exc, 'body')}") from None
+
+
+def verify_cancellation(mark: str, keyring: Mapping[str, PublicIdentity], job_id: str) -> str:
+    """Who signed ``mark``, a cancellation of ``job_id`` (``protocol.cancel.cancelled_by``
+    with the signer's key in ``keyring``): InvalidRequest if it is not one in form,
+    UnknownSender for a signer the edge does not admit, BadSignature unless that signer's key
+    signed it for this very job."""
+    name = signer(mark)
+    if not name:
+        raise InvalidRequest("not a signed cancellation: it reads 'cancel <name> <base64 signature>' "
+                             "(protocol/cancel.py)", job_id=job_id)
+    key = keyring.get(name)
+    if key is None:
+        raise UnknownSender(f"{name!r} is not a user this edge admits: its operator adds the user's public key "
+                            "(NAME.pub) to the edge's --users folder", job_id=job_id)
+    if not cancelled_by(mark, key, job_id):
+        raise BadSignature(f"the cancellation is not {name!r}'s signature of job {job_id}", job_id=job_id)
+    return name
 
 
 def parse_search(body: bytes) -> SearchQuery:

@@ -518,7 +518,8 @@ def test_the_edge_relays_jobs_and_an_encrypted_query_as_its_own_user(mpc_pool: L
     from ops.keys import read_identity
     from orchestrator.mpc import find
     from orchestrator.ticket import JobTicket
-    from protocol.contract import Tasks
+    from protocol.cancel import CANCEL_TTL_SECONDS, cancellation
+    from protocol.contract import Tasks, cancel_key
     from protocol.messages import RawRelease, RunJob
     from protocol.mpc.cards import Query, SignedQuery, input_label, output_label
     from protocol.mpc.ring import FixedPoint
@@ -542,6 +543,11 @@ def test_the_edge_relays_jobs_and_an_encrypted_query_as_its_own_user(mpc_pool: L
             job_id = edge.submit(signed_job(alice, "hospital", RunJob(plan=births["weight"].mean().plan,
                                                                       release=RawRelease())))
             state, reply = edge.reply(job_id, wait=30)
+            # cancelling it now (POST /v1/jobs/{id}/cancel: SET NX, then GET) finds the node's mark: too late
+            late = {"cancellation": cancellation(alice, job_id).decode()}
+            assert edge.call("POST", f"/v1/jobs/{job_id}/cancel", late) == (200, {"job_id": job_id, "cancelled": False,
+                                                                                  "mark": "started"})
+            assert edge.call("GET", f"/v1/jobs/{job_id}")[1]["cancel_mark"] == "started"
             with mpc_pool.connect("alice") as mine:
                 assert JobTicket.finished(mine, job_id, state, reply).value().item() == pytest.approx(
                     load_table(mpc_pool.home / "data" / "hospital_births_feb.csv")[0][:, 0].mean().item())
@@ -569,9 +575,15 @@ def test_the_edge_relays_jobs_and_an_encrypted_query_as_its_own_user(mpc_pool: L
         assert admin.acl_log(128) == []  # the relaying needed nothing its user may not do; now, what it may not:
         edge_user = client(mpc_pool, "edge")
         try:
+            mark = cancel_key(f"hospital:{uuid.uuid4().hex}")  # a job the node has not taken up: the edge's SET wins
+            assert edge_user.set(mark, cancellation(alice, mark.removeprefix("gridq:cancel:")), nx=True,
+                                 ex=CANCEL_TTL_SECONDS)
+            assert edge_user.get(mark).startswith(b"cancel alice ")
+            refused(edge_user.delete, mark)  # a mark is never taken back, by the edge or through it
             refused(edge_user.brpop, ["node.hospital"], timeout=1)  # it sends jobs, never takes one
             refused(edge_user.eval, "return 1", 0)
             if not (mpc_pool.home / "broker" / "users.flat").exists():  # Redis 7: rules per key (selectors)
+                refused(edge_user.getdel, mark)  # GETDEL is for blobs only
                 refused(edge_user.set, "celery-task-meta-x", "forged")  # it writes no result
                 refused(edge_user.get, "gridq:edge:nonce:alice:x")  # its nonces are write-only
             refused(edge_user.publish, "/0.celery.pidbox", "shutdown")

@@ -94,7 +94,8 @@ def test_use_case_1_through_the_edge_gives_what_the_python_client_gets(local_gri
     assert value.item() == births_feb[:, 0].mean().item()
     assert http.reply(accepted["job_id"]) == (state, reply)  # read again, at once (wait=0)
     encoded = accepted["job_id"].replace(":", "%3A")  # as a browser's encodeURIComponent sends it
-    assert http.call("GET", f"/v1/jobs/{encoded}?wait=1") == (200, {"state": state, "reply": reply})
+    assert http.call("GET", f"/v1/jobs/{encoded}?wait=1") == (200, {"state": state, "reply": reply,
+                                                                   "cancel_mark": "started"})  # the node took it up
 
 
 def test_a_refusal_is_the_node_s_signed_answer_relayed(local_grid: LocalGrid, http: EdgeClient) -> None:
@@ -307,6 +308,8 @@ def test_floods_are_limited_per_identity_and_the_edge_keeps_serving(local_grid: 
             assert statuses[0] == 401 and 429 in statuses
             flood = [client.call("GET", "/v1/models")[0] for _ in range(15)]
             assert flood.count(429) >= 13  # the address's bucket is empty (refilled at 1 a second)
+            unknown = {"cancellation": "cancel mallory " + "A" * 86 + "=="}  # refused before its signer is known
+            assert client.call("POST", f"/v1/jobs/{request['envelope']['job_id']}/cancel", unknown)[0] == 429
             assert client.call("GET", "/healthz") == (200, {"ok": True})
             assert local_grid.procs["edge-tight"].poll() is None
     finally:

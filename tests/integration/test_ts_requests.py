@@ -4,7 +4,9 @@ Node, through the HTTP edge, on real workers: the built client (``clients/ts/dis
 lists her requests (``grid.requests``) as the Python client lists them, cancels hers
 (``grid.cancelRequest``, ``ticket.cancel()``) and not another user's, hears the owner's denial
 and an undecided request's expiry (``RequestExpired``) — and the Python client and the node's
-owner see what it did.
+owner see what it did. A job waiting in the queue of a node whose worker is down is cancelled
+from TypeScript through the edge's ``POST /v1/jobs/{id}/cancel`` (not by another user, nor with
+a forged or foreign signature), and the node, back up, does not run it.
 
 No skip: without ``node`` or the build (``make ts``; ``make test`` runs it first) this fails."""
 
@@ -22,7 +24,7 @@ import pytest
 
 from ops.local import LocalGrid
 from orchestrator import Grid
-from protocol.errors import JobCancelled, RequestDenied, RequestExpired
+from protocol.errors import CannotCancel, JobCancelled, RequestDenied, RequestExpired
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,6 +82,12 @@ def tsdesk(local_grid: LocalGrid) -> Iterator[Path]:
 def tslapse(local_grid: LocalGrid) -> Iterator[Path]:
     """A manual node whose requests expire after a few seconds."""
     yield from _node(local_grid, "tslapse", f"expire_after = {LAPSE_SECONDS}")
+
+
+@pytest.fixture(scope="module")
+def tsqueue(local_grid: LocalGrid) -> Iterator[Path]:
+    """A node whose worker the test stops and starts again (its jobs wait in its queue meanwhile)."""
+    yield from _node(local_grid, "tsqueue")
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +257,105 @@ def test_a_request_left_undecided_expires_and_the_ts_client_is_told(local_grid: 
         assert python_view(carol, "tslapse") == [expired]
         with pytest.raises(RequestExpired):
             carol.ticket(job).wait(timeout=10)
+
+
+def test_a_queued_job_cancelled_from_typescript_never_runs(local_grid: LocalGrid, edge: str, tsqueue: Path) -> None:
+    """ticket.cancel() in TypeScript of a job waiting in its node's queue: through the edge's
+    POST /v1/jobs/{id}/cancel its signed cancellation is on the job's key before the node takes
+    it up; not bob's, nor a forged or another job's signature. The node, back up, answers it
+    JobCancelled and runs nothing of it (the Python ticket of the same id says so too); the job
+    sent with it, not cancelled, runs. A finished job cannot be cancelled."""
+    import redis
+
+    from ops.edge.client import EdgeClient
+    from ops.keys import read_identity
+    from protocol.cancel import cancellation
+    from protocol.contract import alive_key, node_queue
+    from protocol.identity import Identity
+    from workers.store import Store
+
+    home = local_grid.home
+    queue = {"tags": ["#tsqueue"], "node": "tsqueue", "column": "weight", "reduce": "mean", "raw": True}
+    alive = alive_key(node_queue("tsqueue"))
+    admin = redis.Redis.from_url(local_grid.url)
+    local_grid.kill("tsqueue")  # its worker is down (kill -9) and its last word that it is up still stands:
+    admin.setex(alive, 120, "held")  # the edge takes jobs for it (for as long as the test needs), which wait
+    try:
+        held, other, done = (ok(r) for r in steps(
+            local_grid, edge, "alice", {"op": "send", **queue}, {"op": "send", **queue},
+            {"op": "submit", "tags": ["#birth-records"], "node": "hospital", "column": "weight", "reduce": "sum"}))
+        assert (held["status"], other["status"], done["status"]) == ("queued", "queued", "done")
+        job = held["job_id"]
+
+        # bob (through the TS client), then forged, foreign and unknown signatures (over HTTP): refused
+        bobs, status = steps(local_grid, edge, "bob", {"op": "cancel", "job_id": job}, {"op": "status", "job_id": job})
+        code, message = refused(bobs)
+        assert code == "permission_denied" and "is another user's; only the user who sent a job" in message
+        assert "alice" not in message
+        assert ok(status)["status"] == "queued"
+        alice, bob = (read_identity(local_grid.keys / f"{u}.key") for u in ("alice", "bob"))
+        path = f"/v1/jobs/{job}/cancel"
+        with EdgeClient(edge) as http:
+            for code, mark in (("bad_signature", cancellation(bob, job).replace(b"cancel bob ", b"cancel alice ")),
+                               ("bad_signature", cancellation(alice, other["job_id"])),  # another job's
+                               ("unknown_sender", cancellation(Identity.generate("mallory"), job)),
+                               ("invalid_request", b"started")):
+                got, answer = http.call("POST", path, {"cancellation": mark.decode()})
+                assert (got, answer["error"]["code"]) == (400 if code == "invalid_request" else 401, code), answer
+            never = f"tsqueue:{'0' * 32}"
+            assert http.call("POST", f"/v1/jobs/{never}/cancel", {"cancellation": cancellation(alice, never).decode()}
+                             )[0] == 404
+            assert http.call("GET", f"/v1/jobs/{job}")[1] == {"state": "PENDING", "reply": None, "cancel_mark": None}
+
+        # alice cancels it from TypeScript: at once, while its node is down
+        started = time.monotonic()
+        first, again, said, waited, late = steps(
+            local_grid, edge, "alice",
+            {"op": "cancel", "job_id": job}, {"op": "cancel", "job_id": job}, {"op": "status", "job_id": job},
+            {"op": "wait", "job_id": job, "timeout": 20},  # the node is down: only the mark can say it (at once)
+            {"op": "cancel", "job_id": done["job_id"]})
+        assert time.monotonic() - started < 15  # wait() did not sit out its 20 s: the edge's long-poll showed the mark
+        assert ok(first)["status"] == ok(again)["status"] == ok(said)["status"] == "cancelled"
+        code, message = refused(waited)
+        assert code == "job_cancelled" and f"you cancelled job {job} before 'tsqueue' ran it" in message
+        code, message = refused(late)
+        assert code == "cannot_cancel" and "has already finished at 'hospital' (done)" in message
+        mine = cancellation(alice, job).decode()
+        with EdgeClient(edge) as http:
+            assert http.call("GET", f"/v1/jobs/{job}")[1]["cancel_mark"] == mine
+            assert http.call("POST", path, {"cancellation": mine}) == (200, {"job_id": job, "cancelled": False,
+                                                                             "mark": mine})  # hers, already there
+            finished = done["job_id"]
+            assert http.call("POST", f"/v1/jobs/{finished}/cancel", {"cancellation": cancellation(
+                alice, finished).decode()}) == (200, {"job_id": finished, "cancelled": False, "mark": "started"})
+        with local_grid.connect("alice") as grid:
+            assert grid.ticket(job).status == "cancelled"  # the Python client reads the same mark
+            with pytest.raises(CannotCancel, match=r"has already finished at 'hospital' \(done\)"):
+                grid.ticket(done["job_id"]).cancel()
+
+        # the node comes back: it takes the job up, finds her cancellation, and runs nothing of it
+        local_grid.start_node(tsqueue, "tsqueue")
+        local_grid.wait_ready(["tsqueue"])
+        with local_grid.connect("alice") as grid:
+            with pytest.raises(JobCancelled, match="alice cancelled this job before 'tsqueue' started it: it did not "
+                                                   "run"):
+                grid.ticket(job).wait(timeout=60)
+            expected = grid.search("#tsqueue")["tsqueue"][0]["weight"].mean().get()
+            assert grid.ticket(other["job_id"]).value(timeout=60).item() == expected.item()  # not cancelled: it ran
+        waited, said, again, ran = steps(local_grid, edge, "alice", {"op": "wait", "job_id": job, "timeout": 20},
+                                         {"op": "status", "job_id": job}, {"op": "cancel", "job_id": job},
+                                         {"op": "wait", "job_id": other["job_id"], "timeout": 20})
+        code, message = refused(waited)
+        assert code == "job_cancelled" and "alice cancelled this job before 'tsqueue' started it" in message
+        assert ok(said)["status"] == ok(again)["status"] == "cancelled" and ok(ran)["status"] == "done"
+        store = Store(home / "tsqueue", f"sqlite:///{home / 'tsqueue' / 'node.db'}")
+        try:
+            answered = store.job(job)
+            assert answered is not None and answered.status == "failed" and answered.attempts == 1
+            assert store.count_objects(job) == 0  # nothing of it ran, nothing is kept
+        finally:
+            store.close()
+    finally:
+        if "tsqueue" not in local_grid.procs:
+            admin.delete(alive)
+        admin.close()

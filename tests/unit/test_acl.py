@@ -252,7 +252,7 @@ def test_the_edge_relays_as_a_scientist_sends_and_keeps_only_its_marks() -> None
     """The HTTP edge (ops/edge, issue 17): it sends what a scientist's client sends, reads
     results, marks jobs sent and remembers nonces (SET NX EX, write-only) — and cannot take a
     job off a queue, write a result, command a worker or run a script."""
-    from protocol.contract import alive_key, edge_nonce_key, sent_key
+    from protocol.contract import alive_key, cancel_key, edge_nonce_key, sent_key
 
     hospital = node_queue("hospital")
     for queue in ("gateway", hospital, mpc_queue("clinic"), f"{hospital}\x06\x163"):
@@ -266,7 +266,12 @@ def test_the_edge_relays_as_a_scientist_sends_and_keeps_only_its_marks() -> None
     assert not allows("edge", "get", nonce, read=True) and not allows("edge", "del", nonce, write=True)
     sent = sent_key("hospital:" + "0" * 32)
     assert [r for r in USERS if allows(r, "set", sent, write=True)] == ["edge", "admin"]  # SET NX: never twice
-    assert allows("edge", "exists", sent, read=True)
+    assert allows("edge", "exists", sent, read=True) and allows("edge", "get", sent, read=True)  # whose job it is
+    # POST /v1/jobs/{id}/cancel: SET NX EX of a verified cancellation, GET of what got there first; never DEL
+    cancel = cancel_key("hospital:" + "0" * 32)
+    assert allows("edge", "set", cancel, write=True) and allows("edge", "get", cancel, read=True)
+    assert not any(allows("edge", c, cancel, write=True) for c in ("del", "unlink", "getdel", "setex", "expire"))
+    assert not allows("edge", "set", cancel, read=True, write=True)  # SET … GET: the read is its own command
     result = "celery-task-meta-hospital:" + "0" * 32
     assert allows("edge", "get", result, read=True) and allows("edge", "subscribe", channel=result)
     assert not any(allows("edge", c, result, write=True) for c in ("set", "setex", "del"))

@@ -5,6 +5,13 @@ scratch copy of the containers' file system (its bind mounts and volumes as empt
 
 * every service that logs in to the broker has its own URL file once `init` has run, for
   the broker user its command logs in as (a node's config names broker/node-<id>.url);
+* the broker speaks TLS only, and is replicated: every Redis service (a server or a sentinel)
+  runs a template `init` wrote, TLS on the port it is reached by and no plain port; the
+  replica follows the primary, the sentinels watch it with a majority quorum, every user logs
+  in (the servers' own users in users.acl, the sentinels' `default` off); the URLs name the
+  sentinels' services and the CA, the certificate names every host anything dials, and its
+  CA is the one `init` hands the host (./deploy/tls/ca.crt); the grid's services wait for
+  every sentinel;
 * no port is published beyond this machine (each names a loopback host address);
 * every bind-mounted host path exists in the repository (no absolute host paths), read-only
   but in `init`; and every file or folder a command names under a mount `init` writes
@@ -18,6 +25,7 @@ import ipaddress
 import json
 import os
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -28,6 +36,8 @@ import pytest
 import yaml
 
 from ops import compose_init
+from ops.tls import certificate_names
+from protocol.broker import parse_broker
 from workers.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -239,19 +249,121 @@ def own_errors(doc: dict[str, Any], after: AfterInit) -> list[str]:
                 errors.append(f"{where}.volumes: {m.source} at {m.target}, where init has it at {shared.target}")
         needs = service.get("depends_on") or {}
         if not (isinstance(needs, dict) and needs.get(INIT, {}).get("condition") == "service_completed_successfully"
-                and needs.get("redis", {}).get("condition") == "service_healthy"):
-            errors.append(f"{where}.depends_on: must wait for init (completed) and redis (healthy)")
+                and all(needs.get(b, {}).get("condition") == "service_healthy" for b in ["redis", *sentinels(doc)])):
+            errors.append(f"{where}.depends_on: must wait for init (completed), redis and every sentinel (healthy)")
         home = (service.get("environment") or {}).get("GRIDQ_HOME")
         if not home:
             errors.append(f"{where}: GRIDQ_HOME is not set")
             continue
         errors += broker_login_errors(where, service, cmd, home, after)
+    errors += broker_server_errors(doc, after)
     for name, service in services.items():  # what a command names under a mount init writes exists
         for path in named_paths(service):
             found = after.resolve(service, path)
             if found is not None and not found.exists():
                 errors.append(f"services.{name}: {path} does not exist once init has run")
     return errors
+
+
+def redis_services(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The broker's servers and sentinels: the services that run the Redis image."""
+    return {n: s for n, s in interpolated(doc["services"]).items() if str(s.get("image", "")).startswith("redis")}
+
+
+def sentinels(doc: dict[str, Any]) -> list[str]:
+    return sorted(n for n, s in redis_services(doc).items() if "--sentinel" in command(s))
+
+
+def directives(text: str) -> list[list[str]]:
+    """A Redis configuration file's lines, split as Redis does (quotes kept together)."""
+    return [shlex.split(line) for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def one(found: list[list[str]], name: str) -> list[str] | None:
+    lines = [d[1:] for d in found if d[0] == name]
+    return lines[0] if len(lines) == 1 else None
+
+
+def broker_server_errors(doc: dict[str, Any], after: AfterInit) -> list[str]:
+    """The broker's servers and sentinels run what init wrote, over TLS only, replicated; the
+    URLs, the certificate and the host's CA agree with them."""
+    errors: list[str] = []
+    servers = redis_services(doc)
+    primary = next((n for n, s in servers.items() if "--sentinel" not in command(s)
+                    and not any(d[0] == "replicaof" for d in _template(s, after)[1])), None)
+    watchers = sentinels(doc)
+    if primary is None or not watchers:
+        return ["services: the broker needs a primary Redis (a server that follows nobody) and sentinels"]
+    dialled: set[str] = set()
+    for name, service in servers.items():
+        where = f"services.{name}"
+        template, found = _template(service, after)
+        if template is None:
+            errors.append(f"{where}: its command's first argument must be a configuration template init writes")
+            continue
+        tls_port = one(found, "tls-port")
+        if one(found, "port") != ["0"] or tls_port is None:
+            errors.append(f"{where}: {template} must turn the plain port off (port 0) and name one tls-port")
+            continue
+        if one(found, "tls-auth-clients") != ["no"] or one(found, "tls-ca-cert-file") is None:
+            errors.append(f"{where}: {template} must name the CA and log clients in by ACL user (tls-auth-clients no)")
+        for _, entry in published(service):
+            if entry.rsplit(":", 1)[-1] != tls_port[0]:
+                errors.append(f"{where}.ports: {entry!r} publishes another port than its TLS port {tls_port[0]}")
+        if name in watchers:
+            monitor = [d[2:] for d in found if d[:2] == ["sentinel", "monitor"]]  # NAME HOST PORT QUORUM
+            quorum = len(watchers) // 2 + 1
+            if not monitor or monitor[0][1:3] != [primary, _port(servers[primary], after)] or \
+                    monitor[0][3] != str(quorum):
+                errors.append(f"{where}: {template} must watch {primary} with a quorum of {quorum} (a majority)")
+            if not any(d[:3] == ["user", "default", "off"] for d in found):
+                errors.append(f"{where}: {template} must turn the sentinel's default user off")
+            if [d for d in found if d[:2] == ["sentinel", "auth-user"]] == []:
+                errors.append(f"{where}: {template} must log in to the servers (sentinel auth-user)")
+        else:
+            if one(found, "aclfile") is None or one(found, "masteruser") != ["replica"]:
+                errors.append(f"{where}: {template} must load the ACL file and log in to a primary as `replica`")
+            follows = one(found, "replicaof")
+            if name != primary and (follows is None or follows != [primary, _port(servers[primary], after)]):
+                errors.append(f"{where}: {template} must follow the primary, {primary}")
+        announced = one(found, "replica-announce-ip") or [d[2] for d in found if d[:2] == ["sentinel", "announce-ip"]]
+        if announced != [name]:
+            errors.append(f"{where}: {template} must announce its service name, {name}, which the certificate holds")
+        dialled.add(name)
+    broker = after.content.get("gridq-broker")
+    if broker is None:
+        return [*errors, "services.init: does not write the broker volume"]
+    for url_file in sorted(p for p in broker.glob("*.url") if not p.name.endswith(compose_init.OUTSIDE)):
+        url = parse_broker(url_file.read_text().strip())
+        hosts = {h for h, _ in url.hosts}
+        if url.scheme != "sentinels" or hosts != set(watchers) or not url.tls.get("ssl_ca_certs"):
+            errors.append(f"{url_file.name}: must reach the broker through every sentinel over TLS, with the CA "
+                          f"(not {url.scheme}://{','.join(sorted(hosts))})")
+        dialled |= hosts
+    acl = (broker / "users.acl").read_text().split("\n")
+    for user in ("replica", "sentinel"):
+        if not any(line.startswith(f"user {user} on ") for line in acl):
+            errors.append(f"users.acl: no user {user!r}: the servers could not replicate or be watched")
+    certificate = broker / "tls" / "server.crt"
+    missing = dialled - set(certificate_names(certificate)) if certificate.exists() else {"(no certificate)"}
+    if missing:
+        errors.append(f"broker/tls/server.crt does not name {', '.join(sorted(missing))}")
+    handed = after.content.get("./deploy/tls")
+    if handed is None or (handed / "ca.crt").read_bytes() != (broker / "tls" / "ca.crt").read_bytes():
+        errors.append("services.init: must copy the broker's CA certificate into ./deploy/tls (--tls-out)")
+    return errors
+
+
+def _template(service: dict[str, Any], after: AfterInit) -> tuple[str | None, list[list[str]]]:
+    cmd = command(service)
+    path = after.resolve(service, cmd[0]) if cmd and cmd[0].startswith("/") else None
+    if path is None or not path.is_file():
+        return None, []
+    return cmd[0], directives(path.read_text())
+
+
+def _port(service: dict[str, Any], after: AfterInit) -> str:
+    return (one(_template(service, after)[1], "tls-port") or ["?"])[0]
 
 
 def broker_login_errors(where: str, service: dict[str, Any], cmd: list[str], home: str, after: AfterInit) -> list[str]:
@@ -332,12 +444,20 @@ def test_init_seeds_the_host_folders_and_the_outside_url(compose: dict[str, Any]
     (ip, entry), = published(services["redis"])
     port = entry.split(":")[1]
     broker = after_init.content["gridq-broker"]
-    inside = urlsplit((broker / "scientist.url").read_text().strip())
-    outside = urlsplit((broker / "scientist.outside.url").read_text().strip())
-    assert (inside.hostname, inside.port) == ("redis", 6379)
-    assert (outside.hostname, str(outside.port)) == (ip, port) == ("127.0.0.1", "6379")
-    assert (outside.username, outside.password, outside.path) == (inside.username, inside.password, inside.path)
+    inside = parse_broker((broker / "scientist.url").read_text().strip())
+    outside = parse_broker((broker / "scientist.outside.url").read_text().strip())
+    assert (inside.scheme, inside.hosts) == ("sentinels", (("sentinel-1", 26379), ("sentinel-2", 26379),
+                                                           ("sentinel-3", 26379)))
+    assert after_init.inside(Path(inside.tls["ssl_ca_certs"])) == "/var/lib/gridq/broker/tls/ca.crt"  # the volume
+    assert (outside.scheme, outside.hosts) == ("rediss", (("127.0.0.1", 6379),)) and (ip, port) == ("127.0.0.1", "6379")
+    assert (outside.username, outside.password, outside.db) == (inside.username, inside.password, inside.db)
+    # the CA as the host sees it, from this folder: the copy init hands it
+    assert outside.tls["ssl_ca_certs"] == "deploy/tls/ca.crt" and (REPO / "deploy" / "tls").is_dir()
+    assert (after_init.content["./deploy/tls"] / "ca.crt").read_text().startswith("-----BEGIN CERTIFICATE-----")
     assert (broker / "scientist.outside.url").stat().st_mode & 0o077 == 0
+    for secret in ("tls/ca.key", "tls/server.key", "replica.secret", "sentinel.secret", "discovery.secret",
+                   "redis.conf", "sentinel-1.conf"):
+        assert (broker / secret).stat().st_mode & 0o077 == 0, secret
 
 
 def test_the_published_broker_port_follows_its_variable(compose: dict[str, Any]):
@@ -390,6 +510,17 @@ BROKEN_OWN = {
         "volumes", [v for v in s["hospital"]["volumes"] if "deploy/keys" not in str(v)]),
     "a node without the broker volume": lambda s: s["clinic"].__setitem__(
         "volumes", [v for v in s["clinic"]["volumes"] if "gridq-broker" not in str(v)]),
+    "a node that does not wait for a sentinel": lambda s: s["hospital"]["depends_on"].pop("sentinel-2"),
+    "a replica that follows nobody": lambda s: s["redis-replica"]["command"].__setitem__(
+        0, "/etc/gridq-broker/redis.conf"),
+    "a server's template init does not write": lambda s: s["redis"]["command"].__setitem__(
+        0, "/etc/gridq-broker/primary.conf"),
+    "a sentinel of another's template": lambda s: s["sentinel-3"]["command"].__setitem__(
+        0, "/etc/gridq-broker/sentinel-1.conf"),
+    "a published port that is not the TLS one": lambda s: s["redis"].__setitem__("ports", ["127.0.0.1:6379:6380"]),
+    "a fourth sentinel, so the quorum is no majority": lambda s: s.__setitem__(
+        "sentinel-4", {**s["sentinel-3"], "command": ["/etc/gridq-broker/sentinel-3.conf", "redis-server",
+                                                      "/data/sentinel.conf", "--sentinel"]}),
 }
 
 

@@ -267,3 +267,33 @@ def test_init_run_twice_keeps_what_the_owner_wrote(tmp_path: Path, monkeypatch: 
     assert "[users.zoe]" in hospital.read_text() and not (keys / "eve.pub").exists()
     assert (home / "broker" / "scientist.outside.url").read_text() == url
     assert "zoe" in load_config(hospital).keyring()
+
+
+def test_the_broker_speaks_tls_and_its_ca_is_handed_to_the_host(tmp_path: Path):
+    from ops.compose_init import publish_ca
+    from ops.tls import certificate_names, ensure_tls
+    from protocol.broker import parse_broker
+
+    home, host = tmp_path / "home", tmp_path / "deploy-tls"
+    host.mkdir()
+    broker_users(home, "redis:6379", "127.0.0.1:6390", replica="redis-replica:6379",
+                 sentinels=["sentinel-1:26379", "sentinel-2:26379"], tls_names=["broker.example.org"])
+    folder = home / "broker"
+    names = set(certificate_names(folder / "tls" / "server.crt"))
+    assert {"redis", "redis-replica", "sentinel-1", "sentinel-2", "127.0.0.1", "broker.example.org"} <= names
+    assert mode(folder / "tls" / "ca.key") == mode(folder / "tls" / "server.key") == 0o600
+    gateway = parse_broker((folder / "gateway.url").read_text().strip())
+    assert gateway.scheme == "sentinels" and gateway.sentinel_auth["username"] == "discovery"
+    assert gateway.tls["ssl_ca_certs"] == str(folder / "tls" / "ca.crt")
+    for template in ("redis.conf", "redis-replica.conf", "sentinel-1.conf", "sentinel-2.conf"):
+        assert mode(folder / template) == 0o600  # they hold the replication and sentinel passwords
+    assert "replicaof redis 6379" in (folder / "redis-replica.conf").read_text()
+    assert "sentinel monitor gridq redis 6379 2" in (folder / "sentinel-1.conf").read_text()
+    ca = publish_ca(host, folder / "tls" / "ca.crt")
+    assert ca.read_bytes() == (folder / "tls" / "ca.crt").read_bytes() and mode(ca) == 0o644
+    other = ensure_tls(tmp_path / "another", ["x"]).ca_cert  # a new volume, a new CA: the host's copy follows it
+    assert publish_ca(host, other).read_bytes() == other.read_bytes()
+    first = (folder / "tls" / "server.crt").read_bytes()
+    broker_users(home, "redis:6379", "127.0.0.1:6390", replica="redis-replica:6379",
+                 sentinels=["sentinel-1:26379", "sentinel-2:26379"], tls_names=["broker.example.org"])
+    assert (folder / "tls" / "server.crt").read_bytes() == first  # idempotent: the same names keep the certificate

@@ -29,10 +29,12 @@ from ops.edge.checks import (
     error_body,
     http_status,
     nonce_ttl,
+    parse_cancel,
     parse_job_request,
     parse_search,
     queue_for,
     verify,
+    verify_cancellation,
     wait_seconds,
 )
 from ops.edge.settings import EdgeSettings
@@ -72,6 +74,31 @@ def envelope(identity: Identity = ALICE, *, recipient: str = "hospital", now: fl
 
 
 # --- envelopes --------------------------------------------------------------------------------
+
+def test_a_cancellation_passes_only_for_its_job_signed_by_an_admitted_user() -> None:
+    """POST /v1/jobs/{id}/cancel: protocol.cancel's mark, verified with the signer's key in the
+    edge's keyring (ops/edge/checks.py); who may cancel which job is the broker's to say."""
+    from protocol.cancel import STARTED, cancellation
+
+    job = "hospital:" + "a" * 32
+    mark = cancellation(ALICE, job).decode()
+    assert parse_cancel(json.dumps({"cancellation": mark}).encode()) == mark
+    assert verify_cancellation(mark, KEYRING, job) == "alice"
+    for body in (b"{}", b'{"cancellation": 7}', b'{"cancellation": "x", "more": 1}', b"[]", b"nope",
+                 json.dumps({"cancellation": "x" * 257}).encode()):
+        with pytest.raises(InvalidRequest):
+            parse_cancel(body)
+    with pytest.raises(UnknownSender, match="'mallory' is not a user this edge admits") as unknown:
+        verify_cancellation(cancellation(MALLORY, job).decode(), KEYRING, job)
+    forged = cancellation(MALLORY, job).decode().replace("cancel mallory ", "cancel alice ")
+    for bad in (forged, cancellation(ALICE, "hospital:" + "b" * 32).decode(), "cancel alice !!!", "cancel alice x"):
+        with pytest.raises(BadSignature, match=f"not 'alice''s signature of job {job}") as caught:
+            verify_cancellation(bad, KEYRING, job)
+        assert http_status(caught.value) == 401 == http_status(unknown.value)
+    for junk in (STARTED.decode(), "", "cancel alice", f"{mark} x"):
+        with pytest.raises(InvalidRequest, match="not a signed cancellation"):
+            verify_cancellation(junk, KEYRING, job)
+
 
 def test_a_signed_envelope_passes_whoever_it_is_for() -> None:
     for recipient in ("hospital", "company", "anyone-else"):  # the recipient checks that it is meant for it

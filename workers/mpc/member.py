@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping
 from celery import Celery
 from pydantic import BaseModel
 
+from protocol.broker import parse_broker
 from protocol.contract import alive_key, mpc_peer_queue, mpc_queue_for
 from protocol.envelope import MemoryNonceStore, seal_envelope
 from protocol.errors import NodeUnavailable, UnknownSender
@@ -31,7 +32,7 @@ class MpcMember:
         self.redis = connect(config.node.broker, max(config.mpc.round_timeout, config.mpc.deal_timeout))
         self.users = config.keyring()
         self.nonces = MemoryNonceStore()  # replays within this process; envelopes expire soon after
-        self.directory = Directory(app.conf.broker_url, self.redis)
+        self.directory = Directory(config.node.broker, self.redis)
         self.store = Store(config.node.store, config.database_url)  # the node's database, its SQLite settings
         self.peers = Peers(self)
 
@@ -68,7 +69,8 @@ class MpcMember:
         return claims.take(self.redis, key)
 
     def leave(self, data: bytes) -> str:
-        return claims.leave(self.redis, data)
+        broker = parse_broker(self.config.node.broker)
+        return claims.leave(self.redis, data, broker.wait_replicas, broker.wait_timeout)
 
 
 class Peers(Mapping[str, PublicIdentity]):

@@ -12,9 +12,12 @@
 //   submit          {tags, node, column, reduce: "sum"|"mean"|"max", epsilon?}  the first dataset found
 //                   there, births.col(column).<reduce>().submit({epsilon}); waits until it is no longer
 //                   queued or running: {job_id, status}
+//   send            {tags, node, column, reduce, raw?}  the same job (with raw: true, released exactly, as
+//                   get() releases it), without waiting: {job_id, status}
 //   requests        {node?, status?}       grid.requests(node, status): {requests: [RequestInfo…]}
 //   cancel_request  {id}                   grid.cancelRequest(id): {request: RequestInfo}
-//   cancel          {job_id}               (await grid.ticket(job_id)).cancel(): {status} after it
+//   cancel          {job_id}               (await grid.ticket(job_id)).cancel(): {status} after it (a queued
+//                                          job through POST /v1/jobs/{id}/cancel)
 //   wait            {job_id, timeout?}     (await grid.ticket(job_id)).wait(timeout): {status}
 //   status          {job_id}               (await grid.ticket(job_id)).status(): {status}
 // Each step gives {"ok": true, …} or {"ok": false, "error": {"code", "name", "message"}}.
@@ -30,11 +33,22 @@ const grid = await connect(fail, args);
 const SETTLING = new Set(["queued", "running"]);
 const REDUCE = new Set(["sum", "mean", "max", "min", "count"]);
 
-async function submit(step) {
+async function expression(step) {
   const found = (await grid.search(...step.tags, { node: step.node }))[step.node] ?? [];
   if (found.length === 0) throw new Error(`no dataset tagged ${step.tags} at ${step.node}`);
   if (!REDUCE.has(step.reduce)) throw new Error(`${step.reduce} is not a reduction here`);
-  const ticket = await found[0].col(step.column)[step.reduce]().submit(step.epsilon === undefined ? {} : { epsilon: step.epsilon });
+  return found[0].col(step.column)[step.reduce]();
+}
+
+async function send(step) {
+  const expr = await expression(step);
+  const ticket = step.raw ? await grid.submit(step.node, "run", expr.runJob({ door: "raw" }))
+    : await expr.submit(step.epsilon === undefined ? {} : { epsilon: step.epsilon });
+  return { job_id: ticket.id, status: await ticket.status() };
+}
+
+async function submit(step) {
+  const ticket = await (await expression(step)).submit(step.epsilon === undefined ? {} : { epsilon: step.epsilon });
   const deadline = Date.now() + 1000 * args.timeout;
   let status = await ticket.status();
   while (SETTLING.has(status) && Date.now() < deadline) {
@@ -46,6 +60,7 @@ async function submit(step) {
 
 const OPS = {
   submit,
+  send,
   requests: async (s) => ({ requests: await grid.requests(s.node, s.status) }),
   cancel_request: async (s) => ({ request: await grid.cancelRequest(s.id) }),
   cancel: async (s) => {

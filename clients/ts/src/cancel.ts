@@ -7,8 +7,8 @@
  * Mark: `"cancel " + name + " " + base64(Ed25519 signature of "gridq cancel v1\0" + job id)`
  * (standard base64, padded). The statement is domain-separated: no other signature passes for one.
  *
- * Through the HTTP edge, this client cannot put a mark yet (the edge has no route that writes the
- * key: see README.md, "Cancelling a job"); these are the contract such a route carries.
+ * Through the HTTP edge, `ticket.cancel()` hands its mark to `POST /v1/jobs/{id}/cancel`: the edge
+ * checks it against the signer's key and that the signer sent the job, then sets the key (`SET NX`).
  */
 import { b64, concat, unb64 } from "./bytes.js";
 import { GridError } from "./errors.js";
@@ -27,6 +27,12 @@ function statement(jobId: string): Uint8Array {
 /** `identity`'s signed cancellation of `jobId`, as it is kept under the job's key. */
 export function cancellation(identity: Identity, jobId: string): string {
   return `${PREFIX} ${identity.name} ${b64(identity.sign(statement(jobId)))}`;
+}
+
+/** Who a cancellation says it is from ("" if `mark` is not one): for messages only. */
+export function signer(mark: string | null | undefined): string {
+  const parts = (mark ?? "").split(" ");
+  return parts.length === 3 && parts[0] === PREFIX ? (parts[1] as string).slice(0, 64) : "";
 }
 
 /** Whether `mark` (what a job's key holds) is `key`'s signed cancellation of `jobId`. */

@@ -21,6 +21,16 @@ export interface JobAnswer {
   readonly state: JobState | string;
   /** The node's signed reply envelope (unverified: the caller checks it), or null. */
   readonly reply: unknown;
+  /** What the job's cancel key holds (`started`, a signed cancellation: unverified), or null;
+   * undefined from an edge that predates it. */
+  readonly cancelMark?: string | null;
+}
+
+/** What `POST /v1/jobs/{id}/cancel` did: put the cancellation (`cancelled`), or found `mark`
+ * there first (`started`, a cancellation; null if the key expired in between). */
+export interface CancelAnswer {
+  readonly cancelled: boolean;
+  readonly mark: string | null;
 }
 
 export interface EdgeOptions {
@@ -81,7 +91,21 @@ export class Edge {
     const data = await this.json("GET", `v1/jobs/${encodeURIComponent(jobId)}?wait=${seconds}`, undefined, undefined,
       seconds + this.requestTimeout);
     if (typeof data["state"] !== "string") throw new InvalidRequest(`the edge at ${this.url} gave job ${jobId} no state`);
-    return { state: data["state"], reply: data["reply"] ?? null };
+    const mark = data["cancel_mark"];
+    const cancelMark = typeof mark === "string" ? mark : mark === null ? null : undefined;
+    return { state: data["state"], reply: data["reply"] ?? null, cancelMark };
+  }
+
+  /** Put `cancellation` (the job's sender's signed cancellation of it, `cancel.ts`) under the
+   * job's cancel key unless its node took the job up first: the edge checks the signature and
+   * that the signer sent the job (401, 403), and sets the key with `SET NX`. */
+  async cancel(jobId: string, cancellation: string): Promise<CancelAnswer> {
+    const data = await this.json("POST", `v1/jobs/${encodeURIComponent(jobId)}/cancel`, JSON.stringify({ cancellation }));
+    if (data["job_id"] !== jobId || typeof data["cancelled"] !== "boolean") {
+      throw new InvalidRequest(`the edge at ${this.url} answered the cancellation of job ${jobId} with ${JSON.stringify(data)}`);
+    }
+    const mark = data["mark"];
+    return { cancelled: data["cancelled"], mark: typeof mark === "string" ? mark : null };
   }
 
   /** Leave sealed bytes by claim-check; their key. */

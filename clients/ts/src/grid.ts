@@ -230,6 +230,12 @@ export class Grid implements TicketHost {
     return this.edge.job(jobId, wait);
   }
 
+  /** As Python's `Transport.cancel`, through the edge's `POST /v1/jobs/{id}/cancel`. */
+  async cancelJob(jobId: string, mark: string): Promise<string | null> {
+    const answer = await this.edge.cancel(jobId, mark);
+    return answer.cancelled ? null : (answer.mark ?? "");
+  }
+
   /** `node`'s signed reply to `jobId`, verified as Python's `Transport.verify`. */
   async verifyReply(raw: unknown, node: string, jobId: string): Promise<Envelope> {
     const key = await this.nodeKey(node);

@@ -23,8 +23,8 @@ export type {
   WireError,
 } from "./messages.js";
 export { REQUEST_STATUSES } from "./messages.js";
-export { cancellation, cancelledBy, STARTED as CANCEL_STARTED } from "./cancel.js";
-export { Edge, type EdgeOptions, type JobAnswer, MAX_WAIT_SECONDS } from "./edge.js";
+export { cancellation, cancelledBy, signer as cancellationSigner, STARTED as CANCEL_STARTED } from "./cancel.js";
+export { type CancelAnswer, Edge, type EdgeOptions, type JobAnswer, MAX_WAIT_SECONDS } from "./edge.js";
 export {
   Expression, DataPointer, cat, stack, slice, planJson, type Plan, type Step, type InputRef, type TensorSpec,
   type Constant, type Operand, type IndexItem, type Slice,

@@ -3,9 +3,11 @@
  * A ticket comes back at once from `expr.submit()`; its status moves through
  * `queued → pending_approval → running → done | failed | denied`, or `→ cancelled`, and only the
  * node's signed word makes it `done`, `failed`, `denied`, `cancelled` or `pending_approval`
- * (`cancelled` also once this ticket withdrew the job). `cancel()` withdraws a job waiting for its
- * owner's approval. `grid.ticket(id)` picks a ticket up again, from any process.
+ * (`cancelled` also on your own signed cancellation, which came before the node took the job up).
+ * `cancel()` withdraws a job its node has not started, or one waiting for its owner's approval.
+ * `grid.ticket(id)` picks a ticket up again, from any process.
  */
+import { cancellation, cancelledBy, signer, STARTED } from "./cancel.js";
 import { decodeTensor } from "./codec.js";
 import { type Envelope, bodyJson } from "./envelope.js";
 import type { JobAnswer } from "./edge.js";
@@ -29,6 +31,16 @@ export interface TicketHost extends Runner {
   claim(key: string): Promise<Uint8Array>;
   /** Withdraw your pending request `requestId` from its node's approval queue: the request, as it now stands. */
   cancelRequest(requestId: string): Promise<RequestInfo>;
+  /** Put `mark` (this identity's signed cancellation of `jobId`) under the job's cancel key unless its
+   * node took the job up first: null if it was put, else what is there ("" if nothing any more). */
+  cancelJob(jobId: string, mark: string): Promise<string | null>;
+}
+
+/** One look at a job: the node's final answer if there is one, its state, its cancel key's mark. */
+interface Look {
+  readonly body?: JobReply;
+  readonly state: string;
+  readonly mark?: string | null;
 }
 
 const STATES: Readonly<Record<string, string>> = {
@@ -57,7 +69,8 @@ export class PrivateValue {
 export class JobTicket {
   readonly node: string;
   private answered: JobReply | undefined;
-  /** This ticket withdrew the job from its owner's approval queue (the node's answer may be on its way). */
+  /** Your cancellation came before the node took the job up, or this ticket withdrew the job from its
+   * owner's approval queue (the node's answer may be on its way). */
   private cancelled = false;
 
   constructor(private readonly host: TicketHost, readonly id: string) {
@@ -76,7 +89,8 @@ export class JobTicket {
         const body = await this.open(answer.reply);
         if (body.status !== "pending_approval") this.answered = body;
         else if (!this.cancelled) return body.status;
-      } else if (this.cancelled) {
+      } else if (this.cancelled || this.mine(answer.cancelMark)) {
+        this.cancelled = true; // yours, signed: the node will not run it (it answers so when it reaches it)
         return "cancelled";
       } else {
         const state = STATES[answer.state] ?? "queued";
@@ -105,35 +119,69 @@ export class JobTicket {
   }
 
   /**
-   * Cancel the job, as Python's `ticket.cancel()` does, as far as the HTTP edge allows: a job
-   * waiting for its owner's approval is withdrawn from the owner's queue (`grid.cancelRequest`):
-   * it never runs, the ticket says `cancelled` and `wait()` throws JobCancelled. Cancelling a
-   * cancelled job again does nothing. CannotCancel if the node has answered the job (done,
-   * failed, denied), if the owner decided it meanwhile — or if it is queued or running: the edge
-   * has no route yet to cancel a job before its node takes it up (Python's client writes the
-   * job's cancel key on the broker; see README.md), so it will run. NotFound for a job never sent.
+   * Cancel the job if its node has not started it, as Python's `ticket.cancel()` does: your signed
+   * cancellation goes under the job's cancel key (`POST /v1/jobs/{id}/cancel`; the edge checks your
+   * signature and that you sent the job) unless the node took the job up first. The job then never
+   * runs — nothing is read, charged or kept — `status()` says `cancelled` at once and `wait()`
+   * throws JobCancelled, even while the node is busy with other jobs; the node answers so when it
+   * reaches the job. A job waiting for its owner's approval is withdrawn from the owner's queue
+   * (`grid.cancelRequest`). Cancelling a cancelled job again does nothing. CannotCancel if the node
+   * has started the job (a running job is not stopped halfway) or answered it (done, failed,
+   * denied), or the owner decided it meanwhile, saying which; NotFound for a job never sent.
    */
   async cancel(): Promise<JobTicket> {
-    let state = "queued";
+    let seen: Look = { state: "queued" };
     if (this.answered === undefined && !this.cancelled) {
-      const answer = await this.host.poll(this.id, 0); // NotFound if it was never sent (or is long gone)
-      if (answer.state === "SUCCESS") {
-        const body = await this.open(answer.reply);
-        if (body.status === "pending_approval") state = body.status;
-        else this.answered = body;
-      } else {
-        state = STATES[answer.state] ?? "queued";
-        if (state === "pending_approval" && !(await this.parked(answer))) state = "queued"; // only on the node's word
-      }
+      seen = await this.look(); // NotFound if it was never sent (or is long gone)
+      if (seen.body !== undefined) this.answered = seen.body;
     }
     if (this.answered !== undefined) return this.finishedAlready();
-    if (this.cancelled) return this;
-    if (state === "pending_approval") return this.withdraw();
-    throw new CannotCancel(
-      `job ${this.id} is ${state} at '${this.node}', not waiting for its owner's approval, and the HTTP edge has no ` +
-        "route to cancel a job before its node takes it up (only a request in an owner's approval queue can be " +
-        "withdrawn through it): it will run. Wait for it (ticket.wait()) or ignore its result", { jobId: this.id },
-    );
+    if (this.cancelled || this.mine(seen.mark)) {
+      this.cancelled = true;
+      return this;
+    }
+    if (seen.state === "pending_approval") return this.withdraw();
+    const first = await this.host.cancelJob(this.id, cancellation(this.host.identity, this.id));
+    if (first === null || this.mine(first)) {
+      this.cancelled = true;
+      return this;
+    }
+    const again = await this.look(); // answered, or parked for its owner, in the meantime?
+    if (again.body !== undefined) {
+      this.answered = again.body;
+      return this.finishedAlready();
+    }
+    if (first === STARTED && again.state === "pending_approval") return this.withdraw();
+    if (first === STARTED) {
+      throw new CannotCancel(`job ${this.id} has already started at '${this.node}'; a running job is not stopped ` +
+        "halfway. Wait for it (ticket.wait()) or ignore its result", { jobId: this.id });
+    }
+    if (!first) { // the key expired between the two commands
+      throw new CannotCancel(`job ${this.id} is past the time a job may wait in a queue: its node will not run it ` +
+        "now", { jobId: this.id });
+    }
+    const who = signer(first);
+    throw new CannotCancel(`job ${this.id} has a mark on the broker that is not yours ` +
+      `(${who ? `a cancellation signed as '${who}'` : "not a cancellation"}): someone who knows its id wrote there ` +
+      "first. The node ignores it and runs the job: wait for it, or ignore its result", { jobId: this.id });
+  }
+
+  /** The job as it stands (one look, no waiting): the node's final answer, if any, opened. */
+  private async look(): Promise<Look> {
+    const answer = await this.host.poll(this.id, 0);
+    if (answer.state === "SUCCESS") {
+      const body = await this.open(answer.reply);
+      return body.status === "pending_approval" ? { state: body.status, mark: answer.cancelMark }
+        : { body, state: body.status, mark: answer.cancelMark };
+    }
+    let state = STATES[answer.state] ?? "queued";
+    if (state === "pending_approval" && !(await this.parked(answer))) state = "queued"; // only on the node's word
+    return { state, mark: answer.cancelMark };
+  }
+
+  /** Whether `mark` (what the job's cancel key holds) is this identity's signed cancellation of this job. */
+  private mine(mark: string | null | undefined): boolean {
+    return mark != null && cancelledBy(mark, this.host.identity.public, this.id);
   }
 
   /** cancel() of a job parked for its owner's approval: its request is withdrawn from the
@@ -219,6 +267,9 @@ export class JobTicket {
         if (body.status !== "pending_approval") return body;
         parked = true;
         state = "pending_approval";
+      } else if (this.mine(answer.cancelMark)) {
+        this.cancelled = true; // yours came first: the node will not run it, and answers so only when it gets there
+        throw this.cancelledError();
       } else {
         state = STATES[answer.state] ?? "queued";
         if (state === "pending_approval") parked = (await this.parked(answer)) || parked;

@@ -6,6 +6,9 @@
  */
 import {
   type Envelope,
+  CANCEL_STARTED,
+  cancellationSigner,
+  cancelledBy,
   Identity,
   MemoryNonceStore,
   PublicIdentity,
@@ -103,6 +106,8 @@ export class FakeGrid {
   readonly approvals = new Map<string, ApprovalRow>();
   /** Runs when a CancelRequest reaches the node, before it is handled (the owner deciding meanwhile). */
   onCancel: ((request: string) => void) | undefined;
+  /** Each job's cancel key (`gridq:cancel:<id>`): `started` once the node took it up, or a cancellation. */
+  readonly marks = new Map<string, string>();
 
   constructor(readonly userNames: string[] = ["alice", "bob"]) {
     this.card = {
@@ -138,6 +143,9 @@ export class FakeGrid {
       if (method === "POST" && path[1] === "search") {
         return json(this.search(JSON.parse(String(init?.body)), url.searchParams.get("job_id")));
       }
+      if (method === "POST" && path[1] === "jobs" && path[3] === "cancel") {
+        return json(this.cancel(path[2] as string, JSON.parse(String(init?.body))));
+      }
       if (method === "POST" && path[1] === "jobs") return json(this.enqueue(JSON.parse(String(init?.body))), 202);
       if (method === "GET" && path[1] === "jobs") return json(this.answer(path[2] as string));
       if (method === "POST" && path[1] === "blobs") return json({ key: this.leave(new Uint8Array(init?.body as Uint8Array)) });
@@ -150,7 +158,9 @@ export class FakeGrid {
       return error(404, "not_found", `no route ${method} ${url.pathname}`);
     } catch (exc) {
       const e = exc as { code?: string; message: string };
-      return error(e.code === "not_found" ? 404 : e.code === "node_unavailable" ? 503 : 400, e.code ?? "invalid_request", e.message);
+      const status = { not_found: 404, node_unavailable: 503, bad_signature: 401, unknown_sender: 401, permission_denied: 403 }
+        [e.code ?? ""] ?? 400;
+      return error(status, e.code ?? "invalid_request", e.message);
     }
   };
 
@@ -193,6 +203,15 @@ export class FakeGrid {
       return;
     }
     if (this.hold) return;
+    // the node takes the job up (workers/jobs.py): SET NX of its cancel key, unless its sender's cancellation came first
+    const mark = this.marks.get(job.envelope.job_id);
+    if (mark !== undefined && cancelledBy(mark, sender, job.envelope.job_id)) {
+      job.state = "SUCCESS";
+      job.reply = this.sign(job, { kind: "job_reply", status: "failed", error: { code: "job_cancelled",
+        message: `${sender.name} cancelled this job before 'hospital' started it: it did not run`, job_id: job.envelope.job_id } });
+      return;
+    }
+    if (mark === undefined) this.marks.set(job.envelope.job_id, CANCEL_STARTED);
     if (this.refuse !== undefined) {
       const { status, code, message } = this.refuse;
       job.state = "SUCCESS";
@@ -232,6 +251,37 @@ export class FakeGrid {
       : null;
     job.state = "SUCCESS";
     job.reply = this.sign(job, { kind: "job_reply", status: "done", value, noise });
+  }
+
+  /** The node reaches a job it held (`hold`): it takes it up now, and runs it unless it was cancelled. */
+  reach(jobId: string): void {
+    const hold = this.hold;
+    this.hold = false;
+    try {
+      this.runJob(this.jobs.get(jobId) as StoredJob);
+    } finally {
+      this.hold = hold;
+    }
+  }
+
+  /** POST /v1/jobs/{id}/cancel, checked as ops/edge/app.py checks it. */
+  private cancel(jobId: string, body: { cancellation?: unknown }): unknown {
+    const mark = String(body.cancellation);
+    const name = cancellationSigner(mark);
+    const fail = (code: string, message: string): Error => Object.assign(new Error(message), { code });
+    if (!name) throw fail("invalid_request", "not a signed cancellation");
+    const key = this.users.get(name);
+    if (key === undefined) throw fail("unknown_sender", `'${name}' is not a user this edge admits`);
+    if (!cancelledBy(mark, key, jobId)) throw fail("bad_signature", `the cancellation is not '${name}''s signature of job ${jobId}`);
+    const job = this.jobs.get(jobId);
+    if (job === undefined) throw fail("not_found", `no job ${jobId} was sent`);
+    if (job.envelope.sender !== name) throw fail("permission_denied", `job ${jobId} is '${job.envelope.sender}''s`);
+    const first = this.marks.get(jobId);
+    if (first === undefined) {
+      this.marks.set(jobId, mark);
+      return { job_id: jobId, cancelled: true };
+    }
+    return { job_id: jobId, cancelled: false, mark: first };
   }
 
   /** Approve a parked job (the owner's decision): its answer is then the node's. */
@@ -321,7 +371,7 @@ export class FakeGrid {
     const job = this.jobs.get(jobId);
     if (job === undefined) throw Object.assign(new Error(`no job ${jobId} was sent`), { code: "not_found" });
     const answer = { state: job.state, reply: job.reply };
-    return this.tamper ? this.tamper(jobId, answer) : answer;
+    return { ...(this.tamper ? this.tamper(jobId, answer) : answer), cancel_mark: this.marks.get(jobId) ?? null };
   }
 
   leave(data: Uint8Array): string {

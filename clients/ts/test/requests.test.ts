@@ -1,7 +1,7 @@
 /**
  * What issue 19 added to the Python client, here: your own requests in the nodes' approval
- * queues (`grid.requests`, `grid.cancelRequest`), `ticket.cancel()` as far as the HTTP edge
- * allows it, the errors RequestExpired, JobCancelled and CannotCancel, JobReply's `requests`,
+ * queues (`grid.requests`, `grid.cancelRequest`), `ticket.cancel()` (of a queued job through the
+ * edge's `POST /v1/jobs/{id}/cancel`, of one waiting for approval from the owner's queue), the errors RequestExpired, JobCancelled and CannotCancel, JobReply's `requests`,
  * and the signed cancellation of protocol/cancel.py — offline, against the in-memory grid of
  * fake-edge.ts (whose node answers as workers/approvals.py does).
  */
@@ -245,13 +245,79 @@ describe("ticket.cancel()", () => {
     await expect(ticket.wait()).rejects.toThrow(RequestDenied);
   });
 
-  it("cannot cancel a queued job through the edge: it says so, and the job is left as it was", async () => {
-    fake.hold = true;
+  it("cancels a queued job through the edge: it never runs, the ticket says so at once, the node answers so", async () => {
+    fake.hold = true; // a busy node: the job waits in its queue
+    fake.manual = false;
     const grid = await connect();
-    const ticket = await (await births(grid)).col("weight").sum().submit();
-    await expect(ticket.cancel()).rejects.toThrow(CannotCancel);
-    await expect(ticket.cancel()).rejects.toThrow(/is queued at .hospital., not waiting for its owner.s approval, and the HTTP edge has no route to cancel a job before its node takes it up/);
+    const ticket = await (await births(grid)).col("weight").mean().submit();
     expect(await ticket.status()).toBe("queued");
+    expect(await ticket.cancel()).toBe(ticket);
+    expect(fake.requests).toContain(`POST /v1/jobs/${encodeURIComponent(ticket.id)}/cancel`);
+    expect(cancelledBy(fake.marks.get(ticket.id), alice.public, ticket.id)).toBe(true); // hers, signed, on the key
+    expect(await ticket.status()).toBe("cancelled");
+    const started = Date.now();
+    await expect(ticket.wait(30)).rejects.toThrow(/you cancelled job .* before 'hospital' ran it: it did not run/);
+    expect(Date.now() - started).toBeLessThan(2000); // at once, not when the node gets to it
+    expect(await ticket.cancel()).toBe(ticket); // again: nothing more happens
+    const again = await grid.ticket(ticket.id); // picked up again, before the node answered: the edge shows the mark
+    expect(await again.status()).toBe("cancelled");
+    await expect(again.wait(30)).rejects.toThrow(JobCancelled);
+    expect(await (await grid.ticket(ticket.id)).cancel()).toBeInstanceOf(JobTicket);
+    const posts = fake.requests.filter((r) => r.endsWith("/cancel")).length;
+    expect(posts).toBe(1); // the later ones saw the mark, and sent nothing
+
+    fake.reach(ticket.id); // the node takes it up: it finds the cancellation and runs nothing
+    await expect((await grid.ticket(ticket.id)).wait()).rejects.toThrow(/alice cancelled this job before 'hospital' started it/);
+    expect(await (await grid.ticket(ticket.id)).status()).toBe("cancelled");
+    expect(await (await grid.ticket(ticket.id)).cancel()).toBeInstanceOf(JobTicket); // its answer is a cancellation
+  });
+
+  it("a job the node took up first cannot be cancelled: started, or finished, each said as Python says it", async () => {
+    fake.hold = true;
+    fake.manual = false;
+    const grid = await connect();
+    const running = await (await births(grid)).col("weight").mean().submit();
+    fake.marks.set(running.id, CANCEL_STARTED); // taken up, not answered yet
+    await expect(running.cancel()).rejects.toThrow(CannotCancel);
+    await expect(running.cancel()).rejects.toThrow(new RegExp(`job ${running.id} has already started at 'hospital'; a ` +
+      "running job is not stopped halfway. Wait for it \\(ticket.wait\\(\\)\\) or ignore its result"));
+    expect(await running.status()).toBe("queued"); // the edge's word of STARTED is the Celery state's, not the mark's
+    fake.reach(running.id);
+    expect(await (await running.wait()).status()).toBe("done"); // it ran
+    await expect(running.cancel()).rejects.toThrow(/has already finished at 'hospital' \(done\)/);
+  });
+
+  it("another user cannot cancel your job, nor can a forged or foreign cancellation", async () => {
+    fake.hold = true;
+    fake.manual = false;
+    const grid = await connect();
+    const ticket = await (await births(grid)).col("weight").mean().submit();
+    const theirs = await (await connect(bob)).ticket(ticket.id);
+    await expect(theirs.cancel()).rejects.toThrow(PermissionDenied);
+    expect(fake.marks.has(ticket.id)).toBe(false);
+    const edge = grid.edge;
+    const mallory = Identity.generate("mallory");
+    await expect(edge.cancel(ticket.id, cancellation(mallory, ticket.id))).rejects.toThrow(/not a user this edge admits/);
+    const forged = cancellation(bob, ticket.id).replace("cancel bob ", "cancel alice ");
+    await expect(edge.cancel(ticket.id, forged)).rejects.toThrow(/is not 'alice''s signature/);
+    const other = await (await births(grid)).col("weight").sum().submit();
+    await expect(edge.cancel(ticket.id, cancellation(alice, other.id))).rejects.toThrow(/is not 'alice''s signature/);
+    await expect(edge.cancel(ticket.id, "started")).rejects.toThrow(InvalidRequest);
+    expect(fake.marks.has(ticket.id)).toBe(false);
+    expect(await ticket.status()).toBe("queued");
+    expect(await ticket.cancel()).toBe(ticket); // hers goes through
+  });
+
+  it("a mark someone else put on the broker first: CannotCancel naming it; the job runs", async () => {
+    fake.hold = true;
+    fake.manual = false;
+    const grid = await connect();
+    const ticket = await (await births(grid)).col("weight").mean().submit();
+    fake.marks.set(ticket.id, cancellation(bob, ticket.id)); // a scientist with broker access wrote it first
+    await expect(ticket.cancel()).rejects.toThrow(/has a mark on the broker that is not yours \(a cancellation signed as 'bob'\): someone who knows its id wrote there first/);
+    expect(await ticket.status()).toBe("queued");
+    fake.reach(ticket.id);
+    expect(await (await ticket.wait()).status()).toBe("done"); // the node ignored it: the job ran
   });
 
   it("NotFound for a job never sent", async () => {

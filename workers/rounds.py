@@ -29,8 +29,9 @@ from redis.connection import Encoder, PythonRespSerializer
 from protocol.contract import mpc_round_channel
 from protocol.errors import GridError, JobFailed, NodeUnavailable, error_from_wire
 from protocol.mpc.beaver import PartyProtocol, combine_parts
-from protocol.mpc.wire import open_round, pack, seal_round, unpack
+from protocol.mpc.wire import open_round, round_message, tag_round
 from protocol.spans import Tally
+from workers.broker import redis_client
 
 MAX_ROUNDS = 10_000
 
@@ -40,8 +41,7 @@ def connect(url: str, timeout: float) -> redis.Redis:
     default 5 s socket timeout would cut them short), and big values go out without the
     copy hiredis' command packer makes (measured: RPUSH of 16 MB 55 → 28 ms)."""
     packer = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
-    return redis.Redis.from_url(url, socket_timeout=timeout + 10, command_packer=packer,
-                                socket_read_size=1 << 20)
+    return redis_client(url, socket_timeout=timeout + 10, command_packer=packer, socket_read_size=1 << 20)
 
 
 def pop(client: redis.Redis, key: str, timeout: float) -> bytes | None:
@@ -95,8 +95,8 @@ class PartyEnd:
         backlog for a peer not yet subscribed); ``listen``: meanwhile read the peers' first
         messages (a peer's error is raised: it may have stopped, and will never subscribe)."""
         channel, pause = self.outbox[peer], 0.0005
-        message = seal_round(self.key, f"{channel}:0", pack({}, meta))
-        while not self.client.publish(channel, message):
+        message = tag_round(self.key, f"{channel}:0", round_message({}, meta))
+        while not self.client.publish(channel, memoryview(message)):
             if time.monotonic() > deadline:
                 return False
             if listen:
@@ -116,12 +116,12 @@ class PartyEnd:
                 self._receive(peer, deadline)
 
     def send(self, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
-        data = pack(tensors, meta)
-        pipe = self.client.pipeline(transaction=False)
+        """One message to every peer: framed once, tagged for each peer in place and published
+        before the next tag overwrites it (PUBLISH returns once Redis has the whole message)."""
+        message = round_message(tensors, meta)
         for peer, channel in self.outbox.items():
-            pipe.publish(channel, seal_round(self.key, f"{channel}:{self.sent[peer]}", data))
+            self.client.publish(channel, memoryview(tag_round(self.key, f"{channel}:{self.sent[peer]}", message)))
             self.sent[peer] += 1
-        pipe.execute()
 
     def abort(self, error: GridError) -> None:
         """Tell the peers this party stops, rather than let them wait out their timeout (best
@@ -131,7 +131,8 @@ class PartyEnd:
         try:
             for peer, channel in self.outbox.items():
                 if self.sent[peer]:
-                    self.client.publish(channel, seal_round(self.key, f"{channel}:{self.sent[peer]}", pack({}, meta)))
+                    self.client.publish(channel, memoryview(tag_round(self.key, f"{channel}:{self.sent[peer]}",
+                                                                      round_message({}, meta))))
                 else:
                     self._deliver(peer, meta, deadline)
         except redis.RedisError:
@@ -192,7 +193,7 @@ class PartyEnd:
         if tally is not None:
             tally.lap("rounds: wait for and read the peers' parts")
         label = f"{self.incoming[peer]}:{self.received[peer]}"
-        tensors, meta = unpack(open_round(self.key, label, queue.popleft()))
+        tensors, meta = open_round(self.key, label, queue.popleft())
         if tally is not None:
             tally.lap("rounds: check tag, unpack")
         self.received[peer] += 1

@@ -21,7 +21,7 @@ from protocol.errors import BadSignature, GridError, NodeUnavailable, Permission
 from protocol.mpc import Dealer, FixedPoint, reconstruct, share
 from protocol.mpc.beaver import Open, PartyProtocol, beaver
 from protocol.mpc.nonlinear import truncate
-from protocol.mpc.wire import pack, seal_round
+from protocol.mpc.wire import round_message, tag_round
 from workers.rounds import PartyEnd, connect
 
 FP = FixedPoint(16)
@@ -95,7 +95,8 @@ def test_a_forged_round_message_is_refused_not_computed_on(url: str) -> None:
     def work(i: int, end: PartyEnd) -> torch.Tensor:
         if i == 1:  # before south's first read, someone without the key writes on north's channel to it
             channel = mpc_round_channel("host", session, "north", "south")
-            while not forger.publish(channel, seal_round(b"x" * 32, f"{channel}:0", pack({}, {"kind": "hello"}))):
+            forged = bytes(tag_round(b"x" * 32, f"{channel}:0", round_message({}, {"kind": "hello"})))
+            while not forger.publish(channel, forged):
                 time.sleep(0.001)
         return end.run(product(i, x[i], x[i], material[i]))
 

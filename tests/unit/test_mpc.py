@@ -102,16 +102,24 @@ def test_sharing_needs_two_parties_and_ring_values() -> None:
 
 def test_round_messages_are_bound_to_their_key_and_place() -> None:
     from protocol.errors import BadSignature, InvalidRequest
-    from protocol.mpc.wire import Deal, open_round, seal_round
+    from protocol.mpc.wire import Deal, open_round, round_message, tag_round
     from protocol.serving import parse
 
     key, other = b"k" * 32, b"o" * 32
-    message = seal_round(key, "session:p0:up:3", b"masked values")
-    assert open_round(key, "session:p0:up:3", message) == b"masked values"
+    parts = {"0": torch.arange(-3, 3, dtype=torch.int64).reshape(2, 3), "1": torch.tensor([True, False]),
+             "2": torch.tensor([7, -1], dtype=torch.int64), "3": torch.empty((0, 4), dtype=torch.int64)}
+    message = bytes(tag_round(key, "session:p0:up:3", round_message(parts, {"kind": "open"})))
+    tensors, meta = open_round(key, "session:p0:up:3", message)
+    assert meta == {"kind": "open"} and list(tensors) == list(parts)
+    assert all(torch.equal(tensors[k], v) and tensors[k].dtype == v.dtype for k, v in parts.items())
     for k, label, m in ((other, "session:p0:up:3", message), (key, "session:p0:up:4", message),
-                        (key, "session:p1:up:3", message), (key, "session:p0:up:3", b"X" + message[1:])):
+                        (key, "session:p1:up:3", message), (key, "session:p0:up:3", b"X" + message[1:]),
+                        (key, "session:p0:up:3", message[:-20] + message[-16:])):
         with pytest.raises(BadSignature):
             open_round(k, label, m)
+    short = bytes(tag_round(key, "l", bytearray(message[:-24] + bytes(16))))  # tagged, yet cut short of its header
+    with pytest.raises(InvalidRequest, match="round message l is not a round message"):
+        open_round(key, "l", short)
     with pytest.raises(InvalidRequest, match="malformed Deal message: count"):
         parse(Deal, {"parties": ["a", "b"], "frac_bits": 16, "needs": [], "pools": [], "count": 10_000})
 

@@ -298,7 +298,7 @@ def test_a_queued_job_cancelled_from_typescript_never_runs(local_grid: LocalGrid
         with EdgeClient(edge) as http:
             for code, mark in (("bad_signature", cancellation(bob, job).replace(b"cancel bob ", b"cancel alice ")),
                                ("bad_signature", cancellation(alice, other["job_id"])),  # another job's
-                               ("unknown_sender", cancellation(Identity.generate("mallory"), job)),
+                               ("unknown_sender", cancellation(Identity.generate("nobody-the-edge-knows"), job)),
                                ("invalid_request", b"started")):
                 got, answer = http.call("POST", path, {"cancellation": mark.decode()})
                 assert (got, answer["error"]["code"]) == (400 if code == "invalid_request" else 401, code), answer

@@ -53,9 +53,17 @@ def _config(tmp_path: Path, datasets: str = "") -> Path:
     return path
 
 
+def _offline_node(config: Path) -> Node:
+    """The node of ``config``, without a broker: no job it takes up was cancelled (its
+    cancel key, on the broker, is taken as first: ``Node._take_up``)."""
+    made = Node.from_config(config)
+    made._take_up = lambda job_id: None  # type: ignore[method-assign]
+    return made
+
+
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
-    made = Node.from_config(_config(tmp_path))
+    made = _offline_node(_config(tmp_path))
     yield made
     made.close()
 
@@ -156,7 +164,7 @@ allowed_users = ["alice"]
 clamp = true
 dtype = "float32"
 """)
-    node = Node.from_config(config)
+    node = _offline_node(config)
     try:
         (meta,) = node.load_config_datasets()
         assert meta.dtype == "float32" and meta.bounds == [(0.0, 7.0)]
@@ -177,7 +185,7 @@ def test_the_config_refuses_a_dtype_the_codec_does_not_carry(tmp_path: Path) -> 
 def test_a_stored_file_changed_after_publish_is_refused_to_every_job(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     config = _config(tmp_path)
-    node = Node.from_config(config)
+    node = _offline_node(config)
     node.publish("births", torch.tensor([[3.0, 50.0], [3.5, 52.0]], dtype=torch.float64), columns=["w", "h"],
                  bounds={"w": (0.0, 7.0), "h": (20.0, 65.0)}, allowed_users=["alice"], notify=False)
     assert _value(_run(node, "births")).item() == 108.5
@@ -185,7 +193,7 @@ def test_a_stored_file_changed_after_publish_is_refused_to_every_job(
     node.close()
     save_file({"data": torch.tensor([[3.0, 50.0], [1000.0, 52.0]], dtype=torch.float64)}, file)
 
-    node = Node.from_config(config)  # a new Store: nothing cached
+    node = _offline_node(config)  # a new Store: nothing cached
     try:
         with caplog.at_level(logging.ERROR, logger="workers.store"):
             reply = _run(node, "births", job_id="lab:job-2")
@@ -202,13 +210,13 @@ def test_a_stored_file_changed_after_publish_is_refused_to_every_job(
 
 def test_a_stored_file_of_another_shape_or_dtype_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     config = _config(tmp_path)
-    node = Node.from_config(config)
+    node = _offline_node(config)
     node.publish("plain", torch.arange(6.0).reshape(3, 2), notify=False)  # no bounds: shape and dtype still hold
     file = node.store.dataset_row("plain").file
     node.close()
     for changed in (torch.arange(8.0).reshape(4, 2), torch.arange(6, dtype=torch.float64).reshape(3, 2)):
         save_file({"data": changed}, file)
-        node = Node.from_config(config)
+        node = _offline_node(config)
         try:
             with caplog.at_level(logging.ERROR, logger="workers.store"), pytest.raises(JobFailed, match="'plain'"):
                 node.store.dataset("plain")
@@ -261,12 +269,12 @@ def test_the_config_replaces_at_every_start(tmp_path: Path) -> None:
     _csv(tmp_path / "w.csv", "weight", ["3.5", "4.0"])
     config = _config(tmp_path, '[[datasets]]\nname = "w"\npath = "w.csv"\ntags = ["#w"]\n')
     for _ in range(2):  # a node started twice on the same store
-        node = Node.from_config(config)
+        node = _offline_node(config)
         try:
             node.load_config_datasets()
         finally:
             node.close()
-    node = Node.from_config(config)
+    node = _offline_node(config)
     try:
         assert [p.replaced for p in node.publications("w")] == [False, True]
     finally:
@@ -342,7 +350,7 @@ def test_budget_set_refuses_a_user_the_node_does_not_know(tmp_path: Path) -> Non
     from ops.cli import app
 
     config = _config(tmp_path)
-    owner = Node.from_config(config)
+    owner = _offline_node(config)
     owner.publish("births", torch.ones(2, 1), notify=False)
     owner.close()
     runner = CliRunner()

@@ -490,7 +490,8 @@ def test_status_and_flower_with_the_flower_user(acl_grid: LocalGrid, no_denials:
                               start_new_session=True)
     try:
         workers = poll_json(f"http://127.0.0.1:{port}/api/workers?refresh=1",
-                            lambda w: any(k.startswith("hospital@") for k in w))
+                            lambda w: all(any(k.startswith(f"{n}@") for k in w)  # each refresh: who answered in time
+                                          for n in ("hospital", "gateway")))
         assert any(k.startswith("gateway@") for k in workers)
         with acl_grid.connect("alice") as grid:
             ticket = grid.search("#birth-records", "#february")["hospital"][0].mean(dim=0).submit()

@@ -57,7 +57,9 @@ def test_flower_asks_for_the_password_init_wrote(local_grid: LocalGrid, tmp_path
                                   start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        workers = poll(f"{base}/api/workers?refresh=1", credential, lambda w: any(k.startswith("hospital@") for k in w))
+        # each refresh lists the workers that answered its broadcast in time: poll until both have
+        workers = poll(f"{base}/api/workers?refresh=1", credential,
+                       lambda w: all(any(k.startswith(f"{n}@") for k in w) for n in ("hospital", "gateway")))
         assert any(k.startswith("gateway@") for k in workers)
         for path in ("/api/workers", "/api/tasks", "/"):
             assert get(base + path)[0] == 401, path

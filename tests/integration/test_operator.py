@@ -29,7 +29,8 @@ def test_flower_shows_the_workers_and_the_jobs(local_grid: LocalGrid, poll_json)
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         workers = poll_json(f"http://127.0.0.1:{port}/api/workers?refresh=1",
-                            lambda w: any(k.startswith("hospital@") for k in w), timeout=30)
+                            lambda w: all(any(k.startswith(f"{n}@") for k in w)  # each refresh: who answered in time
+                                          for n in ("hospital", "clinic", "gateway")), timeout=30)
         assert any(k.startswith("clinic@") for k in workers) and any(k.startswith("gateway@") for k in workers)
         with local_grid.connect("alice") as grid:
             births = grid.search("#birth-records", "#february")["hospital"][0]

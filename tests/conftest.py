@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,3 +116,51 @@ def poll_json():  # type: ignore[no-untyped-def]
         raise AssertionError(f"{url} never answered as expected; last answer: {str(last)[:500]}")
 
     return poll
+
+
+MANUAL_NODE_CONFIG = """
+[node]
+id = "{name}"
+broker = "${{GRIDQ_BROKER}}"
+store = "${{GRIDQ_HOME}}/{name}"
+identity = "${{GRIDQ_HOME}}/keys/{name}.key"
+
+[users.alice]
+public_key_file = "${{GRIDQ_HOME}}/keys/alice.pub"
+[users.bob]
+public_key_file = "${{GRIDQ_HOME}}/keys/bob.pub"
+[users.carol]
+public_key_file = "${{GRIDQ_HOME}}/keys/carol.pub"
+
+[approval]
+default = "manual"            # every job waits for the owner …
+auto = ["raw_if_allowed"]     # … except allowed users' own data
+{expiry}
+
+[[datasets]]
+name = "{name}-births"
+path = "${{GRIDQ_HOME}}/data/hospital_births_feb.csv"
+tags = ["#{name}"]
+allowed_users = ["alice"]
+bounds = {{ weight = [0.0, 7.0], height = [20.0, 65.0] }}
+"""
+
+
+@pytest.fixture(scope="session")
+def manual_node(local_grid: LocalGrid):  # type: ignore[no-untyped-def]
+    """Start a manual-approval node of the local grid: ``yield from manual_node(name,
+    expiry)`` in a fixture gives its config while it runs and stops it after. Alice, bob and
+    carol are its users; alice may see its ``<name>-births`` raw; ``expiry`` is a TOML line
+    of its [approval] section (e.g. ``expire_after = 3``)."""
+
+    def start(name: str, expiry: str = "") -> Iterator[Path]:
+        local_grid.ensure_keys("alice", "bob", "carol")  # the node reads its users' keys when it starts
+        config = local_grid.home / f"{name}.toml"
+        config.write_text(MANUAL_NODE_CONFIG.format(name=name, expiry=expiry))
+        local_grid.start_node(config, name)
+        local_grid.wait_ready([name])
+        yield config
+        if name in local_grid.procs:  # stopped as an owner stops it: its worker says it is down
+            local_grid.kill(name, signal.SIGTERM)
+
+    return start

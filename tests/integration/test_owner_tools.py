@@ -27,56 +27,19 @@ from protocol.errors import ApprovalRequired, InvalidRequest, JobCancelled, Perm
 from protocol.messages import RawRelease, RunJob
 from workers.audit import COLUMNS
 
-NODE_CONFIG = """
-[node]
-id = "{name}"
-broker = "${{GRIDQ_BROKER}}"
-store = "${{GRIDQ_HOME}}/{name}"
-identity = "${{GRIDQ_HOME}}/keys/{name}.key"
-
-[users.alice]
-public_key_file = "${{GRIDQ_HOME}}/keys/alice.pub"
-[users.bob]
-public_key_file = "${{GRIDQ_HOME}}/keys/bob.pub"
-[users.carol]
-public_key_file = "${{GRIDQ_HOME}}/keys/carol.pub"
-
-[approval]
-default = "manual"            # every job waits for the owner …
-auto = ["raw_if_allowed"]     # … except allowed users' own data
-{expiry}
-
-[[datasets]]
-name = "{name}-births"
-path = "${{GRIDQ_HOME}}/data/hospital_births_feb.csv"
-tags = ["#{name}"]
-allowed_users = ["alice"]
-bounds = {{ weight = [0.0, 7.0], height = [20.0, 65.0] }}
-"""
 LAPSE_SECONDS = 3.0
 
 
-def _node(local_grid: LocalGrid, name: str, expiry: str = "") -> Iterator[Path]:
-    local_grid.ensure_keys("alice", "bob", "carol")  # the node reads its users' keys when it starts
-    config = local_grid.home / f"{name}.toml"
-    config.write_text(NODE_CONFIG.format(name=name, expiry=expiry))
-    local_grid.start_node(config, name)
-    local_grid.wait_ready([name])
-    yield config
-    if name in local_grid.procs:
-        local_grid.kill(name)
-
-
 @pytest.fixture(scope="module")
-def desk(local_grid: LocalGrid) -> Iterator[Path]:
+def desk(manual_node) -> Iterator[Path]:  # type: ignore[no-untyped-def]
     """A manual node whose requests wait a week (the default)."""
-    yield from _node(local_grid, "desk")
+    yield from manual_node("desk")
 
 
 @pytest.fixture(scope="module")
-def lapse(local_grid: LocalGrid) -> Iterator[Path]:
+def lapse(manual_node) -> Iterator[Path]:  # type: ignore[no-untyped-def]
     """A manual node whose requests expire after a few seconds."""
-    yield from _node(local_grid, "lapse", f"expire_after = {LAPSE_SECONDS}")
+    yield from manual_node("lapse", f"expire_after = {LAPSE_SECONDS}")
 
 
 def gridq(local_grid: LocalGrid, *args: str, ok: bool = True) -> str:

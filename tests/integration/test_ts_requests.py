@@ -33,61 +33,24 @@ SCRIPT = CLIENT / "scripts" / "requests.mjs"
 USERS = ("alice", "bob", "carol")
 LAPSE_SECONDS = 3.0
 
-NODE_CONFIG = """
-[node]
-id = "{name}"
-broker = "${{GRIDQ_BROKER}}"
-store = "${{GRIDQ_HOME}}/{name}"
-identity = "${{GRIDQ_HOME}}/keys/{name}.key"
-
-[users.alice]
-public_key_file = "${{GRIDQ_HOME}}/keys/alice.pub"
-[users.bob]
-public_key_file = "${{GRIDQ_HOME}}/keys/bob.pub"
-[users.carol]
-public_key_file = "${{GRIDQ_HOME}}/keys/carol.pub"
-
-[approval]
-default = "manual"            # every job waits for the owner …
-auto = ["raw_if_allowed"]     # … except allowed users' own data
-{expiry}
-
-[[datasets]]
-name = "{name}-births"
-path = "${{GRIDQ_HOME}}/data/hospital_births_feb.csv"
-tags = ["#{name}"]
-allowed_users = ["alice"]
-bounds = {{ weight = [0.0, 7.0], height = [20.0, 65.0] }}
-"""
-
-
-def _node(local_grid: LocalGrid, name: str, expiry: str = "") -> Iterator[Path]:
-    local_grid.ensure_keys(*USERS)  # the node reads its users' keys when it starts
-    config = local_grid.home / f"{name}.toml"
-    config.write_text(NODE_CONFIG.format(name=name, expiry=expiry))
-    local_grid.start_node(config, name)
-    local_grid.wait_ready([name])
-    yield config
-    if name in local_grid.procs:
-        local_grid.kill(name)
 
 
 @pytest.fixture(scope="module")
-def tsdesk(local_grid: LocalGrid) -> Iterator[Path]:
+def tsdesk(manual_node) -> Iterator[Path]:  # type: ignore[no-untyped-def]
     """A manual node whose requests wait a week (the default)."""
-    yield from _node(local_grid, "tsdesk")
+    yield from manual_node("tsdesk")
 
 
 @pytest.fixture(scope="module")
-def tslapse(local_grid: LocalGrid) -> Iterator[Path]:
+def tslapse(manual_node) -> Iterator[Path]:  # type: ignore[no-untyped-def]
     """A manual node whose requests expire after a few seconds."""
-    yield from _node(local_grid, "tslapse", f"expire_after = {LAPSE_SECONDS}")
+    yield from manual_node("tslapse", f"expire_after = {LAPSE_SECONDS}")
 
 
 @pytest.fixture(scope="module")
-def tsqueue(local_grid: LocalGrid) -> Iterator[Path]:
+def tsqueue(manual_node) -> Iterator[Path]:  # type: ignore[no-untyped-def]
     """A node whose worker the test stops and starts again (its jobs wait in its queue meanwhile)."""
-    yield from _node(local_grid, "tsqueue")
+    yield from manual_node("tsqueue")
 
 
 @pytest.fixture(scope="module")

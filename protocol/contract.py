@@ -36,9 +36,9 @@ def mpc_queue(node_id: str) -> str:
 
 def mpc_peer_queue(node_id: str) -> str:
     """The queue of a node's MPC worker for other nodes' MPC workers (shares to keep,
-    sessions to run, bundles to deal). A pool of its own: a host waits on its parties and
-    its dealer, so their work must never queue behind a host's (``workers.mpc``). Not
-    ``mpc.<id>.…``: node ids may hold dots."""
+    bundles to deal; the same pool pops sessions from ``mpc_session_key``). A pool of its
+    own: a host waits on its parties and its dealer, so their work must never queue behind
+    a host's (``workers.mpc``). Not ``mpc.<id>.…``: node ids may hold dots."""
     return f"mpc-peer.{node_id}"
 
 
@@ -129,6 +129,12 @@ def mpc_ack_key(host: str, party: str, job_id: str) -> str:
     return f"gridq:mpc:ack:{host}:{job_id}:{party}"
 
 
+def mpc_session_key(party: str) -> str:
+    """The list a party's MPC worker pops sessions from, pushed by the hosts of the models it
+    holds shares of: one hop, not a Celery task a query (``workers.mpc.sessions``)."""
+    return f"gridq:mpc:sessions:{party}"
+
+
 # held by a host while it sends one session to all its parties: sessions reach every party in one order
 MPC_DISPATCH_LOCK = "gridq:mpc:dispatch"
 
@@ -150,14 +156,13 @@ class Tasks:
     MPC_SERVE = "gridq.mpc.serve"
     MPC_STORE = "gridq.mpc.store"
     MPC_QUERY = "gridq.mpc.query"
-    MPC_SESSION = "gridq.mpc.session"
     MPC_DEAL = "gridq.mpc.deal"
     MPC_AGGREGATE = "gridq.mpc.aggregate"
     MPC_KEYS = "gridq.mpc.keys"
 
 
 # what other nodes' MPC workers send a node's (on mpc_peer_queue); users send the rest (on mpc_queue)
-MPC_FROM_PEERS = (Tasks.MPC_STORE, Tasks.MPC_SESSION, Tasks.MPC_DEAL)
+MPC_FROM_PEERS = (Tasks.MPC_STORE, Tasks.MPC_DEAL)  # sessions: on mpc_session_key
 
 PENDING_APPROVAL = "PENDING_APPROVAL"  # the Celery state of a job parked for the owner's approval
 
@@ -183,6 +188,7 @@ CLAIM_CHECK_TTL_SECONDS = 3600
 # ``[retention] results`` sets another. A parked job's answer (PENDING_APPROVAL) has no TTL:
 # it waits for the owner.
 RESULT_TTL_SECONDS = 600.0
+RESTORE_LOCK_SECONDS = 10  # how long a dead worker's restore lock outlives it (kombu: 300)
 
 
 def celery_settings(
@@ -200,6 +206,9 @@ def celery_settings(
       job out again after this long, so a job still running must never reach it.
     * ``unacked_restore_interval``/``throttle``: how often kombu looks for jobs abandoned by
       a dead worker (default ~100 s); we look every ``restore_interval`` seconds.
+    * ``unacked_mutex_expire``: a restore pass takes milliseconds under its lock; a worker
+      killed inside one leaves the lock behind, and kombu's 300 s would hold up every restore
+      of that queue, the killed worker's own jobs included, for five minutes.
     * ``task_time_limit``/``task_soft_time_limit``: a runaway plan is stopped, not waited on.
     * JSON and msgpack only: nothing pickled crosses the broker (kombu refuses the rest).
     * ``worker_send_task_events``/``task_send_sent_event``: Flower sees every job.
@@ -233,6 +242,7 @@ def celery_settings(
             "visibility_timeout": visibility,
             "unacked_restore_interval": restore_interval,
             "unacked_restore_throttle": 1,
+            "unacked_mutex_expire": RESTORE_LOCK_SECONDS,
         },
         "result_backend_transport_options": {"visibility_timeout": visibility},
         "task_serializer": "msgpack",

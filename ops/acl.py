@@ -93,6 +93,7 @@ from protocol.contract import (
     mpc_pool_prefix,
     mpc_queue,
     mpc_round_channel,
+    mpc_session_key,
     node_queue,
     sent_key,
 )
@@ -270,6 +271,9 @@ def _mpc_member(node: str) -> list[Rule]:
         Rule(f"(%W~{mpc_bundle_key(node, '*', '*')} +setex)",
              "as a crypto provider, leave each party's part of a bundle it dealt (sealed, signed, with a TTL)"),
         Rule(f"(~{mpc_bundle_key('*', '*', node)} +getdel)", "as a party, take its own parts of dealer bundles"),
+        Rule(f"(%W~{mpc_session_key('*')} +rpush +expire)",
+             "as a host, hand each party its signed session (the party checks it against the card it pinned)"),
+        Rule(f"(~{mpc_session_key(node)} +blpop)", "as a party, pop the sessions hosts hand it, its own list only"),
         Rule(f"(~{mpc_ack_key(node, '*', '*')} +blpop)", "as a host, pop its parties' answers to what it asked"),
         Rule(f"(%W~{mpc_ack_key('*', node, '*')} +rpush +expire)", "as a party, answer a host, write-only"),
         Rule(f"(~{MPC_DISPATCH_LOCK} +set +get +del +watch +unwatch)",

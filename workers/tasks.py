@@ -27,7 +27,7 @@ from celery.signals import worker_process_init
 from protocol.contract import PENDING_APPROVAL, QUIET_SUCCESS_LOG
 from protocol.errors import ERRORS_BY_CODE, GridError, JobFailed, NodeUnavailable
 from protocol.inbox import DEFAULT_MAX_DELIVERIES, DELIVERY, GIVEN_UP
-from protocol.serving import PerProcess, Role, Signed
+from protocol.serving import PerProcess, R, Signed
 from workers.broker import replicated_results
 from workers.inbox import given_up_reason, screened
 
@@ -42,12 +42,14 @@ OUTCOMES = re.compile(r"answered|waiting: approval|unknown|(?:refused|failed): [
 _FAILURES = (JobFailed, NodeUnavailable)  # it ran, or tried to, and failed; every other error is a refusal
 
 
-def serve_tasks(app: Celery, tasks: Iterable[str], build: Callable[[], Role],
-                max_deliveries: int = DEFAULT_MAX_DELIVERIES) -> None:
+def serve_tasks(app: Celery, tasks: Iterable[str], build: Callable[[], R],
+                max_deliveries: int = DEFAULT_MAX_DELIVERIES) -> PerProcess[R]:
+    """Register ``tasks`` on ``app``, each answered by the role ``build`` makes once per pool
+    process; that role is returned, for what else a process does with it."""
     tasks = tuple(tasks)
     screened(app, tasks, max_deliveries)
     replicated_results(app)  # on a Sentinel broker, a result counts as stored once a replica holds it
-    role = PerProcess(build)
+    role: PerProcess[R] = PerProcess(build)
     worker_process_init.connect(role.after_fork, weak=False)
     trace.LOG_SUCCESS = QUIET_SUCCESS_LOG  # read at each log call: the pool processes forked later inherit it
 
@@ -70,6 +72,8 @@ def serve_tasks(app: Celery, tasks: Iterable[str], build: Callable[[], Role],
                 without_expiry(self.app.backend, lambda: self.update_state(state=PENDING_APPROVAL, meta=answer.signed))
                 raise Ignore()
             return answer.signed
+
+    return role
 
 
 def outcome(signed: Mapping[str, Any]) -> str:

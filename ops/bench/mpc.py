@@ -2,6 +2,7 @@
 
     python -m ops.bench.mpc                 # ~3 min on 2 cores
     python -m ops.bench.mpc --parties 2     # one party count only
+    python -m ops.bench.mpc --queries       # end to end only (no primitives, no CrypTen), ~1 min
 
 Primitives (for 2 and 3 parties): each party is its own process, running the very code of
 a pool party (:class:`workers.rounds.PartyEnd` driving a protocol generator): every round
@@ -273,9 +274,15 @@ def end_to_end(lg: LocalGrid, rows: list[tuple[str, ...]], counts: list[int], wi
                                  load.cores))
 
 
+def _crypten() -> tuple[dict[str, Any], str]:
+    console.print("CrypTen, same machine, same run …")
+    return crypten_anchor.figures()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parties", type=int, choices=[2, 3], action="append")
+    parser.add_argument("--queries", action="store_true", help="end to end queries only")
     args = parser.parse_args()
     counts = args.parties or [2, 3]
     torch.set_num_threads(1)
@@ -288,7 +295,7 @@ def main() -> None:
         prepare(home)
         with LocalGrid(home) as lg:
             url = lg.start_redis()
-            for n in counts:
+            for n in [] if args.queries else counts:
                 console.print(f"primitives, {n} parties …")
                 primitives(n, url, rows, windows)
             console.print("end to end through the pool …")
@@ -300,8 +307,7 @@ def main() -> None:
             lg.wait_ready(nodes, timeout=120, workers=[f"{n}-mpc" for n in nodes])
             end_to_end(lg, rows, counts, windows)
         recorded = spans.read(os.environ[spans.SPANS_ENV])
-    console.print("CrypTen, same machine, same run …")
-    crypten, note = crypten_anchor.figures()
+    crypten, note = ({}, "CrypTen not run (--queries)") if args.queries else _crypten()
     table = Table(title=f"gridq MPC through Redis vs plaintext torch and CrypTen (medians; {os.cpu_count()} cores)",
                   caption=note)
     for col in ("parties", "operation", "gridq ms", "plaintext ms", "ratio", "dealer ms (offline)", "other load",

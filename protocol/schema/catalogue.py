@@ -21,6 +21,7 @@ from protocol.contract import (
     Tasks,
     mpc_ack_key,
     mpc_queue_for,
+    mpc_session_key,
     node_queue,
 )
 from protocol.envelope import Envelope
@@ -119,7 +120,8 @@ MESSAGES: tuple[WireType, ...] = (
     _mpc("QueryModel", QueryModel, "querier", "MPC host", Tasks.MPC_QUERY),
     _mpc("Aggregate", Aggregate, SCIENTIST, "aggregation party", Tasks.MPC_AGGREGATE),
     _mpc("StoreShares", StoreShares, "MPC host", "MPC party", Tasks.MPC_STORE),
-    _mpc("RunSession", RunSession, "MPC host", "MPC party", Tasks.MPC_SESSION),
+    WireType("RunSession", RunSession, "the body of a signed Envelope, pushed (not a task) on the party's list "
+             + mpc_session_key(NODE), "MPC host", "MPC party", None, mpc_session_key(NODE), "MpcReply"),
     _mpc("Deal", Deal, "MPC host", "crypto provider", Tasks.MPC_DEAL),
     WireType("MpcReply", MpcReply, ENVELOPE_REPLY + " (a party's answer to its host is pushed on the "
              "list " + mpc_ack_key("{host}", "{party}", "{job_id}") + " instead)", "MPC worker", "its requester"),

@@ -8,9 +8,11 @@ someone else's model. On real Redis and real MPC workers."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +24,8 @@ from ops.keys import read_identity
 from ops.local import NODE_CONFIGS, LocalGrid
 from orchestrator import mpc
 from orchestrator.grid import Grid
-from protocol.contract import MPC_MODELS_KEY, Tasks
+from protocol.contract import MPC_MODELS_KEY, Tasks, mpc_ack_key, mpc_session_key
+from protocol.envelope import seal_envelope
 from protocol.errors import (
     BadSignature,
     InvalidRequest,
@@ -30,12 +33,13 @@ from protocol.errors import (
     PermissionDenied,
     ReplayedNonce,
     StaleMessage,
+    error_from_wire,
 )
 from protocol.identity import Identity
 from protocol.mpc.cards import ModelCard, SignedCard, SignedQuery
 from protocol.mpc.ring import FixedPoint
 from protocol.mpc.sharing import share
-from protocol.mpc.wire import RunSession, StoreShares
+from protocol.mpc.wire import MpcReply, RunSession, StoreShares
 
 POOL = ("company", "university", "hospital", "public")
 ROGUE_CONFIG = """
@@ -75,6 +79,26 @@ def rogue(pool: LocalGrid) -> Iterator[Grid]:
     """The rogue node's own key, talking to the pool's workers directly."""
     with pool.connect("rogue", role="node-rogue") as grid:
         yield grid
+
+
+def run_session(rogue: Grid, party: str, body: RunSession | StoreShares) -> MpcReply:
+    """Hand ``party`` a session as a host does (pushed on its session list, not a Celery task)
+    and read its signed answer from the rogue's ack list; its typed error if it refused."""
+    job_id = uuid.uuid4().hex
+    envelope = seal_envelope(rogue.transport.identity, recipient=party, kind=body.kind, job_id=job_id,
+                             body=body.model_dump(mode="json"), now=time.time(), ttl=30)
+    broker = redis.Redis.from_url(rogue.transport.url)  # as the rogue node's broker user
+    try:
+        broker.rpush(mpc_session_key(party), json.dumps(envelope.model_dump(mode="json")))
+        got = broker.blpop([mpc_ack_key("rogue", party, job_id)], timeout=30)
+    finally:
+        broker.close()
+    assert got is not None, f"{party} did not answer the session"
+    answer = rogue.transport.verify(json.loads(got[1]), party, job_id)
+    reply = MpcReply.model_validate(answer.body_json())
+    if reply.error is not None:
+        raise error_from_wire(reply.error.model_dump())
+    return reply
 
 
 def key(lg: LocalGrid, name: str) -> Identity:
@@ -133,7 +157,7 @@ def test_a_session_from_a_node_other_than_the_cards_host_is_refused(pool: LocalG
             with pytest.raises(PermissionDenied, match=f"'rogue' is not the host of model 'dana/{target.name}': "
                                                        "the card its owner signed, pinned at 'hospital', names "
                                                        "'company'"):
-                mpc.ask(rogue, "hospital", Tasks.MPC_SESSION, RunSession(
+                run_session(rogue, "hospital", RunSession(
                     session=session, query=signed, index=0, bundles=[], input=inputs["hospital"],
                     round_key=round_key, round_timeout=5))
             broker = redis.Redis.from_url(pool.url)
@@ -155,6 +179,21 @@ def test_a_card_whose_provider_is_its_host_or_a_party_is_refused_by_the_parties(
         shares = mpc.sealed_shares(rogue, key(pool, "carol"), card.card, params(ROGUE_MODEL))
         with pytest.raises(InvalidRequest, match=reason):
             mpc.ask(rogue, "hospital", Tasks.MPC_STORE, StoreShares(card=card, share=shares["hospital"]))
+
+
+def test_a_party_s_session_list_takes_sessions_only_and_goes_on_after_junk(pool: LocalGrid, rogue: Grid) -> None:
+    """Any node may push on a party's session list (a host must): what is not a signed
+    session is refused or dropped there, and the party goes on serving queries."""
+    serve(pool, "dana", "risk-list", DANA_MODEL)
+    broker = redis.Redis.from_url(rogue.transport.url)
+    for junk in (b"not json", b"[1, 2]", b"{" * 100, json.dumps({"kind": "mpc_session"}).encode()):
+        broker.rpush(mpc_session_key("hospital"), junk)
+    broker.close()
+    card = forged_card(pool, serve(pool, "carol", "list-store", ROGUE_MODEL, host="rogue"), key(pool, "carol"))
+    with pytest.raises(InvalidRequest, match="does not take 'mpc_store' messages here; it takes mpc_session"):
+        run_session(rogue, "hospital", StoreShares(card=card, share="gridq:blob:" + "0" * 32))  # a store, not a session
+    with pool.connect("bob") as bob:  # and queries still run
+        assert alike(bob.query("dana/risk-list", X), DANA_MODEL)
 
 
 # --- (b) a session carries the querier's signed query; an input share is bound to it -------------
@@ -182,18 +221,18 @@ def test_a_copied_input_share_does_not_open_in_another_session(pool: LocalGrid, 
                               rogue.transport.node_key("public").seal(b"k" * 32)), round_timeout=5)
 
     with pytest.raises(BadSignature, match="does not match the key of 'carol'"):
-        mpc.ask(rogue, "public", Tasks.MPC_SESSION, session(own))  # bob's share, under carol's query
+        run_session(rogue, "public", session(own))  # bob's share, under carol's query
     with pytest.raises(PermissionDenied, match="'rogue' is not the host of model 'dana/risk-b'"):
-        mpc.ask(rogue, "public", Tasks.MPC_SESSION, session(bobs))  # bob's query too: it is for dana's model
+        run_session(rogue, "public", session(bobs))  # bob's query too: it is for dana's model
     relabelled = bobs.query.model_copy(update={"owner": "carol", "model": "trap", "card": trap.digest()})
     with pytest.raises(BadSignature, match="does not match the key of 'bob'"):  # bob signed another query
-        mpc.ask(rogue, "public", Tasks.MPC_SESSION, session(bobs.model_copy(update={"query": relabelled})))
+        run_session(rogue, "public", session(bobs.model_copy(update={"query": relabelled})))
     # and a query, even a genuine one with its own input, runs once at a party: no second look at its input
     with pytest.raises(NotFound, match="bundle"):  # it ran (up to the rogue's made-up dealer bundles)
-        mpc.ask(rogue, "public", Tasks.MPC_SESSION, session(again, given=agains["public"]))
+        run_session(rogue, "public", session(again, given=agains["public"]))
     for query in (again, own):  # own, too: it was spent when bob's share was refused under it
         with pytest.raises(ReplayedNonce, match="ran at 'public' already: a query runs once"):
-            mpc.ask(rogue, "public", Tasks.MPC_SESSION, session(query, given=agains["public"]))
+            run_session(rogue, "public", session(query, given=agains["public"]))
 
 
 # --- (c) shares are the owner's: an overwrite she did not sign is refused -------------------------

@@ -180,7 +180,7 @@ def test_the_edge_relays_a_user_s_tasks_to_the_recipient_s_queues_only() -> None
     for task in (Tasks.MPC_QUERY, Tasks.MPC_SERVE, Tasks.MPC_KEYS, Tasks.MPC_AGGREGATE):
         assert queue_for(task, "company") == "mpc.company"
     assert set(USER_TASKS) == {Tasks.RUN_JOB, Tasks.MPC_QUERY, Tasks.MPC_SERVE, Tasks.MPC_KEYS, Tasks.MPC_AGGREGATE}
-    for task in (Tasks.MPC_STORE, Tasks.MPC_SESSION, Tasks.MPC_DEAL, Tasks.REGISTER, Tasks.PUBLISH, Tasks.SEARCH):
+    for task in (Tasks.MPC_STORE, Tasks.MPC_DEAL, Tasks.REGISTER, Tasks.PUBLISH, Tasks.SEARCH):
         with pytest.raises(PermissionDenied) as denied:  # what nodes and the gateway send
             check_task(task)
         assert http_status(denied.value) == 403

@@ -203,16 +203,15 @@ class Host:
         timeout = m.config.mpc.round_timeout
         m.require_live(list(card.parties), "party")
         tally.lap("start: check the parties are live")
-        sessions = [RunSession(session=session, query=body.query, index=i, bundles=bundles, input=body.inputs[party],
-                               round_key=m.leave(m.peer(party).seal(key)), round_timeout=timeout)
-                    for i, party in enumerate(card.parties)]
         asked = {party: f"{job_id}:{party}" for party in card.parties}
+        sessions = {party: (asked[party], RunSession(
+            session=session, query=body.query, index=i, bundles=bundles, input=body.inputs[party],
+            round_key=m.leave(m.peer(party).seal(key)), round_timeout=timeout)) for i, party in enumerate(card.parties)}
         tally.lap("start: seal and leave the round key for each party")
         with held(m.redis, MPC_DISPATCH_LOCK, DISPATCH_LOCK_SECONDS, wait=DISPATCH_LOCK_SECONDS):
             tally.lap("start: take the dispatch lock")
-            for party, run in zip(card.parties, sessions, strict=True):
-                m.send(party, Tasks.MPC_SESSION, run, asked[party], ttl=timeout)
-            tally.lap("start: sign and send each party's session")
+            m.hand_out(sessions, ttl=timeout)
+            tally.lap("start: sign each party's session, push it on the party's list")
         tally.lap("start: release the dispatch lock")
         replies = self._acks(asked, timeout, protocol=True)
         tally.lap("wait for the parties' answers")

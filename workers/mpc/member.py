@@ -3,6 +3,7 @@ rounds, pools and claim-checks), the gateway's directory of node keys, and its s
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Mapping
 
@@ -10,7 +11,7 @@ from celery import Celery
 from pydantic import BaseModel
 
 from protocol.broker import parse_broker
-from protocol.contract import alive_key, mpc_peer_queue, mpc_queue_for
+from protocol.contract import alive_key, mpc_peer_queue, mpc_queue_for, mpc_session_key
 from protocol.envelope import MemoryNonceStore, seal_envelope
 from protocol.errors import NodeUnavailable, UnknownSender
 from protocol.identity import PublicIdentity
@@ -53,6 +54,19 @@ class MpcMember:
                             body=body.model_dump(mode="json"), now=time.time(), ttl=ttl)
         self.app.send_task(task, args=[env.model_dump(mode="json")], queue=mpc_queue_for(node, task), task_id=job_id,
                            ignore_result=True)
+
+    def hand_out(self, sessions: Mapping[str, tuple[str, BaseModel]], ttl: float) -> None:
+        """Push each party its signed session, ``{party: (job_id, body)}``, on its session
+        list (``workers.mpc.sessions``), all in one round trip. A list no party pops empties
+        itself after ``ttl`` and a minute; an envelope older than ``ttl`` is refused anyway."""
+        pipe = self.redis.pipeline(transaction=False)
+        for party, (job_id, body) in sessions.items():
+            env = seal_envelope(self.identity, recipient=party, kind=body.kind,  # type: ignore[attr-defined]
+                                job_id=job_id, body=body.model_dump(mode="json"), now=time.time(), ttl=ttl)
+            key = mpc_session_key(party)
+            pipe.rpush(key, json.dumps(env.model_dump(mode="json")))
+            pipe.expire(key, int(ttl) + 60)
+        pipe.execute()
 
     def require_live(self, nodes: list[str], role: str) -> None:
         """Fail now, rather than at a timeout, if one of ``nodes`` has no MPC worker serving

@@ -91,6 +91,7 @@ from protocol.contract import (
     mpc_bundle_key,
     mpc_peer_queue,
     mpc_pool_prefix,
+    mpc_query_key,
     mpc_queue,
     mpc_round_channel,
     mpc_session_key,
@@ -271,6 +272,7 @@ def _mpc_member(node: str) -> list[Rule]:
         Rule(f"(%W~{mpc_bundle_key(node, '*', '*')} +setex)",
              "as a crypto provider, leave each party's part of a bundle it dealt (sealed, signed, with a TTL)"),
         Rule(f"(~{mpc_bundle_key('*', '*', node)} +getdel)", "as a party, take its own parts of dealer bundles"),
+        Rule(f"(~{mpc_query_key(node)} +blpop)", "as a host, pop the queries its users push, its own list only"),
         Rule(f"(%W~{mpc_session_key('*')} +rpush +expire)",
              "as a host, hand each party its signed session (the party checks it against the card it pinned)"),
         Rule(f"(~{mpc_session_key(node)} +blpop)", "as a party, pop the sessions hosts hand it, its own list only"),
@@ -292,6 +294,9 @@ def _client(db: int, nodes: Sequence[str]) -> list[Rule]:
         *_gateway_key_reader(),
         *_sender(queues, "searches (gateway), jobs and MPC requests to enrolled nodes only (node.<id>, "
                          "mpc.<id>): a queue nobody will read cannot be filled"),
+        *([Rule(f"({_keys('%W~', [mpc_query_key(n) for n in nodes])} +rpush)",
+                "an encrypted query to an enrolled node's MPC worker, pushed on its query list (the hot path)")]
+          if nodes else []),
         *_results_reader(),
         *_claim_check(),
         Rule(f"(%R~{MPC_MODELS_KEY} +hgetall)", "list the models served by MPC (cards signed by their host)"),

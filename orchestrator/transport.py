@@ -11,6 +11,7 @@ that name the fix (as httpx maps httpcore's), so none reaches a data scientist.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -248,6 +249,17 @@ class Transport:
         """Send a signed request whose answer :meth:`answer` reads (ask several, then read)."""
         job_id = uuid.uuid4().hex
         self.send(node, task, queue, body, job_id)
+        return Pending(node, job_id)
+
+    def push(self, node: str, queue: str, key: str, body: Any) -> Pending:
+        """Like :meth:`ask`, but the signed request is pushed on the list ``key``, which the
+        workers of ``queue`` pop beside their Celery tasks (the MPC hot path:
+        ``workers.mpc.lists``); its answer is stored as a task's, read by :meth:`answer`."""
+        self.require_worker(node, queue)
+        job_id = uuid.uuid4().hex
+        envelope = self._envelope(node, body, job_id, None)
+        with broker_errors(self.url):
+            self._redis.rpush(key, json.dumps(envelope))
         return Pending(node, job_id)
 
     def answer(self, pending: Pending, what: str) -> Envelope:

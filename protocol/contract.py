@@ -129,9 +129,15 @@ def mpc_ack_key(host: str, party: str, job_id: str) -> str:
     return f"gridq:mpc:ack:{host}:{job_id}:{party}"
 
 
+def mpc_query_key(host: str) -> str:
+    """The list a host's MPC worker pops queries from, pushed by its users: a query's one
+    message on the hot path (``workers.mpc.lists``); the answer is stored as a task's is."""
+    return f"gridq:mpc:queries:{host}"
+
+
 def mpc_session_key(party: str) -> str:
     """The list a party's MPC worker pops sessions from, pushed by the hosts of the models it
-    holds shares of: one hop, not a Celery task a query (``workers.mpc.sessions``)."""
+    holds shares of: one hop, not a Celery task a query (``workers.mpc.lists``)."""
     return f"gridq:mpc:sessions:{party}"
 
 

@@ -20,6 +20,7 @@ from protocol.contract import (
     MPC_MODELS_KEY,
     Tasks,
     mpc_ack_key,
+    mpc_query_key,
     mpc_queue_for,
     mpc_session_key,
     node_queue,
@@ -117,7 +118,9 @@ MESSAGES: tuple[WireType, ...] = (
     WireType("MpcBody", MpcBody, "the union of the bodies of MPC envelopes, on `kind`"),
     _mpc("ServeModel", ServeModel, "model owner", "MPC host", Tasks.MPC_SERVE),
     _mpc("UserKeys", UserKeys, "model owner", "MPC host", Tasks.MPC_KEYS),
-    _mpc("QueryModel", QueryModel, "querier", "MPC host", Tasks.MPC_QUERY),
+    WireType("QueryModel", QueryModel, IN_ENVELOPE + "; sent as the task, or pushed (RPUSH, its envelope's JSON) on "
+             "the host's list " + mpc_query_key(NODE) + ", whose answer is stored as the task's would be", "querier",
+             "MPC host", Tasks.MPC_QUERY, mpc_queue_for(NODE, Tasks.MPC_QUERY), "MpcReply"),
     _mpc("Aggregate", Aggregate, SCIENTIST, "aggregation party", Tasks.MPC_AGGREGATE),
     _mpc("StoreShares", StoreShares, "MPC host", "MPC party", Tasks.MPC_STORE),
     WireType("RunSession", RunSession, "the body of a signed Envelope, pushed (not a task) on the party's list "

@@ -4,16 +4,22 @@ shares, the university deals correlated randomness. Nobody but the querier sees 
 
 from __future__ import annotations
 
+import json
+import os
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
 import pytest
+import redis
 import torch
 from sqlalchemy import create_engine, select
 from test_broker_capture import Monitor, found_in
 
-from ops.local import NODE_CONFIGS, LocalGrid
+from ops.local import NODE_CONFIGS, LocalGrid, free_port
+from protocol.contract import mpc_query_key
 from protocol.errors import NodeUnavailable, PermissionDenied, UnknownSender
 from protocol.mpc.ring import FixedPoint
 from workers.tables import MpcShareRow
@@ -116,7 +122,8 @@ def test_no_weight_share_input_or_output_crosses_the_broker_unsealed(mpc_grid: L
             y = grid.query("captured", x)
     finally:
         commands = monitor.stop()
-    assert any(b"gridq.mpc.query" in arg for c in commands for arg in c), "the capture saw the query"
+    pushed = mpc_query_key("company").encode()  # the query's one message, on the host's list
+    assert any(len(c) > 1 and c[0].upper() == b"RPUSH" and c[1] == pushed for c in commands), "no query seen"
     patterns: list[bytes] = []
     for t in (model.weight.detach(), model.bias.detach(), x, y):
         patterns += [struct.pack("<f", float(v)) + struct.pack("<f", float(w))
@@ -159,11 +166,11 @@ def test_a_model_name_is_its_owners(mpc_grid: LocalGrid) -> None:
 
 
 def test_hostile_messages_get_typed_errors_and_the_pool_goes_on(mpc_grid: LocalGrid) -> None:
-    from orchestrator.mpc import ask, find, signed_query
+    from orchestrator.mpc import answer, ask, find, signed_query
     from protocol.contract import Tasks, mpc_queue
     from protocol.errors import InvalidRequest
     from protocol.mpc.sharing import share
-    from protocol.mpc.wire import QueryModel
+    from protocol.mpc.wire import QueryModel, UserKeys
 
     with mpc_grid.connect("dana") as owner:
         owner.serve(seed_model(), name="sturdy", parties=["hospital", "public"], crypto_provider="university",
@@ -172,6 +179,14 @@ def test_hostile_messages_get_typed_errors_and_the_pool_goes_on(mpc_grid: LocalG
         for junk in ({"v": "1.0", "sender": "bob"}, "not an envelope", {"v": "9.0"}):
             raw = grid.app.send_task(Tasks.MPC_QUERY, args=[junk], queue=mpc_queue("company")).get(timeout=30)
             assert '"error":{"code":' in raw["body"]  # signed, typed refusal
+        # the same on the host's query list (the hot path): junk is dropped, another kind refused
+        broker = redis.Redis.from_url(grid.transport.url)  # as the scientists' broker user
+        for item in (b"not json", b"[]", json.dumps({"v": "1.0", "sender": "bob"}).encode()):
+            broker.rpush(mpc_query_key("company"), item)
+        broker.close()
+        with pytest.raises(InvalidRequest, match="does not take 'mpc_keys' messages here; it takes mpc_query"):
+            answer(grid, grid.transport.push("company", mpc_queue("company"), mpc_query_key("company"),
+                                             UserKeys(names=["bob"])))
         # input shares of one row, under a query that claims two: the parties refuse at once
         card = find(grid, "sturdy")
         signed, inputs = signed_query(grid, card, share(FixedPoint(16).encode(torch.zeros(1, 4)), 2))
@@ -206,3 +221,31 @@ def test_a_host_bug_reaches_the_querier_at_once_as_job_failed(mpc_grid: LocalGri
         assert time.monotonic() - started < ROUND_TIMEOUT
         y = grid.query("intact", torch.ones(4))
     assert (y - seed_model()(torch.ones(4))).abs().max().item() < 1e-3
+
+
+def test_flower_shows_a_query_the_host_popped_from_its_list(mpc_grid: LocalGrid, poll_json) -> None:  # type: ignore[no-untyped-def]
+    """A query is no Celery task on the hot path, but the operator still sees it in Flower:
+    the host tells Flower of it as a worker does of a task, with its outcome and no value."""
+    port = free_port()
+    flower = subprocess.Popen([sys.executable, "-m", "ops.cli", "flower", "--broker", mpc_grid.url, "--port",
+                               str(port)], env={**os.environ, "FLOWER_UNAUTHENTICATED_API": "true"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        poll_json(f"http://127.0.0.1:{port}/api/workers?refresh=1",
+                  lambda w: any(k.startswith("company-mpc@") for k in w), timeout=30)
+        with mpc_grid.connect("dana") as owner:
+            owner.serve(seed_model(), name="watched", parties=["hospital", "public"], crypto_provider="university",
+                        host="company", queriers=["bob"])
+        with mpc_grid.connect("bob") as grid:
+            grid.query("watched", torch.ones(4))
+        # what Flower's task list draws from: received, succeeded, then the outcome the host announced
+        listed = poll_json(f"http://127.0.0.1:{port}/tasks/datatable?draw=1&start=0&length=100&search%5Bvalue%5D="
+                           "&order%5B0%5D%5Bcolumn%5D=0&order%5B0%5D%5Bdir%5D=desc&columns%5B0%5D%5Bdata%5D=received",
+                           lambda t: any(v.get("name") == "gridq.mpc.query" and v.get("result") == "answered"
+                                         for v in t["data"]), timeout=30)
+        (seen,) = [v for v in listed["data"] if v.get("name") == "gridq.mpc.query"]
+        assert seen["state"] == "SUCCESS" and seen["worker"].startswith("company-mpc@")
+        assert "signature" not in json.dumps(seen)  # no envelope shown, let alone a share
+    finally:
+        flower.terminate()
+        flower.wait(timeout=15)

@@ -8,7 +8,7 @@ other's wait. Each role has a module (:mod:`workers.mpc.worker` routes the messa
 
 * **host** — keeps served models' cards (structure, parties, who may query: no numbers),
   and coordinates queries: it takes dealer bundles from its pool, pushes a session on each
-  party's session list (:mod:`workers.mpc.sessions`: no Celery task a party) and waits for
+  party's session list (:mod:`workers.mpc.lists`: no Celery task a party) and waits for
   their answers (output shares sealed to the querier): it sees no round;
 * **party** — keeps its shares of served models in its own database, and computes its side
   of each round (:func:`protocol.mpc.model.infer`, the same code as the tests run),

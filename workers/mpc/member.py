@@ -57,7 +57,7 @@ class MpcMember:
 
     def hand_out(self, sessions: Mapping[str, tuple[str, BaseModel]], ttl: float) -> None:
         """Push each party its signed session, ``{party: (job_id, body)}``, on its session
-        list (``workers.mpc.sessions``), all in one round trip. A list no party pops empties
+        list (``workers.mpc.lists``), all in one round trip. A list no party pops empties
         itself after ``ttl`` and a minute; an envelope older than ``ttl`` is refused anyway."""
         pipe = self.redis.pipeline(transaction=False)
         for party, (job_id, body) in sessions.items():

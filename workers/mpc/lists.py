@@ -1,21 +1,22 @@
-"""A party's sessions come on a list of its own, not as Celery tasks.
+"""The MPC hot path's messages come on Redis lists, not as Celery tasks.
 
-A query's hot path is one Celery task (the querier's, to the host); the host hands each
-party its session by pushing the signed envelope on the party's list
-(``protocol.contract.mpc_session_key``) and waits for the answers on its ack lists. A Celery
-task a party would cost a publish, the worker's dispatch to a pool process and a result
-nobody reads: ~3 ms a hop, measured (ops/bench/RESULTS.md), where a push and a pop cost
-~0.2 ms.
+A query is one push and one pop at each step: the querier pushes its signed query on the
+host's list (``protocol.contract.mpc_query_key``), the host pushes each party its signed
+session on the party's list (``mpc_session_key``). A Celery task a step cost a publish with
+its events, the worker's screen and dispatch to a pool process, and a STARTED state: ~3 ms
+a hop on this machine, where a push and a pop cost ~0.2 ms (ops/bench/RESULTS.md). The
+host's answer is stored where a task's would be (the result backend), so the querier waits
+for it as for any job; a party's goes on its host's ack list, as before.
 
-Every process of a node's peer pool runs one :class:`SessionLoop` in a thread of its own,
-beside the Celery tasks it serves (shares to keep, bundles to deal): ``[mpc] sessions``
-processes take sessions in the order hosts pushed them, under the grid's dispatch lock, as
-the Celery queue gave them before. An item is verified exactly as a task's envelope is
-(signed by a node the gateway lists, for this node, fresh, never seen) and only a session is
-taken from the list; its answer goes on the host's ack list either way. An item that is not
-an envelope is logged and dropped: there is no verified sender to answer. A session popped by
-a process that then dies is lost, not retried: its query fails with ``NodeUnavailable`` from
-the parties that waited for it (a query runs once).
+Every process of a node's MPC pools runs a :class:`ListConsumer` in a thread of its own,
+beside the Celery tasks it serves (serving models, keeping shares, dealing): its users' pool
+pops queries, its peers' pool sessions (``[mpc] sessions`` processes take them in the order
+hosts pushed them under the grid's dispatch lock, as the Celery queue gave them before). An
+item is verified exactly as a task's envelope is (signed by whom the pool serves, for this
+node, fresh, never seen), and only its list's one kind is taken there. An item that is not
+an envelope is logged and dropped: there is no verified sender to answer. A message popped
+by a process that then dies is lost, not retried: a query runs once; its querier, or the
+parties that waited, get ``NodeUnavailable``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from collections.abc import Callable
 from typing import Any
 
 from protocol.broker import error_text
-from protocol.contract import mpc_session_key
 from protocol.inbox import MAX_ITEM_BYTES
 
 log = logging.getLogger(__name__)
@@ -35,15 +35,15 @@ POLL_SECONDS = 1.0  # how long one pop waits: a stop is seen within this
 PAUSE_SECONDS = 0.5  # after a broker error, before the next pop
 
 
-class SessionLoop:
-    """Pop ``node``'s sessions and hand each to ``serve(envelope, delivery_id)`` until stopped."""
+class ListConsumer:
+    """Pop the list ``key`` and hand each envelope to ``serve(envelope, delivery_id)`` until stopped."""
 
-    def __init__(self, client: Any, node: str, serve: Callable[[Any, str], None]) -> None:
-        self.client, self.key, self.serve = client, mpc_session_key(node), serve
+    def __init__(self, client: Any, key: str, serve: Callable[[Any, str], None]) -> None:
+        self.client, self.key, self.serve = client, key, serve
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> SessionLoop:
+    def start(self) -> ListConsumer:
         self._thread = threading.Thread(target=self.run, name=f"sessions {self.key}", daemon=True)
         self._thread.start()
         return self
@@ -59,7 +59,7 @@ class SessionLoop:
             try:
                 got = self.client.blpop([self.key], timeout=POLL_SECONDS)
             except Exception as exc:  # the broker is down: the worker says so too; pop again later
-                log.warning("could not pop sessions from %s: %s", self.key, error_text(exc))
+                log.warning("could not pop from %s: %s", self.key, error_text(exc))
                 self._stop.wait(PAUSE_SECONDS)
                 continue
             if got is not None:
@@ -75,7 +75,7 @@ class SessionLoop:
         try:
             self.serve(raw, str(raw.get("job_id") or "")[:80])
         except Exception:  # a bug, not a refusal (those are answered): log it and serve the next session
-            log.exception("session %s failed unanswered", raw.get("job_id"))
+            log.exception("%s from %s failed unanswered", raw.get("job_id"), self.key)
 
 
 def _envelope(item: bytes | str) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""A party's session loop (workers.mpc.sessions) without a broker: what it hands on, what it
+"""The MPC hot path's list consumer (workers.mpc.lists) without a broker: what it hands on, what it
 drops, and that nothing an item holds stops it."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from protocol.contract import mpc_session_key
 from protocol.inbox import MAX_ITEM_BYTES
-from workers.mpc.sessions import SessionLoop
+from workers.mpc.lists import ListConsumer
 
 
 class Lists:
@@ -35,7 +35,7 @@ def test_envelopes_are_served_with_their_job_id_and_the_rest_is_dropped(caplog: 
     served: list[tuple[Any, str]] = []
     envelope = {"kind": "mpc_session", "sender": "company", "job_id": "j1:hospital"}
     items = [b"not json", b"[1]", b"x" * (MAX_ITEM_BYTES + 1), json.dumps(envelope).encode(), "{}"]
-    loop = SessionLoop(Lists(items), "hospital", lambda raw, job_id: served.append((raw, job_id)))
+    loop = ListConsumer(Lists(items), mpc_session_key("hospital"), lambda raw, job_id: served.append((raw, job_id)))
     for item in items:
         loop.take(item)
     assert served == [(envelope, "j1:hospital"), ({}, "")]
@@ -51,7 +51,7 @@ def test_the_loop_survives_a_failing_session_and_a_broker_error() -> None:
             raise RuntimeError("a bug in a route")
 
     client = Lists([json.dumps({"job_id": "bad"}), ConnectionError("broker down"), json.dumps({"job_id": "good"})])
-    loop = SessionLoop(client, "hospital", serve)
+    loop = ListConsumer(client, mpc_session_key("hospital"), serve)
     loop.start()
     try:
         assert client.popped.wait(10), "the loop stopped before the list was empty"

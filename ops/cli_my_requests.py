@@ -39,12 +39,16 @@ def my_requests_list(identity: str = IDENTITY, broker: str | None = BROKER,
                      ) -> None:
     """Your requests waiting for (or past) an owner's decision: id, node, kind, datasets,
     release, status, when sent, and when a pending one expires (--json: every field, for scripts).
+    Of every node, a node that does not answer within a few seconds is named on stderr, and the
+    others' requests are listed; --node waits for that one node up to the timeout.
 
     Example: gridq my-requests list -i alice --status pending
     """
     import json
     from datetime import UTC, datetime
 
+    from orchestrator.grid import REQUESTS_WAIT_SECONDS
+    from protocol.contract import ALIVE_TTL_SECONDS
     from protocol.errors import GridError
 
     def when(t: float | None) -> str:
@@ -53,22 +57,34 @@ def my_requests_list(identity: str = IDENTITY, broker: str | None = BROKER,
     try:
         with _connect(identity, broker) as grid:
             found = grid.requests(node, status)
+            wait, timeout = min(grid.timeout, REQUESTS_WAIT_SECONDS), grid.timeout
     except GridError as exc:
         say(exc)
         raise typer.Exit(1) from None
+
+    def silent() -> None:
+        """The nodes that did not answer, on stderr (--json's stdout stays one request a line)."""
+        if found.missing:
+            typer.echo(f"not listed: {', '.join(sorted(found.missing))} did not answer within {wait:g} s (a node whose "
+                       f"worker stopped in the last {ALIVE_TTL_SECONDS:g} s still counts as up, or it is busy); "
+                       f"--node NAME asks one alone and waits up to {timeout:g} s", err=True)
+
     headers = ("id", "kind", "datasets", "release", "status", "sent (UTC)", "expires / decided (UTC)", "decision")
     rows = [(r.id, r.kind, ", ".join(r.datasets), r.release, r.status, when(r.created_at),
              when(r.expires_at if r.status == "pending" else r.decided_at), r.decision) for r in found]
     if as_json:
         for r in found:
             typer.echo(json.dumps(r.model_dump(mode="json"), ensure_ascii=False))
+        silent()
         return
     from rich.markup import escape
 
     shown = table(*headers, whole=("id",))
     for row in rows:
         shown.add_row(*map(escape, row))
-    show(shown if rows else "no requests" + (f" {status}" if status else "") + (f" at {node}" if node else ""))
+    where = f" at {node}" if node else " at the nodes that answered" if found.missing else ""
+    show(shown if rows else "no requests" + (f" {status}" if status else "") + where)
+    silent()
 
 
 @my_requests_app.command("cancel")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ below
     from orchestrator.evaluation import Evaluation
     from orchestrator.fl import FitResult, ModelPointer
-    from orchestrator.grid import Grid
+    from orchestrator.grid import Grid, RequestList
     from orchestrator.history import RoundRecord, RoundSummary
     from orchestrator.pointer import DataPointer, Expression, cat, stack
     from orchestrator.strategies import FedAdam, FedAvg, FedProx
@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ b
     from protocol.mpc.wire import ModelCard
 
 _HOMES = {
-    "Grid": "orchestrator.grid",
+    "Grid": "orchestrator.grid", "RequestList": "orchestrator.grid",
     "DataPointer": "orchestrator.pointer", "Expression": "orchestrator.pointer",
     "cat": "orchestrator.pointer", "stack": "orchestrator.pointer",
     "JobTicket": "orchestrator.ticket", "PrivateValue": "orchestrator.ticket",
@@ -33,8 +33,8 @@ _HOMES = {
     "FedAvg": "orchestrator.strategies", "FedProx": "orchestrator.strategies", "FedAdam": "orchestrator.strategies",
 }
 __all__ = ["BudgetInfo", "DPConfig", "DataPointer", "Evaluation", "Expression", "FedAdam", "FedAvg", "FedProx",
-           "FitResult", "Grid", "JobTicket", "ModelCard", "ModelPointer", "PrivateValue", "RoundRecord",
-           "RoundSummary", "TrainMetrics", "cat", "stack"]
+           "FitResult", "Grid", "JobTicket", "ModelCard", "ModelPointer", "PrivateValue", "RequestList",
+           "RoundRecord", "RoundSummary", "TrainMetrics", "cat", "stack"]
 
 
 def __getattr__(name: str) -> Any:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,11 +30,12 @@ from orchestrator.pointer import DataPointer, Expression, dp_release
 from orchestrator.ticket import JobTicket
 from orchestrator.transport import Transport
 from protocol.contract import (
+    ALIVE_TTL_SECONDS,
     Tasks,
     gridq_home,
     node_queue,
 )
-from protocol.errors import InvalidRequest, NodeUnavailable, NotFound
+from protocol.errors import BrokerUnavailable, InvalidRequest, NodeUnavailable, NotFound
 from protocol.identity import Identity, unreadable_key
 from protocol.messages import (
     AccessRequest,
@@ -59,6 +60,27 @@ if TYPE_CHECKING:
     from celery import Celery
 
 JOB_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}:[0-9a-f]{32}")
+# How long grid.requests() asked of every node waits for their answers (at most the grid's timeout):
+# an idle node answers in milliseconds, and one that has not by then is named, not waited for
+REQUESTS_WAIT_SECONDS = 5.0
+
+
+class RequestList(list[RequestInfo]):
+    """Your requests as :meth:`Grid.requests` lists them — a list, oldest first — and
+    ``missing``: the nodes asked that did not answer in time (node → why), whose requests are
+    not in it. Shown with them when there are any."""
+
+    def __init__(self, requests: Iterable[RequestInfo] = (), missing: dict[str, str] | None = None) -> None:
+        super().__init__(requests)
+        self.missing: dict[str, str] = dict(missing or {})
+
+    def __repr__(self) -> str:
+        shown = super().__repr__()
+        return f"RequestList({shown}, missing {sorted(self.missing)})" if self.missing else shown
+
+
+def _oldest_first(requests: Iterable[RequestInfo]) -> list[RequestInfo]:
+    return sorted(requests, key=lambda r: (r.created_at, r.id))
 
 
 def key_path(identity: str | Path) -> Path:
@@ -156,17 +178,43 @@ class Grid:
 
     # --- your requests in the nodes' approval queues -------------------------------------------
 
-    def requests(self, node: str | None = None, status: str | None = None) -> list[RequestInfo]:
+    def requests(self, node: str | None = None, status: str | None = None) -> RequestList:
         """Your own requests in the approval queue of ``node`` (None: of every node whose
         worker is up), of one ``status`` — ``pending``, ``approved``, ``denied``, ``expired``,
         ``cancelled`` — or all, oldest first: each with its id (its ticket's), kind, datasets,
         release, status, when it was sent and decided, and when a pending one expires (the
-        node's ``[approval] expire_after``). Nobody else's requests are ever shown."""
+        node's ``[approval] expire_after``). Nobody else's requests are ever shown.
+
+        Asked of every node, they are asked at once and waited for ``REQUESTS_WAIT_SECONDS``
+        (at most the grid's timeout): a node that says nothing by then — its worker killed
+        since it last said it was up, or busy — is left out and named in the list's
+        ``missing`` (node → why), as ``Evaluation.missing`` names the nodes an evaluation went
+        on without. Asked of one ``node``, it is waited for up to the timeout, and one that
+        does not answer raises ``NodeUnavailable``."""
         query = checked(MyRequests, status=status)
-        nodes = [node] if node is not None else [info.node for info in self.nodes() if self._serving(info.node)]
-        tickets = [self.submit(n, query) for n in nodes]
-        found = [request for ticket in tickets for request in ticket.reply().requests]
-        return sorted(found, key=lambda r: (r.created_at, r.id))
+        if node is not None:
+            return RequestList(_oldest_first(self.submit(node, query).reply().requests))
+        tickets: list[JobTicket] = []
+        for info in self.nodes():
+            try:
+                tickets.append(self.submit(info.node, query))
+            except BrokerUnavailable:
+                raise
+            except NodeUnavailable:  # no worker serves its job queue (down, or an MPC-only node): nothing to list
+                continue
+        wait = min(self.timeout, REQUESTS_WAIT_SECONDS)
+        answered = self.transport.results([t.id for t in tickets], wait)
+        found: list[RequestInfo] = []
+        missing: dict[str, str] = {}
+        for ticket in tickets:
+            if ticket.id not in answered:
+                missing[ticket.node] = (f"no answer within {wait:g} s: its worker may have stopped in the last "
+                                        f"{ALIVE_TTL_SECONDS:g} s (it still counts as up), or be busy; asked alone, "
+                                        f"it is waited for up to {self.timeout:g} s")
+                continue
+            meta = answered[ticket.id][1]
+            found.extend(JobTicket.finished(self, ticket.id, meta["status"], meta["result"]).reply().requests)
+        return RequestList(_oldest_first(found), missing)
 
     def cancel_request(self, request_id: str) -> RequestInfo:
         """Withdraw your pending request ``request_id`` (its ticket's id) from its node's
@@ -190,14 +238,6 @@ class Grid:
             request_id = mine[0]
         reply = self.submit(node, CancelRequest(request=request_id)).reply()
         return reply.requests[0]
-
-    def _serving(self, node: str) -> bool:
-        """Whether a worker serves ``node``'s job queue now (an MPC-only node has none)."""
-        try:
-            self.transport.require_worker(node, node_queue(node))
-        except NodeUnavailable:
-            return False
-        return True
 
     # --- federated learning (orchestrator.fl) -------------------------------------------------
 

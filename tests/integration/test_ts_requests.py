@@ -54,6 +54,12 @@ def tsqueue(manual_node) -> Iterator[Path]:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
+def tsgone(manual_node) -> Iterator[Path]:  # type: ignore[no-untyped-def]
+    """A node whose worker the test kills (kill -9) while it still counts as up."""
+    yield from manual_node("tsgone")
+
+
+@pytest.fixture(scope="module")
 def edge(local_grid: LocalGrid) -> Iterator[str]:
     """An edge of its own on the session's grid, admitting the scientists' keys."""
     local_grid.ensure_keys(*USERS)
@@ -61,14 +67,15 @@ def edge(local_grid: LocalGrid) -> Iterator[str]:
     local_grid.kill("edge-ts-requests")
 
 
-def steps(lg: LocalGrid, edge: str, user: str, *todo: dict[str, Any]) -> list[dict[str, Any]]:
-    """What the TS client gives for each of ``todo``, run as ``user`` through ``edge``."""
+def steps(lg: LocalGrid, edge: str, user: str, *todo: dict[str, Any], timeout: float = 30) -> list[dict[str, Any]]:
+    """What the TS client gives for each of ``todo``, run as ``user`` through ``edge`` (``timeout``:
+    the client's, in seconds)."""
     node = shutil.which("node")
     if node is None:
         pytest.fail("node is not on PATH: the TypeScript client's live test needs Node 20 (see clients/ts/README.md)")
     if not (CLIENT / "dist" / "index.js").exists():
         pytest.fail("clients/ts/dist is missing: run `make ts` (npm ci, build and test of the TypeScript client) first")
-    args = {"edge": edge, "key": str(lg.keys / f"{user}.key"), "gateway_key": lg.gateway_key(), "timeout": 30,
+    args = {"edge": edge, "key": str(lg.keys / f"{user}.key"), "gateway_key": lg.gateway_key(), "timeout": timeout,
             "steps": list(todo)}
     done = subprocess.run([node, str(SCRIPT)], input=json.dumps(args), capture_output=True, text=True, timeout=180,
                           check=False, cwd=ROOT)
@@ -322,3 +329,41 @@ def test_a_queued_job_cancelled_from_typescript_never_runs(local_grid: LocalGrid
         if "tsqueue" not in local_grid.procs:
             admin.delete(alive)
         admin.close()
+
+
+def test_a_node_killed_moments_ago_is_named_in_missing_not_waited_for(local_grid: LocalGrid, edge: str, tsdesk: Path,
+                                                                     tsgone: Path) -> None:
+    """grid.requests() of every node, in TypeScript, while one node's worker has just been killed
+    (kill -9) and its last word that it is up still stands (the edge takes its job): the other
+    node's requests within seconds, the silent node named in ``missing`` — not the client's
+    timeout and a NodeUnavailable for the lot. Asked of that node alone: NodeUnavailable."""
+    import redis
+
+    from protocol.contract import alive_key, node_queue
+
+    alive = alive_key(node_queue("tsgone"))
+    with local_grid.connect("carol") as carol, redis.Redis.from_url(local_grid.url) as admin:
+        here = carol.search("#tsdesk")["tsdesk"][0]["height"].max().submit()  # compute: waits for the owner
+        there = carol.search("#tsgone")["tsgone"][0]["height"].max().submit()
+        assert {_settled(t) for t in (here, there)} == {"pending_approval"}
+        local_grid.kill("tsgone")
+        try:
+            assert admin.exists(alive)  # it still counts as up
+            started = time.monotonic()
+            (listed,) = steps(local_grid, edge, "carol", {"op": "requests"})
+            assert time.monotonic() - started < 20  # Node's start and a 5 s wait, not the client's 30 s
+            ids = [r["id"] for r in ok(listed)["requests"]]
+            assert here.id in ids and not any(i.startswith("tsgone:") for i in ids)
+            assert list(listed["missing"]) == ["tsgone"]
+            assert listed["missing"]["tsgone"].startswith("no answer within 5 s: its worker may have stopped in the "
+                                                          "last 20 s")
+            assert [r.id for r in carol.requests() if r.id in ids] == ids  # the Python client lists the same
+            admin.setex(alive, 60, "held")  # its last word stands for the rest of the test, as just after the crash
+            alone, heard = steps(local_grid, edge, "carol", {"op": "requests", "node": "tsgone"},
+                                 {"op": "requests", "node": "tsdesk"}, timeout=3)
+            code, message = refused(alone)
+            assert code == "node_unavailable" and "on 'tsgone' is queued after 3 s" in message
+            assert [r["id"] for r in ok(heard)["requests"]] == [here.id] and heard["missing"] == {}
+        finally:
+            admin.delete(alive)  # down now, as it would be 20 s on: later listings skip it at once
+        carol.cancel_request(here.id)  # tidy up

@@ -4,8 +4,9 @@ signs now — a JobReply with every field, ``requests`` (``RequestInfo``) includ
 Python wrote them; the MyRequests / CancelRequest bodies the TS client sends parse here; and a
 signed cancellation (``protocol/cancel.py``) made on either side verifies on the other.
 
-Runs the built client through ``node clients/ts/scripts/roundtrip.mjs``. No skip: without
-``node`` or the build (``make ts``) these tests fail.
+Runs the built client through ``node clients/ts/scripts/roundtrip.mjs`` (the ``ts_roundtrip``
+fixture of tests/unit/conftest.py). No skip: without ``node`` or the build (``make ts``) these
+tests fail.
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ import base64
 import inspect
 import json
 import secrets
-import shutil
-import subprocess
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -45,25 +44,8 @@ from protocol.messages import (
 )
 from protocol.mpc.wire import MpcReply
 
-ROOT = Path(__file__).resolve().parents[2]
-CLIENT = ROOT / "clients" / "ts"
-SCRIPT = CLIENT / "scripts" / "roundtrip.mjs"
+RoundTrip = Callable[..., list[dict[str, Any]]]  # the ts_roundtrip fixture (tests/unit/conftest.py)
 STATUSES = ("pending", "approved", "denied", "expired", "cancelled")
-
-
-def run(*requests: dict[str, Any]) -> list[dict[str, Any]]:
-    """The TS client's answers to ``requests`` (one node process for all of them)."""
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("node is not on PATH: the TypeScript client's interop tests need Node 20 "
-                    "(see clients/ts/README.md)")
-    if not (CLIENT / "dist" / "index.js").exists():
-        pytest.fail("clients/ts/dist is missing: run `make ts` (npm ci, build and test of the TypeScript client) first")
-    done = subprocess.run([node, str(SCRIPT)], input=json.dumps({"requests": list(requests)}), capture_output=True,
-                          text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr
-    results: list[dict[str, Any]] = json.loads(done.stdout)["results"]
-    return results
 
 
 def python_errors() -> dict[str, dict[str, Any]]:
@@ -77,8 +59,9 @@ def python_errors() -> dict[str, dict[str, Any]]:
     return out
 
 
-def test_the_ts_client_has_every_error_of_protocol_errors_with_its_code_parent_and_retry() -> None:
-    (ts,) = run({"op": "errors"})
+def test_the_ts_client_has_every_error_of_protocol_errors_with_its_code_parent_and_retry(
+        ts_roundtrip: RoundTrip) -> None:
+    (ts,) = ts_roundtrip({"op": "errors"})
     expected = python_errors()
     assert {"request_expired", "job_cancelled", "cannot_cancel"} <= expected.keys()
     assert ts["errors"] == expected
@@ -91,7 +74,7 @@ def signed(identity: Identity, body: dict[str, Any], to: str = "alice") -> tuple
     return env.model_dump(mode="json"), job_id
 
 
-def read_there(identity: Identity, body: dict[str, Any], parser: str) -> dict[str, Any]:
+def read_there(run: RoundTrip, identity: Identity, body: dict[str, Any], parser: str) -> dict[str, Any]:
     """What the TS client makes of ``body``, signed by ``identity``: the parsed body, or its error."""
     envelope, job_id = signed(identity, body)
     (result,) = run({"op": "parse_reply", "envelope": envelope, "keyring": {identity.name: identity.public.text()},
@@ -128,22 +111,22 @@ def full_job_reply(alice: Identity, node: str) -> JobReply:
     )
 
 
-def test_a_job_reply_with_every_field_python_sends_reads_there_as_python_wrote_it() -> None:
+def test_a_job_reply_with_every_field_python_sends_reads_there_as_python_wrote_it(ts_roundtrip: RoundTrip) -> None:
     hospital, alice = Identity.generate("hospital"), Identity.generate("alice")
     reply = full_job_reply(alice, "hospital").model_dump(mode="json")
-    assert read_there(hospital, reply, "job_reply") == {"parsed": reply}
+    assert read_there(ts_roundtrip, hospital, reply, "job_reply") == {"parsed": reply}
 
 
-def test_a_job_reply_that_leaves_defaults_out_reads_there_with_them_filled_in() -> None:
+def test_a_job_reply_that_leaves_defaults_out_reads_there_with_them_filled_in(ts_roundtrip: RoundTrip) -> None:
     """The schema lets a sender leave a field with a default out (Python writes every one)."""
     hospital = Identity.generate("hospital")
     info = RequestInfo(id=f"hospital:{'4' * 32}", kind="access", datasets=["births"], release="access",
                        status="cancelled", created_at=time.time())
     short = {"kind": "job_reply", "status": "done", "requests": [info.model_dump(mode="json", exclude_defaults=True)]}
     assert parse_body(short) == JobReply(status="done", requests=[info])  # Python takes it
-    parsed = read_there(hospital, short, "job_reply")["parsed"]
+    parsed = read_there(ts_roundtrip, hospital, short, "job_reply")["parsed"]
     assert parsed["requests"] == [info.model_dump(mode="json")] and parsed["shares"] == {}
-    bare = read_there(hospital, {"kind": "job_reply", "status": "done"}, "job_reply")["parsed"]
+    bare = read_there(ts_roundtrip, hospital, {"kind": "job_reply", "status": "done"}, "job_reply")["parsed"]
     assert bare["requests"] == [] and bare["shares"] == {}
 
 
@@ -151,34 +134,34 @@ def test_a_job_reply_that_leaves_defaults_out_reads_there_with_them_filled_in() 
     {"status": "lost"}, {"created_at": "yesterday"}, {"id": "no spaces allowed"}, {"datasets": "births"},
     {"decided_at": "soon"}, {"decision": 3},
 ])
-def test_a_malformed_request_listing_is_refused_on_both_sides(bad: dict[str, Any]) -> None:
+def test_a_malformed_request_listing_is_refused_on_both_sides(bad: dict[str, Any], ts_roundtrip: RoundTrip) -> None:
     hospital = Identity.generate("hospital")
     info = {**RequestInfo(id=f"hospital:{'5' * 32}", kind="dp", datasets=["births"], release="dp", status="pending",
                           created_at=time.time()).model_dump(mode="json"), **bad}
     body = {"kind": "job_reply", "status": "done", "requests": [info]}
     with pytest.raises(InvalidRequest):
         parse_body(body)
-    assert read_there(hospital, body, "job_reply")["error"]["code"] == "invalid_request"
+    assert read_there(ts_roundtrip, hospital, body, "job_reply")["error"]["code"] == "invalid_request"
 
 
-def test_gateway_and_mpc_replies_with_every_field_read_there() -> None:
+def test_gateway_and_mpc_replies_with_every_field_read_there(ts_roundtrip: RoundTrip) -> None:
     gateway, company = Identity.generate("gateway"), Identity.generate("company")
     meta = DatasetMeta(node="hospital", name="births", shape=(240, 2), dtype="float32", columns=["weight", "height"],
                        description="Birth records", tags=["#births"], bounds=[(0.0, 7.0), (20.0, 65.0)])
     nodes = [NodeInfo(node="hospital", public_key=gateway.public.text(), queue="node.hospital", last_seen=time.time())]
     gateway_reply = GatewayReply(datasets=[meta], nodes=nodes, error=WireError(code="not_found", message="x"))
     body = gateway_reply.model_dump(mode="json")
-    assert read_there(gateway, body, "gateway_reply") == {"parsed": body}
+    assert read_there(ts_roundtrip, gateway, body, "gateway_reply") == {"parsed": body}
     mpc_reply = MpcReply(outputs={"hospital": f"gridq:blob:{'d' * 32}"}, keys={"hospital": gateway.public.text()})
     body = mpc_reply.model_dump(mode="json")
-    assert read_there(company, body, "mpc_reply") == {"parsed": body}
+    assert read_there(ts_roundtrip, company, body, "mpc_reply") == {"parsed": body}
 
 
-def test_the_request_bodies_the_ts_client_sends_are_python_s() -> None:
+def test_the_request_bodies_the_ts_client_sends_are_python_s(ts_roundtrip: RoundTrip) -> None:
     job_id = f"hospital:{secrets.token_hex(16)}"
     asked = [{"op": "my_requests", "status": s} for s in (None, *STATUSES)]
-    results = run(*asked, {"op": "cancel_request", "request": job_id}, {"op": "my_requests", "status": "lost"},
-                  {"op": "cancel_request", "request": "hospital:not a job"})
+    results = ts_roundtrip(*asked, {"op": "cancel_request", "request": job_id}, {"op": "my_requests", "status": "lost"},
+                           {"op": "cancel_request", "request": "hospital:not a job"})
     *lists, cancel, bad_status, bad_id = results
     for status, result in zip((None, *STATUSES), lists, strict=True):
         assert parse_body(json.loads(result["body"])) == MyRequests(status=status)  # type: ignore[arg-type]
@@ -192,10 +175,11 @@ def test_the_request_bodies_the_ts_client_sends_are_python_s() -> None:
             parse_body(bad)
 
 
-def test_a_cancellation_signed_on_either_side_verifies_on_the_other_and_only_for_its_job_and_signer() -> None:
+def test_a_cancellation_signed_on_either_side_verifies_on_the_other_and_only_for_its_job_and_signer(
+        ts_roundtrip: RoundTrip) -> None:
     alice, carol = Identity.generate("alice"), Identity.generate("carol")
     job, other = f"desk:{secrets.token_hex(16)}", f"desk:{secrets.token_hex(16)}"
-    (made,) = run({"op": "cancellation", "key_file": alice.to_json(), "job_id": job})
+    (made,) = ts_roundtrip({"op": "cancellation", "key_file": alice.to_json(), "job_id": job})
     mark = made["mark"].encode()
     assert mark == cancellation(alice, job)  # Ed25519 is deterministic: the same bytes as Python's
     assert cancelled_by(mark, alice.public, job)
@@ -210,4 +194,4 @@ def test_a_cancellation_signed_on_either_side_verifies_on_the_other_and_only_for
     checks = [check(python_mark, carol, job), check(python_mark, carol, other), check(python_mark, alice, job),
               check(forged.replace(b"carol", b"alice", 1), alice, job), check(STARTED, carol, job),
               check("", carol, job), check("cancel carol !!!", carol, job), check(python_mark + b" x", carol, job)]
-    assert [r["ok"] for r in run(*checks)] == [True] + [False] * 7
+    assert [r["ok"] for r in ts_roundtrip(*checks)] == [True] + [False] * 7

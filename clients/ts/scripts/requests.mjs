@@ -14,7 +14,8 @@
 //                   queued or running: {job_id, status}
 //   send            {tags, node, column, reduce, raw?}  the same job (with raw: true, released exactly, as
 //                   get() releases it), without waiting: {job_id, status}
-//   requests        {node?, status?}       grid.requests(node, status): {requests: [RequestInfo…]}
+//   requests        {node?, status?}       grid.requests(node, status): {requests: [RequestInfo…], missing:
+//                                          {node: why} of the nodes that did not answer in time}
 //   cancel_request  {id}                   grid.cancelRequest(id): {request: RequestInfo}
 //   cancel          {job_id}               (await grid.ticket(job_id)).cancel(): {status} after it (a queued
 //                                          job through POST /v1/jobs/{id}/cancel)
@@ -61,7 +62,10 @@ async function submit(step) {
 const OPS = {
   submit,
   send,
-  requests: async (s) => ({ requests: await grid.requests(s.node, s.status) }),
+  requests: async (s) => {
+    const found = await grid.requests(s.node, s.status);
+    return { requests: [...found], missing: found.missing };
+  },
   cancel_request: async (s) => ({ request: await grid.cancelRequest(s.id) }),
   cancel: async (s) => {
     const ticket = await grid.ticket(s.job_id);

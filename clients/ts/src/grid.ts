@@ -41,6 +41,24 @@ export const GATEWAY = "gateway";
 /** Task names (Python's `protocol.contract.Tasks`): the edge enqueues by them. */
 export const Tasks = { RUN_JOB: "gridq.node.run_job", MPC_QUERY: "gridq.mpc.query" } as const;
 const JOB_ID = /^[A-Za-z0-9_.-]{1,128}:[0-9a-f]{32}$/;
+/** How long `grid.requests()` asked of every node waits for their answers (at most the grid's
+ * timeout): an idle node answers in milliseconds, and one that has not by then is named, not waited
+ * for (Python's `orchestrator.grid.REQUESTS_WAIT_SECONDS`). */
+export const REQUESTS_WAIT_SECONDS = 5;
+/** A worker killed without a word still counts as up this long (Python's `protocol.contract.ALIVE_TTL_SECONDS`). */
+const ALIVE_TTL_SECONDS = 20;
+/** A ticket's status while its node has not answered. */
+const SILENT = new Set(["queued", "running"]);
+
+/** Your requests as `grid.requests()` lists them — an array, oldest first — and `missing`: the nodes
+ * asked that did not answer in time (node → why), whose requests are not in it. */
+export type RequestList = RequestInfo[] & { readonly missing: Readonly<Record<string, string>> };
+
+function requestList(found: RequestInfo[], missing: Record<string, string>): RequestList {
+  found.sort((a, b) => a.created_at - b.created_at || cmp(a.id, b.id));
+  // not enumerable: the list still equals (deep-equals, serialises as) the plain array of its requests
+  return Object.defineProperty(found, "missing", { value: Object.freeze(missing), enumerable: false }) as RequestList;
+}
 
 export interface ConnectOptions extends EdgeOptions {
   /** The gateway's public key (`gridq1:…`, from the grid's operator). Without it, the key the
@@ -143,23 +161,47 @@ export class Grid implements TicketHost {
    * worker is up), of one `status` — `pending`, `approved`, `denied`, `expired`, `cancelled` — or
    * all, oldest first: each with its id (its ticket's), kind, datasets, release, status, when it
    * was sent and decided, and when a pending one expires (the node's `[approval] expire_after`).
-   * Nobody else's requests are ever shown. */
-  async requests(node?: string | null, status?: RequestStatus | null): Promise<RequestInfo[]> {
+   * Nobody else's requests are ever shown.
+   *
+   * Asked of every node, they are asked at once and waited for `REQUESTS_WAIT_SECONDS` (at most the
+   * grid's timeout): a node that says nothing by then — its worker killed since it last said it was
+   * up, or busy — is left out and named in the list's `missing` (node → why), as Python's
+   * `grid.requests()` names it. Asked of one `node`, it is waited for up to the timeout, and one
+   * that does not answer throws NodeUnavailable. */
+  async requests(node?: string | null, status?: RequestStatus | null): Promise<RequestList> {
     const query = myRequests(status ?? null);
-    const nodes = node != null ? [node] : (await this.nodes()).map((info) => info.node);
+    if (node != null) {
+      const reply = await (await this.submit(node, "requests", query)).reply();
+      return requestList([...(reply.requests ?? [])], {});
+    }
+    const nodes = (await this.nodes()).map((info) => info.node);
     const tickets = await Promise.all(nodes.map(async (n) => {
       try {
         return await this.submit(n, "requests", query);
       } catch (exc) {
         // the edge refuses a job for a node no worker serves (an MPC-only node, one that is down):
-        // asked of every node, that node has no queue to list; asked of one, it is the answer
-        if (node == null && exc instanceof NodeUnavailable && !(exc instanceof BrokerUnavailable)) return undefined;
+        // that node has no queue to list
+        if (exc instanceof NodeUnavailable && !(exc instanceof BrokerUnavailable)) return undefined;
         throw exc;
       }
     }));
-    const replies = await Promise.all(tickets.map((t) => t?.reply()));
+    const wait = Math.min(this.timeout, REQUESTS_WAIT_SECONDS);
+    const missing = new Map<string, string>();
+    const replies = await Promise.all(tickets.map(async (ticket) => {
+      if (ticket === undefined) return undefined;
+      try {
+        return await ticket.reply(wait);
+      } catch (exc) {
+        if (!(exc instanceof NodeUnavailable) || exc instanceof BrokerUnavailable) throw exc;
+        // the node's own answer (an error it signed, or one just in) is its answer; nothing yet is a silence
+        if (!SILENT.has(await ticket.status())) return ticket.reply(0);
+        missing.set(ticket.node, `no answer within ${wait} s: its worker may have stopped in the last ` +
+          `${ALIVE_TTL_SECONDS} s (it still counts as up), or be busy; asked alone, it is waited for up to ${this.timeout} s`);
+        return undefined;
+      }
+    }));
     const found = replies.flatMap((reply) => [...(reply?.requests ?? [])]);
-    return found.sort((a, b) => a.created_at - b.created_at || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+    return requestList(found, Object.fromEntries([...missing].sort(([a], [b]) => cmp(a, b))));
   }
 
   /** Withdraw your pending request `requestId` (its ticket's id) from its node's approval queue: it

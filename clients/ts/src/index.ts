@@ -31,7 +31,7 @@ export {
 } from "./pointers.js";
 export { JobTicket, PrivateValue } from "./ticket.js";
 export { type GatewayPins, MemoryPins, fingerprint } from "./pins.js";
-export { Grid, type ConnectOptions, type SearchOptions, Tasks, GATEWAY } from "./grid.js";
+export { Grid, type ConnectOptions, type RequestList, REQUESTS_WAIT_SECONDS, type SearchOptions, Tasks, GATEWAY } from "./grid.js";
 export {
   FixedPoint, share, reconstruct, type ModelCard, type Query, cardDigest, canonicalCard, verifySignedCard, queryDigest,
   inputLabel,

@@ -102,6 +102,8 @@ export class FakeGrid {
   hold = false;
   /** Nodes no worker serves: the edge refuses their jobs (503 node_unavailable). */
   readonly down = new Set<string>();
+  /** Nodes whose worker was killed since it last said it was up: the edge takes their jobs, nobody answers them. */
+  readonly silent = new Set<string>();
   /** The approval queue, by job id. */
   readonly approvals = new Map<string, ApprovalRow>();
   /** Runs when a CancelRequest reaches the node, before it is handled (the owner deciding meanwhile). */
@@ -185,6 +187,7 @@ export class FakeGrid {
     const body = JSON.parse(env.body) as Record<string, unknown>;
     const job: StoredJob = { state: "PENDING", reply: null, task: request.task, envelope: env, body };
     this.jobs.set(env.job_id, job);
+    if (this.silent.has(env.recipient)) return { job_id: env.job_id, queue: `node.${env.recipient}` };
     if (request.task === "gridq.mpc.query") this.runQuery(job);
     else this.runJob(job);
     return { job_id: env.job_id, queue: `node.${env.recipient}` };

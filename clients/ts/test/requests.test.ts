@@ -19,11 +19,14 @@ import {
   JobCancelled,
   JobFailed,
   JobTicket,
+  NodeUnavailable,
   NotFound,
   PermissionDenied,
   RequestDenied,
   RequestExpired,
   CANCEL_STARTED,
+  REQUESTS_WAIT_SECONDS,
+  sealEnvelope,
   type DataPointer,
 } from "../src/index.js";
 import { cancelRequest, myRequests, parseJobReply } from "../src/messages.js";
@@ -141,6 +144,35 @@ describe("your requests", () => {
     fake.down.add("clinic");
     expect((await grid.requests()).map((r) => r.id)).toEqual([kept.id]);
     await expect(grid.requests("clinic")).rejects.toThrow(/no worker of 'clinic'/);
+  });
+
+  it("asked of every node, lists those that answer and names the one that does not in `missing`, without waiting for it; " +
+    "asked of that node, throws NodeUnavailable", async () => {
+    const grid = await connect(); // timeout 1 s: the wait is the least of it and REQUESTS_WAIT_SECONDS
+    const kept = await (await births(grid)).col("weight").sum().submit();
+    fake.down.add("company");
+    fake.silent.add("clinic"); // its worker was killed since it last said it was up: the edge still takes its jobs
+    const started = Date.now();
+    const found = await grid.requests();
+    expect(Date.now() - started).toBeLessThan(3000);
+    expect(found.map((r) => r.id)).toEqual([kept.id]);
+    expect(Object.keys(found.missing)).toEqual(["clinic"]);
+    expect(found.missing["clinic"]).toMatch(/^no answer within 1 s: its worker may have stopped .* up to 1 s$/);
+    expect(REQUESTS_WAIT_SECONDS).toBe(5);
+    await expect(grid.requests("clinic")).rejects.toThrow(NodeUnavailable);
+    expect((await grid.requests("hospital")).missing).toEqual({});
+    fake.silent.clear();
+    expect((await grid.requests()).missing).toEqual({});
+  });
+
+  it("asked of every node, a node's signed error is its answer, not a silence: it is thrown at once", async () => {
+    const grid = await connect();
+    fake.tamper = (jobId, answer) => !jobId.startsWith("clinic:") ? answer : { state: "SUCCESS", reply: sealEnvelope(
+      fake.node("clinic"), { recipient: "alice", kind: "job_reply", jobId, body: { kind: "job_reply", status: "failed",
+        error: { code: "node_unavailable", message: "its store is unreachable", job_id: jobId } } }) };
+    const started = Date.now();
+    await expect(grid.requests()).rejects.toThrow(/its store is unreachable/);
+    expect(Date.now() - started).toBeLessThan(900); // not the 1 s wait for a silent node
   });
 
   it("cancels yours: it never runs, its ticket says cancelled and throws JobCancelled; twice is no error", async () => {

@@ -44,12 +44,12 @@ class ListConsumer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> ListConsumer:
-        self._thread = threading.Thread(target=self.run, name=f"sessions {self.key}", daemon=True)
+        self._thread = threading.Thread(target=self.run, name=f"pop {self.key}", daemon=True)
         self._thread.start()
         return self
 
     def stop(self, wait: float) -> None:
-        """No more pops; a session running now may finish within ``wait`` seconds."""
+        """No more pops; what runs now may finish within ``wait`` seconds."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(wait)
@@ -74,7 +74,7 @@ class ListConsumer:
             return
         try:
             self.serve(raw, str(raw.get("job_id") or "")[:80])
-        except Exception:  # a bug, not a refusal (those are answered): log it and serve the next session
+        except Exception:  # a bug, not a refusal (those are answered): log it, serve the next
             log.exception("%s from %s failed unanswered", raw.get("job_id"), self.key)
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from celery.utils.nodenames import host_format
 
 from ops.acl import node_user
 from ops.broker_users import BrokerUsers, ensure_broker_users, open_broker_urls
@@ -294,7 +295,7 @@ class LocalGrid:
         with self.connect("operator", timeout=max(1.0, deadline - time.monotonic()), role="flower") as grid:
             _until(lambda: set(nodes) <= {n.node for n in grid.nodes()}, deadline - time.monotonic(),
                    f"nodes {nodes} did not register", self._crashed)
-            _until(lambda: set(workers) <= {r.split("@")[0] for r in _ping(grid)},
+            _until(lambda: set(workers) <= {r.split("@")[0] for r in _ping(grid, workers)},
                    deadline - time.monotonic(), f"workers {workers} did not start", self._crashed)
 
     def connect(self, user: str, timeout: float = 60.0, role: str = "scientist") -> Grid:
@@ -330,17 +331,12 @@ class LocalGrid:
         self.start_redis(self.port)
 
     def stop(self) -> None:
-        servers = [n for n in self.procs if n == "redis" or n in self.ports]  # the broker's, after what uses them
-        for name in [n for n in self.procs if n not in servers] + servers:
-            proc = self.procs[name]
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=15)
-            except ProcessLookupError:
-                pass
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        """SIGTERM every process but the servers at once and wait for them all on one 15 s
+        deadline (each worker's warm shutdown overlaps the others'), then the same for the
+        servers (the broker, the edges) they used; SIGKILL for whatever outlives its deadline."""
+        servers = [n for n in self.procs if n == "redis" or n in self.ports]
+        for group in ([n for n in self.procs if n not in servers], servers):
+            _terminate([self.procs[n] for n in group], grace=15.0)
         self.procs.clear()
 
     # --- helpers ----------------------------------------------------------------------------
@@ -361,8 +357,28 @@ class LocalGrid:
         return "; ".join(f"{n} exited:\n{t}" for n, t in tails.items())
 
 
-def _ping(grid: Grid) -> list[str]:
-    return grid.transport.ping(timeout=0.5)
+def _terminate(procs: list[subprocess.Popen[bytes]], grace: float) -> None:
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+
+
+def _ping(grid: Grid, workers: list[str]) -> list[str]:
+    """The hostnames of ``workers`` that answer a ping, asking only them (a broadcast to every
+    worker of a busy grid waits the full timeout for the slowest)."""
+    return grid.transport.ping(timeout=0.5, destination=[host_format(f"{w}@%h") for w in workers])
 
 
 def _healthy(url: str) -> bool:

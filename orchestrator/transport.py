@@ -414,10 +414,12 @@ class Transport:
 
     # --- the operator's view ----------------------------------------------------------------
 
-    def ping(self, timeout: float = 1.0) -> list[str]:
-        """The hostnames of the workers that answer a ping."""
+    def ping(self, timeout: float = 1.0, destination: list[str] | None = None) -> list[str]:
+        """The hostnames of the workers that answer a ping (of those of ``destination`` only,
+        if given: then it returns as soon as all of them have answered)."""
         with broker_errors(self.url):
-            return [name for reply in self.app.control.ping(timeout=timeout) for name in reply]
+            replies = self.app.control.ping(destination=destination, timeout=timeout)
+            return [name for reply in replies for name in reply]
 
     def served_queues(self, timeout: float = 1.0) -> set[str]:
         """Every queue a live worker consumes."""

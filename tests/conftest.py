@@ -33,6 +33,69 @@ def local_grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGrid]:
         yield lg
 
 
+class DemoMpcPool:
+    """The demo's MPC pool on the session's grid: company hosts models, hospital, public and
+    clinic hold shares, the university deals. Started by the first test that asks for it and
+    kept while the tests that follow ask for it too (``pytest_collection_modifyitems`` puts
+    them together), then stopped: its workers take longer to start than most tests run, and
+    tests that start a node's MPC worker of their own must not find a second one there."""
+
+    NODES = ("company", "university", "hospital", "public", "clinic")
+
+    def __init__(self) -> None:
+        self.grid: LocalGrid | None = None
+
+    def ensure(self, lg: LocalGrid) -> LocalGrid:
+        """Every worker of the pool up: those a test killed are started again."""
+        from ops.local import NODE_CONFIGS
+
+        missing = [n for n in self.NODES if f"{n}-mpc" not in lg.procs]
+        if missing:
+            lg.ensure_keys(*self.NODES, "dana", "bob", "eve", "mallory")
+            for node in missing:
+                lg.start_mpc(NODE_CONFIGS / f"{node}.toml")
+            lg.wait_ready(list(missing), timeout=90, workers=[f"{n}-mpc" for n in missing])
+        self.grid = lg
+        return lg
+
+    def stop(self) -> None:
+        if self.grid is not None:
+            for node in self.NODES:
+                if f"{node}-mpc" in self.grid.procs:
+                    self.grid.kill(f"{node}-mpc")  # SIGKILL, as each module's own pool was before: no drain to wait for
+            self.grid = None
+
+
+DEMO_MPC_POOL = DemoMpcPool()
+
+
+@pytest.fixture(scope="module")
+def demo_mpc_pool(local_grid: LocalGrid) -> LocalGrid:
+    """The session's grid with the demo's MPC pool up as a module starts (see DemoMpcPool):
+    a worker a test of the module kills stays down for the module's later tests."""
+    return DEMO_MPC_POOL.ensure(local_grid)
+
+
+def _uses_pool(item: pytest.Item) -> bool:
+    return "demo_mpc_pool" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that use the demo MPC pool run one after the other, from where the first of
+    them is, so that the pool starts once (each module keeps its own order)."""
+    pooled = [item for item in items if _uses_pool(item)]
+    if pooled:
+        first = items.index(pooled[0])
+        rest = [item for item in items if not _uses_pool(item)]
+        items[:] = rest[:first] + pooled + rest[first:]
+
+
+@pytest.hookimpl(trylast=True)  # after the test's own fixtures are torn down
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if _uses_pool(item) and (nextitem is None or not _uses_pool(nextitem)):
+        DEMO_MPC_POOL.stop()
+
+
 @pytest.fixture(scope="session")
 def births_feb(local_grid: LocalGrid):  # type: ignore[no-untyped-def]
     """The hospital's February table, as the hospital itself reads it."""

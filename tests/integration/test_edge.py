@@ -213,15 +213,15 @@ def test_hostile_envelopes_are_refused_with_the_protocol_s_codes(local_grid: Loc
     dead = admin.llen(dead_letter_key("node.hospital"))
     good = mean_job(local_grid)
     env = good["envelope"]
-    mallory = Identity.generate("mallory")  # not admitted: no mallory.pub among the edge's users
-    forged = signed_job(mallory, "hospital", RunJob.model_validate(json.loads(env["body"])))
+    intruder = Identity.generate("intruder")  # not admitted: no intruder.pub among the edge's users (no test makes one)
+    forged = signed_job(intruder, "hospital", RunJob.model_validate(json.loads(env["body"])))
     forged["envelope"]["sender"] = "alice"
     cases: list[tuple[int, str, Any]] = [
         (401, "bad_signature", {**good, "envelope": {**env, "signature": ""}}),  # unsigned
         (401, "bad_signature", {**good, "envelope": {**env, "signature": env["signature"][:-4] + "AAA="}}),
         (401, "bad_signature", forged),  # signed by another key, as alice
         (401, "bad_signature", {**good, "envelope": {**env, "recipient": "clinic"}}),  # tampered
-        (401, "unknown_sender", signed_job(mallory, "hospital", RunJob.model_validate(json.loads(env["body"])))),
+        (401, "unknown_sender", signed_job(intruder, "hospital", RunJob.model_validate(json.loads(env["body"])))),
         (401, "expired", mean_job(local_grid, ttl=1.0)),
         (400, "invalid_request", mean_job(local_grid, job_id="hospital/../x")),  # no URL could name it
         (400, "invalid_request", {"task": Tasks.RUN_JOB, "envelope": {**env, "issued_at": "now"}}),
@@ -303,12 +303,12 @@ def test_floods_are_limited_per_identity_and_the_edge_keeps_serving(local_grid: 
             # another sender is not held back by alice's flood …
             assert client.submit(mean_job(local_grid, "bob")).startswith("hospital:")
             # … and refusals before a sender is known count against the client's address
-            stranger = signed_job(Identity.generate("mallory"), "hospital", BudgetQuery())
+            stranger = signed_job(Identity.generate("intruder"), "hospital", BudgetQuery())
             statuses = [client.call("POST", "/v1/jobs", stranger)[0] for _ in range(15)]
             assert statuses[0] == 401 and 429 in statuses
             flood = [client.call("GET", "/v1/models")[0] for _ in range(15)]
             assert flood.count(429) >= 13  # the address's bucket is empty (refilled at 1 a second)
-            unknown = {"cancellation": "cancel mallory " + "A" * 86 + "=="}  # refused before its signer is known
+            unknown = {"cancellation": "cancel intruder " + "A" * 86 + "=="}  # refused before its signer is known
             assert client.call("POST", f"/v1/jobs/{request['envelope']['job_id']}/cancel", unknown)[0] == 429
             assert client.call("GET", "/healthz") == (200, {"ok": True})
             assert local_grid.procs["edge-tight"].poll() is None

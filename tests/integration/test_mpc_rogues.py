@@ -21,7 +21,7 @@ import redis
 import torch
 
 from ops.keys import read_identity
-from ops.local import NODE_CONFIGS, LocalGrid
+from ops.local import LocalGrid
 from orchestrator import mpc
 from orchestrator.grid import Grid
 from protocol.contract import MPC_MODELS_KEY, Tasks, mpc_ack_key, mpc_session_key
@@ -41,7 +41,6 @@ from protocol.mpc.ring import FixedPoint
 from protocol.mpc.sharing import share
 from protocol.mpc.wire import MpcReply, RunSession, StoreShares
 
-POOL = ("company", "university", "hospital", "public")
 ROGUE_CONFIG = """
 # a node of the MPC pool that went rogue: it hosts carol's models, and sends what it likes
 [node]
@@ -61,17 +60,15 @@ round_timeout = 10.0
 
 
 @pytest.fixture(scope="module")
-def pool(local_grid: LocalGrid) -> Iterator[LocalGrid]:
-    local_grid.ensure_keys("dana", "bob", "carol", "mallory")
-    config = local_grid.home / "rogue.toml"
+def pool(demo_mpc_pool: LocalGrid) -> Iterator[LocalGrid]:
+    """The demo MPC pool (tests/conftest.py), and the rogue's own MPC worker."""
+    demo_mpc_pool.ensure_keys("dana", "bob", "carol", "mallory")
+    config = demo_mpc_pool.home / "rogue.toml"
     config.write_text(ROGUE_CONFIG)
-    for node in POOL:
-        local_grid.start_mpc(NODE_CONFIGS / f"{node}.toml")
-    local_grid.start_mpc(config)  # enrols and registers "rogue" with its own key, like any pool node
-    local_grid.wait_ready([*POOL, "rogue"], timeout=90, workers=[f"{n}-mpc" for n in (*POOL, "rogue")])
-    yield local_grid
-    for node in (*POOL, "rogue"):
-        local_grid.kill(f"{node}-mpc")
+    demo_mpc_pool.start_mpc(config)  # enrols and registers "rogue" with its own key, like any pool node
+    demo_mpc_pool.wait_ready(["rogue"], timeout=90, workers=["rogue-mpc"])
+    yield demo_mpc_pool
+    demo_mpc_pool.kill("rogue-mpc")
 
 
 @pytest.fixture()

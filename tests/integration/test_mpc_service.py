@@ -10,7 +10,6 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -24,19 +23,13 @@ from protocol.errors import NodeUnavailable, PermissionDenied, UnknownSender
 from protocol.mpc.ring import FixedPoint
 from workers.tables import MpcShareRow
 
-MPC_NODES = ("company", "university", "hospital", "public", "clinic")
 ROUND_TIMEOUT = 10.0  # company.toml's [mpc] round_timeout
 
 
 @pytest.fixture(scope="module")
-def mpc_grid(local_grid: LocalGrid) -> Iterator[LocalGrid]:
-    local_grid.ensure_keys(*MPC_NODES, "dana", "bob", "eve", "mallory")
-    for node in MPC_NODES:
-        local_grid.start_mpc(NODE_CONFIGS / f"{node}.toml")
-    local_grid.wait_ready(list(MPC_NODES), timeout=90, workers=[f"{n}-mpc" for n in MPC_NODES])
-    yield local_grid
-    for node in MPC_NODES:
-        local_grid.kill(f"{node}-mpc")
+def mpc_grid(demo_mpc_pool: LocalGrid) -> LocalGrid:
+    """The demo pool: company hosts, hospital, public and clinic hold shares, university deals."""
+    return demo_mpc_pool
 
 
 def seed_model() -> torch.nn.Linear:

@@ -26,8 +26,8 @@ from ops.local import LocalGrid
 from protocol.errors import PermissionDenied
 
 pytestmark = pytest.mark.integration
-# the MPC pool of test_mpc_service.py (company, university, hospital, public, clinic): started for
-# this module as for that one, and killed after it
+# the demo MPC pool (tests/conftest.py: company, university, hospital, public, clinic), as
+# test_mpc_service.py has it; it runs right after that module, on the same pool
 mpc_grid = test_mpc_service.mpc_grid
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT = ROOT / "clients" / "ts"

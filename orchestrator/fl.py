@@ -360,8 +360,8 @@ def fedavg(like: dict[str, torch.Tensor], updates: Sequence[tuple[Any, torch.Ten
 
 def _node_updates(records: Sequence[RoundRecord], updates: Sequence[Update]) -> list[NodeUpdate]:
     """The round's updates as a strategy sees them: with each node's training loss and accuracy."""
-    said = {r.node: r for r in records if r.status == "done"}
-    return [NodeUpdate(node, flat, n, said[node].loss, said[node].accuracy) for node, flat, n in updates]
+    said = {r.node: (r.loss, r.accuracy) for r in records if r.status == "done"}
+    return [NodeUpdate(node, flat, n, *said.get(node, (None, None))) for node, flat, n in updates]
 
 
 def _secure_mean(grid: Grid, secure: SecureAggregation, like: dict[str, torch.Tensor],

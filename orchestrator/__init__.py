@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ b
     from orchestrator.grid import Grid, RequestList
     from orchestrator.history import RoundRecord, RoundSummary
     from orchestrator.pointer import DataPointer, Expression, cat, stack
-    from orchestrator.strategies import FedAdam, FedAvg, FedProx
+    from orchestrator.strategies import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, NodeUpdate, Strategy
     from orchestrator.ticket import JobTicket, PrivateValue
     from protocol.messages import BudgetInfo, DPConfig, TrainMetrics
     from protocol.mpc.wire import ModelCard
@@ -30,11 +30,13 @@ _HOMES = {
     "RoundRecord": "orchestrator.history", "RoundSummary": "orchestrator.history",
     "DPConfig": "protocol.messages", "TrainMetrics": "protocol.messages", "BudgetInfo": "protocol.messages",
     "ModelCard": "protocol.mpc.wire",
-    "FedAvg": "orchestrator.strategies", "FedProx": "orchestrator.strategies", "FedAdam": "orchestrator.strategies",
+    **{name: "orchestrator.strategies" for name in ("FedAvg", "FedProx", "FedAdam", "FedMedian", "FedTrimmedAvg",
+                                                     "Krum", "NodeUpdate", "Strategy")},
 }
-__all__ = ["BudgetInfo", "DPConfig", "DataPointer", "Evaluation", "Expression", "FedAdam", "FedAvg", "FedProx",
-           "FitResult", "Grid", "JobTicket", "ModelCard", "ModelPointer", "PrivateValue", "RequestList",
-           "RoundRecord", "RoundSummary", "TrainMetrics", "cat", "stack"]
+__all__ = ["BudgetInfo", "DPConfig", "DataPointer", "Evaluation", "Expression", "FedAdam", "FedAvg", "FedMedian",
+           "FedProx", "FedTrimmedAvg", "FitResult", "Grid", "JobTicket", "Krum", "ModelCard", "ModelPointer",
+           "NodeUpdate", "PrivateValue", "RequestList", "RoundRecord", "RoundSummary", "Strategy", "TrainMetrics",
+           "cat", "stack"]
 
 
 def __getattr__(name: str) -> Any:

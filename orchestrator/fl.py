@@ -21,7 +21,9 @@ the run. Each node's job releases its trained weights, and its loss and accuracy
 to you (the node's policy decides: an allowed user gets them, others wait for the owner's
 approval of kind ``train``, and the round goes on without that node). Their average,
 weighted by sample counts, becomes the new global model as the run's strategy says
-(:mod:`orchestrator.strategies`: ``FedAvg()``, ``FedProx(mu=…)``, ``FedAdam(lr=…)``).
+(:mod:`orchestrator.strategies`: ``FedAvg()``, ``FedProx(mu=…)``, ``FedAdam(lr=…)``; or a
+robust combination of the nodes' updates instead of their average: ``FedMedian()``,
+``FedTrimmedAvg(beta=…)``, ``Krum(byzantine=…)``).
 With ``dp=DPConfig(noise_multiplier=, max_grad_norm=, delta=)`` the nodes train by
 DP-SGD and charge what their accountant says to your budget on their dataset; the weights
 then leave by the DP door, without approval, and a budget that cannot cover a round
@@ -38,7 +40,10 @@ their sum.
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import math
+import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,7 +54,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from orchestrator import mpc
-from orchestrator.evaluation import Evaluation
+from orchestrator.evaluation import Evaluation, weighted
 from orchestrator.evaluation import evaluate as federated_evaluation
 from orchestrator.gather import gather, pairs, same_node, seal_for
 from orchestrator.history import (
@@ -64,12 +69,12 @@ from orchestrator.history import (
     round_rows,
     summarize,
 )
-from orchestrator.strategies import Strategy
+from orchestrator.strategies import NodeUpdate, Strategy, weighted_mean
 from orchestrator.strategies import strategy as as_strategy
 from orchestrator.ticket import JobTicket
 from protocol.codec import dtype_name
 from protocol.contract import Tasks
-from protocol.errors import ApprovalRequired, GridError, InvalidRequest, JobFailed, NodeUnavailable
+from protocol.errors import ApprovalRequired, GridError, InvalidRequest, JobFailed, NodeUnavailable, NotFound
 from protocol.messages import (
     DPConfig,
     KeepRelease,
@@ -205,55 +210,83 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
         loss: str = "cross_entropy", momentum: float = 0.0, strategy: Strategy | str = "fedavg",
         min_nodes: int = 1, round_timeout: float = 120.0, seed: int = 0, progress: bool = True,
         history_db: str | None = None, dp: DPConfig | None = None, secure_aggregation: bool = False,
-        aggregators: Sequence[str] = (), evaluate: Sequence[tuple[Expression, Expression]] = ()) -> FitResult:
+        aggregators: Sequence[str] = (), evaluate: Sequence[tuple[Expression, Expression]] = (),
+        sample_fraction: float = 1.0, min_sampled: int = 1, checkpoint_every: int = 0,
+        resume: str | None = None) -> FitResult:
     """Ctrl-C stops the run between rounds: the round under way is dropped, the model of the
-    last whole round is returned (``interrupted=True``) and the run is recorded as interrupted."""
+    last whole round is returned (``interrupted=True``) and the run is recorded as interrupted.
+    ``sample_fraction`` of the nodes (at least ``min_sampled``) train each round, drawn anew
+    from ``seed`` and the round. ``checkpoint_every=N`` keeps the global model (and the
+    strategy's state) in the history every N rounds and after the last; ``resume=RUN`` (its
+    id, or a unique prefix) goes on with that run from its last checkpoint, up to ``rounds``
+    in all, as if it had not stopped."""
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise InvalidRequest(f"rounds must be a whole number of at least 1, not {rounds!r}: fit trains for that many "
                              "rounds (with none, it would hand the model back untrained)")
     data = pairs(data, "fit's data")
     evaluate = pairs(evaluate, "evaluate") if evaluate else []
     server = as_strategy(strategy)
+    server.check(len(data))
+    if secure_aggregation and server.sees_updates:
+        raise InvalidRequest(f"{type(server).__name__} combines each node's update, which secure aggregation hides "
+                             "from everyone, you included: use FedAvg, FedProx or FedAdam with it")
     if not 1 <= min_nodes <= len(data):
         raise InvalidRequest(f"min_nodes must be within 1..{len(data)} (the nodes given)")
+    if not 0 < sample_fraction <= 1 or not min_nodes <= min_sampled <= len(data):
+        raise InvalidRequest(f"sample_fraction must be within (0, 1] (the share of nodes that train each round, not "
+                             f"{sample_fraction}) and min_sampled within min_nodes..{len(data)} ({min_nodes}.."
+                             f"{len(data)}: a round must ask at least the nodes it waits for), not {min_sampled}")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise InvalidRequest(f"checkpoint_every must be a whole number of rounds (0: no checkpoints), "
+                             f"not {checkpoint_every!r}")
     if secure_aggregation and (len(set(aggregators)) < 2 or set(aggregators) & {x.node for x, _ in data}):
         raise InvalidRequest("secure aggregation needs at least two aggregation parties (MPC pool nodes), none of "
                              "them a node whose data is trained on")
     model = copy.deepcopy(model)
     spec, state = describe_model(model)
-    server.start(model)
     history = History(history_db)
-    run_id = history.start(spec, {"rounds": rounds, "local_epochs": local_epochs, "batch_size": batch_size, "lr": lr,
-                                  "optimizer": optimizer, "loss": loss, "momentum": momentum, **server.config(),
-                                  "nodes": [x.node for x, _ in data], "min_nodes": min_nodes,
-                                  "round_timeout": round_timeout, "seed": seed,
-                                  **({"evaluated_at": [x.node for x, _ in evaluate]} if evaluate else {}),
-                                  # how the nodes' data was protected, for `gridq runs show`
-                                  "dp": dp.model_dump(mode="json") if dp is not None else None,
-                                  "secure_aggregation": {"aggregators": list(aggregators), "frac_bits": FRAC_BITS}
-                                  if secure_aggregation else None})
-    result = FitResult(model, [], run_id)
-    done = 0  # whole rounds so far: ``state`` is their aggregate
+    config = {"rounds": rounds, "local_epochs": local_epochs, "batch_size": batch_size, "lr": lr,
+              "optimizer": optimizer, "loss": loss, "momentum": momentum, **server.config(),
+              "nodes": [x.node for x, _ in data], "min_nodes": min_nodes, "round_timeout": round_timeout, "seed": seed,
+              **({"sample_fraction": sample_fraction, "min_sampled": min_sampled} if sample_fraction < 1 else {}),
+              **({"checkpoint_every": checkpoint_every} if checkpoint_every else {}),
+              **({"evaluated_at": [x.node for x, _ in evaluate]} if evaluate else {}),
+              # how the nodes' data was protected, for `gridq runs show`
+              "dp": dp.model_dump(mode="json") if dp is not None else None,
+              "secure_aggregation": {"aggregators": list(aggregators), "frac_bits": FRAC_BITS}
+              if secure_aggregation else None}
+    if resume is None:
+        server.start(model)
+        run_id, first = history.start(spec, config), 0
+        result = FitResult(model, [], run_id)
+    else:
+        run_id, first, state = _resume(history, resume, spec, config, model, server)
+        result = FitResult(model, history.rounds(run_id), run_id,
+                           [weighted(nodes) for _, nodes in sorted(history.evaluations(run_id).items())])
+    done = first  # whole rounds so far: ``state`` is their aggregate
     try:
-        with _progress(progress, rounds) as bar:
-            for r in range(rounds):
+        with _progress(progress, rounds, first) as bar:
+            for r in range(first, rounds):
+                chosen = sampled(len(data), sample_fraction, min_sampled, seed, r)
                 configs = [checked(TrainConfig, epochs=local_epochs, batch_size=batch_size, lr=lr,  # type: ignore[arg-type]
                                    optimizer=optimizer, loss=loss, momentum=momentum,  # type: ignore[arg-type]
                                    proximal_mu=server.proximal_mu, seed=seed + r * len(data) + i)
-                           for i in range(len(data))]
+                           for i in chosen]
                 secure = SecureAggregation(round=uuid.uuid4().hex, aggregators=list(aggregators)) \
                     if secure_aggregation else None
-                records, updates, errors = _round(grid, spec, state, data, configs, r, round_timeout, dp, secure)
+                records, updates, errors = _round(grid, spec, state, [data[i] for i in chosen], configs, r,
+                                                  round_timeout, dp, secure)
                 history.record(run_id, records)
                 result.history.extend(records)
-                if len(updates) < min_nodes and errors and len(errors) == len(data):
+                if len(updates) < min_nodes and errors and len(errors) == len(chosen):
                     raise errors[0]  # every node refused, for a reason of its own: BudgetExhausted, PermissionDenied …
                 if len(updates) < min_nodes:
-                    raise NodeUnavailable(f"round {r}: {len(updates)} of {len(data)} nodes answered within "
+                    raise NodeUnavailable(f"round {r}: {len(updates)} of {len(chosen)} nodes answered within "
                                           f"{round_timeout:g} s; min_nodes is {min_nodes} "
                                           f"({'; '.join(f'{h.node}: {h.status} {h.error}' for h in records)})")
-                state = server.aggregate(_secure_mean(grid, secure, state, updates) if secure
-                                         else fedavg(state, updates))
+                combined = _secure_mean(grid, secure, state, updates) if secure \
+                    else unflatten_state(server.combine(_node_updates(records, updates)), state)
+                state = server.aggregate(combined)
                 done = r + 1
                 summary = result.rounds()[-1]
                 shown = f"round {r + 1}/{rounds}  train loss {figure(summary.loss)}  " \
@@ -265,7 +298,9 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
                     result.evaluations.append(ev)
                     shown += f"  eval loss {figure(ev.loss)}" + (
                         f"  eval acc {ev.accuracy:.3f}" if ev.accuracy is not None else "")
-                bar.update(bar.task_ids[0], advance=1, description=f"{shown}  nodes {summary.nodes}/{len(data)}")
+                if checkpoint_every and (done % checkpoint_every == 0 or done == rounds):
+                    history.save_checkpoint(run_id, r, state, server.state())
+                bar.update(bar.task_ids[0], advance=1, description=f"{shown}  nodes {summary.nodes}/{len(chosen)}")
     except KeyboardInterrupt:
         # Ctrl-C: what the round under way would add is dropped (its jobs finish at the nodes, unread)
         why = f"stopped with Ctrl-C after {done} of {rounds} rounds; the model of round {done} was returned"
@@ -281,11 +316,52 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
     return result
 
 
+def sampled(nodes: int, fraction: float, at_least: int, seed: int, r: int) -> list[int]:
+    """The indices of the nodes that train in round ``r``: ⌈fraction·nodes⌉ of them, at least
+    ``at_least``, drawn from ``seed`` and ``r`` (the same run asks the same nodes again)."""
+    if fraction >= 1:
+        return list(range(nodes))
+    count = min(nodes, max(at_least, math.ceil(fraction * nodes)))
+    return sorted(random.Random(f"gridq-sample:{seed}:{r}").sample(range(nodes), count))
+
+
+def _resume(history: History, given: str, spec: ModelSpec, config: dict[str, Any], model: torch.nn.Module,
+            server: Strategy) -> tuple[str, int, dict[str, torch.Tensor]]:
+    """The run ``given`` names, reopened at its last checkpoint: its id, the first round to
+    run, and the global model's weights then (loaded into ``model``, the strategy restored)."""
+    run_id = history.resolve(given)
+    last = history.checkpoint(run_id)
+    if last is None:
+        raise NotFound(f"run {run_id} kept no checkpoint to resume from: fit(..., checkpoint_every=N) keeps one "
+                       "every N rounds")
+    if history.model(run_id) != json.loads(spec.model_dump_json()):
+        raise InvalidRequest(f"run {run_id} trained another model (its layers or shapes differ): resume it with the "
+                             "model it started with")
+    was = history.config(run_id)
+    differ = [k for k in ("nodes", *server.config(), "local_epochs", "batch_size", "lr", "optimizer", "loss",
+                          "momentum", "seed", "sample_fraction", "secure_aggregation", "dp")
+              if was.get(k) != config.get(k)]
+    if differ:
+        raise InvalidRequest(f"run {run_id} was asked otherwise ({', '.join(f'{k}: {was.get(k)!r}' for k in differ)}): "
+                             "resume it with the same data, strategy and training settings")
+    if last.round + 1 >= config["rounds"]:
+        raise InvalidRequest(f"run {run_id} has {last.round + 1} rounds already: ask for more (rounds=…) to go on")
+    model.load_state_dict(last.model)
+    server.start(model)
+    server.restore(last.strategy)
+    history.reopen(run_id)
+    return run_id, last.round + 1, model.state_dict()
+
+
 def fedavg(like: dict[str, torch.Tensor], updates: Sequence[tuple[Any, torch.Tensor, int]]) -> dict[str, torch.Tensor]:
     """The average of flat weight vectors, weighted by the nodes' sample counts."""
-    total = sum(n for _, _, n in updates)
-    mean = sum((flat * (n / total) for _, flat, n in updates), torch.zeros_like(updates[0][1]))
-    return unflatten_state(mean, like)
+    return unflatten_state(weighted_mean([NodeUpdate(str(node), flat, n) for node, flat, n in updates]), like)
+
+
+def _node_updates(records: Sequence[RoundRecord], updates: Sequence[Update]) -> list[NodeUpdate]:
+    """The round's updates as a strategy sees them: with each node's training loss and accuracy."""
+    said = {r.node: (r.loss, r.accuracy) for r in records if r.status == "done"}
+    return [NodeUpdate(node, flat, n, *said.get(node, (None, None))) for node, flat, n in updates]
 
 
 def _secure_mean(grid: Grid, secure: SecureAggregation, like: dict[str, torch.Tensor],
@@ -363,10 +439,10 @@ class _NoBar:
         pass
 
 
-def _progress(show: bool, rounds: int) -> Any:
+def _progress(show: bool, rounds: int, done: int = 0) -> Any:
     if not show:
         return _NoBar()
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TimeElapsedColumn())
-    bar.add_task(f"round 0/{rounds}", total=rounds)
+    bar.add_task(f"round {done}/{rounds}", total=rounds, completed=done)
     return bar

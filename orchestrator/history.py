@@ -17,7 +17,23 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import JSON, Engine, Float, Integer, String, Table, Text, create_engine, inspect, select
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from sqlalchemy import (
+    JSON,
+    Engine,
+    Float,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    inspect,
+    select,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from protocol.contract import gridq_home
@@ -81,6 +97,25 @@ class EvaluationRow(_Base):
     samples: Mapped[int] = mapped_column(Integer)
     loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class CheckpointRow(_Base):
+    """The global model after a round, and the strategy's state (FedAdam's moments), to resume
+    the run from (``fit(..., checkpoint_every=N)``, ``fit(..., resume=RUN)``): safetensors
+    bytes, ``model/<name>`` and ``strategy/<name>`` — tensors only, never a pickle."""
+
+    __tablename__ = "fl_checkpoints"
+    run_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    saved_at: Mapped[float] = mapped_column(Float)
+    tensors: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    round: int  # the last whole round whose model this is (from 0)
+    model: dict[str, torch.Tensor]
+    strategy: dict[str, torch.Tensor]
 
 
 def _figures_may_be_missing(engine: Engine) -> None:
@@ -155,6 +190,45 @@ class History:
         if row is None:
             raise KeyError(f"no federated run {run_id!r} in {self.engine.url}")
         return row.status or "", row.reason or ""
+
+    def reopen(self, run_id: str) -> None:
+        """A run resumed: running again, from its last checkpoint; what it recorded of the
+        rounds after that checkpoint (a round cut short, a crash) is dropped, to be run again."""
+        last = self.checkpoint(run_id)
+        after = -1 if last is None else last.round
+        with self._sessions.begin() as s:
+            for table in (RoundRow, EvaluationRow, CheckpointRow):
+                s.execute(delete(table).where(table.run_id == run_id, table.round > after))
+            row = s.get(RunRow, run_id)
+            if row is not None:
+                row.status, row.reason = "running", f"resumed after round {after + 1}"
+
+    def save_checkpoint(self, run_id: str, round: int, model: Mapping[str, torch.Tensor],
+                        strategy: Mapping[str, torch.Tensor]) -> None:
+        tensors = {**{f"model/{k}": v.detach().contiguous() for k, v in model.items()},
+                   **{f"strategy/{k}": v.detach().contiguous() for k, v in strategy.items()}}
+        with self._sessions.begin() as s:
+            s.merge(CheckpointRow(run_id=run_id, round=round, saved_at=time.time(), tensors=save_tensors(tensors)))
+
+    def checkpoint(self, run_id: str) -> Checkpoint | None:
+        """The run's last checkpoint, or None if it saved none."""
+        with self._sessions() as s:
+            row = s.scalars(select(CheckpointRow).where(CheckpointRow.run_id == run_id)
+                            .order_by(CheckpointRow.round.desc()).limit(1)).first()
+        if row is None:
+            return None
+        tensors = load_tensors(row.tensors)
+        part = {prefix: {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{prefix}/")}
+                for prefix in ("model", "strategy")}
+        return Checkpoint(row.round, part["model"], part["strategy"])
+
+    def model(self, run_id: str) -> dict[str, Any]:
+        """The model the run trains, as it was described when it started (layers, shapes)."""
+        with self._sessions() as s:
+            row = s.get(RunRow, run_id)
+        if row is None:
+            raise KeyError(f"no federated run {run_id!r} in {self.engine.url}")
+        return row.model
 
     def record(self, run_id: str, records: list[RoundRecord]) -> None:
         with self._sessions.begin() as s:

@@ -116,6 +116,102 @@ def test_fit_with_a_label_skew(local_grid: LocalGrid, sites, tmp_path) -> None: 
     assert History(db).config(adam.run_id)["strategy"] == "fedadam"
 
 
+def test_fedmedian_takes_the_median_of_the_updates_the_sites_sent(local_grid: LocalGrid, sites,  # type: ignore[no-untyped-def]
+                                                                   tmp_path) -> None:
+    """A robust strategy sees each site's update through real workers: one round of FedMedian
+    is the coordinate-wise median of the three updates, recomputed here (same seeds, same
+    data); Krum, which needs 2f + 3 sites, and FedMedian with secure aggregation (which hides
+    the updates it needs) are refused before any job is sent."""
+    from orchestrator.strategies import FedMedian, Krum
+    from protocol.errors import InvalidRequest
+    from protocol.messages import TrainConfig
+    from protocol.model import build_model, flatten_state
+    from workers.training import train
+
+    db = f"sqlite:///{tmp_path / 'runs.db'}"
+    with local_grid.connect("alice") as grid:
+        result = grid.fit(mlp(), pairs(grid), rounds=1, lr=0.05, progress=False, history_db=db, strategy=FedMedian())
+        with pytest.raises(InvalidRequest, match=r"Krum .* needs 5 nodes or more"):
+            grid.fit(mlp(), pairs(grid), rounds=1, progress=False, history_db=db, strategy=Krum(byzantine=1))
+        with pytest.raises(InvalidRequest, match="FedMedian combines each node's update, which secure aggregation"):
+            grid.fit(mlp(), pairs(grid), rounds=1, progress=False, history_db=db, strategy=FedMedian(),
+                     secure_aggregation=True, aggregators=["company", "public"])
+    spec, state = describe_model(mlp())
+    iid, _ = digits_split(len(SITES))
+    updates = []
+    for i, table in enumerate(iid):
+        local = build_model(spec, state)
+        train(local, torch.tensor(table[:, :64]), torch.tensor(table[:, 64]), TrainConfig(lr=0.05, seed=i))
+        updates.append(flatten_state(local.state_dict()))
+    median = torch.stack(updates).median(dim=0).values  # three: the middle one, in each coordinate
+    mean = torch.stack(updates).mean(dim=0)
+    got = flatten_state(result.model.state_dict())
+    assert (got - median).abs().max().item() < 1e-6  # float rounding of another thread count, nothing more
+    assert (got - mean).abs().max().item() > 1e-3  # and not their mean
+    assert History(db).config(result.run_id)["strategy"] == "fedmedian"
+    assert len(History(db).runs()) == 1  # the refused runs never started
+
+
+def test_each_round_trains_the_sample_of_sites_its_seed_draws(local_grid: LocalGrid, sites,  # type: ignore[no-untyped-def]
+                                                               tmp_path) -> None:
+    from orchestrator.fl import sampled
+    from protocol.errors import InvalidRequest
+
+    db = f"sqlite:///{tmp_path / 'runs.db'}"
+    drawn = [[SITES[i] for i in sampled(len(SITES), 0.5, 1, seed=3, r=r)] for r in range(4)]
+    assert all(len(d) == 2 for d in drawn) and len({tuple(d) for d in drawn}) > 1  # ⌈1.5⌉ sites, not always the same
+    with local_grid.connect("alice") as grid:
+        result = grid.fit(mlp(), pairs(grid), rounds=4, lr=0.05, progress=False, history_db=db, seed=3,
+                          sample_fraction=0.5)
+        with pytest.raises(InvalidRequest, match=r"sample_fraction must be within \(0, 1\]"):
+            grid.fit(mlp(), pairs(grid), rounds=1, progress=False, history_db=db, sample_fraction=0.0)
+        with pytest.raises(InvalidRequest, match="a round must ask at least the nodes it waits for"):
+            grid.fit(mlp(), pairs(grid), rounds=1, progress=False, history_db=db, sample_fraction=0.5, min_nodes=2,
+                     min_sampled=1)
+    stored = History(db).rounds(result.run_id)
+    assert [sorted(h.node for h in stored if h.round == r) for r in range(4)] == drawn
+    assert all(h.status == "done" for h in stored)
+    assert [row["asked"] for row in result.to_dataframe().to_dict("records")] == [2, 2, 2, 2]
+    assert History(db).config(result.run_id)["sample_fraction"] == 0.5
+
+
+def test_a_run_stopped_with_ctrl_c_resumes_from_its_checkpoint_as_if_it_had_not_stopped(  # type: ignore[no-untyped-def]
+        local_grid: LocalGrid, sites, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import orchestrator.fl as fl
+    from protocol.errors import InvalidRequest, NotFound
+    from protocol.model import flatten_state
+
+    db = f"sqlite:///{tmp_path / 'runs.db'}"
+    run = {"rounds": 4, "lr": 0.05, "progress": False, "history_db": db}
+    real_round = fl._round
+
+    def ctrl_c_in_round_three(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if args[5] == 2:  # Ctrl-C while the third round's jobs run: rounds 1-2 are kept, the third is not
+            raise KeyboardInterrupt
+        return real_round(*args, **kwargs)
+
+    with local_grid.connect("alice") as grid:
+        straight = grid.fit(mlp(), pairs(grid), strategy=FedAdam(lr=0.03), **run)
+        with monkeypatch.context() as patched:
+            patched.setattr(fl, "_round", ctrl_c_in_round_three)
+            stopped = grid.fit(mlp(), pairs(grid), strategy=FedAdam(lr=0.03), checkpoint_every=2, **run)
+        assert stopped.interrupted and History(db).status(stopped.run_id)[0] == "interrupted"
+        with pytest.raises(InvalidRequest, match="was asked otherwise \\(lr: 0.05\\)"):
+            grid.fit(mlp(), pairs(grid), strategy=FedAdam(lr=0.03), checkpoint_every=2, resume=stopped.run_id,
+                     **{**run, "lr": 0.1})
+        with pytest.raises(NotFound, match="kept no checkpoint to resume from"):
+            grid.fit(mlp(), pairs(grid), strategy=FedAdam(lr=0.03), resume=straight.run_id, **run)
+        resumed = grid.fit(mlp(), pairs(grid), strategy=FedAdam(lr=0.03), checkpoint_every=2,
+                           resume=stopped.run_id[:10], **run)
+    assert resumed.run_id == stopped.run_id and not resumed.interrupted
+    gap = (flatten_state(resumed.model.state_dict()) - flatten_state(straight.model.state_dict())).abs().max()
+    assert gap.item() < 1e-5  # the same rounds, the same seeds, Adam's moments restored: the same model
+    stored = History(db).rounds(stopped.run_id)
+    assert len(stored) == 12 and all(h.status == "done" for h in stored)  # 4 rounds × 3 sites, none twice
+    assert [s.round for s in resumed.rounds()] == [0, 1, 2, 3]
+    assert History(db).status(stopped.run_id)[0] == "done"
+
+
 def test_federated_evaluation_at_the_nodes(local_grid: LocalGrid, sites, tmp_path) -> None:  # type: ignore[no-untyped-def]
     db = f"sqlite:///{tmp_path / 'runs.db'}"
     with local_grid.connect("alice") as grid:

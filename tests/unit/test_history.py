@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from ops.cli import app
 from orchestrator.history import History, RoundRecord, RoundSummary, summarize
+from protocol.messages import TrainMetrics
 from protocol.model import describe_model
 
 
@@ -81,3 +82,23 @@ def test_a_history_written_before_figures_could_be_withheld_takes_them(tmp_path:
     history = History(f"sqlite:///{file}")
     history.record("new", [RoundRecord(1, "clinic", "done", 20, None, None, 1.0, "withheld")])
     assert [r.loss for r in history.rounds("old")] == [0.5] and [r.loss for r in history.rounds("new")] == [None]
+
+
+def test_a_checkpoint_keeps_the_model_and_the_strategy_and_a_resume_drops_what_came_after(tmp_path: Path) -> None:
+    import torch
+
+    history = History(f"sqlite:///{tmp_path / 'runs.db'}")
+    run_id = _run(history)  # rounds 0 and 1 recorded
+    assert history.checkpoint(run_id) is None
+    weights = {"0.weight": torch.arange(8.0).reshape(2, 4), "0.bias": torch.tensor([0.5, -0.5])}
+    history.save_checkpoint(run_id, 0, weights, {"0.weight.step": torch.tensor(1.0)})
+    history.record_evaluation(run_id, 1, {"a": TrainMetrics(samples=5, loss=0.1, accuracy=1.0)})
+    kept = history.checkpoint(run_id)
+    assert kept is not None and kept.round == 0 and set(kept.model) == set(weights)
+    assert all(torch.equal(kept.model[k], v) for k, v in weights.items())
+    assert torch.equal(kept.strategy["0.weight.step"], torch.tensor(1.0))
+    history.finish(run_id, "interrupted", "Ctrl-C")
+    history.reopen(run_id)  # round 1 came after the checkpoint: it is run again
+    assert {r.round for r in history.rounds(run_id)} == {0} and history.evaluations(run_id) == {}
+    assert history.status(run_id) == ("running", "resumed after round 1")
+    assert history.checkpoint(run_id).round == 0  # type: ignore[union-attr]

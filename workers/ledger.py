@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import delete, func, insert, select, text
 from sqlalchemy.orm import Session
 
-from protocol.dp import Charge, spent
+from protocol.dp import MECHANISMS, Charge, spent
 from protocol.errors import BudgetExhausted
 from protocol.messages import BudgetInfo
 from workers.config import BudgetSection
@@ -93,8 +93,8 @@ class Ledger:
                                                              ChargeTotalRow.dataset == dataset))
         totals, releases = [], 0
         for total in spent_rows:  # DP-SGD charges carry their own δ; the others the budget's
-            totals.append(Charge(total.mechanism, total.epsilon, total.delta if total.mechanism == "dpsgd" else delta,
-                                 rho=total.rho))
+            kind = MECHANISMS[total.mechanism]
+            totals.append(Charge(kind.name, total.epsilon, kind.stored_delta(total.delta, delta), rho=total.rho))
             releases += total.releases
         return epsilon, delta, totals, releases
 

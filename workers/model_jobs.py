@@ -128,12 +128,11 @@ class ModelJobs:
         for (basic composition: one charge) — and the figures' noise; None without DP-SGD."""
         if body.dp is None:
             return None, None
-        sgd = dp_charge(body.config, body.dp, samples)
         if not body.dp.metrics_epsilon:
-            return sgd, None
+            return dp_charge(body.config, body.dp, samples), None
         noise = figures.figures_charge(samples, body.dp.loss_bound, body.config.loss == "cross_entropy",
                                        body.dp.metrics_epsilon)
-        return Charge("dpsgd", sgd.epsilon + noise.epsilon, sgd.delta), noise
+        return dp_charge(body.config, body.dp, samples, also_epsilon=noise.epsilon), noise
 
     @staticmethod
     def _figures(job: Job, body: TrainJob, sources: list[Source], shown: Door | None, metrics: TrainMetrics,

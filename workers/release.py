@@ -40,7 +40,7 @@ def calibrate_release(plan: Plan, release: DPRelease, metas: Sequence[dict[str, 
         raise _naming_unbounded(exc, described) from None
     charge = calibrate(analysis.l1, analysis.l2, release.epsilon, release.delta)
     noise = NoiseInfo(mechanism=charge.mechanism, epsilon=charge.epsilon, delta=charge.delta, scale=charge.scale,  # type: ignore[arg-type]
-                      sensitivity=analysis.l1 if charge.mechanism == "laplace" else analysis.l2,
+                      sensitivity=getattr(analysis, charge.kind.metric),  # the norm its noise is calibrated to
                       post_processed=analysis.post_processed)
     return Calibrated(analysis, charge, noise)
 

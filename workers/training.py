@@ -18,14 +18,13 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from protocol.dp import Charge
+from protocol.dp import DP_SGD, Charge
 from protocol.errors import InvalidRequest
 from protocol.messages import DPConfig, TrainConfig, TrainMetrics
 from protocol.model import OPTIMIZERS, ModelSpec, build_model
@@ -184,22 +183,12 @@ class Models:
                 self._idle.popitem(last=False)
 
 
-def dp_charge(config: TrainConfig, dp: DPConfig, samples: int) -> Charge:
-    """What DP-SGD with these settings costs, by Opacus' RDP accountant — known before
+def dp_charge(config: TrainConfig, dp: DPConfig, samples: int, also_epsilon: float = 0.0) -> Charge:
+    """What DP-SGD with these settings costs (:data:`protocol.dp.DP_SGD`) — known before
     training, so an exhausted budget refuses the job before it runs."""
     rate = min(1.0, config.batch_size / samples)
     steps = config.epochs * _steps_per_epoch(samples, config.batch_size)
-    return Charge("dpsgd", _rdp_epsilon(dp.noise_multiplier, rate, steps, dp.delta), dp.delta)
-
-
-@lru_cache(maxsize=256)
-def _rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    """Opacus' RDP accountant (~0.2 s a call here: cached, as rounds repeat their settings)."""
-    from opacus.accountants import RDPAccountant  # loaded on first use: see train()
-
-    accountant = RDPAccountant()
-    accountant.history = [(noise_multiplier, sample_rate, steps)]
-    return float(accountant.get_epsilon(delta=delta))
+    return DP_SGD.cost(dp.noise_multiplier, rate, steps, dp.delta, also_epsilon)
 
 
 def _steps_per_epoch(samples: int, batch_size: int) -> int:

@@ -50,6 +50,39 @@ def test_accounting_is_monotone_and_mixes_both_kinds() -> None:
 N = 40_000
 
 
+def test_each_mechanism_is_an_object_that_calibrates_costs_and_composes_by_its_rule() -> None:
+    from protocol.dp import DP_SGD, GAUSSIAN, LAPLACE, MECHANISMS, Spend, calibrate, rdp_epsilon
+
+    assert MECHANISMS == {"laplace": LAPLACE, "gaussian": GAUSSIAN, "dpsgd": DP_SGD}
+    pure, approx = calibrate(2.0, 1.0, 0.5), calibrate(2.0, 1.0, 0.5, 1e-6)
+    assert (pure.kind, pure.scale, pure.epsilon) == (LAPLACE, 4.0, pytest.approx(0.5))  # b = Δ₁/ε
+    assert approx.kind is GAUSSIAN and approx.scale == pytest.approx(gaussian_scale(1.0, 0.5, 1e-6))
+    assert (LAPLACE.metric, GAUSSIAN.metric) == ("l1", "l2")
+    # DP-SGD's cost is Opacus' RDP accountant's ε, plus a pure-ε release made with it
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [(1.1, 0.01, 500)]
+    sgd = DP_SGD.cost(1.1, 0.01, 500, 1e-5, also_epsilon=0.25)
+    assert sgd.kind is DP_SGD and sgd.delta == 1e-5
+    assert sgd.epsilon == pytest.approx(accountant.get_epsilon(delta=1e-5) + 0.25, rel=1e-12)
+    assert rdp_epsilon(1.1, 0.01, 500, 1e-5) == pytest.approx(sgd.epsilon - 0.25)
+    with pytest.raises(InvalidRequest, match="dpsgd draws no noise here"):
+        DP_SGD.noise(torch.zeros(3), sgd)
+    # composition, rule by rule: Laplace ε add; DP-SGD ε and δ add; Gaussian ρ add, converted once
+    spend = Spend()
+    for charge in (pure, pure, sgd, approx, approx):
+        charge.kind.compose(spend, charge)
+    assert spend.epsilons == [pure.epsilon, pure.epsilon, sgd.epsilon] and spend.deltas == [1e-5]
+    assert spend.rhos == [approx.rho, approx.rho]
+    epsilon, delta = spend.at(1e-4)
+    assert epsilon == pytest.approx(2 * pure.epsilon + sgd.epsilon + rho_to_approx(2 * approx.rho, 1e-4 - 1e-5))
+    assert delta == 1e-4
+    # a ledger's running total: DP-SGD's keeps the δ of its charges, the others take the budget's
+    assert (DP_SGD.stored_delta(3e-5, 1e-4), GAUSSIAN.stored_delta(0.0, 1e-4), LAPLACE.stored_delta(0.0, 1e-4)) \
+        == (3e-5, 1e-4, 1e-4)
+
+
 def test_laplace_noise_has_the_stated_scale() -> None:
     noisy, charge = laplace(torch.zeros(N), l1=2.0, epsilon=0.5)
     b = 4.0

@@ -36,7 +36,9 @@ from workers.tasks import OUTCOME_EVENT, OUTCOME_FIELD, outcome, serve_tasks
 log = logging.getLogger(__name__)
 
 FROM_USERS = (Tasks.MPC_SERVE, Tasks.MPC_QUERY, Tasks.MPC_KEYS, Tasks.MPC_AGGREGATE)
-ACKED = frozenset({"mpc_store", "mpc_session"})  # the kinds whose sender (a host) waits for the answer on an ack list
+# a store arrives as a task; its sender (a host) waits for the answer on an ack list (sessions come on a
+# list and are acked by serve_popped)
+ACKED = frozenset({"mpc_store"})
 
 
 class MpcWorker:

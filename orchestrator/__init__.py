@@ -14,9 +14,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ b
     from orchestrator.fl import FitResult, ModelPointer
     from orchestrator.grid import Grid, RequestList
     from orchestrator.history import RoundRecord, RoundSummary
-    from orchestrator.pointer import DataPointer, Expression, cat, stack
+    from orchestrator.pointer import DataPointer, Expression, JobTicket, PrivateValue, cat, stack
     from orchestrator.strategies import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, NodeUpdate, Strategy
-    from orchestrator.ticket import JobTicket, PrivateValue
     from protocol.messages import BudgetInfo, DPConfig, TrainMetrics
     from protocol.mpc.wire import ModelCard
 
@@ -24,7 +23,7 @@ _HOMES = {
     "Grid": "orchestrator.grid", "RequestList": "orchestrator.grid",
     "DataPointer": "orchestrator.pointer", "Expression": "orchestrator.pointer",
     "cat": "orchestrator.pointer", "stack": "orchestrator.pointer",
-    "JobTicket": "orchestrator.ticket", "PrivateValue": "orchestrator.ticket",
+    "JobTicket": "orchestrator.pointer", "PrivateValue": "orchestrator.pointer",
     "FitResult": "orchestrator.fl", "ModelPointer": "orchestrator.fl",
     "Evaluation": "orchestrator.evaluation",
     "RoundRecord": "orchestrator.history", "RoundSummary": "orchestrator.history",

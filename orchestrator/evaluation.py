@@ -19,19 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from orchestrator.gather import gather, pairs, seal_for
 from orchestrator.history import figure, weighted_mean
+from orchestrator.pointer import Expression
+from orchestrator.session import Session
 from protocol.errors import GridError, InvalidRequest, NodeUnavailable
 from protocol.messages import DPRelease, EvalJob, RawRelease, TrainMetrics
 from protocol.model import ModelSpec, flatten_state
-
-if TYPE_CHECKING:
-    from orchestrator.grid import Grid
-    from orchestrator.pointer import Expression
 
 
 @dataclass(frozen=True)
@@ -50,7 +47,7 @@ class Evaluation:
         return f"Evaluation(loss {figure(self.loss)}{acc} over {self.samples} samples at {len(self.nodes)} nodes{gone})"
 
 
-def evaluate(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor],
+def evaluate(session: Session, spec: ModelSpec, state: dict[str, torch.Tensor],
              data: Sequence[tuple[Expression, Expression]], *, loss: str, timeout: float, label: str,
              release: RawRelease | DPRelease | None = None, loss_bound: float = 10.0) -> Evaluation:
     """Evaluate the weights ``state`` of the model ``spec`` at every node of ``data`` at once
@@ -63,13 +60,13 @@ def evaluate(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor],
                              f"not {loss_bound}")
     data = pairs(data, "evaluate's data")
     flat = flatten_state(state)
-    jobs = [(x.node, EvalJob(model=spec, weights=seal_for(grid, x.node, flat), x=x.plan, y=y.plan,
+    jobs = [(x.node, EvalJob(model=spec, weights=seal_for(session, x.node, flat), x=x.plan, y=y.plan,
                              loss=loss, release=release or RawRelease(), loss_bound=loss_bound))  # type: ignore[arg-type]
             for x, y in data]
     nodes: dict[str, TrainMetrics] = {}
     missing: dict[str, str] = {}
     errors: list[GridError] = []
-    for node, (_, answer) in gather(grid, jobs, timeout, label).items():
+    for node, (_, answer) in gather(session, jobs, timeout, label).items():
         if answer is None:
             missing[node] = f"no answer within {timeout:g} s"
             continue

@@ -69,9 +69,10 @@ from orchestrator.history import (
     round_rows,
     summarize,
 )
+from orchestrator.pointer import DataPointer, Expression, JobTicket, submit
+from orchestrator.session import Session
 from orchestrator.strategies import NodeUpdate, Strategy, weighted_mean
 from orchestrator.strategies import strategy as as_strategy
-from orchestrator.ticket import JobTicket
 from protocol.codec import dtype_name
 from protocol.contract import Tasks
 from protocol.errors import ApprovalRequired, GridError, InvalidRequest, JobFailed, NodeUnavailable, NotFound
@@ -87,13 +88,11 @@ from protocol.messages import (
 from protocol.model import ModelSpec, describe_model, flatten_state, unflatten_state
 from protocol.mpc.ring import FixedPoint
 from protocol.mpc.wire import Aggregate, open_signed, sum_label, unpack
+from protocol.plan import InputRef, TensorSpec
 
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
-
-    from orchestrator.grid import Grid
-    from orchestrator.pointer import Expression
 
 log = logging.getLogger(__name__)
 FRAC_BITS = SecureAggregation.model_fields["frac_bits"].default  # secure aggregation's fixed point, as recorded
@@ -102,8 +101,8 @@ FRAC_BITS = SecureAggregation.model_fields["frac_bits"].default  # secure aggreg
 class ModelPointer:
     """A model sent to one node: train it there, then get the trained weights back."""
 
-    def __init__(self, grid: Grid, model: torch.nn.Module, node: str) -> None:
-        self._grid = grid
+    def __init__(self, session: Session, model: torch.nn.Module, node: str) -> None:
+        self._session = session
         self.node = node
         self._model = copy.deepcopy(model)
         self._spec, self._state = describe_model(self._model)  # refuse what the node would, here first
@@ -121,10 +120,10 @@ class ModelPointer:
         self._settle()
         same_node(self.node, x, y)
         start = self._kept
-        weights = None if start else seal_for(self._grid, self.node, flatten_state(self._state))
+        weights = None if start else seal_for(self._session, self.node, flatten_state(self._state))
         job = TrainJob(model=self._spec, weights=weights, start=start, x=x.plan, y=y.plan,
                        config=checked(TrainConfig, **config), release=KeepRelease(), dp=dp)
-        self._ticket = self._grid.submit(self.node, job)
+        self._ticket = submit(self._session, self.node, job)
         return self._ticket
 
     def get(self, timeout: float | None = None) -> torch.nn.Module:
@@ -132,11 +131,8 @@ class ModelPointer:
         self._settle(timeout)
         if self._kept is None:
             raise InvalidRequest("train the model first: mptr.train(x, y, ...)")
-        from orchestrator.pointer import DataPointer
-        from protocol.plan import InputRef, TensorSpec
-
         flat = flatten_state(self._state)
-        ptr = DataPointer(self._grid, self.node, InputRef(kind="object", name=self._kept),
+        ptr = DataPointer(self._session, self.node, InputRef(kind="object", name=self._kept),
                           TensorSpec(shape=tuple(flat.shape), dtype=dtype_name(flat.dtype)))
         self._state = unflatten_state(ptr.get(timeout=timeout), self._state)
         self._model.load_state_dict(self._state)
@@ -205,7 +201,7 @@ class FitResult:
         return fig
 
 
-def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Expression]], *, rounds: int,
+def fit(session: Session, model: torch.nn.Module, data: Sequence[tuple[Expression, Expression]], *, rounds: int,
         local_epochs: int = 1, batch_size: int = 32, lr: float = 0.01, optimizer: str = "sgd",
         loss: str = "cross_entropy", momentum: float = 0.0, strategy: Strategy | str = "fedavg",
         min_nodes: int = 1, round_timeout: float = 120.0, seed: int = 0, progress: bool = True,
@@ -274,7 +270,7 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
                            for i in chosen]
                 secure = SecureAggregation(round=uuid.uuid4().hex, aggregators=list(aggregators)) \
                     if secure_aggregation else None
-                records, updates, errors = _round(grid, spec, state, [data[i] for i in chosen], configs, r,
+                records, updates, errors = _round(session, spec, state, [data[i] for i in chosen], configs, r,
                                                   round_timeout, dp, secure)
                 history.record(run_id, records)
                 result.history.extend(records)
@@ -284,7 +280,7 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
                     raise NodeUnavailable(f"round {r}: {len(updates)} of {len(chosen)} nodes answered within "
                                           f"{round_timeout:g} s; min_nodes is {min_nodes} "
                                           f"({'; '.join(f'{h.node}: {h.status} {h.error}' for h in records)})")
-                combined = _secure_mean(grid, secure, state, updates) if secure \
+                combined = _secure_mean(session, secure, state, updates) if secure \
                     else unflatten_state(server.combine(_node_updates(records, updates)), state)
                 state = server.aggregate(combined)
                 done = r + 1
@@ -292,8 +288,8 @@ def fit(grid: Grid, model: torch.nn.Module, data: Sequence[tuple[Expression, Exp
                 shown = f"round {r + 1}/{rounds}  train loss {figure(summary.loss)}  " \
                         f"train acc {figure(summary.accuracy, 3)}"
                 if evaluate:  # the new global model, on held-out data at the nodes
-                    ev = federated_evaluation(grid, spec, state, evaluate, loss=loss, timeout=round_timeout,
-                                              label=f"[evaluation of {grid.identity.name}: round {r}]")
+                    ev = federated_evaluation(session, spec, state, evaluate, loss=loss, timeout=round_timeout,
+                                              label=f"[evaluation of {session.identity.name}: round {r}]")
                     history.record_evaluation(run_id, r, ev.nodes)
                     result.evaluations.append(ev)
                     shown += f"  eval loss {figure(ev.loss)}" + (
@@ -364,21 +360,21 @@ def _node_updates(records: Sequence[RoundRecord], updates: Sequence[Update]) -> 
     return [NodeUpdate(node, flat, n, *said.get(node, (None, None))) for node, flat, n in updates]
 
 
-def _secure_mean(grid: Grid, secure: SecureAggregation, like: dict[str, torch.Tensor],
+def _secure_mean(session: Session, secure: SecureAggregation, like: dict[str, torch.Tensor],
                  updates: Sequence[tuple[str, dict[str, str], int]]) -> dict[str, torch.Tensor]:
     """FedAvg from the aggregation parties' sums: each adds up its shares of the nodes'
     sample-weighted updates; only the total is ever reconstructed, here."""
     if len(updates) < 2:
         raise NodeUnavailable(f"only {len(updates)} node answered this round: secure aggregation needs two at least "
                               "(one update alone is not hidden by a sum)")
-    asked = [mpc.request(grid, party, Tasks.MPC_AGGREGATE, Aggregate(  # every party at once, then the answers
+    asked = [mpc.request(session, party, Tasks.MPC_AGGREGATE, Aggregate(  # every party at once, then the answers
         round=secure.round, shares={node: shares[party] for node, shares, _ in updates}))
         for party in secure.aggregators]
     total = None
     for party, pending in zip(secure.aggregators, asked, strict=True):
-        reply = mpc.answer(grid, pending)
-        sealed = grid.transport.claim(reply.outputs[party])  # signed by the party, for this round
-        part = unpack(open_signed(grid.identity, grid.transport.node_key(party), sum_label(secure.round, party),
+        reply = mpc.answer(session, pending)
+        sealed = session.claim(reply.outputs[party])  # signed by the party, for this round
+        part = unpack(open_signed(session.identity, session.node_key(party), sum_label(secure.round, party),
                                   sealed))[0]["sum"]
         total = part if total is None else total + part
     assert total is not None
@@ -389,15 +385,16 @@ def _secure_mean(grid: Grid, secure: SecureAggregation, like: dict[str, torch.Te
 Update = tuple[str, Any, int]  # a node, its trained weights (flat, or sealed shares by party), its sample count
 
 
-def _round(grid: Grid, spec: ModelSpec, state: dict[str, torch.Tensor], data: Sequence[tuple[Expression, Expression]],
-           configs: list[TrainConfig], r: int, timeout: float, dp: DPConfig | None,
-           secure: SecureAggregation | None) -> tuple[list[RoundRecord], list[Update], list[GridError]]:
+def _round(session: Session, spec: ModelSpec, state: dict[str, torch.Tensor],
+           data: Sequence[tuple[Expression, Expression]], configs: list[TrainConfig], r: int, timeout: float,
+           dp: DPConfig | None, secure: SecureAggregation | None
+           ) -> tuple[list[RoundRecord], list[Update], list[GridError]]:
     """One round: a group of training jobs, then their answers until all are in or time is up."""
     flat = flatten_state(state)
-    jobs = [(x.node, TrainJob(model=spec, weights=seal_for(grid, x.node, flat), x=x.plan, y=y.plan, config=config,
+    jobs = [(x.node, TrainJob(model=spec, weights=seal_for(session, x.node, flat), x=x.plan, y=y.plan, config=config,
                               release=RawRelease(), dp=dp, secure=secure))
             for (x, y), config in zip(data, configs, strict=True)]
-    answers = gather(grid, jobs, timeout, f"[training job of {grid.identity.name}: round {r}, {len(data)} nodes]")
+    answers = gather(session, jobs, timeout, f"[training job of {session.identity.name}: round {r}, {len(data)} nodes]")
     records: list[RoundRecord] = []
     updates: list[Update] = []
     errors: list[GridError] = []

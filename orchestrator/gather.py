@@ -10,35 +10,28 @@ is ``None``: the caller goes on without it.
 from __future__ import annotations
 
 import base64
-import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-from orchestrator.ticket import JobTicket
+from orchestrator.pointer import Expression, JobTicket
+from orchestrator.session import Session
 from protocol.codec import encode_tensor
-from protocol.contract import CLAIM_CHECK_THRESHOLD, PENDING_APPROVAL, Tasks, node_queue
+from protocol.contract import CLAIM_CHECK_THRESHOLD, PENDING_APPROVAL
 from protocol.errors import ApprovalRequired, GridError, InvalidRequest
 from protocol.messages import EvalJob, SealedValue, TrainJob
-
-if TYPE_CHECKING:
-    from orchestrator.grid import Grid
-    from orchestrator.pointer import Expression
 
 Answer = tuple[float, JobTicket | GridError | None]  # seconds to answer, and the answer
 
 
-def gather(grid: Grid, jobs: Sequence[tuple[str, TrainJob | EvalJob]], timeout: float, label: str
+def gather(session: Session, jobs: Sequence[tuple[str, TrainJob | EvalJob]], timeout: float, label: str
            ) -> dict[str, Answer]:
     """Send ``jobs`` (one per node) at once; each node's answer, in the order given.
     ``label`` is what Flower shows as the jobs' arguments (an envelope's repr is tens of
     KB of sealed weights)."""
-    ids = {node: f"{node}:{uuid.uuid4().hex}" for node, _ in jobs}
     what = {node: "evaluation" if isinstance(body, EvalJob) else "training" for node, body in jobs}
-    grid.transport.send_all([(node, Tasks.RUN_JOB, node_queue(node), body, ids[node]) for node, body in jobs],
-                            ttl=max(600.0, timeout), label=label)
-    answered = grid.transport.results(list(ids.values()), timeout, also=(PENDING_APPROVAL,))
+    ids = session.send_jobs(jobs, ttl=max(600.0, timeout), label=label)
+    answered = session.answers(list(ids.values()), timeout, also=(PENDING_APPROVAL,))
     out: dict[str, Answer] = {}
     for node, job_id in ids.items():
         if job_id not in answered:
@@ -46,7 +39,7 @@ def gather(grid: Grid, jobs: Sequence[tuple[str, TrainJob | EvalJob]], timeout: 
             continue
         seconds, meta = answered[job_id]
         try:
-            ticket = JobTicket.finished(grid, job_id, meta["status"], meta["result"])  # verified, both kinds
+            ticket = JobTicket.finished(session, job_id, meta["status"], meta["result"])  # verified, both kinds
         except GridError as exc:
             out[node] = (seconds, exc)
             continue
@@ -59,19 +52,18 @@ def gather(grid: Grid, jobs: Sequence[tuple[str, TrainJob | EvalJob]], timeout: 
     return out
 
 
-def seal_for(grid: Grid, node: str, flat: torch.Tensor) -> SealedValue:
+def seal_for(session: Session, node: str, flat: torch.Tensor) -> SealedValue:
     """Weights sealed to one node: inline if small, else left in Redis by claim-check."""
-    sealed = grid.transport.node_key(node).seal(encode_tensor(flat))
+    sealed = session.node_key(node).seal(encode_tensor(flat))
     if len(sealed) <= CLAIM_CHECK_THRESHOLD:
         return SealedValue(sealed=base64.b64encode(sealed).decode(), size=len(sealed))
-    return SealedValue.left(grid.transport.leave(sealed), sealed)
+    return SealedValue.left(session.leave(sealed), sealed)
 
 
 def pairs(data: object, what: str) -> list[tuple[Expression, Expression]]:
     """``data`` as (x, y) pairs, one per node, each on one node — or an InvalidRequest that
     shows the shape to give (a bare ``(x, y)`` would otherwise fail deep inside with
     ``too many values to unpack``)."""
-    from orchestrator.pointer import Expression
 
     def pair(p: object) -> bool:
         return isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(e, Expression) for e in p)

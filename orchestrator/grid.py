@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,30 +25,26 @@ import torch
 from orchestrator import evaluation, fl, mpc
 from orchestrator.evaluation import Evaluation
 from orchestrator.fl import FitResult, ModelPointer
-from orchestrator.pointer import DataPointer, Expression, dp_release
-from orchestrator.ticket import JobTicket
+from orchestrator.pointer import DataPointer, Expression, JobTicket, dp_release, mock_twin, submit
+from orchestrator.session import Answers, Job, TransportSession
 from orchestrator.transport import Transport
 from protocol.contract import (
     ALIVE_TTL_SECONDS,
     Tasks,
     gridq_home,
-    node_queue,
 )
+from protocol.envelope import Envelope
 from protocol.errors import BrokerUnavailable, InvalidRequest, NodeUnavailable, NotFound
-from protocol.identity import Identity, unreadable_key
+from protocol.identity import Identity, PublicIdentity, unreadable_key
 from protocol.messages import (
-    AccessRequest,
     BudgetInfo,
     BudgetQuery,
     CancelRequest,
     DatasetMeta,
-    MockRequest,
     MyRequests,
     NodeInfo,
     RequestInfo,
-    RunJob,
     SearchQuery,
-    TrainJob,
     checked,
 )
 from protocol.model import describe_model
@@ -105,11 +100,14 @@ def read_key(file: Path) -> Identity:
 
 class Grid:
     """A connection to a grid, acting as one identity. What travels, and how, is
-    :class:`~orchestrator.transport.Transport`'s (``grid.transport``)."""
+    :class:`~orchestrator.transport.Transport`'s (``grid.transport``).
+
+    It builds pointers, tickets, federated runs and MPC requests on its session
+    (:class:`~orchestrator.session.TransportSession`, ``grid.session``), and is a
+    :class:`~orchestrator.session.Session` itself: what takes a session takes a grid."""
 
     def __init__(self, transport: Transport) -> None:
-        self.transport = transport
-        self._mocks: dict[tuple[str, str], torch.Tensor] = {}
+        self.session = TransportSession(transport)
 
     @classmethod
     def connect(cls, url: str | None = None, identity: str | Path | Identity | None = None, *,
@@ -132,12 +130,16 @@ class Grid:
         return cls(Transport.connect(url, me, gateway_key=gateway_key, timeout=timeout))
 
     @property
+    def transport(self) -> Transport:
+        return self.session.transport
+
+    @property
     def identity(self) -> Identity:
-        return self.transport.identity
+        return self.session.identity
 
     @property
     def timeout(self) -> float:
-        return self.transport.timeout
+        return self.session.timeout
 
     @property
     def app(self) -> Celery:
@@ -203,7 +205,7 @@ class Grid:
             except NodeUnavailable:  # no worker serves its job queue (down, or an MPC-only node): nothing to list
                 continue
         wait = min(self.timeout, REQUESTS_WAIT_SECONDS)
-        answered = self.transport.results([t.id for t in tickets], wait)
+        answered = self.session.answers([t.id for t in tickets], wait)
         found: list[RequestInfo] = []
         missing: dict[str, str] = {}
         for ticket in tickets:
@@ -213,7 +215,7 @@ class Grid:
                                         f"it is waited for up to {self.timeout:g} s")
                 continue
             meta = answered[ticket.id][1]
-            found.extend(JobTicket.finished(self, ticket.id, meta["status"], meta["result"]).reply().requests)
+            found.extend(JobTicket.finished(self.session, ticket.id, meta["status"], meta["result"]).reply().requests)
         return RequestList(_oldest_first(found), missing)
 
     def cancel_request(self, request_id: str) -> RequestInfo:
@@ -244,7 +246,7 @@ class Grid:
     def send(self, model: torch.nn.Module, node: str) -> ModelPointer:
         """A pointer to ``model`` at ``node``: train it there with ``.train(x, y, ...)``."""
         self.transport.node_key(node)
-        return ModelPointer(self, model, node)
+        return ModelPointer(self.session, model, node)
 
     def fit(self, model: torch.nn.Module, data: Sequence[tuple[Expression, Expression]], *, rounds: int,
             **options: Any) -> FitResult:
@@ -255,7 +257,7 @@ class Grid:
         progress, history_db, dp (a DPConfig: DP-SGD), secure_aggregation with aggregators
         (MPC pool nodes that add up shares of the updates), evaluate ((x, y) pointers to
         held-out data at nodes: the global model is evaluated there after every round)."""
-        return fl.fit(self, model, data, rounds=rounds, **options)
+        return fl.fit(self.session, model, data, rounds=rounds, **options)
 
     def evaluate(self, model: torch.nn.Module, data: Sequence[tuple[Expression, Expression]], *,
                  loss: str = "cross_entropy", timeout: float | None = None, epsilon: float | None = None,
@@ -267,7 +269,7 @@ class Grid:
         mean of each sample's loss clamped to [0, ``loss_bound``], and the accuracy."""
         spec, state = describe_model(model)
         release = dp_release(epsilon, delta)
-        return evaluation.evaluate(self, spec, state, data, loss=loss, timeout=self.timeout if timeout is None
+        return evaluation.evaluate(self.session, spec, state, data, loss=loss, timeout=self.timeout if timeout is None
                                    else timeout, label=f"[evaluation of {self.identity.name}]", release=release,
                                    loss_bound=loss_bound)
 
@@ -278,17 +280,17 @@ class Grid:
         """Serve ``model`` (Linear and ReLU layers) secret-shared among ``parties``: ``host``
         keeps its structure and coordinates queries, ``crypto_provider`` deals the
         correlated randomness, and ``queriers`` (and you) may query it."""
-        return mpc.serve(self, model, name=name, parties=parties, crypto_provider=crypto_provider, host=host,
+        return mpc.serve(self.session, model, name=name, parties=parties, crypto_provider=crypto_provider, host=host,
                          queriers=queriers, frac_bits=frac_bits)
 
     def models(self) -> list[ModelCard]:
         """The models served encrypted on this grid."""
-        return mpc.models(self)
+        return mpc.models(self.session)
 
     def query(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The served model's output on ``x`` (one row or a batch), computed on shares:
         nobody but you sees ``x`` or the result."""
-        return mpc.query(self, name, x)
+        return mpc.query(self.session, name, x)
 
     def ticket(self, job_id: str) -> JobTicket:
         """Pick up a job submitted earlier (by this process or another one)."""
@@ -299,23 +301,43 @@ class Grid:
         if not self.transport.sent(job_id):
             raise NotFound(f"no job {job_id} was sent on this broker, or it is older than its result's lifetime "
                            f"({self.app.conf.result_expires or 86400:.0f} s): check the id (ticket.id prints it)")
-        return JobTicket(self, job_id)
+        return JobTicket(self.session, job_id)
 
-    def submit(self, node: str, job: RunJob | TrainJob | BudgetQuery | AccessRequest | MockRequest | MyRequests
-               | CancelRequest) -> JobTicket:
+    def submit(self, node: str, job: Job) -> JobTicket:
         """Send one job to ``node`` (pointers and models build them): its ticket, at once."""
-        self.transport.node_key(node)  # an unknown node fails now, not after a timeout
-        job_id = f"{node}:{uuid.uuid4().hex}"
-        self.transport.send(node, Tasks.RUN_JOB, node_queue(node), job, job_id)
-        return JobTicket(self, job_id)
+        return submit(self.session, node, job)
 
     def mock(self, node: str, dataset: str) -> torch.Tensor:
         """A dataset's mock twin, fetched once (it is public)."""
-        key = (node, dataset)
-        if key not in self._mocks:
-            self._mocks[key] = self.submit(node, MockRequest(dataset=dataset)).value()
-        return self._mocks[key]
+        return mock_twin(self.session, node, dataset)
 
     def _pointer(self, meta: DatasetMeta) -> DataPointer:
-        return DataPointer(self, meta.node, InputRef(kind="dataset", name=meta.name),
+        return DataPointer(self.session, meta.node, InputRef(kind="dataset", name=meta.name),
                            TensorSpec(shape=meta.shape, dtype=meta.dtype), meta)
+
+    # --- the session it is too (orchestrator.session): what takes a session takes a grid ----------
+
+    @property
+    def mocks(self) -> dict[tuple[str, str], torch.Tensor]:
+        return self.session.mocks
+
+    def node_key(self, node: str) -> PublicIdentity:
+        return self.session.node_key(node)
+
+    def send_job(self, node: str, job: Job) -> str:
+        return self.session.send_job(node, job)
+
+    def send_jobs(self, jobs: Sequence[tuple[str, Job]], *, ttl: float, label: str) -> dict[str, str]:
+        return self.session.send_jobs(jobs, ttl=ttl, label=label)
+
+    def answers(self, job_ids: Sequence[str], timeout: float, also: tuple[str, ...] = ()) -> Answers:
+        return self.session.answers(job_ids, timeout, also)
+
+    def verify(self, raw: Any, node: str, job_id: str) -> Envelope:
+        return self.session.verify(raw, node, job_id)
+
+    def leave(self, data: bytes) -> str:
+        return self.session.leave(data)
+
+    def claim(self, key: str) -> bytes:
+        return self.session.claim(key)

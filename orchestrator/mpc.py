@@ -27,10 +27,11 @@ import secrets
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from orchestrator.session import Session
 from orchestrator.transport import Pending
 from protocol.contract import Tasks, gridq_home, mpc_query_key, mpc_queue, mpc_queue_for
 from protocol.errors import (
@@ -57,9 +58,6 @@ from protocol.mpc.sharing import reconstruct, share
 from protocol.mpc.wire import MpcReply, QueryModel, ServeModel, UserKeys, open_signed, pack, seal_signed, unpack
 from protocol.serving import parse
 from protocol.spans import Tally
-
-if TYPE_CHECKING:
-    from orchestrator.grid import Grid
 
 log = logging.getLogger(__name__)
 Trusted = Sequence[PublicIdentity]  # keys the caller vouches for, by their names
@@ -118,45 +116,46 @@ def _flatten(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [model]
 
 
-def serve(grid: Grid, model: torch.nn.Module, *, name: str, parties: Sequence[str], crypto_provider: str,
+def serve(session: Session, model: torch.nn.Module, *, name: str, parties: Sequence[str], crypto_provider: str,
           host: str, queriers: Sequence[str | PublicIdentity] = (), frac_bits: int = 16) -> ModelCard:
     plan, params = plan_of(model, frac_bits)
     fp = FixedPoint(plan.frac_bits)
     for key, value in params.items():  # before anything is sent: a NaN weight would serve garbage
         encoded(fp, value, f"the model's parameter {key!r}")
-    me = grid.identity
+    me = session.identity
     card = ModelCard(name=name, owner=me.name, owner_key=me.public.text(), host=host, parties=list(parties),
                      provider=crypto_provider, plan=plan, issued_at=time.time())
     check_roles(card)  # before asking anyone anything
-    card = ModelCard.model_validate({**card.model_dump(), "queriers": querier_keys(grid, host, queriers)})
-    shares = sealed_shares(grid, me, card, params)
-    ask(grid, host, Tasks.MPC_SERVE, ServeModel(card=SignedCard.sign(me, card), shares=shares))
+    card = ModelCard.model_validate({**card.model_dump(), "queriers": querier_keys(session, host, queriers)})
+    shares = sealed_shares(session, me, card, params)
+    ask(session, host, Tasks.MPC_SERVE, ServeModel(card=SignedCard.sign(me, card), shares=shares))
     return card
 
 
-def sealed_shares(grid: Grid, signer: Identity, card: ModelCard, params: dict[str, torch.Tensor]) -> dict[str, str]:
+def sealed_shares(session: Session, signer: Identity, card: ModelCard, params: dict[str, torch.Tensor]
+                  ) -> dict[str, str]:
     """Each party's additive share of ``params`` (float), sealed to that party and signed by
     ``signer`` — the owner — for this card and this party (left by claim-check: the keys)."""
     encoded = encode_parameters(card.plan, params)
     split = {k: share(v, len(card.parties)) for k, v in encoded.items()}
-    return {p: grid.transport.leave(seal_signed(signer, grid.transport.node_key(p), share_label(card, p),
-                                                pack({k: v[i] for k, v in split.items()})))
+    return {p: session.leave(seal_signed(signer, session.node_key(p), share_label(card, p),
+                                         pack({k: v[i] for k, v in split.items()})))
             for i, p in enumerate(card.parties)}
 
 
-def querier_keys(grid: Grid, host: str, queriers: Sequence[str | PublicIdentity]) -> dict[str, str]:
+def querier_keys(session: Session, host: str, queriers: Sequence[str | PublicIdentity]) -> dict[str, str]:
     """The key of each querier, as the owner signs it into the card: given, or known here
     (:func:`known_key`), else the one ``host`` knows for them (it vouches, once, at serving)."""
     keys: dict[str, str] = {}
     unknown: list[str] = []
     for q in queriers:
-        key = q if isinstance(q, PublicIdentity) else known_key(grid, q)
+        key = q if isinstance(q, PublicIdentity) else known_key(session, q)
         if key is None:
             unknown.append(str(q))
         else:
             keys[key.name] = key.text()
     if unknown:
-        given = ask(grid, host, Tasks.MPC_KEYS, UserKeys(names=unknown)).keys
+        given = ask(session, host, Tasks.MPC_KEYS, UserKeys(names=unknown)).keys
         missing = [n for n in unknown if n not in given]
         if missing:
             raise InvalidRequest(f"host {host!r} gave no key for {missing}")
@@ -164,12 +163,12 @@ def querier_keys(grid: Grid, host: str, queriers: Sequence[str | PublicIdentity]
     return keys
 
 
-def known_key(grid: Grid, name: str) -> PublicIdentity | None:
+def known_key(session: Session, name: str) -> PublicIdentity | None:
     """A key this client trusts for ``name`` without asking the grid: its own, or the public
     key file ``$GRIDQ_HOME/trusted/NAME.pub`` (what ``gridq keys new`` writes as NAME.pub,
     handed over by its owner)."""
-    if name == grid.identity.name:
-        return grid.identity.public
+    if name == session.identity.name:
+        return session.identity.public
     file = trusted_folder() / f"{name}.pub"
     try:
         text = file.read_text()
@@ -184,19 +183,19 @@ def trusted_folder() -> Path:
     return gridq_home() / "trusted"
 
 
-def models(grid: Grid, trusted: Trusted = ()) -> list[ModelCard]:
+def models(session: Session, trusted: Trusted = ()) -> list[ModelCard]:
     """Served models whose card its owner signed and its host countersigned, listed under its
     owner's name. If the owner's key is known here (``trusted``, or :func:`known_key`), the
     card must carry it: a host's card under another's name is not listed."""
     given = {k.name: k for k in trusted}
     cards: dict[str, ModelCard] = {}
-    for raw in grid.transport.posted_models():
+    for raw in session.transport.posted_models():
         try:
             entry = json.loads(raw)
             signed = SignedCard.model_validate_json(entry["card"])
             owner = signed.card.owner
-            card = signed.verify(given.get(owner) or known_key(grid, owner))
-            grid.transport.node_key(card.host).verify(entry["card"].encode(), bytes.fromhex(entry["signature"]))
+            card = signed.verify(given.get(owner) or known_key(session, owner))
+            session.node_key(card.host).verify(entry["card"].encode(), bytes.fromhex(entry["signature"]))
         except (GridError, ValueError, KeyError, TypeError) as exc:
             log.warning("a model listing is not its owner's card, left out: %s", exc)
             continue  # malformed, or not signed by the owner (and host) it names: not a model of this grid
@@ -205,10 +204,10 @@ def models(grid: Grid, trusted: Trusted = ()) -> list[ModelCard]:
     return sorted(cards.values(), key=lambda c: (c.name, c.owner))
 
 
-def find(grid: Grid, name: str, trusted: Trusted = ()) -> ModelCard:
+def find(session: Session, name: str, trusted: Trusted = ()) -> ModelCard:
     """The listed card of ``owner/model``, or of ``model`` if one owner serves that name."""
     owner, _, model = name.rpartition("/")
-    found = [c for c in models(grid, trusted) if c.name == model and owner in ("", c.owner)]
+    found = [c for c in models(session, trusted) if c.name == model and owner in ("", c.owner)]
     if not found:
         raise NotFound(f"no served model {name!r}; grid.models() lists them")
     if len(found) > 1:
@@ -217,32 +216,32 @@ def find(grid: Grid, name: str, trusted: Trusted = ()) -> ModelCard:
     return found[0]
 
 
-def query(grid: Grid, name: str, x: torch.Tensor, trusted: Trusted = ()) -> torch.Tensor:
+def query(session: Session, name: str, x: torch.Tensor, trusted: Trusted = ()) -> torch.Tensor:
     """``name`` is ``owner/model``, or ``model`` if one owner serves that name."""
     if not isinstance(x, torch.Tensor):
         raise InvalidRequest(f"a query's input is a torch.Tensor, not a {type(x).__name__}: pass "
                              "torch.tensor(x, dtype=torch.float64) — one row, or a batch of rows")
     real(x, "the query's input")  # before anything is asked of the grid
     tally = Tally()
-    card = find(grid, name, trusted)
+    card = find(session, name, trusted)
     batch = x.reshape(1, -1) if x.dim() == 1 else x
     if batch.dim() != 2 or batch.shape[1] != card.plan.in_features:
         raise InvalidRequest(f"model {name!r} takes inputs of {card.plan.in_features} features, not shape "
                              f"{tuple(x.shape)}")
     tally.lap("find the model's card")
     fp = FixedPoint(card.plan.frac_bits)
-    signed, inputs = signed_query(grid, card, share(encoded(fp, batch, "the query's input"), len(card.parties)))
+    signed, inputs = signed_query(session, card, share(encoded(fp, batch, "the query's input"), len(card.parties)))
     tally.lap("share the input, seal each share, sign the query")
     # one push on the host's query list, not a Celery task: the hot path (workers.mpc.lists)
-    pending = grid.transport.push(card.host, mpc_queue(card.host), mpc_query_key(card.host),
+    pending = session.transport.push(card.host, mpc_queue(card.host), mpc_query_key(card.host),
                                   QueryModel(query=signed, inputs=inputs))
-    reply = answer(grid, pending)
+    reply = answer(session, pending)
     tally.lap("ask the host (send, wait, verify the reply)")
     outputs = []
     for party in card.parties:
-        sealed = grid.transport.claim(reply.outputs[party])  # signed by the party, for this query
+        sealed = session.claim(reply.outputs[party])  # signed by the party, for this query
         label = output_label(signed.query.id, party)
-        tensors, _ = unpack(open_signed(grid.identity, grid.transport.node_key(party), label, sealed))
+        tensors, _ = unpack(open_signed(session.identity, session.node_key(party), label, sealed))
         outputs.append(tensors["y"])
     y = fp.decode(reconstruct(outputs)).to(x.dtype if x.is_floating_point() else torch.float64)
     tally.lap("take and open the output shares, reconstruct")
@@ -250,31 +249,31 @@ def query(grid: Grid, name: str, x: torch.Tensor, trusted: Trusted = ()) -> torc
     return y[0] if x.dim() == 1 else y
 
 
-def signed_query(grid: Grid, card: ModelCard, pieces: Sequence[torch.Tensor]) -> tuple[SignedQuery, dict[str, str]]:
+def signed_query(session: Session, card: ModelCard, pieces: Sequence[torch.Tensor]
+                 ) -> tuple[SignedQuery, dict[str, str]]:
     """A query of ``card`` signed by this client, and each party's input share sealed to it
     and signed for this query: a share copied into another session does not open."""
-    me = grid.identity
+    me = session.identity
     q = Query(querier=me.name, owner=card.owner, model=card.name, card=card.digest(), batch=pieces[0].shape[0],
               id=secrets.token_hex(16), issued_at=time.time())
-    inputs = {p: grid.transport.leave(seal_signed(me, grid.transport.node_key(p), input_label(q.id, p),
-                                                  pack({"x": s})))
+    inputs = {p: session.leave(seal_signed(me, session.node_key(p), input_label(q.id, p), pack({"x": s})))
               for p, s in zip(card.parties, pieces, strict=True)}
     return SignedQuery.sign(me, q), inputs
 
 
-def ask(grid: Grid, host: str, task: str, body: Any) -> MpcReply:
-    return answer(grid, request(grid, host, task, body))
+def ask(session: Session, host: str, task: str, body: Any) -> MpcReply:
+    return answer(session, request(session, host, task, body))
 
 
-def request(grid: Grid, host: str, task: str, body: Any) -> Pending:
+def request(session: Session, host: str, task: str, body: Any) -> Pending:
     """Send a signed request to ``host``'s MPC worker, without waiting (see :func:`answer`):
     ask several parties at once, then read their answers."""
-    return grid.transport.ask(host, task, mpc_queue_for(host, task), body)
+    return session.transport.ask(host, task, mpc_queue_for(host, task), body)
 
 
-def answer(grid: Grid, pending: Pending) -> MpcReply:
+def answer(session: Session, pending: Pending) -> MpcReply:
     """The verified reply to a request; its typed error if it carries one."""
-    env = grid.transport.answer(pending, "`gridq mpc start`")
+    env = session.transport.answer(pending, "`gridq mpc start`")
     reply = parse(MpcReply, env.body_json())
     if reply.error is not None:
         raise error_from_wire(reply.error.model_dump())

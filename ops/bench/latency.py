@@ -90,7 +90,6 @@ def client_breakdown(grid: Grid, ptr: DataPointer, n: int) -> Breakdown:
     import celery.result
 
     import orchestrator.pointer
-    import orchestrator.ticket
     import orchestrator.transport
     from protocol.identity import Identity
 
@@ -101,7 +100,7 @@ def client_breakdown(grid: Grid, ptr: DataPointer, n: int) -> Breakdown:
                 (celery.result.AsyncResult, "get", "client: wait for the reply (queue → node → backend)"),
                 (grid.transport, "verify", "client: verify reply envelope"),
                 (Identity, "unseal", "client: unseal value"),
-                (orchestrator.ticket, "decode_tensor", "client: decode tensor")) as found:
+                (orchestrator.pointer, "decode_tensor", "client: decode tensor")) as found:
         for _ in range(n):
             t0 = time.perf_counter()
             ptr.mean().get()

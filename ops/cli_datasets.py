@@ -48,7 +48,7 @@ def _describe(node: Node, name: str) -> dict[str, Any]:
     from sqlalchemy import select
 
     from protocol.messages import DatasetMeta
-    from workers.tables import GrantRow
+    from workers.storage.tables import GrantRow
 
     def when(t: float) -> str:
         return datetime.fromtimestamp(t, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

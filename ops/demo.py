@@ -24,7 +24,7 @@ from ops.demo_data import digits_split, write_demo_data
 from ops.local import NODE_CONFIGS, LocalGrid, kept_broker_port, port_free
 from orchestrator.history import figure
 from protocol.errors import InvalidRequest, PermissionDenied
-from workers.datasets import load_table
+from workers.storage.datasets import load_table
 
 USERS = ("alice", "bob", "ana", "carol", "dana", "eve")
 MPC_NODES = ("company", "university", "hospital", "public")  # host, crypto provider, two share holders

@@ -4,7 +4,7 @@ In memory they were forgotten at every restart, and a node's message stays valid
 long as it may wait in the queue: a captured publication could be sent again once the
 gateway restarted. Rows live until their envelope expires (an expired envelope is refused
 before its nonce is looked at), swept now and then. The same approach as a node's store
-(``workers.store.Store.remember``): the primary key decides, so two gateway processes
+(``workers.storage.store.Store.remember``): the primary key decides, so two gateway processes
 agree on which delivery came first.
 """
 

@@ -40,7 +40,7 @@ where the primary is — and the write is made again, for up to ``wait_timeout``
 (default :data:`DEFAULT_WAIT_TIMEOUT`); then a client's send fails with BrokerUnavailable
 (naming the job, which may still run) and a worker logs the result it could not confirm.
 A write made again may deliver a job twice: a node answers a job id it has already answered
-with the reply it recorded (``workers.jobs``), so each job is answered once. Everything else
+with the reply it recorded (``workers.jobs.runner``), so each job is answered once. Everything else
 a failover can lose is redone or harmless: a pop (the job is delivered again), kombu's
 in-flight bookkeeping (restored, or delivered again), a liveness mark (posted again every
 5 s), an edge's nonce (the node checks nonces itself).

@@ -11,7 +11,7 @@ that accepts a rotation.
 The rules live here, pure, with what both sides need of a broker URL (its address, its
 password-free form); where a pin is kept is the caller's (a participant's
 ``$GRIDQ_HOME/known_gateways``, ``orchestrator.known_gateways``; a node's own database,
-``workers.store``), behind :class:`GatewayPins`.
+``workers.storage.store``), behind :class:`GatewayPins`.
 
     >>> from protocol.identity import Identity
     >>> pins = MemoryPins()

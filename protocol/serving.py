@@ -45,7 +45,7 @@ Signed = dict[str, Any]  # a reply envelope, as it goes on the wire
 class Answer:
     """What a worker sends back: the signed reply, and whether the job now waits for its
     owner (the Celery task then reads ``PENDING_APPROVAL`` until the owner decides) — or
-    no reply yet: the message is deferred, put back behind the others (``workers.slots``)."""
+    no reply yet: the message is deferred, put back behind the others (``workers.jobs.slots``)."""
 
     signed: Signed
     parked: bool = False

@@ -99,7 +99,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 @pytest.fixture(scope="session")
 def births_feb(local_grid: LocalGrid):  # type: ignore[no-untyped-def]
     """The hospital's February table, as the hospital itself reads it."""
-    from workers.datasets import load_table
+    from workers.storage.datasets import load_table
 
     table, columns = load_table(Path(local_grid.home) / "data" / "hospital_births_feb.csv")
     assert columns == ["weight", "height"]

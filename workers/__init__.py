@@ -1,4 +1,6 @@
-"""What runs at the data owner: the node worker, its store, its policy and its config."""
+"""What runs at the data owner: the node and its worker (``node``, ``worker``, ``tasks``,
+``config``), its release policy (``workers.policy``), its jobs (``workers.jobs``), its
+storage (``workers.storage``) and its MPC worker (``workers.mpc``)."""
 
 from __future__ import annotations
 

@@ -27,14 +27,14 @@ from sqlalchemy.orm import Session
 
 from protocol.envelope import Envelope
 from protocol.messages import DPRelease, EvalJob, JobReply, RunJob, TrainJob, parse_body
-from workers.store import RequestRow, Store
-from workers.tables import ChargeRow, ObjectRow, ReleaseRow
+from workers.storage.store import RequestRow, Store
+from workers.storage.tables import ChargeRow, ObjectRow, ReleaseRow
 
 # the export's columns, in this order (CSV header, JSON keys): append new ones at the end
 COLUMNS = ("time", "event", "node", "request_id", "user", "datasets", "door", "kind", "what", "mechanism",
            "epsilon", "delta", "status", "decided_by", "reason", "request_reason", "requested_at")
 FORMATS = ("csv", "jsonl")
-# the door a request's release leaves by, by its kind (workers.policy): what the owner decided on
+# the door a request's release leaves by, by its kind (workers.policy.doors): what the owner decided on
 _DOOR_OF_KIND = {"compute": "keep", "raw_if_allowed": "raw", "raw": "approved", "train": "approved", "dp": "dp",
                  "access": "access"}
 
@@ -76,8 +76,8 @@ def released(env: Envelope, reply: JobReply, approved: bool, store: Store) -> Re
             return Released(_door(approved), "weights (secure aggregation shares) and figures", datasets)
         if reply.value is not None:
             return Released(_door(approved), "weights and figures", datasets)
-        from workers import figures  # loads training: only for a training's figures
-        from workers.policy import Source
+        from workers.policy import figures  # loads training: only for a training's figures
+        from workers.policy.doors import Source
 
         sources = [Source(d, _allowed(store, d)) for d in datasets]
         shown = figures.door(env.sender, approved, body.dp, sources)

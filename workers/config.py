@@ -129,13 +129,13 @@ class WorkerSection(_Section):
     @property
     def slots_per_user(self) -> int:
         """How many of the worker's processes one requester's jobs may hold at once: all but
-        one, so that another requester's job always finds one free (workers.slots); no cap
+        one, so that another requester's job always finds one free (workers.jobs.slots); no cap
         with one process, where nothing could be kept free."""
         return self.concurrency - 1 if self.concurrency > 1 else 0
 
 
 class RetentionSection(_Section):
-    """How long a node keeps what each job leaves behind (``workers.retention``).
+    """How long a node keeps what each job leaves behind (``workers.storage.retention``).
 
     ``results``: seconds a job's answer stays readable — its time to live in the result
     backend, and the expiry of the signed reply (a client refuses an expired one, so a
@@ -180,7 +180,7 @@ class ApprovalSection(_Section):
     a week: an owner away for a weekend still finds it). Past it the request is closed as
     ``expired`` — the owner can no longer approve it, and its requester's ticket raises
     ``RequestExpired`` (send the work again). The worker closes and answers expired requests
-    as it runs (``workers.approvals.sweep_every`` apart) and at every start. ``0``: requests
+    as it runs (``workers.policy.approvals.sweep_every`` apart) and at every start. ``0``: requests
     never expire. A deadline is ``created_at + expire_after`` under the config in force: a
     longer ``expire_after`` also keeps requests already waiting."""
 

@@ -41,17 +41,17 @@ from protocol.envelope import MAX_TTL_SECONDS, seal_envelope
 from protocol.errors import BrokerUnavailable, InvalidRequest, NodeUnavailable, NotFound
 from protocol.identity import PublicIdentity
 from protocol.messages import DatasetMeta, PublishDataset, RegisterNode, UnpublishDataset, checked
-from workers import claims
-from workers.approvals import Requests, refusal
-from workers.bounds import declared_pairs, enforce
 from workers.broker import broker_errors, interactive, redis_client, replicated_results
 from workers.config import Bounds, NodeConfig, load_config
-from workers.context import NodeContext
-from workers.datasets import load_table
 from workers.directory import Directory
-from workers.jobs import JobRunner
-from workers.ledger import Ledger
-from workers.store import FINISHED, PublicationRow, RequestRow, Store
+from workers.jobs.context import NodeContext
+from workers.jobs.runner import JobRunner
+from workers.policy.approvals import Requests, refusal
+from workers.policy.bounds import declared_pairs, enforce
+from workers.policy.ledger import Ledger
+from workers.storage import claims
+from workers.storage.datasets import load_table
+from workers.storage.store import FINISHED, PublicationRow, RequestRow, Store
 from workers.tasks import serve_tasks, without_expiry
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class Node:
         answer each request closed without its owner's decision (expired, or cancelled by its
         requester) whose requester has not been told yet: their tickets raise
         ``RequestExpired`` or ``JobCancelled``. The worker runs this at its start and every
-        ``workers.approvals.sweep_every`` seconds; how many were answered."""
+        ``workers.policy.approvals.sweep_every`` seconds; how many were answered."""
         requests = self._requests()
         requests.expire_due()
         answered = 0

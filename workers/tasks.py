@@ -1,7 +1,7 @@
 """The Celery shell of every gridq worker (a node's jobs, its MPC worker, the gateway): task
 names registered on an app, each answered by one role per pool process; what the worker
 pops is screened first (``workers.inbox``); a parked job's task stays ``PENDING_APPROVAL``
-until the owner decides; a deferred one goes back on its queue (``workers.slots``).
+until the owner decides; a deferred one goes back on its queue (``workers.jobs.slots``).
 
 A refused job is a Celery ``SUCCESS`` as much as a served one: its result is the signed reply
 that carries the typed error, which the client reads. So that an operator can tell them apart

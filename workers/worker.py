@@ -19,14 +19,14 @@ from celery.signals import worker_ready, worker_shutdown
 from protocol.broker import GRIDQ_BROKER
 from protocol.contract import ALIVE_EVERY_SECONDS, ALIVE_TTL_SECONDS, alive_key, mpc_peer_queue, mpc_queue, node_queue
 from protocol.errors import NodeUnavailable
-from workers.approvals import sweep_every
 from workers.beacon import Posting, keep_posted
 from workers.broker import redis_client
 from workers.config import NodeConfig, load_config
 from workers.inbox import own_in_flight
+from workers.jobs.training import warm_up
 from workers.mpc import mpc_tasks
 from workers.node import Node, make_celery, worker_tasks
-from workers.training import warm_up
+from workers.policy.approvals import sweep_every
 
 
 def start_node(config_path: str | Path, loglevel: str = "INFO") -> None:

@@ -24,8 +24,8 @@ from protocol.broker import connection_settings
 from protocol.contract import celery_settings
 from protocol.messages import TrainConfig
 from protocol.model import ModelSpec, build_model, flatten_state, unflatten_state
-from workers.training import train as train_locally
-from workers.training import warm_up
+from workers.jobs.training import train as train_locally
+from workers.jobs.training import warm_up
 
 QUEUE = "bench.bare"
 ADD = "bench.bare.add"

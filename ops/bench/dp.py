@@ -69,7 +69,7 @@ from protocol.contract import Tasks
 from protocol.messages import RawRelease, RunJob
 from workers.config import load_config
 from workers.node import Node
-from workers.tables import ChargeRow
+from workers.storage.tables import ChargeRow
 
 TAG = "#dpbench"
 DATASET = "dp-table"

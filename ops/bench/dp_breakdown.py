@@ -14,7 +14,7 @@ from protocol.messages import DPRelease, RawRelease, RunJob
 from protocol.plan import Plan
 from workers.config import load_config
 from workers.node import Node
-from workers.release import calibrate_release
+from workers.policy.release import calibrate_release
 
 
 def node_breakdown(config: Path, identity_path: Path, plan: Plan, n: int, *, dataset: str, rows: int,
@@ -23,8 +23,8 @@ def node_breakdown(config: Path, identity_path: Path, plan: Plan, n: int, *, dat
     DP, p50 of each phase; ``{"raw": {step: ms}, "dp": {…}}``."""
     import protocol.dp_release as dp_release
     import protocol.serving as serving
-    import workers.compute as compute
-    import workers.context as context
+    import workers.jobs.compute as compute
+    import workers.jobs.context as context
 
     node = Node(load_config(config))
     me = read_identity(identity_path)

@@ -32,7 +32,7 @@ from protocol.dp_release import run_release
 from protocol.interpret import evaluate, validate
 from protocol.messages import DatasetMeta, DPRelease
 from protocol.plan import InputRef, Plan, TensorSpec
-from workers.release import calibrate_release
+from workers.policy.release import calibrate_release
 
 
 def table_of(rows: int, columns: int) -> tuple[Expression, torch.Tensor, DatasetMeta]:

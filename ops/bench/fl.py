@@ -9,7 +9,7 @@ round, 2.26 GB): scikit-learn's digits, 80/20 stratified split (seed 0), IID ove
 nodes, MLP 64-64-10, SGD lr 0.05, batch 32, 1 local epoch, 20 rounds, every node every
 round. Three ways, with the same seeds — so the three final accuracies must be identical:
 
-* **plain torch**: the local trainings (:func:`workers.training.train`) one after another
+* **plain torch**: the local trainings (:func:`workers.jobs.training.train`) one after another
   and FedAvg (:func:`orchestrator.fl.fedavg`), in one process;
 * **bare Celery**: ten Celery workers (:mod:`ops.bench.bare_worker`, the settings and pool
   of a gridq node) each training on its shard, the weights sent as plain task arguments:
@@ -51,7 +51,7 @@ from protocol.broker import connection_settings
 from protocol.contract import celery_settings
 from protocol.messages import DPConfig, TrainConfig
 from protocol.model import build_model, describe_model, flatten_state
-from workers.training import train, warm_up
+from workers.jobs.training import train, warm_up
 
 console = Console(stderr=True)
 CONFIG = """

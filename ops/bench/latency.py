@@ -111,8 +111,8 @@ def client_breakdown(grid: Grid, ptr: DataPointer, n: int) -> Breakdown:
 def node_breakdown(grid: Grid, ptr: DataPointer, n: int) -> Breakdown:
     """The node's ``JobRunner.serve`` in this process on the same store, p50 of each phase."""
     import protocol.serving as serving
-    import workers.compute as compute
-    import workers.context as context
+    import workers.jobs.compute as compute
+    import workers.jobs.context as context
 
     node = Node(load_config(NODE_CONFIGS / "hospital.toml"))
     runner = node.runner()

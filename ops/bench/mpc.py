@@ -5,7 +5,7 @@
     python -m ops.bench.mpc --queries       # end to end only (no primitives, no CrypTen), ~1 min
 
 Primitives (for 2 and 3 parties): each party is its own process, running the very code of
-a pool party (:class:`workers.rounds.PartyEnd` driving a protocol generator): every round
+a pool party (:class:`workers.mpc.rounds.PartyEnd` driving a protocol generator): every round
 crosses Redis, party to party, as MAC'd pub/sub messages. Inputs are already shared and the
 dealer's bundles already dealt (the pool pre-deals them); the dealer's time for each bundle
 is printed apart (``offline``).
@@ -53,7 +53,7 @@ from protocol.mpc import Dealer, FixedPoint, reconstruct, share
 from protocol.mpc.beaver import PartyProtocol, beaver
 from protocol.mpc.nonlinear import relu, truncate
 from protocol.mpc.wire import pack, unpack
-from workers.rounds import PartyEnd, connect
+from workers.mpc.rounds import PartyEnd, connect
 
 console = Console(stderr=True)
 FP = FixedPoint(16)

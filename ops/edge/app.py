@@ -139,7 +139,7 @@ class Edge:
             why = "another user's" if sender else "not one the edge relayed: cancel it from the client that sent it"
             raise PermissionDenied(f"job {job_id} is {why}; only the user who sent a job through the edge may "
                                    "cancel it there", job_id=job_id)
-        if queue != node_queue(job_id.split(":", 1)[0]):  # what a node checks its cancel key for (workers.jobs)
+        if queue != node_queue(job_id.split(":", 1)[0]):  # what a node checks its cancel key for (workers.jobs.runner)
             raise InvalidRequest(f"job {job_id} went to {queue}: only a node's job (gridq.node.run_job, its id "
                                  "'<node>:…') can be cancelled", job_id=job_id)
         first = await self.broker.cancel(job_id, mark)

@@ -5,7 +5,7 @@ Control messages (serve, store, query, session, deal) travel in signed envelopes
 other job; anything secret in them (a party's share, its input share, its session key)
 is sealed to the one party that may read it. What authorises them — the owner's signed card,
 the querier's signed query — is :mod:`protocol.mpc.cards`. Round messages travel party to
-party on per-session pub/sub channels (:mod:`workers.rounds`), authenticated with a
+party on per-session pub/sub channels (:mod:`workers.mpc.rounds`), authenticated with a
 per-session key that the host sealed to each party: a round can be large (16 MB for a
 1M-element product), and Poly1305 tags it in 3 ms where an Ed25519 signature would hash it
 for 30; it is framed in place (:func:`round_message`), each tensor copied once. What a

@@ -44,7 +44,7 @@ from protocol.contract import (
     node_queue,
 )
 from protocol.errors import BrokerUnavailable, PermissionDenied
-from workers.datasets import load_table
+from workers.storage.datasets import load_table
 
 MPC_NODES = ("company", "university", "hospital", "public")
 

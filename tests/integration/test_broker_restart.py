@@ -23,7 +23,7 @@ from orchestrator import Grid
 from protocol.contract import node_queue
 from protocol.errors import BrokerUnavailable
 from protocol.messages import RawRelease, RunJob
-from workers.datasets import load_table
+from workers.storage.datasets import load_table
 
 
 @pytest.fixture(scope="module")

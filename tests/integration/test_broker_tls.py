@@ -30,7 +30,7 @@ from orchestrator import Grid
 from orchestrator.transport import redis_client
 from protocol.broker import parse_broker
 from protocol.errors import BrokerUnavailable, PermissionDenied
-from workers.datasets import load_table
+from workers.storage.datasets import load_table
 
 pytestmark = pytest.mark.integration
 

@@ -126,7 +126,7 @@ def test_fedmedian_takes_the_median_of_the_updates_the_sites_sent(local_grid: Lo
     from protocol.errors import InvalidRequest
     from protocol.messages import TrainConfig
     from protocol.model import build_model, flatten_state
-    from workers.training import train
+    from workers.jobs.training import train
 
     db = f"sqlite:///{tmp_path / 'runs.db'}"
     with local_grid.connect("alice") as grid:
@@ -328,7 +328,7 @@ def test_dp_sgd_rounds_show_their_figures_only_with_noise(local_grid: LocalGrid,
                                                           tmp_path) -> None:
     from orchestrator import DPConfig
     from protocol.messages import TrainConfig
-    from workers.training import dp_charge
+    from workers.jobs.training import dp_charge
 
     dp = DPConfig(noise_multiplier=4.0, max_grad_norm=1.0, delta=1e-7)
     db = f"sqlite:///{tmp_path / 'runs.db'}"
@@ -357,7 +357,7 @@ def test_secure_aggregation_equals_fedavg_and_hides_each_update(local_grid: Loca
     from orchestrator.fl import fedavg
     from protocol.messages import TrainConfig
     from protocol.model import build_model, flatten_state
-    from workers.training import train
+    from workers.jobs.training import train
 
     for party in ("company", "public"):  # the aggregation parties: MPC pool workers
         local_grid.ensure_keys(party, "dana", "eve")

@@ -135,7 +135,7 @@ def test_a_key_that_claims_a_known_name_is_a_bad_signature(local_grid: LocalGrid
 
 
 def test_a_job_delivered_twice_has_the_effect_of_one(local_grid: LocalGrid, births_feb):
-    from workers.store import Store
+    from workers.storage.store import Store
 
     with local_grid.connect("alice") as grid:
         env = _envelope(grid, RunJob(plan=MEAN).model_dump(mode="json"))

@@ -21,7 +21,7 @@ from ops.local import NODE_CONFIGS, LocalGrid, free_port
 from protocol.contract import mpc_query_key
 from protocol.errors import NodeUnavailable, PermissionDenied, UnknownSender
 from protocol.mpc.ring import FixedPoint
-from workers.tables import MpcShareRow
+from workers.storage.tables import MpcShareRow
 
 ROUND_TIMEOUT = 10.0  # company.toml's [mpc] round_timeout
 
@@ -197,7 +197,7 @@ def test_a_host_bug_reaches_the_querier_at_once_as_job_failed(mpc_grid: LocalGri
     disk) is answered at once as JobFailed pointing to the host's log — not left to the
     querier's timeout — and the host goes on serving its other models."""
     from protocol.errors import JobFailed
-    from workers.tables import MpcModelRow
+    from workers.storage.tables import MpcModelRow
 
     with mpc_grid.connect("dana") as owner:
         for name in ("damaged", "intact"):

@@ -40,7 +40,7 @@ from protocol.errors import JobFailed, LimitExceeded
 from protocol.inbox import Junk, screen
 from protocol.messages import KeepRelease, RawRelease, RunJob
 from protocol.plan import InputRef, Plan, Ref, Step
-from workers.store import Store
+from workers.storage.store import Store
 
 FUZZ = 2500  # items per queue: 5,000 in all, in seconds (the bound is 2 minutes)
 SERVED = {node_queue("hospital"): (Tasks.RUN_JOB,), GATEWAY_QUEUE: GATEWAY_TASKS}

@@ -15,9 +15,9 @@ from protocol.contract import Tasks, node_queue
 from protocol.envelope import seal_envelope
 from protocol.errors import BudgetExhausted, InvalidRequest, PermissionDenied, SensitivityUnknown
 from protocol.messages import DPRelease, RunJob
-from workers.ledger import Ledger
-from workers.store import Store
-from workers.tables import ChargeRow
+from workers.policy.ledger import Ledger
+from workers.storage.store import Store
+from workers.storage.tables import ChargeRow
 
 WEIGHT_RANGE, HEIGHT_RANGE = 7.0, 45.0  # the hospital's declared bounds: [0, 7] kg, [20, 65] cm
 

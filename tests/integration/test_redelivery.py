@@ -14,8 +14,8 @@ import redis
 
 from ops.local import LocalGrid
 from protocol.contract import celery_settings, in_flight_keys, node_queue
-from workers.store import Store
-from workers.tables import ChargeRow
+from workers.storage.store import Store
+from workers.storage.tables import ChargeRow
 
 CONFIG = """
 [node]

@@ -1,4 +1,4 @@
-"""Rounds party to party over a real Redis (workers.rounds): the product is right, nothing of a
+"""Rounds party to party over a real Redis (workers.mpc.rounds): the product is right, nothing of a
 round stays in the broker, a forged message is refused, a silent or failing peer ends the
 session within its timeout with the peer named."""
 
@@ -22,7 +22,7 @@ from protocol.mpc import Dealer, FixedPoint, reconstruct, share
 from protocol.mpc.beaver import Open, PartyProtocol, beaver
 from protocol.mpc.nonlinear import truncate
 from protocol.mpc.wire import round_message, tag_round
-from workers.rounds import PartyEnd, connect
+from workers.mpc.rounds import PartyEnd, connect
 
 FP = FixedPoint(16)
 PARTIES = ["north", "south", "east"]

@@ -21,7 +21,7 @@ from protocol.cancel import STARTED, cancellation, cancelled_by, signer
 from protocol.envelope import Envelope
 from protocol.errors import CannotCancel, JobCancelled
 from protocol.identity import Identity
-from workers.store import Store
+from workers.storage.store import Store
 
 CONFIG = """
 [node]

@@ -29,7 +29,7 @@ from ops.redis_servers import MASTER_NAME, sentinel_admin, tls_server_binary
 from orchestrator.transport import redis_client
 from protocol.broker import parse_broker
 from protocol.messages import RawRelease, RunJob
-from workers.datasets import load_table
+from workers.storage.datasets import load_table
 
 pytestmark = pytest.mark.integration
 

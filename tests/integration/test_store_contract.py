@@ -12,7 +12,7 @@ import torch
 
 from protocol.errors import InvalidRequest, NotFound
 from protocol.messages import DatasetMeta
-from workers.store import Store
+from workers.storage.store import Store
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         url = request.getfixturevalue("postgres_url")
     s = Store(tmp_path / "store", url)
     yield s
-    from workers.tables import Base
+    from workers.storage.tables import Base
 
     Base.metadata.drop_all(s.engine)
     s.close()
@@ -94,7 +94,7 @@ def test_the_ledger_never_overspends_under_concurrent_charges(store: Store) -> N
     from protocol.dp import Charge
     from protocol.errors import BudgetExhausted
     from workers.config import BudgetSection
-    from workers.ledger import Ledger
+    from workers.policy.ledger import Ledger
 
     ledger = Ledger(store, "n", BudgetSection(default_epsilon=1.0))
     store.put_dataset(_meta("d", (3, 2)), torch.zeros(3, 2), [])

@@ -28,8 +28,8 @@ from orchestrator.pointer import Expression
 from protocol.dp import Charge, calibrate, spent
 from protocol.errors import GridError
 from workers.config import BudgetSection
-from workers.ledger import Ledger
-from workers.store import Store
+from workers.policy.ledger import Ledger
+from workers.storage.store import Store
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -242,7 +242,7 @@ def test_a_queued_job_cancelled_from_typescript_never_runs(local_grid: LocalGrid
     from protocol.cancel import cancellation
     from protocol.contract import alive_key, node_queue
     from protocol.identity import Identity
-    from workers.store import Store
+    from workers.storage.store import Store
 
     home = local_grid.home
     queue = {"tags": ["#tsqueue"], "node": "tsqueue", "column": "weight", "reduce": "mean", "raw": True}

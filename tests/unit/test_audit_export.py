@@ -25,12 +25,12 @@ from protocol.messages import BudgetQuery, DatasetMeta, DPRelease, KeepRelease, 
 from protocol.plan import InputRef, Plan, Ref, Step
 from protocol.serving import Answer
 from workers import audit
-from workers.approvals import Requests, refusal
 from workers.config import ApprovalSection, BudgetSection
-from workers.context import NodeContext
-from workers.jobs import JobRunner
-from workers.ledger import Ledger
-from workers.store import Store
+from workers.jobs.context import NodeContext
+from workers.jobs.runner import JobRunner
+from workers.policy.approvals import Requests, refusal
+from workers.policy.ledger import Ledger
+from workers.storage.store import Store
 
 NODE = Identity.generate("ward")
 ALICE, BOB = Identity.generate("alice"), Identity.generate("bob")
@@ -156,7 +156,7 @@ def test_a_value_from_a_kept_result_names_the_datasets_it_came_from(node: tuple[
 def kept_objects(store: Store) -> list[str]:
     from sqlalchemy import select
 
-    from workers.tables import ObjectRow
+    from workers.storage.tables import ObjectRow
 
     with store.session() as s:
         return list(s.scalars(select(ObjectRow.id)))

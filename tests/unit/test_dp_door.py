@@ -4,7 +4,7 @@ aggregate a DP release noises moves further than the sensitivity it was calibrat
 
 Plans are built as a scientist builds them (orchestrator expressions) or by hand where a
 hostile client would bypass the client's own checks; the node's side is
-:func:`workers.release.calibrate_release` and :func:`protocol.dp_release.run_release`."""
+:func:`workers.policy.release.calibrate_release` and :func:`protocol.dp_release.run_release`."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from protocol.errors import InvalidRequest, SensitivityUnknown
 from protocol.interpret import evaluate, validate
 from protocol.messages import DatasetMeta, DPRelease
 from protocol.plan import Const, InputRef, Plan, Ref, Step, TensorConst, TensorSpec
-from workers.release import Calibrated, calibrate_release
+from workers.policy.release import Calibrated, calibrate_release
 
 N = 20
 BOUNDS = [(0.0, 7.0), (20.0, 65.0)]  # weight (kg), height (cm)

@@ -34,7 +34,7 @@ from protocol.identity import Identity
 from protocol.messages import GatewayReply, JobReply, NoiseInfo, SealedValue, WireError
 from protocol.mpc.wire import MpcReply
 from protocol.serving import EnvelopeServer
-from workers.jobs import failure
+from workers.jobs.runner import failure
 from workers.tasks import OUTCOME_EVENT, OUTCOME_FIELD, OUTCOMES, announce_outcome, outcome
 
 NODE, ALICE = Identity.generate("hospital"), Identity.generate("alice")

@@ -19,9 +19,9 @@ from protocol.dp import Charge
 from protocol.errors import BudgetExhausted
 from protocol.messages import DatasetMeta
 from workers.config import BudgetSection
-from workers.ledger import Ledger
-from workers.store import Store
-from workers.tables import ChargeRow, ChargeTotalRow
+from workers.policy.ledger import Ledger
+from workers.storage.store import Store
+from workers.storage.tables import ChargeRow, ChargeTotalRow
 
 STEP = 10  # SQLite calls the progress handler every STEP virtual-machine instructions
 

@@ -41,11 +41,11 @@ from protocol.model import describe_model, flatten_state
 from protocol.plan import InputRef, Plan, Ref, Step, TensorSpec
 from protocol.serving import Answer
 from workers.config import ApprovalSection, BudgetSection
-from workers.context import NodeContext
-from workers.jobs import JobRunner
-from workers.ledger import Ledger
-from workers.store import Store
-from workers.training import dp_charge, train
+from workers.jobs.context import NodeContext
+from workers.jobs.runner import JobRunner
+from workers.jobs.training import dp_charge, train
+from workers.policy.ledger import Ledger
+from workers.storage.store import Store
 
 NODE = Identity.generate("ward")
 ALICE, BOB = Identity.generate("alice"), Identity.generate("bob")
@@ -283,7 +283,7 @@ def test_an_evaluation_by_the_dp_door_is_noisy_and_charged(made: tuple[JobRunner
 
 
 def test_private_figures_are_bounded_means_with_their_sensitivity() -> None:
-    from workers.figures import figures_charge, private, sensitivity
+    from workers.policy.figures import figures_charge, private, sensitivity
 
     l1, l2 = sensitivity(ROWS, 10.0, classification=True)
     assert l1 == pytest.approx(10.0 / ROWS + 1.0 / ROWS, rel=1e-6)  # one row replaced: its loss, its hit

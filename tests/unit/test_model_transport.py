@@ -16,7 +16,7 @@ from orchestrator.strategies import FedAdam, FedProx, strategy
 from protocol.errors import ForbiddenOperation, InvalidRequest
 from protocol.messages import TrainConfig
 from protocol.model import ModelSpec, build_model, describe_model, flatten_state, unflatten_state
-from workers.training import Models, train
+from workers.jobs.training import Models, train
 
 
 class ConvNet(nn.Module):
@@ -174,7 +174,7 @@ def test_dp_sgd_clips_noises_and_costs_what_its_accountant_says() -> None:
     from opacus.accountants import RDPAccountant
 
     from protocol.messages import DPConfig
-    from workers.training import dp_charge
+    from workers.jobs.training import dp_charge
 
     x, y = torch.randn(120, 4), torch.randint(0, 3, (120,))
     config, dp = TrainConfig(epochs=2, batch_size=30, lr=0.1, seed=3), DPConfig(noise_multiplier=1.1,

@@ -127,7 +127,7 @@ def test_round_messages_are_bound_to_their_key_and_place() -> None:
 def test_a_message_cannot_name_any_broker_key_but_a_claim_check() -> None:
     from protocol.errors import InvalidRequest
     from protocol.mpc.wire import Aggregate
-    from workers.claims import take
+    from workers.storage.claims import take
 
     for key in ("gridq:gateway:identity", "gridq:mpc:pool:x", "celery", "gridq:blob:../../x"):
         with pytest.raises(InvalidRequest, match="not a claim-check key"):

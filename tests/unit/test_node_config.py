@@ -13,7 +13,7 @@ from ops.keys import read_identity
 from protocol.errors import InvalidRequest
 from protocol.identity import PublicIdentity
 from workers.config import load_config
-from workers.datasets import load_table
+from workers.storage.datasets import load_table
 
 
 def test_keys_new_writes_a_private_key_file_and_prints_the_public_key(tmp_path: Path) -> None:

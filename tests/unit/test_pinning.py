@@ -1,5 +1,5 @@
 """Gateway keys pinned on first contact (protocol.pinning), kept in a participant's
-known_gateways file (orchestrator.known_gateways) or a node's database (workers.store)."""
+known_gateways file (orchestrator.known_gateways) or a node's database (workers.storage.store)."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def test_concurrent_first_contacts_keep_one_pin(tmp_path: Path) -> None:
 
 
 def test_a_node_pins_in_its_own_database(tmp_path: Path) -> None:
-    from workers.store import Store
+    from workers.storage.store import Store
 
     store = Store(tmp_path / "store", f"sqlite:///{tmp_path / 'store' / 'node.db'}")
     try:

@@ -8,7 +8,7 @@ import pytest
 from protocol.errors import PermissionDenied
 from protocol.messages import DPRelease, KeepRelease, RawRelease
 from workers.config import ApprovalSection, UserApproval
-from workers.policy import Source, authorize, job_kind
+from workers.policy.doors import Source, authorize, job_kind
 
 SOURCES = [Source("births", ["alice"]), Source("deaths", ["alice", "bob"])]
 AUTO = ApprovalSection()

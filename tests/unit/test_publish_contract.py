@@ -27,8 +27,8 @@ from protocol.identity import Identity
 from protocol.messages import JobReply, RawRelease, RunJob
 from protocol.plan import InputRef, Plan, Ref, Step, TensorSpec
 from workers.config import load_config
-from workers.ledger import Ledger
 from workers.node import Node
+from workers.policy.ledger import Ledger
 
 ALICE, BOB = Identity.generate("alice"), Identity.generate("bob")
 CONFIG = """
@@ -195,7 +195,7 @@ def test_a_stored_file_changed_after_publish_is_refused_to_every_job(
 
     node = _offline_node(config)  # a new Store: nothing cached
     try:
-        with caplog.at_level(logging.ERROR, logger="workers.store"):
+        with caplog.at_level(logging.ERROR, logger="workers.storage.store"):
             reply = _run(node, "births", job_id="lab:job-2")
         assert reply.status == "failed" and reply.error is not None and reply.error.code == JobFailed.code
         message = reply.error.message
@@ -218,7 +218,8 @@ def test_a_stored_file_of_another_shape_or_dtype_is_refused(tmp_path: Path, capl
         save_file({"data": changed}, file)
         node = _offline_node(config)
         try:
-            with caplog.at_level(logging.ERROR, logger="workers.store"), pytest.raises(JobFailed, match="'plain'"):
+            with caplog.at_level(logging.ERROR, logger="workers.storage.store"), \
+                    pytest.raises(JobFailed, match="'plain'"):
                 node.store.dataset("plain")
         finally:
             node.close()

@@ -15,7 +15,7 @@ from protocol.dp import rho_to_approx
 from protocol.errors import InvalidRequest, SensitivityUnknown
 from protocol.messages import DatasetMeta, DPRelease
 from protocol.plan import Const, InputRef, Plan, Ref, Step
-from workers.release import PendingCharge, calibrate_release, declared_rows
+from workers.policy.release import PendingCharge, calibrate_release, declared_rows
 
 # 100 rows of (weight in kg, mother's age): one row per birth
 BIRTHS = DatasetMeta(node="ward", name="births", shape=(100, 2), dtype="float32", bounds=[(0.0, 7.0), (20.0, 65.0)])

@@ -22,10 +22,10 @@ from protocol.messages import DatasetMeta, DPRelease, JobReply, RawRelease, RunJ
 from protocol.plan import InputRef, Plan, Ref, Step
 from protocol.serving import Answer
 from workers.config import ApprovalSection, BudgetSection, RetentionSection
-from workers.context import NodeContext
-from workers.jobs import JobRunner
-from workers.ledger import Ledger
-from workers.store import Store
+from workers.jobs.context import NodeContext
+from workers.jobs.runner import JobRunner
+from workers.policy.ledger import Ledger
+from workers.storage.store import Store
 
 NODE = Identity.generate("ward")
 ALICE, BOB = Identity.generate("alice"), Identity.generate("bob")

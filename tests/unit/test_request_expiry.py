@@ -14,7 +14,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-import workers.approvals as approvals
+import workers.policy.approvals as approvals
 from protocol.contract import Tasks
 from protocol.envelope import MemoryNonceStore, open_envelope, seal_envelope
 from protocol.errors import (
@@ -29,12 +29,12 @@ from protocol.errors import (
 from protocol.identity import Identity
 from protocol.messages import CancelRequest, DatasetMeta, JobReply, MyRequests, RawRelease, RunJob
 from protocol.plan import InputRef, Plan, Ref, Step
-from workers.approvals import Parked, Requests, refusal, sweep_every
 from workers.config import ApprovalSection, BudgetSection
-from workers.context import NodeContext
-from workers.jobs import JobRunner
-from workers.ledger import Ledger
-from workers.store import Store
+from workers.jobs.context import NodeContext
+from workers.jobs.runner import JobRunner
+from workers.policy.approvals import Parked, Requests, refusal, sweep_every
+from workers.policy.ledger import Ledger
+from workers.storage.store import Store
 
 WEEK = 7 * 24 * 3600.0
 

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
-import workers.approvals as approvals
+import workers.policy.approvals as approvals
 from protocol.errors import InvalidRequest, NotFound
-from workers.approvals import Parked, Requests
-from workers.store import Store
+from workers.policy.approvals import Parked, Requests
+from workers.storage.store import Store
 
 ENVELOPE = {"sender": "carol", "body": "signed and verified"}
 

@@ -1,4 +1,4 @@
-"""Fair shares of a node's worker processes (workers.slots): a requester holds at most
+"""Fair shares of a node's worker processes (workers.jobs.slots): a requester holds at most
 ``per_user`` slots; a slot is let go when its holder is done — or killed."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from workers.slots import Slots
+from workers.jobs.slots import Slots
 
 
 def test_a_requester_holds_at_most_its_share_and_others_are_not_counted(tmp_path: Path):
@@ -40,7 +40,7 @@ def test_a_claimed_name_never_becomes_a_path(tmp_path: Path):
 HOLD = """
 import sys, time
 from pathlib import Path
-from workers.slots import Slots
+from workers.jobs.slots import Slots
 with Slots(Path(sys.argv[1]), per_user=1).take("alice") as held:
     print("held" if held else "free", flush=True)
     time.sleep(60)

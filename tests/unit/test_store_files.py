@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from workers.store import Store
+from workers.storage.store import Store
 
 
 def test_a_node_store_is_its_owners_only(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ other's wait. Each role has a module (:mod:`workers.mpc.worker` routes the messa
   their answers (output shares sealed to the querier): it sees no round;
 * **party** — keeps its shares of served models in its own database, and computes its side
   of each round (:func:`protocol.mpc.model.infer`, the same code as the tests run),
-  exchanging its masked parts with the other parties directly (:mod:`workers.rounds`);
+  exchanging its masked parts with the other parties directly (:mod:`workers.mpc.rounds`);
 * **aggregation party** — adds up its shares of a federated round's updates (each signed
   by its node) and sends the sum, sealed, to the scientist: once per round;
 * **crypto provider** — deals bundles (triples, truncation and comparison material) from

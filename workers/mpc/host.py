@@ -39,7 +39,7 @@ from protocol.serving import parse
 from protocol.spans import Tally
 from workers.locks import held
 from workers.mpc.member import MpcMember
-from workers.rounds import pop
+from workers.mpc.rounds import pop
 
 log = logging.getLogger(__name__)
 MAX_QUERY_ELEMENTS = 1 << 22  # values in one tensor of a query: 4M int64 shares = 32 MB a round

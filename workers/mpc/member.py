@@ -15,11 +15,11 @@ from protocol.contract import alive_key, mpc_peer_queue, mpc_queue_for, mpc_sess
 from protocol.envelope import MemoryNonceStore, seal_envelope
 from protocol.errors import NodeUnavailable, UnknownSender
 from protocol.identity import PublicIdentity
-from workers import claims
 from workers.config import NodeConfig
 from workers.directory import Directory
-from workers.rounds import connect
-from workers.store import Store
+from workers.mpc.rounds import connect
+from workers.storage import claims
+from workers.storage.store import Store
 
 
 class MpcMember:

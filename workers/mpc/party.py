@@ -34,9 +34,9 @@ from protocol.mpc.model import infer, shapes_of
 from protocol.mpc.wire import MpcReply, RunSession, StoreShares, open_signed, pack, seal_signed, unpack, unpack_part
 from protocol.serving import unexpected
 from protocol.spans import Tally
-from workers import claims
 from workers.mpc.member import MpcMember
-from workers.rounds import PartyEnd
+from workers.mpc.rounds import PartyEnd
+from workers.storage import claims
 
 log = logging.getLogger(__name__)
 

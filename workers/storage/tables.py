@@ -1,4 +1,4 @@
-"""The node database's tables (SQLAlchemy models); :class:`workers.store.Store` owns the
+"""The node database's tables (SQLAlchemy models); :class:`workers.storage.store.Store` owns the
 engine and the sessions, and is the only way in.
 
 ``datasets`` (published data and who may see it raw), ``publications`` (the owner's
@@ -77,7 +77,7 @@ class ObjectRow(Base):
 class JobRow(Base):
     """One row per job id: its status, attempts and signed reply (a redelivered job answers
     the same). The reply's body is dropped once the node's ``[retention] replies`` has passed
-    (``workers.retention``); the row stays, with its status, as the record that the job ran."""
+    (``workers.storage.retention``); the row stays, with its status, as the record that the job ran."""
 
     __tablename__ = "jobs"
     # the replies not yet dropped, oldest first: what a pruning pass reads (never the pruned rows)
@@ -121,7 +121,7 @@ class ChargeRow(Base):
 
 class ChargeTotalRow(Base):
     """The ledger's running totals: what is spent of each user's budget on each dataset, per
-    mechanism, updated in the transaction that adds each charge row (``workers.ledger``).
+    mechanism, updated in the transaction that adds each charge row (``workers.policy.ledger``).
     A budget check reads these, never the charge rows: its cost stays the same at the
     millionth release. The charge rows stay as the audit log; the totals are their sums."""
 

@@ -1,5 +1,5 @@
 """DP-SGD's moving parts (Opacus), loaded with a process's first DP-SGD job only: Opacus
-and SciPy with it are ~75 MB that most node processes never need (:mod:`workers.training`
+and SciPy with it are ~75 MB that most node processes never need (:mod:`workers.jobs.training`
 imports this module lazily)."""
 
 from __future__ import annotations

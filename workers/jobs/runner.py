@@ -4,7 +4,7 @@
 (:mod:`protocol.serving`): every message, good or bad, is answered with a reply envelope
 signed by this node, so a hostile message costs one reply and the worker goes on serving.
 A job id is run once: a redelivered job answers with the reply recorded the first time.
-Model-free jobs are :mod:`workers.compute`'s, model jobs :mod:`workers.model_jobs`'.
+Model-free jobs are :mod:`workers.jobs.compute`'s, model jobs :mod:`workers.jobs.model_jobs`'.
 """
 
 from __future__ import annotations
@@ -41,13 +41,13 @@ from protocol.messages import (
 )
 from protocol.serving import DEFERRED, Answer, EnvelopeServer, Route, Signed, claimed
 from workers import audit
-from workers.approvals import OwnRequests, Parked, Requests, refusal
-from workers.compute import ComputeJobs
-from workers.context import Job, NodeContext, Outcome
-from workers.model_jobs import ModelJobs
-from workers.retention import Pruner
-from workers.slots import Slots
-from workers.store import FINISHED, RequestRow
+from workers.jobs.compute import ComputeJobs
+from workers.jobs.context import Job, NodeContext, Outcome
+from workers.jobs.model_jobs import ModelJobs
+from workers.jobs.slots import Slots
+from workers.policy.approvals import OwnRequests, Parked, Requests, refusal
+from workers.storage.retention import Pruner
+from workers.storage.store import FINISHED, RequestRow
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from protocol.dp import MECHANISMS, Charge, spent
 from protocol.errors import BudgetExhausted
 from protocol.messages import BudgetInfo
 from workers.config import BudgetSection
-from workers.store import Store
-from workers.tables import BudgetRow, ChargeRow, ChargeTotalRow
+from workers.storage.store import Store
+from workers.storage.tables import BudgetRow, ChargeRow, ChargeTotalRow
 
 SLACK = 1e-9  # floating-point slack: ten releases of 0.1 fit a budget of 1.0
 

@@ -4,8 +4,8 @@ Computing is allowed by default: a result kept at the node (``keep``) leaves not
 value leaves only through a door, checked in order:
 
 1. **raw** — the requester is in ``allowed_users`` of every private input of the plan;
-2. **approved** — the owner approved this exact job (:mod:`workers.approvals`);
-3. **differentially private** — an (ε, δ) release charged to a budget (:mod:`workers.ledger`).
+2. **approved** — the owner approved this exact job (:mod:`workers.policy.approvals`);
+3. **differentially private** — an (ε, δ) release charged to a budget (:mod:`workers.policy.ledger`).
 
 The node's ``[approval]`` policy decides which kinds of job wait for the owner first.
 Everything else is :class:`PermissionDenied`, naming the datasets whose door was closed.

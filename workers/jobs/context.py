@@ -28,10 +28,10 @@ from protocol.messages import (
 )
 from protocol.plan import Plan, TensorSpec
 from workers.config import ApprovalSection, RetentionSection
-from workers.ledger import Ledger
-from workers.policy import Door, Source, authorize
-from workers.release import PendingCharge
-from workers.store import DatasetRow, Store
+from workers.policy.doors import Door, Source, authorize
+from workers.policy.ledger import Ledger
+from workers.policy.release import PendingCharge
+from workers.storage.store import DatasetRow, Store
 
 ClaimCheck = Callable[[bytes], str]  # stores sealed bytes, returns their key
 ClaimTake = Callable[[str], bytes]  # takes (fetches and deletes) bytes left by claim-check
@@ -73,8 +73,8 @@ class NodeContext:
     claim_take: ClaimTake
     node_key: Callable[[str], PublicIdentity]  # another node's key, as the gateway lists it
     memory_limit: int | None = None  # bytes a plan may hold at once ([worker] memory_limit_mb)
-    slots_per_user: int = 0  # worker processes one requester may hold at once (workers.slots); 0: no cap
-    retention: RetentionSection = field(default_factory=RetentionSection)  # [retention]: workers.retention
+    slots_per_user: int = 0  # worker processes one requester may hold at once (workers.jobs.slots); 0: no cap
+    retention: RetentionSection = field(default_factory=RetentionSection)  # [retention]: workers.storage.retention
     take_up: TakeUp = _taken_up_here  # workers.node: SET NX of the job's cancel key on the broker
 
     def door(self, job: Job, release: KeepRelease | RawRelease | DPRelease, sources: list[Source],

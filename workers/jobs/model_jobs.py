@@ -1,6 +1,6 @@
 """Jobs that run a model on a node's data: training (one federated round's local work) and
 evaluation. Models come as allow-listed layer specs, never as code. The weights leave by
-the release policy's door; the figures (loss, accuracy) by theirs (:mod:`workers.figures`)."""
+the release policy's door; the figures (loss, accuracy) by theirs (:mod:`workers.policy.figures`)."""
 
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ from protocol.mpc.ring import FixedPoint
 from protocol.mpc.sharing import share
 from protocol.mpc.wire import aggregation_label, pack, seal_signed
 from protocol.plan import Plan
-from workers import figures
-from workers.approvals import Parked
-from workers.context import Job, NodeContext, Outcome, describe
-from workers.policy import Door, Source, job_kind
-from workers.release import PendingCharge
-from workers.training import Models, dp_charge, score, train
+from workers.jobs.context import Job, NodeContext, Outcome, describe
+from workers.jobs.training import Models, dp_charge, score, train
+from workers.policy import figures
+from workers.policy.approvals import Parked
+from workers.policy.doors import Door, Source, job_kind
+from workers.policy.release import PendingCharge
 
 
 class ModelJobs:

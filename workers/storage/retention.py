@@ -21,7 +21,7 @@ from collections.abc import Callable
 from sqlalchemy.exc import SQLAlchemyError
 
 from workers.config import RetentionSection
-from workers.store import Store
+from workers.storage.store import Store
 
 log = logging.getLogger(__name__)
 

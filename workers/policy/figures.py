@@ -27,9 +27,9 @@ from protocol.messages import DPConfig, TrainMetrics
 from protocol.plan import Plan
 from protocol.row_maps import describe
 from protocol.sensitivity import RowSource
-from workers.policy import Door, Source
-from workers.release import private_rows
-from workers.training import per_sample
+from workers.jobs.training import per_sample
+from workers.policy.doors import Door, Source
+from workers.policy.release import private_rows
 
 
 def door(requester: str, approved: bool, dp: DPConfig | None, sources: Sequence[Source]) -> Door | None:

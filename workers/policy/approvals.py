@@ -33,8 +33,8 @@ from protocol.errors import (
     RequestExpired,
 )
 from protocol.messages import CancelRequest, JobReply, MyRequests, RequestInfo
-from workers.context import Job, Outcome
-from workers.store import JobRow, RequestRow, Store
+from workers.jobs.context import Job, Outcome
+from workers.storage.store import JobRow, RequestRow, Store
 
 STATUSES = ("pending", "approved", "denied", "expired", "cancelled")
 CLOSED = ("expired", "cancelled")  # ended without the owner's decision: they never run

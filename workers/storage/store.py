@@ -4,7 +4,7 @@ SQLite inside the store folder by default; any SQLAlchemy URL works (PostgreSQL 
 node that runs several worker processes). The database is the one source of truth that
 the admin API (publish, unpublish) and the worker processes share.
 
-The tables are :mod:`workers.tables`.
+The tables are :mod:`workers.storage.tables`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from protocol.codec import DTYPE_NAMES, dtype_name
 from protocol.errors import InvalidRequest, JobFailed, NotFound
 from protocol.messages import DatasetMeta
-from workers.bounds import outside
-from workers.tables import (
+from workers.policy.bounds import outside
+from workers.storage.tables import (
     Base,
     DatasetRow,
     GatewayPinRow,

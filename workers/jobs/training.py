@@ -44,7 +44,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfi
     trained: nn.Module = model
     if dp:  # Opacus (and SciPy with it) loads with a process's first DP-SGD job, 0.6 s once,
         # rather than adding ~75 MB to every node process, most of which never train with DP
-        from workers.dpsgd import private
+        from workers.jobs.dpsgd import private
 
         trained, optimizer = private(model, _optimizer(model, config), dp, config.batch_size)
     else:

@@ -13,10 +13,10 @@ from protocol.dp_release import run_release
 from protocol.errors import NotFound
 from protocol.interpret import evaluate
 from protocol.messages import AccessRequest, BudgetQuery, DatasetMeta, DPRelease, JobReply, MockRequest, RunJob
-from workers.approvals import Parked
-from workers.context import Job, NodeContext, Outcome, describe
-from workers.policy import Door, job_kind
-from workers.release import PendingCharge, calibrate_release, declared_rows
+from workers.jobs.context import Job, NodeContext, Outcome, describe
+from workers.policy.approvals import Parked
+from workers.policy.doors import Door, job_kind
+from workers.policy.release import PendingCharge, calibrate_release, declared_rows
 
 
 class ComputeJobs:

@@ -211,7 +211,7 @@ def fit(session: Session, model: torch.nn.Module, data: Sequence[tuple[Expressio
         resume: str | None = None) -> FitResult:
     """Ctrl-C stops the run between rounds: the round under way is dropped, the model of the
     last whole round is returned (``interrupted=True``) and the run is recorded as interrupted.
-    ``sample_fraction`` of the nodes (at least ``min_sampled``) train each round, drawn anew
+    ``sample_fraction`` of the nodes (at least ``min_sampled`` and ``min_nodes``) train each round, drawn anew
     from ``seed`` and the round. ``checkpoint_every=N`` keeps the global model (and the
     strategy's state) in the history every N rounds and after the last; ``resume=RUN`` (its
     id, or a unique prefix) goes on with that run from its last checkpoint, up to ``rounds``
@@ -228,10 +228,11 @@ def fit(session: Session, model: torch.nn.Module, data: Sequence[tuple[Expressio
                              "from everyone, you included: use FedAvg, FedProx or FedAdam with it")
     if not 1 <= min_nodes <= len(data):
         raise InvalidRequest(f"min_nodes must be within 1..{len(data)} (the nodes given)")
-    if not 0 < sample_fraction <= 1 or not min_nodes <= min_sampled <= len(data):
-        raise InvalidRequest(f"sample_fraction must be within (0, 1] (the share of nodes that train each round, not "
-                             f"{sample_fraction}) and min_sampled within min_nodes..{len(data)} ({min_nodes}.."
-                             f"{len(data)}: a round must ask at least the nodes it waits for), not {min_sampled}")
+    if not 0 < sample_fraction <= 1 or not 1 <= min_sampled <= len(data):
+        raise InvalidRequest(f"sample_fraction must be within (0, 1] (the share of nodes that train each round), not "
+                             f"{sample_fraction}, and min_sampled within 1..{len(data)} (the nodes given), not "
+                             f"{min_sampled}")
+    min_sampled = max(min_sampled, min_nodes)  # a round asks at least the nodes it waits for
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
         raise InvalidRequest(f"checkpoint_every must be a whole number of rounds (0: no checkpoints), "
                              f"not {checkpoint_every!r}")

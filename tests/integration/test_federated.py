@@ -165,9 +165,11 @@ def test_each_round_trains_the_sample_of_sites_its_seed_draws(local_grid: LocalG
                           sample_fraction=0.5)
         with pytest.raises(InvalidRequest, match=r"sample_fraction must be within \(0, 1\]"):
             grid.fit(mlp(), pairs(grid), rounds=1, progress=False, history_db=db, sample_fraction=0.0)
-        with pytest.raises(InvalidRequest, match="a round must ask at least the nodes it waits for"):
-            grid.fit(mlp(), pairs(grid), rounds=1, progress=False, history_db=db, sample_fraction=0.5, min_nodes=2,
-                     min_sampled=1)
+        with pytest.raises(InvalidRequest, match=r"min_sampled within 1\.\.3 \(the nodes given\), not 4"):
+            grid.fit(mlp(), pairs(grid), rounds=1, progress=False, history_db=db, sample_fraction=0.5, min_sampled=4)
+        waited = grid.fit(mlp(), pairs(grid), rounds=2, lr=0.05, progress=False, history_db=db, seed=3,
+                          sample_fraction=0.5, min_nodes=3)  # a round asks at least the nodes it waits for
+        assert [len([h for h in waited.history if h.round == r]) for r in range(2)] == [3, 3]
     stored = History(db).rounds(result.run_id)
     assert [sorted(h.node for h in stored if h.round == r) for r in range(4)] == drawn
     assert all(h.status == "done" for h in stored)

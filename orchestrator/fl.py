@@ -208,14 +208,16 @@ def fit(session: Session, model: torch.nn.Module, data: Sequence[tuple[Expressio
         history_db: str | None = None, dp: DPConfig | None = None, secure_aggregation: bool = False,
         aggregators: Sequence[str] = (), evaluate: Sequence[tuple[Expression, Expression]] = (),
         sample_fraction: float = 1.0, min_sampled: int = 1, checkpoint_every: int = 0,
-        resume: str | None = None) -> FitResult:
-    """Ctrl-C stops the run between rounds: the round under way is dropped, the model of the
-    last whole round is returned (``interrupted=True``) and the run is recorded as interrupted.
-    ``sample_fraction`` of the nodes (at least ``min_sampled`` and ``min_nodes``) train each round, drawn anew
-    from ``seed`` and the round. ``checkpoint_every=N`` keeps the global model (and the
-    strategy's state) in the history every N rounds and after the last; ``resume=RUN`` (its
-    id, or a unique prefix) goes on with that run from its last checkpoint, up to ``rounds``
-    in all, as if it had not stopped."""
+        resume: str | None = None, train: TrainConfig | None = None) -> FitResult:
+    """``train`` (a TrainConfig) says how the nodes train, as the keywords local_epochs …
+    momentum do (one or the other: not both); its ``seed`` and ``proximal_mu`` are the run's
+    (``seed``, and the strategy's). ``sample_fraction`` of the nodes (at least ``min_sampled``
+    and ``min_nodes``) train each round, drawn anew from ``seed`` and the round.
+    ``checkpoint_every=N`` keeps the global model (and the strategy's state) in the history
+    every N rounds and after the last; ``resume=RUN`` (its id, or a unique prefix) goes on with
+    that run from its last checkpoint, up to ``rounds`` in all, as if it had not stopped.
+    Ctrl-C stops the run between rounds: the round under way is dropped, the model of the
+    last whole round is returned (``interrupted=True``) and the run is recorded as interrupted."""
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise InvalidRequest(f"rounds must be a whole number of at least 1, not {rounds!r}: fit trains for that many "
                              "rounds (with none, it would hand the model back untrained)")
@@ -239,11 +241,14 @@ def fit(session: Session, model: torch.nn.Module, data: Sequence[tuple[Expressio
     if secure_aggregation and (len(set(aggregators)) < 2 or set(aggregators) & {x.node for x, _ in data}):
         raise InvalidRequest("secure aggregation needs at least two aggregation parties (MPC pool nodes), none of "
                              "them a node whose data is trained on")
+    local = _local_training(train, epochs=local_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                            loss=loss, momentum=momentum)
     model = copy.deepcopy(model)
     spec, state = describe_model(model)
     history = History(history_db)
-    config = {"rounds": rounds, "local_epochs": local_epochs, "batch_size": batch_size, "lr": lr,
-              "optimizer": optimizer, "loss": loss, "momentum": momentum, **server.config(),
+    config = {"rounds": rounds, "local_epochs": local.epochs, "batch_size": local.batch_size, "lr": local.lr,
+              "optimizer": local.optimizer, "loss": local.loss, "momentum": local.momentum,
+              **({"weight_decay": local.weight_decay} if local.weight_decay else {}), **server.config(),
               "nodes": [x.node for x, _ in data], "min_nodes": min_nodes, "round_timeout": round_timeout, "seed": seed,
               **({"sample_fraction": sample_fraction, "min_sampled": min_sampled} if sample_fraction < 1 else {}),
               **({"checkpoint_every": checkpoint_every} if checkpoint_every else {}),
@@ -265,10 +270,8 @@ def fit(session: Session, model: torch.nn.Module, data: Sequence[tuple[Expressio
         with _progress(progress, rounds, first) as bar:
             for r in range(first, rounds):
                 chosen = sampled(len(data), sample_fraction, min_sampled, seed, r)
-                configs = [checked(TrainConfig, epochs=local_epochs, batch_size=batch_size, lr=lr,  # type: ignore[arg-type]
-                                   optimizer=optimizer, loss=loss, momentum=momentum,  # type: ignore[arg-type]
-                                   proximal_mu=server.proximal_mu, seed=seed + r * len(data) + i)
-                           for i in chosen]
+                configs = [local.model_copy(update={"proximal_mu": server.proximal_mu,
+                                                    "seed": seed + r * len(data) + i}) for i in chosen]
                 secure = SecureAggregation(round=uuid.uuid4().hex, aggregators=list(aggregators)) \
                     if secure_aggregation else None
                 records, updates, errors = _round(session, spec, state, [data[i] for i in chosen], configs, r,
@@ -289,7 +292,7 @@ def fit(session: Session, model: torch.nn.Module, data: Sequence[tuple[Expressio
                 shown = f"round {r + 1}/{rounds}  train loss {figure(summary.loss)}  " \
                         f"train acc {figure(summary.accuracy, 3)}"
                 if evaluate:  # the new global model, on held-out data at the nodes
-                    ev = federated_evaluation(session, spec, state, evaluate, loss=loss, timeout=round_timeout,
+                    ev = federated_evaluation(session, spec, state, evaluate, loss=local.loss, timeout=round_timeout,
                                               label=f"[evaluation of {session.identity.name}: round {r}]")
                     history.record_evaluation(run_id, r, ev.nodes)
                     result.evaluations.append(ev)
@@ -311,6 +314,18 @@ def fit(session: Session, model: torch.nn.Module, data: Sequence[tuple[Expressio
         history.finish(run_id, "done")
     model.load_state_dict(state)
     return result
+
+
+def _local_training(given: TrainConfig | None, **keywords: Any) -> TrainConfig:
+    """How each node trains: ``given``, or the keywords; both given (a keyword off its default) is refused."""
+    if given is None:
+        return checked(TrainConfig, **keywords)
+    defaults = TrainConfig()
+    moved = [k for k, v in keywords.items() if v != getattr(defaults, k)]
+    if moved:
+        raise InvalidRequest(f"fit's local training is given twice: train=TrainConfig(…) and {', '.join(moved)}; put "
+                             f"{'them' if len(moved) > 1 else 'it'} in the TrainConfig")
+    return given
 
 
 def sampled(nodes: int, fraction: float, at_least: int, seed: int, r: int) -> list[int]:
@@ -336,7 +351,7 @@ def _resume(history: History, given: str, spec: ModelSpec, config: dict[str, Any
                              "model it started with")
     was = history.config(run_id)
     differ = [k for k in ("nodes", *server.config(), "local_epochs", "batch_size", "lr", "optimizer", "loss",
-                          "momentum", "seed", "sample_fraction", "secure_aggregation", "dp")
+                          "momentum", "weight_decay", "seed", "sample_fraction", "secure_aggregation", "dp")
               if was.get(k) != config.get(k)]
     if differ:
         raise InvalidRequest(f"run {run_id} was asked otherwise ({', '.join(f'{k}: {was.get(k)!r}' for k in differ)}): "

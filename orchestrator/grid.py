@@ -27,6 +27,7 @@ from orchestrator.evaluation import Evaluation
 from orchestrator.fl import FitResult, ModelPointer
 from orchestrator.pointer import DataPointer, Expression, JobTicket, dp_release, mock_twin, submit
 from orchestrator.session import Answers, Job, TransportSession
+from orchestrator.strategies import Strategy
 from orchestrator.transport import Transport
 from protocol.contract import (
     ALIVE_TTL_SECONDS,
@@ -41,10 +42,12 @@ from protocol.messages import (
     BudgetQuery,
     CancelRequest,
     DatasetMeta,
+    DPConfig,
     MyRequests,
     NodeInfo,
     RequestInfo,
     SearchQuery,
+    TrainConfig,
     checked,
 )
 from protocol.model import describe_model
@@ -249,15 +252,32 @@ class Grid:
         return ModelPointer(self.session, model, node)
 
     def fit(self, model: torch.nn.Module, data: Sequence[tuple[Expression, Expression]], *, rounds: int,
-            **options: Any) -> FitResult:
-        """Train ``model`` by federated averaging over ``data`` — (x, y) pointers, one pair per
-        node — for ``rounds`` rounds, nodes in parallel. Options: local_epochs, batch_size,
-        lr, optimizer, loss, momentum, strategy (FedAvg(), FedProx(mu=…), FedAdam(lr=…) from
-        orchestrator.strategies, or "fedavg"/"fedadam" for their defaults), min_nodes, round_timeout, seed,
-        progress, history_db, dp (a DPConfig: DP-SGD), secure_aggregation with aggregators
-        (MPC pool nodes that add up shares of the updates), evaluate ((x, y) pointers to
-        held-out data at nodes: the global model is evaluated there after every round)."""
-        return fl.fit(self.session, model, data, rounds=rounds, **options)
+            strategy: Strategy | str = "fedavg", train: TrainConfig | None = None, local_epochs: int = 1,
+            batch_size: int = 32, lr: float = 0.01, optimizer: str = "sgd", loss: str = "cross_entropy",
+            momentum: float = 0.0, min_nodes: int = 1, round_timeout: float = 120.0, seed: int = 0,
+            sample_fraction: float = 1.0, min_sampled: int = 1, evaluate: Sequence[tuple[Expression, Expression]] = (),
+            dp: DPConfig | None = None, secure_aggregation: bool = False, aggregators: Sequence[str] = (),
+            checkpoint_every: int = 0, resume: str | None = None, progress: bool = True,
+            history_db: str | None = None) -> FitResult:
+        """Train ``model`` over ``data`` — (x, y) pointers, one pair per node — for ``rounds``
+        rounds, nodes in parallel, combining their updates as ``strategy`` says (FedAvg(),
+        FedProx(mu=…), FedAdam(lr=…), FedMedian(), FedTrimmedAvg(beta=…), Krum(byzantine=…)
+        from orchestrator, or "fedavg"/"fedadam"/"fedmedian"/"fedtrimmedavg" for their
+        defaults). Local training: ``train=TrainConfig(…)``, or the keywords local_epochs,
+        batch_size, lr, optimizer, loss, momentum. A round closes when every node asked has
+        answered, or after ``round_timeout`` with ``min_nodes`` answers; ``sample_fraction``
+        of the nodes (at least ``min_sampled``) are asked each round. ``evaluate``: (x, y)
+        pointers to held-out data at nodes, where the global model is evaluated after every
+        round; ``dp``: DP-SGD at the nodes; ``secure_aggregation`` with ``aggregators`` (MPC
+        pool nodes that add up shares of the updates); ``checkpoint_every``/``resume``: keep
+        the global model every N rounds and go on from the last one; ``history_db``: where
+        the run's history is kept (default ``$GRIDQ_HOME/runs.db``)."""
+        return fl.fit(self.session, model, data, rounds=rounds, strategy=strategy, train=train,
+                      local_epochs=local_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, loss=loss,
+                      momentum=momentum, min_nodes=min_nodes, round_timeout=round_timeout, seed=seed,
+                      sample_fraction=sample_fraction, min_sampled=min_sampled, evaluate=evaluate, dp=dp,
+                      secure_aggregation=secure_aggregation, aggregators=aggregators,
+                      checkpoint_every=checkpoint_every, resume=resume, progress=progress, history_db=history_db)
 
     def evaluate(self, model: torch.nn.Module, data: Sequence[tuple[Expression, Expression]], *,
                  loss: str = "cross_entropy", timeout: float | None = None, epsilon: float | None = None,

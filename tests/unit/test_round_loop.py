@@ -30,12 +30,13 @@ from protocol.envelope import Envelope, MemoryNonceStore, open_envelope, seal_en
 from protocol.errors import (
     BudgetExhausted,
     GridError,
+    InvalidRequest,
     NodeUnavailable,
     NotFound,
     PermissionDenied,
 )
 from protocol.identity import Identity, PublicIdentity
-from protocol.messages import JobReply, SealedValue, TrainJob, TrainMetrics, WireError
+from protocol.messages import JobReply, SealedValue, TrainConfig, TrainJob, TrainMetrics, WireError
 from protocol.model import flatten_state
 from protocol.plan import InputRef, TensorSpec
 
@@ -58,6 +59,7 @@ class MemorySession:
         self.rounds = 0  # waits for a round's answers so far
         self.waited: list[float] = []  # seconds each wait took
         self.results: dict[str, dict[str, Any]] = {}  # job id → its result's meta, as the backend stores it
+        self.asked: list[tuple[str, TrainConfig]] = []  # each training job sent: its node and local training
         self.blobs: dict[str, bytes] = {}
         self.nonces = MemoryNonceStore()
 
@@ -77,6 +79,7 @@ class MemorySession:
         ids = {node: f"{node}:{uuid.uuid4().hex}" for node, _ in jobs}
         for node, job in jobs:
             assert isinstance(job, TrainJob) and job.weights is not None and job.config.seed is not None
+            self.asked.append((node, job.config))
             weights = decode_tensor(self.keys[node].unseal(base64.b64decode(job.weights.sealed or "")))
             self._answer(node, ids[node], self.nodes[node](weights, self.rounds))
         return ids
@@ -255,3 +258,37 @@ def _status(tmp_path: Path) -> tuple[str, str]:
     history = History(f"sqlite:///{tmp_path / 'runs.db'}")
     (run_id, _, _), = history.runs()
     return history.status(run_id)
+
+
+def test_local_training_is_a_train_config_or_keywords_and_the_run_sets_seed_and_proximal_mu(tmp_path: Path) -> None:
+    from orchestrator.strategies import FedProx
+
+    session = MemorySession({"a": trained(1.0, 10), "b": trained(2.0, 10)})
+    fit(session, tmp_path, rounds=2, seed=5, strategy=FedProx(mu=0.5),
+        train=TrainConfig(epochs=3, lr=0.2, weight_decay=0.01, seed=99, proximal_mu=7.0))
+    assert {(c.epochs, c.lr, c.weight_decay, c.proximal_mu) for _, c in session.asked} == {(3, 0.2, 0.01, 0.5)}
+    assert [(n, c.seed) for n, c in session.asked] == [("a", 5), ("b", 6), ("a", 7), ("b", 8)]  # seed + r·n + i
+    with pytest.raises(InvalidRequest, match="given twice: train=TrainConfig.* and batch_size, lr; put them in"):
+        fit(session, tmp_path, train=TrainConfig(), lr=0.1, batch_size=8)
+    with pytest.raises(InvalidRequest):  # keywords are checked as a TrainConfig is, before the run starts
+        fit(session, tmp_path, lr=-1.0)
+    assert len(History(f"sqlite:///{tmp_path / 'runs.db'}").runs()) == 1
+
+
+def test_a_sampled_round_asks_the_nodes_its_seed_draws_and_no_others(tmp_path: Path) -> None:
+    session = MemorySession({name: trained(1.0, 10) for name in "abcd"})
+    result = fit(session, tmp_path, rounds=5, seed=11, sample_fraction=0.5)
+    drawn = [[sorted("abcd")[i] for i in fl.sampled(4, 0.5, 1, 11, r)] for r in range(5)]
+    assert [[h.node for h in result.history if h.round == r] for r in range(5)] == drawn
+    assert len(session.asked) == 10 and len({tuple(d) for d in drawn}) > 1
+
+
+def test_through_the_round_loop_a_poisoned_node_drags_fedavg_but_not_the_median(tmp_path: Path) -> None:
+    from orchestrator.strategies import FedMedian, FedTrimmedAvg, Krum
+
+    nodes: dict[str, Node] = {**{f"h{i}": trained(1.0 + i / 10, 10) for i in range(4)}, "poison": trained(1e6, 10)}
+    mean = weights(fit(MemorySession(nodes), tmp_path).model)
+    assert (mean > 1e5).all()
+    for robust in (FedMedian(), FedTrimmedAvg(beta=0.2), Krum(byzantine=1)):
+        got = weights(fit(MemorySession(nodes), tmp_path, strategy=robust).model)
+        assert ((1.0 <= got) & (got <= 1.3)).all(), (robust, got)

@@ -216,7 +216,7 @@ def unenrol(node: str, database: str | None = GATEWAY_DATABASE) -> None:
 
     Example: gridq unenrol clinic
     """
-    from orchestrator.registry import Registry
+    from workers.gateway.registry import Registry
 
     Registry(_gateway_database(database)).unenrol(node)
     typer.echo(f"{node} unenrolled: its datasets are no longer found")
@@ -229,7 +229,7 @@ def enrolled(database: str | None = GATEWAY_DATABASE) -> None:
 
     Example: gridq enrolled
     """
-    from orchestrator.registry import Registry
+    from workers.gateway.registry import Registry
 
     for node, key in Registry(_gateway_database(database)).enrolments():
         typer.echo(f"{node:24s} {key}")

@@ -1,5 +1,5 @@
 """Enrolling nodes at the gateway: the operator admits a node's id and public key into the
-gateway's registry database (``orchestrator.registry``); the gateway refuses registrations
+gateway's registry database (``workers.gateway.registry``); the gateway refuses registrations
 and publications from any other node, or signed with any other key.
 
     gridq enrol hospital --key hospital.pub     # on the gateway's host
@@ -17,8 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ops.broker_users import BrokerUsers, follow_enrolments
-from orchestrator.registry import Registry
 from protocol.errors import InvalidRequest, NotFound
+from workers.gateway.registry import Registry
 
 GATEWAY_DB = "gateway.db"  # in $GRIDQ_HOME, where `gridq gateway start` keeps its registry by default
 

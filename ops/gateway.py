@@ -1,4 +1,4 @@
-"""Running the gateway worker: the registry's logic (``orchestrator.gateway.Gateway``) in
+"""Running the gateway worker: the registry's logic (``workers.gateway.service.Gateway``) in
 the grid's one worker shell (``workers.tasks.serve_tasks``), its public key posted where
 clients read it."""
 
@@ -13,8 +13,6 @@ import redis
 from celery import Celery
 
 from orchestrator.app import make_celery
-from orchestrator.gateway import Gateway
-from orchestrator.registry import Registry
 from protocol.contract import (
     GATEWAY,
     GATEWAY_IDENTITY_KEY,
@@ -28,6 +26,8 @@ from protocol.identity import Identity
 from protocol.listing import LISTING_EVERY_SECONDS, LISTING_MAX_AGE_SECONDS, sign_listing
 from workers.beacon import keep_posted
 from workers.broker import redis_client
+from workers.gateway.registry import Registry
+from workers.gateway.service import Gateway
 from workers.inbox import own_in_flight
 from workers.tasks import serve_tasks
 

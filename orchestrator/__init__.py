@@ -1,7 +1,8 @@
-"""The data scientist's side of gridq: ``Grid``, pointers, tickets (and the gateway worker).
+"""The data scientist's side of gridq: ``Grid``, pointers, tickets, federated training and
+encrypted queries (the gateway worker is in ``workers.gateway``).
 
-The names below load their module when first used: the gateway worker, which lives in this
-package too, carries messages and never needs torch.
+The names below load their module when first used: ``import orchestrator`` (a CLI command
+that needs only the transport, say) does not load torch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ b
     from orchestrator.history import RoundRecord, RoundSummary
     from orchestrator.pointer import DataPointer, Expression, JobTicket, PrivateValue, cat, stack
     from orchestrator.strategies import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, NodeUpdate, Strategy
-    from protocol.messages import BudgetInfo, DPConfig, TrainMetrics
+    from protocol.messages import BudgetInfo, DPConfig, TrainConfig, TrainMetrics
     from protocol.mpc.wire import ModelCard
 
 _HOMES = {
@@ -27,15 +28,15 @@ _HOMES = {
     "FitResult": "orchestrator.fl", "ModelPointer": "orchestrator.fl",
     "Evaluation": "orchestrator.evaluation",
     "RoundRecord": "orchestrator.history", "RoundSummary": "orchestrator.history",
-    "DPConfig": "protocol.messages", "TrainMetrics": "protocol.messages", "BudgetInfo": "protocol.messages",
+    **{name: "protocol.messages" for name in ("DPConfig", "TrainConfig", "TrainMetrics", "BudgetInfo")},
     "ModelCard": "protocol.mpc.wire",
     **{name: "orchestrator.strategies" for name in ("FedAvg", "FedProx", "FedAdam", "FedMedian", "FedTrimmedAvg",
                                                      "Krum", "NodeUpdate", "Strategy")},
 }
 __all__ = ["BudgetInfo", "DPConfig", "DataPointer", "Evaluation", "Expression", "FedAdam", "FedAvg", "FedMedian",
            "FedProx", "FedTrimmedAvg", "FitResult", "Grid", "JobTicket", "Krum", "ModelCard", "ModelPointer",
-           "NodeUpdate", "PrivateValue", "RequestList", "RoundRecord", "RoundSummary", "Strategy", "TrainMetrics",
-           "cat", "stack"]
+           "NodeUpdate", "PrivateValue", "RequestList", "RoundRecord", "RoundSummary", "Strategy", "TrainConfig",
+           "TrainMetrics", "cat", "stack"]
 
 
 def __getattr__(name: str) -> Any:

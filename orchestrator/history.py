@@ -224,11 +224,7 @@ class History:
 
     def model(self, run_id: str) -> dict[str, Any]:
         """The model the run trains, as it was described when it started (layers, shapes)."""
-        with self._sessions() as s:
-            row = s.get(RunRow, run_id)
-        if row is None:
-            raise KeyError(f"no federated run {run_id!r} in {self.engine.url}")
-        return row.model
+        return self._run(run_id).model
 
     def record(self, run_id: str, records: list[RoundRecord]) -> None:
         with self._sessions.begin() as s:
@@ -274,11 +270,14 @@ class History:
 
     def config(self, run_id: str) -> dict[str, Any]:
         """How the run was asked: rounds, strategy, learning rates, nodes …"""
+        return self._run(run_id).config
+
+    def _run(self, run_id: str) -> RunRow:
         with self._sessions() as s:
             row = s.get(RunRow, run_id)
         if row is None:
             raise KeyError(f"no federated run {run_id!r} in {self.engine.url}")
-        return row.config
+        return row
 
     def rounds(self, run_id: str) -> list[RoundRecord]:
         with self._sessions() as s:

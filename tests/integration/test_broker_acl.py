@@ -30,7 +30,6 @@ from ops.cli import app as cli
 from ops.demo import prepare
 from ops.enrol import enrolled_nodes, gateway_database, sync_broker_users
 from ops.local import LocalGrid, free_port
-from orchestrator.registry import Registry
 from protocol.contract import (
     CLAIM_CHECK_PREFIX,
     GATEWAY_IDENTITY_KEY,
@@ -44,6 +43,7 @@ from protocol.contract import (
     node_queue,
 )
 from protocol.errors import BrokerUnavailable, PermissionDenied
+from workers.gateway.registry import Registry
 from workers.storage.datasets import load_table
 
 MPC_NODES = ("company", "university", "hospital", "public")

@@ -81,6 +81,23 @@ def pairs(grid, tag: str = "#digits") -> list:  # type: ignore[no-untyped-def, t
     return [(found[s][0][:, :64], found[s][0][:, 64]) for s in SITES]
 
 
+def round_zero_updates() -> list[tuple[torch.Tensor, int]]:
+    """Each site's round-0 update of fit(mlp(), …, lr=0.05), recomputed here from the same
+    data and seeds (flat weights, samples), as the sites compute it."""
+    from protocol.messages import TrainConfig
+    from protocol.model import build_model, flatten_state
+    from workers.jobs.training import train
+
+    spec, state = describe_model(mlp())
+    iid, _ = digits_split(len(SITES))
+    updates = []
+    for i, table in enumerate(iid):
+        local = build_model(spec, state)
+        train(local, torch.tensor(table[:, :64]), torch.tensor(table[:, 64]), TrainConfig(lr=0.05, seed=i))
+        updates.append((flatten_state(local.state_dict()), len(table)))
+    return updates
+
+
 def test_send_train_get_on_each_site_in_turn(local_grid: LocalGrid, sites) -> None:  # type: ignore[no-untyped-def]
     model = mlp()
     before = accuracy(model, sites)
@@ -124,9 +141,7 @@ def test_fedmedian_takes_the_median_of_the_updates_the_sites_sent(local_grid: Lo
     the updates it needs) are refused before any job is sent."""
     from orchestrator.strategies import FedMedian, Krum
     from protocol.errors import InvalidRequest
-    from protocol.messages import TrainConfig
-    from protocol.model import build_model, flatten_state
-    from workers.jobs.training import train
+    from protocol.model import flatten_state
 
     db = f"sqlite:///{tmp_path / 'runs.db'}"
     with local_grid.connect("alice") as grid:
@@ -136,13 +151,7 @@ def test_fedmedian_takes_the_median_of_the_updates_the_sites_sent(local_grid: Lo
         with pytest.raises(InvalidRequest, match="FedMedian combines each node's update, which secure aggregation"):
             grid.fit(mlp(), pairs(grid), rounds=1, progress=False, history_db=db, strategy=FedMedian(),
                      secure_aggregation=True, aggregators=["company", "public"])
-    spec, state = describe_model(mlp())
-    iid, _ = digits_split(len(SITES))
-    updates = []
-    for i, table in enumerate(iid):
-        local = build_model(spec, state)
-        train(local, torch.tensor(table[:, :64]), torch.tensor(table[:, 64]), TrainConfig(lr=0.05, seed=i))
-        updates.append(flatten_state(local.state_dict()))
+    updates = [flat for flat, _ in round_zero_updates()]
     median = torch.stack(updates).median(dim=0).values  # three: the middle one, in each coordinate
     mean = torch.stack(updates).mean(dim=0)
     got = flatten_state(result.model.state_dict())
@@ -357,9 +366,7 @@ def test_secure_aggregation_equals_fedavg_and_hides_each_update(local_grid: Loca
 
     from ops.local import NODE_CONFIGS
     from orchestrator.fl import fedavg
-    from protocol.messages import TrainConfig
-    from protocol.model import build_model, flatten_state
-    from workers.jobs.training import train
+    from protocol.model import flatten_state
 
     for party in ("company", "public"):  # the aggregation parties: MPC pool workers
         local_grid.ensure_keys(party, "dana", "eve")
@@ -381,12 +388,7 @@ def test_secure_aggregation_equals_fedavg_and_hides_each_update(local_grid: Loca
         assert accuracy(secure.model, sites) == pytest.approx(accuracy(plain.model, sites), abs=0.01)
         # each site's round-0 update, recomputed here (same seeds, same data), never crosses the broker
         spec, state = describe_model(mlp())
-        iid, _ = digits_split(len(SITES))
-        updates = []
-        for i, table in enumerate(iid):
-            local = build_model(spec, state)
-            train(local, torch.tensor(table[:, :64]), torch.tensor(table[:, 64]), TrainConfig(lr=0.05, seed=i))
-            updates.append(("", flatten_state(local.state_dict()), len(table)))
+        updates = [("", flat, samples) for flat, samples in round_zero_updates()]
         patterns = [u[1][k:k + 2].numpy().tobytes() for u in updates for k in range(0, 4800, 600)]
         patterns += [struct.pack("<ff", *u[1][k:k + 2].tolist()) for u in updates for k in range(0, 4800, 600)]
         assert found_in(commands, patterns) == []

@@ -13,8 +13,8 @@ from ops.compose_init import enrol_demo_nodes
 from ops.enrol import enrol, gateway_database
 from ops.keys import write_identity
 from ops.local import NODE_CONFIGS
-from orchestrator.registry import Registry
 from protocol.errors import InvalidRequest
+from workers.gateway.registry import Registry
 
 
 @pytest.fixture

@@ -14,14 +14,14 @@ from typing import Any
 
 import pytest
 
-from orchestrator.gateway import Gateway
-from orchestrator.nonces import SWEEP_EVERY, RegistryNonces
-from orchestrator.registry import Registry
 from protocol.contract import GATEWAY, Tasks
 from protocol.envelope import seal_envelope
 from protocol.errors import InvalidRequest, NotEnrolled, NotFound, StaleMessage
 from protocol.identity import Identity
 from protocol.messages import DatasetMeta, GatewayReply, PublishDataset, RegisterNode, UnpublishDataset
+from workers.gateway.nonces import SWEEP_EVERY, RegistryNonces
+from workers.gateway.registry import Registry
+from workers.gateway.service import Gateway
 
 WARD = Identity.generate("ward")
 MALLORY = Identity.generate("mallory")
@@ -233,7 +233,7 @@ def test_a_captured_publication_replayed_after_a_restart_is_refused(registry: Re
 
 
 def test_a_registration_from_before_enrolment_is_not_listed(registry: Registry) -> None:
-    from orchestrator.registry import DatasetRow, NodeRow
+    from workers.gateway.registry import DatasetRow, NodeRow
 
     with registry.session() as s:  # what trust on first use left in an older gateway.db
         s.add(NodeRow(id="lure", public_key=MALLORY.public.text(), last_seen=1.0))

@@ -13,7 +13,7 @@ CHECK = "import sys\n{code}\nheavy = sorted(m for m in ('torch', 'numpy', 'opacu
 
 
 @pytest.mark.parametrize("code", [
-    "import orchestrator.gateway",
+    "import workers.gateway.service",
     "import ops.cli",
     "from ops.cli import app\ntry:\n    app(['--help'])\nexcept SystemExit:\n    pass",
     "from ops.cli import app\ntry:\n    app(['requests', 'approve', '--help'])\nexcept SystemExit:\n    pass",

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-import orchestrator.registry as registry_module
-from orchestrator.registry import Registry
+import workers.gateway.registry as registry_module
 from protocol.errors import AuthenticationError, NotEnrolled, NotFound
 from protocol.identity import Identity
 from protocol.messages import DatasetMeta
+from workers.gateway.registry import Registry
 
 
 def _meta(node: str, name: str, description: str = "", tags: tuple[str, ...] = ()) -> DatasetMeta:

@@ -16,7 +16,7 @@ from sqlalchemy import Float, String, delete
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from orchestrator.registry import Registry
+from workers.gateway.registry import Registry
 
 SWEEP_EVERY = 512  # remembers between two sweeps of expired rows: not a DELETE per message
 

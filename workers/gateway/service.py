@@ -13,8 +13,6 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from orchestrator.nonces import RegistryNonces
-from orchestrator.registry import Registry, not_enrolled
 from protocol.contract import PUBLIC, Tasks
 from protocol.envelope import Envelope
 from protocol.errors import GridError
@@ -28,6 +26,8 @@ from protocol.messages import (
     WireError,
 )
 from protocol.serving import Answer, EnvelopeServer, Route, parse
+from workers.gateway.nonces import RegistryNonces
+from workers.gateway.registry import Registry, not_enrolled
 
 log = logging.getLogger(__name__)
 

@@ -46,11 +46,12 @@ browser: $(STAMP)
 redis:
 	redis-server --port 0 --tls-port 0 --gridq-tls-probe yes 2>&1 | grep -q gridq-tls-probe || { $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; }
 
+# --durations: CI's log names the slowest tests (the suite is to stay under 15 minutes on 2 cores)
 test: $(STAMP) ts browser redis
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict protocol
 	$(BIN)/mypy orchestrator workers ops
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
 
 # CrypTen, in a venv of its own, for the MPC benchmark's side-by-side figures (~1 GB, ~1 min)
 crypten:

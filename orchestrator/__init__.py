@@ -15,7 +15,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ b
     from orchestrator.fl import FitResult, ModelPointer
     from orchestrator.grid import Grid, RequestList
     from orchestrator.history import RoundRecord, RoundSummary
-    from orchestrator.pointer import DataPointer, Expression, JobTicket, PrivateValue, cat, stack
+    from orchestrator.pointer import DataPointer, Expression, JobTicket, cat, stack
+    from orchestrator.releases import PrivateValue
     from orchestrator.strategies import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, NodeUpdate, Strategy
     from protocol.messages import BudgetInfo, DPConfig, TrainConfig, TrainMetrics
     from protocol.mpc.wire import ModelCard
@@ -24,7 +25,7 @@ _HOMES = {
     "Grid": "orchestrator.grid", "RequestList": "orchestrator.grid",
     "DataPointer": "orchestrator.pointer", "Expression": "orchestrator.pointer",
     "cat": "orchestrator.pointer", "stack": "orchestrator.pointer",
-    "JobTicket": "orchestrator.pointer", "PrivateValue": "orchestrator.pointer",
+    "JobTicket": "orchestrator.pointer", "PrivateValue": "orchestrator.releases",
     "FitResult": "orchestrator.fl", "ModelPointer": "orchestrator.fl",
     "Evaluation": "orchestrator.evaluation",
     "RoundRecord": "orchestrator.history", "RoundSummary": "orchestrator.history",

@@ -25,7 +25,8 @@ import torch
 from orchestrator import evaluation, fl, mpc
 from orchestrator.evaluation import Evaluation
 from orchestrator.fl import FitResult, ModelPointer
-from orchestrator.pointer import DataPointer, Expression, JobTicket, dp_release, mock_twin, submit
+from orchestrator.pointer import DataPointer, Expression, JobTicket, mock_twin, submit
+from orchestrator.releases import dp_release
 from orchestrator.session import Answers, Job, TransportSession
 from orchestrator.strategies import Strategy
 from orchestrator.transport import Transport

@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, overload
 
 import torch
-from pydantic import ValidationError
 
+from orchestrator.plans import constant, index_item, remap, spec_of
+from orchestrator.releases import PrivateValue, dp_release
 from orchestrator.session import Job, Session
 from protocol.cancel import STARTED, cancellation, cancelled_by, signer
-from protocol.codec import decode_tensor, dtype_name, parse_dtype
+from protocol.codec import decode_tensor
 from protocol.contract import PENDING_APPROVAL, PUBLIC
 from protocol.errors import (
     ApprovalRequired,
@@ -43,16 +43,14 @@ from protocol.errors import (
     NotFound,
     error_from_wire,
 )
-from protocol.interpret import evaluate, run_step, validate
+from protocol.interpret import evaluate, validate
 from protocol.messages import (
     AccessRequest,
     CancelRequest,
     DatasetMeta,
-    DPRelease,
     JobReply,
     KeepRelease,
     MockRequest,
-    NoiseInfo,
     RawRelease,
     RunJob,
     TrainMetrics,
@@ -148,18 +146,18 @@ class Expression:
             mapping = {i: inputs.index(item) for i, item in enumerate(e._inputs)}
             for j, step in enumerate(e._steps):
                 mapping[len(e._inputs) + j] = len(inputs) + len(steps)
-                steps.append(_remap(step, mapping))
+                steps.append(remap(step, mapping))
                 specs.append(e._specs[len(e._inputs) + j])
             outs[id(e)] = mapping[len(e._inputs) + len(e._steps) - 1]
         args: list[Ref | Const | TensorConst] = [Ref(ref=outs[id(self)])]
         for o in others:
-            args.append(Ref(ref=outs[id(o)]) if isinstance(o, Expression) else _constant(o))
+            args.append(Ref(ref=outs[id(o)]) if isinstance(o, Expression) else constant(o))
         if constant_first:
             args[0], args[1] = args[1], args[0]
         step = Step(op=op, args=args, params={k: v for k, v in params.items() if v is not None})
         steps.append(step)
         return Expression(self._session, self.node, inputs, steps,
-                          specs=[*specs, _checked(step, len(steps) - 1, specs)])
+                          specs=[*specs, spec_of(step, len(steps) - 1, specs)])
 
     def __getitem__(self, index: Any) -> Expression:
         if isinstance(index, str):  # a column name selects that column of a table
@@ -167,7 +165,7 @@ class Expression:
                 raise KeyError(f"no column {index!r}; columns are {list(self.columns)}")
             index = (slice(None), self.columns.index(index))
         items = index if isinstance(index, tuple) else (index,)
-        return self._apply("getitem", index=[_index_item(i) for i in items])
+        return self._apply("getitem", index=[index_item(i) for i in items])
 
     def __add__(self, o: Any) -> Expression: return self._apply("add", o)
     def __radd__(self, o: Any) -> Expression: return _const_first("add", o, self)
@@ -273,27 +271,6 @@ _STATES = {"PENDING": "queued", "RECEIVED": "queued", "STARTED": "running", "RET
            PENDING_APPROVAL: "pending_approval",
            # final states that nothing signed: not an answer, the job may yet be run (redelivered)
            "FAILURE": "running", "REVOKED": "running"}
-
-
-@dataclass(frozen=True)
-class PrivateValue:
-    """A differentially private release: the noisy value, and how it was made."""
-
-    value: torch.Tensor
-    noise: NoiseInfo
-
-    def item(self) -> float:
-        return float(self.value.item())
-
-    def __float__(self) -> float:
-        return self.item()
-
-    def __repr__(self) -> str:
-        n = self.noise
-        shown = f"{self.item():.6g}" if self.value.numel() == 1 else f"tensor of shape {tuple(self.value.shape)}"
-        privacy = f"ε={n.epsilon:g}" + (f", δ={n.delta:g}" if n.delta else "")
-        after = " on its aggregates, then post-processed" if n.post_processed else ""
-        return f"PrivateValue({shown}; {n.mechanism} noise of scale {n.scale:.4g}{after}, {privacy})"
 
 
 class JobTicket:
@@ -517,57 +494,3 @@ def mock_twin(session: Session, node: str, dataset: str) -> torch.Tensor:
 def _const_first(op: str, const: Any, expr: Expression) -> Expression:
     """``2 - x``: the plan's arguments keep their order, the constant comes first."""
     return expr._apply(op, const, constant_first=True)
-
-
-def dp_release(epsilon: float | None, delta: float) -> DPRelease | None:
-    """The DP release asked for, or None for none. A ``delta`` without an ``epsilon`` is a
-    mistake, not a request for the exact value: it is refused, naming both fixes."""
-    if epsilon is None:
-        if delta:
-            raise InvalidRequest(f"delta={delta} asks for a differentially private release, which needs an epsilon "
-                                 f"too: get(epsilon=0.2, delta={delta}); or leave delta out for the exact value "
-                                 "(released only if you may see it)")
-        return None
-    try:
-        return DPRelease(epsilon=epsilon, delta=delta)
-    except ValidationError:
-        raise InvalidRequest(f"a DP release needs 0 < epsilon ≤ 100 and 0 ≤ delta < 1, not epsilon={epsilon}, "
-                             f"delta={delta}") from None
-
-
-def _checked(step: Step, number: int, specs: Sequence[TensorSpec]) -> TensorSpec:
-    """The spec of ``step``'s value, checked on ``meta`` tensors of the values it reads."""
-    values: list[torch.Tensor | None] = [None] * len(specs)
-    for arg in step.args:
-        if isinstance(arg, Ref):
-            spec = specs[arg.ref]
-            values[arg.ref] = torch.empty(spec.shape, dtype=parse_dtype(spec.dtype), device="meta")
-    out = run_step(step, number, values, device="meta")
-    return TensorSpec(shape=tuple(out.shape), dtype=dtype_name(out.dtype))
-
-
-def _remap(step: Step, mapping: dict[int, int]) -> Step:
-    args = [Ref(ref=mapping[a.ref]) if isinstance(a, Ref) else a for a in step.args]
-    return Step(op=step.op, args=args, params=step.params)
-
-
-def _constant(value: Any) -> Const | TensorConst:
-    """A public constant of a plan: a number, or a (small) tensor of numbers."""
-    if isinstance(value, torch.Tensor):
-        return Const(const=value.item()) if value.dim() == 0 else TensorConst.of(value)
-    if isinstance(value, bool | int | float):
-        return Const(const=value)
-    raise InvalidRequest(f"a plan combines remote values with numbers and tensors, not {type(value).__name__}")
-
-
-def _index_item(item: Any) -> Any:
-    if isinstance(item, slice):
-        return {"start": item.start, "stop": item.stop, "step": item.step}
-    if item is Ellipsis:
-        return "..."
-    if item is None:
-        return "newaxis"
-    if isinstance(item, int):
-        return item
-    raise TypeError(f"cannot index a remote tensor with {type(item).__name__}; use ints, slices or column names")
-

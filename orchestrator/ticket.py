@@ -4,6 +4,7 @@ They live in :mod:`orchestrator.pointer`, beside the pointers — a pointer's ``
 ticket and a ticket's ``result()`` a pointer — and are importable from here as before.
 """
 
-from orchestrator.pointer import JobTicket, PrivateValue
+from orchestrator.pointer import JobTicket
+from orchestrator.releases import PrivateValue
 
 __all__ = ["JobTicket", "PrivateValue"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+import orchestrator.plans as plans
 import orchestrator.pointer as pointer
 from orchestrator.pointer import Expression
 from protocol.errors import InvalidRequest
@@ -22,8 +23,8 @@ def _leaf(*inputs: tuple[InputRef, TensorSpec]) -> Expression:
 
 def test_each_operation_checks_one_step(monkeypatch: pytest.MonkeyPatch):
     calls = []
-    real = pointer.run_step
-    monkeypatch.setattr(pointer, "run_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = plans.run_step  # each step's spec is checked by orchestrator.plans.spec_of
+    monkeypatch.setattr(plans, "run_step", lambda *a, **k: calls.append(1) or real(*a, **k))
     x = _leaf(X)
     slow = x
     for _ in range(50):

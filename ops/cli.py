@@ -82,10 +82,12 @@ def demo() -> None:
 def up(home: Path = typer.Option(None, help="keys, node configs, data and logs (default: $GRIDQ_HOME, "
                                             "~/.gridq); kept across runs"),
        play: bool = typer.Option(False, "--demo", help="play the demo's use cases once it is up"),
+       mpc: bool = typer.Option(True, "--mpc/--no-mpc", help="start the MPC pool (--no-mpc: up sooner, and no model "
+                                                             "served encrypted until `gridq mpc start`)"),
        edge_port: int = typer.Option(8750, help="the HTTP edge's port on 127.0.0.1 (0, or taken: a free one)")
        ) -> None:
     """Start a whole grid on this machine — Redis, gateway, nodes hospital and clinic, the MPC
-    pool, the HTTP edge — and keep it up until Ctrl-C. Its broker keeps its port across
+    pool (unless --no-mpc), the HTTP edge — and keep it up until Ctrl-C. Its broker keeps its port across
     restarts (HOME/broker.port), so the URLs handed out stay valid. `. HOME/env.sh` in another
     shell points gridq and the README's examples at it, and puts this project's gridq on PATH.
 
@@ -93,7 +95,7 @@ def up(home: Path = typer.Option(None, help="keys, node configs, data and logs (
     """
     from ops.demo import run
 
-    run(stay_up=True, home=(home or home_dir()).expanduser(), play=play, edge_port=edge_port)
+    run(stay_up=True, home=(home or home_dir()).expanduser(), play=play, edge_port=edge_port, mpc=mpc)
 
 
 @node.command("start")

@@ -204,9 +204,11 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def run(stay_up: bool = False, home: Path | None = None, play: bool = True, edge_port: int = 0) -> None:
+def run(stay_up: bool = False, home: Path | None = None, play: bool = True, edge_port: int = 0,
+        mpc: bool = True) -> None:
     """``gridq demo`` (a temporary home, the use cases played, then stopped) and ``gridq up``
-    (a kept home, the MPC pool started too, up until Ctrl-C; the use cases only if asked).
+    (a kept home, the MPC pool started too unless ``mpc`` is false, up until Ctrl-C; the use
+    cases only if asked — the third starts the pool if it is not up).
     Both start the HTTP edge too, on ``edge_port`` (0: a free port; a port that is taken: a
     free one, said so)."""
     _stop_on_sigterm()
@@ -228,8 +230,11 @@ def run(stay_up: bool = False, home: Path | None = None, play: bool = True, edge
                 console.print(f"  [yellow]port {edge_port} is taken: the edge takes a free one[/] (--edge-port N)")
                 edge_port = 0
             lg.start_edge(edge_port or None)  # for clients that cannot reach Redis (ops/edge)
-            if stay_up:
+            if stay_up and mpc:
                 start_mpc_pool(lg)
+            elif stay_up:
+                console.print("  the MPC pool is not started (--no-mpc): `gridq mpc start CONFIG` starts a node's "
+                              "MPC worker", soft_wrap=True)
             console.print(f"  ready in {time.perf_counter() - t0:.1f} s — broker on port {lg.port}"
                           + (" (the same at every start: broker.port)" if stay_up else "")
                           + f", one user per node and per role ({lg.home / 'broker'}), logs in {lg.logs}",

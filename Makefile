@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.gridq-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo up test ts browser redis bench crypten install clean
+.PHONY: demo up test ts browser redis bench crypten flower install clean
 
 $(STAMP): pyproject.toml ops/requirements/torch-cpu.txt
 	$(PY) -m venv $(VENV)
@@ -57,7 +57,11 @@ test: $(STAMP) ts browser redis
 crypten:
 	$(PY) ops/bench/crypten_anchor.py --install
 
-bench: $(STAMP) crypten
+# Flower 1.42 and Ray, in a venv of its own, for the FL benchmark's side-by-side figures (~1 min)
+flower:
+	$(PY) ops/bench/flower_anchor.py --install
+
+bench: $(STAMP) crypten flower
 	$(BIN)/python -m ops.bench.latency
 	$(BIN)/python -m ops.bench.dp
 	$(BIN)/python -m ops.bench.dp_sound
@@ -67,4 +71,4 @@ bench: $(STAMP) crypten
 	$(BIN)/python -m ops.bench.edge
 
 clean:
-	rm -rf $(VENV) .venv-crypten build *.egg-info
+	rm -rf $(VENV) .venv-crypten .venv-flower build *.egg-info

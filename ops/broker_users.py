@@ -212,7 +212,12 @@ def _password(url_file: Path) -> str:
 
 
 def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Readable only by its owner, and replaced whole (a new file renamed over the old one): a
+    worker starting while the files are written again for the next node enrolled reads the
+    old URL or the new one, never an empty file."""
+    fresh = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
-    os.chmod(path, 0o600)
+    os.chmod(fresh, 0o600)
+    os.replace(fresh, path)

@@ -6,6 +6,7 @@ and test_sentinel_failover.py do, to real servers)."""
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 
 import pytest
 from celery.backends.redis import RedisBackend, SentinelBackend
@@ -206,3 +207,18 @@ def test_the_tls_probe_tells_a_build_with_tls_from_one_without() -> None:
     found = shutil.which("redis-server")
     assert found is not None, "no redis-server on PATH: `make redis` installs Debian's (built with TLS)"
     assert tls_capable(found) and tls_server_binary() == found
+
+
+def test_a_url_file_is_replaced_whole_never_seen_empty(tmp_path: Path) -> None:
+    """A worker may read its URL file while the files are written again for the next node
+    enrolled: it must see the old URL or the new one, never an emptied file."""
+    from ops.broker_users import _write_private
+
+    path = tmp_path / "node-lab.url"
+    _write_private(path, "redis://old\n")
+    with open(path) as reader:  # opened before the rewrite: a truncating write would empty it
+        _write_private(path, "redis://new\n")
+        assert reader.read() == "redis://old\n"
+    assert path.read_text() == "redis://new\n"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["node-lab.url"]  # no temporary file left

@@ -163,7 +163,7 @@ def edge_start(broker: str | None = broker_option("edge"),
 
     Example: gridq edge --port 8750
     """
-    from ops.edge.run import serve
+    from ops.edge.run import run_edge
     from ops.edge.settings import DEFAULT_STATIC, EdgeSettings
 
     settings = EdgeSettings(
@@ -173,7 +173,7 @@ def edge_start(broker: str | None = broker_option("edge"),
         blob_rate=blob_rate, max_waiters=max_waiters, access_log=access_log)
     typer.echo(f"edge on http://{host}:{port} (users: {settings.users}; static: "
                f"{settings.static if settings.static and settings.static.is_dir() else 'none'})")
-    serve(settings, loglevel)
+    run_edge(settings, loglevel)
 
 
 def _gateway_database(database: str | None) -> str:

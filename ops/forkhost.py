@@ -59,7 +59,7 @@ def preload() -> None:
     gc.freeze()
 
 
-def serve() -> None:
+def host() -> None:
     """The host's loop: fork a worker for each request line, report each child that ends."""
     preload()
     wake_r, wake_w = os.pipe()
@@ -280,4 +280,4 @@ class ForkHost:
 
 
 if __name__ == "__main__":
-    serve()
+    host()

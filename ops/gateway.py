@@ -1,5 +1,5 @@
 """Running the gateway worker: the registry's logic (``workers.gateway.service.Gateway``) in
-the grid's one worker shell (``workers.tasks.serve_tasks``), its public key posted where
+the grid's one worker shell (``workers.tasks.answer_tasks``), its public key posted where
 clients read it."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from workers.broker import redis_client
 from workers.gateway.registry import Registry
 from workers.gateway.service import Gateway
 from workers.inbox import own_in_flight
-from workers.tasks import serve_tasks
+from workers.tasks import answer_tasks
 
 log = logging.getLogger(__name__)
 GATEWAY_TASKS = (Tasks.REGISTER, Tasks.PUBLISH, Tasks.UNPUBLISH, Tasks.SEARCH, Tasks.NODES)
@@ -44,7 +44,7 @@ def make_gateway_app(broker: str, identity: Identity, database_url: str) -> Cele
         registry = Registry(database_url)
         return Gateway(identity, registry, NodesUp(broker), registered=NodeListing(broker, identity, registry).post)
 
-    serve_tasks(app, GATEWAY_TASKS, gateway)
+    answer_tasks(app, GATEWAY_TASKS, gateway)
     own_in_flight(app, GATEWAY_QUEUE)
     return app
 

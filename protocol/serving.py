@@ -12,7 +12,7 @@ policy covers all of them:
   as ``JobFailed`` pointing to that log — the requester hears at once instead of waiting
   for a timeout, and the worker goes on serving.
 
-The Celery shell (``workers.tasks.serve_tasks``, for the node, MPC and gateway workers)
+The Celery shell (``workers.tasks.answer_tasks``, for the node, MPC and gateway workers)
 registers a role's task names and keeps one role per pool process (:class:`PerProcess`).
 """
 
@@ -100,7 +100,7 @@ class EnvelopeServer:
         self.time_limits = time_limits
         self.reply_ttl = reply_ttl
 
-    def serve(self, raw: Any, delivery_id: str, keyring: Mapping[str, PublicIdentity],
+    def open_and_answer(self, raw: Any, delivery_id: str, keyring: Mapping[str, PublicIdentity],
               answer: Callable[[Envelope], Answer]) -> Answer:
         """Verify ``raw`` against ``keyring`` and answer it; what cannot be verified is refused."""
         try:
@@ -170,7 +170,7 @@ class Role(Protocol):
 
     server: EnvelopeServer
 
-    def serve(self, task: str, payload: Any, delivery_id: str) -> Answer: ...
+    def answer(self, task: str, payload: Any, delivery_id: str) -> Answer: ...
 
 
 R = TypeVar("R", bound=Role)

@@ -52,7 +52,7 @@ from workers.policy.ledger import Ledger
 from workers.storage import claims
 from workers.storage.datasets import load_table
 from workers.storage.store import FINISHED, PublicationRow, RequestRow, Store
-from workers.tasks import serve_tasks, without_expiry
+from workers.tasks import answer_tasks, without_expiry
 
 log = logging.getLogger(__name__)
 
@@ -399,4 +399,4 @@ def worker_tasks(app: Celery, config: NodeConfig) -> None:
         torch.set_num_threads(config.worker.torch_threads)
         return Node(config, app).runner()
 
-    serve_tasks(app, [Tasks.RUN_JOB], runner, config.worker.max_deliveries)
+    answer_tasks(app, [Tasks.RUN_JOB], runner, config.worker.max_deliveries)

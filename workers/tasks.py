@@ -42,7 +42,7 @@ OUTCOMES = re.compile(r"answered|waiting: approval|unknown|(?:refused|failed): [
 _FAILURES = (JobFailed, NodeUnavailable)  # it ran, or tried to, and failed; every other error is a refusal
 
 
-def serve_tasks(app: Celery, tasks: Iterable[str], build: Callable[[], R],
+def answer_tasks(app: Celery, tasks: Iterable[str], build: Callable[[], R],
                 max_deliveries: int = DEFAULT_MAX_DELIVERIES) -> PerProcess[R]:
     """Register ``tasks`` on ``app``, each answered by the role ``build`` makes once per pool
     process; that role is returned, for what else a process does with it."""
@@ -61,7 +61,7 @@ def serve_tasks(app: Celery, tasks: Iterable[str], build: Callable[[], R],
                 failure = JobFailed(f"this job was {given_up_reason(deliveries)}; its owner's log says why. Make "
                                     "it smaller or ask the owner", job_id=self.request.id)
                 return role().server.refuse(payload, self.request.id, failure).signed
-            answer = role().serve(self.name, payload, self.request.id)
+            answer = role().answer(self.name, payload, self.request.id)
             if answer.deferred:  # its requester holds their share of this worker: behind the others it goes
                 log.info("%s deferred: its requester holds their share of this worker's processes", self.request.id)
                 time.sleep(DEFER_PAUSE)  # an otherwise idle queue does not spin

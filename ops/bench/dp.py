@@ -25,7 +25,7 @@ node, is the same query released raw (``.get()``, as an allowed user). Measured 
    (``grid.submit(node, RunJob(plan, RawRelease()))`` → ``ticket.value()``), ``--rounds``
    rounds each, median shown. Each DP round is by a user with an empty ledger. Then again
    with each node restarted with ``[worker] concurrency = 2`` (``--no-c2`` skips it).
-3. **where the time goes**: the node's ``JobRunner.serve`` run in this process on the same
+3. **where the time goes**: the node's ``JobRunner.answer`` run in this process on the same
    node database (no broker), raw and DP, by phase; and Celery's own run time of the node's
    ``run_job`` from its log during (1).
 4. **the sound path against the old path's work** (:mod:`ops.bench.dp_sound`): in-process,
@@ -360,7 +360,7 @@ def measure_all(lg: LocalGrid, home: Path, configs: dict[str, Path], database: d
                 res.rates += throughput(lg, grid, node, concurrency, args)
 
         plans = {node: pointer(grid, node)["a"].mean().plan for node in NODES}
-    console.print("where the time goes: the nodes' JobRunner.serve in this process, by phase …")
+    console.print("where the time goes: the nodes' JobRunner.answer in this process, by phase …")
     steps: Breakdown = {}
     for node in NODES:
         for kind in ("raw", "dp"):

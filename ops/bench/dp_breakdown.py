@@ -1,4 +1,4 @@
-"""Where a DP release's time goes at the node: ``JobRunner.serve`` run in this process on
+"""Where a DP release's time goes at the node: ``JobRunner.answer`` run in this process on
 the node's own database, raw and DP, timed phase by phase (used by :mod:`ops.bench.dp`)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from workers.policy.release import calibrate_release
 
 def node_breakdown(config: Path, identity_path: Path, plan: Plan, n: int, *, dataset: str, rows: int,
                    epsilon: float, history_user: str) -> dict[str, dict[str, float]]:
-    """The node's ``JobRunner.serve`` in this process on the same node database, raw and
+    """The node's ``JobRunner.answer`` in this process on the same node database, raw and
     DP, p50 of each phase; ``{"raw": {step: ms}, "dp": {…}}``."""
     import protocol.dp_release as dp_release
     import protocol.serving as serving
@@ -35,7 +35,7 @@ def node_breakdown(config: Path, identity_path: Path, plan: Plan, n: int, *, dat
     def one(kind: str) -> None:
         job_id = f"{node.id}:bench-{time.perf_counter_ns()}"
         env = seal_envelope(me, recipient=node.id, kind="run", job_id=job_id, body=bodies[kind], now=time.time())
-        reply = runner.serve(Tasks.RUN_JOB, env.model_dump(mode="json"), job_id).signed
+        reply = runner.answer(Tasks.RUN_JOB, env.model_dump(mode="json"), job_id).signed
         assert reply["kind"] == "job_reply" and '"status":"done"' in reply["body"], reply
 
     for _ in range(10):
@@ -60,7 +60,7 @@ def node_breakdown(config: Path, identity_path: Path, plan: Plan, n: int, *, dat
                     (runner.node.ledger, "charge_with_reply",
                      "DP: ledger transaction: lock, check, charge INSERT, job UPDATE, commit"),
                     (runner.store, "finish_job", "raw: job row UPDATE + commit (reply)"),
-                    (runner, "serve", "JobRunner.serve total (in-process)")) as found:
+                    (runner, "answer", "JobRunner.answer total (in-process)")) as found:
             for _ in range(n):
                 one(kind)
         out[kind] = {label: p(ms, 50) for label, ms in found.items()}  # NaN: not a step of this kind

@@ -19,7 +19,7 @@ c. **10 MiB download**: ``ptr.get()`` of a 10 MiB float32 dataset (the sealed by
 
 Then, to see where the time goes: Celery's own run time of each task in the workers (from
 their logs), the client's steps during more ``ptr.mean().get()`` calls, and the node's
-``JobRunner.serve`` run in this process on the same store (no broker), by phase. The
+``JobRunner.answer`` run in this process on the same store (no broker), by phase. The
 machine may be shared: the CPU other processes used during each measurement is printed
 beside it (``other load``, in cores).
 """
@@ -109,7 +109,7 @@ def client_breakdown(grid: Grid, ptr: DataPointer, n: int) -> Breakdown:
 
 
 def node_breakdown(grid: Grid, ptr: DataPointer, n: int) -> Breakdown:
-    """The node's ``JobRunner.serve`` in this process on the same store, p50 of each phase."""
+    """The node's ``JobRunner.answer`` in this process on the same store, p50 of each phase."""
     import protocol.serving as serving
     import workers.jobs.compute as compute
     import workers.jobs.context as context
@@ -121,7 +121,7 @@ def node_breakdown(grid: Grid, ptr: DataPointer, n: int) -> Breakdown:
     def one() -> None:
         job_id = f"hospital:bench-{time.perf_counter_ns()}"
         env = seal_envelope(grid.identity, recipient="hospital", kind="run", job_id=job_id, body=body, now=time.time())
-        reply = runner.serve(Tasks.RUN_JOB, env.model_dump(mode="json"), job_id).signed
+        reply = runner.answer(Tasks.RUN_JOB, env.model_dump(mode="json"), job_id).signed
         assert reply["kind"] == "job_reply", reply
 
     for _ in range(10):
@@ -136,7 +136,7 @@ def node_breakdown(grid: Grid, ptr: DataPointer, n: int) -> Breakdown:
                 (runner.node, "seal", "node: seal value for requester"),
                 (runner.server, "sign", "node: sign reply envelope"),
                 (runner.store, "finish_job", "node: job row UPDATE + commit (reply)"),
-                (runner, "serve", "node: JobRunner.serve total (in-process)")) as found:
+                (runner, "answer", "node: JobRunner.answer total (in-process)")) as found:
         for _ in range(n):
             one()
     node.close()

@@ -10,7 +10,7 @@ from ops.edge.app import make_app
 from ops.edge.settings import EdgeSettings
 
 
-def serve(settings: EdgeSettings, loglevel: str = "INFO") -> None:
+def run_edge(settings: EdgeSettings, loglevel: str = "INFO") -> None:
     """Serve until SIGTERM or Ctrl-C. Client addresses are the connection's own: proxy headers
     (X-Forwarded-For) are not trusted, so no client can pick the address it is limited by."""
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

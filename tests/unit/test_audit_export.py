@@ -60,7 +60,7 @@ def node(tmp_path: Path) -> Iterator[tuple[JobRunner, Store, dict[str, Any]]]:
 def send(runner: JobRunner, body: Any, sender: Identity, job_id: str) -> Answer:
     env = seal_envelope(sender, recipient="ward", kind=body.kind, job_id=job_id, body=body.model_dump(mode="json"),
                         now=time.time())
-    return runner.serve(Tasks.RUN_JOB, env.model_dump(mode="json"), job_id)
+    return runner.answer(Tasks.RUN_JOB, env.model_dump(mode="json"), job_id)
 
 
 def a_run(runner: JobRunner, store: Store) -> None:

@@ -189,7 +189,7 @@ def send(gateway: Gateway, who: Identity, body: RegisterNode | PublishDataset | 
     if raw is None:
         raw = seal_envelope(who, recipient=GATEWAY, kind=body.kind, job_id=delivery or f"job-{time.monotonic_ns()}",
                             body=body.model_dump(mode="json"), now=time.time()).model_dump(mode="json")
-    answer = gateway.serve(task, raw, delivery or str(raw["job_id"]) + "-again")
+    answer = gateway.answer(task, raw, delivery or str(raw["job_id"]) + "-again")
     return raw, GatewayReply.model_validate(json.loads(answer.signed["body"]))
 
 

@@ -58,7 +58,7 @@ def runner(tmp_path: Path) -> Iterator[tuple[JobRunner, Store]]:
 def send(runner: JobRunner, body: Any, sender: Identity = ALICE, job_id: str = "ward:job-1") -> Answer:
     env = seal_envelope(sender, recipient="ward", kind=body.kind, job_id=job_id, body=body.model_dump(mode="json"),
                         now=time.time())
-    return runner.serve(Tasks.RUN_JOB, env.model_dump(mode="json"), job_id)
+    return runner.answer(Tasks.RUN_JOB, env.model_dump(mode="json"), job_id)
 
 
 def read(answer: Answer, reader: str = "alice") -> JobReply:
@@ -96,7 +96,7 @@ def test_an_unverifiable_message_is_refused_to_its_claimed_sender_and_not_record
     reply = read(answer, reader="mallory")
     assert reply.status == "denied" and reply.error is not None and reply.error.code == "unknown_sender"
     assert store.job("ward:m-1") is None
-    junk = jobs.serve(Tasks.RUN_JOB, {"sender": "../../etc", "job_id": "x"}, "delivery-9")
+    junk = jobs.answer(Tasks.RUN_JOB, {"sender": "../../etc", "job_id": "x"}, "delivery-9")
     assert json.loads(junk.signed["body"])["status"] == "failed" and junk.signed["recipient"] == PUBLIC
 
 
@@ -163,6 +163,6 @@ def test_a_bug_in_a_job_is_a_typed_failure_and_the_runner_goes_on(runner: tuple[
 def test_a_kind_the_node_does_not_serve_is_refused_naming_those_it_does(runner: tuple[JobRunner, Store]) -> None:
     env = seal_envelope(ALICE, recipient="ward", kind="mpc_deal", job_id="ward:j", body={"kind": "mpc_deal"},
                         now=time.time())
-    reply = read(runner[0].serve(Tasks.RUN_JOB, env.model_dump(mode="json"), "ward:j"))
+    reply = read(runner[0].answer(Tasks.RUN_JOB, env.model_dump(mode="json"), "ward:j"))
     assert reply.status == "failed" and reply.error is not None and reply.error.code == "invalid_request"
     assert "'mpc_deal'" in reply.error.message and "run, train" in reply.error.message

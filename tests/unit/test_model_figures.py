@@ -112,7 +112,7 @@ def training(x: Expression | Plan, y: Expression | Plan, model: nn.Module | None
 def send(jobs: JobRunner, body: Any, who: str = "bob", job_id: str = "ward:job-1") -> Answer:
     env = seal_envelope(KEYS[who], recipient="ward", kind=body.kind, job_id=job_id,
                         body=body.model_dump(mode="json"), now=time.time())
-    return jobs.serve(Tasks.RUN_JOB, env.model_dump(mode="json"), job_id)
+    return jobs.answer(Tasks.RUN_JOB, env.model_dump(mode="json"), job_id)
 
 
 def read(answer: Answer, who: str = "bob") -> tuple[JobReply, TrainMetrics | None]:

@@ -79,7 +79,7 @@ def _run(node: Node, dataset: str, op: str = "sum", job_id: str = "lab:job-1") -
     body = RunJob(plan=plan, release=RawRelease())
     env = seal_envelope(ALICE, recipient="lab", kind=body.kind, job_id=job_id, body=body.model_dump(mode="json"),
                         now=time.time())
-    answer = node.runner().serve(Tasks.RUN_JOB, env.model_dump(mode="json"), job_id)
+    answer = node.runner().answer(Tasks.RUN_JOB, env.model_dump(mode="json"), job_id)
     opened = open_envelope(answer.signed, recipient="alice", keyring={"lab": node.identity.public},
                            nonces=MemoryNonceStore(), delivery_id="d", now=time.time())
     return JobReply.model_validate(opened.body_json())

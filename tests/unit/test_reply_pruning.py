@@ -69,7 +69,7 @@ def envelope(body: Any, job_id: str, sender: Identity = ALICE) -> dict[str, Any]
 
 
 def serve(runner: JobRunner, raw: dict[str, Any], job_id: str) -> Answer:
-    return runner.serve(Tasks.RUN_JOB, raw, job_id)
+    return runner.answer(Tasks.RUN_JOB, raw, job_id)
 
 
 def read(answer: Answer, reader: str) -> tuple[Envelope, JobReply]:

@@ -166,7 +166,7 @@ def runner(tmp_path: Path) -> Iterator[tuple[JobRunner, dict[str, Any]]]:
 def ask(runner: JobRunner, body: Any, sender: Identity, job_id: str) -> JobReply:
     env = seal_envelope(sender, recipient="ward", kind=body.kind, job_id=job_id, body=body.model_dump(mode="json"),
                         now=time.time())
-    return read(runner.serve(Tasks.RUN_JOB, env.model_dump(mode="json"), job_id).signed, sender.name)
+    return read(runner.answer(Tasks.RUN_JOB, env.model_dump(mode="json"), job_id).signed, sender.name)
 
 
 def read(signed: dict[str, Any], reader: str) -> JobReply:

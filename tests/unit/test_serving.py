@@ -49,7 +49,7 @@ def serve(run: Any, *, sender: Identity = ALICE, body: dict[str, Any] | None = N
     env = seal_envelope(sender, recipient="host", kind="echo", job_id="j-1", now=time.time(),
                         body=body if body is not None else {"kind": "echo", "text": "hi"})
     routes = {"echo": Route(Echo, run)}
-    answer = server.serve(env.model_dump(mode="json"), "j-1", {"alice": ALICE.public},
+    answer = server.open_and_answer(env.model_dump(mode="json"), "j-1", {"alice": ALICE.public},
                           lambda opened: server.reply(opened, routes))
     assert isinstance(answer, Answer) and not answer.parked
     opened = open_envelope(answer.signed, recipient=answer.signed["recipient"], keyring={"host": SERVER.public},
@@ -72,7 +72,7 @@ def test_what_cannot_be_verified_is_refused_to_its_claimed_sender_without_runnin
 
 def test_junk_is_refused_to_the_public() -> None:
     server = EnvelopeServer(SERVER, MemoryNonceStore(), failure)
-    answer = server.serve({"sender": "no such/name", "job_id": 7}, "d-1", {}, lambda env: pytest.fail("ran"))
+    answer = server.open_and_answer({"sender": "no such/name", "job_id": 7}, "d-1", {}, lambda env: pytest.fail("ran"))
     # signed for the delivery it answers (where it is stored), not for the job the junk claims
     assert answer.signed["recipient"] == PUBLIC and answer.signed["job_id"] == "d-1"
     assert json.loads(answer.signed["body"])["error"].startswith("invalid_request: malformed envelope")
@@ -113,18 +113,18 @@ def test_a_malformed_body_or_an_unknown_kind_is_an_invalid_request() -> None:
         "invalid_request: malformed Echo message: text")
     server = EnvelopeServer(SERVER, MemoryNonceStore(), failure)
     env = seal_envelope(ALICE, recipient="host", kind="shutdown", job_id="j", body={}, now=time.time())
-    answer = server.serve(env.model_dump(mode="json"), "j", {"alice": ALICE.public},
+    answer = server.open_and_answer(env.model_dump(mode="json"), "j", {"alice": ALICE.public},
                           lambda opened: server.reply(opened, {"echo": Route(Echo, lambda e, b: Reply())}))
     assert "does not take 'shutdown' messages here; it takes echo" in json.loads(answer.signed["body"])["error"]
 
 
 def test_the_node_shell_builds_the_role_after_the_fork_and_parks_what_waits() -> None:
-    """workers.tasks.serve_tasks, with the task applied in this process (no broker: this is
+    """workers.tasks.answer_tasks, with the task applied in this process (no broker: this is
     the shell's logic; the queue itself is the integration tests')."""
     from celery import Celery
     from celery.signals import worker_process_init
 
-    from workers.tasks import serve_tasks
+    from workers.tasks import answer_tasks
 
     built: list[int] = []
 
@@ -133,11 +133,11 @@ def test_the_node_shell_builds_the_role_after_the_fork_and_parks_what_waits() ->
             built.append(len(built))
             self.number = len(built)
 
-        def serve(self, task: str, payload: Any, delivery_id: str) -> Answer:
+        def answer(self, task: str, payload: Any, delivery_id: str) -> Answer:
             return Answer({"task": task, "payload": payload, "role": self.number}, parked=payload == "wait")
 
     app = Celery("serving-test", set_as_current=False)
-    serve_tasks(app, ["t.one", "t.two"], Role)
+    answer_tasks(app, ["t.one", "t.two"], Role)
     assert built == []  # nothing is built where tasks are only registered (the parent process)
     assert app.tasks["t.one"].apply(args=["x"]).get() == {"task": "t.one", "payload": "x", "role": 1}
     assert app.tasks["t.two"].apply(args=["y"]).get()["role"] == 1  # one role serves every task

@@ -52,12 +52,12 @@ class Gateway:
         self.routes = {"register": Route(RegisterNode, self._register), "publish": Route(PublishDataset, self._publish),
                        "unpublish": Route(UnpublishDataset, self._unpublish)}
 
-    def serve(self, task: str, payload: Any, delivery_id: str) -> Answer:
+    def answer(self, task: str, payload: Any, delivery_id: str) -> Answer:
         if task == Tasks.SEARCH:
             return self._answer(lambda: self.search(payload), delivery_id)
         if task == Tasks.NODES:
             return self._answer(lambda: GatewayReply(nodes=self.registry.nodes()), delivery_id)
-        return self.server.serve(payload, delivery_id, _KeyringFor(self.registry, payload), self._from_node)
+        return self.server.open_and_answer(payload, delivery_id, _KeyringFor(self.registry, payload), self._from_node)
 
     def _from_node(self, env: Envelope) -> Answer:
         """A signed registration, publication or withdrawal from a node."""

@@ -66,7 +66,7 @@ class JobRunner:
         self.slots = Slots(node.store.folder / "slots", node.slots_per_user)
         self.pruner = Pruner(node.store, node.retention)
 
-    def serve(self, task: str, raw: Any, delivery_id: str) -> Answer:
+    def answer(self, task: str, raw: Any, delivery_id: str) -> Answer:
         """Answer one delivered message (whatever task carried it: a node has one), in a slot
         of the requester it names; deferred if all of theirs are taken. Which requester is
         decided before the message is verified — a forger can only delay the real one's jobs
@@ -74,7 +74,7 @@ class JobRunner:
         with self.slots.take(claimed(raw)[0]) as held:
             if not held:
                 return DEFERRED
-            answer = self.server.serve(raw, delivery_id, self.node.keyring, self._once)
+            answer = self.server.open_and_answer(raw, delivery_id, self.node.keyring, self._once)
         self.pruner.tick()  # now and then: replies past the node's retention go
         return answer
 

@@ -36,10 +36,10 @@ PAUSE_SECONDS = 0.5  # after a broker error, before the next pop
 
 
 class ListConsumer:
-    """Pop the list ``key`` and hand each envelope to ``serve(envelope, delivery_id)`` until stopped."""
+    """Pop the list ``key`` and hand each envelope to ``answer(envelope, delivery_id)`` until stopped."""
 
-    def __init__(self, client: Any, key: str, serve: Callable[[Any, str], None]) -> None:
-        self.client, self.key, self.serve = client, key, serve
+    def __init__(self, client: Any, key: str, answer: Callable[[Any, str], None]) -> None:
+        self.client, self.key, self.answer = client, key, answer
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -66,14 +66,14 @@ class ListConsumer:
                 self.take(got[1])
 
     def take(self, item: bytes | str) -> None:
-        """Serve one item of the list; whatever it holds, the loop goes on."""
+        """Answer one item of the list; whatever it holds, the loop goes on."""
         raw = _envelope(item)
         if raw is None:
             log.warning("dropped an item of %s that is not a signed envelope (%d bytes): %r", self.key, len(item),
                         item[:200])
             return
         try:
-            self.serve(raw, str(raw.get("job_id") or "")[:80])
+            self.answer(raw, str(raw.get("job_id") or "")[:80])
         except Exception:  # a bug, not a refusal (those are answered): log it, serve the next
             log.exception("%s from %s failed unanswered", raw.get("job_id"), self.key)
 

@@ -31,13 +31,13 @@ from workers.mpc.host import Host
 from workers.mpc.lists import ListConsumer
 from workers.mpc.member import MpcMember
 from workers.mpc.party import Party
-from workers.tasks import OUTCOME_EVENT, OUTCOME_FIELD, outcome, serve_tasks
+from workers.tasks import OUTCOME_EVENT, OUTCOME_FIELD, answer_tasks, outcome
 
 log = logging.getLogger(__name__)
 
 FROM_USERS = (Tasks.MPC_SERVE, Tasks.MPC_QUERY, Tasks.MPC_KEYS, Tasks.MPC_AGGREGATE)
 # a store arrives as a task; its sender (a host) waits for the answer on an ack list (sessions come on a
-# list and are acked by serve_popped)
+# list and are acked by answer_popped)
 ACKED = frozenset({"mpc_store"})
 
 
@@ -64,22 +64,23 @@ class MpcWorker:
         self.server = EnvelopeServer(member.identity, member.nonces, _failure, time_limits=(SoftTimeLimitExceeded,))
         self._events: Any = None  # this process's event dispatcher for what it pops (made in the popping thread)
 
-    def serve(self, task: str, raw: Any, delivery_id: str) -> Answer:
+    def answer(self, task: str, raw: Any, delivery_id: str) -> Answer:
         """Users' requests are signed by a user of this node (a scientist or owner it knows);
         peers' by a node, with its key as the gateway lists it."""
         senders: Mapping[str, PublicIdentity] = self.member.peers if self.peers else self.member.users
-        answer = self.server.serve(raw, delivery_id, senders, lambda env: self.server.reply(env, self.routes))
+        answer = self.server.open_and_answer(raw, delivery_id, senders, lambda env: self.server.reply(env, self.routes))
         if self.peers and isinstance(raw, dict) and raw.get("kind") in ACKED:
             self._ack(raw.get("sender"), delivery_id, answer)
         return answer
 
-    def serve_popped(self, raw: Any, delivery_id: str) -> None:
+    def answer_popped(self, raw: Any, delivery_id: str) -> None:
         """Serve a message popped from this pool's list (its one kind only). A session's signed
         answer, a refusal too, goes on its host's ack list; a query's is stored as a task's
         result, where its querier waits for it, and Flower hears of it as of a task."""
         senders: Mapping[str, PublicIdentity] = self.member.peers if self.peers else self.member.users
         started = time.monotonic()
-        answer = self.server.serve(raw, delivery_id, senders, lambda env: self.server.reply(env, self.list_routes))
+        answer = self.server.open_and_answer(raw, delivery_id, senders,
+                                             lambda env: self.server.reply(env, self.list_routes))
         if self.peers:
             self._ack(raw.get("sender"), delivery_id, answer)
             return
@@ -123,12 +124,12 @@ def _failure(exc: GridError, job_id: str) -> MpcReply:
 def mpc_tasks(app: Celery, config: NodeConfig, peers: bool) -> None:
     """The tasks of one of a node's two MPC pools: its users' (``peers=False``) or its peers'."""
     tasks = MPC_FROM_PEERS if peers else FROM_USERS
-    role = serve_tasks(app, tasks, lambda: MpcWorker(config, app, peers), config.worker.max_deliveries)
+    role = answer_tasks(app, tasks, lambda: MpcWorker(config, app, peers), config.worker.max_deliveries)
     consumers: list[ListConsumer] = []
 
-    def start_popping(**_: object) -> None:  # after serve_tasks' own handler: the role is built
+    def start_popping(**_: object) -> None:  # after answer_tasks' own handler: the role is built
         worker = role()
-        consumers.append(ListConsumer(worker.member.redis, worker.list_key, worker.serve_popped).start())
+        consumers.append(ListConsumer(worker.member.redis, worker.list_key, worker.answer_popped).start())
 
     def stop_popping(**_: object) -> None:  # a warm shutdown lets what runs end, as it would a task
         for consumer in consumers:

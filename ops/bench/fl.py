@@ -76,6 +76,9 @@ public_key_file = "${{GRIDQ_HOME}}/keys/alice.pub"
 [budget]
 default_epsilon = 1000.0  # room for the DP-SGD rounds measured below
 
+[worker]
+concurrency = {concurrency}
+
 [[datasets]]
 name = "digits"
 path = "${{GRIDQ_HOME}}/data/{site}.npy"
@@ -212,6 +215,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--node-concurrency", type=int, default=2,
+                        help="pool processes per node ([worker] concurrency; 2 is a node's default, 1 one process "
+                             "for a node that serves one requester at a time)")
     parser.add_argument("--variant-rounds", type=int, default=5,
                         help="rounds of the secure-aggregation and DP-SGD runs, timed against plain rounds")
     args = parser.parse_args()
@@ -227,7 +233,7 @@ def main() -> None:
         lg.ensure_keys("alice", "bob", "dana", "eve", "company", "public", *sites)
         for site, shard in zip(sites, shards, strict=True):
             np.save(home / "data" / f"{site}.npy", shard)
-            (home / f"{site}.toml").write_text(CONFIG.format(site=site))
+            (home / f"{site}.toml").write_text(CONFIG.format(site=site, concurrency=args.node_concurrency))
         console.print(f"starting Redis, the gateway and {args.nodes} nodes …")
         lg.start([home / f"{s}.toml" for s in sites], timeout=180)
         console.print("plain torch …")
@@ -273,7 +279,8 @@ def main() -> None:
         bare_model, bare_round, bare_cpu = bare_fit(app, sites, args.rounds)
     accs = {name: accuracy(m, test) for name, m in (("plain", baseline), ("bare", bare_model),
                                                      ("gridq", result.model))}
-    table = Table(title=f"federated digits, {args.nodes} nodes × {args.rounds} rounds ({os.cpu_count()} cores)")
+    table = Table(title=f"federated digits, {args.nodes} nodes × {args.rounds} rounds ({os.cpu_count()} cores; "
+                        f"{args.node_concurrency} pool process(es) a node)")
     for col in ("measurement", "gridq", "bare Celery", "plain torch", "Flower simulation", "note"):
         table.add_column(col)
     flower_round, flower_overhead = flower["seconds_per_round"], flower["overhead_per_round"]

@@ -89,12 +89,13 @@ def client_breakdown(grid: Grid, ptr: DataPointer, n: int) -> Breakdown:
     """The client's steps during ``n`` more ``ptr.mean().get()`` calls, p50 of each."""
     import celery.result
 
+    import orchestrator.plans
     import orchestrator.pointer
     import orchestrator.transport
     from protocol.identity import Identity
 
     total: list[float] = []
-    with phases((orchestrator.pointer, "run_step", "client: build plan + check each step on meta tensors"),
+    with phases((orchestrator.plans, "run_step", "client: build plan + check each step on meta tensors"),
                 (orchestrator.transport, "seal_envelope", "client: sign job envelope"),
                 (grid.app, "send_task", "client: send_task (publish to Redis)"),
                 (celery.result.AsyncResult, "get", "client: wait for the reply (queue → node → backend)"),

@@ -11,6 +11,7 @@ import typer
 
 from ops.cli_common import role_broker
 from ops.cli_output import say, show, table
+from protocol.messages import RequestStatus
 
 if TYPE_CHECKING:
     from orchestrator.grid import Grid
@@ -71,7 +72,7 @@ def my_requests_list(identity: str = IDENTITY, broker: str | None = BROKER,
 
     headers = ("id", "kind", "datasets", "release", "status", "sent (UTC)", "expires / decided (UTC)", "decision")
     rows = [(r.id, r.kind, ", ".join(r.datasets), r.release, r.status, when(r.created_at),
-             when(r.expires_at if r.status == "pending" else r.decided_at), r.decision) for r in found]
+             when(r.expires_at if r.status == RequestStatus.PENDING else r.decided_at), r.decision) for r in found]
     if as_json:
         for r in found:
             typer.echo(json.dumps(r.model_dump(mode="json"), ensure_ascii=False))

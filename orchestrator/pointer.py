@@ -49,6 +49,7 @@ from protocol.messages import (
     CancelRequest,
     DatasetMeta,
     JobReply,
+    JobStatus,
     KeepRelease,
     MockRequest,
     RawRelease,
@@ -367,7 +368,7 @@ class JobTicket:
         assert self._reply is not None
         if _was_cancelled(self._reply):
             return self
-        hint = ("its result is there (ticket.result(), .value() or .metrics())" if self._reply.status == "done"
+        hint = ("its result is there (ticket.result(), .value() or .metrics())" if self._reply.status == JobStatus.DONE
                 else "ticket.wait() raises its error")
         raise CannotCancel(f"job {self.id} has already finished at {self.node!r} ({self._reply.status}): there is "
                            f"nothing left to cancel; {hint}", job_id=self.id)
@@ -460,7 +461,7 @@ class JobTicket:
     def _parked(self) -> bool:
         """Whether the node's signed answer says it parked this job for its owner."""
         raw = self._session.transport.parked(self.id)
-        return raw is not None and self._open(PENDING_APPROVAL, raw).status == "pending_approval"
+        return raw is not None and self._open(PENDING_APPROVAL, raw).status == JobStatus.PENDING_APPROVAL
 
     def _open(self, state: str, result: Any) -> JobReply:
         """The node's signed reply to this job (an answer, or word that it is parked)."""

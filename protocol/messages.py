@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
@@ -302,7 +303,36 @@ class MockRequest(_Model):
     dataset: Name
 
 
-RequestStatus = Literal["pending", "approved", "denied", "expired", "cancelled"]
+class JobKind(StrEnum):
+    """What a job does with the data, as the release policy and the approval queue name it."""
+
+    COMPUTE = "compute"  # its result is kept at the node: a pointer ticket comes back
+    RAW_IF_ALLOWED = "raw_if_allowed"  # the exact value, to an allowed user of every input
+    DP = "dp"  # a differentially private release, charged to the budget
+    TRAIN = "train"  # trained weights, to a user who may not see the data raw
+    RAW = "raw"  # the exact value, to anyone else: only with the owner's approval
+    ACCESS = "access"  # a request to become an allowed user of a dataset
+
+
+class RequestStatus(StrEnum):
+    """Where a request stands in a node's approval queue."""
+
+    PENDING = "pending"  # waiting for the owner
+    APPROVED = "approved"
+    DENIED = "denied"
+    EXPIRED = "expired"  # closed past [approval] expire_after, undecided: it never runs
+    CANCELLED = "cancelled"  # withdrawn by its requester: it never runs
+
+
+class JobStatus(StrEnum):
+    """How a job ended, as its reply says (or that it waits for the owner)."""
+
+    DONE = "done"
+    FAILED = "failed"
+    DENIED = "denied"
+    PENDING_APPROVAL = "pending_approval"
+
+
 JobId = Annotated[str, Field(min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_.\-:]+$")]
 
 
@@ -326,7 +356,7 @@ class RequestInfo(_Model):
     """One of the requester's own requests in a node's approval queue, as they may see it."""
 
     id: JobId
-    kind: Annotated[str, Field(max_length=24)]
+    kind: JobKind
     datasets: Annotated[list[Name], Field(max_length=64)]
     release: Annotated[str, Field(max_length=512)]
     status: RequestStatus
@@ -340,7 +370,7 @@ class JobReply(_Model):
     """Node → data scientist: how the job ended."""
 
     kind: Literal["job_reply"] = "job_reply"
-    status: Literal["done", "failed", "denied", "pending_approval"]
+    status: JobStatus
     ticket: PointerTicket | None = None
     value: SealedValue | None = None
     noise: NoiseInfo | None = None

@@ -26,7 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from protocol.envelope import Envelope
-from protocol.messages import DPRelease, EvalJob, JobReply, RunJob, TrainJob, parse_body
+from protocol.messages import DPRelease, EvalJob, JobReply, RequestStatus, RunJob, TrainJob, parse_body
 from workers.storage.store import RequestRow, Store
 from workers.storage.tables import ChargeRow, ObjectRow, ReleaseRow
 
@@ -133,7 +133,7 @@ def rows(store: Store, node: str) -> list[dict[str, Any]]:
     with store.session() as s:
         requests = {r.job_id: r for r in s.scalars(select(RequestRow))}
         for r in requests.values():
-            if r.status == "pending":
+            if r.status == RequestStatus.PENDING:
                 continue
             epsilon, delta = _asked(r)
             by = {"approved": "owner", "denied": "owner", "expired": "expiry", "cancelled": r.requester}.get(r.status)

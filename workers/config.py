@@ -36,6 +36,7 @@ from protocol.contract import RESULT_TTL_SECONDS, gridq_home
 from protocol.envelope import MAX_TTL_SECONDS
 from protocol.errors import InvalidRequest
 from protocol.identity import Identity, PublicIdentity, unreadable_key
+from protocol.messages import JobKind
 
 NAME = r"^[A-Za-z0-9_.\-]+$"
 
@@ -159,12 +160,12 @@ class RetentionSection(_Section):
         return self
 
 
-JOB_KINDS = ("compute", "raw_if_allowed", "dp", "train", "raw", "access")
-JobKind = Literal["compute", "raw_if_allowed", "dp", "train"]  # the kinds that may be approved automatically
+# the kinds (protocol.messages.JobKind) an owner may let run without approval, as the TOML spells them
+AutoKind = Literal["compute", "raw_if_allowed", "dp", "train"]
 
 
 class UserApproval(_Section):
-    auto: list[JobKind]
+    auto: list[AutoKind]
 
 
 class ApprovalSection(_Section):
@@ -185,16 +186,16 @@ class ApprovalSection(_Section):
     longer ``expire_after`` also keeps requests already waiting."""
 
     default: Literal["auto", "manual"] = "auto"
-    auto: list[JobKind] = ["compute", "raw_if_allowed", "dp"]
+    auto: list[AutoKind] = ["compute", "raw_if_allowed", "dp"]
     users: dict[str, UserApproval] = {}
     expire_after: Annotated[float, Field(ge=0)] = 7 * 24 * 3600.0
 
-    def automatic(self, user: str, kind: str) -> bool:
-        if kind in ("raw", "access"):
+    def automatic(self, user: str, kind: JobKind) -> bool:
+        if kind in (JobKind.RAW, JobKind.ACCESS):
             return False
         own = self.users.get(user)
         listed = own.auto if own else self.auto
-        if kind == "train":  # weights trained on data the user may not see: only if the owner listed it
+        if kind == JobKind.TRAIN:  # weights trained on data the user may not see: only if the owner listed it
             return kind in listed
         if self.default == "auto" and user not in self.users:
             return True

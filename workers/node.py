@@ -40,7 +40,15 @@ from protocol.contract import (
 from protocol.envelope import MAX_TTL_SECONDS, seal_envelope
 from protocol.errors import BrokerUnavailable, InvalidRequest, NodeUnavailable, NotFound
 from protocol.identity import PublicIdentity
-from protocol.messages import DatasetMeta, PublishDataset, RegisterNode, UnpublishDataset, checked
+from protocol.messages import (
+    DatasetMeta,
+    JobStatus,
+    PublishDataset,
+    RegisterNode,
+    RequestStatus,
+    UnpublishDataset,
+    checked,
+)
 from workers.broker import broker_errors, interactive, redis_client, replicated_results
 from workers.config import Bounds, NodeConfig, load_config
 from workers.directory import Directory
@@ -207,7 +215,7 @@ class Node:
         refreshed = 0
         for request in self._requests().list("pending"):
             job = self.store.job(request.job_id)
-            if job is None or job.status != "pending_approval" or job.reply is None \
+            if job is None or job.status != JobStatus.PENDING_APPROVAL or job.reply is None \
                     or job.reply["expires_at"] > time.time() + within:
                 continue
             runner = runner or self.runner()
@@ -218,7 +226,7 @@ class Node:
                 without_expiry(self.app.backend, partial(self.app.backend.store_result, request.job_id, signed,
                                                          PENDING_APPROVAL))
             decided = self.store.job(request.job_id)
-            if decided is not None and decided.status != "pending_approval" and decided.reply is not None:
+            if decided is not None and decided.status != JobStatus.PENDING_APPROVAL and decided.reply is not None:
                 self._deliver(request.job_id, decided.reply)  # decided while we wrote: its answer, not the word
             refreshed += 1
         return refreshed
@@ -243,7 +251,7 @@ class Node:
         now — a decision and the job it resumes never come apart. Run at every start; the
         number delivered (a job whose reply was pruned since is not: it was answered)."""
         decided = [r for r in Requests(self.store).list(None)
-                   if r.status != "pending" and (r.decided_at or 0) > time.time() - within]
+                   if r.status != RequestStatus.PENDING and (r.decided_at or 0) > time.time() - within]
         delivered = 0
         for request in decided:
             try:
@@ -274,9 +282,9 @@ class Node:
         if job is not None and job.reply is None and job.status in FINISHED:  # never run twice
             raise NotFound(f"{request.job_id} was answered ({job.status}) and its answer is no longer kept "
                            f"(the node keeps replies {self.config.retention.replies:.0f} s: [retention] replies)")
-        if job is not None and job.reply is not None and job.status != "pending_approval":
+        if job is not None and job.reply is not None and job.status != JobStatus.PENDING_APPROVAL:
             signed = job.reply
-        elif request.status == "approved":
+        elif request.status == RequestStatus.APPROVED:
             signed = self.runner().run_approved(request.job_id)
         else:  # denied, expired or cancelled: it never runs
             signed = self.runner().refuse(request.job_id, refusal(request, self.id))

@@ -27,6 +27,7 @@ from celery.signals import worker_process_init
 from protocol.contract import PENDING_APPROVAL, QUIET_SUCCESS_LOG
 from protocol.errors import ERRORS_BY_CODE, GridError, JobFailed, NodeUnavailable
 from protocol.inbox import DEFAULT_MAX_DELIVERIES, DELIVERY, GIVEN_UP
+from protocol.messages import JobStatus
 from protocol.serving import PerProcess, R, Signed
 from workers.broker import replicated_results
 from workers.inbox import given_up_reason, screened
@@ -99,7 +100,7 @@ def outcome(signed: Mapping[str, Any]) -> str:
         if kind is None or kind is GridError:  # no code of the grid's: nothing said of what happened
             return "failed: unknown"
         return f"{'failed' if issubclass(kind, _FAILURES) else 'refused'}: {kind.code}"
-    if body.get("status") == "pending_approval":
+    if body.get("status") == JobStatus.PENDING_APPROVAL:
         return "waiting: approval"
     if body.get("status") in ("failed", "denied"):  # a reply says so with an error: without one, say no more
         return f"{'refused' if body['status'] == 'denied' else 'failed'}: unknown"

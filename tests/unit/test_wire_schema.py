@@ -232,7 +232,7 @@ def test_a_reply_lists_requests_only_when_it_has_some_so_older_clients_read_the_
     plain = JobReply(status="done").model_dump(mode="json")
     assert "requests" not in plain and older.model_validate(plain).status == "done"
     assert JobReply.model_validate(plain) == JobReply(status="done")
-    listed = JobReply(status="done", requests=[RequestInfo(id="desk:" + "0" * 32, kind="run",
+    listed = JobReply(status="done", requests=[RequestInfo(id="desk:" + "0" * 32, kind="raw",
                                                            datasets=["births"], release="raw", status="pending",
                                                            created_at=1.0)]).model_dump(mode="json")
     assert len(listed["requests"]) == 1

@@ -12,7 +12,17 @@ from protocol.dp import add_noise
 from protocol.dp_release import run_release
 from protocol.errors import NotFound
 from protocol.interpret import evaluate
-from protocol.messages import AccessRequest, BudgetQuery, DatasetMeta, DPRelease, JobReply, MockRequest, RunJob
+from protocol.messages import (
+    AccessRequest,
+    BudgetQuery,
+    DatasetMeta,
+    DPRelease,
+    JobKind,
+    JobReply,
+    JobStatus,
+    MockRequest,
+    RunJob,
+)
 from workers.jobs.context import Job, NodeContext, Outcome, describe
 from workers.policy.approvals import Parked
 from workers.policy.doors import Door, job_kind
@@ -39,32 +49,33 @@ class ComputeJobs:
             node.ledger.precheck(job.requester, datasets, calibrated.charge, job.job_id)
             charge = calibrated.charge
             noisy = run_release(body.plan, inputs, calibrated.analysis, lambda exact: add_noise(exact, charge))
-            return Outcome(JobReply(status="done", value=node.seal(job.requester, noisy), noise=calibrated.noise),
-                           PendingCharge(datasets, charge))
+            return Outcome(JobReply(status=JobStatus.DONE, value=node.seal(job.requester, noisy),
+                                    noise=calibrated.noise), PendingCharge(datasets, charge))
         result = evaluate(body.plan, inputs)
         if door is Door.KEEP:
-            return Outcome(JobReply(status="done", ticket=node.keep(job, result, datasets)))
-        return Outcome(JobReply(status="done", value=node.seal(job.requester, result)))
+            return Outcome(JobReply(status=JobStatus.DONE, ticket=node.keep(job, result, datasets)))
+        return Outcome(JobReply(status=JobStatus.DONE, value=node.seal(job.requester, result)))
 
     def budgets(self, job: Job, query: BudgetQuery) -> Outcome:
         store = self.node.store
         names = [query.dataset] if query.dataset else [row.name for row in store.dataset_rows()]
         for name in names:
             store.dataset_row(name)  # NotFound for a dataset that is not here
-        return Outcome(JobReply(status="done", budgets=[self.node.ledger.info(job.requester, n) for n in names]))
+        return Outcome(JobReply(status=JobStatus.DONE,
+                                budgets=[self.node.ledger.info(job.requester, n) for n in names]))
 
     def access(self, job: Job, request: AccessRequest) -> Outcome:
         """Make the requester an allowed user of a dataset: always the owner's decision."""
         store = self.node.store
         if job.requester not in store.allowed_users(request.dataset):
             if not job.approved:
-                raise Parked("access", [request.dataset], f"make {job.requester!r} an allowed user of "
+                raise Parked(JobKind.ACCESS, [request.dataset], f"make {job.requester!r} an allowed user of "
                              f"{request.dataset}", "access", request.reason)
             store.allow(request.dataset, job.requester, job.job_id)
-        return Outcome(JobReply(status="done"))
+        return Outcome(JobReply(status=JobStatus.DONE))
 
     def mock(self, job: Job, request: MockRequest) -> Outcome:
-        return Outcome(JobReply(status="done", value=self.node.seal(job.requester, self.twin(request.dataset))))
+        return Outcome(JobReply(status=JobStatus.DONE, value=self.node.seal(job.requester, self.twin(request.dataset))))
 
     def twin(self, dataset: str) -> torch.Tensor:
         """The owner's mock twin, or synthetic rows drawn uniformly within the declared bounds

@@ -14,6 +14,7 @@ from protocol.messages import (
     DPRelease,
     EvalJob,
     JobReply,
+    JobStatus,
     KeepRelease,
     RawRelease,
     SecureAggregation,
@@ -75,12 +76,12 @@ class ModelJobs:
         metrics = self._figures(job, body, sources, shown, metrics, charge)
         sealed = metrics.sealed_to(node.keyring[job.requester])  # for the requester only
         if isinstance(body.release, KeepRelease):
-            reply = JobReply(status="done", ticket=node.keep(job, trained, datasets), metrics=sealed)
+            reply = JobReply(status=JobStatus.DONE, ticket=node.keep(job, trained, datasets), metrics=sealed)
         elif body.secure is not None:
-            reply = JobReply(status="done", shares=self._shares(job, body.secure, trained, metrics.samples),
+            reply = JobReply(status=JobStatus.DONE, shares=self._shares(job, body.secure, trained, metrics.samples),
                              metrics=sealed)
         else:
-            reply = JobReply(status="done", value=node.seal(job.requester, trained), metrics=sealed)
+            reply = JobReply(status=JobStatus.DONE, value=node.seal(job.requester, trained), metrics=sealed)
         return Outcome(reply, PendingCharge(datasets, charge) if charge is not None else None)
 
     def evaluate(self, job: Job, body: EvalJob) -> Outcome:
@@ -107,7 +108,7 @@ class ModelJobs:
             load_state(model, unflatten_state(decode_tensor(node.unseal(body.weights)), model.state_dict()))
             metrics = figures.private(model, x, y, body.loss, body.loss_bound, charge) if charge is not None else \
                 score(model, x, y, body.loss)
-        reply = JobReply(status="done", metrics=metrics.sealed_to(node.keyring[job.requester]))
+        reply = JobReply(status=JobStatus.DONE, metrics=metrics.sealed_to(node.keyring[job.requester]))
         return Outcome(reply, PendingCharge(datasets, charge) if charge is not None else None)
 
     def _start(self, job: Job, body: TrainJob, sources: list[Source]) -> torch.Tensor | None:

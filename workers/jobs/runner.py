@@ -33,6 +33,7 @@ from protocol.messages import (
     CancelRequest,
     EvalJob,
     JobReply,
+    JobStatus,
     MockRequest,
     MyRequests,
     RunJob,
@@ -86,7 +87,7 @@ class JobRunner:
     def repark(self, job_id: str, requester: str) -> Signed | None:
         """The word that a parked job waits for its owner, signed again (valid a day from now)
         and recorded as the job's reply; None if it was decided meanwhile."""
-        signed = self.server.sign(requester, job_id, JobReply(status="pending_approval"), MAX_TTL_SECONDS)
+        signed = self.server.sign(requester, job_id, JobReply(status=JobStatus.PENDING_APPROVAL), MAX_TTL_SECONDS)
         return signed if self.store.repark_job(job_id, signed) else None
 
     def refuse(self, job_id: str, error: GridError) -> Signed:
@@ -113,7 +114,7 @@ class JobRunner:
             return Answer(self.server.sign(env.sender, env.job_id, failure(exc, env.job_id)))
         if job.reply is not None:
             log.info("job %s delivered again; answering with its recorded reply", env.job_id)
-            return Answer(job.reply, parked=job.status == "pending_approval")
+            return Answer(job.reply, parked=job.status == JobStatus.PENDING_APPROVAL)
         if job.status in FINISHED:  # its reply was pruned ([retention] replies): answered, never run again
             answered = JobFailed(f"job {env.job_id} was answered ({job.status}) more than "
                                  f"{self.node.retention.replies:.0f} s ago; its answer is no longer kept. Send the "
@@ -133,9 +134,9 @@ class JobRunner:
         except Parked as parked:
             self.requests.park(env.job_id, env.sender, env.model_dump(mode="json"), parked)
             log.info("job %s of %r waits for the owner's approval (%s)", env.job_id, env.sender, parked.kind)
-            outcome = Outcome(JobReply(status="pending_approval"))
+            outcome = Outcome(JobReply(status=JobStatus.PENDING_APPROVAL))
         return Answer(self._record(env.sender, env.job_id, outcome, env),
-                      parked=outcome.reply.status == "pending_approval")
+                      parked=outcome.reply.status == JobStatus.PENDING_APPROVAL)
 
     def _cancelled(self, env: Envelope) -> bool:
         """Whether the job's requester cancelled it before this node took it up (its signed
@@ -175,7 +176,7 @@ class JobRunner:
         its entry in the audit log of releases, for a value released raw or approved). Word
         that a job is parked stays valid as long as an envelope may (a day): the owner's
         decision may take that long; an answer, as long as the result backend keeps it."""
-        parked = outcome.reply.status == "pending_approval"
+        parked = outcome.reply.status == JobStatus.PENDING_APPROVAL
         signed = self.server.sign(requester, job_id, outcome.reply, MAX_TTL_SECONDS if parked else None)
         if outcome.charge is not None:  # a DP release leaves only if its charge is recorded with it
             charge = outcome.charge
@@ -210,5 +211,5 @@ def failure(exc: GridError, job_id: str) -> JobReply:
     """A refusal (``denied``: the requester may not) or a failure, as a job reply."""
     error = WireError(code=exc.code, message=exc.message[:4096], job_id=job_id)
     if isinstance(exc, PermissionDenied | AuthenticationError):
-        return JobReply(status="denied", error=error)
-    return JobReply(status="failed", error=error)
+        return JobReply(status=JobStatus.DENIED, error=error)
+    return JobReply(status=JobStatus.FAILED, error=error)

@@ -32,12 +32,11 @@ from protocol.errors import (
     RequestDenied,
     RequestExpired,
 )
-from protocol.messages import CancelRequest, JobReply, MyRequests, RequestInfo
+from protocol.messages import CancelRequest, JobKind, JobReply, JobStatus, MyRequests, RequestInfo, RequestStatus
 from workers.jobs.context import Job, Outcome
 from workers.storage.store import JobRow, RequestRow, Store
 
-STATUSES = ("pending", "approved", "denied", "expired", "cancelled")
-CLOSED = ("expired", "cancelled")  # ended without the owner's decision: they never run
+CLOSED = (RequestStatus.EXPIRED, RequestStatus.CANCELLED)  # ended without the owner's decision: they never run
 MAX_LISTED = 1000  # a requester's requests in one answer (JobReply.requests), the newest
 Rows = list[RequestRow]  # (inside Requests, ``list`` is its method)
 
@@ -45,7 +44,7 @@ Rows = list[RequestRow]  # (inside Requests, ``list`` is its method)
 class Parked(Exception):  # noqa: N818 - a signal inside the runner, not an error for users
     """Raised inside the runner: this job waits for the owner."""
 
-    def __init__(self, kind: str, datasets: list[str], summary: str, release: str, reason: str = "") -> None:
+    def __init__(self, kind: JobKind, datasets: list[str], summary: str, release: str, reason: str = "") -> None:
         super().__init__(kind)
         self.kind, self.datasets, self.summary, self.release, self.reason = kind, datasets, summary, release, reason
 
@@ -76,15 +75,15 @@ class Requests:
                 return  # delivered again: it is already waiting
             s.add(RequestRow(job_id=job_id, requester=requester, kind=parked.kind, datasets=parked.datasets,
                              summary=parked.summary, release=parked.release, reason=parked.reason,
-                             envelope=envelope, status="pending", decision="", created_at=time.time(),
+                             envelope=envelope, status=RequestStatus.PENDING, decision="", created_at=time.time(),
                              decided_at=None))
 
-    def list(self, status: str | None = "pending", *, requester: str | None = None,
+    def list(self, status: str | None = RequestStatus.PENDING, *, requester: str | None = None,
              newest: int | None = None) -> Rows:
         """Requests of ``status`` (None: all), of ``requester`` (None: everyone's), oldest
         first; with ``newest``, only the newest that many."""
-        if status is not None and status not in STATUSES:
-            raise InvalidRequest(f"a request is {', '.join(STATUSES)}, not {status!r}")
+        if status is not None and status not in tuple(RequestStatus):
+            raise InvalidRequest(f"a request is {', '.join(RequestStatus)}, not {status!r}")
         with self.store.session() as s:
             query = select(RequestRow)
             if status is not None:
@@ -127,14 +126,14 @@ class Requests:
     def decide(self, job_id: str, status: str, decision: str = "") -> RequestRow:
         """Mark a pending request approved or denied (once: a decision is final). One past
         its deadline is closed as expired instead, and the decision refused."""
-        if status not in ("approved", "denied"):
+        if status not in (RequestStatus.APPROVED, RequestStatus.DENIED):
             raise InvalidRequest(f"a request is approved or denied, not {status!r}")
         job_id = self.resolve(job_id)
         with self.store.session() as s:
             row = s.get(RequestRow, job_id, with_for_update=True)
             if row is None:
                 raise NotFound(f"no request {job_id!r} on this node")
-            if row.status != "pending":
+            if row.status != RequestStatus.PENDING:
                 raise self._closed(row)
             if not self._expire(row, time.time()):
                 row.status, row.decision, row.decided_at = status, decision, time.time()
@@ -153,12 +152,13 @@ class Requests:
             if row.requester != requester:  # ids are unguessable: whoever names one was shown it
                 raise PermissionDenied(f"request {job_id} is not {requester!r}'s: only the user who sent it may "
                                        "cancel it", job_id=job_id)
-            if row.status == "cancelled":
+            if row.status == RequestStatus.CANCELLED:
                 return row
-            if row.status != "pending":
+            if row.status != RequestStatus.PENDING:
                 raise self._closed(row)
             if not self._expire(row, time.time()):
-                row.status, row.decision, row.decided_at = "cancelled", f"cancelled by {requester}", time.time()
+                row.status, row.decided_at = RequestStatus.CANCELLED, time.time()
+                row.decision = f"cancelled by {requester}"
                 return row
         raise self._closed(row)
 
@@ -168,7 +168,7 @@ class Requests:
             return []
         now = time.time() if now is None else now
         with self.store.session() as s:
-            due = list(s.scalars(select(RequestRow).where(RequestRow.status == "pending",
+            due = list(s.scalars(select(RequestRow).where(RequestRow.status == RequestStatus.PENDING,
                                                           RequestRow.created_at <= now - self.expire_after)))
             for row in due:
                 self._expire(row, now)
@@ -179,13 +179,14 @@ class Requests:
         ``pending_approval``: their requester has not been told yet."""
         with self.store.session() as s:
             return list(s.scalars(select(RequestRow).join(JobRow, JobRow.job_id == RequestRow.job_id).where(
-                RequestRow.status.in_(CLOSED), JobRow.status == "pending_approval").order_by(RequestRow.created_at)))
+                RequestRow.status.in_(CLOSED), JobRow.status == JobStatus.PENDING_APPROVAL
+            ).order_by(RequestRow.created_at)))
 
     def info(self, row: RequestRow) -> RequestInfo:
         """A request as its requester may see it (not the plan: they wrote it)."""
         return RequestInfo(id=row.job_id, kind=row.kind, datasets=row.datasets[:64], release=row.release[:512],
                            status=row.status, created_at=row.created_at, decided_at=row.decided_at,
-                           expires_at=self.deadline(row) if row.status == "pending" else None,
+                           expires_at=self.deadline(row) if row.status == RequestStatus.PENDING else None,
                            decision=row.decision[:4096])
 
     def _expire(self, row: RequestRow, now: float) -> bool:
@@ -193,17 +194,17 @@ class Requests:
         deadline = self.deadline(row)
         if deadline is None or now < deadline:
             return False
-        row.status, row.decided_at = "expired", deadline
+        row.status, row.decided_at = RequestStatus.EXPIRED, deadline
         row.decision = f"no decision within {self.expire_after:g} s ([approval] expire_after)"
         return True
 
     def _closed(self, row: RequestRow) -> InvalidRequest:
         """Why a request that is no longer pending cannot be decided or cancelled."""
-        if row.status == "expired":
+        if row.status == RequestStatus.EXPIRED:
             return InvalidRequest(f"request {row.job_id} expired at {iso(row.decided_at or 0)} ({row.decision}) "
                                   f"before anyone decided it; {row.requester!r} is told so (RequestExpired) and may "
                                   "send the work again")
-        if row.status == "cancelled":
+        if row.status == RequestStatus.CANCELLED:
             return InvalidRequest(f"request {row.job_id} was cancelled by its requester, {row.requester!r}")
         return InvalidRequest(f"request {row.job_id} was already {row.status}")
 
@@ -211,12 +212,12 @@ class Requests:
 def refusal(request: RequestRow, node: str) -> GridError:
     """What the requester's ticket raises for a request that will not run."""
     datasets = ", ".join(request.datasets)
-    if request.status == "expired":
+    if request.status == RequestStatus.EXPIRED:
         return RequestExpired(
             f"{request.requester!r}'s {request.kind} request on {datasets} waited in {node!r}'s approval queue "
             f"until {iso(request.decided_at or 0)} without a decision ({request.decision}); it will not run. Send "
             "the work again as a new job, or ask the owner to decide sooner", job_id=request.job_id)
-    if request.status == "cancelled":
+    if request.status == RequestStatus.CANCELLED:
         return JobCancelled(f"{request.requester!r} cancelled this {request.kind} request on {datasets} while it "
                             f"waited in {node!r}'s approval queue: it never ran", job_id=request.job_id)
     return RequestDenied(f"the owner of {node!r} denied {request.requester!r}'s {request.kind} request on "
@@ -236,11 +237,11 @@ class OwnRequests:
         for row in self.requests.expire_due():  # what is shown is what holds
             self.closed(row)
         rows = self.requests.list(query.status, requester=job.requester, newest=MAX_LISTED)
-        return Outcome(JobReply(status="done", requests=[self.requests.info(r) for r in rows]))
+        return Outcome(JobReply(status=JobStatus.DONE, requests=[self.requests.info(r) for r in rows]))
 
     def cancel(self, job: Job, body: CancelRequest) -> Outcome:
         row = self.requests.cancel(body.request, job.requester)
         parked = self.requests.store.job(row.job_id)
-        if parked is None or parked.status == "pending_approval":  # not answered yet (a second cancel: it was)
+        if parked is None or parked.status == JobStatus.PENDING_APPROVAL:  # not answered yet (a second cancel: it was)
             self.closed(row)
-        return Outcome(JobReply(status="done", requests=[self.requests.info(row)]))
+        return Outcome(JobReply(status=JobStatus.DONE, requests=[self.requests.info(row)]))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from protocol.errors import PermissionDenied
-from protocol.messages import DPRelease, KeepRelease, RawRelease
+from protocol.messages import DPRelease, JobKind, KeepRelease, RawRelease
 from workers.config import ApprovalSection
 
 
@@ -32,8 +32,8 @@ class Door(StrEnum):
     PARK = "park"  # not yet: the job waits in the approval queue
 
 
-_DOOR_OF_KIND = {"compute": Door.KEEP, "dp": Door.DP, "raw_if_allowed": Door.RAW, "raw": Door.APPROVED,
-                 "train": Door.APPROVED}
+_DOOR_OF_KIND = {JobKind.COMPUTE: Door.KEEP, JobKind.DP: Door.DP, JobKind.RAW_IF_ALLOWED: Door.RAW,
+                 JobKind.RAW: Door.APPROVED, JobKind.TRAIN: Door.APPROVED}
 
 
 @dataclass(frozen=True)
@@ -45,15 +45,15 @@ class Source:
 
 
 def job_kind(requester: str, release: KeepRelease | RawRelease | DPRelease, sources: Sequence[Source],
-             training: bool = False) -> str:
+             training: bool = False) -> JobKind:
     """The kind of job, as the approval policy names it."""
     if isinstance(release, KeepRelease):
-        return "compute"
+        return JobKind.COMPUTE
     if isinstance(release, DPRelease):
-        return "dp"
+        return JobKind.DP
     if all(requester in s.allowed_users for s in sources):
-        return "raw_if_allowed"
-    return "train" if training else "raw"
+        return JobKind.RAW_IF_ALLOWED
+    return JobKind.TRAIN if training else JobKind.RAW
 
 
 def authorize(requester: str, release: KeepRelease | RawRelease | DPRelease, sources: Sequence[Source],
@@ -66,7 +66,7 @@ def authorize(requester: str, release: KeepRelease | RawRelease | DPRelease, sou
     door = _DOOR_OF_KIND[kind]
     if approved or approval.automatic(requester, kind):
         return door
-    if kind == "raw" and approval.default == "auto":
+    if kind == JobKind.RAW and approval.default == "auto":
         closed = sorted({s.dataset for s in sources if requester not in s.allowed_users})
         raise PermissionDenied(
             f"{requester!r} may not see raw values derived from {', '.join(closed)} on {node!r}: only its "

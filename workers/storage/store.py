@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from protocol.codec import DTYPE_NAMES, dtype_name
 from protocol.errors import InvalidRequest, JobFailed, NotFound
-from protocol.messages import DatasetMeta
+from protocol.messages import DatasetMeta, JobStatus
 from workers.policy.bounds import outside
 from workers.storage.tables import (
     Base,
@@ -45,7 +45,8 @@ from workers.storage.tables import (
 
 __all__ = ["FINISHED", "DatasetRow", "JobRow", "ObjectRow", "PublicationRow", "RequestRow", "Store"]
 
-FINISHED = ("done", "failed", "denied")  # a job's final statuses (pending_approval waits for its owner)
+# a job's final statuses (pending_approval waits for its owner)
+FINISHED = (JobStatus.DONE, JobStatus.FAILED, JobStatus.DENIED)
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +318,7 @@ class Store:
         False if it was decided, and its answer recorded, meanwhile."""
         with self.session() as s:
             done = s.connection().execute(update(JobRow).where(JobRow.job_id == job_id,
-                                                               JobRow.status == "pending_approval")
+                                                               JobRow.status == JobStatus.PENDING_APPROVAL)
                                           .values(reply=reply, updated_at=time.time()))
             return bool(done.rowcount)
 

@@ -32,14 +32,13 @@ from typing import Any
 import torch
 
 from orchestrator.session import Session
-from orchestrator.transport import Pending
+from orchestrator.transport import Pending, replied
 from protocol.contract import Tasks, gridq_home, mpc_query_key, mpc_queue, mpc_queue_for
 from protocol.errors import (
     ForbiddenOperation,
     GridError,
     InvalidRequest,
     NotFound,
-    error_from_wire,
 )
 from protocol.identity import Identity, PublicIdentity, unreadable_key
 from protocol.mpc.cards import (
@@ -56,7 +55,6 @@ from protocol.mpc.model import Layer, ModelPlan, encode_parameters
 from protocol.mpc.ring import FixedPoint
 from protocol.mpc.sharing import reconstruct, share
 from protocol.mpc.wire import MpcReply, QueryModel, ServeModel, UserKeys, open_signed, pack, seal_signed, unpack
-from protocol.serving import parse
 from protocol.spans import Tally
 
 log = logging.getLogger(__name__)
@@ -273,8 +271,4 @@ def request(session: Session, host: str, task: str, body: Any) -> Pending:
 
 def answer(session: Session, pending: Pending) -> MpcReply:
     """The verified reply to a request; its typed error if it carries one."""
-    env = session.transport.answer(pending, "`gridq mpc start`")
-    reply = parse(MpcReply, env.body_json())
-    if reply.error is not None:
-        raise error_from_wire(reply.error.model_dump())
-    return reply
+    return replied(session.transport.answer(pending, "`gridq mpc start`"), MpcReply)

@@ -17,13 +17,14 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from celery import Celery, group, states
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 from kombu.exceptions import KombuError, OperationalError
+from pydantic import BaseModel
 from redis.sentinel import Sentinel
 
 from orchestrator.app import RETRY_ON, make_celery
@@ -56,8 +57,9 @@ from protocol.contract import (
 from protocol.envelope import Envelope, MemoryNonceStore, open_envelope, seal_envelope
 from protocol.errors import BrokerUnavailable, NodeUnavailable, NotFound, error_from_wire
 from protocol.identity import Identity, PublicIdentity
-from protocol.messages import GatewayReply, NodeInfo, parse_body
+from protocol.messages import GatewayReply, NodeInfo
 from protocol.pinning import GatewayPins, broker_address, posted_gateway_key, shown, trust_on_first_use
+from protocol.serving import parse
 
 # what the drivers raise → what the user gets
 DRIVER_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, KombuError, OperationalError)
@@ -262,30 +264,24 @@ class Transport:
             self._redis.rpush(key, json.dumps(envelope))
         return Pending(node, job_id)
 
-    def answer(self, pending: Pending, what: str) -> Envelope:
-        """The verified reply to ``pending``; ``NodeUnavailable`` naming ``what`` should run
-        there if none comes within the timeout."""
+    def answer(self, pending: Pending, what: str, *, key: PublicIdentity | None = None,
+               recipient: str | None = None) -> Envelope:
+        """The verified reply to ``pending`` (see :meth:`verify`); ``NodeUnavailable`` naming
+        ``what`` should run there if none comes within the timeout."""
         found = self.result(pending.job_id, self.timeout)
         if found is None:
             raise NodeUnavailable(f"{pending.node!r} did not answer in {self.timeout:.0f} s; is its {what} running?"
                                   + self.unsigned(pending.job_id))
-        return self.verify(found[1], pending.node, pending.job_id)
+        return self.verify(found[1], pending.node, pending.job_id, key=key, recipient=recipient)
 
     def ask_gateway(self, task: str, *args: Any) -> GatewayReply:
         """The gateway's signed answer (a search, the node list); its typed error if it refused."""
         job_id = uuid.uuid4().hex
         with broker_errors(self.url):
             self.app.send_task(task, args=list(args), queue=GATEWAY_QUEUE, task_id=job_id)
-        found = self.result(job_id, self.timeout)
-        if found is None:
-            raise NodeUnavailable(f"the gateway did not answer in {self.timeout:.0f} s; is `gridq gateway start` "
-                                  "running?" + self.unsigned(job_id))
-        env = open_envelope(found[1], recipient=PUBLIC, keyring={GATEWAY: self._gateway}, nonces=self._nonces,
-                            delivery_id=job_id, now=time.time(), job_id=job_id)  # its answer to this question
-        body = parse_body(env.body_json())
-        assert isinstance(body, GatewayReply)
-        if body.error is not None:
-            raise error_from_wire(body.error.model_dump())
+        # the gateway signs its answers to anyone, for the question asked (the job id)
+        env = self.answer(Pending(GATEWAY, job_id), "`gridq gateway start`", key=self._gateway, recipient=PUBLIC)
+        body = replied(env, GatewayReply)
         for info in body.nodes:
             self._node_keys[info.node] = PublicIdentity.parse(info.node, info.public_key)
         return body
@@ -304,13 +300,16 @@ class Transport:
     def nodes(self) -> list[NodeInfo]:
         return list(self.ask_gateway(Tasks.NODES).nodes)
 
-    def verify(self, raw: Any, node: str, job_id: str) -> Envelope:
+    def verify(self, raw: Any, node: str, job_id: str, *, key: PublicIdentity | None = None,
+               recipient: str | None = None) -> Envelope:
         """``node``'s signed reply to ``job_id``, verified (sender, recipient, nonce, expiry),
         and signed for that job: whoever can write the result backend could otherwise put
-        the node's genuine answer to another job under this one's key."""
-        key = self.node_key(node)
-        # a refusal of a message that named no sender is addressed to anyone; it carries no value
-        recipient = PUBLIC if isinstance(raw, dict) and raw.get("recipient") == PUBLIC else self.identity.name
+        the node's genuine answer to another job under this one's key. ``key``: the sender's
+        (default: the node's, as the gateway lists it); ``recipient``: who it must be signed to
+        (default: this identity)."""
+        key = key or self.node_key(node)
+        if recipient is None:  # a refusal of a message that named no sender is addressed to anyone; it carries no value
+            recipient = PUBLIC if isinstance(raw, dict) and raw.get("recipient") == PUBLIC else self.identity.name
         return open_envelope(raw, recipient=recipient, keyring={node: key}, nonces=self._nonces,
                              delivery_id=job_id, now=time.time(), job_id=job_id)
 
@@ -430,3 +429,17 @@ class Transport:
     def queue_length(self, queue: str) -> int:
         with broker_errors(self.url):
             return int(self._redis.llen(queue))
+
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def replied(env: Envelope, body: type[R]) -> R:
+    """A verified reply's body as ``body``, or the typed error it carries, raised: the last
+    step of every request the client waits for (the gateway's, an MPC worker's; a job's
+    ticket keeps the reply it raises from)."""
+    reply = parse(body, env.body_json())
+    error = getattr(reply, "error", None)
+    if error is not None:
+        raise error_from_wire(error.model_dump())
+    return reply

@@ -39,22 +39,26 @@ wraps for 3), encrypted matmul 128×784 · 784×10, ReLU on 128×10 and on 1M.
 
 from __future__ import annotations
 
-import hashlib
+import importlib
 import json
 import os
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+try:
+    from ops.bench import side_venv
+except ImportError:  # a script of CrypTen's venv, where gridq is not importable (nor, in spawned children, this folder)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    side_venv = importlib.import_module("side_venv")
+    del sys.path[0]
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 DEFAULT_VENV = REPO / ".venv-crypten"
-TORCH_REQUIREMENTS = REPO / "ops" / "requirements" / "torch-cpu.txt"
 CRYPTEN_REQUIREMENTS = HERE / "crypten_requirements.txt"
 CRYPTEN_VERSION = "0.4.1"
 STAMP_NAME = ".crypten-installed"
@@ -75,12 +79,8 @@ FALLBACK: dict[str, Any] = {
 }
 
 
-class CryptenUnavailable(RuntimeError):
+class CryptenUnavailable(side_venv.Unavailable):
     """CrypTen could not be run here; ``reason`` says why (one line)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 # --------------------------------------------------------------------------- from the bench
@@ -88,46 +88,17 @@ class CryptenUnavailable(RuntimeError):
 def find_python(python: str | None = None) -> str | None:
     """The CrypTen venv's interpreter: ``python``, else $GRIDQ_CRYPTEN_PYTHON, else the repo's
     ``.venv-crypten/bin/python`` if it exists; None when there is none."""
-    if python:
-        return python
-    if os.environ.get(ENV_PYTHON):
-        return os.environ[ENV_PYTHON]
-    candidate = DEFAULT_VENV / "bin" / "python"
-    return str(candidate) if candidate.exists() else None
+    return side_venv.find_python(python, ENV_PYTHON, DEFAULT_VENV)
 
 
 def anchor(python: str | None = None, timeout: float = 600, parties: str = "2,3") -> dict[str, Any]:
     """Run this script under CrypTen's interpreter and return its JSON; raise
     :class:`CryptenUnavailable` (with the reason) when there is no such interpreter, CrypTen does
     not import there, the run fails, or it takes longer than ``timeout`` seconds."""
-    exe = find_python(python)
-    if exe is None:
-        raise CryptenUnavailable(
-            f"no CrypTen venv ({DEFAULT_VENV} missing, ${ENV_PYTHON} unset): "
-            f"python3 {Path(__file__).relative_to(REPO)} --install")
-    try:  # its own session, so that a timeout ends the parties it spawned too
-        proc = subprocess.Popen([exe, str(Path(__file__).resolve()), "--parties", parties],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                                start_new_session=True)
-    except OSError as e:
-        raise CryptenUnavailable(f"no interpreter at {exe}: {e.strerror}") from None
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise CryptenUnavailable(f"CrypTen's run took longer than {timeout:.0f} s") from None
-    if proc.returncode != 0:
-        tail = (stderr.strip().splitlines() or ["(no stderr)"])[-1]
-        raise CryptenUnavailable(f"CrypTen's run exited {proc.returncode}: {tail}")
-    lines = [line for line in stdout.splitlines() if line.strip()]
-    try:
-        result = json.loads(lines[-1])
-    except (IndexError, ValueError):
-        raise CryptenUnavailable(f"CrypTen's run printed no JSON: {stdout[-200:]!r}") from None
-    if not isinstance(result, dict) or not isinstance(result.get("ms"), dict):
-        raise CryptenUnavailable(f"CrypTen's run printed unexpected JSON: {lines[-1][:200]!r}")
-    return result
+    return side_venv.run_json(
+        find_python(python), Path(__file__).resolve(), ["--parties", parties], name="CrypTen", timeout=timeout,
+        unavailable=CryptenUnavailable, valid=lambda got: isinstance(got.get("ms"), dict),
+        install=f"{DEFAULT_VENV} missing, ${ENV_PYTHON} unset: python3 {Path(__file__).relative_to(REPO)} --install")
 
 
 def figures(python: str | None = None, timeout: float = 600) -> tuple[dict[str, Any], str]:
@@ -142,54 +113,15 @@ def figures(python: str | None = None, timeout: float = 600) -> tuple[dict[str, 
 
 # --------------------------------------------------------------------------- installer
 
-def _stamp_text() -> str:
-    h = hashlib.sha256(CRYPTEN_VERSION.encode())
-    for f in (TORCH_REQUIREMENTS, CRYPTEN_REQUIREMENTS):
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
 def install(venv: str | Path | None = None, base_python: str | None = None, quiet: bool = True) -> Path:
     """Build the CrypTen venv (default ``.venv-crypten`` at the repo root) unless a stamp says it
-    is already built from the same requirements; return its interpreter. Steps: venv; torch
-    alone first, the CPU build pinned (``ops/requirements/torch-cpu.txt``: ``torch==2.13.0+cpu``,
-    which no CUDA wheel can satisfy); CrypTen's real runtime deps
-    (``ops/bench/crypten_requirements.txt``); ``crypten --no-deps`` (so it can neither replace
-    torch nor ask for ``sklearn``/torchvision); then an import check. Raises RuntimeError."""
-    root = Path(venv) if venv else DEFAULT_VENV
-    py = root / "bin" / "python"
-    stamp = root / STAMP_NAME
-    if py.exists() and stamp.exists() and stamp.read_text().strip() == _stamp_text() and _check(py):
-        return py
-    q = ["--quiet"] if quiet else []
-
-    def run(*cmd: str | Path) -> None:
-        print("+", " ".join(map(str, cmd)), file=sys.stderr, flush=True)
-        subprocess.run([str(c) for c in cmd], check=True)
-
-    if not py.exists():
-        run(base_python or sys.executable, "-m", "venv", root)
-    (root / ".gitignore").write_text("# made by ops/bench/crypten_anchor.py --install\n*\n")
-    pip: list[str | Path] = [py, "-m", "pip", "install", *q]
-    run(*pip, "--retries", "2", "-r", TORCH_REQUIREMENTS)
-    run(*pip, "-r", CRYPTEN_REQUIREMENTS)
-    run(*pip, "--no-deps", f"crypten=={CRYPTEN_VERSION}")
-    listed = subprocess.run([str(py), "-m", "pip", "list", "--format=json"],
-                            capture_output=True, text=True, check=True).stdout
-    cuda = [p["name"] for p in json.loads(listed) if p["name"].lower().startswith(("nvidia", "triton"))]
-    if cuda:
-        raise RuntimeError(f"CUDA packages got into {root}: {cuda}; remove the venv")
-    if not _check(py, verbose=True):
-        raise RuntimeError(f"crypten does not import in {root}")
-    stamp.write_text(_stamp_text() + "\n")
-    return py
-
-
-def _check(py: Path, verbose: bool = False) -> bool:
-    done = subprocess.run([str(py), str(Path(__file__).resolve()), "--check"], capture_output=True, text=True)
-    if verbose:
-        print(done.stdout.strip() or done.stderr.strip(), file=sys.stderr)
-    return done.returncode == 0
+    is already built from the same requirements; return its interpreter: torch alone first, the
+    CPU build pinned; CrypTen's real runtime deps (``ops/bench/crypten_requirements.txt``);
+    ``crypten --no-deps`` (so it can neither replace torch nor ask for ``sklearn``/torchvision)
+    (:func:`ops.bench.side_venv.build_venv`). Raises RuntimeError."""
+    return side_venv.build_venv(Path(venv) if venv else DEFAULT_VENV, Path(__file__).resolve(),
+                                [CRYPTEN_REQUIREMENTS], stamp_name=STAMP_NAME, base_python=base_python, quiet=quiet,
+                                then=[["--no-deps", f"crypten=={CRYPTEN_VERSION}"]])
 
 
 # --------------------------------------------------------------------------- inside CrypTen's venv
@@ -273,30 +205,11 @@ def _party(rank: int, parties: int, port: int, out: Any) -> None:
     crypten.uninit()
 
 
-def _busy_ticks() -> int:
-    with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
-    return user + nice + system + irq + softirq + steal
-
-
 def _children_ticks() -> float:
     import resource
 
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return (r.ru_utime + r.ru_stime) * os.sysconf("SC_CLK_TCK")
-
-
-def wait_quiet(limit: float, window: float = 2.0, threshold: float = 0.15) -> float:
-    """Wait (up to ``limit`` seconds) until the machine's busy CPU over ``window`` seconds is
-    under ``threshold`` cores; return the last figure (as ops/bench/measure.py does)."""
-    deadline = time.monotonic() + limit
-    while True:
-        b0 = _busy_ticks()
-        time.sleep(window)
-        cores = (_busy_ticks() - b0) / os.sysconf("SC_CLK_TCK") / window
-        if cores < threshold or time.monotonic() >= deadline:
-            return cores
-        print(f"  the machine is busy ({cores:.2f} cores in use); waiting for a quiet moment …", file=sys.stderr)
 
 
 def run_parties(parties: int, timeout: float = 400) -> dict[str, Any]:
@@ -306,7 +219,7 @@ def run_parties(parties: int, timeout: float = 400) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = _free_port()
-    t0, busy0, own0 = time.perf_counter(), _busy_ticks(), _children_ticks()
+    t0, busy0, own0 = time.perf_counter(), side_venv.busy_ticks(), _children_ticks()
     procs = [ctx.Process(target=_party, args=(r, parties, port, out), daemon=True) for r in range(parties + 1)]
     for p in procs:
         p.start()
@@ -323,7 +236,7 @@ def run_parties(parties: int, timeout: float = 400) -> dict[str, Any]:
             if p.is_alive():
                 p.kill()
                 p.join()
-    other = (_busy_ticks() - busy0) - (_children_ticks() - own0)  # the children are reaped by now
+    other = (side_venv.busy_ticks() - busy0) - (_children_ticks() - own0)  # the children are reaped by now
     result["load"] = round(max(0.0, other / os.sysconf("SC_CLK_TCK") / (time.perf_counter() - t0)), 2)
     if result["max_error"] > 0.05:
         raise RuntimeError(f"{parties}-party results are wrong: max error {result['max_error']}")
@@ -369,7 +282,7 @@ def main(argv: list[str]) -> int:
                               "parties": counts[0], "provider": "TTP"}
     for n in counts:
         key = "ms" if n == counts[0] else f"ms{n}"
-        wait_quiet(args.quiet_wait)
+        side_venv.wait_quiet(args.quiet_wait)
         started = time.perf_counter()
         try:
             got = run_parties(n)

@@ -69,21 +69,25 @@ the processes of the sample with the peak PSS, and each one's PSS, go to stderr.
 
 from __future__ import annotations
 
-import hashlib
+import importlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+try:
+    from ops.bench import side_venv
+except ImportError:  # a script of Flower's venv, where gridq is not importable (nor, in spawned children, this folder)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    side_venv = importlib.import_module("side_venv")
+    del sys.path[0]
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 DEFAULT_VENV = REPO / ".venv-flower"
-TORCH_REQUIREMENTS = REPO / "ops" / "requirements" / "torch-cpu.txt"
 FLOWER_REQUIREMENTS = HERE / "flower_requirements.txt"
 STAMP_NAME = ".flower-installed"
 ENV_PYTHON = "GRIDQ_FLOWER_PYTHON"
@@ -112,12 +116,8 @@ FALLBACK: dict[str, Any] = {
 }
 
 
-class FlowerUnavailable(RuntimeError):
+class FlowerUnavailable(side_venv.Unavailable):
     """Flower could not be run here; ``reason`` says why (one line)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 # --------------------------------------------------------------------------- from the bench
@@ -125,12 +125,7 @@ class FlowerUnavailable(RuntimeError):
 def find_python(python: str | None = None) -> str | None:
     """Flower's venv's interpreter: ``python``, else $GRIDQ_FLOWER_PYTHON, else the repo's
     ``.venv-flower/bin/python`` if it exists; None when there is none."""
-    if python:
-        return python
-    if os.environ.get(ENV_PYTHON):
-        return os.environ[ENV_PYTHON]
-    candidate = DEFAULT_VENV / "bin" / "python"
-    return str(candidate) if candidate.exists() else None
+    return side_venv.find_python(python, ENV_PYTHON, DEFAULT_VENV)
 
 
 def anchor(python: str | None = None, timeout: float = 600, rounds: int = ROUNDS,
@@ -138,39 +133,11 @@ def anchor(python: str | None = None, timeout: float = 600, rounds: int = ROUNDS
     """Run this script under Flower's interpreter and return its JSON; raise
     :class:`FlowerUnavailable` (with the reason) when there is no such interpreter, Flower does
     not import there, the run fails, or it takes longer than ``timeout`` seconds."""
-    exe = find_python(python)
-    if exe is None:
-        raise FlowerUnavailable(
-            f"no Flower venv ({DEFAULT_VENV} missing, ${ENV_PYTHON} unset): "
-            f"python3 {Path(__file__).relative_to(REPO)} --install")
-    try:  # its own session: a timeout ends Ray's processes too, and memory() counts the session
-        proc = subprocess.Popen([exe, str(Path(__file__).resolve()), "--rounds", str(rounds),
-                                 "--clients", str(clients)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, cwd=REPO, start_new_session=True)
-    except OSError as e:
-        raise FlowerUnavailable(f"no interpreter at {exe}: {e.strerror}") from None
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise FlowerUnavailable(f"Flower's run took longer than {timeout:.0f} s") from None
-    finally:
-        try:  # Ray's leftovers, if any outlived the run
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-    if proc.returncode != 0:
-        tail = (stderr.strip().splitlines() or ["(no stderr)"])[-1]
-        raise FlowerUnavailable(f"Flower's run exited {proc.returncode}: {tail}")
-    lines = [line for line in stdout.splitlines() if line.strip()]
-    try:
-        result = json.loads(lines[-1])
-    except (IndexError, ValueError):
-        raise FlowerUnavailable(f"Flower's run printed no JSON: {stdout[-200:]!r}") from None
-    if not isinstance(result, dict) or not isinstance(result.get("seconds_per_round"), float):
-        raise FlowerUnavailable(f"Flower's run printed unexpected JSON: {lines[-1][:200]!r}")
-    return result
+    return side_venv.run_json(
+        find_python(python), Path(__file__).resolve(), ["--rounds", str(rounds), "--clients", str(clients)],
+        name="Flower", timeout=timeout, unavailable=FlowerUnavailable,
+        valid=lambda got: isinstance(got.get("seconds_per_round"), float),
+        install=f"{DEFAULT_VENV} missing, ${ENV_PYTHON} unset: python3 {Path(__file__).relative_to(REPO)} --install")
 
 
 def figures(python: str | None = None, timeout: float = 600) -> tuple[dict[str, Any], str]:
@@ -186,56 +153,14 @@ def figures(python: str | None = None, timeout: float = 600) -> tuple[dict[str, 
 
 # --------------------------------------------------------------------------- installer
 
-def _stamp_text() -> str:
-    h = hashlib.sha256()
-    for f in (TORCH_REQUIREMENTS, FLOWER_REQUIREMENTS):
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
 def install(venv: str | Path | None = None, base_python: str | None = None, quiet: bool = True) -> Path:
     """Build Flower's venv (default ``.venv-flower`` at the repo root) unless a stamp says it is
-    already built from the same requirements; return its interpreter. Steps: venv; torch alone
-    first, the CPU build pinned (``ops/requirements/torch-cpu.txt``: ``torch==2.13.0+cpu``, which
-    no CUDA wheel can satisfy); then ``ops/bench/flower_requirements.txt`` (flwr[simulation],
-    ray, scikit-learn, numpy, pinned; none of them asks for torch, so pip keeps the CPU build);
-    a check that no CUDA package got in; then an import check. Raises RuntimeError."""
-    root = Path(venv) if venv else DEFAULT_VENV
-    py = root / "bin" / "python"
-    stamp = root / STAMP_NAME
-    if py.exists() and stamp.exists() and stamp.read_text().strip() == _stamp_text() and _check(py):
-        return py
-    q = ["--quiet"] if quiet else []
-
-    def run(*cmd: str | Path) -> None:
-        print("+", " ".join(map(str, cmd)), file=sys.stderr, flush=True)
-        subprocess.run([str(c) for c in cmd], check=True)
-
-    if not py.exists():
-        run(base_python or sys.executable, "-m", "venv", root)
-    (root / ".gitignore").write_text("# made by ops/bench/flower_anchor.py --install\n*\n")
-    pip: list[str | Path] = [py, "-m", "pip", "install", *q]
-    run(*pip, "--retries", "2", "-r", TORCH_REQUIREMENTS)
-    run(*pip, "-r", FLOWER_REQUIREMENTS)
-    listed = subprocess.run([str(py), "-m", "pip", "list", "--format=json"],
-                            capture_output=True, text=True, check=True).stdout
-    versions = {p["name"].lower(): p["version"] for p in json.loads(listed)}
-    cuda = [name for name in versions if name.startswith(("nvidia", "triton"))]
-    if cuda:
-        raise RuntimeError(f"CUDA packages got into {root}: {cuda}; remove the venv")
-    if not versions.get("torch", "").endswith("+cpu"):
-        raise RuntimeError(f"torch in {root} is {versions.get('torch')}, not the CPU build; remove the venv")
-    if not _check(py, verbose=True):
-        raise RuntimeError(f"flwr does not import in {root}")
-    stamp.write_text(_stamp_text() + "\n")
-    return py
-
-
-def _check(py: Path, verbose: bool = False) -> bool:
-    done = subprocess.run([str(py), str(Path(__file__).resolve()), "--check"], capture_output=True, text=True)
-    if verbose:
-        print(done.stdout.strip() or done.stderr.strip(), file=sys.stderr)
-    return done.returncode == 0
+    already built from the same requirements; return its interpreter: torch alone first, the CPU
+    build pinned; then ``ops/bench/flower_requirements.txt`` (flwr[simulation], ray,
+    scikit-learn, numpy, pinned; none of them asks for torch, so pip keeps the CPU build)
+    (:func:`ops.bench.side_venv.build_venv`). Raises RuntimeError."""
+    return side_venv.build_venv(Path(venv) if venv else DEFAULT_VENV, Path(__file__).resolve(),
+                                [FLOWER_REQUIREMENTS], stamp_name=STAMP_NAME, base_python=base_python, quiet=quiet)
 
 
 # --------------------------------------------------------------------------- inside Flower's venv
@@ -407,12 +332,6 @@ class PeakMemory:
         self._thread.join()
 
 
-def _busy_ticks() -> int:
-    with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
-    return user + nice + system + irq + softirq + steal
-
-
 def _own_ticks(pids: set[int]) -> int:
     total = 0
     for pid in pids:
@@ -423,19 +342,6 @@ def _own_ticks(pids: set[int]) -> int:
         except OSError:
             pass
     return total
-
-
-def wait_quiet(limit: float, window: float = 2.0, threshold: float = 0.15) -> float:
-    """Wait (up to ``limit`` seconds) until the machine's busy CPU over ``window`` seconds is
-    under ``threshold`` cores; return the last figure (as ops/bench/measure.py does)."""
-    deadline = time.monotonic() + limit
-    while True:
-        b0 = _busy_ticks()
-        time.sleep(window)
-        cores = (_busy_ticks() - b0) / os.sysconf("SC_CLK_TCK") / window
-        if cores < threshold or time.monotonic() >= deadline:
-            return cores
-        print(f"  the machine is busy ({cores:.2f} cores in use); waiting for a quiet moment …", file=sys.stderr)
 
 
 # Flower ---------------------------------------------------------------------------------------
@@ -486,11 +392,11 @@ def run_flower(clients: int, rounds: int, client_cpus: float, out: dict[str, Any
         strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=clients,
                           min_available_nodes=clients)
         strategy.start(grid=grid, initial_arrays=ArrayRecord(mlp().state_dict()), num_rounds=1)  # warm-up
-        out["busy"], out["own"] = [_busy_ticks()], [_own_ticks(peak.related())]
+        out["busy"], out["own"] = [side_venv.busy_ticks()], [_own_ticks(peak.related())]
         out["warm"] = time.perf_counter()
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(mlp().state_dict()), num_rounds=rounds)
         out["done"] = time.perf_counter()
-        out["busy"].append(_busy_ticks())
+        out["busy"].append(side_venv.busy_ticks())
         out["own"].append(_own_ticks(peak.related()))  # while Ray's processes are still there to count
         out["state"] = result.arrays.to_torch_state_dict()
 
@@ -596,7 +502,7 @@ def main(argv: list[str]) -> int:
     sys.stdout.flush()
     real_stdout = os.dup(1)
     os.dup2(2, 1)
-    wait_quiet(args.quiet_wait)
+    side_venv.wait_quiet(args.quiet_wait)
     try:
         result = measure(args.clients, args.rounds, args.client_cpus)
     except Exception as e:  # Flower's or Ray's failure: one line for anchor()

@@ -134,18 +134,22 @@ def test_fit_with_a_label_skew(local_grid: LocalGrid, sites, tmp_path) -> None: 
 
 
 def test_fedmedian_takes_the_median_of_the_updates_the_sites_sent(local_grid: LocalGrid, sites,  # type: ignore[no-untyped-def]
-                                                                   tmp_path) -> None:
+                                                                   tmp_path, capsys) -> None:
     """A robust strategy sees each site's update through real workers: one round of FedMedian
     is the coordinate-wise median of the three updates, recomputed here (same seeds, same
     data); Krum, which needs 2f + 3 sites, and FedMedian with secure aggregation (which hides
-    the updates it needs) are refused before any job is sent."""
+    the updates it needs) are refused before any job is sent. Its progress line says how the
+    round went."""
     from orchestrator.strategies import FedMedian, Krum
     from protocol.errors import InvalidRequest
     from protocol.model import flatten_state
 
     db = f"sqlite:///{tmp_path / 'runs.db'}"
     with local_grid.connect("alice") as grid:
-        result = grid.fit(mlp(), pairs(grid), rounds=1, lr=0.05, progress=False, history_db=db, strategy=FedMedian())
+        result = grid.fit(mlp(), pairs(grid), rounds=1, lr=0.05, history_db=db, strategy=FedMedian())
+        shown = capsys.readouterr().out
+        summary = result.rounds()[0]
+        assert f"round 1/1  train loss {summary.loss:.4f}" in shown and "nodes 3/3" in shown, shown
         with pytest.raises(InvalidRequest, match=r"Krum .* needs 5 nodes or more"):
             grid.fit(mlp(), pairs(grid), rounds=1, progress=False, history_db=db, strategy=Krum(byzantine=1))
         with pytest.raises(InvalidRequest, match="FedMedian combines each node's update, which secure aggregation"):

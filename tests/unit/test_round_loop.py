@@ -292,3 +292,14 @@ def test_through_the_round_loop_a_poisoned_node_drags_fedavg_but_not_the_median(
     for robust in (FedMedian(), FedTrimmedAvg(beta=0.2), Krum(byzantine=1)):
         got = weights(fit(MemorySession(nodes), tmp_path, strategy=robust).model)
         assert ((1.0 <= got) & (got <= 1.3)).all(), (robust, got)
+
+
+def test_the_progress_line_shows_round_nodes_loss_and_accuracy(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    session = MemorySession({"a": trained(1.0, 10, loss=0.25), "b": trained(2.0, 10, loss=0.75),
+                             "quiet": lambda *_: None})
+    fit(session, tmp_path, rounds=2, round_timeout=0.3, min_nodes=1, progress=True)
+    shown = capsys.readouterr().out
+    # the last round's line: its number, its mean loss and accuracy over the nodes that answered, how many did
+    assert "round 2/2" in shown and "train loss 0.5" in shown and "train acc 0.75" in shown, shown
+    assert "nodes 2/3" in shown, shown

@@ -234,6 +234,17 @@ def test_a_dataset_is_verified_once_per_version_and_a_replacement_is_read_anew(n
     assert node.store.dataset("d")[1].shape == (5, 2)
 
 
+def test_a_job_reads_a_dataset_with_who_may_see_it_raw_in_one_look(node: Node) -> None:
+    node.publish("d", torch.ones(4, 2), bounds=(0.0, 1.0), allowed_users=["bob"], notify=False)
+    node.store.begin_job("lab:access-1", "carol")
+    node.store.allow("d", "carol", "lab:access-1")  # an approved access request
+    row, values, users = node.store.job_input("d")
+    assert (row.name, users) == ("d", ["bob", "carol"]) == ("d", node.store.allowed_users("d"))
+    assert values is node.store.dataset("d")[1]  # the same checked, cached values
+    with pytest.raises(NotFound, match="no dataset 'gone' on this node"):
+        node.store.job_input("gone")
+
+
 # --- 3. a name is replaced only on purpose ---------------------------------------------------
 
 def test_publishing_a_name_again_is_refused_unless_replaced(node: Node) -> None:

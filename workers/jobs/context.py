@@ -82,7 +82,8 @@ class NodeContext:
         return authorize(job.requester, release, sources, self.node_id, self.approval, approved=job.approved,
                          job_id=job.job_id, training=training)
 
-    def inputs(self, plan: Plan, requester: str, seen: dict[str, tuple[DatasetRow, torch.Tensor]] | None = None
+    def inputs(self, plan: Plan, requester: str,
+               seen: dict[str, tuple[DatasetRow, torch.Tensor, list[str]]] | None = None
                ) -> tuple[list[torch.Tensor], list[Source]]:
         """A plan's input tensors, validated against it, and the datasets they come from
         (``seen``: datasets already looked up by this job, e.g. for x when reading y)."""
@@ -91,9 +92,9 @@ class NodeContext:
         for ref in plan.inputs:
             if ref.kind == "dataset":
                 if ref.name not in seen:
-                    seen[ref.name] = self.store.dataset(ref.name)
-                _, tensor = seen[ref.name]
-                sources.append(Source(ref.name, self.store.allowed_users(ref.name)))
+                    seen[ref.name] = self.store.job_input(ref.name)
+                _, tensor, users = seen[ref.name]
+                sources.append(Source(ref.name, users))
             else:  # a kept result carries the datasets it was derived from
                 obj, tensor = self.store.object(ref.name, requester)
                 sources.extend(self.sources(obj.sources))
@@ -106,7 +107,7 @@ class NodeContext:
                   ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[Source]]:
         """The inputs of a model job's x and y plans, and the datasets they come from (x and
         y are most often columns of one table: it is looked up once)."""
-        seen: dict[str, tuple[DatasetRow, torch.Tensor]] = {}
+        seen: dict[str, tuple[DatasetRow, torch.Tensor, list[str]]] = {}
         x_inputs, x_sources = self.inputs(job.x, requester, seen)
         y_inputs, y_sources = self.inputs(job.y, requester, seen)
         return x_inputs, y_inputs, x_sources + y_sources

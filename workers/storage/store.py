@@ -241,7 +241,19 @@ class Store:
         """A dataset's row and values, for a job. The stored file is checked against what
         its owner published (shape, dtype, bounds) once per version of it, then cached:
         whatever happens to the file later, computation runs only on in-bound data."""
-        row = self.dataset_row(name)
+        return self._checked(name, self.dataset_row(name))
+
+    def job_input(self, name: str) -> tuple[DatasetRow, torch.Tensor, list[str]]:
+        """A dataset as a job reads it: its row and checked values (:meth:`dataset`) and who
+        may see it raw (:meth:`allowed_users`), the row and the grants read in one transaction."""
+        with self.session() as s:
+            row = s.get(DatasetRow, name)
+            if row is None:
+                raise NotFound(f"no dataset {name!r} on this node; search the grid for what is published")
+            users = sorted({*row.allowed_users, *s.scalars(select(GrantRow.user).where(GrantRow.dataset == name))})
+        return (*self._checked(name, row), users)
+
+    def _checked(self, name: str, row: DatasetRow) -> tuple[DatasetRow, torch.Tensor]:
         version = _file_version(row)
         if version is None:  # its file went away: replaced since the row was read, most likely
             row = self.dataset_row(name)

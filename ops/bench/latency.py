@@ -130,7 +130,7 @@ def node_breakdown(grid: Grid, ptr: DataPointer, n: int) -> Breakdown:
     with phases((serving, "open_envelope", "node: verify envelope (incl. nonce row)"),
                 (runner.store, "remember", "node:   of which nonce INSERT + commit"),
                 (runner.store, "begin_job", "node: job row SELECT + INSERT + commit"),
-                (runner.store, "dataset", "node: dataset row SELECT (tensor cached)"),
+                (runner.store, "job_input", "node: dataset row + who may see it, one SELECT each (tensor cached)"),
                 (context, "authorize", "node: authorize"),
                 (context, "validate", "node: validate plan on meta tensors"),
                 (compute, "evaluate", "node: run plan (mean of 1M)"),

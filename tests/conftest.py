@@ -153,7 +153,7 @@ def ward(local_grid: LocalGrid):  # type: ignore[no-untyped-def]
     local_grid.wait_ready(["ward"])
     yield config
     if "ward" in local_grid.procs:
-        local_grid.kill("ward")
+        local_grid.stop_worker("ward")
 
 
 @pytest.fixture(scope="session")

@@ -63,7 +63,7 @@ def sites(local_grid: LocalGrid) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     local_grid.wait_ready(list(SITES), timeout=90)
     yield test
     for site in SITES:
-        local_grid.kill(site)
+        local_grid.stop_worker(site)
 
 
 def mlp() -> nn.Sequential:

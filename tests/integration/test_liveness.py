@@ -41,7 +41,7 @@ def annexe(local_grid: LocalGrid) -> Iterator[Path]:
     local_grid.wait_ready(["annexe"])
     yield config
     if "annexe" in local_grid.procs:
-        local_grid.kill("annexe")
+        local_grid.stop_worker("annexe")
 
 
 def _listed(grid, within: float, expected: bool) -> float:  # type: ignore[no-untyped-def]

@@ -63,7 +63,7 @@ def lab(local_grid: LocalGrid) -> Iterator[tuple[Path, Store]]:
     yield config, store
     store.close()
     if "lab" in local_grid.procs:
-        local_grid.kill("lab")
+        local_grid.stop_worker("lab")
 
 
 def _kill_mid_jobs(local_grid: LocalGrid, config: Path, store: Store, job_ids: list[str]) -> None:

@@ -244,29 +244,14 @@ def run_parties(parties: int, timeout: float = 400) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--install", action="store_true", help="build the CrypTen venv (idempotent)")
-    parser.add_argument("--venv", help=f"with --install: where (default {DEFAULT_VENV})")
-    parser.add_argument("--check", action="store_true", help="import crypten here, print versions")
-    parser.add_argument("--measure", action="store_true",
-                        help="from any venv: run in CrypTen's venv, print its JSON or the dated fallback")
+    parser = side_venv.cli(__doc__, "CrypTen", DEFAULT_VENV)
     parser.add_argument("--parties", default="2,3", help="party counts: 2 goes in ms, 3 in ms3")
     parser.add_argument("--quiet-wait", type=float, default=60,
                         help="before each run, wait up to this many seconds for other processes to go quiet")
     args = parser.parse_args(argv)
-
-    if args.install:
-        started = time.perf_counter()
-        py = install(args.venv)
-        print(f"CrypTen venv ready: {py} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
-        return 0
-    if args.measure:
-        got, note = figures()
-        print(note, file=sys.stderr)
-        print(json.dumps(got, ensure_ascii=False))
-        return 0
+    done = side_venv.common_commands(args, "CrypTen", install, figures)
+    if done is not None:
+        return done
     try:
         crypten = _import_crypten()
         import torch

@@ -460,14 +460,7 @@ def _version(dist: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--install", action="store_true", help="build Flower's venv (idempotent)")
-    parser.add_argument("--venv", help=f"with --install: where (default {DEFAULT_VENV})")
-    parser.add_argument("--check", action="store_true", help="import flwr here, print versions")
-    parser.add_argument("--measure", action="store_true",
-                        help="from any venv: run in Flower's venv, print its JSON or the dated fallback")
+    parser = side_venv.cli(__doc__, "Flower", DEFAULT_VENV)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--clients", type=int, default=CLIENTS)
     parser.add_argument("--client-cpus", type=float, default=1.0,
@@ -475,17 +468,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quiet-wait", type=float, default=60,
                         help="first wait up to this many seconds for other processes to go quiet")
     args = parser.parse_args(argv)
-
-    if args.install:
-        started = time.perf_counter()
-        py = install(args.venv)
-        print(f"Flower venv ready: {py} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
-        return 0
-    if args.measure:
-        got, note = figures()
-        print(note, file=sys.stderr)
-        print(json.dumps(got, ensure_ascii=False))
-        return 0
+    done = side_venv.common_commands(args, "Flower", install, figures)
+    if done is not None:
+        return done
     try:
         import flwr  # noqa: F401
         import ray

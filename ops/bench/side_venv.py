@@ -10,6 +10,7 @@ import this module from the gridq venv and, as scripts, from their own.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -133,6 +134,35 @@ def check(py: Path, script: Path, verbose: bool = False) -> bool:
     if verbose:
         print(done.stdout.strip() or done.stderr.strip(), file=sys.stderr)
     return done.returncode == 0
+
+
+def cli(doc: str, name: str, venv: Path) -> argparse.ArgumentParser:
+    """An anchor's command line: ``--install``, ``--venv``, ``--check``, ``--measure``; the
+    anchor adds its own options (see :func:`common_commands`)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--install", action="store_true", help=f"build {name}'s venv (idempotent)")
+    parser.add_argument("--venv", help=f"with --install: where (default {venv})")
+    parser.add_argument("--check", action="store_true", help=f"import {name} here, print versions")
+    parser.add_argument("--measure", action="store_true",
+                        help=f"from any venv: run in {name}'s venv, print its JSON or the dated fallback")
+    return parser
+
+
+def common_commands(args: argparse.Namespace, name: str, install: Callable[[str | None], Path],
+                    figures: Callable[[], tuple[dict[str, Any], str]]) -> int | None:
+    """``--install`` and ``--measure``, the same for every anchor: the exit code, or None when
+    neither was asked (``--check`` and the measurement are the anchor's own)."""
+    if args.install:
+        started = time.perf_counter()
+        py = install(args.venv)
+        print(f"{name} venv ready: {py} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+        return 0
+    if args.measure:
+        got, note = figures()
+        print(note, file=sys.stderr)
+        print(json.dumps(got, ensure_ascii=False))
+        return 0
+    return None
 
 
 def busy_ticks() -> int:

@@ -34,7 +34,6 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -48,6 +47,7 @@ from rich.table import Table
 from ops.bench import bare_worker as bare
 from ops.bench import flower_anchor
 from ops.bench.measure import Load, tree_ticks, wait_quiet
+from ops.bench.tree_memory import PeakMemory
 from ops.demo_data import digits_split
 from ops.local import NODE_CONFIGS, LocalGrid
 from orchestrator.fl import fedavg
@@ -155,62 +155,6 @@ def bare_fit(app: Celery, sites: list[str], rounds: int) -> tuple[torch.nn.Modul
     return model, seconds, cpu
 
 
-def memory(pid: int, nodes: set[int]) -> tuple[int, int, int]:
-    """RSS and PSS (bytes) summed over ``pid`` and all its descendants, and the PSS of the
-    node workers among them (the processes ``nodes`` and theirs: parents and pool processes)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    rss = pss = node_pss = 0
-    stack = [(pid, False)]
-    while stack:
-        p, in_node = stack.pop()
-        in_node = in_node or p in nodes
-        stack.extend((c, in_node) for c in children.get(p, []))
-        try:
-            with open(f"/proc/{p}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Rss:"):
-                        rss += int(line.split()[1]) * 1024
-                    elif line.startswith("Pss:"):
-                        pss += int(line.split()[1]) * 1024
-                        node_pss += int(line.split()[1]) * 1024 if in_node else 0
-        except OSError:
-            continue
-    return rss, pss, node_pss
-
-
-class PeakMemory:
-    """Samples the process tree's memory every 0.5 s while the block runs (a sample costs
-    ~0.15 s of CPU: measure memory in a run that is not timed)."""
-
-    def __init__(self, nodes: set[int]) -> None:
-        self.node_pids = nodes
-
-    def __enter__(self) -> PeakMemory:
-        self.rss = self.pss = self.nodes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            rss, pss, nodes = memory(os.getpid(), self.node_pids)
-            self.rss, self.pss, self.nodes = max(self.rss, rss), max(self.pss, pss), max(self.nodes, nodes)
-            self._stop.wait(0.5)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=10)
@@ -252,7 +196,7 @@ def main() -> None:
                 grid_round = (time.perf_counter() - started) / args.rounds
                 grid_cpu = (tree_ticks() - ticks) / os.sysconf("SC_CLK_TCK") / args.rounds
             console.print("memory, in an untimed run …")
-            with PeakMemory({lg.procs[s].pid for s in sites}) as peak:
+            with PeakMemory({"nodes": {lg.procs[s].pid for s in sites}}) as peak:
                 grid.fit(mlp(), data, rounds=max(5, args.variant_rounds), lr=0.05, progress=False,
                          history_db=f"sqlite:///{home / 'memory.db'}")
             console.print("secure aggregation and DP-SGD …")
@@ -306,7 +250,7 @@ def main() -> None:
                   f"{flower['peak_pss_bytes'] / gib:.2f} GiB",
                   f"gridq {peak.pss / flower['peak_pss_bytes']:.2f}× Flower's; aim under Flower's: "
                   + ("met" if peak.pss < flower["peak_pss_bytes"] else "NOT MET")
-                  + f"; one node (parent + pool) {peak.nodes / args.nodes / 2**20:.0f} MiB")
+                  + f"; one node (parent + pool) {peak.parts['nodes'] / args.nodes / 2**20:.0f} MiB")
     table.add_row("peak memory of the process tree: RSS", f"{peak.rss / gib:.2f} GiB", "", "",
                   f"{flower['peak_rss_bytes'] / gib:.2f} GiB", "counts each shared page once per process")
     table.add_row("other load (cores)", f"{load.cores:.2f}", "", "", f"{flower.get('load', float('nan')):.2f}", "")

@@ -73,16 +73,15 @@ import importlib
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 try:
-    from ops.bench import side_venv
+    from ops.bench import side_venv, tree_memory
 except ImportError:  # a script of Flower's venv, where gridq is not importable (nor, in spawned children, this folder)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    side_venv = importlib.import_module("side_venv")
+    side_venv, tree_memory = importlib.import_module("side_venv"), importlib.import_module("tree_memory")
     del sys.path[0]
 
 HERE = Path(__file__).resolve().parent
@@ -239,111 +238,6 @@ def plain(shards: list[Any], rounds: int) -> tuple[Any, float]:
 
 # memory of the process tree -----------------------------------------------------------------
 
-def _procs() -> dict[int, tuple[int, int]]:
-    """Every process: pid → (parent pid, session id)."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            out[int(entry)] = (int(fields[1]), int(fields[3]))
-    return out
-
-
-def _rollup(pid: int) -> tuple[int, int]:
-    rss = pss = 0
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Rss:"):
-                    rss = int(line.split()[1]) * 1024
-                elif line.startswith("Pss:"):
-                    pss = int(line.split()[1]) * 1024
-    except OSError:  # gone, or a kernel thread
-        pass
-    return rss, pss
-
-
-def _name(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            args = f.read().split(b"\0")
-    except OSError:
-        return "?"
-    words = [a.decode(errors="replace") for a in args if a]
-    script = next((w for w in words[1:3] if w.endswith(".py")), None)  # python …/dashboard.py
-    return Path(script).name if script else Path(words[0]).name if words else "?"
-
-
-class PeakMemory:
-    """Samples RSS and PSS summed over this process and its relatives (see the module's
-    docstring) every 0.5 s while the block runs; keeps the peaks."""
-
-    def __init__(self) -> None:
-        self.rss = self.pss = self.processes = 0
-        self.cpu = 0.0  # the sampling's own CPU seconds
-        self.at_peak: list[tuple[str, int]] = []  # (name, PSS) of each process in the sample of peak PSS
-        self.seen: set[int] = set()
-        self.me = os.getpid()
-        self.session = os.getsid(0) if os.getsid(0) == self.me else None  # only a session of our own
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def related(self) -> set[int]:
-        procs = _procs()
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, _) in procs.items():
-            children.setdefault(ppid, []).append(pid)
-        found = {pid for pid, (ppid, sid) in procs.items()
-                 if (self.session is not None and sid == self.session) or ppid in self.seen}
-        stack = [self.me, *found]
-        while stack:
-            pid = stack.pop()
-            found.add(pid)
-            stack.extend(c for c in children.get(pid, []) if c not in found)
-        self.seen |= found
-        return found & procs.keys()
-
-    def sample(self) -> None:
-        cpu = time.thread_time()
-        pids = self.related()
-        figures = {p: _rollup(p) for p in pids}
-        self.rss = max(self.rss, sum(r for r, _ in figures.values()))
-        pss = sum(p for _, p in figures.values())
-        if pss > self.pss:
-            self.pss, self.at_peak = pss, [(_name(p), figures[p][1]) for p in sorted(pids)]
-        self.processes = max(self.processes, len(pids))
-        self.cpu += time.thread_time() - cpu
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(0.5)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def _own_ticks(pids: set[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        except OSError:
-            pass
-    return total
-
-
 # Flower ---------------------------------------------------------------------------------------
 
 _SHARDS: list[Any] = []  # in each ClientApp actor, loaded with its first message
@@ -373,7 +267,8 @@ def _client_app(clients: int) -> Any:
     return app
 
 
-def run_flower(clients: int, rounds: int, client_cpus: float, out: dict[str, Any], peak: PeakMemory) -> None:
+def run_flower(clients: int, rounds: int, client_cpus: float, out: dict[str, Any],
+               peak: tree_memory.PeakMemory) -> None:
     """Flower's simulation: a warm-up round, then ``rounds`` timed rounds; fills ``out`` with
     their start and end (``warm``, ``done``), the machine's busy CPU ticks and those of this
     process and its relatives at both (``busy``, ``own``: the others' load is the difference)
@@ -392,12 +287,12 @@ def run_flower(clients: int, rounds: int, client_cpus: float, out: dict[str, Any
         strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=clients,
                           min_available_nodes=clients)
         strategy.start(grid=grid, initial_arrays=ArrayRecord(mlp().state_dict()), num_rounds=1)  # warm-up
-        out["busy"], out["own"] = [side_venv.busy_ticks()], [_own_ticks(peak.related())]
+        out["busy"], out["own"] = [side_venv.busy_ticks()], [tree_memory.own_ticks(peak.related())]
         out["warm"] = time.perf_counter()
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(mlp().state_dict()), num_rounds=rounds)
         out["done"] = time.perf_counter()
         out["busy"].append(side_venv.busy_ticks())
-        out["own"].append(_own_ticks(peak.related()))  # while Ray's processes are still there to count
+        out["own"].append(tree_memory.own_ticks(peak.related()))  # while Ray's processes are still there to count
         out["state"] = result.arrays.to_torch_state_dict()
 
     backend = {"client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
@@ -419,7 +314,7 @@ def measure(clients: int, rounds: int, client_cpus: float) -> dict[str, Any]:
     baseline, plain_round = plain(shards, rounds)
     print(f"plain torch: {plain_round:.4f} s per round; Flower's simulation …", file=sys.stderr, flush=True)
     out: dict[str, Any] = {}
-    with PeakMemory() as peak:
+    with tree_memory.PeakMemory() as peak:
         started = time.perf_counter()
         run_flower(clients, rounds, client_cpus, out, peak)
         ended = time.perf_counter()
